@@ -1,0 +1,74 @@
+"""bfloat16 stored as uint16, converted with NumPy-generic code (works on numpy and cupy arrays).
+
+bfloat16 is the top half of a float32: 1 sign bit, 8 exponent bits, 7 mantissa bits. Converting a float32
+to bf16 therefore keeps the high 16 bits, rounded to nearest with ties to even:
+
+    bits  = float32 bits as uint32
+    lsb   = (bits >> 16) & 1            # the last bit that survives
+    bits += 0x7FFF + lsb                # adds half an ulp (a tie rounds up only when lsb is 1 -> even)
+    bf16  = bits >> 16
+
++-inf survive unchanged (0x7F800000 + 0x7FFF does not carry into the exponent) and values that round above
+the largest bf16 become inf, as IEEE rounding says. NaN must not be rounded (a NaN whose mantissa sits in the
+low half would carry into inf), so NaNs keep their sign and become the quiet NaN 0x7FC0 / 0xFFC0.
+
+bf16 -> float32 is exact: shift the 16 bits back up.
+
+The same two formulas are in bf16.cu for the GPU (and in flash_attention.cu via cvt.rn.bf16x2.f32, which
+rounds the same way).
+"""
+import numpy as np
+
+from .. import backend
+
+
+def float32_to_bf16(x):
+    """float32 array -> uint16 array of bf16 bits (round to nearest even, NaN -> quiet NaN, sign kept)."""
+    xp = backend.xp_of(x)
+    x = xp.ascontiguousarray(x, dtype=xp.float32)
+    bits = x.view(xp.uint32)
+    lsb = (bits >> 16) & 1
+    rounded = ((bits + (0x7FFF + lsb)) >> 16).astype(xp.uint16)   # uint32 wraps only for NaN-like bits
+    sign = (bits >> 16).astype(xp.uint16) & 0x8000
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return xp.where(nan, sign | xp.uint16(0x7FC0), rounded)
+
+
+def bf16_to_float32(h):
+    """uint16 array of bf16 bits -> float32 array (exact)."""
+    xp = backend.xp_of(h)
+    h = xp.asarray(h, dtype=xp.uint16)
+    return (h.astype(xp.uint32) << 16).view(xp.float32)
+
+
+def round_to_bf16(x):
+    """float32 -> float32 holding the nearest bf16 value (what a bf16 round trip gives)."""
+    return bf16_to_float32(float32_to_bf16(x))
+
+
+def bf16_reference_round(x):
+    """Slow, independent reference for tests: nearest bf16 by comparing both neighbours in float64.
+
+    Works from the value, not the bit trick: truncate to the bf16 below (toward zero), take the next bf16 away
+    from zero, and pick the nearer one, the one with an even last bit on a tie. Values beyond the largest bf16
+    by at least half an ulp become inf. NaN -> quiet NaN with the sign kept.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty(x.shape, dtype=np.uint16)
+    for i, (v, b) in enumerate(zip(x.ravel(), x.view(np.uint32).ravel())):
+        b = int(b)
+        sign = (b >> 16) & 0x8000
+        if np.isnan(v):
+            out.flat[i] = sign | 0x7FC0
+            continue
+        if np.isinf(v):
+            out.flat[i] = b >> 16
+            continue
+        lo = b >> 16                      # truncation toward zero (same sign): the bf16 below |v|
+        exp = (lo >> 7) & 0xFF
+        ulp = 2.0 ** (max(exp, 1) - 127 - 7)          # bf16 spacing at this exponent (denormals: exp 0)
+        a = abs(float(v))                             # float64 holds every float32 and the midpoints exactly
+        below = abs(float(np.array([lo << 16], dtype=np.uint32).view(np.float32)[0]))
+        d_below, d_above = a - below, below + ulp - a  # the bf16 above is below + ulp (inf past the largest)
+        out.flat[i] = lo if d_below < d_above or (d_below == d_above and lo % 2 == 0) else lo + 1
+    return out
