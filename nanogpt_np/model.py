@@ -1,0 +1,228 @@
+"""GPT-2, built from the ops in ops/.
+
+    idx (B, T) -> token + position embedding -> n_layer x Block -> ln_f -> logits (B, T, V) via wte^T
+    Block (pre-LN):  x = x + c_proj(attention(c_attn(ln_1(x))))
+                     x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))
+
+Parameter names and shapes are those of GPT-2's published checkpoints (without the "transformer." prefix), and
+linear weights are stored (in, out) like GPT-2's Conv1D, so weights move to and from GPT-2 files unrenamed.
+
+All parameters live as views into one flat buffer (`flat_params`), and all their gradients into another
+(`flat_grads`). The optimizer then updates everything with a handful of whole-buffer operations (one fused
+kernel on the GPU), and zeroing or clipping gradients is one operation too. Parameters that get weight decay
+(the 2-D matrices) come first in the buffer: `flat_params[:n_decay]`.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backend, ops
+from .tensor import Tensor, no_grad
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256       # the longest context the model sees (rows of wpe)
+    vocab_size: int = 50257     # rows of wte
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768           # C; must divide by n_head
+    dropout: float = 0.0        # after the embedding and after each residual branch
+    bias: bool = True           # biases in linear layers and layernorms (GPT-2: True)
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+# Sizes from tiny (tests, CPU) to GPT-2 XL. vocab_size and block_size are set by the data / checkpoint.
+MODEL_PRESETS = {
+    "tiny":        dict(n_layer=2, n_head=2, n_embd=32),
+    "small-cpu":   dict(n_layer=4, n_head=4, n_embd=128),      # nanoGPT's CPU recipe
+    "baby":        dict(n_layer=6, n_head=6, n_embd=384),      # nanoGPT's Shakespeare char recipe
+    "gpt2":        dict(n_layer=12, n_head=12, n_embd=768),    # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),   # 350M
+    "gpt2-large":  dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    "gpt2-xl":     dict(n_layer=48, n_head=25, n_embd=1600),   # 1558M
+}
+
+
+def parameter_shapes(config: GPTConfig) -> dict:
+    """GPT-2 parameter names -> shapes, in GPT-2's checkpoint order."""
+    C, V, T = config.n_embd, config.vocab_size, config.block_size
+    shapes = {"wte.weight": (V, C), "wpe.weight": (T, C)}
+    for i in range(config.n_layer):
+        p = f"h.{i}."
+        shapes[p + "ln_1.weight"] = (C,)
+        shapes[p + "ln_1.bias"] = (C,)
+        shapes[p + "attn.c_attn.weight"] = (C, 3 * C)
+        shapes[p + "attn.c_attn.bias"] = (3 * C,)
+        shapes[p + "attn.c_proj.weight"] = (C, C)
+        shapes[p + "attn.c_proj.bias"] = (C,)
+        shapes[p + "ln_2.weight"] = (C,)
+        shapes[p + "ln_2.bias"] = (C,)
+        shapes[p + "mlp.c_fc.weight"] = (C, 4 * C)
+        shapes[p + "mlp.c_fc.bias"] = (4 * C,)
+        shapes[p + "mlp.c_proj.weight"] = (4 * C, C)
+        shapes[p + "mlp.c_proj.bias"] = (C,)
+    shapes["ln_f.weight"] = (C,)
+    shapes["ln_f.bias"] = (C,)
+    if not config.bias:   # layernorms keep their weight; linear layers and layernorms lose their bias
+        shapes = {k: s for k, s in shapes.items() if not k.endswith(".bias")}
+    return shapes
+
+
+def gpt2_init(name: str, shape, config: GPTConfig, rng: np.random.Generator) -> np.ndarray:
+    """GPT-2's initialisation: N(0, 0.02) for matrices and embeddings, zero biases, unit layernorm scale.
+    The projections that write into the residual stream (c_proj) get std 0.02 / sqrt(2 * n_layer), so the
+    variance of the residual stream does not grow with depth (2 such writes per block)."""
+    if ".ln_" in name or name.startswith("ln_f"):
+        return np.ones(shape) if name.endswith(".weight") else np.zeros(shape)
+    if name.endswith(".bias"):
+        return np.zeros(shape)
+    std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("c_proj.weight") else 0.02
+    return rng.normal(0.0, std, size=shape)
+
+
+class GPT:
+    """GPT-2 language model. `params` maps GPT-2 names to Tensors whose data/grad are views into flat buffers."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype="float32"):
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        self.training = True
+        xp = backend.xp()
+        shapes = parameter_shapes(config)
+        # Layout of the flat buffers: decayed (2-D) parameters first, then the rest, each group in GPT-2 order.
+        ordered = [n for n, s in shapes.items() if len(s) >= 2] + [n for n, s in shapes.items() if len(s) < 2]
+        self.n_decay = sum(math.prod(shapes[n]) for n in ordered if len(shapes[n]) >= 2)
+        total = sum(math.prod(s) for s in shapes.values())
+        self.flat_params = xp.zeros(total, dtype=self.dtype)
+        self.flat_grads = xp.zeros(total, dtype=self.dtype)
+        self.params = {}
+        self._offsets = {}
+        offset = 0
+        for name in ordered:
+            size = math.prod(shapes[name])
+            t = Tensor(self.flat_params[offset:offset + size].reshape(shapes[name]), requires_grad=True, name=name)
+            t.use_grad_buffer(self.flat_grads[offset:offset + size].reshape(shapes[name]))
+            self.params[name] = t
+            self._offsets[name] = (offset, size)
+            offset += size
+        self.params = {name: self.params[name] for name in shapes}     # GPT-2 order for iteration and files
+        rng = np.random.default_rng(seed)
+        for name, t in self.params.items():
+            t.data[...] = backend.to_device(gpt2_init(name, t.shape, config, rng).astype(self.dtype))
+        self.dropout_rng = _device_rng(seed + 1)
+
+    # ----- parameters -----
+    def num_params(self, include_position=True) -> int:
+        n = int(self.flat_params.size)
+        return n if include_position else n - math.prod(self.params["wpe.weight"].shape)
+
+    def zero_grad(self) -> None:
+        self.flat_grads[...] = 0
+
+    def state_dict(self) -> dict:
+        """GPT-2 name -> host numpy array (a copy)."""
+        return {name: backend.to_numpy(t.data).copy() for name, t in self.params.items()}
+
+    def load_params(self, tensors: dict, source: str = "weights") -> None:
+        """Copy arrays into the parameters, checking that names and shapes match exactly."""
+        expected = {n: t.shape for n, t in self.params.items()}
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+            if extra:
+                parts.append(f"{len(extra)} unexpected tensors (e.g. {', '.join(extra[:3])})")
+            raise ValueError(f"{source} do not match this model: " + "; ".join(parts))
+        for name, shape in expected.items():
+            got = tuple(tensors[name].shape)
+            if got != tuple(shape):
+                raise ValueError(f"{source}: tensor {name} has shape {got}, the model expects {tuple(shape)}")
+        for name, t in self.params.items():
+            t.data[...] = backend.to_device(np.asarray(tensors[name]).astype(self.dtype, copy=False))
+
+    def train(self, mode: bool = True) -> "GPT":
+        self.training = mode
+        return self
+
+    def eval(self) -> "GPT":
+        return self.train(False)
+
+    # ----- forward -----
+    def forward(self, idx, targets=None, ignore_index: int = -1):
+        """idx (B, T) integer token ids; targets (B, T) or None.
+        Returns (logits Tensor (B, T, V), loss Tensor (0-d) or None)."""
+        cfg, p = self.config, self.params
+        B, T = idx.shape
+        if T > cfg.block_size:
+            raise ValueError(f"sequence length {T} is longer than block_size {cfg.block_size}")
+        x = ops.embedding(p["wte.weight"], p["wpe.weight"], idx)          # (B, T, C)
+        x = ops.dropout(x, cfg.dropout, self.dropout_rng, self.training)
+        for i in range(cfg.n_layer):
+            x = self._block(i, x)
+        x = ops.layernorm(x, p["ln_f.weight"], self._bias("ln_f"), cfg.layer_norm_eps)
+        logits = ops.lm_head(x, p["wte.weight"])                           # (B, T, V)
+        loss = None if targets is None else ops.cross_entropy(logits, targets, ignore_index)
+        return logits, loss
+
+    __call__ = forward
+
+    def _bias(self, prefix):
+        return self.params.get(prefix + ".bias") if self.config.bias else _zeros_like_weight(self, prefix)
+
+    def _block(self, i, x):
+        cfg, p, h = self.config, self.params, f"h.{i}."
+        a = ops.layernorm(x, p[h + "ln_1.weight"], self._bias(h + "ln_1"), cfg.layer_norm_eps)
+        a = ops.linear(a, p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"))     # (B, T, 3C)
+        a = ops.attention(a, cfg.n_head)                                                   # (B, T, C)
+        a = ops.linear(a, p[h + "attn.c_proj.weight"], p.get(h + "attn.c_proj.bias"))
+        x = ops.add(x, ops.dropout(a, cfg.dropout, self.dropout_rng, self.training))
+        m = ops.layernorm(x, p[h + "ln_2.weight"], self._bias(h + "ln_2"), cfg.layer_norm_eps)
+        m = ops.linear(m, p[h + "mlp.c_fc.weight"], p.get(h + "mlp.c_fc.bias"))            # (B, T, 4C)
+        m = ops.gelu(m)
+        m = ops.linear(m, p[h + "mlp.c_proj.weight"], p.get(h + "mlp.c_proj.bias"))        # (B, T, C)
+        return ops.add(x, ops.dropout(m, cfg.dropout, self.dropout_rng, self.training))
+
+    def loss_on(self, idx, targets) -> float:
+        """The loss on one batch without recording anything for backward (evaluation)."""
+        with no_grad():
+            _, loss = self.forward(idx, targets)
+        return loss.item()
+
+
+def _zeros_like_weight(model, prefix):
+    """A constant zero shift for layernorms of a bias=False model (kept out of the parameters)."""
+    w = model.params[prefix + ".weight"]
+    return Tensor(backend.xp_of(w.data).zeros_like(w.data))
+
+
+def _device_rng(seed):
+    """A random generator on the current device (numpy's PCG64 on the CPU, cupy's on the GPU)."""
+    if backend.device() == "cuda":
+        return backend.xp().random.default_rng(seed)
+    return np.random.default_rng(seed)

@@ -1,0 +1,16 @@
+"""Coarse ops with hand-derived backward passes. One file per op family; see tensor.py for the tape.
+
+Each file holds, side by side: the array-level forward and backward (NumPy-generic, the reference any fused
+kernel is checked against), the derivation of the backward in a comment, and the Tensor-level op that
+records itself on the tape.
+"""
+from .embedding import embedding
+from .linear import linear, lm_head
+from .layernorm import layernorm
+from .gelu import gelu
+from .attention import attention
+from .residual import add
+from .dropout import dropout
+from .cross_entropy import cross_entropy
+
+__all__ = ["embedding", "linear", "lm_head", "layernorm", "gelu", "attention", "add", "dropout", "cross_entropy"]

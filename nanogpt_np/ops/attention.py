@@ -1,0 +1,80 @@
+"""Causal multi-head self-attention (the part between c_attn and c_proj).
+
+Shapes: B batch, T time, C channels, NH heads, HS = C / NH head size.
+Forward:
+    q, k, v = split(qkv)                     # (B, T, 3C) -> 3 x (B, NH, T, HS)
+    s   = (q @ k^T) / sqrt(HS)               # (B, NH, T, T) scores
+    s[..., i, j] = -inf for j > i            # causal mask: position i sees positions 0..i only
+    att = softmax(s, axis=-1)                # (B, NH, T, T), each row sums to 1
+    y   = att @ v                            # (B, NH, T, HS)
+    out = merge_heads(y)                     # (B, T, C)
+Backward (from the bottom up):
+    dy   = split_heads(dout)
+    datt = dy @ v^T,  dv = att^T @ dy        # matmul rule, as in linear.py
+    ds   = att * (datt - sum_j(datt * att))  # softmax rule: d att_i / d s_j = att_i (delta_ij - att_j)
+                                             # masked entries have att = 0, so ds = 0 there: no extra mask
+    dq   = ds @ k / sqrt(HS),  dk = ds^T @ q / sqrt(HS)
+    dqkv = concat(merge(dq), merge(dk), merge(dv))
+(Dropout on the attention weights is not applied: this GPT drops out after c_proj only.)
+"""
+import math
+
+from .. import backend
+from ..tensor import Tensor, record
+from .dispatch import implementation
+
+
+def split_heads(x, n_head):
+    """(B, T, C) -> (B, NH, T, HS)."""
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(B, NH, T, HS) -> (B, T, C)."""
+    B, NH, T, HS = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
+
+
+def causal_softmax(scores):
+    """Softmax over the last axis of (..., T, T) scores with positions j > i masked out."""
+    xp = backend.xp_of(scores)
+    T = scores.shape[-1]
+    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)      # True above the diagonal
+    scores = xp.where(future, -xp.inf, scores)
+    scores = scores - scores.max(axis=-1, keepdims=True)    # the diagonal is never masked: max is finite
+    e = xp.exp(scores)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention_forward(qkv, n_head):
+    """qkv (B, T, 3C) -> out (B, T, C)."""
+    C = qkv.shape[-1] // 3
+    q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))
+    scale = 1.0 / math.sqrt(C // n_head)
+    att = causal_softmax((q @ k.transpose(0, 1, 3, 2)) * scale)    # (B, NH, T, T)
+    y = att @ v                                                    # (B, NH, T, HS)
+    return merge_heads(y), (q, k, v, att, scale)
+
+
+def attention_backward(dout, saved):
+    """dout (B, T, C) -> dqkv (B, T, 3C)."""
+    q, k, v, att, scale = saved
+    xp = backend.xp_of(dout)
+    dy = split_heads(dout, q.shape[1])                             # (B, NH, T, HS)
+    datt = dy @ v.transpose(0, 1, 3, 2)                            # (B, NH, T, T)
+    dv = att.transpose(0, 1, 3, 2) @ dy                            # (B, NH, T, HS)
+    ds = att * (datt - (datt * att).sum(axis=-1, keepdims=True))   # (B, NH, T, T)
+    ds *= scale
+    dq = ds @ k
+    dk = ds.transpose(0, 1, 3, 2) @ q
+    return (xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1),)
+
+
+def attention(qkv: Tensor, n_head: int) -> Tensor:
+    """Causal self-attention over qkv (B, T, 3C) with n_head heads -> (B, T, C)."""
+    if qkv.shape[-1] % (3 * n_head):
+        raise ValueError(f"qkv width {qkv.shape[-1]} is not 3 * n_head * head_size for n_head={n_head}")
+    forward, backward = implementation("attention", qkv.data, attention_forward, attention_backward)
+    out, saved = forward(qkv.data, n_head)
+    return record(Tensor(out), (qkv,), lambda dout: backward(dout, saved))

@@ -1,0 +1,39 @@
+"""Token + position embedding: the first layer of GPT.
+
+Forward:   out[b, t, :] = wte[idx[b, t], :] + wpe[t, :]                       # (B, T, C)
+
+Backward:  out is a sum, so d(out) flows unchanged to both tables, each row to where it was read from:
+           dwte[v, :] = sum over all (b, t) with idx[b, t] == v of dout[b, t, :]  (a scatter-add)
+           dwpe[t, :] = sum over b of dout[b, t, :]                               (rows t >= T stay zero)
+"""
+from .. import backend
+from ..tensor import Tensor, record
+from .dispatch import implementation
+
+
+def embedding_forward(wte, wpe, idx):
+    """wte (V, C), wpe (Tmax, C), idx (B, T) integer -> out (B, T, C)."""
+    B, T = idx.shape
+    out = wte[idx] + wpe[:T]                   # (B, T, C) + (T, C) broadcast over B
+    return out, (idx, wte.shape, wpe.shape)
+
+
+def embedding_backward(dout, saved):
+    """dout (B, T, C) -> dwte (V, C), dwpe (Tmax, C)."""
+    idx, wte_shape, wpe_shape = saved
+    xp = backend.xp_of(dout)
+    B, T, C = dout.shape
+    dwte = xp.zeros(wte_shape, dtype=dout.dtype)
+    xp.add.at(dwte, idx.reshape(-1), dout.reshape(B * T, C))   # repeated ids add up, unlike dwte[idx] += ...
+    dwpe = xp.zeros(wpe_shape, dtype=dout.dtype)
+    dwpe[:T] = dout.sum(axis=0)
+    return dwte, dwpe
+
+
+def embedding(wte: Tensor, wpe: Tensor, idx) -> Tensor:
+    """Token plus position embeddings for the integer array idx (B, T). Returns (B, T, C)."""
+    if idx.shape[1] > wpe.shape[0]:
+        raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's block_size {wpe.shape[0]}")
+    forward, backward = implementation("embedding", wte.data, embedding_forward, embedding_backward)
+    out, saved = forward(wte.data, wpe.data, idx)
+    return record(Tensor(out), (wte, wpe), lambda dout: backward(dout, saved))

@@ -1,0 +1,50 @@
+"""Layer normalisation over the last dimension (C), with a learned scale w and shift b.
+
+Forward (per row of C numbers):
+    mean = sum(x) / C,  var = sum((x - mean)^2) / C,  rstd = 1 / sqrt(var + eps)
+    xhat = (x - mean) * rstd,  y = xhat * w + b
+
+Backward: dw = sum over rows of dy * xhat,  db = sum over rows of dy.  For dx, write g = dy * w (= dxhat).
+    xhat depends on x directly and through mean and rstd. Differentiating xhat_i = (x_i - mean) * rstd:
+      d xhat_i / d x_j = rstd * (delta_ij - 1/C) - (x_i - mean) * rstd^3 * (x_j - mean) / C
+                       = rstd * (delta_ij - 1/C - xhat_i * xhat_j / C)
+    so dx_j = sum_i g_i * d xhat_i / d x_j = rstd * (g_j - mean(g) - xhat_j * mean(g * xhat)).
+"""
+from .. import backend
+from ..tensor import Tensor, record
+from .dispatch import implementation
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    """x (N, C), w (C,), b (C,) -> y (N, C)."""
+    xp = backend.xp_of(x)
+    mean = x.mean(axis=-1, keepdims=True)                   # (N, 1)
+    xc = x - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)            # (N, 1), biased (divide by C), as GPT-2
+    rstd = 1.0 / xp.sqrt(var + eps)                         # (N, 1)
+    xhat = xc * rstd                                        # (N, C)
+    y = xhat * w + b
+    return y, (xhat, w, rstd)
+
+
+def layernorm_backward(dy, saved):
+    """dy (N, C) -> dx (N, C), dw (C,), db (C,)."""
+    xhat, w, rstd = saved
+    dw = (dy * xhat).sum(axis=0)
+    db = dy.sum(axis=0)
+    g = dy * w                                              # d loss / d xhat
+    dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    return dx, dw, db
+
+
+def layernorm(x: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
+    """Normalise x (..., C) over C, then scale by w and shift by b."""
+    C = x.shape[-1]
+    forward, backward = implementation("layernorm", x.data, layernorm_forward, layernorm_backward)
+    y, saved = forward(x.data.reshape(-1, C), w.data, b.data, eps)
+
+    def backward_fn(dout):
+        dx, dw, db = backward(dout.reshape(-1, C), saved)
+        return dx.reshape(x.shape), dw, db
+
+    return record(Tensor(y.reshape(x.shape)), (x, w, b), backward_fn)

@@ -1,0 +1,72 @@
+"""Linear layers: y = x @ w + b, and the output head tied to the token embedding.
+
+Weights are stored (in, out), as in GPT-2's published checkpoints, so y = x @ w needs no transpose.
+
+Forward:   y = x @ w + b            x (N, Cin), w (Cin, Cout), b (Cout,)  ->  y (N, Cout)
+Backward:  from y[n, j] = sum_i x[n, i] w[i, j] + b[j]:
+           dx = dy @ w.T            (N, Cout) @ (Cout, Cin)
+           dw = x.T @ dy            (Cin, N)  @ (N, Cout)   summed over the N rows
+           db = dy.sum(axis=0)      each row adds b once
+
+Tied head: logits = x @ wte.T reuses the (V, C) token embedding as the output layer (GPT-2 does this), so
+           dx = dlogits @ wte and dwte = dlogits.T @ x; the embedding op adds its own part to dwte.
+"""
+from ..tensor import Tensor, record
+from .dispatch import implementation
+
+
+def linear_forward(x, w, b):
+    """x (N, Cin), w (Cin, Cout), b (Cout,) or None -> y (N, Cout)."""
+    y = x @ w
+    if b is not None:
+        y += b
+    return y, (x, w, b is not None)
+
+
+def linear_backward(dy, saved):
+    """dy (N, Cout) -> dx (N, Cin), dw (Cin, Cout), db (Cout,) or None."""
+    x, w, has_bias = saved
+    dx = dy @ w.T
+    dw = x.T @ dy
+    db = dy.sum(axis=0) if has_bias else None
+    return dx, dw, db
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor = None) -> Tensor:
+    """x (..., Cin) @ w (Cin, Cout) + b -> (..., Cout). Leading dimensions are flattened for the matmul."""
+    lead, c_in = x.shape[:-1], x.shape[-1]
+    forward, backward = implementation("linear", x.data, linear_forward, linear_backward)
+    y, saved = forward(x.data.reshape(-1, c_in), w.data, None if b is None else b.data)
+    out = Tensor(y.reshape(*lead, w.shape[1]))
+
+    def backward_fn(dout):
+        dx, dw, db = backward(dout.reshape(-1, w.shape[1]), saved)
+        return (dx.reshape(x.shape), dw) + ((db,) if b is not None else ())
+
+    inputs = (x, w) if b is None else (x, w, b)
+    return record(out, inputs, backward_fn)
+
+
+def lm_head_forward(x, wte):
+    """x (N, C), wte (V, C) -> logits (N, V)."""
+    return x @ wte.T, (x, wte)
+
+
+def lm_head_backward(dlogits, saved):
+    """dlogits (N, V) -> dx (N, C), dwte (V, C)."""
+    x, wte = saved
+    return dlogits @ wte, dlogits.T @ x
+
+
+def lm_head(x: Tensor, wte: Tensor) -> Tensor:
+    """The output layer tied to the token embedding: (..., C) -> (..., V) logits."""
+    lead, C = x.shape[:-1], x.shape[-1]
+    forward, backward = implementation("lm_head", x.data, lm_head_forward, lm_head_backward)
+    logits, saved = forward(x.data.reshape(-1, C), wte.data)
+    out = Tensor(logits.reshape(*lead, wte.shape[0]))
+
+    def backward_fn(dout):
+        dx, dwte = backward(dout.reshape(-1, wte.shape[0]), saved)
+        return dx.reshape(x.shape), dwte
+
+    return record(out, (x, wte), backward_fn)

@@ -1,0 +1,122 @@
+"""A Tensor that remembers how it was made, and a tape that replays it backwards.
+
+How autograd works here, in four lines:
+  1. Every op computes its output array and, if gradients are wanted, records one entry on the tape:
+     (output tensor, input tensors, a backward function `dout -> (d_input_0, d_input_1, ...)`).
+  2. The tape is a plain Python list, so it is already in the order the ops ran (a topological order).
+  3. `backward(loss)` seeds d(loss)/d(loss) = 1 and walks the tape in reverse: each entry turns the gradient
+     of its output into gradients of its inputs, which are summed into the inputs' `.grad`.
+  4. Gradients of intermediate tensors are freed as soon as they have been used.
+
+Ops are coarse (a whole layernorm, a whole attention), so a GPT-2 step has a few dozen tape entries, not
+thousands; each op's backward is derived by hand in its file under `ops/`.
+"""
+from contextlib import contextmanager
+
+from . import backend
+
+_tape = []              # [(out, inputs, backward_fn)], in the order the ops ran
+_grad_enabled = True    # switched off by no_grad() for evaluation and sampling
+
+
+class Tensor:
+    """An array plus the gradient of the loss with respect to it.
+
+    `data` is a numpy or cupy array. `grad` is None until backward() reaches this tensor. A parameter's
+    `grad` may be preset to a view into a larger buffer (see model.py); gradients are then summed into
+    that buffer in place, which is how gradient accumulation over micro-batches works.
+    """
+    __slots__ = ("data", "grad", "requires_grad", "name", "_grad_is_buffer")
+
+    def __init__(self, data, requires_grad=False, name=None):
+        self.data = data
+        self.grad = None
+        self.requires_grad = requires_grad
+        self.name = name
+        self._grad_is_buffer = False
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def use_grad_buffer(self, buffer):
+        """Sum this tensor's gradients into `buffer` (same shape), in place, from now on."""
+        assert buffer.shape == self.data.shape, (buffer.shape, self.data.shape)
+        self.grad = buffer
+        self._grad_is_buffer = True
+
+    def accumulate_grad(self, g):
+        """grad += g. Buffers are updated in place; other tensors get a new array (so no aliasing bugs)."""
+        if self._grad_is_buffer:
+            self.grad += g
+        elif self.grad is None:
+            self.grad = g
+        else:
+            self.grad = self.grad + g
+
+    def item(self) -> float:
+        """The value of a one-element tensor as a Python float (copies it to the host)."""
+        return float(backend.to_numpy(self.data).reshape(()))
+
+    def __repr__(self):
+        name = f" {self.name!r}" if self.name else ""
+        return f"Tensor{name}(shape={tuple(self.shape)}, dtype={self.dtype}, requires_grad={self.requires_grad})"
+
+
+def grad_enabled() -> bool:
+    return _grad_enabled
+
+
+@contextmanager
+def no_grad():
+    """Run ops without recording them (evaluation, sampling): saves the memory of saved activations."""
+    global _grad_enabled
+    previous = _grad_enabled
+    _grad_enabled = False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def record(out: Tensor, inputs, backward_fn) -> Tensor:
+    """Put one op on the tape if any input needs a gradient. Returns `out` for convenience.
+
+    backward_fn(dout) must return one gradient per input, in order (None for inputs that need none).
+    """
+    if _grad_enabled and any(t.requires_grad for t in inputs):
+        out.requires_grad = True
+        _tape.append((out, tuple(inputs), backward_fn))
+    return out
+
+
+def backward(loss: Tensor, grad=None) -> None:
+    """Fill `.grad` of every tensor that led to `loss`, then clear the tape.
+
+    `loss` is normally a one-element tensor (its gradient is seeded with 1). For any other tensor pass
+    `grad`, the gradient of some scalar with respect to it (the gradient checks do this)."""
+    global _tape
+    if grad is None:
+        if loss.data.size != 1:
+            raise ValueError(f"backward() needs a scalar loss or an explicit grad, got shape {loss.shape}")
+        grad = backend.xp_of(loss.data).ones_like(loss.data)
+    loss.grad = grad
+    tape, _tape = _tape, []
+    for out, inputs, backward_fn in reversed(tape):
+        if out.grad is None:          # this op did not lead to the loss
+            continue
+        grads = backward_fn(out.grad)
+        for t, g in zip(inputs, grads):
+            if g is not None and t.requires_grad:
+                t.accumulate_grad(g)
+        if not out._grad_is_buffer:
+            out.grad = None           # free the intermediate gradient as soon as it is used
+
+
+def clear_tape() -> None:
+    """Drop everything recorded (for example after a forward pass whose backward is not wanted)."""
+    _tape.clear()

@@ -1,0 +1,111 @@
+"""Every op's hand-written backward against central finite differences, float64, fresh random inputs."""
+import numpy as np
+import pytest
+
+from gradcheck import check_op
+from nanogpt_np import ops
+from nanogpt_np.tensor import Tensor
+
+
+def test_linear(rng):
+    x, w, b = rng.standard_normal((2, 5, 7)), rng.standard_normal((7, 4)), rng.standard_normal(4)
+    check_op(lambda x, w, b: ops.linear(x, w, b), [x, w, b], rng)
+
+
+def test_linear_without_bias(rng):
+    check_op(lambda x, w: ops.linear(x, w), [rng.standard_normal((6, 3)), rng.standard_normal((3, 5))], rng)
+
+
+def test_lm_head(rng):
+    check_op(ops.lm_head, [rng.standard_normal((2, 3, 8)), rng.standard_normal((11, 8))], rng)
+
+
+def test_layernorm(rng):
+    C = 9
+    x = rng.standard_normal((3, 4, C)) * 3 + 1
+    check_op(lambda x, w, b: ops.layernorm(x, w, b), [x, rng.standard_normal(C), rng.standard_normal(C)], rng)
+
+
+def test_gelu(rng):
+    check_op(ops.gelu, [rng.standard_normal((4, 13)) * 3], rng)
+
+
+@pytest.mark.parametrize("B,T,n_head,hs", [(2, 5, 2, 3), (1, 7, 3, 2), (2, 1, 1, 4)])
+def test_attention(rng, B, T, n_head, hs):
+    qkv = rng.standard_normal((B, T, 3 * n_head * hs))
+    check_op(lambda q: ops.attention(q, n_head), [qkv], rng)
+
+
+def test_attention_is_causal(rng):
+    """Changing a later token must not change earlier outputs."""
+    qkv = rng.standard_normal((1, 6, 12))
+    out1 = ops.attention(Tensor(qkv.copy()), 2).data
+    qkv[:, 4:] += 1.0
+    out2 = ops.attention(Tensor(qkv), 2).data
+    np.testing.assert_array_equal(out1[:, :4], out2[:, :4])
+    assert not np.allclose(out1[:, 4:], out2[:, 4:])
+
+
+def test_embedding(rng):
+    V, Tmax, C, B, T = 7, 6, 5, 3, 4
+    idx = rng.integers(0, V, size=(B, T))
+    idx[0, :2] = idx[1, 0]                       # repeated ids must add up
+    check_op(lambda wte, wpe: ops.embedding(wte, wpe, idx), [rng.standard_normal((V, C)), rng.standard_normal((Tmax, C))], rng)
+
+
+def test_residual_add(rng):
+    check_op(ops.add, [rng.standard_normal((2, 3)), rng.standard_normal((2, 3))], rng)
+
+
+def test_add_same_tensor_twice(rng):
+    """x + x: the gradient of a tensor used twice is the sum of both uses."""
+    from nanogpt_np.tensor import backward
+    x = Tensor(rng.standard_normal((3, 2)), requires_grad=True)
+    R = rng.standard_normal((3, 2))
+    backward(ops.add(x, x), grad=R)
+    np.testing.assert_allclose(x.grad, 2 * R)
+
+
+def test_dropout(rng):
+    p = 0.3
+    seed = int(rng.integers(1 << 30))
+    # the same seed on every call gives the same mask, so finite differences see a fixed function
+    check_op(lambda x: ops.dropout(x, p, np.random.default_rng(seed)), [rng.standard_normal((5, 8))], rng)
+
+
+def test_dropout_statistics(rng):
+    x = np.ones((200, 200))
+    y = ops.dropout(Tensor(x), 0.25, rng).data
+    assert abs((y == 0).mean() - 0.25) < 0.02
+    assert abs(y.mean() - 1.0) < 0.03                 # inverted dropout keeps the expected value
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cross_entropy(rng, masked):
+    N, V = 7, 5
+    targets = rng.integers(0, V, size=N)
+    if masked:
+        targets[[1, 4]] = -1
+    check_op(lambda z: ops.cross_entropy(z, targets), [rng.standard_normal((N, V)) * 2], rng)
+
+
+def test_cross_entropy_value_and_mask(rng):
+    """Against a direct float64 formula; masked rows do not count and get exactly zero gradient."""
+    from nanogpt_np.tensor import backward
+    N, V = 6, 4
+    z = rng.standard_normal((N, V))
+    t = rng.integers(0, V, size=N)
+    t[2] = -1
+    keep = t != -1
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    expected = -logp[np.arange(N)[keep], t[keep]].mean()
+    logits = Tensor(z, requires_grad=True)
+    loss = ops.cross_entropy(logits, t)
+    assert abs(loss.item() - expected) < 1e-12
+    backward(loss)
+    assert np.all(logits.grad[2] == 0.0)
+
+
+def test_cross_entropy_all_masked_is_an_error():
+    with pytest.raises(ValueError, match="masked"):
+        ops.cross_entropy(Tensor(np.zeros((2, 3))), np.array([-1, -1]))
