@@ -1,0 +1,846 @@
+"""Byte-level BPE tokenizer in the GPT-2 style, in plain Python (plus the `regex` package).
+
+How it works, in the order this file is written:
+
+1. Byte map. Text is UTF-8 bytes, so 256 base tokens cover every string (nothing is ever "unknown").
+   For the human-readable files, every byte is shown as one printable unicode character
+   (GPT-2's "bytes_to_unicode" table: a space is shown as "Ġ", a newline as "Ċ").
+2. Pre-split. A regex cuts the text into chunks (a word with its leading space, a run of digits,
+   punctuation, whitespace). Merges never cross a chunk border, so " the" and "the" can become tokens
+   but "e t" cannot. The pattern is stored with the tokenizer; GPT-2's is the default.
+3. Training. Count each distinct chunk once, then repeatedly merge the most frequent adjacent pair
+   of tokens into a new token. The pair counts are kept up to date incrementally: an index from each
+   pair to the chunks that hold it means a merge only touches the chunks where it happens, and a heap
+   with lazy invalidation finds the most frequent pair. Ties go to the smallest (left id, right id).
+4. Encoding. Each chunk is encoded by applying the learned merges in the order they were learned
+   (always the earliest-learned pair present next). Results are cached per chunk, so a corpus costs
+   one regex pass plus one dictionary lookup per chunk. Special tokens such as <|endoftext|> are
+   refused unless the caller allows them (tiktoken's safe default).
+5. Decoding. Ids -> bytes is a table lookup; bytes -> str uses errors="replace" by default, because a
+   cut in the middle of a multi-byte character is normal when decoding a slice of ids.
+6. Files. GPT-2's own `encoder.json` + `vocab.bpe` (loading OpenAI's files gives exactly GPT-2's ids),
+   and this project's single self-describing JSON file ("type": "bpe"). No pickle anywhere.
+7. Parallel encoding of files/corpora over every core (`iter_encode_parallel`, `encode_files_parallel`).
+
+Not handled: normalisation (NFC etc.; the text is tokenized as given), BPE dropout, the "byte fallback"
+of SentencePiece-style tokenizers, and pre-tokenizers other than one regex.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from itertools import chain, repeat
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import regex
+
+ENDOFTEXT = "<|endoftext|>"
+FORMAT_VERSION = 1
+
+
+class TokenizerError(ValueError):
+    """Base class of every tokenizer error (a ValueError, so `except ValueError` catches it)."""
+
+
+class TokenizerFileError(TokenizerError):
+    """A vocabulary file that is unreadable, corrupt, or inconsistent with its partner file."""
+
+
+class DisallowedSpecialTokenError(TokenizerError):
+    """The text holds a special token string that the caller did not allow."""
+
+
+class UnknownTokenIdError(TokenizerError):
+    """decode() was given an id that is not in the vocabulary."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Byte map: every byte <-> one printable unicode character (only used for the text files)
+# ---------------------------------------------------------------------------------------------------
+
+def bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2's table from each byte value to a printable character.
+
+    Bytes that are already printable and not whitespace ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for
+    themselves. The other 68 bytes (control characters, space, DEL, NBSP, soft hyphen...) are given the
+    characters chr(256), chr(257), ... in byte order, so that byte 0x20 (space) becomes 'Ġ' = chr(288)
+    and 0x0A (newline) becomes 'Ċ' = chr(266). The table must be exactly this one to read GPT-2's files.
+    """
+    printable = set(range(ord("!"), ord("~") + 1))
+    printable |= set(range(ord("¡"), ord("¬") + 1))
+    printable |= set(range(ord("®"), ord("ÿ") + 1))
+    table = {}
+    next_free = 256
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(next_free)
+            next_free += 1
+    return table
+
+
+BYTE_TO_CHAR = bytes_to_unicode()
+CHAR_TO_BYTE = {char: byte for byte, char in BYTE_TO_CHAR.items()}
+
+
+def bytes_to_token_str(data: bytes) -> str:
+    """Bytes -> their printable form, as written in encoder.json / vocab.bpe ('Ġhello')."""
+    return "".join(BYTE_TO_CHAR[b] for b in data)
+
+
+def token_str_to_bytes(token: str, where: str = "") -> bytes:
+    """Inverse of bytes_to_token_str; raises TokenizerFileError for a character outside the map."""
+    try:
+        return bytes(CHAR_TO_BYTE[char] for char in token)
+    except KeyError as e:
+        raise TokenizerFileError(f"{where}token {token!r} holds {e.args[0]!r}, which is not a byte character") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Pre-split
+# ---------------------------------------------------------------------------------------------------
+
+#: GPT-2's pre-split pattern: English contractions, a letter run with an optional leading space, a
+#: digit run likewise, a run of other symbols likewise, then whitespace. `\s+(?!\S)` leaves the last
+#: space of a run for the next word, so "a  b" splits as "a", " ", " b".
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+_WHITESPACE = regex.compile(r"\s")
+
+
+def _is_safe_cut(text: str, i: int) -> bool:
+    """True if the GPT-2 pattern's chunks of text[:i] and text[i:] are exactly those of text, cut at i.
+
+    That holds where a single newline sits between two non-whitespace characters ("...end.\\nNext"):
+    only whitespace chunks contain a newline, a whitespace chunk cannot reach past a non-whitespace
+    character, and a lone newline followed by a non-space is one chunk both in the whole text and at
+    the end of the left part. (After "\\n\\n" it would not be: "\\n\\n" at the end of a text is one
+    chunk, but "\\n", "\\n" before a word.) Proven for GPT2_PATTERN only; other patterns are not cut.
+    """
+    return (
+        2 <= i < len(text)
+        and text[i - 1] == "\n"
+        and not _WHITESPACE.match(text, i - 2)
+        and not _WHITESPACE.match(text, i)
+    )
+
+
+def cut_text(text: str, piece_chars: int) -> Iterator[str]:
+    """Yield consecutive pieces of about piece_chars characters, cut only at safe places (see _is_safe_cut).
+
+    Joining the pieces gives back `text`; a text without a safe place is yielded whole.
+    """
+    start = 0
+    while len(text) - start > piece_chars:
+        cut = _find_safe_cut(text, start + piece_chars, start)
+        if cut is None:
+            break
+        yield text[start:cut]
+        start = cut
+    if start < len(text) or not text:
+        yield text[start:]
+
+
+def _find_safe_cut(text: str, near: int, lower: int) -> Optional[int]:
+    """The first safe cut at or after `near`, else the last one after `lower`; None if there is none."""
+    i = text.find("\n", near - 1)
+    while i != -1:
+        if _is_safe_cut(text, i + 1):
+            return i + 1
+        i = text.find("\n", i + 1)
+    i = text.rfind("\n", lower, near)
+    while i > lower:
+        if _is_safe_cut(text, i + 1):
+            return i + 1
+        i = text.rfind("\n", lower, i)
+    return None
+
+
+def read_text_pieces(path: Union[str, os.PathLike], piece_chars: int = 1 << 22, cut: bool = True) -> Iterator[str]:
+    """Read a UTF-8 file as pieces of about piece_chars characters, cut at safe places.
+
+    Newlines are kept as they are ("\\r\\n" stays "\\r\\n"). With cut=False (for patterns other than
+    GPT-2's) the whole file is one piece. A file that is not UTF-8 raises TokenizerError naming it.
+    """
+    try:
+        with open(path, "r", encoding="utf-8", newline="") as f:
+            if not cut:
+                yield f.read()
+                return
+            carry = ""
+            while True:
+                block = f.read(piece_chars)
+                if not block:
+                    break
+                carry += block
+                pieces = list(cut_text(carry, piece_chars))
+                # the last piece may continue in the next block: keep it for later
+                yield from pieces[:-1]
+                carry = pieces[-1]
+            if carry:
+                yield carry
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Training
+# ---------------------------------------------------------------------------------------------------
+
+def count_chunks(texts: Iterable[str], pattern: str = GPT2_PATTERN, special_tokens: Sequence[str] = ()) -> Counter:
+    """How often each pre-split chunk occurs in the texts. Special token strings are cut out first,
+    so that "<|endoftext|>" between documents is never learned as ordinary text."""
+    compiled = regex.compile(pattern)
+    splitter = _special_splitter(special_tokens) if special_tokens else None
+    counts: Counter = Counter()
+    for text in texts:
+        parts = splitter.split(text) if splitter else (text,)
+        for part in parts:
+            counts.update(compiled.findall(part))
+    return counts
+
+
+def learn_merges(
+    words: List[List[int]], word_counts: List[int], n_merges: int, first_new_id: int = 256,
+    verbose: bool = False, id_to_bytes: Optional[Dict[int, bytes]] = None,
+) -> List[Tuple[int, int]]:
+    """Learn up to n_merges merges from distinct words (lists of token ids) and their counts.
+
+    Merge k creates token id first_new_id + k. `words` is modified in place (and id_to_bytes, if
+    given, gains the new tokens; it is only used for the progress messages of verbose=True). Stops early if no
+    adjacent pair is left (every word is a single token). Returns the merged pairs in order.
+
+    Data structures (what makes this fast):
+      pair_counts[(a, b)]  total occurrences of the pair, summed over words x word count
+      pair_words[(a, b)]   indices of the words that hold (or once held) the pair; may be stale,
+                           a stale word is simply found not to contain the pair
+      heap                 (-count, a, b) entries; an entry whose count no longer matches
+                           pair_counts is stale and skipped when popped (lazy invalidation)
+    """
+    pair_counts: Dict[Tuple[int, int], int] = {}
+    pair_words: Dict[Tuple[int, int], set] = {}
+    for index, (word, count) in enumerate(zip(words, word_counts)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] = pair_counts.get(pair, 0) + count
+            holders = pair_words.get(pair)
+            if holders is None:
+                pair_words[pair] = {index}
+            else:
+                holders.add(index)
+    heap = [(-count, a, b) for (a, b), count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    merges: List[Tuple[int, int]] = []
+    start = last_report = time.perf_counter()
+    while len(merges) < n_merges:
+        # pop until the top entry is current: highest count, then smallest (a, b)
+        while heap:
+            neg_count, a, b = heap[0]
+            if pair_counts.get((a, b)) == -neg_count:
+                break
+            heapq.heappop(heap)
+        else:
+            break  # no pair left anywhere
+        heapq.heappop(heap)
+        new_id = first_new_id + len(merges)
+        merges.append((a, b))
+        if id_to_bytes is not None:
+            id_to_bytes[new_id] = id_to_bytes[a] + id_to_bytes[b]
+
+        changed = _apply_merge(words, word_counts, a, b, new_id, pair_counts, pair_words)
+        for pair in changed:
+            count = pair_counts.get(pair, 0)
+            if count > 0:
+                heapq.heappush(heap, (-count, pair[0], pair[1]))
+            else:
+                pair_counts.pop(pair, None)
+                pair_words.pop(pair, None)
+
+        if verbose and (time.perf_counter() - last_report > 1.0 or len(merges) == n_merges):
+            last_report = time.perf_counter()
+            shown = repr(id_to_bytes[new_id]) if id_to_bytes is not None else f"({a}, {b})"
+            print(f"merge {len(merges)}/{n_merges}: {shown} x{-neg_count} "
+                  f"[{last_report - start:.1f}s]", file=sys.stderr, flush=True)
+    return merges
+
+
+def _apply_merge(words, word_counts, a, b, new_id, pair_counts, pair_words) -> set:
+    """Replace every (a, b) by new_id in the words that hold it, updating the pair counts only
+    around each replacement. Returns the set of pairs whose count changed."""
+    changed = set()
+    for index in pair_words.pop((a, b)):
+        word = words[index]
+        if len(word) < 2:
+            continue
+        count = word_counts[index]
+        merged = []
+        i, n = 0, len(word)
+        while i < n:
+            if word[i] == a and i + 1 < n and word[i + 1] == b:
+                # the pair's neighbours lose their pair with a/b and gain one with the new token
+                if merged:
+                    left = merged[-1]
+                    _add(pair_counts, changed, (left, a), -count)
+                    _add(pair_counts, changed, (left, new_id), count)
+                    pair_words.setdefault((left, new_id), set()).add(index)
+                if i + 2 < n:
+                    right = word[i + 2]
+                    _add(pair_counts, changed, (b, right), -count)
+                    _add(pair_counts, changed, (new_id, right), count)
+                    pair_words.setdefault((new_id, right), set()).add(index)
+                merged.append(new_id)
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        words[index] = merged
+    pair_counts.pop((a, b), None)
+    changed.discard((a, b))
+    return changed
+
+
+def _add(pair_counts, changed, pair, delta):
+    pair_counts[pair] = pair_counts.get(pair, 0) + delta
+    changed.add(pair)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4-6. The tokenizer: encoding, decoding, files
+# ---------------------------------------------------------------------------------------------------
+
+def _special_splitter(special_tokens: Iterable[str]):
+    """A regex whose split() cuts a text around the given special strings (longest first, so that
+    one special that is a prefix of another does not win)."""
+    alternatives = sorted(special_tokens, key=len, reverse=True)
+    return regex.compile("(" + "|".join(regex.escape(s) for s in alternatives) + ")")
+
+
+class BPETokenizer:
+    """A byte-level BPE tokenizer: 256 byte tokens, ranked merges, special tokens, a pre-split pattern.
+
+    Build one with `train`, `from_gpt2_files`, `load`, or the constructor. Ids need not follow the
+    merge order (GPT-2's byte tokens are not ids 0..255 in byte order), but they must be 0..N-1.
+    """
+
+    GPT2_PATTERN = GPT2_PATTERN
+    CACHE_LIMIT = 1_000_000  # chunks kept in the encode cache before it is emptied (bounds memory)
+
+    def __init__(
+        self,
+        merges: Sequence[Tuple[int, int]],
+        special_tokens: Optional[Dict[str, int]] = None,
+        pattern: str = GPT2_PATTERN,
+        byte_ids: Optional[Sequence[int]] = None,
+        merged_ids: Optional[Sequence[int]] = None,
+    ):
+        """merges[k] = (left id, right id) of the k-th merge, which makes id merged_ids[k]
+        (default 256 + k); byte_ids[b] is the id of byte b (default b); special_tokens maps each
+        special string to its id. Raises TokenizerError if the ids do not fit together."""
+        self.pattern = pattern
+        try:
+            self._compiled_pattern = regex.compile(pattern)
+        except regex.error as e:
+            raise TokenizerError(f"invalid pre-split pattern {pattern!r}: {e}") from None
+        byte_ids = list(range(256)) if byte_ids is None else [int(i) for i in byte_ids]
+        merges = [(int(a), int(b)) for a, b in merges]
+        merged_ids = [256 + k for k in range(len(merges))] if merged_ids is None else [int(i) for i in merged_ids]
+        special_tokens = dict(special_tokens or {})
+        if len(byte_ids) != 256 or len(set(byte_ids)) != 256:
+            raise TokenizerError("byte_ids must give 256 distinct ids, one per byte value")
+        if len(merged_ids) != len(merges):
+            raise TokenizerError(f"{len(merges)} merges but {len(merged_ids)} merged ids")
+
+        # the bytes of every id: bytes first, then each merge in order, then the specials
+        id_to_bytes: Dict[int, bytes] = {i: bytes([b]) for b, i in enumerate(byte_ids)}
+        merge_rank: Dict[Tuple[int, int], int] = {}
+        for rank, ((left, right), new) in enumerate(zip(merges, merged_ids)):
+            if left not in id_to_bytes or right not in id_to_bytes:
+                raise TokenizerError(f"merge {rank} ({left}, {right}) uses an id not defined before it")
+            if (left, right) in merge_rank:
+                raise TokenizerError(f"merge {rank} ({left}, {right}) appears twice")
+            data = id_to_bytes[left] + id_to_bytes[right]
+            if new in id_to_bytes and id_to_bytes[new] != data:
+                raise TokenizerError(f"merge {rank} gives id {new}, which already stands for {id_to_bytes[new]!r}")
+            id_to_bytes[new] = data
+            merge_rank[(left, right)] = rank
+        for text, i in special_tokens.items():
+            if not text:
+                raise TokenizerError("a special token cannot be the empty string")
+            if i in id_to_bytes:
+                raise TokenizerError(f"special token {text!r} has id {i}, which is already taken")
+            id_to_bytes[i] = text.encode("utf-8")
+        if sorted(id_to_bytes) != list(range(len(id_to_bytes))):
+            missing = sorted(set(range(max(id_to_bytes) + 1)) - set(id_to_bytes))
+            raise TokenizerError(f"ids must be 0..N-1 without gaps; missing {missing[:5]}{'...' if len(missing) > 5 else ''}")
+
+        self.byte_ids = byte_ids
+        self.merges = merges
+        self.merged_ids = merged_ids
+        self.special_tokens = special_tokens
+        self._merge_rank = merge_rank
+        self._id_to_bytes = id_to_bytes
+        self._byte_to_id = tuple(byte_ids)
+        self._cache: Dict[str, Tuple[int, ...]] = {}
+        self._splitters: Dict[frozenset, object] = {}
+
+    # -- properties ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: 256 bytes + merges (minus any repeated result) + special tokens."""
+        return len(self._id_to_bytes)
+
+    @property
+    def eot_id(self) -> Optional[int]:
+        """Id of <|endoftext|>, or None if this tokenizer has no such special token."""
+        return self.special_tokens.get(ENDOFTEXT)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for (a special token's UTF-8 text for a special id)."""
+        try:
+            return self._id_to_bytes[token_id]
+        except KeyError:
+            raise UnknownTokenIdError(f"unknown token id {token_id!r} (vocabulary has ids 0..{self.vocab_size - 1})") from None
+
+    def __repr__(self) -> str:
+        return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+                f"special_tokens={sorted(self.special_tokens)})")
+
+    # -- training -----------------------------------------------------------------------------------
+    @classmethod
+    def train(
+        cls,
+        text_or_iterable_of_texts: Union[str, Iterable[str]],
+        vocab_size: int,
+        pattern: str = GPT2_PATTERN,
+        special_tokens: Sequence[str] = (ENDOFTEXT,),
+        verbose: bool = False,
+    ) -> "BPETokenizer":
+        """Learn a tokenizer with vocab_size ids from a text or an iterable of texts (e.g. the pieces
+        of `read_text_pieces(path)`).
+
+        Ids: 0..255 are the bytes, 256 + k is merge k, and the special tokens come right after the
+        merges (as GPT-2's 50256 = 256 + 50000 merges). So vocab_size - 256 - len(special_tokens)
+        merges are learned. If the text runs out of pairs first, training stops early and the
+        tokenizer is smaller (a warning is printed with verbose=True). Raises TokenizerError for a
+        vocab_size below 256 + len(special_tokens) or a text with no characters.
+        """
+        special_tokens = list(dict.fromkeys(special_tokens))  # drop repeats, keep order
+        if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
+            raise TokenizerError(
+                f"vocab_size must be at least 256 (one id per byte) + {len(special_tokens)} special tokens, got {vocab_size!r}")
+        texts = [text_or_iterable_of_texts] if isinstance(text_or_iterable_of_texts, str) else text_or_iterable_of_texts
+        start = time.perf_counter()
+        counts = count_chunks(texts, pattern, special_tokens)
+        if not counts:
+            raise TokenizerError("cannot train on an empty text (no characters outside special tokens)")
+        if verbose:
+            print(f"pre-split: {sum(counts.values())} chunks, {len(counts)} distinct "
+                  f"[{time.perf_counter() - start:.1f}s]", file=sys.stderr, flush=True)
+
+        words = [list(chunk.encode("utf-8")) for chunk in counts]
+        word_counts = list(counts.values())
+        n_merges = vocab_size - 256 - len(special_tokens)
+        id_to_bytes = {i: bytes([i]) for i in range(256)}
+        merges = learn_merges(words, word_counts, n_merges, verbose=verbose, id_to_bytes=id_to_bytes)
+        if verbose and len(merges) < n_merges:
+            print(f"warning: the text has no pairs left after {len(merges)} merges; "
+                  f"vocab_size is {256 + len(merges) + len(special_tokens)}, not {vocab_size}", file=sys.stderr)
+        first_special = 256 + len(merges)
+        specials = {text: first_special + k for k, text in enumerate(special_tokens)}
+        return cls(merges, specials, pattern)
+
+    # -- encoding -----------------------------------------------------------------------------------
+    def _encode_chunk(self, chunk: str) -> Tuple[int, ...]:
+        """BPE on one pre-split chunk: start from its bytes, then repeatedly merge the adjacent pair
+        that was learned earliest (every occurrence of it, left to right) until no learned pair is left."""
+        ids = list(map(self._byte_to_id.__getitem__, chunk.encode("utf-8")))
+        rank_of = self._merge_rank.get
+        no_merge = len(self.merges)
+        while len(ids) > 1:
+            best = min(map(rank_of, zip(ids, ids[1:]), repeat(no_merge)))
+            if best == no_merge:
+                break
+            left, right = self.merges[best]
+            new = self.merged_ids[best]
+            merged = []
+            i, n = 0, len(ids)
+            while i < n:
+                if ids[i] == left and i + 1 < n and ids[i + 1] == right:
+                    merged.append(new)
+                    i += 2
+                else:
+                    merged.append(ids[i])
+                    i += 1
+            ids = merged
+        return tuple(ids)
+
+    def encode_ordinary(self, text: str) -> List[int]:
+        """Encode text with no special-token handling: "<|endoftext|>" in the text is plain text."""
+        chunks = self._compiled_pattern.findall(text)
+        cache = self._cache
+        new_chunks = set(chunks).difference(cache)
+        if new_chunks:
+            if len(cache) + len(new_chunks) > self.CACHE_LIMIT:
+                cache.clear()
+                new_chunks = set(chunks)
+            for chunk in new_chunks:
+                cache[chunk] = self._encode_chunk(chunk)
+        # C-speed concatenation of the cached id tuples
+        return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+
+    def _allowed_specials(self, text: str, allowed_special) -> frozenset:
+        """Which special strings to treat as special tokens in `text`; raises for a refused one.
+
+        "all": every special. "none": none (specials are encoded as plain text). "none_raise": none,
+        and a text that contains one is refused. A set of strings: those; a text holding any other
+        special is refused (as tiktoken does)."""
+        if allowed_special == "all":
+            return frozenset(self.special_tokens)
+        if allowed_special == "none":
+            return frozenset()
+        if allowed_special == "none_raise":
+            allowed = frozenset()
+        elif isinstance(allowed_special, (set, frozenset, list, tuple)):
+            allowed = frozenset(allowed_special)
+            unknown = allowed - set(self.special_tokens)
+            if unknown:
+                raise TokenizerError(f"allowed_special names {sorted(unknown)}, which are not special tokens "
+                                     f"of this tokenizer ({sorted(self.special_tokens)})")
+        else:
+            raise TokenizerError(f"allowed_special must be 'all', 'none', 'none_raise' or a set of strings, "
+                                 f"got {allowed_special!r}")
+        for special in self.special_tokens:
+            if special not in allowed and special in text:
+                raise DisallowedSpecialTokenError(
+                    f"the text contains the special token {special!r}; pass allowed_special='all' (or "
+                    f"{{{special!r}}}) to encode it as a special token, or 'none' to encode it as plain text")
+        return allowed
+
+    def encode(self, text: str, allowed_special="none_raise") -> List[int]:
+        """Encode a string to ids. allowed_special: "none_raise" (default; refuse text containing a
+        special token string), "none" (encode such strings as plain text), "all", or a set of strings."""
+        allowed = self._allowed_specials(text, allowed_special)
+        if not allowed:
+            return self.encode_ordinary(text)
+        splitter = self._splitters.get(allowed)
+        if splitter is None:
+            splitter = self._splitters[allowed] = _special_splitter(allowed)
+        ids: List[int] = []
+        # split() with a capturing group alternates: text, special, text, special, ..., text
+        for k, part in enumerate(splitter.split(text)):
+            if k % 2:
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids.extend(self.encode_ordinary(part))
+        return ids
+
+    def encode_batch(self, texts: Iterable[str], allowed_special="none_raise") -> List[List[int]]:
+        """encode() each text (in this process, sharing the chunk cache). For many large texts on
+        every core, use encode_files_parallel."""
+        return [self.encode(text, allowed_special) for text in texts]
+
+    # -- decoding -----------------------------------------------------------------------------------
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes the ids stand for. Raises UnknownTokenIdError for an id outside the vocabulary."""
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()  # plain ints: faster dict lookups, and no numpy scalar surprises
+        try:
+            return b"".join(map(self._id_to_bytes.__getitem__, ids))
+        except (KeyError, TypeError):
+            bad = next(i for i in ids if not (isinstance(i, (int, np.integer)) and int(i) in self._id_to_bytes))
+            raise UnknownTokenIdError(
+                f"unknown token id {bad!r} (vocabulary has ids 0..{self.vocab_size - 1})") from None
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """The text the ids stand for. errors="replace" turns the bytes of a character cut in two
+        (when decoding a slice of ids) into U+FFFD; pass "strict" to get an error instead."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    # -- files --------------------------------------------------------------------------------------
+    def _vocab_and_merges(self) -> Tuple[Dict[str, int], List[str]]:
+        """The printable form: {token string: id} for bytes and merges, and "left right" merge lines."""
+        vocab = {}
+        for i, data in self._id_to_bytes.items():
+            if i not in self.special_tokens.values():
+                vocab[bytes_to_token_str(data)] = i
+        merge_lines = [f"{bytes_to_token_str(self._id_to_bytes[a])} {bytes_to_token_str(self._id_to_bytes[b])}"
+                       for a, b in self.merges]
+        return vocab, merge_lines
+
+    @classmethod
+    def _from_vocab_and_merges(cls, vocab: Dict[str, int], merge_lines: Sequence[str],
+                               special_tokens: Optional[Dict[str, int]], pattern: str, where: str) -> "BPETokenizer":
+        """Build from the printable form, checking that the vocabulary and the merges fit together.
+        With special_tokens=None, every vocab entry that is neither a byte nor a merge result is a
+        special token (that is how <|endoftext|> sits in GPT-2's encoder.json)."""
+        if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+            raise TokenizerFileError(f"{where}: the vocabulary must map token strings to integer ids")
+
+        def id_of(token: str, line_no: int) -> int:
+            if token not in vocab:
+                raise TokenizerFileError(f"{where}: merge line {line_no} uses {token!r}, which is not in the vocabulary "
+                                         f"(mismatched vocabulary and merges files?)")
+            return vocab[token]
+
+        byte_ids = []
+        for b in range(256):
+            char = BYTE_TO_CHAR[b]
+            if char not in vocab:
+                raise TokenizerFileError(f"{where}: the vocabulary lacks the byte token {char!r} (byte {b})")
+            byte_ids.append(vocab[char])
+        merges, merged_ids = [], []
+        for line_no, line in enumerate(merge_lines, 1):
+            parts = line.split(" ")
+            if len(parts) != 2 or not parts[0] or not parts[1]:
+                raise TokenizerFileError(f"{where}: merge line {line_no} is {line!r}, not two tokens separated by a space")
+            left, right = parts
+            merges.append((id_of(left, line_no), id_of(right, line_no)))
+            merged_ids.append(id_of(left + right, line_no))
+        if special_tokens is None:
+            known = set(byte_ids) | set(merged_ids)
+            special_tokens = {token: i for token, i in vocab.items() if i not in known}
+        try:
+            return cls(merges, special_tokens, pattern, byte_ids, merged_ids)
+        except TokenizerFileError:
+            raise
+        except TokenizerError as e:
+            raise TokenizerFileError(f"{where}: {e}") from None
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json_path, vocab_bpe_path, pattern: str = GPT2_PATTERN) -> "BPETokenizer":
+        """Load GPT-2's files (OpenAI's encoder.json + vocab.bpe, or Hugging Face's vocab.json +
+        merges.txt, the same format). Entries of encoder.json that are neither bytes nor merge
+        results, like "<|endoftext|>", become special tokens. The pattern is not in these files;
+        GPT-2's is assumed."""
+        where = f"{encoder_json_path} + {vocab_bpe_path}"
+        vocab = _read_json(encoder_json_path)
+        try:
+            with open(vocab_bpe_path, "r", encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except UnicodeDecodeError:
+            raise TokenizerFileError(f"{vocab_bpe_path}: not UTF-8 text") from None
+        except OSError as e:
+            raise TokenizerFileError(f"{vocab_bpe_path}: cannot read ({e.strerror})") from None
+        if lines and lines[0].startswith("#version"):
+            lines = lines[1:]
+        while lines and lines[-1] == "":
+            lines.pop()
+        return cls._from_vocab_and_merges(vocab, lines, None, pattern, where)
+
+    def save_gpt2_files(self, directory, encoder_name: str = "encoder.json", merges_name: str = "vocab.bpe") -> None:
+        """Write encoder.json + vocab.bpe (GPT-2's format) into directory. The pattern is not saved
+        in this format (GPT-2's is assumed on loading); use save() to keep it."""
+        os.makedirs(directory, exist_ok=True)
+        vocab, merge_lines = self._vocab_and_merges()
+        vocab.update(self.special_tokens)
+        vocab = dict(sorted(vocab.items(), key=lambda item: item[1]))
+        _write_atomic(os.path.join(directory, encoder_name), json.dumps(vocab, ensure_ascii=False))
+        _write_atomic(os.path.join(directory, merges_name), "#version: 0.2\n" + "".join(l + "\n" for l in merge_lines))
+
+    def to_dict(self) -> dict:
+        """The JSON-ready description saved by save()."""
+        vocab, merge_lines = self._vocab_and_merges()
+        return {
+            "type": "bpe",
+            "version": FORMAT_VERSION,
+            "vocab_size": self.vocab_size,
+            "pattern": self.pattern,
+            "byte_encoding": "GPT-2 bytes_to_unicode: each character of a token string stands for one byte",
+            "special_tokens": self.special_tokens,
+            "merges": merge_lines,
+            "vocab": vocab,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "tokenizer") -> "BPETokenizer":
+        """Inverse of to_dict(); raises TokenizerFileError naming `where` for a bad or mismatched description."""
+        if not isinstance(d, dict) or d.get("type") != "bpe":
+            raise TokenizerFileError(f"{where}: not a BPE tokenizer file (its \"type\" is {d.get('type') if isinstance(d, dict) else None!r}, expected \"bpe\")")
+        if d.get("version") != FORMAT_VERSION:
+            raise TokenizerFileError(f"{where}: format version {d.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+        for key, kind in (("pattern", str), ("merges", list), ("vocab", dict), ("special_tokens", dict)):
+            if not isinstance(d.get(key), kind):
+                raise TokenizerFileError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
+        specials = d["special_tokens"]
+        if not all(isinstance(v, int) for v in specials.values()):
+            raise TokenizerFileError(f"{where}: special token ids must be integers")
+        if not all(isinstance(m, str) for m in d["merges"]):
+            raise TokenizerFileError(f"{where}: every merge must be a string \"left right\"")
+        tok = cls._from_vocab_and_merges(d["vocab"], d["merges"], specials, d["pattern"], where)
+        if "vocab_size" in d and d["vocab_size"] != tok.vocab_size:
+            raise TokenizerFileError(f"{where}: says vocab_size {d['vocab_size']} but holds {tok.vocab_size} ids")
+        return tok
+
+    def save(self, path) -> None:
+        """Write the tokenizer as one JSON file (pattern, merges, vocabulary, special tokens),
+        atomically: a temporary file in the same directory, fsync, then os.replace."""
+        _write_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
+
+    @classmethod
+    def load(cls, path) -> "BPETokenizer":
+        """Read a file written by save()."""
+        return cls.from_dict(_read_json(path), where=str(path))
+
+
+def _read_json(path):
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise TokenizerFileError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerFileError(f"{path}: not valid JSON ({e})") from None
+
+
+def _write_atomic(path, text: str) -> None:
+    """Write text to path so that a crash leaves either the old file or the new one, never half."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Encoding files and corpora on every core
+# ---------------------------------------------------------------------------------------------------
+
+_worker_tokenizer: Optional[BPETokenizer] = None
+
+
+def _init_worker(tokenizer: Optional[BPETokenizer], description: Optional[dict]) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer if tokenizer is not None else BPETokenizer.from_dict(description)
+
+
+def _encode_piece(task):
+    doc_index, text, allowed_special, dtype = task
+    return doc_index, np.array(_worker_tokenizer.encode(text, allowed_special), dtype=dtype)
+
+
+def _pieces(tokenizer, inputs, piece_chars, allowed_special):
+    """(document index, text piece) for every input, files read lazily; an empty document still
+    yields one empty piece so that it is reported. Pieces are cut only where that cannot change
+    the ids (GPT-2's pattern, no special token holding a newline)."""
+    cut = tokenizer.pattern == GPT2_PATTERN and not any("\n" in s for s in tokenizer.special_tokens)
+    for index, item in enumerate(inputs):
+        if isinstance(item, str):
+            pieces = cut_text(item, piece_chars) if cut else iter((item,))
+        elif isinstance(item, os.PathLike):
+            pieces = read_text_pieces(item, piece_chars, cut=cut)
+        else:
+            raise TypeError(f"input {index} is a {type(item).__name__}; expected a str (text) or a path object")
+        empty = True
+        for piece in pieces:
+            empty = False
+            yield index, piece
+        if empty:
+            yield index, ""
+
+
+def iter_encode_parallel(
+    tokenizer: BPETokenizer,
+    paths_or_texts: Iterable[Union[str, os.PathLike]],
+    processes: Optional[int] = None,
+    allowed_special="none_raise",
+    append_eot: bool = False,
+    piece_chars: int = 1 << 20,
+) -> Iterator[Tuple[int, np.ndarray]]:
+    """Encode documents on every core, yielding (document index, ids) in input order.
+
+    Each input is a document: a `str` is the text itself, a path object (pathlib.Path) is a UTF-8
+    file read lazily (so a `str` path must be wrapped in Path). Large documents are cut into pieces
+    of about piece_chars characters at places where cutting cannot change the ids, and the pieces
+    are encoded by a pool of `processes` workers (default: every core; 1 = in this process). At most
+    a few pieces per worker are in flight, so memory stays bounded for corpora of any size.
+
+    ids is a 1-D numpy array, uint16 if the vocabulary fits (vocab_size <= 65536) else uint32, with
+    tokenizer.eot_id appended if append_eot (an error if the tokenizer has no <|endoftext|>).
+    The result equals tokenizer.encode(text, allowed_special) for each document.
+    """
+    if append_eot and tokenizer.eot_id is None:
+        raise TokenizerError("append_eot=True but the tokenizer has no <|endoftext|> token")
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    processes = (os.cpu_count() or 1) if processes is None else processes
+    tasks = ((index, piece, allowed_special, dtype)
+             for index, piece in _pieces(tokenizer, paths_or_texts, piece_chars, allowed_special))
+
+    def documents(results: Iterable[Tuple[int, np.ndarray]]):
+        """Join consecutive pieces of the same document."""
+        current, parts = None, []
+        for index, ids in results:
+            if index != current and current is not None:
+                yield current, _join(parts, tokenizer, append_eot, dtype)
+                parts = []
+            current = index
+            parts.append(ids)
+        if current is not None:
+            yield current, _join(parts, tokenizer, append_eot, dtype)
+
+    if processes <= 1:
+        _init_worker(tokenizer, None)
+        yield from documents(map(_encode_piece, tasks))
+        return
+
+    import multiprocessing
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods:
+        # forked workers inherit the tokenizer (and its warm cache) without any copying
+        context, initargs = multiprocessing.get_context("fork"), (tokenizer, None)
+    else:
+        context, initargs = multiprocessing.get_context("spawn"), (None, tokenizer.to_dict())
+    with context.Pool(processes, initializer=_init_worker, initargs=initargs) as pool:
+        def results():
+            in_flight = deque()
+            for task in tasks:
+                in_flight.append(pool.apply_async(_encode_piece, (task,)))
+                if len(in_flight) >= 2 * processes:
+                    yield in_flight.popleft().get()
+            while in_flight:
+                yield in_flight.popleft().get()
+        yield from documents(results())
+
+
+def _join(parts, tokenizer, append_eot, dtype):
+    if append_eot:
+        parts = parts + [np.array([tokenizer.eot_id], dtype=dtype)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def encode_files_parallel(
+    tokenizer: BPETokenizer,
+    paths_or_texts: Iterable[Union[str, os.PathLike]],
+    processes: Optional[int] = None,
+    allowed_special="none_raise",
+    append_eot: bool = False,
+    on_document: Optional[Callable[[int, np.ndarray], None]] = None,
+    piece_chars: int = 1 << 20,
+) -> Optional[List[np.ndarray]]:
+    """Encode documents on every core (see iter_encode_parallel for inputs and options).
+
+    Returns a list with one numpy array of ids per document, in input order. With on_document,
+    each (index, ids) is handed to that callback as soon as it is ready (e.g. to append it to a
+    shards.ShardWriter) and nothing is kept: the function returns None.
+    """
+    results = iter_encode_parallel(tokenizer, paths_or_texts, processes, allowed_special, append_eot, piece_chars)
+    if on_document is not None:
+        for index, ids in results:
+            on_document(index, ids)
+        return None
+    return [ids for _, ids in results]
