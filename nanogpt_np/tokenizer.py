@@ -1,0 +1,45 @@
+"""load_tokenizer(path): open any tokenizer this project knows, whatever file it was saved to.
+
+Accepted:
+  * a JSON file with a "type" field: "bpe" -> BPETokenizer, "char" -> CharTokenizer;
+  * a directory holding tokenizer.json (read as above), or GPT-2's encoder.json + vocab.bpe,
+    or the same format under Hugging Face's names, vocab.json + merges.txt;
+  * GPT-2's encoder.json (or vocab.json) itself, when its merges file lies beside it.
+Not accepted: Hugging Face's own tokenizer.json layout (it has no top-level "type"), SentencePiece models.
+Every failure is a TokenizerFileError (a ValueError) naming the path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .bpe import BPETokenizer, TokenizerFileError, _read_json
+
+GPT2_FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
+
+
+def load_tokenizer(path):
+    """Return the tokenizer stored at path (a file or a directory; see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return load_tokenizer(path / "tokenizer.json")
+        for vocab_name, merges_name in GPT2_FILE_PAIRS:
+            if (path / vocab_name).is_file() and (path / merges_name).is_file():
+                return BPETokenizer.from_gpt2_files(path / vocab_name, path / merges_name)
+        raise TokenizerFileError(f"{path}: directory holds no tokenizer.json, encoder.json + vocab.bpe, "
+                                 f"or vocab.json + merges.txt")
+    description = _read_json(path)
+    if isinstance(description, dict) and "type" in description:
+        kind = description["type"]
+        if kind == "bpe":
+            return BPETokenizer.from_dict(description, where=str(path))
+        if kind == "char":
+            from .char_tokenizer import CharTokenizer  # imported here: only needed for char files
+            return CharTokenizer.load(os.fspath(path))
+        raise TokenizerFileError(f"{path}: unknown tokenizer type {kind!r} (expected \"bpe\" or \"char\")")
+    for vocab_name, merges_name in GPT2_FILE_PAIRS:
+        if path.name == vocab_name and (path.parent / merges_name).is_file():
+            return BPETokenizer.from_gpt2_files(path, path.parent / merges_name)
+    raise TokenizerFileError(f"{path}: not a tokenizer file (no \"type\" field, and not a GPT-2 "
+                             f"encoder.json with its vocab.bpe beside it)")
