@@ -1,0 +1,20 @@
+// float32 <-> bfloat16 conversion; bf16 is stored as unsigned short (the top 16 bits of a float32).
+// Same rounding as kernels/bf16.py: round to nearest, ties to even; NaN -> quiet NaN with its sign; inf stays.
+// One thread per element; traffic 6 bytes per element either way. No CUDA headers needed.
+
+__device__ __forceinline__ unsigned short f32_to_bf16_rne(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x0040u);   // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);     // half an ulp, plus one more unit when the kept lsb is odd (ties to even)
+    return (unsigned short)(u >> 16);
+}
+
+extern "C" __global__ void f32_to_bf16(unsigned short* __restrict__ out, const float* __restrict__ in, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f32_to_bf16_rne(in[i]);
+}
+
+extern "C" __global__ void bf16_to_f32(float* __restrict__ out, const unsigned short* __restrict__ in, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __uint_as_float(((unsigned int)in[i]) << 16);
+}

@@ -1,0 +1,92 @@
+// GELU (GPT-2's tanh form) with an optional bias add fused in front of it.
+//
+//   forward:  a = x + bias[c]   (bias may be NULL),   out = 0.5 * a * (1 + tanh(u)),  u = s*(a + k*a^3)
+//             s = sqrt(2/pi), k = 0.044715
+//   backward: da = dout * (0.5*(1 + tanh(u)) + 0.5*a*(1 - tanh(u)^2) * s*(1 + 3k*a^2))
+//             dbias = sum over rows of da   (fused into the same pass)
+//
+// Only x (the pre-bias input) is kept for the backward: tanh is recomputed, which is cheaper than storing
+// and re-reading a second N*C array. Memory traffic: forward reads x, writes out (bias stays in L1/L2);
+// backward reads dout and x, writes dx (+ a small partial row per row-chunk for dbias).
+
+#define GELU_S 0.7978845608028654f   // sqrt(2/pi)
+#define GELU_K 0.044715f
+
+__device__ __forceinline__ float gelu_fwd(float a) {
+    float u = GELU_S * (a + GELU_K * a * a * a);
+    return 0.5f * a * (1.0f + tanhf(u));
+}
+
+__device__ __forceinline__ float gelu_grad(float a) {
+    float th = tanhf(GELU_S * (a + GELU_K * a * a * a));
+    return 0.5f * (1.0f + th) + 0.5f * a * (1.0f - th * th) * GELU_S * (1.0f + 3.0f * GELU_K * a * a);
+}
+
+// One thread per element. n = N*C; bias (C,) or NULL. out may alias x.
+extern "C" __global__ void gelu_forward(float* out, const float* x, const float* __restrict__ bias,
+                                        long long n, int C) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float a = x[i];
+    if (bias) a += bias[i % C];
+    out[i] = gelu_fwd(a);
+}
+
+// Same with float4 loads/stores: one thread per 4 elements; needs n % 4 == 0 and C % 4 == 0 (when biased).
+extern "C" __global__ void gelu_forward_f4(float4* out, const float4* x, const float4* __restrict__ bias,
+                                           long long n4, int C4) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n4) return;
+    float4 a = x[i];
+    if (bias) { float4 bb = bias[i % C4]; a.x += bb.x; a.y += bb.y; a.z += bb.z; a.w += bb.w; }
+    out[i] = make_float4(gelu_fwd(a.x), gelu_fwd(a.y), gelu_fwd(a.z), gelu_fwd(a.w));
+}
+
+// Unbiased backward, one thread per element (any shape). dx may alias dout.
+extern "C" __global__ void gelu_backward(float* dx, const float* dout, const float* __restrict__ x, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    dx[i] = dout[i] * gelu_grad(x[i]);
+}
+
+// Biased backward with the dbias column sum fused in.
+// Block = 32 x RY threads, grid = (ceil(C/32), nchunks). Thread (tx, ty) owns column c = 32*blockIdx.x + tx and
+// walks the rows ty, ty+RY, ... of its row chunk: a warp reads 32 consecutive floats of one row (coalesced).
+// Its running dbias sum stays in a register; the RY partials of a column are added in ty order in shared
+// memory and written to partial[chunk, c]; column_sum_finish adds the chunks in order (deterministic).
+#define RY 8
+extern "C" __global__ void bias_gelu_backward(float* dx, float* __restrict__ partial,
+                                              const float* dout, const float* __restrict__ x,
+                                              const float* __restrict__ bias, int N, int C, int rows_per_chunk) {
+    __shared__ float acc[RY][32];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    int c = blockIdx.x * 32 + tx;
+    int r0 = blockIdx.y * rows_per_chunk, r1 = min(N, r0 + rows_per_chunk);
+    float s = 0.0f;
+    if (c < C) {
+        float bc = bias[c];
+        for (int r = r0 + ty; r < r1; r += RY) {
+            long long i = (long long)r * C + c;
+            float d = dout[i] * gelu_grad(x[i] + bc);
+            dx[i] = d;
+            s += d;
+        }
+    }
+    acc[ty][tx] = s;
+    __syncthreads();
+    if (ty == 0 && c < C) {
+        float t = 0.0f;
+        for (int k = 0; k < RY; k++) t += acc[k][tx];
+        partial[(long long)blockIdx.y * C + c] = t;
+    }
+}
+
+// One thread per column: out[c] = sum over chunks of partial[chunk, c], in chunk order.
+extern "C" __global__ void column_sum_finish(float* __restrict__ out, const float* __restrict__ partial,
+                                             int nchunks, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float t = 0.0f;
+    for (int k = 0; k < nchunks; k++) t += partial[(long long)k * C + c];
+    out[c] = t;
+}
