@@ -201,7 +201,8 @@ def count_chunks(texts: Iterable[str], pattern: str = GPT2_PATTERN, special_toke
     splitter = _special_splitter(special_tokens) if special_tokens else None
     counts: Counter = Counter()
     for text in texts:
-        parts = splitter.split(text) if splitter else (text,)
+        # split() also returns the specials themselves (at odd positions): keep only the text between
+        parts = splitter.split(text)[::2] if splitter else (text,)
         for part in parts:
             counts.update(compiled.findall(part))
     return counts
