@@ -1,0 +1,131 @@
+"""Run directories: everything needed to sample from a model or to resume its training exactly.
+
+    out_dir/
+      config.json             the GPTConfig (architecture)
+      train_config.json       the TrainConfig the run was started with
+      model.safetensors       weights, GPT-2 names, linear weights (in, out)
+      optimizer.safetensors   AdamW's m and v (flat, in the model's flat-buffer order)
+      state.json              step, RNG states, the data loader's position, best validation loss
+      tokenizer.json          the tokenizer that made the training tokens
+      log.jsonl               one JSON object per logged step / evaluation (written by the trainer)
+
+Every file is written atomically (temp file + fsync + rename). The tensors files carry the step in their
+metadata and state.json is written last, so a crash in the middle of saving is caught on load (the steps
+disagree) instead of silently mixing two checkpoints. No pickle anywhere: a checkpoint from a stranger can
+hold data, not code.
+"""
+import json
+import os
+
+import numpy as np
+
+from . import safetensors
+from .files import atomic_write_json
+from .model import GPT, GPTConfig
+
+
+class CheckpointError(ValueError):
+    """A run directory that is missing, incomplete, corrupt or from another architecture."""
+
+
+def save_checkpoint(out_dir, model: GPT, optimizer, train_config: dict, state: dict, tokenizer=None) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    step = str(state["step"])
+    atomic_write_json(os.path.join(out_dir, "config.json"), model.config.to_dict())
+    atomic_write_json(os.path.join(out_dir, "train_config.json"), train_config)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    safetensors.save_file(model.state_dict(), os.path.join(out_dir, "model.safetensors"),
+                          metadata={"format": "nanogpt_np", "step": step})
+    if optimizer is not None:
+        safetensors.save_file(optimizer.state_arrays(), os.path.join(out_dir, "optimizer.safetensors"),
+                              metadata={"step": step, "optimizer_steps": str(optimizer.step_count)})
+    atomic_write_json(os.path.join(out_dir, "state.json"), state)       # last: it marks the checkpoint complete
+
+
+def _read_json(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{what} {path} is unreadable or corrupt: {e}") from None
+
+
+def read_model_config(out_dir) -> GPTConfig:
+    if not os.path.isdir(out_dir):
+        raise CheckpointError(f"no run directory at {out_dir}")
+    d = _read_json(os.path.join(out_dir, "config.json"), "model config")
+    try:
+        return GPTConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{out_dir}/config.json is not a valid model config: {e}") from None
+
+
+def _load_tensors(path, what):
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        return safetensors.load_file(path), safetensors.load_metadata(path)
+    except ValueError as e:          # SafetensorsError: truncated, corrupt header, ...
+        raise CheckpointError(str(e)) from None
+
+
+def load_model(out_dir, dtype="float32", seed=0) -> GPT:
+    """A GPT with the weights of the run in out_dir (for sampling, serving, evaluation, fine-tuning)."""
+    config = read_model_config(out_dir)
+    tensors, _ = _load_tensors(os.path.join(out_dir, "model.safetensors"), "model weights")
+    model = GPT(config, seed=seed, dtype=dtype)
+    try:
+        model.load_params(tensors, source=f"{out_dir}/model.safetensors")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return model
+
+
+def load_tokenizer_of_run(out_dir):
+    from .tokenizer import load_tokenizer
+    path = os.path.join(out_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"the run in {out_dir} has no tokenizer.json")
+    try:
+        return load_tokenizer(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_training_state(out_dir, model: GPT, optimizer) -> dict:
+    """Restore weights and optimizer state in place for --resume; returns state.json's contents.
+    The model must have been built with the run's architecture (see check_same_architecture)."""
+    state = _read_json(os.path.join(out_dir, "state.json"), "training state")
+    tensors, meta = _load_tensors(os.path.join(out_dir, "model.safetensors"), "model weights")
+    opt_arrays, opt_meta = _load_tensors(os.path.join(out_dir, "optimizer.safetensors"), "optimizer state")
+    step = str(state.get("step"))
+    if meta.get("step") != step or opt_meta.get("step") != step:
+        raise CheckpointError(f"{out_dir}: model ({meta.get('step')}), optimizer ({opt_meta.get('step')}) and "
+                              f"state.json ({step}) are from different steps; the last save was interrupted")
+    try:
+        model.load_params(tensors, source=f"{out_dir}/model.safetensors")
+        optimizer.load_state_arrays(opt_arrays, int(opt_meta["optimizer_steps"]))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{out_dir}: {e}") from None
+    return state
+
+
+def check_same_architecture(out_dir, config: GPTConfig) -> None:
+    saved = read_model_config(out_dir)
+    if saved != config:
+        diffs = [f"{k}: checkpoint {v!r} vs requested {getattr(config, k)!r}"
+                 for k, v in saved.to_dict().items() if getattr(config, k) != v]
+        raise CheckpointError(f"the checkpoint in {out_dir} is a different architecture ({'; '.join(diffs)})")
+
+
+def rng_state(rng) -> dict:
+    """A numpy Generator's state as JSON-safe data (PCG64's 128-bit integers are fine in JSON)."""
+    return rng.bit_generator.state if isinstance(rng, np.random.Generator) else {}
+
+
+def set_rng_state(rng, state: dict) -> None:
+    if state and isinstance(rng, np.random.Generator):
+        rng.bit_generator.state = state

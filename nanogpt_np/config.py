@@ -1,0 +1,220 @@
+"""Training settings: defaults, named presets, a JSON config file, then `--key=value` overrides.
+
+    python train.py                                  # the defaults: a small model on the embedded corpus
+    python train.py --preset=shakespeare-char        # a named preset
+    python train.py my_run.json --max_iters=500      # a JSON file of settings, then overrides
+
+Later sources win: defaults < preset < JSON file < command line. Every key must be a field of TrainConfig
+and every value must parse as that field's type; otherwise a ConfigError names the key (never a traceback).
+"""
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A user mistake in the settings (unknown key, bad value); the launcher prints it as one line."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "pydocs"         # "pydocs" (embedded), a prepared name under data_root, or a text file path
+    data_root: str = "data"
+    tokenizer: str = "char"         # "char", "bpe" (trained on the training split) or "gpt2" (needs its files)
+    vocab_size: int = 512           # target size when tokenizer == "bpe"
+    val_fraction: float = 0.1       # for raw text: the last 10% (by position) is the validation split
+    # model
+    model: str = "small-cpu"        # a preset from model.MODEL_PRESETS; n_layer/n_head/n_embd override it
+    n_layer: int = 0                # 0 = take the preset's value
+    n_head: int = 0
+    n_embd: int = 0
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = True
+    # optimisation
+    batch_size: int = 12
+    grad_accum_steps: int = 1       # micro-batches summed into one optimizer step
+    max_iters: int = 1000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0         # 0 = max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0          # 0 = no clipping
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    out_dir: str = "out"
+    save_checkpoints: bool = True
+    resume: bool = False            # continue the run in out_dir exactly where its checkpoint left off
+    init_from: str = ""             # start from weights: a nanogpt_np run directory or a GPT-2 directory
+    early_stopping_patience: int = 0    # stop after this many evaluations without a better val loss (0 = off)
+    # system
+    device: str = "auto"            # "cpu", "cuda" or "auto"
+    dtype: str = "float32"          # "float32", "float64" (checks) or "bfloat16" (GPU mixed precision)
+    seed: int = 1337
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    # nanoGPT's CPU recipe, on the embedded corpus: the default.
+    "default": {},
+    # The README's first command should finish in about a minute on a laptop.
+    "quick": dict(max_iters=200, eval_interval=100, eval_iters=10),
+    # nanoGPT's Shakespeare character recipe on a CPU (4 layers, 128 channels, block 64, batch 12).
+    "shakespeare-char-cpu": dict(dataset="shakespeare_char", model="small-cpu", block_size=64, batch_size=12,
+                                 max_iters=2000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100,
+                                 beta2=0.99, dropout=0.0, eval_interval=250, eval_iters=20),
+    # nanoGPT's Shakespeare character recipe for a GPU (6 layers, 384 channels, block 256, batch 64).
+    "shakespeare-char": dict(dataset="shakespeare_char", model="baby", block_size=256, batch_size=64,
+                             max_iters=5000, lr_decay_iters=5000, learning_rate=1e-3, min_lr=1e-4,
+                             warmup_iters=100, beta2=0.99, dropout=0.2, eval_interval=250, eval_iters=200),
+    # GPT-2 small on BPE tokens.
+    "gpt2": dict(model="gpt2", tokenizer="gpt2", block_size=1024, batch_size=8, grad_accum_steps=8,
+                 learning_rate=6e-4, min_lr=6e-5, warmup_iters=700, max_iters=20000, beta2=0.95,
+                 weight_decay=0.1, eval_interval=500, eval_iters=50),
+    # Fine-tuning from pre-trained weights: a low rate, a short warmup, stop when validation stops improving.
+    "finetune": dict(learning_rate=3e-5, min_lr=3e-6, warmup_iters=20, max_iters=500, weight_decay=0.0,
+                     eval_interval=50, eval_iters=20, early_stopping_patience=3, dropout=0.0),
+}
+
+
+def _parse_value(key: str, text: str, typ):
+    """Turn the text of a command-line value into the field's type, or raise ConfigError naming the key."""
+    if typ is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--{key} expects true or false, got {text!r}")
+    try:
+        return typ(text)
+    except ValueError:
+        raise ConfigError(f"--{key} expects {typ.__name__}, got {text!r}") from None
+
+
+def _check_json_value(key, value, typ, source):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: '{key}' expects {typ.__name__}, got {value!r}")
+    return value
+
+
+def _field_types() -> dict:
+    types = {"str": str, "int": int, "float": float, "bool": bool}
+    return {f.name: (types[f.type] if isinstance(f.type, str) else f.type) for f in dataclasses.fields(TrainConfig)}
+
+
+def apply_settings(cfg: TrainConfig, settings: dict, source: str) -> TrainConfig:
+    fields = _field_types()
+    for key, value in settings.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown setting '{key}' (see nanogpt_np/config.py for the list)")
+        setattr(cfg, key, _check_json_value(key, value, fields[key], source))
+    return cfg
+
+
+def parse_args(argv) -> TrainConfig:
+    """Build a TrainConfig from command-line arguments (see the module docstring)."""
+    fields = _field_types()
+    cfg = TrainConfig()
+    overrides = {}
+    json_files = []
+    preset = None
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            raise ConfigError(help_text())
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if key == "preset":
+                if not eq or text not in PRESETS:
+                    raise ConfigError(f"--preset expects one of {', '.join(PRESETS)}, got {text!r}")
+                preset = text
+                continue
+            if key not in fields:
+                raise ConfigError(f"unknown setting --{key} (see `python train.py --help`)")
+            if not eq:
+                if fields[key] is bool:        # a bare --resume means --resume=true
+                    text = "true"
+                else:
+                    raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
+            overrides[key] = _parse_value(key, text, fields[key])
+        elif arg.endswith(".json"):
+            json_files.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use --key=value, --preset=NAME or a .json file")
+    if preset:
+        apply_settings(cfg, PRESETS[preset], f"preset {preset}")
+    for path in json_files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                settings = json.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(settings, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object of settings")
+        apply_settings(cfg, settings, path)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks that a type check cannot do."""
+    positive = ("block_size", "batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.max_iters < 0:
+        raise ConfigError(f"--max_iters must be >= 0, got {cfg.max_iters}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise ConfigError(f"--val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.learning_rate <= 0 or cfg.min_lr < 0:
+        raise ConfigError("--learning_rate must be > 0 and --min_lr >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            raise ConfigError(f"--{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if cfg.device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"--device must be cpu, cuda or auto, got {cfg.device!r}")
+    if cfg.dtype not in ("float32", "float64", "bfloat16"):
+        raise ConfigError(f"--dtype must be float32, float64 or bfloat16, got {cfg.dtype!r}")
+    if cfg.tokenizer not in ("char", "bpe", "gpt2"):
+        raise ConfigError(f"--tokenizer must be char, bpe or gpt2, got {cfg.tokenizer!r}")
+    from .model import MODEL_PRESETS
+    if cfg.model not in MODEL_PRESETS:
+        raise ConfigError(f"--model must be one of {', '.join(MODEL_PRESETS)}, got {cfg.model!r}")
+    if cfg.tokenizer == "bpe" and cfg.vocab_size < 257:
+        raise ConfigError(f"--vocab_size must be at least 257 for a BPE tokenizer, got {cfg.vocab_size}")
+
+
+def help_text() -> str:
+    lines = ["usage: python train.py [CONFIG.json] [--preset=NAME] [--key=value ...]",
+             f"presets: {', '.join(PRESETS)}", "settings (default):"]
+    for f in dataclasses.fields(TrainConfig):
+        lines.append(f"  --{f.name}={f.default!r}")
+    return "\n".join(lines)
+
+
+def model_sizes(cfg: TrainConfig) -> dict:
+    """n_layer / n_head / n_embd from the model preset, with any explicit overrides applied."""
+    from .model import MODEL_PRESETS
+    sizes = dict(MODEL_PRESETS[cfg.model])
+    for key in ("n_layer", "n_head", "n_embd"):
+        if getattr(cfg, key):
+            sizes[key] = getattr(cfg, key)
+    return sizes

@@ -1,0 +1,304 @@
+"""The training loop: data -> model -> AdamW, with evaluation, logs and checkpoints that resume exactly.
+
+One optimizer step:
+    lr = warmup-then-cosine(step)
+    zero the flat gradient buffer
+    repeat grad_accum_steps times:   x, y = next batch;  loss = model(x, y);  backward(loss / grad_accum_steps)
+    clip the global gradient norm;  AdamW step
+
+Everything random (initial weights, batch order, dropout) comes from generators seeded by `seed`, and their
+states are saved with each checkpoint, so an interrupted run resumed with --resume produces the same losses,
+bit for bit, as one that never stopped.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import backend
+from .checkpoint import (CheckpointError, check_same_architecture, load_model, load_tokenizer_of_run,
+                         load_training_state, rng_state, save_checkpoint, set_rng_state)
+from .config import ConfigError, TrainConfig, model_sizes
+from .loader import BatchLoader
+from .model import GPT, GPTConfig
+from .optim import AdamW, clip_grad_norm, lr_at
+from .tensor import backward
+
+
+class DataError(ValueError):
+    """Training data that is missing, empty or too short; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def build_tokenizer(kind: str, train_text: str, vocab_size: int, full_text: str = None, log=print):
+    """A tokenizer for raw text: characters of the whole text, or BPE trained on the training split."""
+    if kind == "char":
+        from .char_tokenizer import CharTokenizer
+        return CharTokenizer.from_text(full_text if full_text is not None else train_text)
+    if kind == "bpe":
+        from .bpe import BPETokenizer
+        log(f"training a BPE tokenizer to {vocab_size} tokens on {len(train_text):,} characters ...")
+        return BPETokenizer.train(train_text, vocab_size, verbose=False)
+    if kind == "gpt2":
+        return gpt2_tokenizer()
+    raise ConfigError(f"unknown tokenizer {kind!r}")
+
+
+def gpt2_tokenizer():
+    """GPT-2's own tokenizer, from encoder.json + vocab.bpe in data/gpt2/ (they are not downloaded here)."""
+    from .bpe import BPETokenizer
+    for directory in (os.path.join("data", "gpt2"), os.path.join("..", "shared", "data", "gpt2")):
+        enc, merges = os.path.join(directory, "encoder.json"), os.path.join(directory, "vocab.bpe")
+        if os.path.exists(enc) and os.path.exists(merges):
+            return BPETokenizer.from_gpt2_files(enc, merges)
+    raise DataError("--tokenizer=gpt2 needs GPT-2's encoder.json and vocab.bpe in data/gpt2/")
+
+
+def load_text_data(cfg: TrainConfig, tokenizer=None, log=print):
+    """(train_tokens, val_tokens, tokenizer) for the embedded corpus or a text file, split by position."""
+    if cfg.dataset == "pydocs":
+        from .corpus import default_corpus_text
+        text, source = default_corpus_text(), "the embedded corpus (Python's documentation)"
+    else:
+        path = cfg.dataset
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise DataError(_missing_dataset_message(cfg)) from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte offset {e.start}); clean it with "
+                            f"`python -m nanogpt_np.prepare` first") from None
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror}") from None
+        source = path
+    if not text.strip():
+        raise DataError(f"{source} is empty: there is nothing to train on")
+    n_val = int(len(text) * cfg.val_fraction)
+    train_text, val_text = text[:len(text) - n_val], text[len(text) - n_val:]
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg.tokenizer, train_text, cfg.vocab_size, full_text=text, log=log)
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    train = np.array(tokenizer.encode(train_text, allowed_special="none"), dtype=dtype)
+    val = np.array(tokenizer.encode(val_text, allowed_special="none"), dtype=dtype)
+    log(f"data: {source}: {len(train):,} train and {len(val):,} val tokens, vocabulary {tokenizer.vocab_size}")
+    return train, val, tokenizer
+
+
+def _missing_dataset_message(cfg):
+    return (f"dataset {cfg.dataset!r} not found: it is neither a prepared dataset under {cfg.data_root}/ nor a "
+            f"text file. Prepare one, e.g. `python data/prepare_shakespeare_char.py` "
+            f"(or `python -m nanogpt_np.prepare --help`), or pass --dataset=path/to/text.txt")
+
+
+def load_data(cfg: TrainConfig, tokenizer=None, log=print):
+    """Train/val token arrays and the tokenizer for cfg.dataset (prepared dir, embedded corpus or text file)."""
+    prepared = os.path.join(cfg.data_root, cfg.dataset)
+    if os.path.isdir(prepared) or os.path.isdir(cfg.dataset):
+        from .datasets import load_prepared
+        try:
+            ds = load_prepared(cfg.dataset, data_root=cfg.data_root)
+        except (OSError, ValueError) as e:
+            raise DataError(str(e)) from None
+        log(f"data: prepared dataset {cfg.dataset}, vocabulary {ds.tokenizer.vocab_size}")
+        return ds.train, ds.val, (tokenizer or ds.tokenizer)
+    if cfg.dataset != "pydocs" and not os.path.isfile(cfg.dataset):
+        raise DataError(_missing_dataset_message(cfg))
+    return load_text_data(cfg, tokenizer, log)
+
+
+def _count(tokens):
+    return sum(len(t) for t in tokens) if isinstance(tokens, (list, tuple)) else len(tokens)
+
+
+def _check_long_enough(tokens, block_size, split):
+    n = _count(tokens)
+    if n < block_size + 1:
+        raise DataError(f"the {split} split has {n} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                        f"use more data or a smaller --block_size")
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+class RunLog:
+    """Human-readable lines on stdout and the same records as JSON lines in out_dir/log.jsonl."""
+
+    def __init__(self, out_dir, write_file=True, echo=print):
+        self.path = os.path.join(out_dir, "log.jsonl") if write_file else None
+        self.echo = echo
+
+    def record(self, entry: dict, line: str):
+        self.echo(line)
+        if self.path:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+
+def evaluate(model: GPT, tokens, batch_size, block_size, max_batches) -> float:
+    """Mean loss over the first `max_batches` sequential (B, T) windows of `tokens` (deterministic)."""
+    loader = BatchLoader(tokens, batch_size, block_size, seed=0)
+    was_training = model.training
+    model.eval()
+    losses = [model.loss_on(backend.to_device(x), backend.to_device(y))
+              for x, y in loader.iter_sequential(max_batches=max_batches)]
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def train(cfg: TrainConfig, echo=print) -> dict:
+    """Run training as configured. Returns a summary: final step, last train loss, best val loss."""
+    device = backend.use_device(cfg.device)
+    if cfg.dtype == "bfloat16":
+        raise ConfigError("--dtype=bfloat16 (mixed precision) is not available yet; use float32")
+    if cfg.resume and cfg.init_from:
+        raise ConfigError("--resume and --init_from exclude each other: resume continues a run, "
+                          "init_from starts a new one from existing weights")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # Tokenizer and data. A resumed or fine-tuned run reuses the tokenizer its weights were trained with.
+    tokenizer = None
+    if cfg.resume:
+        tokenizer = load_tokenizer_of_run(cfg.out_dir)
+    elif cfg.init_from:
+        tokenizer = _tokenizer_of_init(cfg.init_from)
+    train_tokens, val_tokens, tokenizer = load_data(cfg, tokenizer, log=echo)
+    _check_long_enough(train_tokens, cfg.block_size, "train")
+    _check_long_enough(val_tokens, cfg.block_size, "validation")
+
+    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout,
+                             bias=cfg.bias, **model_sizes(cfg))
+    init_model = None
+    if cfg.init_from:
+        init_model = _load_init_weights(cfg.init_from)
+        # the architecture comes from the weights; only dropout and the (shorter or equal) context are ours
+        base = init_model.config
+        if cfg.block_size > base.block_size:
+            raise ConfigError(f"--block_size={cfg.block_size} is longer than the pre-trained model's "
+                              f"{base.block_size}")
+        model_config = GPTConfig(**{**base.to_dict(), "dropout": cfg.dropout})
+    if cfg.resume:
+        check_same_architecture(cfg.out_dir, model_config)
+
+    model = GPT(model_config, seed=cfg.seed, dtype=cfg.dtype)
+    if init_model is not None:
+        model.load_params(init_model.state_dict(), source=cfg.init_from)
+    optimizer = AdamW(model, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    loader = BatchLoader(train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed)
+    step, best_val, bad_evals = 0, math.inf, 0
+    if cfg.resume:
+        state = load_training_state(cfg.out_dir, model, optimizer)
+        step, best_val, bad_evals = state["step"], state.get("best_val_loss", math.inf), state.get("bad_evals", 0)
+        loader.load_state_dict(state["loader"])
+        set_rng_state(model.dropout_rng, state.get("dropout_rng"))
+        echo(f"resuming from step {step} in {cfg.out_dir}")
+    elif tokenizer is not None:
+        tokenizer.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+
+    n_params = model.num_params()
+    echo(f"model: {model_config.n_layer} layers, {model_config.n_head} heads, {model_config.n_embd} channels, "
+         f"block {model_config.block_size}, vocab {model_config.vocab_size}: {n_params:,} parameters "
+         f"({n_params / 1e6:.2f}M) on {device}, {cfg.dtype}")
+    log = RunLog(cfg.out_dir, write_file=True, echo=echo)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
+
+    def save(step_now):
+        if not cfg.save_checkpoints:
+            return
+        state = {"step": step_now, "loader": loader.state_dict(), "dropout_rng": rng_state(model.dropout_rng),
+                 "best_val_loss": best_val if math.isfinite(best_val) else None, "bad_evals": bad_evals}
+        save_checkpoint(cfg.out_dir, model, optimizer, cfg.to_dict(), state, tokenizer)
+
+    last_loss = None
+    t_last = time.perf_counter()
+    try:
+        while step < cfg.max_iters:
+            lr = lr_at(step, lr=cfg.learning_rate, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
+                       decay_iters=decay_iters)
+            model.zero_grad()
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum_steps):
+                x, y = loader.next_batch()                                  # (B, T) int64 each, on the host
+                _, loss = model(backend.to_device(x), backend.to_device(y))
+                backward(loss, grad=backend.xp_of(loss.data).full((), 1.0 / cfg.grad_accum_steps, loss.dtype))
+                loss_sum += loss.item()
+            grad_norm = clip_grad_norm(model.flat_grads, cfg.grad_clip)
+            optimizer.step(lr)
+            step += 1
+            last_loss = loss_sum / cfg.grad_accum_steps
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"loss became {last_loss} at step {step}; try a lower --learning_rate")
+
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                backend.synchronize()
+                now = time.perf_counter()
+                steps_done = step % cfg.log_interval or cfg.log_interval
+                ms = (now - t_last) * 1000 / steps_done
+                t_last = now
+                entry = {"type": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                         "ms_per_step": ms, "tokens_per_s": tokens_per_step / (ms / 1000)}
+                log.record(entry, f"step {step:6d} | loss {last_loss:.4f} | lr {lr:.2e} | grad norm "
+                                  f"{grad_norm:7.3f} | {ms:7.1f} ms/step | {entry['tokens_per_s']:,.0f} tok/s")
+
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                val_loss = evaluate(model, val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_iters)
+                improved = val_loss < best_val
+                best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
+                log.record({"type": "eval", "step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+                            "best_val_loss": best_val},
+                           f"eval {step:6d} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):9.2f}"
+                           + (" | best" if improved else ""))
+                save(step)
+                t_last = time.perf_counter()
+                if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
+                    echo(f"early stopping: no better validation loss for {bad_evals} evaluations")
+                    break
+    except KeyboardInterrupt:
+        echo(f"\ninterrupted: saving a checkpoint at step {step} (continue with --resume)")
+        save(step)
+        raise
+    return {"step": step, "train_loss": last_loss, "best_val_loss": best_val, "out_dir": cfg.out_dir}
+
+
+def _tokenizer_of_init(path):
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return load_tokenizer_of_run(path)
+    from .tokenizer import load_tokenizer            # a GPT-2 directory: vocab.json + merges.txt
+    return load_tokenizer(path)
+
+
+def _load_init_weights(path) -> GPT:
+    if os.path.exists(os.path.join(path, "model.safetensors")) and os.path.exists(os.path.join(path, "state.json")):
+        return load_model(path)
+    from .hf_gpt2 import import_gpt2_dir             # a Hugging Face GPT-2 directory
+    config, params, _ = import_gpt2_dir(path)
+    model = GPT(config)
+    model.load_params(params, source=path)
+    return model
+
+
+def main(argv=None) -> int:
+    """Command-line entry point: one clear line and a non-zero exit for user mistakes."""
+    from .config import help_text, parse_args
+    from .backend import BackendError
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text())
+        return 0
+    try:
+        cfg = parse_args(argv)
+        summary = train(cfg)
+    except (ConfigError, DataError, CheckpointError, BackendError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}, run in {summary['out_dir']}")
+    return 0
