@@ -30,7 +30,8 @@ def load_tokenizer(path):
         raise TokenizerFileError(f"{path}: directory holds no tokenizer.json, encoder.json + vocab.bpe, "
                                  f"or vocab.json + merges.txt")
     description = _read_json(path)
-    if isinstance(description, dict) and "type" in description:
+    # a string "type" marks this project's files (GPT-2's encoder.json has a token "type" -> 4906)
+    if isinstance(description, dict) and isinstance(description.get("type"), str):
         kind = description["type"]
         if kind == "bpe":
             return BPETokenizer.from_dict(description, where=str(path))
