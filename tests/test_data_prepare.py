@@ -1,0 +1,193 @@
+"""The whole pipeline on small corpora made here: counts, split, shards, determinism, streaming, errors."""
+import gzip
+import json
+import os
+import struct
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from nanogpt_np.datasets import load_prepared
+from nanogpt_np.ingest import DataError
+from nanogpt_np.loader import BatchLoader
+from nanogpt_np.prepare import CLEAN_FILES, PrepareConfig, main, prepare, split_hash
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega river stone cloud light shadow market garden").split()
+
+
+def llmc_read(path):
+    """Independent reader written from llm.c's header spec."""
+    with open(path, "rb") as f:
+        h = struct.unpack("<256i", f.read(1024))
+        assert h[0] == 20240520 and h[1] in (1, 2)
+        body = f.read()
+    width = 2 if h[1] == 1 else 4
+    assert len(body) == h[2] * width
+    return np.frombuffer(body, dtype="<u2" if width == 2 else "<u4")
+
+
+def make_docs(n, seed=0, words=80):
+    rng = np.random.default_rng(seed)
+    return [f"Doc {i}: " + " ".join(rng.choice(WORDS, size=words)) + "." for i in range(n)]
+
+
+def write_corpus(tmp_path, docs, name="corpus.jsonl.gz"):
+    path = tmp_path / name
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    return path
+
+
+def cfg(tmp_path, inputs, out="out", **kw):
+    kw.setdefault("tokenizer", "char")
+    kw.setdefault("processes", 1)
+    kw.setdefault("progress", False)
+    return PrepareConfig(inputs=[str(p) for p in inputs], out_dir=str(tmp_path / out), **kw)
+
+
+def split_docs(tokens, tok):
+    """Documents back from a shard: char tokenizer docs end with a blank line."""
+    text = tok.decode(tokens.tolist())
+    return [d for d in text.split("\n\n") if d]
+
+
+def test_pipeline_counts_split_and_round_trip(tmp_path):
+    docs = make_docs(61)
+    fresh = docs.pop()  # unrelated to the others: becomes the HTML page
+    exact_dups = [d.upper() for d in docs[:5]]  # same after casefolding
+    near_dups = [d.replace("Doc", "Document", 1) + " extra" for d in docs[10:13]]
+    html = ["<html><body><p>Visible &amp; kept " + fresh + "</p><script>hidden()</script></body></html>"]
+    short = ["", "   ", "tiny"]
+    path = write_corpus(tmp_path, docs + exact_dups + near_dups + html + short)
+    m = prepare(cfg(tmp_path, [path], min_chars=10, keep_clean=True))
+    steps = m["report"]["steps"]
+    assert m["report"]["input"]["documents"] == 72
+    assert steps["too_short"]["docs_removed"] == 3
+    assert steps["exact_dup"]["docs_removed"] == 5
+    assert steps["near_dup"]["docs_removed"] == 3
+    assert steps["html"]["bytes_removed"] > 0
+    assert m["report"]["kept"]["documents"] == 61
+    assert m["train"]["documents"] + m["val"]["documents"] == 61 and m["val"]["documents"] > 0
+
+    out = tmp_path / "out"
+    ds = load_prepared(str(out))
+    kept = []
+    for split in ("train", "val"):
+        files = m[split]["files"]
+        assert files == [f"{split}.bin"]
+        ids = llmc_read(out / files[0])  # accepted by an independent llm.c header reader
+        np.testing.assert_array_equal(ids, getattr(ds, split))
+        got = split_docs(ids, ds.tokenizer)
+        with open(out / CLEAN_FILES[split], encoding="utf-8") as f:
+            assert got == [json.loads(line) for line in f]  # shards decode to the cleaned documents
+        kept.append(set(got))
+    assert not kept[0] & kept[1]  # train and val are disjoint
+    html_doc = next(d for d in kept[0] | kept[1] if d.startswith("Visible"))
+    assert "hidden" not in html_doc and "Visible & kept" in html_doc
+    assert set(docs) <= kept[0] | kept[1]
+
+
+def test_split_is_stable_and_seeded(tmp_path):
+    docs = make_docs(200, seed=1)
+    path = write_corpus(tmp_path, docs)
+    a = prepare(cfg(tmp_path, [path], "a", dedup_near=False))
+    b = prepare(cfg(tmp_path, [path], "b", dedup_near=False))
+    for split in ("train", "val"):
+        assert (tmp_path / "a" / f"{split}.bin").read_bytes() == (tmp_path / "b" / f"{split}.bin").read_bytes()
+    assert a["val"]["documents"] == b["val"]["documents"]
+    assert 5 <= a["val"]["documents"] <= 40  # ~10% of 200
+    # the split depends on the document, not on its position: reversing the input keeps each doc's side
+    assert [split_hash(d, 0) < 0.1 for d in docs] == [split_hash(d, 0) < 0.1 for d in docs[::-1]][::-1]
+    assert [split_hash(d, 0) < 0.1 for d in docs] != [split_hash(d, 1) < 0.1 for d in docs]
+
+
+def test_same_output_for_one_and_two_processes_and_bpe(tmp_path):
+    path = write_corpus(tmp_path, make_docs(120, seed=2))
+    prepare(cfg(tmp_path, [path], "p1", tokenizer="bpe", vocab_size=300, processes=1, chunk_chars=2000))
+    m = prepare(cfg(tmp_path, [path], "p2", tokenizer="bpe", vocab_size=300, processes=2, chunk_chars=2000))
+    for split in ("train", "val"):
+        assert (tmp_path / "p1" / f"{split}.bin").read_bytes() == (tmp_path / "p2" / f"{split}.bin").read_bytes()
+    ds = load_prepared(str(tmp_path / "p2"))
+    eot = ds.tokenizer.eot_id
+    assert m["tokenizer"]["eot_id"] == eot and m["separator"] == "eot before each document"
+    train = np.asarray(ds.train)
+    assert train[0] == eot and int((train == eot).sum()) == m["train"]["documents"]
+
+
+def test_shard_rollover_and_loader(tmp_path):
+    path = write_corpus(tmp_path, make_docs(80, seed=3))
+    m = prepare(cfg(tmp_path, [path], shard_tokens=5000))
+    files = m["train"]["files"]
+    assert len(files) > 1 and files[0] == "train_000000.bin"
+    ds = load_prepared("out", data_root=str(tmp_path))
+    assert isinstance(ds.train, list) and ds.train_tokens == m["train"]["tokens"]
+    loader = BatchLoader(ds.train, batch_size=4, block_size=32, seed=0)
+    x, y = loader.next_batch()
+    assert x.shape == (4, 32) and x.max() < ds.tokenizer.vocab_size
+
+
+def test_empty_result_after_cleaning_is_a_clear_error(tmp_path):
+    path = write_corpus(tmp_path, ["", "  ", "ab"])
+    with pytest.raises(DataError, match=r"no documents left after cleaning .*3 read, 3 empty or shorter than 5"):
+        prepare(cfg(tmp_path, [path], min_chars=5))
+
+
+def test_missing_field_everywhere_names_file_line_and_field(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"body": "x"}\n{"body": "y"}\n')
+    with pytest.raises(DataError, match=r"2 bad records \(first: .*c\.jsonl:1: no field 'text'.*field='text'"):
+        prepare(cfg(tmp_path, [path]))
+
+
+def test_bad_records_counted_skipped_or_fatal(tmp_path):
+    docs = make_docs(40, seed=4)
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines.insert(7, '{"text": broken')
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"text": "bad \xff"}\n')
+    m = prepare(cfg(tmp_path, [path]))
+    assert m["report"]["input"]["bad_records"] == 2
+    assert m["report"]["input"]["bad_record_examples"][0].startswith(f"{path}:8: malformed JSON")
+    assert m["report"]["kept"]["documents"] == 40
+    with pytest.raises(DataError, match=r"mixed\.jsonl:8: malformed JSON"):
+        prepare(cfg(tmp_path, [path], "strict", strict=True))
+
+
+def test_empty_val_split_is_an_error(tmp_path):
+    (tmp_path / "one.txt").write_text("a single document in a single file")
+    with pytest.raises(DataError, match="split is empty.*--text_split paragraph"):
+        prepare(cfg(tmp_path, [tmp_path / "one.txt"]))
+
+
+def test_large_corpus_streams_in_bounded_memory(tmp_path):
+    """~4 MB of text through the pipeline while Python allocations stay under a quarter of it."""
+    rng = np.random.default_rng(7)
+    path = tmp_path / "big.jsonl"
+    with open(path, "w") as f:
+        for i in range(1200):
+            f.write(json.dumps({"text": f"{i} " + " ".join(rng.choice(WORDS, size=700))}) + "\n")
+    size = path.stat().st_size
+    assert size > 4_000_000
+    tracemalloc.start()
+    try:
+        m = prepare(cfg(tmp_path, [path], chunk_chars=1 << 14, dedup_near=False))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert m["report"]["kept"]["documents"] == 1200
+    assert peak < size / 4, f"peak {peak} bytes for a {size}-byte corpus"
+
+
+def test_cli_main(tmp_path, capsys):
+    path = write_corpus(tmp_path, make_docs(50, seed=5), name="c.jsonl.gz")
+    m = main(["--input", str(path), "--out", str(tmp_path / "cli"), "--tokenizer", "char",
+              "--processes", "1", "--quiet"])
+    assert os.path.isfile(tmp_path / "cli" / "manifest.json")
+    assert "exact_dup" in capsys.readouterr().err
+    assert m["tokenizer"]["type"] == "char"
+    with pytest.raises(SystemExit):
+        main(["--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x"), "--quiet"])
+    assert "input not found" in capsys.readouterr().err
