@@ -8,6 +8,7 @@ it is built the same way every time on one interpreter.
 """
 import importlib
 import inspect
+import warnings
 
 # Pure-Python standard-library modules with good prose docstrings and no import-time side effects.
 DOC_MODULES = (
@@ -38,17 +39,26 @@ def module_docstrings(module_names=DOC_MODULES) -> list:
         except ImportError:          # a trimmed Python may lack a module; the corpus just gets shorter
             continue
         parts = [inspect.getdoc(module) or ""]
-        for name, obj in sorted(vars(module).items()):
-            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-                continue
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                doc = inspect.getdoc(obj)
-                if doc:
-                    parts.append(f"{name}\n{doc}")
+        with warnings.catch_warnings():            # some members warn when touched (deprecated aliases)
+            warnings.simplefilter("ignore")
+            parts += _member_docs(module)
         text = "\n\n".join(p for p in parts if p).strip()
         if text:
             docs.append(text)
     return docs
+
+
+def _member_docs(module) -> list:
+    """Docstrings of the module's own public classes and functions, in name order."""
+    parts = []
+    for name, obj in sorted(vars(module).items()):
+        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            doc = inspect.getdoc(obj)
+            if doc:
+                parts.append(f"{name}\n{doc}")
+    return parts
 
 
 def default_corpus_documents() -> list:

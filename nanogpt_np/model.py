@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import backend, ops
+from .ops.attention import attention_with_cache
 from .tensor import Tensor, no_grad
 
 
@@ -174,17 +175,28 @@ class GPT:
         return self.train(False)
 
     # ----- forward -----
-    def forward(self, idx, targets=None, ignore_index: int = -1):
+    def forward(self, idx, targets=None, ignore_index: int = -1, kv_cache=None):
         """idx (B, T) integer token ids; targets (B, T) or None.
-        Returns (logits Tensor (B, T, V), loss Tensor (0-d) or None)."""
+        Returns (logits Tensor (B, T, V), loss Tensor (0-d) or None).
+
+        With a kv_cache (generate.KVCache), idx holds only the new tokens of each sequence: they are placed
+        after the positions the cache already holds, attend to everything before them, and are added to the
+        cache (inference only; nothing is recorded for backward)."""
         cfg, p = self.config, self.params
         B, T = idx.shape
-        if T > cfg.block_size:
+        positions = None
+        if kv_cache is not None:
+            if int(kv_cache.lengths.max()) + T > cfg.block_size:
+                raise ValueError(f"the KV cache would grow past block_size {cfg.block_size}")
+            positions = backend.to_device(kv_cache.lengths[:, None] + np.arange(T)[None, :])   # (B, T)
+        elif T > cfg.block_size:
             raise ValueError(f"sequence length {T} is longer than block_size {cfg.block_size}")
-        x = ops.embedding(p["wte.weight"], p["wpe.weight"], idx)          # (B, T, C)
+        x = ops.embedding(p["wte.weight"], p["wpe.weight"], idx, positions)  # (B, T, C)
         x = ops.dropout(x, cfg.dropout, self.dropout_rng, self.training)
         for i in range(cfg.n_layer):
-            x = self._block(i, x)
+            x = self._block(i, x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.lengths += T
         x = ops.layernorm(x, p["ln_f.weight"], self._bias("ln_f"), cfg.layer_norm_eps)
         logits = ops.lm_head(x, p["wte.weight"])                           # (B, T, V)
         loss = None if targets is None else ops.cross_entropy(logits, targets, ignore_index)
@@ -195,11 +207,14 @@ class GPT:
     def _bias(self, prefix):
         return self.params.get(prefix + ".bias") if self.config.bias else _zeros_like_weight(self, prefix)
 
-    def _block(self, i, x):
+    def _block(self, i, x, kv_cache=None):
         cfg, p, h = self.config, self.params, f"h.{i}."
         a = ops.layernorm(x, p[h + "ln_1.weight"], self._bias(h + "ln_1"), cfg.layer_norm_eps)
         a = ops.linear(a, p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"))     # (B, T, 3C)
-        a = ops.attention(a, cfg.n_head)                                                   # (B, T, C)
+        if kv_cache is None:
+            a = ops.attention(a, cfg.n_head)                                               # (B, T, C)
+        else:
+            a = Tensor(attention_with_cache(a.data, cfg.n_head, kv_cache.k[i], kv_cache.v[i], kv_cache.lengths))
         a = ops.linear(a, p[h + "attn.c_proj.weight"], p.get(h + "attn.c_proj.bias"))
         x = ops.add(x, ops.dropout(a, cfg.dropout, self.dropout_rng, self.training))
         m = ops.layernorm(x, p[h + "ln_2.weight"], self._bias(h + "ln_2"), cfg.layer_norm_eps)

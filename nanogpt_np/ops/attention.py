@@ -78,3 +78,32 @@ def attention(qkv: Tensor, n_head: int) -> Tensor:
     forward, backward = implementation("attention", qkv.data, attention_forward, attention_backward)
     out, saved = forward(qkv.data, n_head)
     return record(Tensor(out), (qkv,), lambda dout: backward(dout, saved))
+
+
+def attention_with_cache(qkv, n_head, k_cache, v_cache, lengths):
+    """Attention for new tokens against a KV cache (inference only, nothing recorded for backward).
+
+    qkv (B, Tn, 3C): the new tokens of every sequence; k_cache, v_cache (B, NH, Tmax, HS); lengths (B,) how
+    many positions each sequence already holds. The new keys and values are written at positions
+    lengths[b] .. lengths[b] + Tn - 1, then new token i of sequence b attends to positions 0 .. lengths[b] + i:
+    the causal rule, and also a guard against the unused (padding) end of shorter sequences in the batch.
+    Each new token costs one position of work per layer instead of recomputing the whole context.
+    """
+    xp = backend.xp_of(qkv)
+    B, Tn, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))   # (B, NH, Tn, HS)
+    lengths = xp.asarray(lengths)
+    pos = lengths[:, None] + xp.arange(Tn)[None, :]                   # (B, Tn) where the new tokens go
+    rows = xp.arange(B)[:, None]
+    k_cache[rows, :, pos] = k.transpose(0, 2, 1, 3)                   # (B, Tn, NH, HS) into (B, NH, Tmax, HS)
+    v_cache[rows, :, pos] = v.transpose(0, 2, 1, 3)
+    L = int(lengths.max()) + Tn                                       # only the filled part of the cache
+    keys, values = k_cache[:, :, :L], v_cache[:, :, :L]
+    scores = (q @ keys.transpose(0, 1, 3, 2)) / math.sqrt(C // n_head)    # (B, NH, Tn, L)
+    allowed = xp.arange(L)[None, None, :] <= pos[:, :, None]         # (B, Tn, L)
+    scores = xp.where(allowed[:, None], scores, -xp.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    e = xp.exp(scores)
+    att = e / e.sum(axis=-1, keepdims=True)
+    return merge_heads(att @ values)                                  # (B, Tn, C)

@@ -30,8 +30,17 @@ def embedding_backward(dout, saved):
     return dwte, dwpe
 
 
-def embedding(wte: Tensor, wpe: Tensor, idx) -> Tensor:
-    """Token plus position embeddings for the integer array idx (B, T). Returns (B, T, C)."""
+def embedding_at_positions(wte, wpe, idx, positions):
+    """Like embedding_forward but with explicit positions (B, T), used when decoding with a KV cache where
+    each sequence of the batch may be at a different position. Inference only: nothing is saved."""
+    return wte[idx] + wpe[positions]
+
+
+def embedding(wte: Tensor, wpe: Tensor, idx, positions=None) -> Tensor:
+    """Token plus position embeddings for the integer array idx (B, T). Returns (B, T, C).
+    With `positions` (B, T) the rows of wpe are taken from there (inference only, not recorded)."""
+    if positions is not None:
+        return Tensor(embedding_at_positions(wte.data, wpe.data, idx, positions))
     if idx.shape[1] > wpe.shape[0]:
         raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's block_size {wpe.shape[0]}")
     forward, backward = implementation("embedding", wte.data, embedding_forward, embedding_backward)

@@ -1,0 +1,69 @@
+"""Command line for sampling: `python sample.py --out_dir=RUN --prompt="..." [--key=value ...]`."""
+import sys
+from dataclasses import dataclass, fields
+
+from . import backend
+from .checkpoint import CheckpointError, load_model, load_tokenizer_of_run
+from .config import ConfigError, _parse_value
+from .generate import check_sampling_args, stream_text
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"
+    prompt: str = ""             # empty: start from <|endoftext|> or a newline
+    prompt_file: str = ""        # read the prompt from a file instead
+    num_samples: int = 1
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int = 200             # 0 = no top-k
+    top_p: float = 1.0           # 1 = no nucleus cut
+    seed: int = 1337
+    device: str = "auto"
+
+
+def parse_sample_args(argv) -> SampleConfig:
+    cfg = SampleConfig()
+    types = {f.name: f.type if not isinstance(f.type, str) else {"str": str, "int": int, "float": float}[f.type]
+             for f in fields(SampleConfig)}
+    for arg in argv:
+        key, eq, text = arg.lstrip("-").partition("=")
+        if not arg.startswith("--") or key not in types or not eq:
+            raise ConfigError(f"unknown or malformed argument {arg!r}; settings: "
+                              + ", ".join(f"--{k}=" for k in types))
+        setattr(cfg, key, _parse_value(key, text, types[key]))
+    try:
+        check_sampling_args(cfg.temperature, cfg.top_k or None, cfg.top_p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 0:
+        raise ConfigError("--num_samples must be >= 1 and --max_new_tokens >= 0")
+    return cfg
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__ + "\nsettings: " + ", ".join(f"--{f.name}={f.default!r}" for f in fields(SampleConfig)))
+        return 0
+    try:
+        cfg = parse_sample_args(argv)
+        backend.use_device(cfg.device)
+        model = load_model(cfg.out_dir)
+        tokenizer = load_tokenizer_of_run(cfg.out_dir)
+        prompt = cfg.prompt
+        if cfg.prompt_file:
+            with open(cfg.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        for i in range(cfg.num_samples):
+            for piece in stream_text(model, tokenizer, prompt, cfg.max_new_tokens, temperature=cfg.temperature,
+                                     top_k=cfg.top_k or None, top_p=cfg.top_p, seed=cfg.seed + i):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n---------------\n" if cfg.num_samples > 1 else "\n")
+    except (ConfigError, CheckpointError, backend.BackendError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

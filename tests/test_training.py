@@ -1,0 +1,131 @@
+"""The training loop end to end on tiny settings: exact resume, logs, checkpoints, clear errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanogpt_np.checkpoint import CheckpointError, load_model
+from nanogpt_np.config import ConfigError, parse_args
+from nanogpt_np.optim import lr_at
+from nanogpt_np.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model=tiny", "--block_size=16", "--batch_size=4", "--eval_iters=2", "--log_interval=1",
+        "--device=cpu", "--max_iters=12", "--lr_decay_iters=12", "--warmup_iters=3"]
+
+
+def run(tmp_path, name, *extra):
+    cfg = parse_args(TINY + [f"--out_dir={tmp_path / name}"] + list(extra))
+    train(cfg, echo=lambda *a: None)
+    return [json.loads(line) for line in open(tmp_path / name / "log.jsonl")]
+
+
+def losses(log):
+    return {e["step"]: e["loss"] for e in log if e["type"] == "train"}
+
+
+@pytest.mark.parametrize("extra", [[], ["--dropout=0.2", "--grad_accum_steps=2"]])
+def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path, extra):
+    full = losses(run(tmp_path, "full", "--eval_interval=6", *extra))
+    run(tmp_path, "cut", "--eval_interval=6", "--max_iters=6", *extra)          # "interrupted" at step 6
+    resumed = losses(run(tmp_path, "cut", "--eval_interval=6", "--resume", *extra))
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(7, 13):
+        assert resumed[step] == full[step], f"step {step}: {resumed[step]!r} != {full[step]!r}"   # bit for bit
+    a, b = load_model(tmp_path / "full").state_dict(), load_model(tmp_path / "cut").state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_loss_goes_down_and_logs_are_complete(tmp_path):
+    log = run(tmp_path, "r", "--max_iters=60", "--lr_decay_iters=60", "--eval_interval=30", "--learning_rate=3e-3")
+    train_entries = [e for e in log if e["type"] == "train"]
+    evals = [e for e in log if e["type"] == "eval"]
+    assert {"step", "loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s"} <= set(train_entries[0])
+    assert [e["step"] for e in evals] == [30, 60]
+    vocab = len(json.loads((tmp_path / "r" / "tokenizer.json").read_text())["chars"])
+    assert evals[-1]["val_loss"] < np.log(vocab) - 1.0                              # far better than uniform
+    assert np.mean([e["loss"] for e in train_entries[-10:]]) < train_entries[0]["loss"] - 0.5
+    for f in ("model.safetensors", "optimizer.safetensors", "config.json", "state.json", "tokenizer.json"):
+        assert (tmp_path / "r" / f).exists()
+
+
+def test_lr_schedule():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(60, **kw) == pytest.approx(0.55)          # half way through the cosine
+    assert lr_at(110, **kw) == lr_at(500, **kw) == 0.1
+    values = [lr_at(s, **kw) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="--bogus"):
+        parse_args(["--bogus=1"])
+    with pytest.raises(ConfigError, match="--batch_size expects int"):
+        parse_args(["--batch_size=many"])
+    with pytest.raises(ConfigError, match="--dropout"):
+        parse_args(["--dropout=1.5"])
+
+
+def test_config_file_and_override_order(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"max_iters": 7, "batch_size": 3}))
+    cfg = parse_args(["--preset=quick", str(f), "--batch_size=5"])
+    assert (cfg.max_iters, cfg.batch_size, cfg.eval_interval) == (7, 5, 100)
+    f.write_text(json.dumps({"max_iters": "seven"}))
+    with pytest.raises(ConfigError, match="max_iters"):
+        parse_args([str(f)])
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nope=3"], "unknown setting --nope"),
+    (["--max_iters=abc"], "--max_iters expects int"),
+    (["--dataset=missing.txt"], "not found"),
+    (["--dataset=empty.txt"], "empty"),
+    (["--dataset=short.txt", "--block_size=64"], "fewer than block_size"),
+    (["--resume", "--out_dir=nowhere"], "nowhere"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "short.txt").write_text("just a few words of text, far too short for a block\n")
+    r = cli(*args, "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_checkpoints(tmp_path):
+    run(tmp_path, "r", "--max_iters=2", "--eval_interval=2")
+    run_dir = tmp_path / "r"
+    # another architecture: resuming with different sizes is refused with the difference named
+    with pytest.raises(CheckpointError, match="n_embd"):
+        train(parse_args(TINY + [f"--out_dir={run_dir}", "--resume", "--n_embd=16"]), echo=lambda *a: None)
+    # truncated weights
+    data = (run_dir / "model.safetensors").read_bytes()
+    (run_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(run_dir)
+    (run_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(run_dir)
+
+
+def test_train_py_with_no_arguments_starts(tmp_path):
+    """The README's first command: defaults, embedded corpus, no download (shortened by a JSON file)."""
+    (tmp_path / "short.json").write_text(json.dumps({"max_iters": 3, "eval_iters": 1, "log_interval": 1}))
+    r = cli("short.json", "--device=cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "parameters" in r.stdout and "step      3" in r.stdout
+    s = subprocess.run([sys.executable, str(REPO / "sample.py"), "--out_dir=out", "--max_new_tokens=20",
+                        "--prompt=The ", "--device=cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert s.returncode == 0 and len(s.stdout) > 10, s.stderr
