@@ -419,6 +419,25 @@ def format_report(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- downloads
+def download(url: str, dest: str, timeout: float = 60.0) -> str:
+    """Fetch url to dest (atomically) unless dest exists; a clear error on a machine without internet."""
+    if os.path.isfile(dest):
+        return dest
+    import urllib.request
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    print(f"downloading {url} -> {dest}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            data = r.read()
+    except OSError as e:
+        raise FileNotFoundError(f"cannot download {url} ({e}); on a machine without internet pass "
+                                f"--input PATH to a local copy") from None
+    from .files import atomic_write_bytes
+    atomic_write_bytes(dest, data)
+    return dest
+
+
 # --------------------------------------------------------------------------- command line
 def _bool(s: str) -> bool:
     if s.lower() in ("1", "true", "yes", "on"):

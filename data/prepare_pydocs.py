@@ -1,0 +1,36 @@
+"""The embedded default corpus (Python's own documentation, no download) -> data/pydocs/.
+
+    python data/prepare_pydocs.py                                   # character level, like train.py's default
+    python data/prepare_pydocs.py --tokenizer bpe --vocab_size 512
+Any option of `python -m nanogpt_np.prepare` may follow. Each help() topic and each module's docstrings
+is one document; val is ~10% of the documents by a seeded hash. train.py builds this corpus in memory
+when data/pydocs/ does not exist, so preparing it is optional (it makes the split by document and the
+cleaning report visible).
+"""
+import json
+import os
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from nanogpt_np.prepare import main  # noqa: E402
+
+
+def write_corpus_jsonl(path):
+    from nanogpt_np.corpus import default_corpus_documents  # imported here: builds ~1 MB of text
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in default_corpus_documents():
+            f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    out = argv[argv.index("--out") + 1] if "--out" in argv else os.path.join(REPO, "data", "pydocs")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "pydocs.jsonl")
+        write_corpus_jsonl(src)
+        # html never: the docs talk about HTML tags (html module) and must keep them as text
+        main(["--input", src, "--out", out, "--tokenizer", "char", "--html", "never"] + argv,
+             prog="prepare_pydocs.py")
