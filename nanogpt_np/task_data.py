@@ -274,3 +274,50 @@ class TaskLoader:
             "has_uint32": int(state.get("has_uint32", 0)), "uinteger": int(state.get("uinteger", 0))}
         self.seed = int(state.get("seed", self.seed))
         self.batches_drawn = int(state.get("batches_drawn", 0))
+
+
+# ----------------------------------------------------------------------------------------------- trainer glue
+
+def is_task_file(path) -> bool:
+    """True for a JSON Lines task file (what `train.py --dataset=...` should read with this module)."""
+    p = os.fspath(path)
+    return p.endswith(".jsonl") and os.path.isfile(p)
+
+
+def task_text(examples: Sequence[Example]) -> str:
+    """All the text of the examples (to build a character vocabulary when no tokenizer is given)."""
+    return "".join(ex.prompt + ex.completion for ex in examples)
+
+
+def task_loaders(path, tokenizer, block_size: int, batch_size: int, val_fraction: float = 0.1,
+                 seed: int = 0, val_path=None) -> Tuple["TaskLoader", "TaskLoader"]:
+    """(train loader, validation loader) for a task file: the examples are split by `split_examples`
+    (or the validation examples come from `val_path`). Both loaders have the BatchLoader interface."""
+    examples = read_task_file(path)
+    if val_path is not None:
+        train, val = examples, read_task_file(val_path)
+    else:
+        train, val = split_examples(examples, val_fraction, seed)
+        if not val:
+            raise TaskDataError(f"{path}: {len(examples)} example(s) is too few to hold some out for validation")
+    train_data = load_task_data(train, tokenizer, block_size)
+    val_data = load_task_data(val, tokenizer, block_size)
+    return TaskLoader(train_data, batch_size, seed=seed), TaskLoader(val_data, batch_size, seed=seed + 1)
+
+
+def task_val_loss(model, loader: "TaskLoader", max_batches: Optional[int] = None) -> float:
+    """Mean cross-entropy per learned token over the loader's rows in order (weighted by token count, so
+    the result does not depend on how rows fall into batches). Restores the model's train/eval mode."""
+    from . import backend
+    from .tensor import no_grad
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    with no_grad():
+        for x, y in loader.iter_sequential(max_batches):
+            k = int((y >= 0).sum())
+            _, loss = model.forward(backend.to_device(x), backend.to_device(y))
+            total += loss.item() * k
+            n += k
+    model.train(was_training)
+    return total / n

@@ -127,3 +127,19 @@ def test_split_and_loader():
         np.testing.assert_array_equal(ya, yb)
     seq = list(loader.iter_sequential())
     assert len(seq) == len(loader) == 4 and sum(len(x) for x, _ in seq) == 16
+
+
+def test_trainer_glue(tmp_path):
+    from nanogpt_np.model import GPT, GPTConfig
+    from nanogpt_np.task_data import is_task_file, task_loaders, task_text, task_val_loss
+    p = write_lines(tmp_path / "t.jsonl", [{"prompt": f"{c}b:", "completion": " a"} for c in "abcdefghij"])
+    assert is_task_file(p) and not is_task_file(tmp_path / "missing.jsonl")
+    assert set(task_text(read_task_file(p))) <= set(TOK.chars)
+    train, val = task_loaders(p, TOK, block_size=16, batch_size=3, val_fraction=0.2, seed=0)
+    assert len(train.data.x) == 8 and len(val.data.x) == 2
+    model = GPT(GPTConfig(block_size=16, vocab_size=TOK.vocab_size, n_layer=1, n_head=1, n_embd=8))
+    loss = task_val_loss(model, val)
+    assert np.isfinite(loss) and model.training                              # mode restored
+    one = write_lines(tmp_path / "one.jsonl", [{"prompt": "a", "completion": "b"}])
+    with pytest.raises(TaskDataError, match="too few"):
+        task_loaders(one, TOK, 16, 2)
