@@ -323,6 +323,19 @@ def _special_splitter(special_tokens: Iterable[str]):
     return regex.compile("(" + "|".join(regex.escape(s) for s in alternatives) + ")")
 
 
+class _ChunkCache(dict):
+    """chunk -> tuple of ids. Looking up a chunk that is not there yet encodes it and keeps the
+    result (dict calls __missing__ on a miss), so the lookup loop needs no Python-level branch."""
+
+    def __init__(self, encode_chunk: Callable[[str], Tuple[int, ...]]):
+        super().__init__()
+        self.encode_chunk = encode_chunk
+
+    def __missing__(self, chunk: str) -> Tuple[int, ...]:
+        ids = self[chunk] = self.encode_chunk(chunk)
+        return ids
+
+
 class BPETokenizer:
     """A byte-level BPE tokenizer: 256 byte tokens, ranked merges, special tokens, a pre-split pattern.
 
@@ -331,7 +344,7 @@ class BPETokenizer:
     """
 
     GPT2_PATTERN = GPT2_PATTERN
-    CACHE_LIMIT = 1_000_000  # chunks kept in the encode cache before it is emptied (bounds memory)
+    CACHE_LIMIT = 1_000_000  # distinct chunks cached; the cache is emptied between calls beyond this
 
     def __init__(
         self,
@@ -388,7 +401,7 @@ class BPETokenizer:
         self._merge_rank = merge_rank
         self._id_to_bytes = id_to_bytes
         self._byte_to_id = tuple(byte_ids)
-        self._cache: Dict[str, Tuple[int, ...]] = {}
+        self._cache = _ChunkCache(self._encode_chunk)
         self._splitters: Dict[frozenset, object] = {}
 
     # -- properties ---------------------------------------------------------------------------------
@@ -486,14 +499,9 @@ class BPETokenizer:
         """Encode text with no special-token handling: "<|endoftext|>" in the text is plain text."""
         chunks = self._compiled_pattern.findall(text)
         cache = self._cache
-        new_chunks = set(chunks).difference(cache)
-        if new_chunks:
-            if len(cache) + len(new_chunks) > self.CACHE_LIMIT:
-                cache.clear()
-                new_chunks = set(chunks)
-            for chunk in new_chunks:
-                cache[chunk] = self._encode_chunk(chunk)
-        # C-speed concatenation of the cached id tuples
+        if len(cache) > self.CACHE_LIMIT:
+            cache.clear()
+        # map + chain run in C; only a chunk not seen before calls back into Python (__missing__)
         return list(chain.from_iterable(map(cache.__getitem__, chunks)))
 
     def _allowed_specials(self, text: str, allowed_special) -> frozenset:
