@@ -140,3 +140,25 @@ def table(archs=(80, 90)):
 
 if __name__ == "__main__":
     print(table())
+
+
+_sms = None
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors on the current GPU (cached)."""
+    global _sms
+    if _sms is None:
+        import cupy
+        _sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+    return _sms
+
+
+launches = 0          # kernels launched through launch(); benchmarks read it to count launches per step
+
+
+def launch(module_name: str, kernel_name: str, grid, block, args, shared_mem: int = 0):
+    """Launch one of our kernels on the current stream and count it."""
+    global launches
+    launches += 1
+    function(module_name, kernel_name)(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem)

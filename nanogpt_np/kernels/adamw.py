@@ -1,0 +1,53 @@
+"""GPU AdamW over the flat parameter buffer: adamw.cu. Three launches per step whatever the model size.
+
+    norm = global_grad_norm(grads)                       # (2,) device array: [norm, clip scale]
+    adamw_step(params, grads, m, v, n_decay=..., lr=..., ..., step=..., grad_clip=1.0)
+
+params, grads, m, v are flat float32 arrays of equal length; the first n_decay elements get weight decay.
+Semantics = references.adamw_flat_reference: the gradient is multiplied by min(1, clip / (norm + 1e-6)) on
+the fly (the gradient buffer itself is left as it is), then optim.adamw_update's bias-corrected Adam with
+decoupled decay. Only scalars travel from the host (lr, betas, bias corrections as Python floats).
+"""
+import numpy as np
+
+from .compile import launch, num_sms
+from .launch import NORM_BLOCKS, NULL, adamw_bias_corrections
+
+_scratch = {}
+
+
+def _buffer(name, shape):
+    import cupy as cp
+    buf = _scratch.get(name)
+    if buf is None or buf.shape != shape:
+        buf = cp.empty(shape, dtype=cp.float32)
+        _scratch[name] = buf
+    return buf
+
+
+def global_grad_norm(grads, max_norm=0.0, out=None):
+    """grads (n,) -> (2,) device array [sqrt(sum g^2), clip scale]; scale = 1 when max_norm <= 0."""
+    import cupy as cp
+    partial = _buffer("partial", (NORM_BLOCKS,))
+    out = cp.empty((2,), dtype=cp.float32) if out is None else out
+    launch("adamw", "sumsq_partial", (NORM_BLOCKS,), (256,), (partial, grads, np.int64(grads.size)))
+    launch("adamw", "norm_and_scale", (1,), (1024,), (out, partial, np.int32(NORM_BLOCKS), np.float32(max_norm)))
+    return out
+
+
+def adamw_step(params, grads, m, v, *, n_decay, lr, beta1, beta2, eps, weight_decay, step,
+               grad_clip=0.0, params_bf16=None):
+    """Update params, m, v in place (and params_bf16, a uint16 copy, when given). Returns [norm, scale] (2,)."""
+    n = params.size
+    for a in (grads, m, v):
+        if a.size != n:
+            raise ValueError("adamw_step: params, grads, m and v must have the same length")
+    norm = global_grad_norm(grads, grad_clip)
+    bc1, bc2 = adamw_bias_corrections(beta1, beta2, step)
+    grid = min(-(-n // 256), num_sms() * 16)      # grid-stride loop inside: a few waves of resident blocks
+    clip_ptr = np.uint64(norm.data.ptr + 4) if grad_clip and grad_clip > 0 else NULL
+    launch("adamw", "adamw_update", (max(1, grid),), (256,),
+           (params, grads, m, v, NULL if params_bf16 is None else params_bf16, clip_ptr,
+            np.int64(n), np.int64(n_decay), np.float32(lr), np.float32(beta1), np.float32(beta2),
+            np.float32(eps), np.float32(weight_decay), np.float32(bc1), np.float32(bc2)))
+    return norm

@@ -1,0 +1,40 @@
+"""GPU embedding (token + position): encoder.cu behind the `embedding` op contract (see ops/embedding.py)."""
+import numpy as np
+
+from .compile import launch
+from .launch import elementwise
+
+
+def embedding_forward(wte, wpe, idx):
+    """wte (V, C), wpe (Tmax, C), idx (B, T) int -> out (B, T, C). All float32 cupy arrays."""
+    import cupy as cp
+    B, T = idx.shape
+    C = wte.shape[1]
+    idx32 = cp.ascontiguousarray(idx, dtype=cp.int32)
+    out = cp.empty((B, T, C), dtype=cp.float32)
+    if C % 4 == 0:
+        grid, block = elementwise(B * T * C // 4)
+        launch("encoder", "encoder_forward_f4", grid, block, (out, idx32, wte, wpe, np.int32(B * T), np.int32(T), np.int32(C)))
+    else:
+        grid, block = elementwise(B * T * C)
+        launch("encoder", "encoder_forward", grid, block, (out, idx32, wte, wpe, np.int32(B * T), np.int32(T), np.int32(C)))
+    return out, (idx32, wte.shape, wpe.shape)
+
+
+def embedding_backward(dout, saved):
+    """dout (B, T, C) -> dwte (V, C), dwpe (Tmax, C); deterministic (no atomics)."""
+    import cupy as cp
+    idx32, wte_shape, wpe_shape = saved
+    B, T, C = dout.shape
+    dout = cp.ascontiguousarray(dout, dtype=cp.float32)
+    flat = idx32.reshape(-1)
+    order = cp.argsort(flat).astype(cp.int32)     # CuPy sorts with a (stable, deterministic) radix sort
+    sorted_tok = flat[order]
+    dwte = cp.zeros(wte_shape, dtype=cp.float32)
+    launch("encoder", "encoder_backward_wte", (B * T,), (min(256, 32 * (-(-C // 32))),),
+           (dwte, dout, order, sorted_tok, np.int32(B * T), np.int32(C)))
+    dwpe = cp.empty(wpe_shape, dtype=cp.float32)
+    grid, block = elementwise(wpe_shape[0] * C)
+    launch("encoder", "encoder_backward_wpe", grid, block,
+           (dwpe, dout, np.int32(B), np.int32(T), np.int32(wpe_shape[0]), np.int32(C)))
+    return dwte, dwpe

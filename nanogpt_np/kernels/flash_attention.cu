@@ -1,0 +1,410 @@
+// Causal flash attention (forward and backward) on bf16 tensor cores, head size 64. sm_80 or newer.
+//
+// Never materialises the T x T score matrix. Per (batch*head, 64-row tile) a block of 4 warps streams 64-row
+// tiles of K and V through shared memory; each warp owns 16 query rows and keeps its scores, probabilities
+// and output accumulator in registers (the mma fragments), FlashAttention-2 style:
+//   S = Q K^T (tensor cores, bf16 in, f32 accumulate)  ->  online softmax per row (running max m, sum l)
+//   O = O * exp(m_old - m_new) + P V                   ->  at the end O / l, and L = m + log2(l) is saved.
+// Scores are kept in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - m) (exp2 is one instruction).
+//
+// Backward (recomputes P from Q, K and the saved L, so nothing of size T x T is stored either):
+//   D_i = sum_d dO_i,d * O_i,d                         (backward_prep, also turns dO into bf16 heads)
+//   P = exp2(s2 - L),  dP = dO V^T,  dS = P * (dP - D) (gradient of the scaled scores)
+//   dV = P^T dO,  dK = scale * dS^T Q                  (kernel dkdv: a block per 64-key tile, loops over queries)
+//   dQ = scale * dS K                                  (kernel dq:   a block per 64-query tile, loops over keys)
+// Two kernels instead of atomics: every gradient element is written once, in a fixed order (deterministic).
+//
+// Tensor-core instruction: mma.sync.m16n8k16 (bf16 x bf16 -> f32): D(16x8) += A(16x16) * B(16x8).
+// Lane l holds (g = l/4, t = l%4):  A: rows g and g+8, columns 2t,2t+1 and 2t+8,2t+9 (4 registers of 2 bf16);
+// B: column g, rows 2t,2t+1 and 2t+8,2t+9 (2 registers); C/D: rows g, g+8, columns 2t, 2t+1 (4 floats).
+// The C layout of one 16x16 product equals the A layout of the next (two 16x8 halves side by side), so P and dS
+// go from accumulator registers straight into the next mma without shared memory.
+//
+// Layouts: q, k, v, dO are bf16 (stored as unsigned short) of shape (B*NH, Tp, 64), Tp = T rounded up to 64,
+// rows t >= T zero. out and dqkv are float32 in the model's layout, (B, T, C) and (B, T, 3C).
+// Memory traffic (forward): Q, K, V read once per query tile that needs them (K/V tiles are reused by 4 warps),
+// out written once. Shared memory: K tile + V^T tile = 18 KB (forward), 37 KB (dkdv), 28 KB (dq).
+
+#define HS 64          // head size (fixed: GPT-2 and most models here)
+#define TILE 64        // rows per tile (queries or keys)
+#define LDS 72         // shared row stride in bf16: 64 + 8 padding, so the 8 rows a mma reads hit 32 banks
+#define NEG_INF __int_as_float(0xff800000)
+
+typedef unsigned short bf16_t;
+
+// two floats -> one register of two bf16 (round to nearest even); lo lands in the low half (lower address)
+__device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// c (16x8 f32) += a (16x16 bf16) * b (16x8 bf16)
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A fragment of the 16x16 block at `p` of a row-major bf16 matrix with row stride ld
+__device__ __forceinline__ void load_a(unsigned* a, const bf16_t* p, int ld, int g, int t) {
+    a[0] = *(const unsigned*)(p + g * ld + 2 * t);
+    a[1] = *(const unsigned*)(p + (g + 8) * ld + 2 * t);
+    a[2] = *(const unsigned*)(p + g * ld + 2 * t + 8);
+    a[3] = *(const unsigned*)(p + (g + 8) * ld + 2 * t + 8);
+}
+
+// B fragment (16 k x 8 n) read from its transpose Bt (8 n-rows x 16 k, row-major, stride ld) at `p`
+__device__ __forceinline__ void load_b(unsigned& b0, unsigned& b1, const bf16_t* p, int ld, int g, int t) {
+    b0 = *(const unsigned*)(p + g * ld + 2 * t);
+    b1 = *(const unsigned*)(p + g * ld + 2 * t + 8);
+}
+
+// A fragments for k-chunk kk from two 16x8 accumulator tiles (columns 16kk..16kk+15)
+__device__ __forceinline__ void acc_to_a(unsigned* a, const float* lo, const float* hi) {
+    a[0] = pack_bf16x2(lo[0], lo[1]);
+    a[1] = pack_bf16x2(lo[2], lo[3]);
+    a[2] = pack_bf16x2(hi[0], hi[1]);
+    a[3] = pack_bf16x2(hi[2], hi[3]);
+}
+
+// 64x64 bf16 tile (row stride 64 in global) -> shared, as is (row stride LDS). 16 bytes per thread per step.
+__device__ __forceinline__ void load_tile(bf16_t* dst, const bf16_t* src) {
+    for (int c = threadIdx.x; c < TILE * HS / 8; c += blockDim.x) {
+        int row = c / 8, col = (c % 8) * 8;
+        *(uint4*)(dst + row * LDS + col) = *(const uint4*)(src + row * HS + col);
+    }
+}
+
+// the same tile, transposed into shared: dst[d][row] = src[row][d]
+__device__ __forceinline__ void load_tile_t(bf16_t* dst, const bf16_t* src) {
+    for (int c = threadIdx.x; c < TILE * HS / 8; c += blockDim.x) {
+        int row = c / 8, col = (c % 8) * 8;
+        uint4 v = *(const uint4*)(src + row * HS + col);
+        const bf16_t* e = (const bf16_t*)&v;
+#pragma unroll
+        for (int i = 0; i < 8; i++) dst[(col + i) * LDS + row] = e[i];
+    }
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// ------------------------------------------------------------------------------------------ layout conversion
+// qkv (B, T, 3C) float32 -> q, k, v (B*NH, Tp, 64) bf16, zero rows for t >= T. One thread per pair of channels.
+extern "C" __global__ void qkv_to_heads_bf16(bf16_t* __restrict__ q, bf16_t* __restrict__ k, bf16_t* __restrict__ v,
+                                             const float* __restrict__ qkv, int B, int T, int Tp, int NH) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;       // pair index in (B*NH, Tp, 32)
+    if (i >= (long long)B * NH * Tp * (HS / 2)) return;
+    int dp = (int)(i % (HS / 2));
+    long long r = i / (HS / 2);
+    int t = (int)(r % Tp);
+    int bh = (int)(r / Tp), b = bh / NH, h = bh % NH;
+    int C = NH * HS;
+    unsigned pq = 0, pk = 0, pv = 0;
+    if (t < T) {
+        const float* src = qkv + ((long long)b * T + t) * 3 * C + h * HS + 2 * dp;
+        float2 a = *(const float2*)src, c = *(const float2*)(src + C), e = *(const float2*)(src + 2 * C);
+        pq = pack_bf16x2(a.x, a.y); pk = pack_bf16x2(c.x, c.y); pv = pack_bf16x2(e.x, e.y);
+    }
+    ((unsigned*)q)[i] = pq; ((unsigned*)k)[i] = pk; ((unsigned*)v)[i] = pv;
+}
+
+// ----------------------------------------------------------------------------------------------------- forward
+// grid (Tp/64, B*NH), block 128. Writes out (B, T, C) and L2 (B*NH, Tp) = log2 of each row's softmax sum
+// (rows t >= T included: the backward reads them, and they are finite since key 0 is always visible).
+extern "C" __global__ void __launch_bounds__(128)
+flash_attention_forward(float* __restrict__ out, float* __restrict__ L2,
+                        const bf16_t* __restrict__ Q, const bf16_t* __restrict__ K, const bf16_t* __restrict__ V,
+                        int T, int Tp, int NH, float scale_log2) {
+    __shared__ __align__(16) bf16_t Ks[TILE * LDS];    // K tile, [key][d]
+    __shared__ __align__(16) bf16_t Vt[HS * LDS];      // V tile transposed, [d][key]
+    int qt = gridDim.x - 1 - blockIdx.x;               // longest (most key tiles) blocks first
+    int bh = blockIdx.y;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    long long head = (long long)bh * Tp * HS;
+    int q0 = qt * TILE + warp * 16;                    // this warp's first query row
+
+    unsigned qa[4][4];                                 // the warp's 16x64 Q block as 4 A fragments
+#pragma unroll
+    for (int kc = 0; kc < 4; kc++) load_a(qa[kc], Q + head + (long long)q0 * HS + 16 * kc, HS, g, t);
+
+    float o[8][4];                                     // O accumulator 16x64: 8 tiles of 16x8
+#pragma unroll
+    for (int j = 0; j < 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};   // rows g and g+8
+
+    for (int kt = 0; kt <= qt; kt++) {
+        __syncthreads();                               // the previous tiles are no longer read
+        load_tile(Ks, K + head + (long long)kt * TILE * HS);
+        load_tile_t(Vt, V + head + (long long)kt * TILE * HS);
+        __syncthreads();
+
+        float s[8][4];                                 // S = Q K^T, 16 x 64 keys
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+            for (int kc = 0; kc < 4; kc++) {
+                unsigned b0, b1;
+                load_b(b0, b1, Ks + 8 * j * LDS + 16 * kc, LDS, g, t);
+                mma_bf16(s[j], qa[kc], b0, b1);
+            }
+        }
+        // scale into base 2, causal mask, running max over the row (4 lanes share a row)
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int row = q0 + g + (e >= 2 ? 8 : 0), key = kt * TILE + 8 * j + 2 * t + (e & 1);
+                s[j][e] = (key <= row) ? s[j][e] * scale_log2 : NEG_INF;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+            }
+        float alpha[2], rs[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = quad_max(mx[r]);                   // finite: key kt*64 <= row always
+            alpha[r] = exp2f(m[r] - mx[r]);            // 0 on the first tile (m = -inf)
+            m[r] = mx[r];
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) { s[j][e] = exp2f(s[j][e] - m[e >> 1]); rs[e >> 1] += s[j][e]; }
+#pragma unroll
+        for (int r = 0; r < 2; r++) l[r] = l[r] * alpha[r] + quad_sum(rs[r]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
+        // O += P V: P (16 x 64 keys) straight from the S registers, V^T tile from shared
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            unsigned pa[4];
+            acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int jd = 0; jd < 8; jd++) {
+                unsigned b0, b1;
+                load_b(b0, b1, Vt + 8 * jd * LDS + 16 * kk, LDS, g, t);
+                mma_bf16(o[jd], pa, b0, b1);
+            }
+        }
+    }
+    int b = bh / NH, h = bh % NH, C = NH * HS;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int row = q0 + g + 8 * r;
+        float inv = 1.0f / l[r];
+        if (row < T) {
+            float* dst = out + ((long long)b * T + row) * C + h * HS + 2 * t;
+#pragma unroll
+            for (int jd = 0; jd < 8; jd++) *(float2*)(dst + 8 * jd) = make_float2(o[jd][2 * r] * inv, o[jd][2 * r + 1] * inv);
+        }
+        if (t == 0) L2[(long long)bh * Tp + row] = m[r] + log2f(l[r]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------- backward
+// One warp per (bh, t) row: dO (B, T, C) float32 -> bf16 heads (B*NH, Tp, 64), and D = sum_d dO * O (float32).
+extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO, float* __restrict__ D,
+                                                         const float* __restrict__ dout, const float* __restrict__ out,
+                                                         int B, int T, int Tp, int NH) {
+    long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    int lane = threadIdx.x % 32;
+    if (row >= (long long)B * NH * Tp) return;
+    int t = (int)(row % Tp), bh = (int)(row / Tp), b = bh / NH, h = bh % NH, C = NH * HS;
+    float dot = 0.0f;
+    unsigned p = 0;
+    if (t < T) {
+        long long off = ((long long)b * T + t) * C + h * HS + 2 * lane;
+        float2 a = *(const float2*)(dout + off), o = *(const float2*)(out + off);
+        dot = a.x * o.x + a.y * o.y;
+        p = pack_bf16x2(a.x, a.y);
+    }
+    ((unsigned*)dO)[row * (HS / 2) + lane] = p;
+    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    if (lane == 0) D[row] = dot;
+}
+
+// dK and dV. grid (Tp/64, B*NH), block 128: block = one 64-key tile, warp = 16 keys; loops over the query
+// tiles at or after its keys (the causal ones). Works on transposed scores S^T (keys x queries).
+extern "C" __global__ void __launch_bounds__(128)
+flash_attention_backward_dkdv(float* __restrict__ dqkv,
+                              const bf16_t* __restrict__ Q, const bf16_t* __restrict__ K, const bf16_t* __restrict__ V,
+                              const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
+                              int T, int Tp, int NH, float scale_log2, float scale) {
+    __shared__ __align__(16) bf16_t Qs[TILE * LDS];    // [q][d]
+    __shared__ __align__(16) bf16_t Qt[HS * LDS];      // [d][q]
+    __shared__ __align__(16) bf16_t dOs[TILE * LDS];   // [q][d]
+    __shared__ __align__(16) bf16_t dOt[HS * LDS];     // [d][q]
+    __shared__ float Ls[TILE], Ds[TILE];
+    int kt = blockIdx.x, bh = blockIdx.y;              // low kt = most query tiles: launched first
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    long long head = (long long)bh * Tp * HS;
+    int k0 = kt * TILE + warp * 16;
+
+    unsigned ka[4][4], va[4][4];                       // this warp's 16 keys of K and V as A fragments
+#pragma unroll
+    for (int kc = 0; kc < 4; kc++) {
+        load_a(ka[kc], K + head + (long long)k0 * HS + 16 * kc, HS, g, t);
+        load_a(va[kc], V + head + (long long)k0 * HS + 16 * kc, HS, g, t);
+    }
+    float dk[8][4], dv[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[j][e] = dv[j][e] = 0.0f;
+
+    for (int qt = kt; qt < Tp / TILE; qt++) {
+        __syncthreads();
+        long long qoff = head + (long long)qt * TILE * HS;
+        load_tile(Qs, Q + qoff); load_tile_t(Qt, Q + qoff);
+        load_tile(dOs, dO + qoff); load_tile_t(dOt, dO + qoff);
+        for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
+            Ls[i] = L2[(long long)bh * Tp + qt * TILE + i];
+            Ds[i] = D[(long long)bh * Tp + qt * TILE + i];
+        }
+        __syncthreads();
+
+        float s[8][4], dp[8][4];                        // S^T and dP^T: 16 keys x 64 queries
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.0f;
+#pragma unroll
+            for (int kc = 0; kc < 4; kc++) {
+                unsigned b0, b1;
+                load_b(b0, b1, Qs + 8 * j * LDS + 16 * kc, LDS, g, t);
+                mma_bf16(s[j], ka[kc], b0, b1);        // S^T = K Q^T
+                load_b(b0, b1, dOs + 8 * j * LDS + 16 * kc, LDS, g, t);
+                mma_bf16(dp[j], va[kc], b0, b1);       // dP^T = V dO^T
+            }
+        }
+        // P^T = exp2(s2 - L) where query >= key, else 0;  dS^T = P^T (dP^T - D)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = k0 + g + (e >= 2 ? 8 : 0), qi = 8 * j + 2 * t + (e & 1);
+                float p = (qt * TILE + qi >= key) ? exp2f(s[j][e] * scale_log2 - Ls[qi]) : 0.0f;
+                s[j][e] = p;
+                dp[j][e] = p * (dp[j][e] - Ds[qi]);
+            }
+        // dV += P^T dO  and  dK += dS^T Q   (k = queries; B operands from the transposed tiles)
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            unsigned pa[4], sa[4];
+            acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+            acc_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+            for (int jd = 0; jd < 8; jd++) {
+                unsigned b0, b1;
+                load_b(b0, b1, dOt + 8 * jd * LDS + 16 * kk, LDS, g, t);
+                mma_bf16(dv[jd], pa, b0, b1);
+                load_b(b0, b1, Qt + 8 * jd * LDS + 16 * kk, LDS, g, t);
+                mma_bf16(dk[jd], sa, b0, b1);
+            }
+        }
+    }
+    int b = bh / NH, h = bh % NH, C = NH * HS;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int row = k0 + g + 8 * r;
+        if (row >= T) continue;
+        float* dst = dqkv + ((long long)b * T + row) * 3 * C + h * HS + 2 * t;
+#pragma unroll
+        for (int jd = 0; jd < 8; jd++) {
+            *(float2*)(dst + C + 8 * jd) = make_float2(dk[jd][2 * r] * scale, dk[jd][2 * r + 1] * scale);
+            *(float2*)(dst + 2 * C + 8 * jd) = make_float2(dv[jd][2 * r], dv[jd][2 * r + 1]);
+        }
+    }
+}
+
+// dQ. grid (Tp/64, B*NH), block 128: block = one 64-query tile, warp = 16 queries; loops over key tiles <= its own.
+extern "C" __global__ void __launch_bounds__(128)
+flash_attention_backward_dq(float* __restrict__ dqkv,
+                            const bf16_t* __restrict__ Q, const bf16_t* __restrict__ K, const bf16_t* __restrict__ V,
+                            const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
+                            int T, int Tp, int NH, float scale_log2, float scale) {
+    __shared__ __align__(16) bf16_t Ks[TILE * LDS];    // [key][d]
+    __shared__ __align__(16) bf16_t Kt[HS * LDS];      // [d][key]
+    __shared__ __align__(16) bf16_t Vs[TILE * LDS];    // [key][d]
+    int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    long long head = (long long)bh * Tp * HS;
+    int q0 = qt * TILE + warp * 16;
+
+    unsigned qa[4][4], da[4][4];                       // Q and dO rows of this warp
+#pragma unroll
+    for (int kc = 0; kc < 4; kc++) {
+        load_a(qa[kc], Q + head + (long long)q0 * HS + 16 * kc, HS, g, t);
+        load_a(da[kc], dO + head + (long long)q0 * HS + 16 * kc, HS, g, t);
+    }
+    float Lr[2], Dr[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        Lr[r] = L2[(long long)bh * Tp + q0 + g + 8 * r];
+        Dr[r] = D[(long long)bh * Tp + q0 + g + 8 * r];
+    }
+    float dq[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; j++) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
+
+    for (int kt = 0; kt <= qt; kt++) {
+        __syncthreads();
+        long long koff = head + (long long)kt * TILE * HS;
+        load_tile(Ks, K + koff); load_tile_t(Kt, K + koff); load_tile(Vs, V + koff);
+        __syncthreads();
+
+        float s[8][4], dp[8][4];                        // S and dP: 16 queries x 64 keys
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.0f;
+#pragma unroll
+            for (int kc = 0; kc < 4; kc++) {
+                unsigned b0, b1;
+                load_b(b0, b1, Ks + 8 * j * LDS + 16 * kc, LDS, g, t);
+                mma_bf16(s[j], qa[kc], b0, b1);        // S = Q K^T
+                load_b(b0, b1, Vs + 8 * j * LDS + 16 * kc, LDS, g, t);
+                mma_bf16(dp[j], da[kc], b0, b1);       // dP = dO V^T
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int row = q0 + g + (e >= 2 ? 8 : 0), key = kt * TILE + 8 * j + 2 * t + (e & 1);
+                float p = (key <= row) ? exp2f(s[j][e] * scale_log2 - Lr[e >> 1]) : 0.0f;
+                dp[j][e] = p * (dp[j][e] - Dr[e >> 1]);   // dS
+            }
+        // dQ += dS K   (k = keys; B operand from K^T in shared)
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            unsigned sa[4];
+            acc_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+            for (int jd = 0; jd < 8; jd++) {
+                unsigned b0, b1;
+                load_b(b0, b1, Kt + 8 * jd * LDS + 16 * kk, LDS, g, t);
+                mma_bf16(dq[jd], sa, b0, b1);
+            }
+        }
+    }
+    int b = bh / NH, h = bh % NH, C = NH * HS;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int row = q0 + g + 8 * r;
+        if (row >= T) continue;
+        float* dst = dqkv + ((long long)b * T + row) * 3 * C + h * HS + 2 * t;
+#pragma unroll
+        for (int jd = 0; jd < 8; jd++) *(float2*)(dst + 8 * jd) = make_float2(dq[jd][2 * r] * scale, dq[jd][2 * r + 1] * scale);
+    }
+}

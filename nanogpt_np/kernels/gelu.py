@@ -1,0 +1,65 @@
+"""GPU GELU: gelu.cu behind the `gelu` op contract, plus the fused `bias_gelu`.
+
+bias_gelu (references.bias_gelu_forward/backward give the NumPy meaning):
+    forward(x (N, C), b (C,)) -> (gelu(x + b), saved)
+    backward(dout, saved) -> (dx, db)        db = dx summed over rows, fused into the same pass
+"""
+import numpy as np
+
+from .compile import launch, num_sms
+from .launch import NULL, column_chunks, elementwise
+
+
+def _fwd(x, b):
+    import cupy as cp
+    x = cp.ascontiguousarray(x, dtype=cp.float32)
+    out = cp.empty_like(x)
+    n = x.size
+    C = x.shape[-1] if b is not None else 1
+    if n % 4 == 0 and C % 4 == 0:
+        grid, block = elementwise(n // 4)
+        launch("gelu", "gelu_forward_f4", grid, block, (out, x, NULL if b is None else b, np.int64(n // 4), np.int32(C // 4)))
+    else:
+        grid, block = elementwise(n)
+        launch("gelu", "gelu_forward", grid, block, (out, x, NULL if b is None else b, np.int64(n), np.int32(C)))
+    return out, x
+
+
+def gelu_forward(x):
+    """x (any shape) -> y (same shape)."""
+    out, x = _fwd(x, None)
+    return out, (x,)
+
+
+def gelu_backward(dy, saved):
+    """dy -> (dx,)."""
+    import cupy as cp
+    (x,) = saved
+    dy = cp.ascontiguousarray(dy, dtype=cp.float32)
+    dx = cp.empty_like(x)
+    grid, block = elementwise(x.size)
+    launch("gelu", "gelu_backward", grid, block, (dx, dy, x, np.int64(x.size)))
+    return (dx,)
+
+
+def bias_gelu_forward(x, b):
+    """x (N, C), b (C,) -> gelu(x + b) (N, C)."""
+    out, x = _fwd(x, b)
+    return out, (x, b)
+
+
+def bias_gelu_backward(dy, saved):
+    """dy (N, C) -> (dx (N, C), db (C,))."""
+    import cupy as cp
+    x, b = saved
+    N, C = x.shape
+    dy = cp.ascontiguousarray(dy, dtype=cp.float32)
+    dx = cp.empty_like(x)
+    grid, block, rows_per_chunk = column_chunks(N, C, num_sms())
+    partial = cp.empty((grid[1], C), dtype=cp.float32)
+    launch("gelu", "bias_gelu_backward", grid, block,
+           (dx, partial, dy, x, b, np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
+    db = cp.empty((C,), dtype=cp.float32)
+    g2, b2 = elementwise(C)
+    launch("gelu", "column_sum_finish", g2, b2, (db, partial, np.int32(grid[1]), np.int32(C)))
+    return dx, db

@@ -1,0 +1,63 @@
+"""NumPy-generic references for the fused kernels that go beyond the op contract.
+
+Each composes the plain ops of nanogpt_np/ops (or restates optim's AdamW), so the fused GPU version has an
+independent meaning to be tested against. They run on numpy and on cupy arrays alike.
+"""
+from .. import backend
+
+
+def residual_layernorm_forward(x, residual, w, b, eps=1e-5):
+    """h = x + residual (the new residual stream), y = layernorm(h). -> ((h, y), saved)."""
+    from ..ops.layernorm import layernorm_forward
+    h = x + residual
+    y, saved = layernorm_forward(h, w, b, eps)
+    return (h, y), saved
+
+
+def residual_layernorm_backward(douts, saved):
+    """(dh or None, dy) -> (dx, dresidual, dw, db): both summands of h get dh + d layernorm(dy)."""
+    from ..ops.layernorm import layernorm_backward
+    dh, dy = douts
+    dx, dw, db = layernorm_backward(dy, saved)
+    if dh is not None:
+        dx = dx + dh
+    return dx, dx, dw, db
+
+
+def bias_gelu_forward(x, b):
+    """gelu(x + b) for x (N, C), b (C,)."""
+    from ..ops.gelu import gelu_forward
+    y, saved = gelu_forward(x + b)
+    return y, saved
+
+
+def bias_gelu_backward(dy, saved):
+    """-> (dx, db): dx = dy * gelu'(x + b), db = dx summed over rows."""
+    from ..ops.gelu import gelu_backward
+    (dx,) = gelu_backward(dy, saved)
+    return dx, dx.reshape(-1, dx.shape[-1]).sum(axis=0)
+
+
+def global_grad_norm(grads, max_norm=0.0):
+    """[sqrt(sum g^2), clip scale] with scale = min(1, max_norm / (norm + 1e-6)), 1 when max_norm <= 0."""
+    xp = backend.xp_of(grads)
+    norm = xp.sqrt((grads.astype(xp.float64) ** 2).sum())
+    scale = min(1.0, max_norm / (float(norm) + 1e-6)) if max_norm > 0 else 1.0
+    return xp.asarray([float(norm), scale], dtype=xp.float64)
+
+
+def adamw_flat_reference(params, grads, m, v, *, n_decay, lr, beta1, beta2, eps, weight_decay, step, grad_clip=0.0):
+    """What kernels/adamw.adamw_step does, in array code: clip by the global norm, then AdamW (decoupled decay
+    on the first n_decay elements only). Updates params, m, v in place; returns [norm, scale]."""
+    ns = global_grad_norm(grads, grad_clip)
+    g = grads * float(ns[1])
+    wd = backend.xp_of(params).zeros_like(params)
+    wd[:n_decay] = weight_decay
+    m *= beta1
+    m += (1 - beta1) * g
+    v *= beta2
+    v += (1 - beta2) * g * g
+    mhat = m / (1 - beta1 ** step)
+    vhat = v / (1 - beta2 ** step)
+    params -= lr * (mhat / (backend.xp_of(params).sqrt(vhat) + eps) + wd * params)
+    return ns

@@ -1,0 +1,203 @@
+"""CPU tests of the kernels package's NumPy side: references of the fused ops, launch arithmetic, registry.
+
+The fused GPU kernels (residual + layernorm, bias + GELU, flat AdamW with an on-device norm) are tested on the
+GPU against the references here (tests/gpu); these tests pin the references themselves down on the CPU, with
+finite differences and with the plain ops they compose.
+"""
+import importlib
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from nanogpt_np.kernels import launch, references, registry
+
+rng = np.random.default_rng(0)
+
+
+def num_grad(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + eps
+        fp = f()
+        x[i] = old - eps
+        fm = f()
+        x[i] = old
+        g[i] = (fp - fm) / (2 * eps)
+    return g
+
+
+def test_residual_layernorm_matches_composition_and_finite_differences():
+    from nanogpt_np.ops.layernorm import layernorm_backward, layernorm_forward
+    N, C = 5, 7
+    x, r = rng.standard_normal((N, C)), rng.standard_normal((N, C))
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    (h, y), saved = references.residual_layernorm_forward(x, r, w, b)
+    np.testing.assert_allclose(h, x + r)
+    np.testing.assert_allclose(y, layernorm_forward(x + r, w, b)[0])
+    # loss = sum(dh_up * h) + sum(dy_up * y): h feeds the residual stream and y the next sublayer
+    dh_up, dy_up = rng.standard_normal((N, C)), rng.standard_normal((N, C))
+
+    def loss():
+        (hh, yy), _ = references.residual_layernorm_forward(x, r, w, b)
+        return float((dh_up * hh).sum() + (dy_up * yy).sum())
+
+    dx, dres, dw, db = references.residual_layernorm_backward((dh_up, dy_up), saved)
+    assert dx is dres
+    np.testing.assert_allclose(dx, num_grad(loss, x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dres, num_grad(loss, r), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dw, num_grad(loss, w), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(db, num_grad(loss, b), rtol=1e-5, atol=1e-7)
+    # without an incoming residual gradient it is the plain layernorm backward
+    dx0, _, dw0, db0 = references.residual_layernorm_backward((None, dy_up), saved)
+    np.testing.assert_allclose(dx0, layernorm_backward(dy_up, saved)[0])
+
+
+def test_bias_gelu_finite_differences():
+    N, C = 4, 6
+    x, b = rng.standard_normal((N, C)) * 2, rng.standard_normal(C)
+    up = rng.standard_normal((N, C))
+    y, saved = references.bias_gelu_forward(x, b)
+    a = x + b
+    np.testing.assert_allclose(y, 0.5 * a * (1 + np.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a ** 3))))
+
+    def loss():
+        return float((up * references.bias_gelu_forward(x, b)[0]).sum())
+
+    dx, db = references.bias_gelu_backward(up, saved)
+    np.testing.assert_allclose(dx, num_grad(loss, x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(db, num_grad(loss, b), rtol=1e-5, atol=1e-7)
+
+
+def _adamw_loop(p, g, m, v, n_decay, lr, b1, b2, eps, wd, step, clip):
+    """Element by element, in float64, the way the CUDA kernel does it."""
+    norm = math.sqrt(sum(float(x) ** 2 for x in g))
+    scale = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+    for i in range(len(p)):
+        gi = g[i] * scale
+        m[i] = b1 * m[i] + (1 - b1) * gi
+        v[i] = b2 * v[i] + (1 - b2) * gi * gi
+        mh, vh = m[i] / (1 - b1 ** step), v[i] / (1 - b2 ** step)
+        p[i] -= lr * (mh / (math.sqrt(vh) + eps) + (wd if i < n_decay else 0.0) * p[i])
+    return norm, scale
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5, 1e9])
+def test_adamw_flat_reference(clip):
+    n, n_decay = 37, 20
+    p, g = rng.standard_normal(n), rng.standard_normal(n)
+    m, v = rng.standard_normal(n) * 0.1, rng.random(n) * 0.1
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
+    P, M, V = p.copy(), m.copy(), v.copy()
+    ns = references.adamw_flat_reference(P, g.copy(), M, V, n_decay=n_decay, grad_clip=clip, **kw)
+    p2, m2, v2 = p.copy(), m.copy(), v.copy()
+    norm, scale = _adamw_loop(p2, g, m2, v2, n_decay, kw["lr"], kw["beta1"], kw["beta2"], kw["eps"],
+                              kw["weight_decay"], kw["step"], clip)
+    np.testing.assert_allclose(P, p2, rtol=1e-12)
+    np.testing.assert_allclose(M, m2, rtol=1e-12)
+    np.testing.assert_allclose(V, v2, rtol=1e-12)
+    np.testing.assert_allclose(ns, [norm, scale], rtol=1e-6)
+    if clip == 0.0 or clip == 1e9:
+        assert float(ns[1]) == 1.0
+
+
+def test_adamw_flat_reference_agrees_with_optim():
+    optim = pytest.importorskip("nanogpt_np.optim")
+    if not hasattr(optim, "adamw_update"):
+        pytest.skip("optim.adamw_update not there yet")
+    n, n_decay = 50, 30
+    p, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    kw = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, step=1)
+    P, M, V = p.copy(), m.copy(), v.copy()
+    references.adamw_flat_reference(P, g, M, V, n_decay=n_decay, weight_decay=0.1, **kw)
+    p1, m1, v1 = p[:n_decay].copy(), m[:n_decay].copy(), v[:n_decay].copy()
+    optim.adamw_update(p1, g[:n_decay], m1, v1, weight_decay=0.1, **kw)
+    p2, m2, v2 = p[n_decay:].copy(), m[n_decay:].copy(), v[n_decay:].copy()
+    optim.adamw_update(p2, g[n_decay:], m2, v2, weight_decay=0.0, **kw)
+    np.testing.assert_allclose(P, np.concatenate([p1, p2]), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------- launch arithmetic
+
+@pytest.mark.parametrize("N", [1, 7, 8, 9, 100, 8191, 16384])
+@pytest.mark.parametrize("C", [1, 33, 768, 1600, 6144])
+@pytest.mark.parametrize("sms", [1, 108, 132])
+def test_layernorm_backward_config_covers_rows(N, C, sms):
+    nw, rpb, nblocks, smem = launch.layernorm_backward_config(N, C, sms)
+    assert 1 <= nw <= 8 and smem == 2 * nw * C * 4 <= launch.SMEM_DEFAULT
+    covered = np.zeros(N, int)
+    for blk in range(nblocks):                      # what layernorm_backward's loops visit
+        for warp in range(nw):
+            for row in range(blk * rpb + warp, min(N, (blk + 1) * rpb), nw):
+                covered[row] += 1
+    assert (covered == 1).all()
+    assert nblocks <= max(1, 4 * sms) or rpb == nw
+
+
+def test_layernorm_backward_config_rejects_huge_C():
+    with pytest.raises(ValueError):
+        launch.layernorm_backward_config(10, 7000, 100)
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (5, 31), (8192, 768), (8192, 3072), (1000, 50)])
+def test_column_chunks_cover(N, C):
+    (gx, gy), (bx, by), rpc = launch.column_chunks(N, C, 132)
+    assert bx == 32 and gx * 32 >= C > (gx - 1) * 32
+    cols = np.zeros((N,), int)
+    for chunk in range(gy):
+        for ty in range(by):
+            for r in range(chunk * rpc + ty, min(N, (chunk + 1) * rpc), by):
+                cols[r] += 1
+    assert (cols == 1).all()
+
+
+def test_elementwise_and_misc():
+    assert launch.elementwise(1) == ((1,), (256,))
+    assert launch.elementwise(257) == ((2,), (256,))
+    assert launch.rows_per_warp(17, 8) == ((3,), (256,))
+    assert launch.ceil_div(0, 5) == 0 and launch.ceil_div(10, 5) == 2
+    assert launch.flash_padded_T(1) == 64 and launch.flash_padded_T(1024) == 1024 and launch.flash_padded_T(65) == 128
+    bc1, bc2 = launch.adamw_bias_corrections(0.9, 0.95, 2)
+    assert math.isclose(bc1, 0.19) and math.isclose(bc2, 1 - 0.95 ** 2)
+    with pytest.raises(ValueError):
+        launch.adamw_bias_corrections(0.9, 0.95, 0)
+    assert launch.device_bytes(((2, 3), np.float32), ((4,), np.uint16)) == 32
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+def test_registry_names_and_cpu_import():
+    had_cupy = "cupy" in sys.modules
+    for name in ["embedding", "layernorm", "residual_layernorm", "gelu", "bias_gelu", "cross_entropy",
+                 "attention", "attention_matmul", "attention_flash", "adamw"]:
+        pair = registry.lookup(name)
+        assert pair is not None and all(callable(f) for f in pair), name
+    assert registry.lookup("linear") is None and registry.lookup("dropout") is None
+    if not had_cupy:
+        assert "cupy" not in sys.modules, "wrapper modules must import cupy lazily"
+
+
+def test_registry_attention_switch_and_disable():
+    old = registry.attention_kind()
+    try:
+        registry.set_attention("flash")
+        assert registry.resolve("attention") == "attention_flash"
+        registry.set_attention("matmul")
+        assert registry.lookup("attention") == registry.lookup("attention_matmul")
+        with pytest.raises(ValueError):
+            registry.set_attention("magic")
+        registry.disable("gelu")
+        assert registry.lookup("gelu") is None
+        registry.enable("gelu")
+        assert registry.lookup("gelu") is not None
+    finally:
+        registry.set_attention(old)
+
+
+def test_wrapper_modules_import_without_gpu():
+    for mod in ["encoder", "layernorm", "gelu", "cross_entropy", "adamw", "softmax_attention", "flash_attention",
+                "precision"]:
+        importlib.import_module(f"nanogpt_np.kernels.{mod}")
