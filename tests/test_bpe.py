@@ -57,6 +57,21 @@ def test_gpt2_pattern_splits_as_documented():
     assert chunks == ["Hello", " ", " world", ",", " it", "'s", " 123", "!", "\n"]
 
 
+def test_ascii_fast_path_classes_match_the_unicode_ones():
+    # what the fast pattern assumes: on ASCII, \p{L} = [A-Za-z], \p{N} = [0-9], \s = [\t\n\v\f\r ]
+    ascii_chars = [chr(c) for c in range(128)]
+    assert [c for c in ascii_chars if bpe.regex.match(r"\p{L}", c)] == list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+    assert [c for c in ascii_chars if bpe.regex.match(r"\p{N}", c)] == list("0123456789")
+    assert [c for c in ascii_chars if bpe.regex.match(r"\s", c)] == list("\t\n\x0b\x0c\r ")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=100)
+       | st.text(alphabet=st.sampled_from(list(" \t\r\n\x0b\x0c\x1c\x1fab1'sdlmtrev.!")), max_size=60))
+def test_ascii_fast_path_splits_like_gpt2_pattern(text):
+    assert bpe.split_chunks(text) == bpe.regex.findall(BPETokenizer.GPT2_PATTERN, text)
+
+
 # ---------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------

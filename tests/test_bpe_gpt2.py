@@ -124,6 +124,9 @@ def test_known_anchors(gpt2):
 def test_whole_corpus_equals_naive_reference(gpt2, naive, corpus):
     assert len(corpus) > 1000
     assert gpt2.encode_ordinary(corpus) == naive.encode(corpus)
+    ascii_part = corpus[: -len(EXTRAS)] or "plain ASCII text, it's 123\r\n  ok\n"
+    assert ascii_part.isascii()  # tiny Shakespeare is pure ASCII: the fast pre-split path
+    assert gpt2.encode_ordinary(ascii_part) == naive.encode(ascii_part)
     for line in EXTRAS.splitlines(keepends=True):  # piece by piece too (fresh contexts)
         assert gpt2.encode(line, allowed_special="none") == naive.encode(line)
 
