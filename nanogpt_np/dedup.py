@@ -11,10 +11,11 @@ Near: two documents are near duplicates when the Jaccard similarity of their set
 k-grams ("shingles", k=5 by default, over the same normalised UTF-8 bytes) is at least `threshold`.
   1. shingles are hashed to 64-bit ints with a rolling polynomial hash, vectorised in numpy;
   2. a MinHash signature keeps, for each of `num_perm` random hash functions h(x) = (a*x + b) mod 2**64
-     (top 32 bits), the smallest value over the shingles. For two documents the fraction of equal
+     (top 32 bits), the smallest value over the shingles (MinHasher.signatures does many documents
+     in one vectorised pass, which matters for short documents). For two documents the fraction of equal
      signature entries estimates their Jaccard similarity;
   3. locality-sensitive hashing: the signature is cut into `bands` bands of rows = num_perm/bands
-     values; documents sharing any whole band are candidates, and a candidate counts as a duplicate
+     values, each band hashed to one 64-bit key; documents sharing any band key are candidates, and a candidate counts as a duplicate
      when its estimated similarity is >= threshold. With 16 bands x 8 rows a pair at similarity 0.8
      becomes a candidate with probability 1-(1-0.8**8)**16 = 0.95, at 0.9: 0.9999, at 0.5: 0.06.
 Memory: num_perm*4 bytes per kept document (512 B at 128) plus the band tables, so tens of millions of
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -81,24 +82,75 @@ def shingle_hashes(text: str, k: int = 5) -> np.ndarray:
     return np.unique(h)
 
 
+def _batch_shingle_hashes(texts: List[str], k: int):
+    """Shingle hashes of many texts at once: (hashes (S,) uint64, owner (S,) int64 index of the text).
+
+    The normalised texts are joined into one byte array and hashed in one vectorised pass; windows
+    that straddle two texts are thrown away. Texts shorter than k bytes go through shingle_hashes()
+    one by one (one shingle each), so every text gets exactly the hashes shingle_hashes() would give
+    (up to repeats, which do not change a minimum). `owner` is sorted.
+    """
+    blobs = [normalize_for_dedup(t).encode("utf-8") for t in texts]
+    lengths = np.array([len(b) for b in blobs], dtype=np.int64)  # (n,)
+    data = np.frombuffer(b"".join(blobs), dtype=np.uint8).astype(np.uint64)  # (N,)
+    owner_of_byte = np.repeat(np.arange(len(blobs)), lengths)  # (N,)
+    hashes, owners = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
+    m = len(data) - k + 1  # number of k-byte windows in the joined bytes
+    if m > 0:
+        h = np.zeros(m, dtype=np.uint64)  # (m,)
+        with np.errstate(over="ignore"):
+            for j in range(k):
+                h = h * np.uint64(257) + data[j : j + m]
+            h = _mix64(h)
+        inside = owner_of_byte[:m] == owner_of_byte[k - 1 :]  # (m,) window within one text
+        hashes.append(h[inside])
+        owners.append(owner_of_byte[:m][inside])
+    for i in np.flatnonzero((lengths > 0) & (lengths < k)):  # short texts: one shingle each
+        hashes.append(shingle_hashes(texts[i], k))
+        owners.append(np.array([i], dtype=np.int64))
+    h, owner = np.concatenate(hashes), np.concatenate(owners)
+    order = np.argsort(owner, kind="stable")
+    return h[order], owner[order]
+
+
 class MinHasher:
     """MinHash signatures of shape (num_perm,) uint32 (see the module docstring)."""
 
-    def __init__(self, num_perm: int = 128, k: int = 5, seed: int = 0, chunk: int = 4096):
+    def __init__(self, num_perm: int = 128, k: int = 5, seed: int = 0, chunk: int = 1 << 15):
         rng = np.random.Generator(np.random.PCG64(seed))
         self.num_perm, self.k, self.chunk = num_perm, k, chunk
         self.a = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
         self.b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
 
     def signature(self, text: str) -> np.ndarray:
-        h = shingle_hashes(text, self.k)  # (S,)
-        sig = np.full(self.num_perm, 0xFFFFFFFF, dtype=np.uint64)  # (P,)
+        """(P,) uint32 signature of one text (an empty text gets all 0xFFFFFFFF)."""
+        return self.signatures([text])[0]
+
+    def signatures(self, texts: List[str]) -> np.ndarray:
+        """(n, P) uint32 signatures of many texts, computed together (much faster for short texts)."""
+        h, owner = _batch_shingle_hashes(texts, self.k)  # (S,), (S,) sorted
+        sig = np.full((len(texts), self.num_perm), 2**64 - 1, dtype=np.uint64)  # (n, P)
         with np.errstate(over="ignore"):
-            for s in range(0, len(h), self.chunk):  # bounded memory: (P, chunk) at a time
-                part = h[None, s : s + self.chunk]  # (1, c)
-                vals = (self.a[:, None] * part + self.b[:, None]) >> np.uint64(32)  # (P, c)
-                np.minimum(sig, vals.min(axis=1), out=sig)
-        return sig.astype(np.uint32)
+            for s in range(0, len(h), self.chunk):  # bounded memory: (P, chunk) values at a time
+                part, who = h[s : s + self.chunk], owner[s : s + self.chunk]  # (c,), (c,)
+                vals = self.a[:, None] * part[None, :]  # (P, c)
+                vals += self.b[:, None]  # in place: one temporary array, not three
+                starts = np.flatnonzero(np.r_[True, who[1:] != who[:-1]])  # first column of each text
+                mins = np.minimum.reduceat(vals, starts, axis=1)  # (P, texts in this part)
+                rows = who[starts]
+                sig[rows] = np.minimum(sig[rows], mins.T)
+        # the top 32 bits; taking them after the minimum is the same (x >> 32 is monotone) and cheaper
+        return (sig >> np.uint64(32)).astype(np.uint32)
+
+
+def band_keys(sigs: np.ndarray, bands: int) -> np.ndarray:
+    """(n, bands) uint64: one hash per band of each signature (rows = P/bands values per band)."""
+    n, p = sigs.shape
+    rows = p // bands
+    x = sigs.reshape(n, bands, rows).astype(np.uint64)  # (n, bands, rows)
+    mult = _mix64(np.arange(1, rows + 1, dtype=np.uint64)) | np.uint64(1)  # (rows,) fixed odd multipliers
+    with np.errstate(over="ignore"):
+        return _mix64((x * mult).sum(axis=2, dtype=np.uint64) + np.arange(bands, dtype=np.uint64))
 
 
 def jaccard(a: str, b: str, k: int = 5) -> float:
@@ -120,15 +172,20 @@ class NearDedup:
             raise ValueError(f"num_perm ({num_perm}) must be a multiple of bands ({bands})")
         self.num_perm, self.bands, self.rows = num_perm, bands, num_perm // bands
         self.threshold = threshold
-        self.tables: List[Dict[bytes, List[int]]] = [dict() for _ in range(bands)]
+        self.tables: List[Dict[int, List[int]]] = [dict() for _ in range(bands)]
         self._sigs = np.zeros((1024, num_perm), dtype=np.uint32)  # (capacity, P), grows by doubling
         self.n = 0
 
-    def add(self, sig: np.ndarray) -> Optional[int]:
-        keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
+    def add(self, sig: np.ndarray, keys: Optional[Sequence[int]] = None) -> Optional[int]:
+        """sig: (P,) uint32; keys: its band_keys() row if already computed (in a worker, say)."""
+        if keys is None:
+            keys = band_keys(sig[None, :], self.bands)[0]
+        keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
         candidates = set()
         for table, key in zip(self.tables, keys):
-            candidates.update(table.get(key, ()))
+            found = table.get(key)
+            if found is not None:
+                candidates.update(found)
         if candidates:
             cand = np.fromiter(sorted(candidates), dtype=np.int64)  # (c,)
             similarity = (self._sigs[cand] == sig[None, :]).mean(axis=1)  # (c,) estimated Jaccard

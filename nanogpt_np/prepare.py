@@ -44,7 +44,7 @@ import numpy as np
 
 from .clean import STEPS as CLEAN_STEPS
 from .clean import Cleaner, CleanOptions
-from .dedup import ExactDedup, MinHasher, NearDedup, exact_key
+from .dedup import ExactDedup, MinHasher, NearDedup, band_keys, exact_key
 from .ingest import DataError, ErrorLog, IngestStats, expand_inputs, iter_documents
 from .shards import ShardWriter, dtype_for_vocab
 
@@ -162,20 +162,27 @@ def split_hash(text: str, seed: int) -> float:
 
 
 def _clean_chunk(docs):
-    """Worker: clean each (text, source, line) and compute its dedup keys and split hash."""
+    """Worker: clean each (text, source, line); compute dedup keys and split hash of the survivors.
+
+    Returns (records, band keys (n_kept, bands) or None, signatures (n_kept, P) or None, chars);
+    the i-th kept record's signature is row i (MinHash runs once over the whole chunk)."""
     cleaner, hasher, seed = _W["cleaner"], _W["hasher"], _W["seed"]
-    out, chars = [], set() if _W["collect_chars"] else None
+    records, kept, chars = [], [], set() if _W["collect_chars"] else None
     for text, source, line in docs:
         cleaned, removed = cleaner.clean(text)
         if cleaned is None:
-            out.append((None, removed, None, None, 0.0, source, line))
+            records.append((None, removed, None, 0.0))
             continue
         key = exact_key(cleaned) if _W["exact"] else None
-        sig = hasher.signature(cleaned) if hasher is not None else None
         if chars is not None:
             chars.update(cleaned)
-        out.append((cleaned, removed, key, sig, split_hash(cleaned, seed), source, line))
-    return out, chars
+        records.append((cleaned, removed, key, split_hash(cleaned, seed)))
+        kept.append(cleaned)
+    sigs = keys = None
+    if hasher is not None:
+        sigs = hasher.signatures(kept)  # (n_kept, P)
+        keys = band_keys(sigs, _W["bands"])  # (n_kept, bands)
+    return records, keys, sigs, chars
 
 
 def _empty_report() -> dict:
@@ -196,7 +203,7 @@ def clean_stage(cfg: PrepareConfig, processes: int, report: dict) -> Optional[se
     state = {
         "cleaner": Cleaner(CleanOptions(cfg.html, cfg.unicode, cfg.whitespace, cfg.min_chars)),
         "hasher": MinHasher(cfg.num_perm, cfg.shingle, cfg.seed) if cfg.dedup_near else None,
-        "exact": cfg.dedup_exact, "seed": cfg.seed, "collect_chars": cfg.tokenizer == "char",
+        "exact": cfg.dedup_exact, "seed": cfg.seed, "collect_chars": cfg.tokenizer == "char", "bands": cfg.bands,
     }
     exact = ExactDedup() if cfg.dedup_exact else None
     near = NearDedup(cfg.num_perm, cfg.bands, cfg.near_threshold) if cfg.dedup_near else None
@@ -207,21 +214,23 @@ def clean_stage(cfg: PrepareConfig, processes: int, report: dict) -> Optional[se
     outs = {s: open(os.path.join(cfg.out_dir, name), "w", encoding="utf-8") for s, name in CLEAN_FILES.items()}
     try:
         chunks = _chunks(docs, lambda d: len(d[0]), cfg.chunk_chars)
-        for results, chunk_chars in _ordered_map(_clean_chunk, chunks, processes, state):
+        for records, keys, sigs, chunk_chars in _ordered_map(_clean_chunk, chunks, processes, state):
             if chars is not None:
                 chars.update(chunk_chars)
-            for cleaned, removed, key, sig, u, source, line in results:
+            i = -1  # row of the current kept record in keys/sigs
+            for cleaned, removed, key, u in records:
                 for step, nbytes in removed.items():
                     steps[step]["bytes_removed"] += nbytes
                 if cleaned is None:
                     steps["too_short"]["docs_removed"] += 1
                     continue
+                i += 1
                 nbytes = len(cleaned.encode("utf-8"))
                 if exact is not None and exact.is_duplicate(key):
                     steps["exact_dup"]["docs_removed"] += 1
                     steps["exact_dup"]["bytes_removed"] += nbytes
                     continue
-                if near is not None and near.add(sig) is not None:
+                if near is not None and near.add(sigs[i], keys[i]) is not None:
                     steps["near_dup"]["docs_removed"] += 1
                     steps["near_dup"]["bytes_removed"] += nbytes
                     continue

@@ -72,3 +72,20 @@ def test_unrelated_docs_are_kept():
     rng = np.random.default_rng(5)
     near, hasher = NearDedup(), MinHasher()
     assert all(near.add(hasher.signature(_random_doc(rng))) is None for _ in range(2000 // 20))
+
+
+def test_batched_signatures_equal_one_by_one():
+    rng = np.random.default_rng(9)
+    texts = [_random_doc(rng, int(n)) for n in rng.integers(1, 40, size=30)] + ["", "ab", "abcd", "x y"]
+    h = MinHasher(num_perm=64, seed=1, chunk=100)  # a small chunk: texts straddle chunk borders
+    batch = h.signatures(texts)
+    single = np.stack([MinHasher(num_perm=64, seed=1).signatures([t])[0] for t in texts])
+    np.testing.assert_array_equal(batch, single)
+    # and equal to the plain definition: min over the shingle hashes of each permutation
+    for t, row in zip(texts, batch):
+        sh = shingle_hashes(t)
+        if len(sh):
+            expect = ((h.a[:, None] * sh[None, :] + h.b[:, None]) >> np.uint64(32)).min(axis=1)
+            np.testing.assert_array_equal(row, expect.astype(np.uint32))
+        else:
+            assert (row == 0xFFFFFFFF).all()
