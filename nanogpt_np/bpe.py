@@ -125,10 +125,26 @@ _GPT2_ASCII_PATTERN = re.compile(
 
 
 def split_chunks(text: str, pattern: str = GPT2_PATTERN, compiled=None) -> List[str]:
-    """Pre-split text into chunks with the pattern (a faster equivalent for ASCII text and GPT-2's pattern)."""
-    if pattern == GPT2_PATTERN and text.isascii():
-        return _GPT2_ASCII_PATTERN.findall(text)
+    """Pre-split text into chunks with the pattern (`compiled` is the pattern compiled with `regex`).
+
+    With GPT-2's pattern, a long text that is not all ASCII is cut (at safe places, see cut_text)
+    into blocks of about 16k characters, so that its ASCII blocks still take the fast path."""
+    if pattern == GPT2_PATTERN:
+        if text.isascii():
+            return _GPT2_ASCII_PATTERN.findall(text)
+        if len(text) > 2 * _FAST_PATH_BLOCK:
+            chunks: List[str] = []
+            for block in cut_text(text, _FAST_PATH_BLOCK):
+                chunks += _GPT2_ASCII_PATTERN.findall(block) if block.isascii() else _gpt2_regex().findall(block)
+            return chunks
     return (compiled or regex.compile(pattern)).findall(text)
+
+
+_FAST_PATH_BLOCK = 1 << 14
+
+
+def _gpt2_regex():
+    return regex.compile(GPT2_PATTERN)  # regex keeps its own cache of compiled patterns
 
 
 def _is_safe_cut(text: str, i: int) -> bool:

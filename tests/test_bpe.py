@@ -72,6 +72,15 @@ def test_ascii_fast_path_splits_like_gpt2_pattern(text):
     assert bpe.split_chunks(text) == bpe.regex.findall(BPETokenizer.GPT2_PATTERN, text)
 
 
+def test_long_mixed_text_splits_like_gpt2_pattern():
+    # long enough to be cut into blocks; some blocks ASCII (fast path), some not
+    rng = np.random.default_rng(0)
+    lines = ["plain line, it's 42.", "  indented\tline", "日本語 😀 naïve", "", "\r", "x\u3000y", "end "]
+    text = "\n".join(rng.choice(lines, size=20000))
+    assert len(text) > 4 * bpe._FAST_PATH_BLOCK and not text.isascii()
+    assert bpe.split_chunks(text) == bpe.regex.findall(BPETokenizer.GPT2_PATTERN, text)
+
+
 # ---------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------
