@@ -188,6 +188,9 @@ def test_cli_main(tmp_path, capsys):
     assert os.path.isfile(tmp_path / "cli" / "manifest.json")
     assert "exact_dup" in capsys.readouterr().err
     assert m["tokenizer"]["type"] == "char"
+    main(["--input", str(path), "--out", str(tmp_path / "cli2"), "--tokenizer", "char", "--processes", "1"])
+    err = capsys.readouterr().err
+    assert "clean: " in err and "ETA" in err and "tokenize train: " in err  # progress lines
     with pytest.raises(SystemExit):
         main(["--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x"), "--quiet"])
     assert "input not found" in capsys.readouterr().err
