@@ -201,3 +201,32 @@ def test_wrapper_modules_import_without_gpu():
     for mod in ["encoder", "layernorm", "gelu", "cross_entropy", "adamw", "softmax_attention", "flash_attention",
                 "precision"]:
         importlib.import_module(f"nanogpt_np.kernels.{mod}")
+
+
+# ------------------------------------------------------------------------------ cuBLAS argument arithmetic
+
+def _gemm_colmajor(opa, opb, m, n, k, A, lda, B, ldb, ldc):
+    """What cublasGemmEx computes, on flat column-major buffers: C (m x n, ld ldc) = op(A) op(B)."""
+    def mat(buf, rows, cols, ld, op):
+        # the stored matrix, column-major with leading dimension ld; op(X) is m x k (or k x n)
+        stored_rows, stored_cols = (rows, cols) if op == 0 else (cols, rows)
+        X = np.array([[buf[r + c * ld] for c in range(stored_cols)] for r in range(stored_rows)])
+        return X if op == 0 else X.T
+    C = mat(A, m, k, lda, opa) @ mat(B, k, n, ldb, opb)
+    out = np.zeros(ldc * n)
+    for r in range(m):
+        for c in range(n):
+            out[r + c * ldc] = C[r, c]
+    return out
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (2, 3, 4), (5, 7, 3)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_args_row_major(M, K, N, ta, tb):
+    from nanogpt_np.kernels.precision import gemm_args
+    a, b = rng.standard_normal((M, K)), rng.standard_normal((K, N))
+    A = a.T.copy() if ta else a              # what is stored, row-major
+    B = b.T.copy() if tb else b
+    opb, opa, m, n, k, ldb, lda, ldc = gemm_args(M, K, N, ta, tb)
+    flat = _gemm_colmajor(opb, opa, m, n, k, B.ravel(), ldb, A.ravel(), lda, ldc)
+    np.testing.assert_allclose(flat.reshape(M, N), a @ b)      # column-major C^T (N x M) is row-major C

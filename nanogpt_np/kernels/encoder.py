@@ -12,7 +12,7 @@ def embedding_forward(wte, wpe, idx):
     C = wte.shape[1]
     idx32 = cp.ascontiguousarray(idx, dtype=cp.int32)
     out = cp.empty((B, T, C), dtype=cp.float32)
-    if C % 4 == 0:
+    if C % 4 == 0 and wte.data.ptr % 16 == 0 and wpe.data.ptr % 16 == 0:     # float4 loads need 16-byte alignment
         grid, block = elementwise(B * T * C // 4)
         launch("encoder", "encoder_forward_f4", grid, block, (out, idx32, wte, wpe, np.int32(B * T), np.int32(T), np.int32(C)))
     else:

@@ -16,7 +16,8 @@ def _fwd(x, b):
     out = cp.empty_like(x)
     n = x.size
     C = x.shape[-1] if b is not None else 1
-    if n % 4 == 0 and C % 4 == 0:
+    aligned = x.data.ptr % 16 == 0 and out.data.ptr % 16 == 0 and (b is None or b.data.ptr % 16 == 0)
+    if n % 4 == 0 and C % 4 == 0 and aligned:                # float4 loads need 16-byte alignment
         grid, block = elementwise(n // 4)
         launch("gelu", "gelu_forward_f4", grid, block, (out, x, NULL if b is None else b, np.int64(n // 4), np.int32(C // 4)))
     else:

@@ -1,0 +1,274 @@
+"""Every fused kernel against its NumPy reference, on fresh random inputs, on the GPU.
+
+Shapes include sizes that are not multiples of any block or tile size; outputs come from NaN-poisoned memory
+(an element a kernel never writes fails the finiteness check). float32 kernels must match the float64
+reference to a norm-wise relative error below 1e-5; the bf16 flash attention to below 2e-2.
+"""
+import numpy as np
+import pytest
+
+from nanogpt_np.kernels import references, registry
+from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16, round_to_bf16
+from nanogpt_np.ops import attention as attention_ops
+from nanogpt_np.ops import cross_entropy as ce_ops
+from nanogpt_np.ops import embedding as emb_ops
+from nanogpt_np.ops import gelu as gelu_ops
+from nanogpt_np.ops import layernorm as ln_ops
+
+from .helpers import f64, rel_err
+
+TOL = 1e-5
+rng = np.random.default_rng(1234)
+
+
+def randn(*shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def to_np(x):
+    import cupy
+    return cupy.asnumpy(x)
+
+
+# ---------------------------------------------------------------------------------------------------- embedding
+
+@pytest.mark.parametrize("B,T,V,C,Tmax", [(1, 1, 5, 4, 1), (2, 7, 11, 33, 9), (3, 65, 300, 768, 128), (8, 1024, 50257, 768, 1024)])
+def test_embedding(cp, poison, B, T, V, C, Tmax):
+    wte, wpe = randn(V, C), randn(Tmax, C)
+    idx = rng.integers(0, min(V, 40), size=(B, T))          # few distinct ids: long runs of repeats
+    fwd, bwd = registry.lookup("embedding")
+    poison()
+    out, saved = fwd(cp.asarray(wte), cp.asarray(wpe), cp.asarray(idx))
+    ref, rsaved = emb_ops.embedding_forward(*f64(wte, wpe), idx)
+    assert rel_err(to_np(out), ref) < TOL
+    dout = randn(B, T, C)
+    poison()
+    dwte, dwpe = bwd(cp.asarray(dout), saved)
+    rdwte, rdwpe = emb_ops.embedding_backward(dout.astype(np.float64), rsaved)
+    assert rel_err(to_np(dwte), rdwte) < TOL
+    assert rel_err(to_np(dwpe), rdwpe) < TOL
+    dwte2, dwpe2 = bwd(cp.asarray(dout), saved)                 # deterministic: bit-identical on a rerun
+    assert (to_np(dwte2) == to_np(dwte)).all() and (to_np(dwpe2) == to_np(dwpe)).all()
+
+
+# ---------------------------------------------------------------------------------------------------- layernorm
+
+LN_SHAPES = [(1, 1), (7, 33), (64, 768), (1000, 1600), (4097, 768), (3, 6144)]
+
+
+@pytest.mark.parametrize("N,C", LN_SHAPES)
+def test_layernorm(cp, poison, N, C):
+    x, w, b = randn(N, C, scale=3) + 1.0, randn(C), randn(C)
+    fwd, bwd = registry.lookup("layernorm")
+    poison()
+    y, saved = fwd(cp.asarray(x), cp.asarray(w), cp.asarray(b), 1e-5)
+    ry, rsaved = ln_ops.layernorm_forward(*f64(x, w, b), 1e-5)
+    assert rel_err(to_np(y), ry) < TOL
+    dy = randn(N, C)
+    poison()
+    dx, dw, db = bwd(cp.asarray(dy), saved)
+    rdx, rdw, rdb = ln_ops.layernorm_backward(dy.astype(np.float64), rsaved)
+    assert rel_err(to_np(dx), rdx) < TOL
+    assert rel_err(to_np(dw), rdw) < TOL
+    assert rel_err(to_np(db), rdb) < TOL
+
+
+@pytest.mark.parametrize("N,C", LN_SHAPES)
+@pytest.mark.parametrize("with_dh", [True, False])
+def test_residual_layernorm(cp, poison, N, C, with_dh):
+    x, r, w, b = randn(N, C), randn(N, C), randn(C), randn(C)
+    fwd, bwd = registry.lookup("residual_layernorm")
+    poison()
+    (h, y), saved = fwd(cp.asarray(x), cp.asarray(r), cp.asarray(w), cp.asarray(b), 1e-5)
+    (rh, ry), rsaved = references.residual_layernorm_forward(*f64(x, r, w, b), 1e-5)
+    assert rel_err(to_np(h), rh) < TOL and rel_err(to_np(y), ry) < TOL
+    dh, dy = (randn(N, C) if with_dh else None), randn(N, C)
+    poison()
+    dx, dres, dw, db = bwd((None if dh is None else cp.asarray(dh), cp.asarray(dy)), saved)
+    rdx, _, rdw, rdb = references.residual_layernorm_backward(
+        (None if dh is None else dh.astype(np.float64), dy.astype(np.float64)), rsaved)
+    assert dx is dres
+    assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(dw), rdw) < TOL and rel_err(to_np(db), rdb) < TOL
+
+
+# --------------------------------------------------------------------------------------------------------- gelu
+
+@pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (17, 30), (1000, 3072), (8, 1024, 3072)])
+def test_gelu(cp, poison, shape):
+    x = randn(*shape, scale=3)
+    fwd, bwd = registry.lookup("gelu")
+    poison()
+    y, saved = fwd(cp.asarray(x))
+    ry, rsaved = gelu_ops.gelu_forward(x.astype(np.float64))
+    assert rel_err(to_np(y), ry) < TOL
+    dy = randn(*shape)
+    poison()
+    (dx,) = bwd(cp.asarray(dy), saved)
+    (rdx,) = gelu_ops.gelu_backward(dy.astype(np.float64), rsaved)
+    assert rel_err(to_np(dx), rdx) < TOL
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (5, 7), (17, 30), (1000, 3072), (8193, 3072)])
+def test_bias_gelu(cp, poison, N, C):
+    x, b = randn(N, C, scale=2), randn(C)
+    fwd, bwd = registry.lookup("bias_gelu")
+    poison()
+    y, saved = fwd(cp.asarray(x), cp.asarray(b))
+    ry, rsaved = references.bias_gelu_forward(*f64(x, b))
+    assert rel_err(to_np(y), ry) < TOL
+    dy = randn(N, C)
+    poison()
+    dx, db = bwd(cp.asarray(dy), saved)
+    rdx, rdb = references.bias_gelu_backward(dy.astype(np.float64), rsaved)
+    assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(db), rdb) < TOL
+
+
+# -------------------------------------------------------------------------------------------------- cross-entropy
+
+@pytest.mark.parametrize("N,V", [(1, 2), (5, 11), (300, 1000), (64, 50257), (1025, 8193)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cross_entropy(cp, poison, N, V, inplace):
+    from nanogpt_np.kernels import cross_entropy as ce
+    logits = randn(N, V, scale=4)
+    targets = rng.integers(0, V, size=N)
+    if N > 1:
+        targets[rng.random(N) < 0.3] = -1                       # masked rows
+        targets[0] = 0
+    fwd, bwd = registry.lookup("cross_entropy")
+    ce.set_inplace(inplace)
+    try:
+        poison()
+        g_logits = cp.asarray(logits)
+        loss, saved = fwd(g_logits, cp.asarray(targets), -1)
+        rloss, rsaved = ce_ops.cross_entropy_forward(logits.astype(np.float64), targets, -1)
+        assert abs(float(loss) - float(rloss)) / abs(float(rloss)) < TOL
+        (dlogits,) = bwd(cp.ones((), dtype=cp.float32), saved)
+        (rd,) = ce_ops.cross_entropy_backward(np.float64(1.0), rsaved)
+        assert rel_err(to_np(dlogits), rd) < TOL
+        if inplace:
+            assert dlogits.data.ptr == g_logits.data.ptr
+        # a d loss that is not 1, on the device and as a Python number
+        loss, saved = fwd(cp.asarray(logits), cp.asarray(targets), -1)
+        (d2,) = bwd(cp.asarray(2.5, dtype=cp.float32), saved)
+        assert rel_err(to_np(d2), 2.5 * rd) < TOL
+        loss, saved = fwd(cp.asarray(logits), cp.asarray(targets), -1)
+        (d3,) = bwd(0.5, saved)
+        assert rel_err(to_np(d3), 0.5 * rd) < TOL
+    finally:
+        ce.set_inplace(False)
+
+
+# --------------------------------------------------------------------------------------------------------- AdamW
+
+@pytest.mark.parametrize("n,n_decay", [(1, 1), (1000, 0), (1000, 999), (1_000_003, 700_001)])
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_adamw(cp, n, n_decay, clip):
+    from nanogpt_np.kernels import adamw
+    p, g = randn(n), randn(n, scale=0.5)
+    m, v = randn(n, scale=0.01), np.abs(randn(n, scale=0.01))
+    kw = dict(n_decay=n_decay, lr=3e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=7, grad_clip=clip)
+    gp, gg, gm, gv = (cp.asarray(a) for a in (p, g, m, v))
+    bf = cp.empty((n,), dtype=cp.uint16)
+    ns = adamw.adamw_step(gp, gg, gm, gv, params_bf16=bf, **kw)
+    P, M, V = f64(p, m, v)
+    rns = references.adamw_flat_reference(P, g.astype(np.float64), M, V, **kw)
+    assert abs(float(ns[0]) - rns[0]) / rns[0] < TOL
+    assert abs(float(ns[1]) - rns[1]) < TOL
+    assert rel_err(to_np(gp), P) < TOL and rel_err(to_np(gm), M) < TOL and rel_err(to_np(gv), V) < TOL
+    np.testing.assert_array_equal(to_np(bf), float32_to_bf16(to_np(gp)))
+    np.testing.assert_array_equal(to_np(gg), g)                  # the gradient buffer is not modified
+
+
+def test_global_norm_deterministic(cp):
+    from nanogpt_np.kernels import adamw
+    g = cp.asarray(randn(5_000_001))
+    a = to_np(adamw.global_grad_norm(g, 1.0))
+    b = to_np(adamw.global_grad_norm(g, 1.0))
+    assert (a == b).all()
+    assert abs(a[0] - np.sqrt((to_np(g).astype(np.float64) ** 2).sum())) / a[0] < TOL
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+
+ATT_SHAPES = [(1, 1, 16, 1), (2, 17, 48, 3), (1, 64, 128, 2), (2, 130, 256, 4), (1, 257, 768, 12)]
+
+
+@pytest.mark.parametrize("B,T,C,NH", ATT_SHAPES)
+def test_attention_matmul(cp, poison, B, T, C, NH):
+    qkv = randn(B, T, 3 * C)
+    fwd, bwd = registry.lookup("attention_matmul")
+    poison()
+    out, saved = fwd(cp.asarray(qkv), NH)
+    rout, rsaved = attention_ops.attention_forward(qkv.astype(np.float64), NH)
+    assert rel_err(to_np(out), rout) < TOL
+    dout = randn(B, T, C)
+    poison()
+    (dqkv,) = bwd(cp.asarray(dout), saved)
+    (rdqkv,) = attention_ops.attention_backward(dout.astype(np.float64), rsaved)
+    assert rel_err(to_np(dqkv), rdqkv) < TOL
+
+
+FLASH_SHAPES = [(1, 1, 64, 1), (2, 100, 128, 2), (1, 64, 64, 1), (1, 257, 768, 12), (2, 1024, 768, 12)]
+
+
+@pytest.mark.parametrize("B,T,C,NH", FLASH_SHAPES)
+def test_attention_flash(cp, poison, B, T, C, NH):
+    """bf16 tensor cores: compared with the float64 reference on the same bf16-rounded inputs."""
+    qkv = round_to_bf16(randn(B, T, 3 * C))
+    fwd, bwd = registry.lookup("attention_flash")
+    poison()
+    out, saved = fwd(cp.asarray(qkv), NH)
+    assert saved[0] is True and saved[1][0] == "flash"          # (kernel used, (variant, state))
+    rout, rsaved = attention_ops.attention_forward(qkv.astype(np.float64), NH)
+    assert rel_err(to_np(out), rout) < 2e-2
+    dout = randn(B, T, C)
+    poison()
+    (dqkv,) = bwd(cp.asarray(dout), saved)
+    (rdqkv,) = attention_ops.attention_backward(dout.astype(np.float64), rsaved)
+    C_ = C
+    for i, part in enumerate("qkv"):
+        e = rel_err(to_np(dqkv)[..., i * C_:(i + 1) * C_], rdqkv[..., i * C_:(i + 1) * C_])
+        assert e < 2e-2, f"d{part}: relative error {e}"
+
+
+def test_attention_flash_falls_back_for_other_head_sizes(cp):
+    qkv = randn(1, 10, 3 * 96)
+    fwd, bwd = registry.lookup("attention_flash")
+    out, saved = fwd(cp.asarray(qkv), 3)                        # head size 32: the cuBLAS form
+    assert saved[1][0] == "matmul"
+    rout, _ = attention_ops.attention_forward(qkv.astype(np.float64), 3)
+    assert rel_err(to_np(out), rout) < TOL
+
+
+# ------------------------------------------------------------------------------------------------- bf16 helpers
+
+def test_bf16_device_conversions_match_numpy(cp):
+    from nanogpt_np.kernels import precision
+    bits = rng.integers(0, 2 ** 32, size=1_000_003, dtype=np.uint64).astype(np.uint32)
+    bits[:6] = [0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0x3F808000, 0x7F7FFFFF]
+    x = bits.view(np.float32)
+    h = precision.to_bf16(cp.asarray(x))
+    np.testing.assert_array_equal(to_np(h), float32_to_bf16(x))
+    back = precision.to_float32(h)
+    np.testing.assert_array_equal(to_np(back).view(np.uint32), bf16_to_float32(float32_to_bf16(x)).view(np.uint32))
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 33, 5), (256, 768, 2304), (1000, 3072, 768)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True)])
+def test_matmul_bf16(cp, M, K, N, ta, tb):
+    from nanogpt_np.kernels import precision
+    a, b = round_to_bf16(randn(M, K)), round_to_bf16(randn(K, N))
+    A = a.T.copy() if ta else a
+    Bm = b.T.copy() if tb else b
+    out = precision.matmul_bf16(precision.to_bf16(cp.asarray(A)), precision.to_bf16(cp.asarray(Bm)), ta, tb)
+    assert rel_err(to_np(out), a.astype(np.float64) @ b.astype(np.float64)) < 1e-5
+
+
+def test_registry_falls_back_for_float64(cp):
+    """float64 arrays (the gradient checks) go to the reference, not to a float32 kernel."""
+    x, w, b = (cp.asarray(a, dtype=cp.float64) for a in (randn(4, 8), randn(8), randn(8)))
+    fwd, bwd = registry.lookup("layernorm")
+    y, saved = fwd(x, w, b, 1e-5)
+    assert y.dtype == cp.float64 and saved[0] is False
+    ry, _ = ln_ops.layernorm_forward(to_np(x), to_np(w), to_np(b), 1e-5)
+    assert rel_err(to_np(y), ry) < 1e-12
