@@ -15,18 +15,18 @@ k-grams ("shingles", k=5 by default, over the same normalised UTF-8 bytes) is at
      in one vectorised pass, which matters for short documents). For two documents the fraction of equal
      signature entries estimates their Jaccard similarity;
   3. locality-sensitive hashing: the signature is cut into `bands` bands of rows = num_perm/bands
-     values, each band hashed to one 64-bit key; documents sharing any band key are candidates, and a candidate counts as a duplicate
-     when its estimated similarity is >= threshold. With 16 bands x 8 rows a pair at similarity 0.8
+     values, each band hashed to one 64-bit key; documents sharing any band key are candidates,
+     and a candidate counts as a duplicate when its estimated similarity is >= threshold. With 16 bands x 8 rows a pair at similarity 0.8
      becomes a candidate with probability 1-(1-0.8**8)**16 = 0.95, at 0.9: 0.9999, at 0.5: 0.06.
-Memory: num_perm*4 bytes per kept document (512 B at 128) plus the band tables, so tens of millions of
-documents need a machine with matching RAM. Not handled: substring-level (paragraph) duplicates, and
-distributing the tables over several machines.
+Memory: about 2 KB per kept document (the 512-byte signature at num_perm=128, and 16 band keys in a
+Python dict), so tens of millions of documents need a machine with matching RAM. Not handled:
+substring-level (paragraph) duplicates, and distributing the tables over several machines.
 """
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -172,7 +172,9 @@ class NearDedup:
             raise ValueError(f"num_perm ({num_perm}) must be a multiple of bands ({bands})")
         self.num_perm, self.bands, self.rows = num_perm, bands, num_perm // bands
         self.threshold = threshold
-        self.tables: List[Dict[int, List[int]]] = [dict() for _ in range(bands)]
+        # band key -> index of the kept document(s) with that band (keys of different bands differ:
+        # band_keys mixes the band number in), so one dict serves all bands
+        self.table: Dict[int, Union[int, List[int]]] = {}
         self._sigs = np.zeros((1024, num_perm), dtype=np.uint32)  # (capacity, P), grows by doubling
         self.n = 0
 
@@ -181,21 +183,32 @@ class NearDedup:
         if keys is None:
             keys = band_keys(sig[None, :], self.bands)[0]
         keys = keys.tolist() if isinstance(keys, np.ndarray) else list(keys)
+        table = self.table
         candidates = set()
-        for table, key in zip(self.tables, keys):
+        for key in keys:
             found = table.get(key)
-            if found is not None:
+            if found is None:
+                continue
+            if isinstance(found, int):
+                candidates.add(found)
+            else:
                 candidates.update(found)
         if candidates:
-            cand = np.fromiter(sorted(candidates), dtype=np.int64)  # (c,)
-            similarity = (self._sigs[cand] == sig[None, :]).mean(axis=1)  # (c,) estimated Jaccard
+            cand = np.fromiter(candidates, dtype=np.int64, count=len(candidates))  # (c,)
+            similarity = np.count_nonzero(self._sigs[cand] == sig, axis=1) / self.num_perm  # (c,) est. Jaccard
             best = int(np.argmax(similarity))
             if similarity[best] >= self.threshold:
                 return int(cand[best])
         if self.n == len(self._sigs):
             self._sigs = np.concatenate([self._sigs, np.zeros_like(self._sigs)])
         self._sigs[self.n] = sig
-        for table, key in zip(self.tables, keys):
-            table.setdefault(key, []).append(self.n)
+        for key in keys:  # a bucket holds one document index (an int) until a second one arrives
+            found = table.get(key)
+            if found is None:
+                table[key] = self.n
+            elif isinstance(found, int):
+                table[key] = [found, self.n]
+            else:
+                found.append(self.n)
         self.n += 1
         return None

@@ -13,7 +13,7 @@ Two streaming stages, so a corpus larger than memory goes through:
   stage 2  the cleaned files are read back in chunks, tokenized on the workers, and written in order
            to llm.c shards (nanogpt_np.shards). The cleaned files are deleted unless keep_clean.
 Results come back from the workers in input order, so the output is identical for any number of
-processes. Memory held for the whole run: the de-duplication tables (about 0.6 KB per kept document
+processes. Memory held for the whole run: the de-duplication tables (about 2 KB per kept document
 with near-duplicate removal on) and, for BPE training, the sample it trains on.
 
 Split: a document goes to val when a seeded hash of its cleaned text falls below val_fraction, so the
