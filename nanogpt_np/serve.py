@@ -116,10 +116,10 @@ def parse_completion_request(body, tokenizer, block_size, model_name, limits: Li
             raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    max_tokens = body.get("max_tokens", 16)
-    if max_tokens is None:
-        max_tokens = 16
     cap = limits.max_tokens or block_size
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        max_tokens = min(16, cap)             # OpenAI's default
     if not _is_int(max_tokens) or not 1 <= max_tokens <= cap:
         raise _bad(f"max_tokens must be an integer from 1 to {cap}, got {max_tokens!r}", "max_tokens")
 
@@ -435,7 +435,9 @@ class CompletionHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise APIError(400, f"bad Content-Length {length!r}") from None
         if length > limits.max_body_bytes:
-            self.close_connection = True          # do not read it: just answer and hang up
+            self.close_connection = True
+            if length <= 16 * limits.max_body_bytes:    # read it away, or closing would reset the connection
+                self._drain(length)                     # before the client reads the answer
             raise APIError(413, f"the body is {length} bytes; the limit is {limits.max_body_bytes}",
                            code="body_too_large")
         try:
@@ -448,6 +450,16 @@ class CompletionHandler(BaseHTTPRequestHandler):
             return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+
+    def _drain(self, length):
+        try:
+            while length > 0:
+                got = self.rfile.read(min(length, 1 << 16))
+                if not got:
+                    break
+                length -= len(got)
+        except OSError:
+            pass
 
     def _discard_body(self):
         length = self.headers.get("Content-Length")
@@ -501,12 +513,17 @@ class CompletionHandler(BaseHTTPRequestHandler):
     def _events(self, seqs, choices, events):
         """Yield (choice, new text, finish_reason or None) until every choice has finished."""
         open_choices = len(choices)
+        next_check = time.monotonic() + 0.1
         while open_choices:
             try:
                 index, kind, value = events.get(timeout=0.05)
             except queue.Empty:
+                index = None
+            if time.monotonic() >= next_check:          # a few times a second: is the client still there?
                 if self._client_gone():
-                    raise ClientGone() from None
+                    raise ClientGone()
+                next_check = time.monotonic() + 0.1
+            if index is None:
                 continue
             c = choices[index]
             if c["finish_reason"] is not None:

@@ -1,0 +1,421 @@
+"""The HTTP generation server, end to end: real servers (subprocesses) on free loopback ports, real HTTP clients.
+
+Two servers are started once for the module:
+  "trained": a tiny model trained for 30 steps (float32, as sample.py runs it): completions must equal
+             sample.py's with the same seed, streaming must equal non-streaming, bad requests get 4xx.
+  "long":    random weights with a 1024-token context (float64): long generations to batch 32 clients
+             together (float64, so batched and alone agree to the last token, see batching.py) and to
+             disconnect from in the middle of a stream.
+"""
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanogpt_np.checkpoint import load_model, load_tokenizer_of_run, save_checkpoint
+from nanogpt_np.char_tokenizer import CharTokenizer
+from nanogpt_np.config import parse_args
+from nanogpt_np.generate import generate, generate_text
+from nanogpt_np.model import GPT, GPTConfig
+from nanogpt_np.serve import Limits, TextAssembler, parse_completion_request, APIError
+from nanogpt_np.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+# ----- servers -----
+class Server:
+    def __init__(self, out_dir, log_path, *extra):
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "nanogpt_np.serve", f"--out_dir={out_dir}", "--port=0",
+                                      "--device=cpu", *extra], cwd=REPO, env=ENV, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:                                   # the server prints its address once it listens
+            text = Path(log_path).read_text()
+            if "on http://" in text:
+                self.port = int(text.split("on http://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start:\n{text}")
+            time.sleep(0.05)
+
+    def request(self, method, path, body=None, headers=None, timeout=30):
+        """(status, parsed JSON or text) over a fresh connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+            conn.request(method, path, body=data, headers=headers or {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+            ctype = resp.getheader("Content-Type", "")
+            return resp.status, (json.loads(raw) if "json" in ctype else raw.decode())
+        finally:
+            conn.close()
+
+    def complete(self, **body):
+        status, out = self.request("POST", "/v1/completions", body)
+        assert status == 200, out
+        return out
+
+    def stream(self, **body):
+        """The parsed events of a streamed completion (the last one is the string "[DONE]")."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
+            events = []
+            for block in resp.read().decode().split("\n\n"):
+                if block.strip():
+                    assert block.startswith("data: ")
+                    data = block[len("data: "):]
+                    events.append(data if data == "[DONE]" else json.loads(data))
+            return events
+        finally:
+            conn.close()
+
+    def health(self):
+        status, out = self.request("GET", "/health")
+        assert status == 200
+        return out
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    cfg = parse_args(["--model=tiny", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--device=cpu",
+                      "--max_iters=30", "--lr_decay_iters=30", "--warmup_iters=3", "--eval_interval=30",
+                      "--log_interval=10", "--learning_rate=3e-3", f"--out_dir={out}"])
+    train(cfg, echo=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory, trained_run):
+    """Random weights, a 1024-token context, the trained run's tokenizer (so prompts are text)."""
+    out = tmp_path_factory.mktemp("serve") / "long"
+    tokenizer = load_tokenizer_of_run(trained_run)
+    config = GPTConfig(block_size=1024, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32)
+    save_checkpoint(out, GPT(config, seed=3), None, {}, {"step": 0}, tokenizer)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(trained_run):
+    s = Server(trained_run, trained_run.parent / "server.log", "--max_batch=4", "--max_connections=12",
+               "--max_body_bytes=4096", "--max_n=4")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def long_server(long_run):
+    s = Server(long_run, long_run.parent / "long_server.log", "--dtype=float64", "--max_batch=8",
+               "--max_connections=40", "--idle_timeout=5")
+    yield s
+    s.stop()
+
+
+# ----- exactness -----
+def test_completion_equals_sample_py(server, trained_run):
+    """Choice i with seed S is sample.py's i-th sample with --seed=S (which samples with seed S + i)."""
+    settings = dict(temperature=0.9, top_k=20, top_p=0.95, seed=123)
+    out = server.complete(prompt="def ", max_tokens=25, n=2, **settings)
+    cli = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--out_dir={trained_run}", "--prompt=def ",
+                          "--max_new_tokens=25", "--num_samples=2", "--device=cpu",
+                          *[f"--{k}={v}" for k, v in settings.items()]],
+                         capture_output=True, text=True, env=ENV, timeout=60, check=True)
+    samples = cli.stdout.split("\n---------------\n")[:2]
+    assert [c["text"] for c in out["choices"]] == samples
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert all(c["finish_reason"] == "length" and c["logprobs"] is None for c in out["choices"])
+    assert out["usage"] == {"prompt_tokens": 4, "completion_tokens": 50, "total_tokens": 54}
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-")
+    assert out["model"] == trained_run.name
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=1.0, seed=5),
+                                      dict(temperature=0.7, top_k=5, seed=6), dict(temperature=1.5, top_p=0.5,
+                                                                                   seed=7)])
+def test_completion_equals_generate_text(server, trained_run, settings):
+    model, tokenizer = load_model(trained_run), load_tokenizer_of_run(trained_run)
+    for prompt in ("", "class Foo:", "x" * 31):
+        want = generate_text(model, tokenizer, prompt, 33 - max(1, len(prompt)), **settings)
+        got = server.complete(prompt=prompt, max_tokens=32, **settings)["choices"][0]
+        assert got["text"] == want and got["finish_reason"] == "length"    # stops when the context is full
+
+
+def test_token_prompts_and_echo(server, trained_run):
+    tokenizer = load_tokenizer_of_run(trained_run)
+    ids = tokenizer.encode("import ")
+    by_text = server.complete(prompt="import ", max_tokens=8, seed=1)
+    by_ids = server.complete(prompt=[ids, ids], max_tokens=8, seed=1, echo=True)
+    assert [c["text"] for c in by_ids["choices"]] == ["import " + by_text["choices"][0]["text"]] * 2
+    assert by_ids["usage"]["prompt_tokens"] == 2 * len(ids)
+
+
+def test_streaming_equals_non_streaming(server):
+    body = dict(prompt="def f(x):", max_tokens=20, n=3, seed=42, temperature=1.0)
+    whole = server.complete(**body)
+    events = server.stream(**body, stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    texts, reasons = ["", "", ""], [None, None, None]
+    for e in events[:-2]:
+        assert e["object"] == "text_completion" and e["id"] == events[0]["id"]
+        (c,) = e["choices"]
+        assert reasons[c["index"]] is None          # nothing after a choice's finish_reason
+        texts[c["index"]] += c["text"]
+        reasons[c["index"]] = c["finish_reason"]
+    assert texts == [c["text"] for c in whole["choices"]]
+    assert reasons == [c["finish_reason"] for c in whole["choices"]]
+    assert sum(1 for e in events[:-2] if e["choices"][0]["text"]) > 3        # it did come in pieces
+
+
+def test_stop_strings(server):
+    base = server.complete(prompt="def ", max_tokens=30, seed=9, temperature=1.0)["choices"][0]["text"]
+    stop = base[10:12]                                            # two characters = two tokens
+    want = base[:base.index(stop)]
+    for stream in (False, True):
+        body = dict(prompt="def ", max_tokens=30, seed=9, temperature=1.0, stop=[stop, "\x00never"])
+        if stream:
+            events = server.stream(**body)
+            text = "".join(e["choices"][0]["text"] for e in events[:-1])
+            reason = events[-2]["choices"][0]["finish_reason"]
+        else:
+            out = server.complete(**body)
+            text, reason = out["choices"][0]["text"], out["choices"][0]["finish_reason"]
+            assert out["usage"]["completion_tokens"] == len(want) + len(stop)     # char tokens up to the stop
+        assert (text, reason) == (want, "stop")
+
+
+# ----- bad requests -----
+BAD = [  # (body, status, param or None)
+    (b"{not json", 400, None),
+    (b"\xff\xfe", 400, None),
+    (b'{"prompt": "a", "max_tokens": NaN}', 400, None),
+    (b"[1, 2]", 400, None),
+    ({"prompt": "a", "bogus": 1}, 400, "bogus"),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": ["a", 1]}, 400, "prompt"),
+    ({"prompt": [1, 100000]}, 400, "prompt"),
+    ({"prompt": "x" * 33}, 400, "prompt"),                     # longer than the context
+    ({"prompt": "\U0001F600"}, 400, "prompt"),                 # not in the character vocabulary
+    ({"prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 33}, 400, "max_tokens"),
+    ({"prompt": "a", "max_tokens": True}, 400, "max_tokens"),
+    ({"prompt": "a", "temperature": -0.1}, 400, "temperature"),
+    ({"prompt": "a", "temperature": 2.5}, 400, "temperature"),
+    ({"prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "a", "top_k": -1}, 400, "top_k"),
+    ({"prompt": "a", "top_k": 2.5}, 400, "top_k"),
+    ({"prompt": "a", "n": 0}, 400, "n"),
+    ({"prompt": "a", "n": 5}, 400, "n"),
+    ({"prompt": ["a"] * 5, "n": 4}, 400, "n"),
+    ({"prompt": "a", "seed": -1}, 400, "seed"),
+    ({"prompt": "a", "seed": "1"}, 400, "seed"),
+    ({"prompt": "a", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"prompt": "a", "stop": [""]}, 400, "stop"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "a", "stop": 3}, 400, "stop"),
+    ({"prompt": "a", "echo": 1}, 400, "echo"),
+    ({"prompt": "a", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "a", "model": 3}, 400, "model"),
+    ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "a" * 5000}, 413, None),                        # the server was started with 4096 bytes
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD)
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, param):
+    got, out = server.request("POST", "/v1/completions", body)
+    assert got == status, out
+    assert set(out["error"]) == {"message", "type", "param", "code"} and out["error"]["message"]
+    assert out["error"]["param"] == param
+    assert server.complete(prompt="a", max_tokens=2)["choices"][0]["finish_reason"] == "length"
+
+
+def test_bad_http(server):
+    assert server.request("GET", "/nowhere")[0] == 404
+    assert server.request("GET", "/v1/completions")[0] == 405
+    assert server.request("DELETE", "/v1/models")[0] == 405
+    # no Content-Length: 411 (sent by hand: http.client adds one)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 411")
+    # a 400 on a keep-alive connection leaves the connection usable
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    for body, status in ((b"{oops", 400), (json.dumps({"prompt": "a", "max_tokens": 1}).encode(), 200),
+                         (b'{"prompt": 1}', 400), (json.dumps({"prompt": "b", "max_tokens": 1}).encode(), 200)):
+        conn.request("POST", "/v1/completions", body=body)
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == status
+    conn.close()
+    assert server.health()["status"] == "ok"
+
+
+def test_models_health_and_page(server, trained_run):
+    status, models = server.request("GET", "/v1/models")
+    assert status == 200 and models["object"] == "list" and models["data"][0]["id"] == trained_run.name
+    assert server.request("GET", f"/v1/models/{trained_run.name}")[1]["object"] == "model"
+    assert server.request("GET", "/v1/models/other")[0] == 404
+    health = server.health()
+    assert health["status"] == "ok" and health["context_length"] == 32 and health["device"] == "cpu"
+    status, page = server.request("GET", "/")
+    assert status == 200 and "<textarea" in page and "/v1/completions" in page and "[DONE]" in page
+
+
+def test_connection_cap(server):
+    """Past --max_connections (12), new connections get a 503 at once; closing them frees the places."""
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(12)]
+    try:
+        deadline, refused = time.monotonic() + 10, False
+        while not refused and time.monotonic() < deadline:         # until the server has accepted all 12
+            status, out = server.request("GET", "/health")
+            refused = status == 503
+            if refused:
+                assert out["error"]["code"] == "too_many_connections"
+            else:
+                time.sleep(0.05)
+        assert refused
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status, out = server.request("GET", "/health")
+        if status == 200 and out["connections"] == 1:
+            break
+        time.sleep(0.05)
+    assert status == 200 and out["connections"] == 1
+
+
+# ----- load -----
+def test_32_concurrent_clients_are_batched_and_exact(long_server, long_run):
+    model, tokenizer = load_model(long_run, dtype="float64"), load_tokenizer_of_run(long_run)
+    jobs = [dict(prompt="def f" + "x" * (i % 7), max_tokens=24 + i % 9, seed=1000 + i,
+                 temperature=[0, 0.8, 1.0, 1.2][i % 4], top_k=[None, 10][i % 2]) for i in range(32)]
+    want = [generate_text(model, tokenizer, j["prompt"], j["max_tokens"], temperature=j["temperature"],
+                          top_k=j["top_k"], seed=j["seed"]) for j in jobs]
+    got = [None] * 32
+    start = threading.Barrier(32)
+
+    def client(i):
+        start.wait()
+        if i % 2:
+            got[i] = long_server.complete(**jobs[i])["choices"][0]["text"]
+        else:
+            got[i] = "".join(e["choices"][0]["text"] for e in long_server.stream(**jobs[i])[:-1])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == want
+    health = long_server.health()
+    assert health["max_batch_seen"] == 8 and health["active"] == 0 and health["waiting"] == 0
+
+
+def test_disconnect_mid_stream_frees_the_slot(long_server):
+    before = long_server.health()
+    socks = []
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", long_server.port), timeout=10)
+        body = json.dumps({"prompt": "def ", "max_tokens": 1000, "stream": True, "seed": 1}).encode()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")         # headers (and maybe the first events)
+        socks.append(s)
+    assert long_server.health()["active"] >= 1
+    for s in socks:
+        s.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        h = long_server.health()
+        if h["active"] == 0 and h["waiting"] == 0 and h["connections"] == 1:
+            break
+        time.sleep(0.02)
+    assert (h["active"], h["waiting"], h["connections"]) == (0, 0, 1)
+    assert h["tokens"] - before["tokens"] < 3 * 1000 - 100        # the three were stopped early
+    steps = h["decode_steps"]
+    time.sleep(0.3)
+    assert long_server.health()["decode_steps"] == steps           # nothing is generated for nobody
+    assert long_server.complete(prompt="a", max_tokens=3)["usage"]["completion_tokens"] == 3
+
+
+# ----- pieces, without HTTP -----
+class ByteTokenizer:
+    """One token per byte, so a character can be split across tokens."""
+    vocab_size, eot_id = 256, None
+
+    def decode_bytes(self, ids):
+        return bytes(ids)
+
+
+def assemble(tokens, stop):
+    a = TextAssembler(ByteTokenizer(), stop)
+    pieces = [a.add(t) for t in tokens]
+    if not a.stopped:
+        pieces.append(a.finish())
+    return pieces, a.stopped
+
+
+def test_text_assembler_utf8_and_stops():
+    text = "héllo wörld, €uro"
+    tokens = list(text.encode())
+    pieces, stopped = assemble(tokens, [])
+    assert "".join(pieces) == text and not stopped and all("\ufffd" not in p for p in pieces)
+    for stop in (["wö"], ["ö"], ["xyz", "d, €"], ["lo w", "llo"]):
+        pieces, stopped = assemble(tokens, stop)
+        first = min(text.index(s) for s in stop if s in text)
+        assert "".join(pieces) == text[:first] and stopped
+    pieces, stopped = assemble(list(b"abcab"), ["abd"])              # a held-back prefix is released at the end
+    assert "".join(pieces) == "abcab" and not stopped and pieces[1] == "" and pieces[-1] == "ab"
+
+
+def test_parse_completion_request_defaults():
+    tok = CharTokenizer("abc \n")
+    req = parse_completion_request({"prompt": "ab"}, tok, 8, "m", Limits())
+    assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.n, req.stream) == (8, 1.0, 1.0, None, 1, False)
+    assert req.prompts == [("ab", [0, 1])] and req.stop == [] and 0 <= req.seed < 2**48
+    with pytest.raises(APIError) as e:
+        parse_completion_request({"prompt": "ab", "max_tokens": 9}, tok, 8, "m", Limits())
+    assert e.value.status == 400 and "1 to 8" in e.value.message
+    req = parse_completion_request({"prompt": "", "top_k": 0, "stop": "a"}, tok, 8, "m", Limits(max_tokens=4))
+    assert req.prompts == [("", [4])] and req.top_k is None and req.stop == ["a"]     # "" starts from "\n"
+
+
+def test_cli_errors(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "nanogpt_np.serve", f"--out_dir={tmp_path / 'nothing'}"],
+                       capture_output=True, text=True, env=ENV, cwd=REPO, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
