@@ -147,56 +147,40 @@ def _gpt2_regex():
     return regex.compile(GPT2_PATTERN)  # regex keeps its own cache of compiled patterns
 
 
-def _is_safe_cut(text: str, i: int) -> bool:
-    """True if the GPT-2 pattern's chunks of text[:i] and text[i:] are exactly those of text, cut at i.
-
-    That holds where a single newline sits between two non-whitespace characters ("...end.\\nNext"):
-    only whitespace chunks contain a newline, a whitespace chunk cannot reach past a non-whitespace
-    character, and a lone newline followed by a non-space is one chunk both in the whole text and at
-    the end of the left part. (After "\\n\\n" it would not be: "\\n\\n" at the end of a text is one
-    chunk, but "\\n", "\\n" before a word.) Proven for GPT2_PATTERN only; other patterns are not cut.
-    """
-    return (
-        2 <= i < len(text)
-        and text[i - 1] == "\n"
-        and not _WHITESPACE.match(text, i - 2)
-        and not _WHITESPACE.match(text, i)
-    )
+# Where a text can be cut without changing its GPT-2 chunks: between a non-whitespace character and
+# a whitespace character. Why: a chunk holds whitespace only as a whole whitespace run or as one
+# leading space, so no chunk runs from a non-whitespace character into whitespace, and there is
+# always a chunk border there. The pattern has no look-behind, so the chunks after the border do not
+# depend on the text before it; its only look-ahead, (?!\S), ends a whitespace run before a
+# non-whitespace character, so no chunk before the border looked past it. (After a newline it would
+# not be safe: "a\n\n" ends in the chunk "\n\n", but "a\n\nb" has "\n", "\n", "b".)
+# Proven for GPT2_PATTERN only; texts for other patterns are never cut.
+_SAFE_CUT = regex.compile(r"(?<=\S)(?=\s)")
+_SAFE_CUT_BACKWARDS = regex.compile(r"(?r)(?<=\S)(?=\s)")
 
 
 def cut_text(text: str, piece_chars: int) -> Iterator[str]:
-    """Yield consecutive pieces of about piece_chars characters, cut only at safe places (see _is_safe_cut).
+    """Yield consecutive pieces of about piece_chars characters, cut only at safe places (above):
+    each piece then splits into exactly the GPT-2 chunks it has inside the whole text.
 
     Joining the pieces gives back `text`; a text without a safe place is yielded whole.
     """
     start = 0
     while len(text) - start > piece_chars:
-        cut = _find_safe_cut(text, start + piece_chars, start)
-        if cut is None:
+        near = start + piece_chars
+        # the first safe place at or after `near`, else the last one between start and near
+        found = _SAFE_CUT.search(text, near) or _SAFE_CUT_BACKWARDS.search(text, start + 1, near + 1)
+        if found is None:
             break
+        cut = found.start()
         yield text[start:cut]
         start = cut
     if start < len(text) or not text:
         yield text[start:]
 
 
-def _find_safe_cut(text: str, near: int, lower: int) -> Optional[int]:
-    """The first safe cut at or after `near`, else the last one after `lower`; None if there is none."""
-    i = text.find("\n", near - 1)
-    while i != -1:
-        if _is_safe_cut(text, i + 1):
-            return i + 1
-        i = text.find("\n", i + 1)
-    i = text.rfind("\n", lower, near)
-    while i > lower:
-        if _is_safe_cut(text, i + 1):
-            return i + 1
-        i = text.rfind("\n", lower, i)
-    return None
-
-
 def read_text_pieces(path: Union[str, os.PathLike], piece_chars: int = 1 << 22, cut: bool = True) -> Iterator[str]:
-    """Read a UTF-8 file as pieces of about piece_chars characters, cut at safe places.
+    """Read a UTF-8 file as pieces of about piece_chars characters, cut at safe places (see cut_text).
 
     Newlines are kept as they are ("\\r\\n" stays "\\r\\n"). With cut=False (for patterns other than
     GPT-2's) the whole file is one piece. A file that is not UTF-8 raises TokenizerError naming it.
@@ -592,6 +576,8 @@ class BPETokenizer:
         """The bytes the ids stand for. Raises UnknownTokenIdError for an id outside the vocabulary."""
         if isinstance(ids, np.ndarray):
             ids = ids.tolist()  # plain ints: faster dict lookups, and no numpy scalar surprises
+        elif not isinstance(ids, (list, tuple)):
+            ids = list(ids)  # a generator could not be read twice (the error path reads it again)
         try:
             return b"".join(map(self._id_to_bytes.__getitem__, ids))
         except (KeyError, TypeError):
@@ -775,11 +761,11 @@ def _encode_piece(task):
     return doc_index, np.array(_worker_tokenizer.encode(text, allowed_special), dtype=dtype)
 
 
-def _pieces(tokenizer, inputs, piece_chars, allowed_special):
+def _pieces(tokenizer, inputs, piece_chars):
     """(document index, text piece) for every input, files read lazily; an empty document still
     yields one empty piece so that it is reported. Pieces are cut only where that cannot change
-    the ids (GPT-2's pattern, no special token holding a newline)."""
-    cut = tokenizer.pattern == GPT2_PATTERN and not any("\n" in s for s in tokenizer.special_tokens)
+    the ids (GPT-2's pattern, and no special token holding whitespace, which could straddle a cut)."""
+    cut = tokenizer.pattern == GPT2_PATTERN and not any(_WHITESPACE.search(s) for s in tokenizer.special_tokens)
     for index, item in enumerate(inputs):
         if isinstance(item, str):
             pieces = cut_text(item, piece_chars) if cut else iter((item,))
@@ -801,7 +787,7 @@ def iter_encode_parallel(
     processes: Optional[int] = None,
     allowed_special="none_raise",
     append_eot: bool = False,
-    piece_chars: int = 1 << 20,
+    piece_chars: int = 1 << 18,
 ) -> Iterator[Tuple[int, np.ndarray]]:
     """Encode documents on every core, yielding (document index, ids) in input order.
 
@@ -820,7 +806,7 @@ def iter_encode_parallel(
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     processes = (os.cpu_count() or 1) if processes is None else processes
     tasks = ((index, piece, allowed_special, dtype)
-             for index, piece in _pieces(tokenizer, paths_or_texts, piece_chars, allowed_special))
+             for index, piece in _pieces(tokenizer, paths_or_texts, piece_chars))
 
     def documents(results: Iterable[Tuple[int, np.ndarray]]):
         """Join consecutive pieces of the same document."""
@@ -871,7 +857,7 @@ def encode_files_parallel(
     allowed_special="none_raise",
     append_eot: bool = False,
     on_document: Optional[Callable[[int, np.ndarray], None]] = None,
-    piece_chars: int = 1 << 20,
+    piece_chars: int = 1 << 18,
 ) -> Optional[List[np.ndarray]]:
     """Encode documents on every core (see iter_encode_parallel for inputs and options).
 

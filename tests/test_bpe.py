@@ -359,6 +359,16 @@ def test_cut_pieces_encode_like_the_whole(trained, text, piece_chars):
     assert [i for piece in pieces for i in tok.encode(piece)] == tok.encode(text)
 
 
+def test_cut_text_finds_places_in_crlf_text_and_keeps_a_text_without_any_whole():
+    text = "word,word\r\n" * 1000
+    pieces = list(bpe.cut_text(text, 100))
+    assert "".join(pieces) == text and 50 < len(pieces) < 200
+    assert all(p[-1] not in " \r\n" for p in pieces[:-1])  # each cut comes before whitespace
+    assert list(bpe.cut_text("x" * 1000, 10)) == ["x" * 1000]
+    assert list(bpe.cut_text("   " * 100, 10)) == ["   " * 100]
+    assert list(bpe.cut_text("", 10)) == [""]
+
+
 def test_parallel_encoding_equals_serial(trained, tmp_path):
     tok = trained[3000]
     texts = [training_text()[:40000], "", "short one", LOCAL_TEXT + "\r\n\r\nend"]
