@@ -366,6 +366,7 @@ def test_disconnect_mid_stream_frees_the_slot(long_server):
             break
         time.sleep(0.02)
     assert (h["active"], h["waiting"], h["connections"]) == (0, 0, 1)
+    print("tokens generated for the 3 disconnected streams:", h["tokens"] - before["tokens"])
     assert h["tokens"] - before["tokens"] < 3 * 1000 - 100        # the three were stopped early
     steps = h["decode_steps"]
     time.sleep(0.3)
@@ -419,3 +420,50 @@ def test_cli_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nanogpt_np.serve", f"--out_dir={tmp_path / 'nothing'}"],
                        capture_output=True, text=True, env=ENV, cwd=REPO, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+# ----- the scheduler alone (in this process: the test thread runs no model while the worker lives) -----
+def run_scheduler(model, sequences, max_batch=4):
+    from nanogpt_np.batching import Scheduler
+    scheduler = Scheduler(model, max_batch=max_batch).start()
+    try:
+        scheduler.submit(sequences)
+        order, tokens = [], {s.index: [] for s in sequences}
+        while len(order) < len(sequences):
+            index, kind, value = sequences[0].events.get(timeout=30)
+            if kind == "token":
+                tokens[index].append(value)
+            else:
+                order.append((index, value))
+        assert scheduler.stats()["active"] == 0
+        return order, tokens
+    finally:
+        scheduler.stop()
+
+
+def test_scheduler_limits_cancel_and_fifo():
+    import queue
+    from nanogpt_np.batching import Sequence
+    model = GPT(GPTConfig(block_size=1024, vocab_size=20, n_layer=1, n_head=2, n_embd=16), seed=1)
+    events = queue.Queue()
+    now = time.monotonic()
+
+    def seq(index, **kw):
+        return Sequence(**{**dict(prompt_ids=[1, 2, 3], max_tokens=5, seed=index, events=events, index=index), **kw})
+
+    cancelled = seq(1)
+    cancelled.cancel()
+    order, tokens = run_scheduler(model, [
+        seq(0, max_tokens=7),
+        cancelled,                                                   # cancelled while waiting: never runs
+        seq(2, deadline=now - 1),                                    # out of time while waiting
+        seq(3, max_tokens=100000, deadline=now + 0.05),              # out of time while running
+        seq(4, stop_ids=range(20)),                                  # every token is a stop token
+        seq(5, prompt_ids=[1] * 1018, max_tokens=100),               # the context fills: 1024 - 1018 + 1
+    ])
+    reasons = dict(order)
+    assert reasons == {0: "length", 1: "cancelled", 2: "length", 3: "length", 4: "stop", 5: "length"}
+    assert [len(tokens[i]) for i in (0, 1, 2, 4, 5)] == [7, 0, 0, 1, 7] and len(tokens[3]) < 1000
+    # one slot: first come, first served
+    order, _ = run_scheduler(model, [seq(i, max_tokens=3 + i % 2) for i in range(5)], max_batch=1)
+    assert [i for i, _ in order] == [0, 1, 2, 3, 4]
