@@ -14,22 +14,29 @@ import math
 from . import backend
 
 
-def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step, n_decay=None):
+def adamw_update(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step, n_decay=None, scratch=None):
     """One AdamW step on flat arrays, in place. Decay applies to param[:n_decay] (all of it when None).
-    Written with in-place operations so no parameter-sized temporaries pile up (this is memory-bound)."""
+    This is memory-bound, so it works in place with one scratch array instead of allocating temporaries."""
     xp = backend.xp_of(param)
+    tmp = scratch if scratch is not None else xp.empty_like(param)
     m *= beta1
-    m += (1.0 - beta1) * grad
+    xp.multiply(grad, 1.0 - beta1, out=tmp)
+    m += tmp                                              # m = beta1 m + (1 - beta1) g
     v *= beta2
-    v += (1.0 - beta2) * (grad * grad)
+    xp.multiply(grad, grad, out=tmp)
+    tmp *= 1.0 - beta2
+    v += tmp                                              # v = beta2 v + (1 - beta2) g^2
     if weight_decay:
         decayed = param if n_decay is None else param[:n_decay]
-        decayed *= 1.0 - lr * weight_decay
+        decayed *= 1.0 - lr * weight_decay                # p -= lr * wd * p
     bias1 = 1.0 - beta1 ** step
     bias2 = 1.0 - beta2 ** step
-    denom = xp.sqrt(v / bias2)
-    denom += eps
-    param -= (lr / bias1) * (m / denom)
+    xp.sqrt(v, out=tmp)
+    tmp *= 1.0 / math.sqrt(bias2)
+    tmp += eps                                            # sqrt(v_hat) + eps
+    xp.divide(m, tmp, out=tmp)
+    tmp *= lr / bias1                                     # lr * m_hat / (sqrt(v_hat) + eps)
+    param -= tmp
 
 
 class AdamW:
@@ -44,6 +51,7 @@ class AdamW:
         xp = backend.xp_of(model.flat_params)
         self.m = xp.zeros(model.flat_params.shape, dtype="float32" if model.dtype.itemsize < 4 else model.dtype)
         self.v = xp.zeros_like(self.m)
+        self.scratch = xp.empty_like(self.m)
         self.step_count = 0
 
     def step(self, lr=None):
@@ -53,7 +61,8 @@ class AdamW:
         update = kernel if kernel is not None else adamw_update
         update(self.model.flat_params, self.model.flat_grads, self.m, self.v,
                lr=self.lr if lr is None else lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-               weight_decay=self.weight_decay, step=self.step_count, n_decay=self.model.n_decay)
+               weight_decay=self.weight_decay, step=self.step_count, n_decay=self.model.n_decay,
+               scratch=self.scratch)
 
     def state_arrays(self) -> dict:
         return {"m": backend.to_numpy(self.m), "v": backend.to_numpy(self.v)}

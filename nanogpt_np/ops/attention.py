@@ -36,15 +36,26 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
 
 
+_mask_cache = {}
+
+
+def causal_mask(T, xp, dtype):
+    """(T, T) additive mask: 0 where position i may see j (j <= i), -inf above the diagonal. Cached."""
+    key = (T, xp.__name__, str(dtype))
+    if key not in _mask_cache:
+        future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
+        _mask_cache[key] = xp.where(future, -xp.inf, 0.0).astype(dtype)
+    return _mask_cache[key]
+
+
 def causal_softmax(scores):
-    """Softmax over the last axis of (..., T, T) scores with positions j > i masked out."""
+    """Softmax over the last axis of (..., T, T) scores with positions j > i masked out. Works in place."""
     xp = backend.xp_of(scores)
-    T = scores.shape[-1]
-    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)      # True above the diagonal
-    scores = xp.where(future, -xp.inf, scores)
-    scores = scores - scores.max(axis=-1, keepdims=True)    # the diagonal is never masked: max is finite
-    e = xp.exp(scores)
-    return e / e.sum(axis=-1, keepdims=True)
+    scores += causal_mask(scores.shape[-1], xp, scores.dtype)
+    scores -= scores.max(axis=-1, keepdims=True)           # the diagonal is never masked: max is finite
+    xp.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores
 
 
 def attention_forward(qkv, n_head):
@@ -52,7 +63,9 @@ def attention_forward(qkv, n_head):
     C = qkv.shape[-1] // 3
     q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))
     scale = 1.0 / math.sqrt(C // n_head)
-    att = causal_softmax((q @ k.transpose(0, 1, 3, 2)) * scale)    # (B, NH, T, T)
+    scores = q @ k.transpose(0, 1, 3, 2)                           # (B, NH, T, T)
+    scores *= scale
+    att = causal_softmax(scores)
     y = att @ v                                                    # (B, NH, T, HS)
     return merge_heads(y), (q, k, v, att, scale)
 
@@ -64,8 +77,10 @@ def attention_backward(dout, saved):
     dy = split_heads(dout, q.shape[1])                             # (B, NH, T, HS)
     datt = dy @ v.transpose(0, 1, 3, 2)                            # (B, NH, T, T)
     dv = att.transpose(0, 1, 3, 2) @ dy                            # (B, NH, T, HS)
-    ds = att * (datt - (datt * att).sum(axis=-1, keepdims=True))   # (B, NH, T, T)
-    ds *= scale
+    ds = datt                                                      # reuse datt's memory for ds
+    ds -= (datt * att).sum(axis=-1, keepdims=True)
+    ds *= att
+    ds *= scale                                                    # (B, NH, T, T)
     dq = ds @ k
     dk = ds.transpose(0, 1, 3, 2) @ q
     return (xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1),)

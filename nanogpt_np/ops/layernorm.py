@@ -19,21 +19,29 @@ def layernorm_forward(x, w, b, eps=1e-5):
     """x (N, C), w (C,), b (C,) -> y (N, C)."""
     xp = backend.xp_of(x)
     mean = x.mean(axis=-1, keepdims=True)                   # (N, 1)
-    xc = x - mean
-    var = (xc * xc).mean(axis=-1, keepdims=True)            # (N, 1), biased (divide by C), as GPT-2
+    xhat = x - mean                                         # (N, C), centred; scaled in place below
+    var = (xhat * xhat).mean(axis=-1, keepdims=True)        # (N, 1), biased (divide by C), as GPT-2
     rstd = 1.0 / xp.sqrt(var + eps)                         # (N, 1)
-    xhat = xc * rstd                                        # (N, C)
-    y = xhat * w + b
+    xhat *= rstd
+    y = xhat * w
+    y += b
     return y, (xhat, w, rstd)
 
 
 def layernorm_backward(dy, saved):
     """dy (N, C) -> dx (N, C), dw (C,), db (C,)."""
     xhat, w, rstd = saved
-    dw = (dy * xhat).sum(axis=0)
+    C = xhat.shape[-1]
+    dy_xhat = dy * xhat                                     # (N, C)
+    dw = dy_xhat.sum(axis=0)
     db = dy.sum(axis=0)
-    g = dy * w                                              # d loss / d xhat
-    dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    # with g = dy * w: mean(g) = (dy @ w) / C and mean(g * xhat) = (dy * xhat) @ w / C (matrix-vector products)
+    mean_g = (dy @ w)[:, None] / C                          # (N, 1)
+    mean_g_xhat = (dy_xhat @ w)[:, None] / C                # (N, 1)
+    dx = dy * w                                             # g
+    dx -= mean_g
+    dx -= xhat * mean_g_xhat
+    dx *= rstd
     return dx, dw, db
 
 
