@@ -164,19 +164,22 @@ def split_hash(text: str, seed: int) -> float:
 def _clean_chunk(docs):
     """Worker: clean each (text, source, line); compute dedup keys and split hash of the survivors.
 
-    Returns (records, band keys (n_kept, bands) or None, signatures (n_kept, P) or None, chars);
-    the i-th kept record's signature is row i (MinHash runs once over the whole chunk)."""
+    Returns (records, band keys (n_kept, bands) or None, signatures (n_kept, P) or None, chars).
+    A record is (JSON line of the cleaned text or None if dropped, its UTF-8 bytes, its characters,
+    bytes removed per step, exact key, split hash); the i-th kept record's signature is row i
+    (MinHash runs once over the whole chunk)."""
     cleaner, hasher, seed = _W["cleaner"], _W["hasher"], _W["seed"]
     records, kept, chars = [], [], set() if _W["collect_chars"] else None
     for text, source, line in docs:
         cleaned, removed = cleaner.clean(text)
         if cleaned is None:
-            records.append((None, removed, None, 0.0))
+            records.append((None, 0, 0, removed, None, 0.0))
             continue
         key = exact_key(cleaned) if _W["exact"] else None
         if chars is not None:
             chars.update(cleaned)
-        records.append((cleaned, removed, key, split_hash(cleaned, seed)))
+        line = json.dumps(cleaned, ensure_ascii=False) + "\n"  # as stored in the _clean_*.jsonl files
+        records.append((line, len(cleaned.encode("utf-8")), len(cleaned), removed, key, split_hash(cleaned, seed)))
         kept.append(cleaned)
     sigs = keys = None
     if hasher is not None:
@@ -218,14 +221,13 @@ def clean_stage(cfg: PrepareConfig, processes: int, report: dict) -> Optional[se
             if chars is not None:
                 chars.update(chunk_chars)
             i = -1  # row of the current kept record in keys/sigs
-            for cleaned, removed, key, u in records:
-                for step, nbytes in removed.items():
-                    steps[step]["bytes_removed"] += nbytes
-                if cleaned is None:
+            for line, nbytes, nchars, removed, key, u in records:
+                for step, removed_bytes in removed.items():
+                    steps[step]["bytes_removed"] += removed_bytes
+                if line is None:
                     steps["too_short"]["docs_removed"] += 1
                     continue
                 i += 1
-                nbytes = len(cleaned.encode("utf-8"))
                 if exact is not None and exact.is_duplicate(key):
                     steps["exact_dup"]["docs_removed"] += 1
                     steps["exact_dup"]["bytes_removed"] += nbytes
@@ -235,12 +237,12 @@ def clean_stage(cfg: PrepareConfig, processes: int, report: dict) -> Optional[se
                     steps["near_dup"]["bytes_removed"] += nbytes
                     continue
                 which = "val" if u < cfg.val_fraction else "train"
-                outs[which].write(json.dumps(cleaned, ensure_ascii=False) + "\n")
+                outs[which].write(line)
                 kept["documents"] += 1
                 kept["bytes"] += nbytes
                 split[which]["documents"] += 1
                 split[which]["bytes"] += nbytes
-                split[which]["chars"] += len(cleaned)
+                split[which]["chars"] += nchars
             progress.update(stats.bytes_in, f"{stats.documents} docs")
     finally:
         for f in outs.values():
@@ -319,9 +321,11 @@ def tokenizer_name(tok) -> str:
 
 
 # --------------------------------------------------------------------------- stage 2: tokenize
-def _tokenize_chunk(texts: List[str]) -> np.ndarray:
-    """Worker: the ids of a list of documents with their separators, as one array."""
+def _tokenize_chunk(lines: List[str]) -> np.ndarray:
+    """Worker: the ids of a list of documents (JSON lines of a _clean_*.jsonl file) with their
+    separators, as one array."""
     tok, dtype = _W["tokenizer"], _W["dtype"]
+    texts = [json.loads(line) for line in lines]
     eot = tok.eot_id
     if eot is not None:
         pieces = [chain((eot,), tok.encode(t, allowed_special="none")) for t in texts]
@@ -339,14 +343,15 @@ def tokenize_stage(cfg: PrepareConfig, tok, processes: int, report: dict) -> Dic
             target = os.path.join(cfg.out_dir, split + "_{index:06d}.bin")
         else:
             target = os.path.join(cfg.out_dir, split + ".bin")
-        total_chars = report["split"][split]["chars"]
-        progress = Progress(f"tokenize {split}", total_chars, cfg.progress)  # counts characters, shown as "MB"
+        total_chars = os.path.getsize(src)  # close enough to the characters of the JSON lines
+        progress = Progress(f"tokenize {split}", total_chars, cfg.progress)
         sizes = deque()  # characters in each chunk sent out, in order; popped as results come back
 
-        def chunks():
-            for chunk in _chunks(iter_clean_file(src), len, cfg.chunk_chars):
-                sizes.append(sum(map(len, chunk)))
-                yield chunk
+        def chunks():  # raw JSON lines: parsing them is left to the workers
+            with open(src, encoding="utf-8") as f:
+                for chunk in _chunks(f, len, cfg.chunk_chars):
+                    sizes.append(sum(map(len, chunk)))
+                    yield chunk
 
         done = 0
         with ShardWriter(target, dtype=dtype, max_tokens=cfg.shard_tokens) as writer:
