@@ -344,6 +344,7 @@ class CompletionServer(ThreadingHTTPServer):
 
 class CompletionHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"          # keep-alive; streams use chunked transfer encoding
+    disable_nagle_algorithm = True         # send each small write (a token's event) at once (TCP_NODELAY)
     server_version = "nanogpt_np-serve"
 
     def setup(self):

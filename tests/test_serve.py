@@ -467,3 +467,31 @@ def test_scheduler_limits_cancel_and_fifo():
     # one slot: first come, first served
     order, _ = run_scheduler(model, [seq(i, max_tokens=3 + i % 2) for i in range(5)], max_batch=1)
     assert [i for i, _ in order] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.gpu
+def test_gpu_server_matches_cpu_server(long_run, long_server, tmp_path):
+    """Skipped without CuPy and a GPU. The same requests, 8 at once, on a CUDA server and the CPU server
+    (both float64): the same text."""
+    from nanogpt_np import backend
+    if not backend.cuda_available():
+        pytest.skip("no CUDA GPU with CuPy")
+    gpu = Server(long_run, tmp_path / "gpu.log", "--device=cuda", "--dtype=float64", "--max_batch=8")
+    try:
+        assert gpu.health()["device"] == "cuda"
+        jobs = [dict(prompt="def g" + "y" * i, max_tokens=40, seed=i, temperature=[0, 1.0][i % 2]) for i in range(8)]
+        got = [None] * 8
+
+        def client(i):
+            got[i] = gpu.complete(**jobs[i])["choices"][0]["text"]
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == [long_server.complete(**j)["choices"][0]["text"] for j in jobs]
+        events = gpu.stream(**jobs[1])
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == got[1]
+    finally:
+        gpu.stop()
