@@ -206,13 +206,66 @@ def read_text_pieces(path: Union[str, os.PathLike], piece_chars: int = 1 << 22, 
         raise TokenizerError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _can_cut(pattern: str, special_tokens: Iterable[str]) -> bool:
+    """Whether texts may be cut into pieces for this pattern and these special tokens (a special
+    token holding whitespace could straddle a cut)."""
+    return pattern == GPT2_PATTERN and not any(_WHITESPACE.search(s) for s in special_tokens)
+
+
+# Work on every core: a pool of processes, each holding one shared object (e.g. the tokenizer).
+_worker_shared = None
+
+
+def _set_worker_shared(shared) -> None:
+    global _worker_shared
+    _worker_shared = shared
+
+
+def _call_in_worker(function_and_task):
+    function, task = function_and_task
+    return function(_worker_shared, task)
+
+
+def _parallel_map(function: Callable, tasks: Iterable, processes: int, shared=None) -> Iterator:
+    """function(shared, task) for every task, results in task order, on `processes` worker
+    processes (1 or less: in this process). At most two tasks per worker are in flight, so a corpus
+    of any size streams through in bounded memory. Workers are forked where the system can (they
+    inherit `shared` as it is, e.g. a tokenizer with a warm cache), otherwise spawned (`shared` is
+    then pickled). `function` must be a module-level function."""
+    if processes <= 1:
+        for task in tasks:
+            yield function(shared, task)
+        return
+    import multiprocessing
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(processes, _set_worker_shared, (shared,)) as pool:
+        in_flight = deque()
+        for task in tasks:
+            in_flight.append(pool.apply_async(_call_in_worker, ((function, task),)))
+            if len(in_flight) >= 2 * processes:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. Training
 # ---------------------------------------------------------------------------------------------------
 
-def count_chunks(texts: Iterable[str], pattern: str = GPT2_PATTERN, special_tokens: Sequence[str] = ()) -> Counter:
+def count_chunks(texts: Iterable[str], pattern: str = GPT2_PATTERN, special_tokens: Sequence[str] = (),
+                 processes: int = 1) -> Counter:
     """How often each pre-split chunk occurs in the texts. Special token strings are cut out first,
-    so that "<|endoftext|>" between documents is never learned as ordinary text."""
+    so that "<|endoftext|>" between documents is never learned as ordinary text. With processes > 1
+    the texts are cut into pieces of about 1M characters, counted by a pool of workers, and the
+    counts added up (the same result, faster on large corpora)."""
+    if processes > 1:
+        cut = _can_cut(pattern, special_tokens)
+        pieces = (piece for text in texts for piece in (cut_text(text, 1 << 20) if cut else (text,)))
+        tasks = ((piece, pattern, tuple(special_tokens)) for piece in pieces)
+        total: Counter = Counter()
+        for counts in _parallel_map(_count_piece, tasks, processes):
+            total.update(counts)
+        return total
     compiled = regex.compile(pattern)
     splitter = _special_splitter(special_tokens) if special_tokens else None
     counts: Counter = Counter()
@@ -222,6 +275,11 @@ def count_chunks(texts: Iterable[str], pattern: str = GPT2_PATTERN, special_toke
         for part in parts:
             counts.update(split_chunks(part, pattern, compiled))
     return counts
+
+
+def _count_piece(_, task) -> Counter:
+    piece, pattern, special_tokens = task
+    return count_chunks((piece,), pattern, special_tokens)
 
 
 def learn_merges(
@@ -438,6 +496,11 @@ class BPETokenizer:
         except KeyError:
             raise UnknownTokenIdError(f"unknown token id {token_id!r} (vocabulary has ids 0..{self.vocab_size - 1})") from None
 
+    def __reduce__(self):
+        # what pickle (used by multiprocessing to send a tokenizer to a spawned worker) transports:
+        # the same description as the JSON file, not the internal tables or the cache
+        return (BPETokenizer.from_dict, (self.to_dict(),))
+
     def __repr__(self) -> str:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
                 f"special_tokens={sorted(self.special_tokens)})")
@@ -451,6 +514,7 @@ class BPETokenizer:
         pattern: str = GPT2_PATTERN,
         special_tokens: Sequence[str] = (ENDOFTEXT,),
         verbose: bool = False,
+        processes: int = 1,
     ) -> "BPETokenizer":
         """Learn a tokenizer with vocab_size ids from a text or an iterable of texts (e.g. the pieces
         of `read_text_pieces(path)`).
@@ -459,7 +523,9 @@ class BPETokenizer:
         merges (as GPT-2's 50256 = 256 + 50000 merges). So vocab_size - 256 - len(special_tokens)
         merges are learned. If the text runs out of pairs first, training stops early and the
         tokenizer is smaller (a warning is printed with verbose=True). Raises TokenizerError for a
-        vocab_size below 256 + len(special_tokens) or a text with no characters.
+        vocab_size below 256 + len(special_tokens) or a text with no characters. processes > 1
+        counts the pre-split chunks on that many worker processes (the merges are learned in this
+        one); the result is the same.
         """
         special_tokens = list(dict.fromkeys(special_tokens))  # drop repeats, keep order
         if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
@@ -467,7 +533,7 @@ class BPETokenizer:
                 f"vocab_size must be at least 256 (one id per byte) + {len(special_tokens)} special tokens, got {vocab_size!r}")
         texts = [text_or_iterable_of_texts] if isinstance(text_or_iterable_of_texts, str) else text_or_iterable_of_texts
         start = time.perf_counter()
-        counts = count_chunks(texts, pattern, special_tokens)
+        counts = count_chunks(texts, pattern, special_tokens, processes)
         if not counts:
             raise TokenizerError("cannot train on an empty text (no characters outside special tokens)")
         if verbose:
@@ -748,24 +814,16 @@ def _write_atomic(path, text: str) -> None:
 # 7. Encoding files and corpora on every core
 # ---------------------------------------------------------------------------------------------------
 
-_worker_tokenizer: Optional[BPETokenizer] = None
-
-
-def _init_worker(tokenizer: Optional[BPETokenizer], description: Optional[dict]) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = tokenizer if tokenizer is not None else BPETokenizer.from_dict(description)
-
-
-def _encode_piece(task):
+def _encode_piece(tokenizer, task):
     doc_index, text, allowed_special, dtype = task
-    return doc_index, np.array(_worker_tokenizer.encode(text, allowed_special), dtype=dtype)
+    return doc_index, np.array(tokenizer.encode(text, allowed_special), dtype=dtype)
 
 
 def _pieces(tokenizer, inputs, piece_chars):
     """(document index, text piece) for every input, files read lazily; an empty document still
     yields one empty piece so that it is reported. Pieces are cut only where that cannot change
-    the ids (GPT-2's pattern, and no special token holding whitespace, which could straddle a cut)."""
-    cut = tokenizer.pattern == GPT2_PATTERN and not any(_WHITESPACE.search(s) for s in tokenizer.special_tokens)
+    the ids (see cut_text)."""
+    cut = _can_cut(tokenizer.pattern, tokenizer.special_tokens)
     for index, item in enumerate(inputs):
         if isinstance(item, str):
             pieces = cut_text(item, piece_chars) if cut else iter((item,))
@@ -820,28 +878,7 @@ def iter_encode_parallel(
         if current is not None:
             yield current, _join(parts, tokenizer, append_eot, dtype)
 
-    if processes <= 1:
-        _init_worker(tokenizer, None)
-        yield from documents(map(_encode_piece, tasks))
-        return
-
-    import multiprocessing
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods:
-        # forked workers inherit the tokenizer (and its warm cache) without any copying
-        context, initargs = multiprocessing.get_context("fork"), (tokenizer, None)
-    else:
-        context, initargs = multiprocessing.get_context("spawn"), (None, tokenizer.to_dict())
-    with context.Pool(processes, initializer=_init_worker, initargs=initargs) as pool:
-        def results():
-            in_flight = deque()
-            for task in tasks:
-                in_flight.append(pool.apply_async(_encode_piece, (task,)))
-                if len(in_flight) >= 2 * processes:
-                    yield in_flight.popleft().get()
-            while in_flight:
-                yield in_flight.popleft().get()
-        yield from documents(results())
+    yield from documents(_parallel_map(_encode_piece, tasks, processes, shared=tokenizer))
 
 
 def _join(parts, tokenizer, append_eot, dtype):

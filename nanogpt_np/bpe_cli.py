@@ -13,6 +13,7 @@ otherwise the ids as text, one line per input. Every error is printed as one lin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,8 +35,9 @@ def cmd_train(args) -> None:
             yield from read_text_pieces(path, cut=cut)
 
     start = time.perf_counter()
+    processes = args.processes or os.cpu_count() or 1
     tok = BPETokenizer.train(texts(), args.vocab_size, pattern=args.pattern, special_tokens=specials,
-                             verbose=not args.quiet)
+                             verbose=not args.quiet, processes=processes)
     tok.save(args.output)
     if args.gpt2_dir:
         tok.save_gpt2_files(args.gpt2_dir)
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-special", action="store_true", help="no special tokens at all")
     p.add_argument("--pattern", default=GPT2_PATTERN, help="pre-split regex (default: GPT-2's)")
     p.add_argument("--gpt2-dir", help="also write encoder.json + vocab.bpe into this directory")
+    p.add_argument("--processes", type=int, default=None, help="processes counting chunks (default: every core)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=cmd_train)
 

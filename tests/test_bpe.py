@@ -152,6 +152,23 @@ def test_training_from_iterable_and_special_tokens_not_learned():
     assert not any(b"<|" in joined.token_bytes(i) for i in range(256, 256 + len(joined.merges)))
 
 
+def test_parallel_chunk_counting_gives_the_same_tokenizer():
+    text = training_text()[:100_000] + "<|endoftext|>" + LOCAL_TEXT
+    serial = BPETokenizer.train(text, 600)
+    parallel = BPETokenizer.train([text, "more text"], 600, processes=2)
+    assert bpe.count_chunks([text, "more text"], special_tokens=["<|endoftext|>"], processes=2) == \
+        bpe.count_chunks([text, "more text"], special_tokens=["<|endoftext|>"])
+    assert parallel.merges == BPETokenizer.train([text, "more text"], 600).merges
+    assert serial.merges[:50] == parallel.merges[:50]  # "more text" adds little
+
+
+def test_pickling_sends_the_description(trained):
+    import pickle  # only what multiprocessing does for spawned workers; files never use pickle
+    tok = trained[1000]
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.merges == tok.merges and copy.encode(LOCAL_TEXT) == tok.encode(LOCAL_TEXT)
+
+
 def test_training_stops_early_when_no_pairs_are_left():
     tok = BPETokenizer.train("ab ab", 1000)
     assert [tok.token_bytes(256 + k) for k in range(len(tok.merges))] == [b"ab", b" ab"]
