@@ -373,6 +373,9 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     def _route(self, method):
         self._body_handled = False             # set once the request body is read (or the connection doomed)
+        if method != "POST":                   # a body nobody reads would be taken for the next request
+            self._discard_body()
+            self._body_handled = True
         path = self.path.split("?", 1)[0]
         routes = {"/": {"GET": self._page}, "/health": {"GET": self._health},
                   "/v1/models": {"GET": self._models}, "/v1/completions": {"POST": self._completions}}

@@ -495,3 +495,43 @@ def test_gpu_server_matches_cpu_server(long_run, long_server, tmp_path):
         assert "".join(e["choices"][0]["text"] for e in events[:-1]) == got[1]
     finally:
         gpu.stop()
+
+
+PAGE_HARNESS = """
+const base = process.argv[2], src = process.argv[3];
+const realFetch = fetch;
+globalThis.fetch = (url, options) => realFetch(base + url, options);
+const els = {};
+const el = id => els[id] || (els[id] = {value: "", textContent: "", disabled: false, innerHTML: "", children: [],
+                                        append(c) { this.children.push(c); }});
+Object.assign(el("prompt"), {value: "def "}); el("max_tokens").value = "20"; el("temperature").value = "0.8";
+el("top_k").value = "200"; el("top_p").value = "1"; el("seed").value = "7";
+globalThis.document = {getElementById: el, createElement: () => ({}),
+                       createTextNode: t => ({data: t, appendData(x) { this.data += x; }})};
+eval(src);
+setTimeout(async () => {
+  await els["go"].onclick();
+  console.log(JSON.stringify({model: els["model"].textContent, text: els["out"].children[1].data,
+                              status: els["status"].textContent}));
+}, 300);
+"""
+
+
+def test_page_streams_with_node(server, trained_run, tmp_path):
+    """The page's script, run by Node with a stand-in for the DOM, streams the same text as the API."""
+    import shutil
+    from nanogpt_np.serve import PAGE
+    node = shutil.which("node")
+    if node is None or int(subprocess.run([node, "--version"], capture_output=True, text=True).stdout[1:]
+                           .split(".")[0]) < 18:
+        pytest.skip("needs Node 18+ (fetch)")
+    script = PAGE.split("<script>")[1].split("</script>")[0]
+    harness = tmp_path / "harness.js"
+    harness.write_text(PAGE_HARNESS)
+    r = subprocess.run([node, str(harness), f"http://127.0.0.1:{server.port}", script], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    want = server.complete(prompt="def ", max_tokens=20, temperature=0.8, top_k=200, top_p=1, seed=7)
+    assert got["model"] == trained_run.name and got["text"] == want["choices"][0]["text"]
+    assert got["status"].startswith("finished: length, 20 tokens")
