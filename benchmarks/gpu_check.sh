@@ -43,7 +43,7 @@ echo "(kernels: exit $rc_kernels, $(elapsed) s so far)"
 LEFT=$(( 465 - $(elapsed) ))
 [ "$LEFT" -lt 60 ] && LEFT=60
 echo "== 3. training throughput (--quick, $LEFT s budget)"
-timeout "$LEFT" python benchmarks/train_gpu.py --quick --budget-s "$LEFT" --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
+timeout "$LEFT" python benchmarks/train_gpu.py --quick --graph --budget-s "$LEFT" --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
 rc_train=${PIPESTATUS[0]}
 
 {

@@ -230,3 +230,29 @@ def test_gemm_args_row_major(M, K, N, ta, tb):
     opb, opa, m, n, k, ldb, lda, ldc = gemm_args(M, K, N, ta, tb)
     flat = _gemm_colmajor(opb, opa, m, n, k, B.ravel(), ldb, A.ravel(), lda, ldc)
     np.testing.assert_allclose(flat.reshape(M, N), a @ b)      # column-major C^T (N x M) is row-major C
+
+
+# ------------------------------------------------------------------ flash attention, emulated lane by lane
+
+@pytest.mark.parametrize("B,T,NH", [(1, 70, 1), (1, 128, 2)])
+def test_flash_attention_emulation_matches_reference(B, T, NH):
+    """flash_attention.cu's index arithmetic, replayed in NumPy (kernels/flash_emulator.py), against the
+    float64 attention op on the same bf16-rounded inputs."""
+    from nanogpt_np.kernels import flash_emulator as fe
+    from nanogpt_np.kernels.bf16 import round_to_bf16
+    from nanogpt_np.ops.attention import attention_backward, attention_forward
+    C = 64 * NH
+    r = np.random.default_rng(7)
+    qkv = round_to_bf16(r.standard_normal((B, T, 3 * C)).astype(np.float32))
+    out, L2, heads = fe.forward(qkv, NH)
+    ref, saved = attention_forward(qkv.astype(np.float64), NH)
+    assert np.isfinite(out).all() and np.isfinite(L2).all()
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err < 1e-2, err
+    dout = r.standard_normal((B, T, C)).astype(np.float32)
+    dqkv = fe.backward(dout, out, L2, heads, B, T, NH)
+    (rd,) = attention_backward(dout.astype(np.float64), saved)
+    assert np.isfinite(dqkv).all()
+    for i, part in enumerate("qkv"):
+        e = np.abs(dqkv[..., i * C:(i + 1) * C] - rd[..., i * C:(i + 1) * C]).max() / np.abs(rd[..., i * C:(i + 1) * C]).max()
+        assert e < 2e-2, (part, e)

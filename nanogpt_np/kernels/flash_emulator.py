@@ -1,0 +1,284 @@
+"""A NumPy, lane-by-lane transliteration of flash_attention.cu, for checking its index arithmetic on a CPU.
+
+The CUDA kernels cannot run without a GPU, but their logic can: this module executes the same steps with the
+same indices, a warp at a time (the 32 lanes as a vector axis), over flat buffers with the same strides
+(LDS = 72 in shared memory, HS = 64 in global memory). The one instruction it has to model is
+mma.sync.m16n8k16: `mma` rebuilds the 16x16 A and 16x8 B matrices from the lanes' fragments using the PTX
+fragment layout, multiplies, and scatters D back, so a wrong row/column formula in the kernel shows up as a
+wrong result against the float64 attention reference (tests/test_kernel_references.py). bf16 rounding
+(cvt.rn.bf16x2) is modelled with kernels/bf16.py.
+
+Slow (pure Python over blocks and warps): use tiny shapes.
+"""
+import math
+
+import numpy as np
+
+from .bf16 import round_to_bf16
+
+HS, TILE, LDS = 64, 64, 72
+LOG2E = 1.4426950408889634
+LANE = np.arange(32)
+G, TQ = LANE // 4, LANE % 4
+
+
+def pack(lo, hi):
+    """cvt.rn.bf16x2.f32 per lane: two float vectors -> (32, 2) bf16 values (as float32)."""
+    return np.stack([round_to_bf16(np.asarray(lo, np.float32)), round_to_bf16(np.asarray(hi, np.float32))], axis=-1)
+
+
+def load_pair(buf, idx):
+    return np.stack([buf[idx], buf[idx + 1]], axis=-1).astype(np.float32)
+
+
+def load_a(buf, off, ld):
+    """A fragment (32 lanes, 4 registers, 2 halves) of the 16x16 block at flat offset `off`, row stride ld."""
+    return np.stack([load_pair(buf, off + G * ld + 2 * TQ), load_pair(buf, off + (G + 8) * ld + 2 * TQ),
+                     load_pair(buf, off + G * ld + 2 * TQ + 8), load_pair(buf, off + (G + 8) * ld + 2 * TQ + 8)], axis=1)
+
+
+def load_b(buf, off, ld):
+    """B fragment (32, 2, 2) read from the transposed block Bt (8 n-rows x 16 k) at `off`, stride ld."""
+    return np.stack([load_pair(buf, off + G * ld + 2 * TQ), load_pair(buf, off + G * ld + 2 * TQ + 8)], axis=1)
+
+
+def mma(c, a, b):
+    """c (32, 4) += A (16x16) @ B (16x8), with A, B, C distributed over the lanes as the PTX ISA specifies."""
+    A = np.full((16, 16), np.nan)
+    Bm = np.full((16, 8), np.nan)
+    for e in range(2):
+        A[G, 2 * TQ + e] = a[:, 0, e]
+        A[G + 8, 2 * TQ + e] = a[:, 1, e]
+        A[G, 2 * TQ + 8 + e] = a[:, 2, e]
+        A[G + 8, 2 * TQ + 8 + e] = a[:, 3, e]
+        Bm[2 * TQ + e, G] = b[:, 0, e]
+        Bm[2 * TQ + 8 + e, G] = b[:, 1, e]
+    assert not np.isnan(A).any() and not np.isnan(Bm).any()
+    D = (A @ Bm).astype(np.float32)
+    c[:, 0] += D[G, 2 * TQ]
+    c[:, 1] += D[G, 2 * TQ + 1]
+    c[:, 2] += D[G + 8, 2 * TQ]
+    c[:, 3] += D[G + 8, 2 * TQ + 1]
+
+
+def acc_to_a(lo, hi):
+    return np.stack([pack(lo[:, 0], lo[:, 1]), pack(lo[:, 2], lo[:, 3]),
+                     pack(hi[:, 0], hi[:, 1]), pack(hi[:, 2], hi[:, 3])], axis=1)
+
+
+def quad(v, op):
+    v = op(v, v[LANE ^ 1])
+    return op(v, v[LANE ^ 2])
+
+
+def load_tile(dst, src, src_off):
+    for c in range(TILE * HS // 8):
+        row, col = c // 8, (c % 8) * 8
+        dst[row * LDS + col: row * LDS + col + 8] = src[src_off + row * HS + col: src_off + row * HS + col + 8]
+
+
+def load_tile_t(dst, src, src_off):
+    for c in range(TILE * HS // 8):
+        row, col = c // 8, (c % 8) * 8
+        for i in range(8):
+            dst[(col + i) * LDS + row] = src[src_off + row * HS + col + i]
+
+
+def qkv_to_heads(qkv, NH):
+    B, T, C3 = qkv.shape
+    Tp = -(-T // TILE) * TILE
+    out = []
+    for part in range(3):
+        x = np.zeros((B * NH, Tp, HS), np.float32)
+        x[:, :T] = round_to_bf16(qkv[..., part * C3 // 3:(part + 1) * C3 // 3]).reshape(B, T, NH, HS) \
+            .transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
+        out.append(x.ravel())
+    return out, Tp
+
+
+def forward(qkv, NH):
+    """Emulates qkv_to_heads_bf16 + flash_attention_forward. -> out (B, T, C), L2 (B*NH, Tp), heads."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    (Q, K, V), Tp = qkv_to_heads(qkv, NH)
+    out = np.full((B * T * C,), np.nan, np.float32)
+    L2 = np.full((B * NH * Tp,), np.nan, np.float32)
+    scale_log2 = np.float32(1 / math.sqrt(HS) * LOG2E)
+    Ks, Vt = np.zeros(TILE * LDS, np.float32), np.zeros(HS * LDS, np.float32)
+    ntiles = Tp // TILE
+    for bh in range(B * NH):
+        for bx in range(ntiles):
+            qt = ntiles - 1 - bx
+            head = bh * Tp * HS
+            warps = [dict(q0=qt * TILE + w * 16) for w in range(4)]
+            for st in warps:
+                st["qa"] = [load_a(Q, head + st["q0"] * HS + 16 * kc, HS) for kc in range(4)]
+                st["o"] = [np.zeros((32, 4), np.float32) for _ in range(8)]
+                st["m"] = [np.full(32, -np.inf, np.float32) for _ in range(2)]
+                st["l"] = [np.zeros(32, np.float32) for _ in range(2)]
+            for kt in range(qt + 1):
+                load_tile(Ks, K, head + kt * TILE * HS)
+                load_tile_t(Vt, V, head + kt * TILE * HS)
+                for st in warps:
+                    q0, o, m, l = st["q0"], st["o"], st["m"], st["l"]
+                    s = []
+                    for j in range(8):
+                        acc = np.zeros((32, 4), np.float32)
+                        for kc in range(4):
+                            mma(acc, st["qa"][kc], load_b(Ks, 8 * j * LDS + 16 * kc, LDS))
+                        s.append(acc)
+                    mx = [m[0].copy(), m[1].copy()]
+                    for j in range(8):
+                        for e in range(4):
+                            row = q0 + G + (8 if e >= 2 else 0)
+                            key = kt * TILE + 8 * j + 2 * TQ + (e & 1)
+                            s[j][:, e] = np.where(key <= row, s[j][:, e] * scale_log2, -np.inf)
+                            mx[e >> 1] = np.maximum(mx[e >> 1], s[j][:, e])
+                    alpha, rs = [None, None], [np.zeros(32, np.float32), np.zeros(32, np.float32)]
+                    for r in range(2):
+                        mx[r] = quad(mx[r], np.maximum)
+                        with np.errstate(invalid="ignore"):
+                            alpha[r] = np.exp2(m[r] - mx[r])
+                        m[r] = mx[r]
+                    for j in range(8):
+                        for e in range(4):
+                            s[j][:, e] = np.exp2(s[j][:, e] - m[e >> 1])
+                            rs[e >> 1] += s[j][:, e]
+                    for r in range(2):
+                        l[r] = l[r] * alpha[r] + quad(rs[r], np.add)
+                    for j in range(8):
+                        o[j][:, 0] *= alpha[0]; o[j][:, 1] *= alpha[0]; o[j][:, 2] *= alpha[1]; o[j][:, 3] *= alpha[1]
+                    for kk in range(4):
+                        pa = acc_to_a(s[2 * kk], s[2 * kk + 1])
+                        for jd in range(8):
+                            mma(o[jd], pa, load_b(Vt, 8 * jd * LDS + 16 * kk, LDS))
+            b, h = bh // NH, bh % NH
+            for st in warps:
+                for r in range(2):
+                    row = st["q0"] + G + 8 * r
+                    inv = 1.0 / st["l"][r]
+                    for lane in range(32):
+                        if row[lane] < T:
+                            dst = (b * T + row[lane]) * C + h * HS + 2 * TQ[lane]
+                            for jd in range(8):
+                                out[dst + 8 * jd] = st["o"][jd][lane, 2 * r] * inv[lane]
+                                out[dst + 8 * jd + 1] = st["o"][jd][lane, 2 * r + 1] * inv[lane]
+                        if TQ[lane] == 0:
+                            L2[bh * Tp + row[lane]] = st["m"][r][lane] + np.log2(st["l"][r][lane])
+    return out.reshape(B, T, C), L2, (Q, K, V, Tp)
+
+
+def backward(dout, out, L2, heads, B, T, NH):
+    """Emulates flash_attention_backward_prep, _dkdv and _dq. -> dqkv (B, T, 3C)."""
+    Q, K, V, Tp = heads
+    C = NH * HS
+    scale = np.float32(1 / math.sqrt(HS))
+    scale_log2 = np.float32(scale * LOG2E)
+    # prep
+    dO = np.zeros((B * NH, Tp, HS), np.float32)
+    D = np.zeros((B * NH, Tp), np.float32)
+    dh = dout.reshape(B, T, NH, HS).transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
+    oh = out.reshape(B, T, NH, HS).transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
+    dO[:, :T] = round_to_bf16(dh)
+    D[:, :T] = (dh * oh).sum(-1)
+    dO, D = dO.ravel(), D.ravel()
+    dqkv = np.full((B * T * 3 * C,), np.nan, np.float32)
+    ntiles = Tp // TILE
+    # dK, dV
+    Qs, Qt, dOs, dOt = (np.zeros(TILE * LDS, np.float32) for _ in range(4))
+    for bh in range(B * NH):
+        head = bh * Tp * HS
+        for kt in range(ntiles):
+            warps = []
+            for w in range(4):
+                k0 = kt * TILE + w * 16
+                warps.append(dict(k0=k0, ka=[load_a(K, head + k0 * HS + 16 * kc, HS) for kc in range(4)],
+                                  va=[load_a(V, head + k0 * HS + 16 * kc, HS) for kc in range(4)],
+                                  dk=[np.zeros((32, 4), np.float32) for _ in range(8)],
+                                  dv=[np.zeros((32, 4), np.float32) for _ in range(8)]))
+            for qt in range(kt, ntiles):
+                qoff = head + qt * TILE * HS
+                load_tile(Qs, Q, qoff); load_tile_t(Qt, Q, qoff)
+                load_tile(dOs, dO, qoff); load_tile_t(dOt, dO, qoff)
+                Ls = L2[bh * Tp + qt * TILE: bh * Tp + qt * TILE + TILE]
+                Ds = D[bh * Tp + qt * TILE: bh * Tp + qt * TILE + TILE]
+                for st in warps:
+                    s, dp = [], []
+                    for j in range(8):
+                        a1, a2 = np.zeros((32, 4), np.float32), np.zeros((32, 4), np.float32)
+                        for kc in range(4):
+                            mma(a1, st["ka"][kc], load_b(Qs, 8 * j * LDS + 16 * kc, LDS))
+                            mma(a2, st["va"][kc], load_b(dOs, 8 * j * LDS + 16 * kc, LDS))
+                        s.append(a1); dp.append(a2)
+                    for j in range(8):
+                        for e in range(4):
+                            key = st["k0"] + G + (8 if e >= 2 else 0)
+                            qi = 8 * j + 2 * TQ + (e & 1)
+                            p = np.where(qt * TILE + qi >= key, np.exp2(s[j][:, e] * scale_log2 - Ls[qi]), 0.0)
+                            s[j][:, e] = p
+                            dp[j][:, e] = p * (dp[j][:, e] - Ds[qi])
+                    for kk in range(4):
+                        pa = acc_to_a(s[2 * kk], s[2 * kk + 1])
+                        sa = acc_to_a(dp[2 * kk], dp[2 * kk + 1])
+                        for jd in range(8):
+                            mma(st["dv"][jd], pa, load_b(dOt, 8 * jd * LDS + 16 * kk, LDS))
+                            mma(st["dk"][jd], sa, load_b(Qt, 8 * jd * LDS + 16 * kk, LDS))
+            b, h = bh // NH, bh % NH
+            for st in warps:
+                for r in range(2):
+                    row = st["k0"] + G + 8 * r
+                    for lane in range(32):
+                        if row[lane] >= T:
+                            continue
+                        dst = (b * T + row[lane]) * 3 * C + h * HS + 2 * TQ[lane]
+                        for jd in range(8):
+                            for e in range(2):
+                                dqkv[dst + C + 8 * jd + e] = st["dk"][jd][lane, 2 * r + e] * scale
+                                dqkv[dst + 2 * C + 8 * jd + e] = st["dv"][jd][lane, 2 * r + e]
+    # dQ
+    Ks, Kt, Vs = (np.zeros(TILE * LDS, np.float32) for _ in range(3))
+    for bh in range(B * NH):
+        head = bh * Tp * HS
+        for bx in range(ntiles):
+            qt = ntiles - 1 - bx
+            warps = []
+            for w in range(4):
+                q0 = qt * TILE + w * 16
+                warps.append(dict(q0=q0, qa=[load_a(Q, head + q0 * HS + 16 * kc, HS) for kc in range(4)],
+                                  da=[load_a(dO, head + q0 * HS + 16 * kc, HS) for kc in range(4)],
+                                  Lr=[L2[bh * Tp + q0 + G + 8 * r] for r in range(2)],
+                                  Dr=[D[bh * Tp + q0 + G + 8 * r] for r in range(2)],
+                                  dq=[np.zeros((32, 4), np.float32) for _ in range(8)]))
+            for kt in range(qt + 1):
+                koff = head + kt * TILE * HS
+                load_tile(Ks, K, koff); load_tile_t(Kt, K, koff); load_tile(Vs, V, koff)
+                for st in warps:
+                    s, dp = [], []
+                    for j in range(8):
+                        a1, a2 = np.zeros((32, 4), np.float32), np.zeros((32, 4), np.float32)
+                        for kc in range(4):
+                            mma(a1, st["qa"][kc], load_b(Ks, 8 * j * LDS + 16 * kc, LDS))
+                            mma(a2, st["da"][kc], load_b(Vs, 8 * j * LDS + 16 * kc, LDS))
+                        s.append(a1); dp.append(a2)
+                    for j in range(8):
+                        for e in range(4):
+                            row = st["q0"] + G + (8 if e >= 2 else 0)
+                            key = kt * TILE + 8 * j + 2 * TQ + (e & 1)
+                            p = np.where(key <= row, np.exp2(s[j][:, e] * scale_log2 - st["Lr"][e >> 1]), 0.0)
+                            dp[j][:, e] = p * (dp[j][:, e] - st["Dr"][e >> 1])
+                    for kk in range(4):
+                        sa = acc_to_a(dp[2 * kk], dp[2 * kk + 1])
+                        for jd in range(8):
+                            mma(st["dq"][jd], sa, load_b(Kt, 8 * jd * LDS + 16 * kk, LDS))
+            b, h = bh // NH, bh % NH
+            for st in warps:
+                for r in range(2):
+                    row = st["q0"] + G + 8 * r
+                    for lane in range(32):
+                        if row[lane] >= T:
+                            continue
+                        dst = (b * T + row[lane]) * 3 * C + h * HS + 2 * TQ[lane]
+                        for jd in range(8):
+                            for e in range(2):
+                                dqkv[dst + 8 * jd + e] = st["dq"][jd][lane, 2 * r + e] * scale
+    return dqkv.reshape(B, T, 3 * C)
