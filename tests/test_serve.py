@@ -535,3 +535,23 @@ def test_page_streams_with_node(server, trained_run, tmp_path):
     want = server.complete(prompt="def ", max_tokens=20, temperature=0.8, top_k=200, top_p=1, seed=7)
     assert got["model"] == trained_run.name and got["text"] == want["choices"][0]["text"]
     assert got["status"].startswith("finished: length, 20 tokens")
+
+
+def test_openai_python_client(server, trained_run):
+    """OpenAI's own Python client, unchanged, against this server (skipped when `openai` is not installed)."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [trained_run.name]
+    settings = dict(model=trained_run.name, prompt="def ", max_tokens=12, seed=3, temperature=0.8, n=2,
+                    extra_body={"top_k": 50})
+    whole = client.completions.create(**settings)
+    want = server.complete(**{k: v for k, v in settings.items() if k != "extra_body"}, top_k=50)
+    assert [c.text for c in whole.choices] == [c["text"] for c in want["choices"]]
+    assert whole.usage.completion_tokens == 24
+    texts = ["", ""]
+    for chunk in client.completions.create(**settings, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in whole.choices]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(**{**settings, "temperature": -1})
