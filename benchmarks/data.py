@@ -8,13 +8,16 @@ the words of every line rotated by k places, so the copies are different documen
 two words stays the same, so some exact and near duplicates remain, as in real data). It is written as
 plain text and as JSON Lines + gzip. Each configuration runs the whole pipeline once per process
 count; MB/s is input bytes (uncompressed text) over wall time, tokenizer training included in `total`
-and listed apart. Prints a markdown table for benchmarks/RESULTS.md.
+and listed apart. CPU seconds of the main process and of the worker processes are listed too: on a busy
+machine they say more than wall time (with N idle cores the wall time can approach
+max(main CPU, workers CPU / N)). Prints a markdown table for benchmarks/RESULTS.md.
 """
 import argparse
 import gzip
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -50,16 +53,23 @@ def make_corpus(text: str, copies: int, tmp: str):
     return txt, jsonl, len(docs)
 
 
+def cpu_seconds():
+    """(CPU seconds of this process, of its finished child processes): user + system."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 def run(label, inputs, out, processes, text_bytes, **kw):
     cfg = PrepareConfig(inputs=[inputs], out_dir=out, processes=processes, progress=False, **kw)
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     m = prepare(cfg)
-    wall = time.perf_counter() - t0
+    wall, c1 = time.perf_counter() - t0, cpu_seconds()
+    main_cpu, worker_cpu = c1[0] - c0[0], c1[1] - c0[1]
     t = m["report"]["timing"]
     tokens = m["train"]["tokens"] + m["val"]["tokens"]
     return (f"| {label} | {processes} | {text_bytes / 1e6:.2f} | {t['clean_s']:.2f} | {t['tokenizer_s']:.2f} | "
             f"{t['tokenize_s']:.2f} | {wall:.2f} | **{text_bytes / 1e6 / wall:.2f}** | "
-            f"{(text_bytes / 1e6) / max(wall - t['tokenizer_s'], 1e-9):.2f} | {tokens:,} |")
+            f"{(text_bytes / 1e6) / max(wall - t['tokenizer_s'], 1e-9):.2f} | {main_cpu:.2f} | {worker_cpu:.2f} | {tokens:,} |")
 
 
 def loader_rate(path: str) -> str:
@@ -97,8 +107,9 @@ def main():
         print(f"corpus: {args.input} x{args.copies} variants = {n_docs} documents, {size / 1e6:.2f} MB "
               f"(jsonl.gz {os.path.getsize(jsonl) / 1e6:.2f} MB); {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores, Python {platform.python_version()}, numpy {np.__version__}\n")
-        print("| configuration | processes | MB in | clean+dedup s | tokenizer s | tokenize s | total s | MB/s | MB/s w/o tokenizer training | tokens |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| configuration | processes | MB in | clean+dedup s | tokenizer s | tokenize s | total s | MB/s | "
+              "MB/s w/o tokenizer training | main CPU s | workers CPU s | tokens |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         configs = [
             ("text, char, no dedup", txt, dict(text_split="paragraph", tokenizer="char",
                                                 dedup_exact=False, dedup_near=False)),
