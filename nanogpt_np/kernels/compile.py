@@ -19,7 +19,8 @@ KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
 # every kernel source in the package, in the order the README describes them
 SOURCES = ("encoder", "layernorm", "gelu", "cross_entropy", "adamw", "softmax_attention", "flash_attention", "bf16")
 
-NVRTC_OPTIONS = ("--std=c++17",)
+# No -std option: CuPy may add its own, and a second one would be rejected. The sources are plain C++11.
+NVRTC_OPTIONS = ()
 # flash_attention uses mma.sync with bf16 inputs (sm_80+); the other kernels need nothing beyond sm_60
 MIN_ARCH = {"flash_attention": 80, "bf16": 80}
 
@@ -143,6 +144,12 @@ if __name__ == "__main__":
 
 
 _sms = None
+
+
+def device_array(x, dtype):
+    """x (cupy or host numpy array) as a C-contiguous cupy array of `dtype` (no copy when it already is)."""
+    import cupy
+    return cupy.ascontiguousarray(cupy.asarray(x, dtype=dtype))
 
 
 def num_sms() -> int:

@@ -12,8 +12,8 @@ of the reference's ValueError (raising would need a host sync).
 """
 import numpy as np
 
-from .compile import launch
-from .launch import elementwise
+from .compile import device_array, launch
+from .launch import NULL, elementwise
 
 _inplace = False
 _assume_unit_dloss = False
@@ -34,14 +34,13 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, *, with_grad=True):
     import cupy as cp
     N, V = logits.shape
     logits = cp.ascontiguousarray(logits, dtype=cp.float32)
-    targets = cp.ascontiguousarray(targets, dtype=cp.int64)
+    targets = device_array(targets, cp.int64)
     n_kept = (targets != ignore_index).sum(dtype=cp.float32)       # stays on the device
     losses = cp.empty((N,), dtype=cp.float32)
     dlogits = None
     if with_grad:
         dlogits = logits if _inplace else cp.empty_like(logits)
     block = 1024 if V >= 8192 else 256
-    from .launch import NULL
     launch("cross_entropy", "cross_entropy_fused", (N,), (block,),
            (losses, NULL if dlogits is None else dlogits, logits, targets, n_kept, np.int32(V), np.int64(ignore_index)))
     loss = losses.sum() / n_kept

@@ -1,7 +1,7 @@
 """GPU embedding (token + position): encoder.cu behind the `embedding` op contract (see ops/embedding.py)."""
 import numpy as np
 
-from .compile import launch
+from .compile import device_array, launch
 from .launch import elementwise
 
 
@@ -10,7 +10,7 @@ def embedding_forward(wte, wpe, idx):
     import cupy as cp
     B, T = idx.shape
     C = wte.shape[1]
-    idx32 = cp.ascontiguousarray(idx, dtype=cp.int32)
+    idx32 = device_array(idx, cp.int32)
     out = cp.empty((B, T, C), dtype=cp.float32)
     if C % 4 == 0 and wte.data.ptr % 16 == 0 and wpe.data.ptr % 16 == 0:     # float4 loads need 16-byte alignment
         grid, block = elementwise(B * T * C // 4)

@@ -15,11 +15,12 @@ def _fwd(x, b):
     x = cp.ascontiguousarray(x, dtype=cp.float32)
     out = cp.empty_like(x)
     n = x.size
-    C = x.shape[-1] if b is not None else 1
+    C = x.shape[-1] if b is not None else 1            # the bias index is i % C (unused without a bias)
     aligned = x.data.ptr % 16 == 0 and out.data.ptr % 16 == 0 and (b is None or b.data.ptr % 16 == 0)
-    if n % 4 == 0 and C % 4 == 0 and aligned:                # float4 loads need 16-byte alignment
+    if n % 4 == 0 and (b is None or C % 4 == 0) and aligned:   # float4 loads need 16-byte alignment
+        C4 = C // 4 if b is not None else 1
         grid, block = elementwise(n // 4)
-        launch("gelu", "gelu_forward_f4", grid, block, (out, x, NULL if b is None else b, np.int64(n // 4), np.int32(C // 4)))
+        launch("gelu", "gelu_forward_f4", grid, block, (out, x, NULL if b is None else b, np.int64(n // 4), np.int32(C4)))
     else:
         grid, block = elementwise(n)
         launch("gelu", "gelu_forward", grid, block, (out, x, NULL if b is None else b, np.int64(n), np.int32(C)))
