@@ -8,7 +8,8 @@ Measures, on the same text:
   * encoding with GPT-2's vocabulary (../shared/data/gpt2, if present) and with the 8192-token one
     trained here: the first call (cold chunk cache) and the best of --repeats (warm cache), on one
     process, and with encode_files_parallel on every core (fresh tokenizer, so cold caches);
-  * training to --vocab-size tokens (best of --train-repeats);
+  * training to --vocab-size tokens (best of --train-repeats), on one process and with the chunk
+    counting on every core;
   * the same with tiktoken and Hugging Face tokenizers when they are installed (optional; skipped
     cleanly otherwise). HF training runs in a subprocess with RAYON_NUM_THREADS=1 (one thread).
 MB are 10**6 bytes of UTF-8 text. Timings on a shared machine are noisy: repeat the run.
@@ -193,6 +194,11 @@ def main():
     train_s, train_times, trained = best_of(lambda: BPETokenizer.train(text, args.vocab_size), args.train_repeats)
     print(f"  {'ours':<12} train to {args.vocab_size} tokens, 1 process     {train_s:6.2f} s "
           f"(runs: {', '.join(f'{t:.2f}' for t in train_times)}; vocab {trained.vocab_size})")
+    par_s, par_times, par = best_of(lambda: BPETokenizer.train(text, args.vocab_size, processes=args.processes),
+                                    args.train_repeats)
+    assert par.merges == trained.merges
+    print(f"  {'ours':<12} train, counting on {args.processes} processes      {par_s:6.2f} s "
+          f"(runs: {', '.join(f'{t:.2f}' for t in par_times)})")
     hf = bench_hf(text, args.vocab_size, args.train_repeats, mb)
     if hf:
         print(f"  ours / HF training time: {train_s / hf['train_s']:.1f}x")

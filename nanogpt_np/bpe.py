@@ -700,11 +700,17 @@ class BPETokenizer:
             known = set(byte_ids) | set(merged_ids)
             special_tokens = {token: i for token, i in vocab.items() if i not in known}
         try:
-            return cls(merges, special_tokens, pattern, byte_ids, merged_ids)
+            tok = cls(merges, special_tokens, pattern, byte_ids, merged_ids)
         except TokenizerFileError:
             raise
         except TokenizerError as e:
             raise TokenizerFileError(f"{where}: {e}") from None
+        # every vocabulary entry must name the bytes its id stands for (catches repeated ids)
+        for token, i in vocab.items():
+            if token not in special_tokens and tok._id_to_bytes[i] != token_str_to_bytes(token, f"{where}: "):
+                raise TokenizerFileError(f"{where}: token {token!r} has id {i}, which its merges give to "
+                                         f"{bytes_to_token_str(tok._id_to_bytes[i])!r}")
+        return tok
 
     @classmethod
     def from_gpt2_files(cls, encoder_json_path, vocab_bpe_path, pattern: str = GPT2_PATTERN) -> "BPETokenizer":

@@ -336,6 +336,8 @@ def test_corrupt_and_mismatched_files(trained, tmp_path):
         ("merges", good["merges"][:10] + ["onlyone"] + good["merges"][10:], "not two tokens"),
         ("vocab", {k: v for k, v in good["vocab"].items() if k != "A"}, "byte"),
         ("vocab_size", 5, "vocab_size"),
+        ("vocab", dict(good["vocab"], extra=300), "has id 300"),
+        ("vocab", dict(good["vocab"], **{"\u4e00x": 300}), "not a byte character"),
         ("special_tokens", {"<|endoftext|>": 5}, "already taken"),
         ("pattern", "(unclosed", "pattern"),
     ]:
