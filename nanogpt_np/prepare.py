@@ -171,15 +171,18 @@ def _clean_chunk(docs):
     cleaner, hasher, seed = _W["cleaner"], _W["hasher"], _W["seed"]
     records, kept, chars = [], [], set() if _W["collect_chars"] else None
     for text, source, line in docs:
-        cleaned, removed = cleaner.clean(text)
+        try:
+            cleaned, removed = cleaner.clean(text)
+        except Exception as e:  # a bug or a pathological input: say which document
+            raise DataError(f"{source}:{line}: cleaning failed: {type(e).__name__}: {e}") from e
         if cleaned is None:
             records.append((None, 0, 0, removed, None, 0.0))
             continue
         key = exact_key(cleaned) if _W["exact"] else None
         if chars is not None:
             chars.update(cleaned)
-        line = json.dumps(cleaned, ensure_ascii=False) + "\n"  # as stored in the _clean_*.jsonl files
-        records.append((line, len(cleaned.encode("utf-8")), len(cleaned), removed, key, split_hash(cleaned, seed)))
+        stored = json.dumps(cleaned, ensure_ascii=False) + "\n"  # a line of the _clean_*.jsonl files
+        records.append((stored, len(cleaned.encode("utf-8")), len(cleaned), removed, key, split_hash(cleaned, seed)))
         kept.append(cleaned)
     sigs = keys = None
     if hasher is not None:
