@@ -37,8 +37,16 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from . import backend
-from .batching import QueueFull, Scheduler, Sequence
+if __name__ == "__main__" and "numpy" not in sys.modules:
+    # One BLAS thread unless told otherwise (OPENBLAS_NUM_THREADS=N ...). A decode step multiplies small
+    # matrices (a few rows per active sequence); BLAS threads that spin-wait for such work fight the request
+    # threads for the cores, and on a busy machine they make a batch of 32 ten times slower, not faster.
+    # This must happen before numpy is first imported.
+    for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+
+from . import backend  # noqa: E402  (after the BLAS settings above)
+from .batching import QueueFull, Scheduler, Sequence  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}
