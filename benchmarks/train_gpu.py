@@ -4,7 +4,10 @@
     PYTHONPATH=. python benchmarks/train_gpu.py --quick    # fixed B=8, fewer steps (the 8-minute GPU check)
     PYTHONPATH=. python benchmarks/train_gpu.py --shakespeare [--data tinyshakespeare.txt]   # ~minutes
 
-Throughput mode: GPT-2 124M (12 layers, 12 heads, 768 channels, vocab 50257, T=1024) on random tokens.
+Throughput mode: GPT-2 124M (12 layers, 12 heads, 768 channels, vocab 50257, T=1024) on random tokens, in three
+configurations: float32 (TF32) matmuls with the cuBLAS + fused-softmax attention, the same with flash attention,
+and --dtype=bfloat16 (linear layers and head in bf16 with fp32 accumulation, flash attention, fp32 master
+weights, AdamW state and layernorm/softmax/cross-entropy).
 A step is forward + backward + AdamW with the global-norm clip computed on the device (no host sync inside the
 step; the loss comes back once, after the timed steps). Reported: tokens/s, MFU, peak device memory (CuPy
 memory pool), launches of our kernels per step, and the host's share of the step (the time Python needs to
@@ -58,7 +61,7 @@ def flops_per_token(n_params_no_wpe, n_layer, n_embd, T):
 
 # ------------------------------------------------------------------------------------------------ nanogpt_np
 
-def ours_throughput(B, T, steps, warmup, attention, tf32, log):
+def ours_throughput(B, T, steps, warmup, attention, tf32, log, dtype="float32"):
     import cupy as cp
     from nanogpt_np import backend
     from nanogpt_np.kernels import adamw as k_adamw
@@ -72,6 +75,7 @@ def ours_throughput(B, T, steps, warmup, attention, tf32, log):
     backend.use_device("cuda")
     precision.set_tf32(tf32)
     registry.set_attention(attention)
+    registry.set_precision(dtype)          # bfloat16: linear layers and the head multiply in bf16
     k_ce.set_inplace(True)                 # the logits are not needed after the loss: gradient over them
     k_ce.set_assume_unit_dloss(True)       # the loss is the root of the graph (no gradient accumulation)
     pool = cp.get_default_memory_pool()
@@ -112,12 +116,14 @@ def ours_throughput(B, T, steps, warmup, attention, tf32, log):
     finally:
         k_ce.set_inplace(False)
         k_ce.set_assume_unit_dloss(False)
+        registry.set_precision("float32")
     step_s = wall / steps
-    res = dict(impl=f"nanogpt_np ({'tf32' if tf32 else 'fp32'}, {attention} attention)", B=B, T=T,
+    prec = "bf16" if dtype == "bfloat16" else ("tf32" if tf32 else "fp32")
+    res = dict(impl=f"nanogpt_np ({prec} matmuls, {attention} attention)", B=B, T=T,
                step_ms=1e3 * step_s, tokens_per_s=B * T / step_s, peak_mem_GiB=pool.total_bytes() / 2 ** 30,
                launches_per_step=(kc.launches - l0) / steps, host_share=float(np.median(host)) * 1e3 / gpu_ms,
                first_loss=first_loss, last_loss=final_loss,
-               n_params=model.num_params(include_position=False), precision="tf32" if tf32 else "fp32")
+               n_params=model.num_params(include_position=False), precision=prec)
     del model, opt, x, y
     pool.free_all_blocks()
     return res
@@ -360,7 +366,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--attention", default="both", choices=["matmul", "flash", "both"])
     ap.add_argument("--no-tf32", action="store_true", help="exact float32 matmuls")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="both", choices=["float32", "bfloat16", "both"],
+                    help="matmul precision of the linear layers (bfloat16: bf16 operands, fp32 accumulation)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--graph", action="store_true", help="also try a CUDA-graph step")
@@ -384,9 +391,6 @@ def main(argv=None):
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     log(f"device: {name}")
     tf32 = not args.no_tf32
-    if args.dtype == "bfloat16":
-        log("note: --dtype=bfloat16 is not wired into the model yet (kernels/precision.py has the pieces);"
-            " running float32 with TF32 matmuls and bf16 flash attention")
 
     if args.shakespeare:
         path = find_shakespeare(args.data)
@@ -394,6 +398,8 @@ def main(argv=None):
             log("tinyshakespeare.txt not found: pass --data PATH")
             return 2
         attention = "flash" if args.attention == "both" else args.attention
+        from nanogpt_np.kernels import registry
+        registry.set_precision("bfloat16" if args.dtype == "bfloat16" else "float32")
         res = shakespeare(path, args.iters, attention, tf32, log)
         log(json.dumps(res))
         if args.json:
@@ -404,14 +410,26 @@ def main(argv=None):
     steps = args.steps or (6 if args.quick else 20)
     warmup = 2 if args.quick else 3
     attentions = ["matmul", "flash"] if args.attention == "both" else [args.attention]
+    dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+    configs = [(a, "float32") for a in attentions if "float32" in dtypes]
+    if "bfloat16" in dtypes:
+        configs.append(("flash" if "flash" in attentions else attentions[0], "bfloat16"))
     rows = []
-    for att in attentions:
-        if args.batch or args.quick:
-            r = ours_throughput(args.batch or 8, T, steps, warmup, att, tf32, log)
-        else:
-            r = largest_batch(lambda B: ours_throughput(B, T, steps, warmup, att, tf32, log), [32, 24, 16, 12, 8, 4], log)
+    for att, dt in configs:
+        try:
+            if args.batch or args.quick:
+                r = ours_throughput(args.batch or 8, T, steps, warmup, att, tf32, log, dt)
+            else:
+                r = largest_batch(lambda B: ours_throughput(B, T, steps, warmup, att, tf32, log, dt),
+                                  [32, 24, 16, 12, 8, 4], log)
+        except Exception as e:
+            log(f"nanogpt_np {att}/{dt} failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
         rows.append(r)
         log(json.dumps(r))
+    if not rows:
+        log("every nanogpt_np configuration failed")
+        return 1
     torch_rows = []
     if not args.no_torch:
         try:

@@ -197,9 +197,22 @@ def test_registry_attention_switch_and_disable():
         registry.set_attention(old)
 
 
+def test_registry_precision_switch():
+    assert registry.lookup("linear") is None and registry.lookup("lm_head") is None
+    try:
+        registry.set_precision("bfloat16")
+        assert registry.resolve("linear") == "linear_bf16" and registry.resolve("lm_head") == "lm_head_bf16"
+        assert registry.lookup("linear") is not None
+        with pytest.raises(ValueError):
+            registry.set_precision("float16")
+    finally:
+        registry.set_precision("float32")
+    assert registry.lookup("linear") is None
+
+
 def test_wrapper_modules_import_without_gpu():
     for mod in ["encoder", "layernorm", "gelu", "cross_entropy", "adamw", "softmax_attention", "flash_attention",
-                "precision"]:
+                "precision", "linear_bf16"]:
         importlib.import_module(f"nanogpt_np.kernels.{mod}")
 
 

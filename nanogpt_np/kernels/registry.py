@@ -10,6 +10,7 @@ cached for the process (and on disk by CuPy). Names:
   fused extras:              residual_layernorm, bias_gelu (meaning: kernels/references.py)
   attention variants:        attention_matmul (cuBLAS + fused softmax), attention_flash (bf16 tensor cores)
   optimizer:                 adamw -> (adamw_step, global_grad_norm), not a forward/backward pair
+  bf16 matmuls:              linear, lm_head -> linear_bf16 / lm_head_bf16, only after set_precision("bfloat16")
 
 `attention` resolves to the default variant, set_attention("matmul" | "flash") or the environment variable
 NANOGPT_ATTENTION changes it. `disable(name)` / `enable(name)` switch single kernels off for A/B checks.
@@ -28,6 +29,8 @@ _REFERENCE = {
     "cross_entropy": ("nanogpt_np.ops.cross_entropy", "cross_entropy_forward", "cross_entropy_backward"),
     "attention_matmul": ("nanogpt_np.ops.attention", "attention_forward", "attention_backward"),
     "attention_flash": ("nanogpt_np.ops.attention", "attention_forward", "attention_backward"),
+    "linear_bf16": ("nanogpt_np.ops.linear", "linear_forward", "linear_backward"),
+    "lm_head_bf16": ("nanogpt_np.ops.linear", "lm_head_forward", "lm_head_backward"),
 }
 
 _TABLE = {
@@ -40,11 +43,14 @@ _TABLE = {
     "attention_matmul": ("softmax_attention", "attention_forward", "attention_backward"),
     "attention_flash": ("flash_attention", "attention_forward", "attention_backward"),
     "adamw": ("adamw", "adamw_step", "global_grad_norm"),
+    "linear_bf16": ("linear_bf16", "linear_forward", "linear_backward"),
+    "lm_head_bf16": ("linear_bf16", "lm_head_forward", "lm_head_backward"),
 }
 
 # The default until a GPU benchmark says otherwise: the matmul form is exact float32 (TF32 if enabled);
 # flash runs its matmuls in bf16 (set_attention("flash") or NANOGPT_ATTENTION=flash).
 _attention = os.environ.get("NANOGPT_ATTENTION", "matmul")
+_precision = "float32"        # "bfloat16": linear and lm_head use bf16 cuBLAS matmuls (linear_bf16.py)
 _disabled = set()
 _cache = {}
 
@@ -64,6 +70,19 @@ def attention_kind() -> str:
     return _attention
 
 
+def set_precision(dtype: str) -> None:
+    """'float32' (default) or 'bfloat16': with bfloat16 the ops "linear" and "lm_head" run their matmuls in
+    bf16 with float32 accumulation (master weights, optimizer state and all other kernels stay float32)."""
+    global _precision
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError("precision must be 'float32' or 'bfloat16'")
+    _precision = dtype
+
+
+def precision() -> str:
+    return _precision
+
+
 def disable(name: str) -> None:
     _disabled.add(name)
 
@@ -76,6 +95,10 @@ def resolve(name: str):
     """The table key an op name maps to (attention -> attention_<kind>), or None."""
     if name == "attention":
         name = "attention_" + _attention
+    elif name in ("linear", "lm_head"):
+        if _precision != "bfloat16":
+            return None                  # float32: CuPy's matmul (cuBLAS, TF32 if allowed) is the kernel
+        name += "_bf16"
     return name if name in _TABLE else None
 
 

@@ -272,3 +272,33 @@ def test_registry_falls_back_for_float64(cp):
     assert y.dtype == cp.float64 and saved[0] is False
     ry, _ = ln_ops.layernorm_forward(to_np(x), to_np(w), to_np(b), 1e-5)
     assert rel_err(to_np(y), ry) < 1e-12
+
+
+@pytest.mark.parametrize("N,Cin,Cout,bias", [(5, 7, 3, True), (300, 768, 2304, True), (1000, 3072, 768, False)])
+def test_linear_bf16(cp, N, Cin, Cout, bias):
+    """bf16 operands, float32 accumulation: against float64 on the same bf16-rounded operands."""
+    from nanogpt_np.kernels import linear_bf16
+    from nanogpt_np.ops import linear as lin
+    x, w = round_to_bf16(randn(N, Cin)), round_to_bf16(randn(Cin, Cout))
+    b = randn(Cout) if bias else None
+    y, saved = linear_bf16.linear_forward(cp.asarray(x), cp.asarray(w), None if b is None else cp.asarray(b))
+    ry, rsaved = lin.linear_forward(x.astype(np.float64), w.astype(np.float64), None if b is None else b.astype(np.float64))
+    assert rel_err(to_np(y), ry) < 1e-5
+    dy = round_to_bf16(randn(N, Cout))
+    dx, dw, db = linear_bf16.linear_backward(cp.asarray(dy), saved)
+    rdx, rdw, rdb = lin.linear_backward(dy.astype(np.float64), rsaved)
+    assert rel_err(to_np(dx), rdx) < 1e-5 and rel_err(to_np(dw), rdw) < 1e-5
+    assert (db is None) == (not bias) and (db is None or rel_err(to_np(db), rdb) < 1e-5)
+
+
+def test_lm_head_bf16(cp):
+    from nanogpt_np.kernels import linear_bf16
+    from nanogpt_np.ops import linear as lin
+    x, wte = round_to_bf16(randn(77, 64)), round_to_bf16(randn(1001, 64))
+    y, saved = linear_bf16.lm_head_forward(cp.asarray(x), cp.asarray(wte))
+    ry, rsaved = lin.lm_head_forward(x.astype(np.float64), wte.astype(np.float64))
+    assert rel_err(to_np(y), ry) < 1e-5
+    d = round_to_bf16(randn(77, 1001))
+    dx, dwte = linear_bf16.lm_head_backward(cp.asarray(d), saved)
+    rdx, rdwte = lin.lm_head_backward(d.astype(np.float64), rsaved)
+    assert rel_err(to_np(dx), rdx) < 1e-5 and rel_err(to_np(dwte), rdwte) < 1e-5
