@@ -29,9 +29,15 @@ def set_assume_unit_dloss(flag: bool) -> None:
     _assume_unit_dloss = bool(flag)
 
 
-def cross_entropy_forward(logits, targets, ignore_index=-1, *, with_grad=True):
-    """logits (N, V), targets (N,) -> mean loss over kept rows (0-d float32 cupy array)."""
+def cross_entropy_forward(logits, targets, ignore_index=-1, *, with_grad=None):
+    """logits (N, V), targets (N,) -> mean loss over kept rows (0-d float32 cupy array).
+
+    with_grad (default: whether the tape records, tensor.grad_enabled()) decides whether the same pass also
+    writes the gradient; evaluation under no_grad() only reads the logits."""
     import cupy as cp
+    if with_grad is None:
+        from ..tensor import grad_enabled
+        with_grad = grad_enabled()
     N, V = logits.shape
     logits = cp.ascontiguousarray(logits, dtype=cp.float32)
     targets = device_array(targets, cp.int64)
