@@ -780,6 +780,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"warning: listening on {host}, not only on this machine; there is no authentication",
+              file=sys.stderr)
     print(f"serving {server.model_name} ({backend.device()}, context {server.block_size}, max_batch "
           f"{args.max_batch}) on http://{host}:{port}/", file=sys.stderr, flush=True)
     try:
