@@ -5,8 +5,9 @@
 Starts `python -m nanogpt_np.serve` twice on a free loopback port: once with --max_batch=32 (batched) and once
 with --max_batch=1 (one at a time, the others wait in the queue). For each number of concurrent clients, every
 client thread sends completions one after another (non-streaming, http.client, a fresh seed each) until
-the level's request count is done. Reported: requests/s, completion tokens/s, and p50/p99 latency per request
-(from sending the request to the last byte of the answer).
+the level's request count is done; each level runs --repeats times. Reported: the median requests/s and
+completion tokens/s over the runs, and p50/p99 latency per request over all of them (from sending the request
+to the last byte of the answer).
 
 Without --out_dir the model is the "small-cpu" preset (4 layers, 4 heads, 128 wide, context 256) with random
 weights and the embedded corpus's character tokenizer: speed does not depend on what the weights learned.
@@ -118,7 +119,8 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--max_tokens", type=int, default=32)
     p.add_argument("--levels", default="1,8,32", help="numbers of concurrent clients")
-    p.add_argument("--requests_per_client", type=int, default=2, help="requests per client (at least 8 in all)")
+    p.add_argument("--requests_per_client", type=int, default=2, help="requests per client (at least 16 in all)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per level (the median rate is reported)")
     p.add_argument("--modes", default="batched,one-at-a-time")
     args = p.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -133,8 +135,8 @@ def main():
     print(f"# model {config['n_layer']} layers x {config['n_embd']} wide, context {config['block_size']}, "
           f"device {args.device}; {platform.machine()} with {os.cpu_count()} CPUs, numpy {np.__version__}; "
           f"prompt {len(prompt)} chars, max_tokens {args.max_tokens}")
-    print("| mode | clients | requests | requests/s | tokens/s | p50 latency (s) | p99 latency (s) | "
-          "largest batch so far |")
+    print("| mode | clients | runs x requests | requests/s (median) | tokens/s (median) | p50 latency (s) | "
+          "p99 latency (s) | largest batch so far |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     modes = {"batched": ["--max_batch=32"], "one-at-a-time": ["--max_batch=1"]}
     for mode in args.modes.split(","):
@@ -143,12 +145,17 @@ def main():
         try:
             server.complete({"prompt": prompt, "max_tokens": 4})          # warm up
             for clients in levels:
-                requests = max(8, clients * args.requests_per_client)
-                wall, lat, tokens = load_level(server, clients, requests, args.max_tokens, prompt)
+                requests = max(16, clients * args.requests_per_client)
+                rates, token_rates, latencies = [], [], []
+                for _ in range(args.repeats):       # a shared machine is noisy: the median of a few runs
+                    wall, lat, tokens = load_level(server, clients, requests, args.max_tokens, prompt)
+                    rates.append(requests / wall)
+                    token_rates.append(tokens / wall)
+                    latencies += lat
                 largest = server.health()["max_batch_seen"]
-                print(f"| {mode} | {clients} | {requests} | {requests / wall:.2f} | {tokens / wall:.0f} | "
-                      f"{np.percentile(lat, 50):.3f} | {np.percentile(lat, 99):.3f} | "
-                      f"{largest} |", flush=True)
+                print(f"| {mode} | {clients} | {args.repeats} x {requests} | {np.median(rates):.1f} | "
+                      f"{np.median(token_rates):.0f} | {np.percentile(latencies, 50):.3f} | "
+                      f"{np.percentile(latencies, 99):.3f} | {largest} |", flush=True)
         finally:
             server.stop()
     tmp.cleanup()
