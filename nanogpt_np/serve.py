@@ -381,6 +381,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     def _route(self, method):
         self._body_handled = False             # set once the request body is read (or the connection doomed)
+        self._streaming = False                # set once a 200 with an event stream has begun
         if method != "POST":                   # a body nobody reads would be taken for the next request
             self._discard_body()
             self._body_handled = True
@@ -400,7 +401,18 @@ class CompletionHandler(BaseHTTPRequestHandler):
         except APIError as e:
             if not self._body_handled:
                 self._discard_body()
-            self._send_json(e.status, e.body())
+            self._reply_error(e)
+        except ClientGone:
+            self.close_connection = True
+        except Exception as e:              # a bug: answer 500 and keep serving the others
+            self.log_error("%s", f"{type(e).__name__}: {e}")
+            self.close_connection = True
+            if not self._streaming:
+                self._reply_error(APIError(500, "internal server error", type_="server_error"))
+
+    def _reply_error(self, error):
+        try:
+            self._send_json(error.status, error.body())
         except ClientGone:
             self.close_connection = True
 
@@ -573,6 +585,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
         self._send_json(200, {**meta, "choices": out, "usage": self._usage(req, choices)})
 
     def _stream(self, req, seqs, choices, events, meta):
+        self._streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
