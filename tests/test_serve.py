@@ -17,13 +17,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from nanogpt_np.checkpoint import load_model, load_tokenizer_of_run, save_checkpoint
 from nanogpt_np.char_tokenizer import CharTokenizer
 from nanogpt_np.config import parse_args
-from nanogpt_np.generate import generate, generate_text
+from nanogpt_np.generate import generate_text
 from nanogpt_np.model import GPT, GPTConfig
 from nanogpt_np.serve import Limits, TextAssembler, parse_completion_request, APIError
 from nanogpt_np.trainer import train
