@@ -18,10 +18,17 @@ How a request flows:
     worker thread (batching.Scheduler): continuous batching over one KV cache, see batching.py
 
 What is guaranteed: the same prompt, seed and sampling settings give the same tokens as
-`python sample.py --seed=S` (choice i of a request uses seed S + i, as sample.py's i-th sample does),
-bit for bit when the sequence decodes alone, and up to float rounding in a batch (see batching.py). A
-completion stops at max_tokens, at a stop string, at <|endoftext|> (finish_reason "stop"), when the
-context is full (no sliding window when serving) or when the request's time limit passes ("length").
+`python sample.py --seed=S` (choice j of each prompt uses seed S + j, as sample.py's j-th sample does;
+top_k 0 or absent means no top-k, as sample.py's --top_k=0), bit for bit when the sequence decodes alone,
+and up to float rounding in a batch (see batching.py; with --dtype=float64 a difference is practically
+impossible). A completion stops at max_tokens, at a stop string, at <|endoftext|> (finish_reason "stop"),
+when the context is full or when the request's time limit passes ("length"). There is no sliding window
+when serving (sample.py rebuilds the cache from the last half of the context instead), so a completion holds
+at most context - prompt_tokens + 1 tokens, and the two agree up to that point.
+
+Defaults follow OpenAI's: max_tokens 16, temperature 1, top_p 1, n 1, a random seed. Fields OpenAI has but
+this server does not implement (logprobs, best_of, suffix, penalties, logit_bias) are accepted only at their
+"off" value; any other unknown field is a 400.
 """
 import argparse
 import codecs
