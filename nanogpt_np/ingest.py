@@ -236,7 +236,7 @@ def read_jsonl(path, errors, stats, field="text") -> Iterator[Document]:
             yield Document(text, path, lineno)
 
 
-def _iter_json_array(path: str, stream, errors: ErrorLog, max_record_chars: int):
+def _iter_json_array(path: str, stream, errors: ErrorLog, max_record_chars: int, chunk: int = 1 << 16):
     """Yield (line, value) for each element of a top-level JSON array, reading the file in chunks.
 
     json.JSONDecoder.raw_decode parses one value from a position in a string; when it fails because
@@ -246,7 +246,6 @@ def _iter_json_array(path: str, stream, errors: ErrorLog, max_record_chars: int)
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")()
     buf, pos, eof = "", 0, False
-    chunk = 1 << 16
     consumed_bytes = 0
     counted_line, counted_pos = 1, 0  # line number at buffer position counted_pos
 

@@ -173,3 +173,21 @@ def test_stats_count_bytes(tmp_path):
     assert stats.documents == 4 and stats.files == 1
     assert stats.bytes_in == p.stat().st_size
     assert stats.text_bytes == sum(len(d.encode()) for d in DOCS)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_json_array_reader_with_tiny_reads(chunk):
+    """Every chunk boundary (inside strings, multi-byte characters, whitespace, commas) is handled."""
+    from nanogpt_np.ingest import _iter_json_array
+    records = [{"text": t, "n": i} for i, t in enumerate(DOCS)] + [{"text": "[tricky], {\"quoted\"}"}, {"text": "1"}]
+    data = ("\ufeff" + json.dumps(records, indent=1, ensure_ascii=False)).encode("utf-8")
+    log = ErrorLog()
+    got = list(_iter_json_array("mem.json", io.BytesIO(data), log, 1 << 20, chunk=chunk))
+    assert [r for _, r in got] == records and log.count == 0
+    lines = data.decode("utf-8").splitlines()
+    for line, record in got:  # the reported line is where the record's "{" is
+        assert lines[line - 1].strip().startswith("{")
+    assert list(_iter_json_array("e.json", io.BytesIO(b"[]"), log, 100, chunk=chunk)) == []
+    assert list(_iter_json_array("e.json", io.BytesIO(b"  "), log, 100, chunk=chunk)) == []
+    list(_iter_json_array("u.json", io.BytesIO(b'[{"text": "a"}'), log, 100, chunk=chunk))
+    assert log.count == 1 and "not closed" in log.messages[0]
