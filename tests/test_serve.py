@@ -373,6 +373,58 @@ def test_disconnect_mid_stream_frees_the_slot(long_server):
     assert long_server.complete(prompt="a", max_tokens=3)["usage"]["completion_tokens"] == 3
 
 
+# ----- a byte-level BPE model: <|endoftext|> stops, characters split across tokens -----
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    from nanogpt_np.bpe import BPETokenizer
+    from nanogpt_np.corpus import default_corpus_text
+    out = tmp_path_factory.mktemp("serve") / "bpe"
+    tokenizer = BPETokenizer.train(default_corpus_text()[:20000] + " héllo wörld, €uro 日本語", vocab_size=300)
+    config = GPTConfig(block_size=256, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32)
+    save_checkpoint(out, GPT(config, seed=5), None, {}, {"step": 0}, tokenizer)
+    return out
+
+
+def test_bpe_end_of_text_and_utf8(bpe_run, tmp_path):
+    """Random weights: nearly uniform over 300 ids, so <|endoftext|> comes now and then and many byte tokens
+    do not make whole characters. The server's text is the incremental UTF-8 decoding of the tokens that
+    generate() gives, cut at <|endoftext|> (finish_reason "stop", the token counted but not shown)."""
+    import codecs
+    from nanogpt_np.generate import generate
+    model, tokenizer = load_model(bpe_run, dtype="float64"), load_tokenizer_of_run(bpe_run)
+    eot, prompt = tokenizer.eot_id, "héllo wörld, €"
+    ids = tokenizer.encode(prompt)
+
+    def expected(seed):
+        tokens = list(generate(model, ids, 150, temperature=1.0, seed=seed, stop_ids=(eot,)))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        shown = [t for t in tokens if t != eot]
+        text = "".join(decoder.decode(tokenizer.decode_bytes([t])) for t in shown) + decoder.decode(b"", True)
+        return text, ("stop" if tokens[-1] == eot else "length"), len(tokens)
+
+    cases = {}
+    for seed in range(40):                       # one seed that meets <|endoftext|>, one that does not
+        text, reason, n = expected(seed)
+        cases.setdefault(reason, (seed, text, n))
+        if len(cases) == 2:
+            break
+    assert set(cases) == {"stop", "length"}
+    server = Server(bpe_run, tmp_path / "bpe.log", "--dtype=float64")
+    try:
+        for reason, (seed, text, n) in cases.items():
+            body = dict(prompt=prompt, max_tokens=150, temperature=1.0, seed=seed)
+            out = server.complete(**body)
+            assert (out["choices"][0]["text"], out["choices"][0]["finish_reason"]) == (text, reason)
+            assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": n,
+                                    "total_tokens": len(ids) + n}
+            events = server.stream(**body)
+            assert "".join(e["choices"][0]["text"] for e in events[:-1]) == text
+            assert events[-2]["choices"][0]["finish_reason"] == reason
+        assert "\ufffd" in "".join(t for _, t, _ in cases.values())    # some bytes did not make a character
+    finally:
+        server.stop()
+
+
 # ----- pieces, without HTTP -----
 class ByteTokenizer:
     """One token per byte, so a character can be split across tokens."""
