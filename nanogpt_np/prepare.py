@@ -417,19 +417,23 @@ def prepare(cfg: PrepareConfig) -> dict:
     return manifest
 
 
+def _size(n: int) -> str:
+    return f"{n:,} bytes" if n < 10_000_000 else f"{n / 1e6:,.1f} MB"
+
+
 def format_report(manifest: dict) -> str:
     """A short human-readable table of what each step removed and what was written."""
     r = manifest["report"]
-    lines = [f"read {r['input']['documents']} documents, {r['input']['bytes'] / 1e6:.2f} MB of text from "
+    lines = [f"read {r['input']['documents']:,} documents, {_size(r['input']['bytes'])} of text from "
              f"{r['input']['files']} files ({r['input']['bad_records']} bad records skipped)"]
     for m in r["input"]["bad_record_examples"][:5]:
         lines.append(f"  bad record: {m}")
     for step, c in r["steps"].items():
-        lines.append(f"  {step:<12} removed {c['docs_removed']:>8} documents {c['bytes_removed'] / 1e6:>10.3f} MB")
-    lines.append(f"kept {r['kept']['documents']} documents, {r['kept']['bytes'] / 1e6:.2f} MB")
+        lines.append(f"  {step:<12} removed {c['docs_removed']:>10,} documents {_size(c['bytes_removed']):>18}")
+    lines.append(f"kept {r['kept']['documents']:,} documents, {_size(r['kept']['bytes'])}")
     for s in ("train", "val"):
         c = r["split"][s]
-        lines.append(f"  {s:<5} {c['documents']:>8} documents {c['tokens']:>12} tokens -> {', '.join(manifest[s]['files'])}")
+        lines.append(f"  {s:<5} {c['documents']:>10,} documents {c['tokens']:>14,} tokens -> {', '.join(manifest[s]['files'])}")
     t = r["timing"]
     lines.append(f"tokenizer {manifest['tokenizer']['type']} vocab_size={manifest['tokenizer']['vocab_size']}; "
                  f"{t['total_s']:.1f}s on {t['processes']} processes ({t['input_mb_per_s']:.2f} MB/s of input)")
