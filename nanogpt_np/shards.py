@@ -232,3 +232,26 @@ def read_tokens(path: str, fmt: str = "auto") -> np.memmap:
 
 def total_tokens(paths: Iterable[str]) -> int:
     return sum(len(read_tokens(p)) for p in paths)
+
+
+def describe(path: str, show: int = 16) -> str:
+    """One line about a token file: its format, dtype, token count and first ids."""
+    fmt = "llm.c" if is_llmc_shard(path) else "raw uint16 (nanoGPT)"
+    tokens = read_tokens(path)
+    version = f" version {int(read_header(path)[1])}" if fmt == "llm.c" else ""
+    head = " ".join(str(int(t)) for t in tokens[:show])
+    return f"{path}: {fmt}{version}, {tokens.dtype.name}, {len(tokens):,} tokens; first: {head}"
+
+
+if __name__ == "__main__":  # python -m nanogpt_np.shards FILE...
+    import sys
+
+    for p in sys.argv[1:] or ["--help"]:
+        if p in ("-h", "--help"):
+            print("usage: python -m nanogpt_np.shards FILE...  (describe llm.c shards / nanoGPT .bin files)")
+            break
+        try:
+            print(describe(p))
+        except (ShardError, OSError) as e:
+            print(f"error: {e}")
+            sys.exit(1)

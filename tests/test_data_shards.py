@@ -108,3 +108,9 @@ def test_trailing_bytes_and_bad_version(tmp_path):
         f.write(header.tobytes())
     with pytest.raises(ShardError, match="unknown llm.c shard version 9"):
         read_shard(p)
+
+
+def test_describe(tmp_path):
+    from nanogpt_np.shards import describe
+    p = write_shard(str(tmp_path / "d.bin"), np.array([3, 1, 4, 1, 5]))
+    assert describe(p) == f"{p}: llm.c version 1, uint16, 5 tokens; first: 3 1 4 1 5"
