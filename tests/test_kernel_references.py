@@ -269,3 +269,209 @@ def test_flash_attention_emulation_matches_reference(B, T, NH):
     for i, part in enumerate("qkv"):
         e = np.abs(dqkv[..., i * C:(i + 1) * C] - rd[..., i * C:(i + 1) * C]).max() / np.abs(rd[..., i * C:(i + 1) * C]).max()
         assert e < 2e-2, (part, e)
+
+
+# --------------------------------------------------- the GPU wrappers on a fake CuPy (kernels emulated)
+
+@pytest.fixture
+def fake_cp(monkeypatch):
+    from nanogpt_np.kernels import fake_cupy
+    return fake_cupy.install(monkeypatch)
+
+
+def _rel(got, ref):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    assert got.shape == ref.shape and np.isfinite(got).all(), "unwritten (NaN) or misshapen output"
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def _f32(*shape, s=1.0):
+    return (rng.standard_normal(shape) * s).astype(np.float32)
+
+
+@pytest.mark.parametrize("B,T,V,C", [(2, 7, 11, 33), (3, 9, 20, 64)])
+def test_fake_embedding(fake_cp, B, T, V, C):
+    ref = importlib.import_module("nanogpt_np.ops.embedding")
+    wte, wpe, idx = _f32(V, C), _f32(T + 3, C), rng.integers(0, 5, size=(B, T))
+    fwd, bwd = registry.lookup("embedding")
+    out, saved = fwd(fake_cp.asarray(wte), fake_cp.asarray(wpe), idx)      # idx from the host
+    r, rs = ref.embedding_forward(wte.astype(np.float64), wpe.astype(np.float64), idx)
+    assert _rel(out, r) < 1e-6
+    d = _f32(B, T, C)
+    dwte, dwpe = bwd(fake_cp.asarray(d), saved)
+    rdwte, rdwpe = ref.embedding_backward(d.astype(np.float64), rs)
+    assert _rel(dwte, rdwte) < 1e-6 and _rel(dwpe, rdwpe) < 1e-6
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (9, 33), (70, 768), (300, 7000 // 8)])
+def test_fake_layernorm_and_residual(fake_cp, N, C):
+    ref = importlib.import_module("nanogpt_np.ops.layernorm")
+    x, r, w, b = _f32(N, C), _f32(N, C), _f32(C), _f32(C)
+    fwd, bwd = registry.lookup("layernorm")
+    y, saved = fwd(fake_cp.asarray(x), fake_cp.asarray(w), fake_cp.asarray(b), 1e-5)
+    ry, rs = ref.layernorm_forward(*(a.astype(np.float64) for a in (x, w, b)), 1e-5)
+    assert _rel(y, ry) < 1e-5
+    dy = _f32(N, C)
+    got = bwd(fake_cp.asarray(dy), saved)
+    want = ref.layernorm_backward(dy.astype(np.float64), rs)
+    assert all(_rel(g, w_) < 1e-5 for g, w_ in zip(got, want))
+    fwd, bwd = registry.lookup("residual_layernorm")
+    (h, y), saved = fwd(fake_cp.asarray(x), fake_cp.asarray(r), fake_cp.asarray(w), fake_cp.asarray(b), 1e-5)
+    (rh, ry), rs = references.residual_layernorm_forward(*(a.astype(np.float64) for a in (x, r, w, b)))
+    assert _rel(h, rh) < 1e-6 and _rel(y, ry) < 1e-5
+    dh = _f32(N, C)
+    dx, dres, dw, db = bwd((fake_cp.asarray(dh), fake_cp.asarray(dy)), saved)
+    rdx, _, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)), rs)
+    assert dx is dres and _rel(dx, rdx) < 1e-5 and _rel(dw, rdw) < 1e-5 and _rel(db, rdb) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (4, 8), (1,)])
+def test_fake_gelu(fake_cp, shape):
+    ref = importlib.import_module("nanogpt_np.ops.gelu")
+    x = _f32(*shape, s=2)
+    fwd, bwd = registry.lookup("gelu")
+    y, saved = fwd(fake_cp.asarray(x))
+    ry, rs = ref.gelu_forward(x.astype(np.float64))
+    assert _rel(y, ry) < 1e-6
+    dy = _f32(*shape)
+    (dx,) = bwd(fake_cp.asarray(dy), saved)
+    assert _rel(dx, ref.gelu_backward(dy.astype(np.float64), rs)[0]) < 1e-6
+
+
+@pytest.mark.parametrize("N,C", [(5, 7), (100, 64), (1000, 96)])
+def test_fake_bias_gelu(fake_cp, N, C):
+    x, b, dy = _f32(N, C), _f32(C), _f32(N, C)
+    fwd, bwd = registry.lookup("bias_gelu")
+    y, saved = fwd(fake_cp.asarray(x), fake_cp.asarray(b))
+    ry, rs = references.bias_gelu_forward(x.astype(np.float64), b.astype(np.float64))
+    assert _rel(y, ry) < 1e-6
+    dx, db = bwd(fake_cp.asarray(dy), saved)
+    rdx, rdb = references.bias_gelu_backward(dy.astype(np.float64), rs)
+    assert _rel(dx, rdx) < 1e-6 and _rel(db, rdb) < 1e-6
+
+
+@pytest.mark.parametrize("inplace,dloss", [(False, "device"), (True, "device"), (False, 1.0), (True, 0.5)])
+def test_fake_cross_entropy(fake_cp, inplace, dloss):
+    from nanogpt_np.kernels import cross_entropy as kce
+    ref = importlib.import_module("nanogpt_np.ops.cross_entropy")
+    N, V = 13, 50
+    z, y = _f32(N, V, s=3), rng.integers(0, V, size=N)
+    y[[2, 5]] = -1
+    fwd, bwd = registry.lookup("cross_entropy")
+    kce.set_inplace(inplace)
+    try:
+        zz = fake_cp.asarray(z)
+        loss, saved = fwd(zz, y, -1)
+        rl, rs = ref.cross_entropy_forward(z.astype(np.float64), y, -1)
+        assert abs(float(loss) - float(rl)) < 1e-6 * abs(float(rl))
+        dl = fake_cp.asarray(np.float32(2.0)) if dloss == "device" else dloss
+        (d,) = bwd(dl, saved)
+        scale = 2.0 if dloss == "device" else dloss
+        assert _rel(d, ref.cross_entropy_backward(np.float64(scale), rs)[0]) < 1e-6
+        assert (d.data.ptr == zz.data.ptr) == inplace
+    finally:
+        kce.set_inplace(False)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.3])
+def test_fake_adamw(fake_cp, clip):
+    from nanogpt_np.kernels import adamw
+    n = 5000
+    p, g, m, v = _f32(n), _f32(n), _f32(n, s=0.01), np.abs(_f32(n, s=0.01))
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=4)
+    P, G, M, Vv = (fake_cp.asarray(a.copy()) for a in (p, g, m, v))
+    bf = fake_cp.empty((n,), fake_cp.uint16)
+    ns = adamw.adamw_step(P, G, M, Vv, n_decay=3000, grad_clip=clip, params_bf16=bf, **kw)
+    rp, rm, rv = p.astype(np.float64), m.astype(np.float64), v.astype(np.float64)
+    rns = references.adamw_flat_reference(rp, g.astype(np.float64), rm, rv, n_decay=3000, grad_clip=clip, **kw)
+    assert _rel(ns, rns) < 1e-6 and _rel(P, rp) < 1e-6 and _rel(M, rm) < 1e-6 and _rel(Vv, rv) < 1e-6
+    np.testing.assert_array_equal(np.asarray(bf), float32_to_bf16_np(np.asarray(P)))
+
+
+def float32_to_bf16_np(x):
+    from nanogpt_np.kernels.bf16 import float32_to_bf16
+    return float32_to_bf16(np.asarray(x).view(np.ndarray))
+
+
+@pytest.mark.parametrize("kind", ["matmul", "flash"])
+@pytest.mark.parametrize("B,T,C,NH", [(2, 17, 128, 2), (1, 70, 64, 1)])
+def test_fake_attention(fake_cp, kind, B, T, C, NH):
+    from nanogpt_np.kernels.bf16 import round_to_bf16
+    ref = importlib.import_module("nanogpt_np.ops.attention")
+    qkv = round_to_bf16(_f32(B, T, 3 * C))
+    fwd, bwd = registry.lookup("attention_" + kind)
+    out, saved = fwd(fake_cp.asarray(qkv), NH)
+    ro, rs = ref.attention_forward(qkv.astype(np.float64), NH)
+    assert _rel(out, ro) < (1e-5 if kind == "matmul" else 1e-6)
+    d = _f32(B, T, C)
+    (dq,) = bwd(fake_cp.asarray(d), saved)
+    tol = 1e-5 if kind == "matmul" else 1e-2                   # flash: dO is rounded to bf16
+    assert _rel(dq, ref.attention_backward(d.astype(np.float64), rs)[0]) < tol
+
+
+def test_fake_bf16_linear_and_head(fake_cp):
+    from nanogpt_np.kernels import linear_bf16
+    from nanogpt_np.kernels.bf16 import round_to_bf16
+    ref = importlib.import_module("nanogpt_np.ops.linear")
+    x, w, b = round_to_bf16(_f32(6, 10)), round_to_bf16(_f32(10, 4)), _f32(4)
+    y, saved = linear_bf16.linear_forward(fake_cp.asarray(x), fake_cp.asarray(w), fake_cp.asarray(b))
+    ry, rs = ref.linear_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    assert _rel(y, ry) < 1e-6
+    dy = round_to_bf16(_f32(6, 4))
+    got = linear_bf16.linear_backward(fake_cp.asarray(dy), saved)
+    want = ref.linear_backward(dy.astype(np.float64), rs)
+    assert all(_rel(g_, w_) < 1e-6 for g_, w_ in zip(got, want))
+    wte = round_to_bf16(_f32(9, 10))
+    lg, saved = linear_bf16.lm_head_forward(fake_cp.asarray(x), fake_cp.asarray(wte))
+    rlg, rs = ref.lm_head_forward(x.astype(np.float64), wte.astype(np.float64))
+    assert _rel(lg, rlg) < 1e-6
+    d = round_to_bf16(_f32(6, 9))
+    got = linear_bf16.lm_head_backward(fake_cp.asarray(d), saved)
+    want = ref.lm_head_backward(d.astype(np.float64), rs)
+    assert all(_rel(g_, w_) < 1e-6 for g_, w_ in zip(got, want))
+
+
+@pytest.mark.parametrize("attention,dtype", [("matmul", "float32"), ("flash", "float32"), ("flash", "bfloat16")])
+def test_fake_training_step_matches_cpu(fake_cp, monkeypatch, attention, dtype):
+    """The whole model on the 'GPU' path (registry, wrappers, dtype guard, optimizer hook) with emulated kernels
+    against the CPU step on the same weights and batch."""
+    from nanogpt_np import backend
+    from nanogpt_np.model import GPT, GPTConfig
+    from nanogpt_np.optim import AdamW, clip_grad_norm
+    from nanogpt_np.tensor import backward
+    cfg = GPTConfig(vocab_size=31, block_size=40, n_layer=2, n_head=2, n_embd=128, dropout=0.0)
+    x, y = rng.integers(0, 31, size=(2, 33)), rng.integers(0, 31, size=(2, 33))
+    y[0, :3] = -1
+
+    def step():
+        model = GPT(cfg, seed=3)
+        opt = AdamW(model, lr=1e-3)
+        model.zero_grad()
+        _, loss = model(backend.to_device(x), backend.to_device(y))
+        backward(loss)
+        g = backend.to_numpy(model.flat_grads).copy()
+        clip_grad_norm(model.flat_grads, 1.0)
+        opt.step()
+        return float(loss.item()), g, backend.to_numpy(model.flat_params).copy()
+
+    l_cpu, g_cpu, p_cpu = step()
+    monkeypatch.setattr(backend, "_cupy", fake_cp)
+    monkeypatch.setattr(backend, "_device", "cuda")
+    registry.set_attention(attention)
+    registry.set_precision(dtype)
+    calls = []
+    from nanogpt_np.kernels import compile as kc
+    inner = kc.emulator
+    monkeypatch.setattr(kc, "emulator", lambda *a: (calls.append(a[:2]), inner(*a))[1])
+    try:
+        l_gpu, g_gpu, p_gpu = step()
+    finally:
+        registry.set_attention("matmul")
+        registry.set_precision("float32")
+    used = {k for _, k in calls}
+    assert {"layernorm_forward", "layernorm_backward", "cross_entropy_fused", "adamw_update"} <= used, used
+    assert ("flash_attention_forward" in used) == (attention == "flash")
+    tol = 1e-4 if (attention, dtype) == ("matmul", "float32") else 3e-2
+    assert abs(l_gpu - l_cpu) < tol * abs(l_cpu)
+    assert _rel(g_gpu, g_cpu) < tol
+    assert _rel(p_gpu, p_cpu) < tol

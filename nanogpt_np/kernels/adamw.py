@@ -36,10 +36,11 @@ def global_grad_norm(grads, max_norm=0.0, out=None):
 
 
 def adamw_step(params, grads, m, v, *, n_decay=None, lr, beta1, beta2, eps, weight_decay, step,
-               grad_clip=0.0, params_bf16=None):
+               grad_clip=0.0, params_bf16=None, scratch=None):
     """Update params, m, v in place (and params_bf16, a uint16 copy, when given). Returns [norm, scale] (2,).
 
-    Called by optim.AdamW.step on the GPU (same keywords as optim.adamw_update; n_decay=None decays all).
+    Called by optim.AdamW.step on the GPU (same keywords as optim.adamw_update; n_decay=None decays all;
+    `scratch` is accepted for that signature and only used by the non-float32 fallback).
     Falls back to optim.adamw_update (after clipping in array code) when the buffers are not float32."""
     if params.dtype.itemsize != 4 or params.dtype.kind != "f":
         from ..optim import adamw_update
@@ -47,7 +48,7 @@ def adamw_step(params, grads, m, v, *, n_decay=None, lr, beta1, beta2, eps, weig
         ns = ref_norm(grads, grad_clip)
         g = grads * float(ns[1]) if grad_clip and grad_clip > 0 else grads
         adamw_update(params, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                     step=step, n_decay=n_decay)
+                     step=step, n_decay=n_decay, scratch=scratch)
         return ns
     n = params.size
     n_decay = n if n_decay is None else n_decay

@@ -157,15 +157,24 @@ def num_sms() -> int:
     global _sms
     if _sms is None:
         import cupy
-        _sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+        return int(cupy.cuda.Device().attributes["MultiProcessorCount"]) if emulator else _cache_sms(cupy)
+    return _sms
+
+
+def _cache_sms(cupy):
+    global _sms
+    _sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
     return _sms
 
 
 launches = 0          # kernels launched through launch(); benchmarks read it to count launches per step
+emulator = None       # tests only: a callable(module, kernel, grid, block, args, shared_mem) run instead (fake_cupy)
 
 
 def launch(module_name: str, kernel_name: str, grid, block, args, shared_mem: int = 0):
     """Launch one of our kernels on the current stream and count it."""
     global launches
     launches += 1
+    if emulator is not None:
+        return emulator(module_name, kernel_name, tuple(grid), tuple(block), tuple(args), shared_mem)
     function(module_name, kernel_name)(tuple(grid), tuple(block), tuple(args), shared_mem=shared_mem)

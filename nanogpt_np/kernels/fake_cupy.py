@@ -1,0 +1,538 @@
+"""A CPU stand-in for CuPy, for tests of the kernel wrappers without a GPU.
+
+`install(monkeypatch)` puts a fake `cupy` (and `cupy_backends...cublas`) into sys.modules and routes
+compile.launch to Python emulations of every kernel here. The emulations take the kernels' arguments in the
+CUDA signatures' order, check the launch configuration the wrapper chose (block size, grid limits, dynamic
+shared memory, that the grid covers the rows), and compute the kernel's result with NumPy. So a wrapper that
+passes arguments in the wrong order, sizes a grid too small, or forgets a conversion fails on the CPU.
+
+Arrays are a NumPy subclass with CuPy's `.data.ptr`; `empty` fills floats with NaN (and integers with all ones),
+so an output element no kernel writes shows up, like the GPU tests' poisoned memory pool. What this cannot
+check is the CUDA code itself (flash_emulator.py does that for flash attention; the GPU tests for the rest).
+"""
+import ctypes
+import math
+import sys
+import types
+import weakref
+
+import numpy as np
+
+from .bf16 import bf16_to_float32, float32_to_bf16
+
+
+class ndarray(np.ndarray):
+    """numpy.ndarray with CuPy's `.data.ptr` (the address of the first element)."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+
+_live = weakref.WeakValueDictionary()      # address of an allocation -> the array (resolves raw pointers)
+
+
+def _wrap(a):
+    if isinstance(a, np.ndarray) and not isinstance(a, ndarray):
+        a = a.view(ndarray)
+    if isinstance(a, ndarray) and a.flags.c_contiguous and a.size:
+        _live.setdefault(a.data.ptr, a)       # resolves raw pointers into this memory
+    return a
+
+
+def _wrap_all(r):
+    if isinstance(r, tuple):
+        return tuple(_wrap_all(x) for x in r)
+    if isinstance(r, list):
+        return [_wrap_all(x) for x in r]
+    return _wrap(r) if isinstance(r, np.ndarray) else r
+
+
+def _poisoned(shape, dtype):
+    dtype = np.dtype(dtype)
+    a = np.empty(shape, dtype)
+    if dtype.kind == "f":
+        a.fill(np.nan)
+    elif dtype.kind in "iu":
+        a.fill(-1 if dtype.kind == "i" else np.iinfo(dtype).max)
+    b = a.view(ndarray)
+    _live[b.data.ptr] = b
+    return b
+
+
+def empty(shape, dtype=np.float64, order="C"):
+    return _poisoned(shape, dtype)
+
+
+def empty_like(a, dtype=None):
+    return _poisoned(a.shape, dtype or a.dtype)
+
+
+def asarray(a, dtype=None, order=None):
+    if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
+        return a
+    return _wrap(np.array(a, dtype=dtype, copy=True))
+
+
+def ascontiguousarray(a, dtype=None):
+    if isinstance(a, ndarray) and a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+        return a
+    return _wrap(np.array(a, dtype=dtype, order="C", copy=True))
+
+
+def asnumpy(a):
+    return np.array(a).view(np.ndarray)
+
+
+def argsort(a, axis=-1):
+    return _wrap(np.argsort(np.asarray(a), axis=axis, kind="stable"))
+
+
+def __getattr__(name):
+    obj = getattr(np, name)
+    if isinstance(obj, (np.ufunc, type)) or not callable(obj):
+        return obj
+
+    def call(*args, **kwargs):
+        return _wrap_all(obj(*args, **kwargs))
+    return call
+
+
+random = np.random
+
+
+class _Stream:
+    def synchronize(self):
+        pass
+
+
+cuda = types.SimpleNamespace(
+    Device=lambda *a: types.SimpleNamespace(attributes={"MultiProcessorCount": 5}, compute_capability="90", id=0),
+    get_current_stream=lambda: _Stream(),
+    device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+)
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+
+def _resolve(ptr):
+    """A raw address (np.uint64) -> (the allocation holding it, element offset), or None for NULL."""
+    ptr = int(ptr)
+    if ptr == 0:
+        return None
+    for base, arr in list(_live.items()):
+        if base <= ptr < base + arr.nbytes:
+            return arr.reshape(-1)[(ptr - base) // arr.itemsize:]
+    raise AssertionError(f"pointer {ptr:#x} is not inside any live fake-device allocation")
+
+
+def _arr(x):
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray) and not isinstance(x, np.generic):
+        return x
+    if isinstance(x, np.uint64):
+        return _resolve(x)
+    raise AssertionError(f"expected a device array or a pointer, got {type(x).__name__}")
+
+
+def _int(x, kind):
+    assert isinstance(x, kind), f"scalar argument should be {kind.__name__}, got {type(x).__name__}"
+    return int(x)
+
+
+def _flt(x):
+    assert isinstance(x, np.float32), f"float argument should be np.float32, got {type(x).__name__}"
+    return float(x)
+
+
+def _f32(a, n=None):
+    a = a.reshape(-1)
+    assert a.dtype == np.float32, f"kernel expects float32, got {a.dtype}"
+    return a if n is None else a[:n]
+
+
+def _threads(grid, block):
+    return math.prod(grid) * math.prod(block)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+def _encoder_forward(vec):
+    def k(grid, block, smem, out, idx, wte, wpe, BT, T, C):
+        BT, T, C = _int(BT, np.int32), _int(T, np.int32), _int(C, np.int32)
+        assert _threads(grid, block) * vec >= BT * C, "grid too small"
+        idx = _arr(idx).reshape(-1)
+        assert idx.dtype == np.int32
+        o = _f32(_arr(out), BT * C).reshape(BT, C)
+        o[...] = _f32(_arr(wte)).reshape(-1, C)[idx] + _f32(_arr(wpe)).reshape(-1, C)[np.arange(BT) % T]
+    return k
+
+
+def _encoder_backward_wpe(grid, block, smem, dwpe, dout, B, T, Tmax, C):
+    B, T, Tmax, C = (_int(v, np.int32) for v in (B, T, Tmax, C))
+    assert _threads(grid, block) >= Tmax * C
+    d = _f32(_arr(dwpe), Tmax * C).reshape(Tmax, C)
+    d[...] = 0
+    d[:T] = _f32(_arr(dout), B * T * C).reshape(B, T, C).sum(0)
+
+
+def _encoder_backward_wte(grid, block, smem, dwte, dout, sorted_pos, sorted_tok, BT, C):
+    BT, C = _int(BT, np.int32), _int(C, np.int32)
+    assert grid[0] == BT and block[0] <= 1024
+    pos, tok = _arr(sorted_pos).reshape(-1), _arr(sorted_tok).reshape(-1)
+    assert pos.dtype == np.int32 and tok.dtype == np.int32 and np.all(np.diff(tok) >= 0), "ids must be sorted"
+    dw = _f32(_arr(dwte)).reshape(-1, C)
+    do = _f32(_arr(dout), BT * C).reshape(BT, C)
+    s = 0
+    while s < BT:
+        e = s
+        while e < BT and tok[e] == tok[s]:
+            e += 1
+        dw[tok[s]] = do[pos[s:e]].sum(0)
+        s = e
+
+
+def _layernorm_forward(grid, block, smem, out, mean, rstd, h_out, x, residual, w, b, N, C, eps):
+    N, C, eps = _int(N, np.int32), _int(C, np.int32), _flt(eps)
+    assert grid[0] * block[0] // 32 >= N and block[0] % 32 == 0
+    xv = _f32(_arr(x), N * C).reshape(N, C).astype(np.float64)
+    r = _arr(residual)
+    if r is not None:
+        xv = xv + _f32(r, N * C).reshape(N, C)
+        _f32(_arr(h_out), N * C).reshape(N, C)[...] = xv
+    m = xv.mean(1)
+    rs = 1 / np.sqrt(((xv - m[:, None]) ** 2).mean(1) + eps)
+    _f32(_arr(out), N * C).reshape(N, C)[...] = (xv - m[:, None]) * rs[:, None] * _f32(_arr(w)) + _f32(_arr(b))
+    _f32(_arr(mean), N)[...] = m
+    _f32(_arr(rstd), N)[...] = rs
+
+
+def _layernorm_backward(grid, block, smem, dh, dwp, dbp, dout, h, mean, rstd, w, dres, N, C, rpb):
+    N, C, rpb = _int(N, np.int32), _int(C, np.int32), _int(rpb, np.int32)
+    nw = block[0] // 32
+    assert block[0] % 32 == 0 and smem == 2 * nw * C * 4 <= 48 * 1024, "dynamic shared memory must be 2*NW*C floats"
+    assert grid[0] * rpb >= N, "blocks do not cover the rows"
+    hv = _f32(_arr(h), N * C).reshape(N, C).astype(np.float64)
+    dy = _f32(_arr(dout), N * C).reshape(N, C).astype(np.float64)
+    xhat = (hv - _f32(_arr(mean), N)[:, None]) * _f32(_arr(rstd), N)[:, None]
+    g = dy * _f32(_arr(w))
+    dx = _f32(_arr(rstd), N)[:, None] * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
+    r = _arr(dres)
+    if r is not None:
+        dx = dx + _f32(r, N * C).reshape(N, C)
+    _f32(_arr(dh), N * C).reshape(N, C)[...] = dx
+    pw, pb = _f32(_arr(dwp)).reshape(-1, C), _f32(_arr(dbp)).reshape(-1, C)
+    assert pw.shape[0] >= grid[0]
+    for k in range(grid[0]):
+        rows = slice(k * rpb, min(N, (k + 1) * rpb))
+        pw[k] = (dy[rows] * xhat[rows]).sum(0)
+        pb[k] = dy[rows].sum(0)
+
+
+def _param_reduce(grid, block, smem, dw, db, dwp, dbp, nblocks, C):
+    nblocks, C = _int(nblocks, np.int32), _int(C, np.int32)
+    assert _threads(grid, block) >= C
+    _f32(_arr(dw), C)[...] = _f32(_arr(dwp), nblocks * C).reshape(nblocks, C).sum(0)
+    _f32(_arr(db), C)[...] = _f32(_arr(dbp), nblocks * C).reshape(nblocks, C).sum(0)
+
+
+def _gelu(a):
+    return 0.5 * a * (1 + np.tanh(0.7978845608028654 * (a + 0.044715 * a ** 3)))
+
+
+def _gelu_grad(a):
+    th = np.tanh(0.7978845608028654 * (a + 0.044715 * a ** 3))
+    return 0.5 * (1 + th) + 0.5 * a * (1 - th * th) * 0.7978845608028654 * (1 + 3 * 0.044715 * a * a)
+
+
+def _gelu_forward(vec):
+    def k(grid, block, smem, out, x, bias, n, C):
+        n, C = _int(n, np.int64) * vec, _int(C, np.int32) * vec
+        assert _threads(grid, block) * vec >= n
+        a = _f32(_arr(x), n).astype(np.float64)
+        b = _arr(bias)
+        if b is not None:
+            a = a + np.tile(_f32(b, C), n // C)
+        _f32(_arr(out), n)[...] = _gelu(a)
+    return k
+
+
+def _gelu_backward(grid, block, smem, dx, dout, x, n):
+    n = _int(n, np.int64)
+    assert _threads(grid, block) >= n
+    _f32(_arr(dx), n)[...] = _f32(_arr(dout), n) * _gelu_grad(_f32(_arr(x), n).astype(np.float64))
+
+
+def _bias_gelu_backward(grid, block, smem, dx, partial, dout, x, bias, N, C, rpc):
+    N, C, rpc = _int(N, np.int32), _int(C, np.int32), _int(rpc, np.int32)
+    assert block == (32, 8, 1) or block == (32, 8), block
+    assert grid[0] * 32 >= C and grid[1] * rpc >= N and grid[1] < 65536
+    a = _f32(_arr(x), N * C).reshape(N, C) + _f32(_arr(bias), C)
+    d = _f32(_arr(dout), N * C).reshape(N, C) * _gelu_grad(a.astype(np.float64))
+    _f32(_arr(dx), N * C).reshape(N, C)[...] = d
+    p = _f32(_arr(partial)).reshape(-1, C)
+    for k in range(grid[1]):
+        p[k] = d[k * rpc:min(N, (k + 1) * rpc)].sum(0)
+
+
+def _column_sum_finish(grid, block, smem, out, partial, nchunks, C):
+    nchunks, C = _int(nchunks, np.int32), _int(C, np.int32)
+    assert _threads(grid, block) >= C
+    _f32(_arr(out), C)[...] = _f32(_arr(partial), nchunks * C).reshape(nchunks, C).sum(0)
+
+
+def _cross_entropy(grid, block, smem, losses, dlogits, logits, targets, n_kept, V, ignore):
+    V, ignore = _int(V, np.int32), _int(ignore, np.int64)
+    N = grid[0]
+    assert block[0] % 32 == 0 and block[0] <= 1024
+    z = _f32(_arr(logits), N * V).reshape(N, V).astype(np.float64)
+    y = _arr(targets).reshape(-1)[:N]
+    assert y.dtype == np.int64
+    nk = float(_f32(_arr(n_kept))[0])
+    kept = y != ignore
+    mx = z.max(1, keepdims=True)
+    lse = (mx + np.log(np.exp(z - mx).sum(1, keepdims=True)))[:, 0]
+    ys = np.where(kept, y, 0)
+    _f32(_arr(losses), N)[...] = np.where(kept, lse - z[np.arange(N), ys], 0.0)
+    d = _arr(dlogits)
+    if d is not None:
+        g = np.exp(z - lse[:, None])
+        g[np.arange(N), ys] -= 1.0
+        _f32(d, N * V).reshape(N, V)[...] = g * (kept / nk)[:, None]
+
+
+def _scale(grid, block, smem, x, s, n):
+    n = _int(n, np.int64)
+    assert _threads(grid, block) >= n
+    _f32(_arr(x), n)[...] *= _f32(_arr(s))[0]
+
+
+def _sumsq_partial(grid, block, smem, partial, g, n):
+    n = _int(n, np.int64)
+    gv = _f32(_arr(g), n).astype(np.float64)
+    owner = (np.arange(n) // block[0]) % grid[0]           # the grid-stride loop's block for element i
+    _f32(_arr(partial), grid[0])[...] = np.bincount(owner, weights=gv * gv, minlength=grid[0])
+
+
+def _norm_and_scale(grid, block, smem, out, partial, nparts, max_norm):
+    nparts, max_norm = _int(nparts, np.int32), _flt(max_norm)
+    assert grid[0] == 1
+    norm = math.sqrt(float(_f32(_arr(partial), nparts).astype(np.float64).sum()))
+    o = _f32(_arr(out), 2)
+    o[0] = norm
+    o[1] = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+
+
+def _adamw_update(grid, block, smem, p, g, m, v, p_bf16, clip, n, n_decay, lr, b1, b2, eps, wd, bc1, bc2):
+    n, n_decay = _int(n, np.int64), _int(n_decay, np.int64)
+    lr, b1, b2, eps, wd, bc1, bc2 = (_flt(a) for a in (lr, b1, b2, eps, wd, bc1, bc2))
+    c = _arr(clip)
+    scale = 1.0 if c is None else float(_f32(c)[0])
+    pv, gv, mv, vv = (_f32(_arr(a), n) for a in (p, g, m, v))
+    gs = gv.astype(np.float64) * scale
+    mv[...] = b1 * mv + (1 - b1) * gs
+    vv[...] = b2 * vv + (1 - b2) * gs * gs
+    decay = np.where(np.arange(n) < n_decay, wd, 0.0)
+    pv[...] = pv - lr * ((mv / bc1) / (np.sqrt(vv / bc2) + eps) + decay * pv)
+    pb = _arr(p_bf16)
+    if pb is not None:
+        assert pb.dtype == np.uint16
+        pb.reshape(-1)[:n] = float32_to_bf16(pv)
+
+
+def _causal_mask(T):
+    return np.tril(np.ones((T, T), bool))
+
+
+def _softmax_forward(grid, block, smem, P, S, BH, T, scale):
+    BH, T, scale = _int(BH, np.int32), _int(T, np.int32), _flt(scale)
+    assert grid[0] * block[0] // 32 >= BH * T
+    s = _f32(_arr(S), BH * T * T).reshape(BH, T, T).astype(np.float64) * scale
+    s = np.where(_causal_mask(T), s, -np.inf)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    _f32(_arr(P), BH * T * T).reshape(BH, T, T)[...] = e / e.sum(-1, keepdims=True)
+
+
+def _softmax_backward(grid, block, smem, dS, P, dP, BH, T, scale):
+    BH, T, scale = _int(BH, np.int32), _int(T, np.int32), _flt(scale)
+    assert grid[0] * block[0] // 32 >= BH * T
+    p = _f32(_arr(P), BH * T * T).reshape(BH, T, T).astype(np.float64)
+    dp = _f32(_arr(dP), BH * T * T).reshape(BH, T, T).astype(np.float64)
+    ds = scale * p * (dp - (p * dp).sum(-1, keepdims=True))
+    _f32(_arr(dS), BH * T * T).reshape(BH, T, T)[...] = np.where(_causal_mask(T), ds, 0.0)
+
+
+def _heads_in(qkv, B, T, Tp, NH, part):
+    C = NH * 64
+    x = np.zeros((B * NH, Tp, 64))
+    x[:, :T] = qkv.reshape(B, T, 3 * C)[..., part * C:(part + 1) * C].reshape(B, T, NH, 64) \
+        .transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
+    return x
+
+
+def _qkv_to_heads(grid, block, smem, q, k, v, qkv, B, T, Tp, NH):
+    B, T, Tp, NH = (_int(a, np.int32) for a in (B, T, Tp, NH))
+    assert _threads(grid, block) >= B * NH * Tp * 32 and Tp % 64 == 0 and Tp >= T
+    src = _f32(_arr(qkv), B * T * 3 * NH * 64)
+    for part, dst in enumerate((q, k, v)):
+        d = _arr(dst)
+        assert d.dtype == np.uint16 and d.size >= B * NH * Tp * 64
+        d.reshape(-1)[:B * NH * Tp * 64] = float32_to_bf16(_heads_in(src, B, T, Tp, NH, part).astype(np.float32)).ravel()
+
+
+def _bf(a, shape):
+    return bf16_to_float32(_arr(a).reshape(-1)[:math.prod(shape)]).reshape(shape).astype(np.float64)
+
+
+def _flash_forward(grid, block, smem, out, L2, Q, K, V, T, Tp, NH, scale_log2):
+    T, Tp, NH, sl2 = _int(T, np.int32), _int(Tp, np.int32), _int(NH, np.int32), _flt(scale_log2)
+    BH = grid[1]
+    assert grid[0] == Tp // 64 and block[0] == 128
+    q, k, v = (_bf(a, (BH, Tp, 64)) for a in (Q, K, V))
+    s2 = np.where(_causal_mask(Tp), q @ k.transpose(0, 2, 1) * sl2, -np.inf)
+    m = s2.max(-1, keepdims=True)
+    l = np.exp2(s2 - m).sum(-1, keepdims=True)
+    o = (np.exp2(s2 - m) / l) @ v                                     # (BH, Tp, 64)
+    _f32(_arr(L2), BH * Tp).reshape(BH, Tp)[...] = (m + np.log2(l))[..., 0]
+    B = BH // NH
+    _f32(_arr(out), B * T * NH * 64).reshape(B, T, NH, 64)[...] = o.reshape(B, NH, Tp, 64)[:, :, :T].transpose(0, 2, 1, 3)
+
+
+def _flash_prep(grid, block, smem, dO, D, dout, out, B, T, Tp, NH):
+    B, T, Tp, NH = (_int(a, np.int32) for a in (B, T, Tp, NH))
+    assert grid[0] * block[0] // 32 >= B * NH * Tp
+    C = NH * 64
+    do = _f32(_arr(dout), B * T * C).astype(np.float64)
+    o = _f32(_arr(out), B * T * C).astype(np.float64)
+    dh = np.zeros((B * NH, Tp, 64))
+    oh = np.zeros((B * NH, Tp, 64))
+    dh[:, :T] = do.reshape(B, T, NH, 64).transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
+    oh[:, :T] = o.reshape(B, T, NH, 64).transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
+    _arr(dO).reshape(-1)[:B * NH * Tp * 64] = float32_to_bf16(dh.astype(np.float32)).ravel()
+    _f32(_arr(D), B * NH * Tp)[...] = (dh * oh).sum(-1).ravel()
+
+
+def _flash_grads(grid, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
+    T, Tp, NH = _int(T, np.int32), _int(Tp, np.int32), _int(NH, np.int32)
+    sl2, sc = _flt(scale_log2), _flt(scale)
+    BH = grid[1]
+    assert grid[0] == Tp // 64
+    q, k, v, do = (_bf(a, (BH, Tp, 64)) for a in (Q, K, V, dO))
+    L = _f32(_arr(L2), BH * Tp).reshape(BH, Tp, 1)
+    Dv = _f32(_arr(D), BH * Tp).reshape(BH, Tp, 1)
+    p = np.where(_causal_mask(Tp), np.exp2(q @ k.transpose(0, 2, 1) * sl2 - L), 0.0)
+    ds = p * (do @ v.transpose(0, 2, 1) - Dv)
+    B = BH // NH
+    C = NH * 64
+    dst = _f32(_arr(dqkv), B * T * 3 * C).reshape(B, T, 3, NH, 64)
+
+    def put(part, x):
+        dst[:, :, part] = x.reshape(B, NH, Tp, 64)[:, :, :T].transpose(0, 2, 1, 3)
+    return p, ds, q, k, do, sc, put
+
+
+def _flash_dkdv(grid, block, smem, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
+    assert block[0] == 128
+    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale)
+    put(1, sc * ds.transpose(0, 2, 1) @ q)
+    put(2, p.transpose(0, 2, 1) @ do)
+
+
+def _flash_dq(grid, block, smem, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
+    assert block[0] == 128
+    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale)
+    put(0, sc * ds @ k)
+
+
+def _to_bf16(grid, block, smem, out, inp, n):
+    n = _int(n, np.int64)
+    assert _threads(grid, block) >= n and _arr(out).dtype == np.uint16
+    _arr(out).reshape(-1)[:n] = float32_to_bf16(_f32(_arr(inp), n))
+
+
+def _to_f32(grid, block, smem, out, inp, n):
+    n = _int(n, np.int64)
+    assert _threads(grid, block) >= n and _arr(inp).dtype == np.uint16
+    _f32(_arr(out), n)[...] = bf16_to_float32(_arr(inp).reshape(-1)[:n])
+
+
+KERNELS = {
+    ("encoder", "encoder_forward_f4"): _encoder_forward(4),
+    ("encoder", "encoder_forward"): _encoder_forward(1),
+    ("encoder", "encoder_backward_wpe"): _encoder_backward_wpe,
+    ("encoder", "encoder_backward_wte"): _encoder_backward_wte,
+    ("layernorm", "layernorm_forward"): _layernorm_forward,
+    ("layernorm", "layernorm_backward"): _layernorm_backward,
+    ("layernorm", "layernorm_param_reduce"): _param_reduce,
+    ("gelu", "gelu_forward"): _gelu_forward(1),
+    ("gelu", "gelu_forward_f4"): _gelu_forward(4),
+    ("gelu", "gelu_backward"): _gelu_backward,
+    ("gelu", "bias_gelu_backward"): _bias_gelu_backward,
+    ("gelu", "column_sum_finish"): _column_sum_finish,
+    ("cross_entropy", "cross_entropy_fused"): _cross_entropy,
+    ("cross_entropy", "scale_by_device_scalar"): _scale,
+    ("adamw", "sumsq_partial"): _sumsq_partial,
+    ("adamw", "norm_and_scale"): _norm_and_scale,
+    ("adamw", "adamw_update"): _adamw_update,
+    ("softmax_attention", "causal_softmax_forward"): _softmax_forward,
+    ("softmax_attention", "causal_softmax_backward"): _softmax_backward,
+    ("flash_attention", "qkv_to_heads_bf16"): _qkv_to_heads,
+    ("flash_attention", "flash_attention_forward"): _flash_forward,
+    ("flash_attention", "flash_attention_backward_prep"): _flash_prep,
+    ("flash_attention", "flash_attention_backward_dkdv"): _flash_dkdv,
+    ("flash_attention", "flash_attention_backward_dq"): _flash_dq,
+    ("bf16", "f32_to_bf16"): _to_bf16,
+    ("bf16", "bf16_to_f32"): _to_f32,
+}
+
+
+def emulate(module, kernel, grid, block, args, shared_mem):
+    assert math.prod(block) <= 1024 and all(b >= 1 for b in block), f"bad block {block}"
+    assert grid[0] < 2 ** 31 and all(g < 65536 for g in grid[1:]) and all(g >= 1 for g in grid), f"bad grid {grid}"
+    assert shared_mem <= 48 * 1024
+    fn = KERNELS[(module, kernel)]
+    fn(grid, block, shared_mem, *args)
+
+
+# ------------------------------------------------------------------------------------------------- cuBLAS
+
+def _gemm_ex(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, compute, algo):
+    """cublasGemmEx on fake-device buffers (column-major), bf16 (14) or float32 (0) operands."""
+    def mat(ptr, dtype, rows, cols, ld, op):
+        buf = _resolve(np.uint64(ptr))
+        vals = bf16_to_float32(buf) if dtype == 14 else buf
+        sr, sc = (rows, cols) if op == 0 else (cols, rows)
+        assert ld >= max(1, sr)
+        X = np.asarray(vals[:ld * sc], dtype=np.float64).reshape(sc, ld).T[:sr]
+        return X if op == 0 else X.T
+    a_, b_ = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
+    prod = mat(A, Atype, m, k, lda, opa) @ mat(B, Btype, k, n, ldb, opb)
+    cbuf = _resolve(np.uint64(C))
+    assert Ctype == 0 and cbuf.dtype == np.float32 and ldc >= m
+    cm = cbuf[:ldc * n].reshape(n, ldc).T
+    old = np.nan_to_num(cm[:m].astype(np.float64)) if b_ == 0 else cm[:m].astype(np.float64)
+    cm[:m] = a_ * prod + b_ * old
+
+
+def install(monkeypatch):
+    """Replace cupy with this module for the duration of a test (pytest monkeypatch)."""
+    from . import compile as kc
+    this = sys.modules[__name__]
+    monkeypatch.setitem(sys.modules, "cupy", this)
+    cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
+    cublas.gemmEx = _gemm_ex
+    cublas.getPointerMode = lambda h: 0
+    cublas.setPointerMode = lambda h, m: None
+    cublas.CUBLAS_POINTER_MODE_HOST = 0
+    libs = types.ModuleType("cupy_backends.cuda.libs")
+    libs.cublas = cublas
+    for name, mod in (("cupy_backends", types.ModuleType("cupy_backends")),
+                      ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
+                      ("cupy_backends.cuda.libs", libs), ("cupy_backends.cuda.libs.cublas", cublas)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    sys.modules["cupy_backends"].cuda = sys.modules["cupy_backends.cuda"]
+    sys.modules["cupy_backends.cuda"].libs = libs
+    monkeypatch.setattr(kc, "emulator", emulate)
+    return this
