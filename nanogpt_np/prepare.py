@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -369,6 +370,18 @@ def tokenize_stage(cfg: PrepareConfig, tok, processes: int, report: dict) -> Dic
 
 
 # --------------------------------------------------------------------------- the whole pipeline
+_OUTPUT_NAME = re.compile(r"(train|val)(_\d{6})?\.bin|manifest\.json|tokenizer\.json")
+
+
+def remove_previous_output(out_dir: str) -> None:
+    """Delete what an earlier run wrote (shards, manifest, tokenizer) so no stale file survives a rerun;
+    other files in out_dir (a downloaded input.txt, say) are left alone."""
+    if os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            if _OUTPUT_NAME.fullmatch(name):
+                os.remove(os.path.join(out_dir, name))
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the pipeline; returns the manifest (also written to out_dir/manifest.json)."""
     from .files import atomic_write_json
@@ -376,6 +389,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     t0 = time.perf_counter()
     processes = cfg.processes or os.cpu_count() or 1
     report = _empty_report()
+    remove_previous_output(cfg.out_dir)
     try:
         chars = clean_stage(cfg, processes, report)
         t1 = time.perf_counter()

@@ -194,3 +194,15 @@ def test_cli_main(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--input", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x"), "--quiet"])
     assert "input not found" in capsys.readouterr().err
+
+
+def test_rerun_removes_stale_shards_but_keeps_other_files(tmp_path):
+    path = write_corpus(tmp_path, make_docs(80, seed=6))
+    prepare(cfg(tmp_path, [path], shard_tokens=3000))
+    out = tmp_path / "out"
+    assert (out / "train_000002.bin").exists()
+    (out / "input.txt").write_text("keep me")
+    m = prepare(cfg(tmp_path, [path]))
+    names = sorted(os.listdir(out))
+    assert names == ["input.txt", "manifest.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert m["train"]["files"] == ["train.bin"]
