@@ -373,6 +373,46 @@ def test_disconnect_mid_stream_frees_the_slot(long_server):
     assert long_server.complete(prompt="a", max_tokens=3)["usage"]["completion_tokens"] == 3
 
 
+def test_time_limit_and_full_queue(trained_run, tmp_path):
+    """One slot, one place in the queue, 0.5 s per request: a long request is cut at its time limit
+    (finish_reason "length"), a second waits its turn, a third finds the queue full (503)."""
+    slow = tmp_path / "slow"                     # 6 layers and a 2048 context: 2000 tokens take seconds
+    tokenizer = load_tokenizer_of_run(trained_run)
+    config = GPTConfig(block_size=2048, vocab_size=tokenizer.vocab_size, n_layer=6, n_head=2, n_embd=32)
+    save_checkpoint(slow, GPT(config, seed=1), None, {}, {"step": 0}, tokenizer)
+    server = Server(slow, tmp_path / "slow.log", "--max_batch=1", "--max_queue=1", "--request_timeout=0.5")
+    try:
+        results = {}
+
+        def call(name):
+            results[name] = server.request("POST", "/v1/completions", {"prompt": "def ", "max_tokens": 2000})
+
+        def wait_for(key):
+            deadline = time.monotonic() + 5
+            while server.health()[key] < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+        start = time.monotonic()
+        first = threading.Thread(target=call, args=("first",))
+        first.start()
+        wait_for("active")
+        second = threading.Thread(target=call, args=("second",))
+        second.start()
+        wait_for("waiting")
+        status, busy = server.request("POST", "/v1/completions", {"prompt": "def ", "max_tokens": 5})
+        first.join(30)
+        second.join(30)
+        assert status == 503 and busy["error"]["code"] == "server_busy"
+        for name in ("first", "second"):
+            status, out = results[name]
+            assert status == 200 and out["choices"][0]["finish_reason"] == "length"
+            assert out["usage"]["completion_tokens"] < 1500
+        assert time.monotonic() - start < 10
+        assert server.complete(prompt="a", max_tokens=3)["usage"]["completion_tokens"] == 3
+    finally:
+        server.stop()
+
+
 # ----- a byte-level BPE model: <|endoftext|> stops, characters split across tokens -----
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory):
