@@ -18,7 +18,7 @@ import json
 import os
 import pickle
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import List, Union
 
 import numpy as np
 

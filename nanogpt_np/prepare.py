@@ -37,7 +37,7 @@ import re
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import chain
 from typing import Dict, Iterable, Iterator, List, Optional
 
