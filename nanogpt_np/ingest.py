@@ -236,6 +236,10 @@ def read_jsonl(path, errors, stats, field="text") -> Iterator[Document]:
             yield Document(text, path, lineno)
 
 
+class _Undecodable(Exception):
+    """Raised inside the JSON array reader; reported as one bad record by read_json."""
+
+
 def _iter_json_array(path: str, stream, errors: ErrorLog, max_record_chars: int, chunk: int = 1 << 16):
     """Yield (line, value) for each element of a top-level JSON array, reading the file in chunks.
 
@@ -255,8 +259,12 @@ def _iter_json_array(path: str, stream, errors: ErrorLog, max_record_chars: int,
         counted_pos = p
         return counted_line
 
+    bad_bytes = None  # message for undecodable bytes met while reading ahead; raised when they are needed
+
     def more(grow: bool = False) -> bool:  # read the next chunk; grow=True doubles the chunk size
-        nonlocal buf, pos, eof, chunk, consumed_bytes, counted_pos
+        nonlocal buf, pos, eof, chunk, consumed_bytes, counted_pos, bad_bytes
+        if bad_bytes:
+            raise _Undecodable(bad_bytes)
         if eof:
             return False
         if grow:
@@ -265,7 +273,12 @@ def _iter_json_array(path: str, stream, errors: ErrorLog, max_record_chars: int,
         try:
             text = utf8.decode(data, final=not data)
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: undecodable bytes (not UTF-8) near byte offset {consumed_bytes + e.start}")
+            # e.object = bytes held back from the previous read + data; keep the good part before the error
+            offset = consumed_bytes - (len(e.object) - len(data)) + e.start
+            text = e.object[: e.start].decode("utf-8")
+            line = line_at(pos) + buf.count("\n", pos) + text.count("\n")
+            bad_bytes = (f"{path}:{line}: undecodable bytes (not UTF-8) at byte offset {offset}; "
+                         f"rest of file skipped")
         consumed_bytes += len(data)
         line_at(pos)  # drop what has been parsed, keeping the line count
         buf, pos, counted_pos = buf[pos:] + text, 0, 0
@@ -337,6 +350,8 @@ def read_json(path, errors, stats, field="text", max_record_chars=64 << 20) -> I
             text = _text_of(record, field, f"{path}:{line}", errors)
             if text is not None:
                 yield Document(text, path, line)
+    except _Undecodable as e:  # the array cannot be followed past bytes that do not decode
+        errors.bad(str(e))
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
     finally:

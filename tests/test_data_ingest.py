@@ -191,3 +191,18 @@ def test_json_array_reader_with_tiny_reads(chunk):
     assert list(_iter_json_array("e.json", io.BytesIO(b"  "), log, 100, chunk=chunk)) == []
     list(_iter_json_array("u.json", io.BytesIO(b'[{"text": "a"}'), log, 100, chunk=chunk))
     assert log.count == 1 and "not closed" in log.messages[0]
+
+
+def test_undecodable_bytes_in_csv_and_json_array(tmp_path):
+    p = tmp_path / "u.csv"
+    p.write_bytes(b"text\nfine row\nbad \xc3\x28 row\nlast row\n")
+    log = ErrorLog()
+    assert texts(iter_documents(p, errors=log)) == ["fine row", "last row"]
+    assert log.count == 1 and log.messages[0].startswith(f"{p}:3: undecodable")
+    p = tmp_path / "u.json"
+    p.write_bytes(b'[{"text": "ok"},\n{"text": "bad \xff"},\n{"text": "after"}]')
+    log = ErrorLog()
+    assert texts(iter_documents(p, errors=log)) == ["ok"]
+    assert log.count == 1 and log.messages[0].startswith(f"{p}:2: undecodable bytes (not UTF-8) at byte offset 31")
+    with pytest.raises(DataError, match="u.json: undecodable"):
+        list(iter_documents(p, errors=ErrorLog(strict=True)))
