@@ -204,5 +204,5 @@ def test_undecodable_bytes_in_csv_and_json_array(tmp_path):
     log = ErrorLog()
     assert texts(iter_documents(p, errors=log)) == ["ok"]
     assert log.count == 1 and log.messages[0].startswith(f"{p}:2: undecodable bytes (not UTF-8) at byte offset 31")
-    with pytest.raises(DataError, match="u.json: undecodable"):
+    with pytest.raises(DataError, match=r"u\.json:2: undecodable"):
         list(iter_documents(p, errors=ErrorLog(strict=True)))
