@@ -10,6 +10,7 @@ nanogpt_np.ops running on CuPy arrays (what the GPU would do without our kernels
 it reports TFLOP/s instead (the causal half of the 4*B*T*T*C matmul FLOPs, x2.5 for forward + backward).
 """
 import argparse
+import importlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--small", action="store_true", help="toy sizes (a smoke test of this script, not a benchmark)")
     args = ap.parse_args(argv)
     try:
         import cupy as cp
@@ -53,14 +55,17 @@ def main(argv=None):
     from nanogpt_np.kernels import softmax_attention as k_sm
     from nanogpt_np.kernels.launch import rows_per_warp
     from nanogpt_np.kernels.compile import launch
-    from nanogpt_np.ops import attention as r_att
-    from nanogpt_np.ops import cross_entropy as r_ce
-    from nanogpt_np.ops import embedding as r_emb
-    from nanogpt_np.ops import gelu as r_gelu
-    from nanogpt_np.ops import layernorm as r_ln
+    r_att = importlib.import_module("nanogpt_np.ops.attention")
+    r_ce = importlib.import_module("nanogpt_np.ops.cross_entropy")
+    r_emb = importlib.import_module("nanogpt_np.ops.embedding")
+    r_gelu = importlib.import_module("nanogpt_np.ops.gelu")
+    r_ln = importlib.import_module("nanogpt_np.ops.layernorm")
     from nanogpt_np import optim
 
     B, T, C, V, NH = args.B, args.T, 768, 50257, 12
+    P = 124_475_904                                          # GPT-2 124M parameters (the AdamW row)
+    if args.small:
+        B, T, C, V, NH, P = 2, 64, 128, 1000, 2, 100_000
     N = B * T
     rs = cp.random.default_rng(0)
     f32 = cp.float32
@@ -97,7 +102,7 @@ def main(argv=None):
         return float(np.median(ts))
 
     # ---- the yardstick: device-to-device copy bandwidth
-    src = cp.empty((1 << 28,), dtype=f32)                    # 1 GiB
+    src = cp.empty((1 << (16 if args.small else 28),), dtype=f32)   # 1 GiB
     dst = cp.empty_like(src)
     src.fill(1.0)
     t_copy = timed(lambda: cp.copyto(dst, src), iters=10)
@@ -125,7 +130,8 @@ def main(argv=None):
 
     print(HEADER)
     # ---- encoder
-    wte, wpe = rand(V, C), rand(1024, C)
+    Tmax = max(T, 1024 if not args.small else T)
+    wte, wpe = rand(V, C), rand(Tmax, C)
     idx = rs.integers(0, V, size=(B, T)).astype(cp.int64)
     out, saved = k_enc.embedding_forward(wte, wpe, idx)
     tf = timed(lambda: k_enc.embedding_forward(wte, wpe, idx))
@@ -139,7 +145,7 @@ def main(argv=None):
     tb = timed(lambda: k_enc.embedding_backward(dout, saved))
     rsaved = (idx, wte.shape, wpe.shape)
     tr = safe(lambda: timed(lambda: r_emb.embedding_backward(dout, rsaved), iters=3))
-    row("encoder backward (deterministic)", tb, 4 * (2 * N * C + V * C + 1024 * C), tr, None,
+    row("encoder backward (deterministic)", tb, 4 * (2 * N * C + V * C + Tmax * C), tr, None,
         "includes zeroing dwte (V*C)")
     del wte, wpe, out, saved, dout
 
@@ -232,7 +238,6 @@ def main(argv=None):
     del logits
 
     # ---- AdamW over GPT-2 124M parameters (clip by global norm on the device)
-    P = 124_475_904
     p, g, m, v = rand(P, scale=0.02), rand(P, scale=1e-3), cp.zeros(P, f32), cp.zeros(P, f32)
     kw = dict(lr=6e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=1)
     tf = timed(lambda: k_adamw.adamw_step(p, g, m, v, n_decay=P - 100_000, grad_clip=1.0, **kw))
@@ -251,7 +256,7 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_([tp], 1.0)
             opt.step()
         tt = timed_torch(torch_adamw, iters=5)
-    row("AdamW + global norm (124M)", tf, 4 * 7 * P, tr, tt, "3 launches")
+    row(f"AdamW + global norm ({P / 1e6:.0f}M)", tf, 4 * 7 * P, tr, tt, "3 launches")
     pbf = cp.empty(P, dtype=cp.uint16)
     tf = timed(lambda: k_adamw.adamw_step(p, g, m, v, n_decay=P, grad_clip=1.0, params_bf16=pbf, **kw))
     row("AdamW + bf16 weight copy", tf, 4 * 7 * P + 2 * P, None, None)
@@ -293,7 +298,7 @@ def main(argv=None):
     t = timed(fb(k_flash), iters=5)
     tt = None
     if torch:
-        q = torch.randn(B, NH, T, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        q = torch.randn(B, NH, T, C // NH, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k_ = torch.randn_like(q, requires_grad=True)
         v_ = torch.randn_like(q, requires_grad=True)
         do = torch.randn_like(q)

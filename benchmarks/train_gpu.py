@@ -61,6 +61,9 @@ def flops_per_token(n_params_no_wpe, n_layer, n_embd, T):
 
 # ------------------------------------------------------------------------------------------------ nanogpt_np
 
+SIZE = dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768)     # GPT-2 124M (--small shrinks it)
+
+
 def ours_throughput(B, T, steps, warmup, attention, tf32, log, dtype="float32"):
     import cupy as cp
     from nanogpt_np import backend
@@ -79,12 +82,12 @@ def ours_throughput(B, T, steps, warmup, attention, tf32, log, dtype="float32"):
     k_ce.set_inplace(True)                 # the logits are not needed after the loss: gradient over them
     k_ce.set_assume_unit_dloss(True)       # the loss is the root of the graph (no gradient accumulation)
     pool = cp.get_default_memory_pool()
-    cfg = GPTConfig(vocab_size=50257, block_size=T, n_layer=12, n_head=12, n_embd=768)
+    cfg = GPTConfig(block_size=T, **SIZE)
     model = GPT(cfg, seed=0)
     opt = AdamW(model, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
     rs = cp.random.default_rng(0)
-    x = rs.integers(0, 50257, size=(B, T)).astype(cp.int64)
-    y = rs.integers(0, 50257, size=(B, T)).astype(cp.int64)
+    x = rs.integers(0, cfg.vocab_size, size=(B, T)).astype(cp.int64)
+    y = rs.integers(0, cfg.vocab_size, size=(B, T)).astype(cp.int64)
 
     def step(i):
         model.zero_grad()
@@ -182,11 +185,11 @@ def torch_throughput(B, T, steps, warmup, compile_, log):
     import torch
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    model = torch_gpt(torch, 50257, T, 12, 12, 768).cuda()
+    model = torch_gpt(torch, SIZE["vocab_size"], T, SIZE["n_layer"], SIZE["n_head"], SIZE["n_embd"]).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     run = torch.compile(model) if compile_ else model
-    x = torch.randint(0, 50257, (B, T), device="cuda")
-    y = torch.randint(0, 50257, (B, T), device="cuda")
+    x = torch.randint(0, SIZE["vocab_size"], (B, T), device="cuda")
+    y = torch.randint(0, SIZE["vocab_size"], (B, T), device="cuda")
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -234,11 +237,11 @@ def try_cuda_graph(B, T, log):
     k_ce.set_inplace(True)
     k_ce.set_assume_unit_dloss(True)
     try:
-        cfg = GPTConfig(vocab_size=50257, block_size=T, n_layer=12, n_head=12, n_embd=768)
+        cfg = GPTConfig(block_size=T, **SIZE)
         model = GPT(cfg, seed=0)
         opt = AdamW(model)
-        x = cp.random.default_rng(0).integers(0, 50257, size=(B, T)).astype(cp.int64)
-        y = cp.random.default_rng(1).integers(0, 50257, size=(B, T)).astype(cp.int64)
+        x = cp.random.default_rng(0).integers(0, cfg.vocab_size, size=(B, T)).astype(cp.int64)
+        y = cp.random.default_rng(1).integers(0, cfg.vocab_size, size=(B, T)).astype(cp.int64)
         holder = {}
 
         def step():
@@ -377,7 +380,10 @@ def main(argv=None):
     ap.add_argument("--data", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--budget-s", type=float, default=None, help="skip torch.compile when this would run over")
+    ap.add_argument("--small", action="store_true", help="a toy model (smoke test of this script, not a benchmark)")
     args = ap.parse_args(argv)
+    if args.small:
+        SIZE.update(vocab_size=257, n_layer=2, n_head=2, n_embd=128)
     t_start = time.perf_counter()
     log = lambda s: print(s, flush=True)
     try:
@@ -406,7 +412,7 @@ def main(argv=None):
             json.dump(res, open(args.json, "w"), indent=1)
         return 0
 
-    T = 1024
+    T = 64 if args.small else 1024
     steps = args.steps or (6 if args.quick else 20)
     warmup = 2 if args.quick else 3
     attentions = ["matmul", "flash"] if args.attention == "both" else [args.attention]
@@ -451,12 +457,12 @@ def main(argv=None):
             log("PyTorch not installed: no comparison")
     graph = try_cuda_graph(args.batch or 8, T, log) if args.graph else None
 
-    out = [f"Training throughput on {name}, GPT-2 124M, T={T}",
+    out = [f"Training throughput on {name}, {'GPT-2 124M' if not args.small else 'toy model'}, T={T}",
            "| implementation | B | step ms | tokens/s | MFU | peak mem GiB | our launches/step | host share | vs torch eager |",
            "|---|---|---|---|---|---|---|---|---|"]
     eager = next((r for r in torch_rows if "eager" in r["impl"]), None)
     for r in rows + torch_rows:
-        fpt = flops_per_token(r["n_params"], 12, 768, T)
+        fpt = flops_per_token(r["n_params"], SIZE["n_layer"], SIZE["n_embd"], T)
         peak = peak_tflops(name, r["precision"], args.peak_tflops)
         mfu = fpt * r["tokens_per_s"] / (peak * 1e12) if peak else None
         r["MFU"] = mfu

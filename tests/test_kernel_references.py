@@ -475,3 +475,24 @@ def test_fake_training_step_matches_cpu(fake_cp, monkeypatch, attention, dtype):
     assert abs(l_gpu - l_cpu) < tol * abs(l_cpu)
     assert _rel(g_gpu, g_cpu) < tol
     assert _rel(p_gpu, p_cpu) < tol
+
+
+def test_benchmark_scripts_run_on_fake_gpu(fake_cp, monkeypatch, capsys):
+    """benchmarks/kernels.py and benchmarks/train_gpu.py, at toy sizes on the fake GPU: the scripts' own code
+    (argument handling, every kernel row, the table) runs before any GPU time is spent on them."""
+    import os
+    import sys as _sys
+    from nanogpt_np import backend
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    monkeypatch.syspath_prepend(bench)
+    monkeypatch.setattr(backend, "_device", "cpu")
+    import kernels as kbench
+    import train_gpu
+    monkeypatch.setitem(_sys.modules, "torch", None)                # no PyTorch rows on the CPU
+    assert kbench.main(["--small", "--iters", "1", "--no-torch"]) == 0
+    out = capsys.readouterr().out
+    assert "Kernels on fake GPU" in out and "cross-entropy" in out and "flash" in out
+    assert train_gpu.main(["--small", "--quick", "--steps", "1", "--no-torch", "--graph"]) == 0
+    out = capsys.readouterr().out
+    assert "Training throughput on fake GPU" in out and "bf16 matmuls, flash attention" in out
+    backend.use_device("cpu")

@@ -98,7 +98,20 @@ def __getattr__(name):
     return call
 
 
-random = np.random
+class _Generator:
+    """numpy's Generator whose arrays come back as fake-device arrays (like cupy.random's)."""
+
+    def __init__(self, seed=None):
+        self._g = np.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        obj = getattr(self._g, name)
+        if not callable(obj):
+            return obj
+        return lambda *a, **k: _wrap_all(obj(*a, **k))
+
+
+random = types.SimpleNamespace(default_rng=_Generator)
 
 
 class _Stream:
@@ -106,12 +119,40 @@ class _Stream:
         pass
 
 
+class _Event:
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _Pool:
+    def total_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+
+class OutOfMemoryError(MemoryError):
+    pass
+
+
 cuda = types.SimpleNamespace(
     Device=lambda *a: types.SimpleNamespace(attributes={"MultiProcessorCount": 5}, compute_capability="90", id=0),
     get_current_stream=lambda: _Stream(),
     device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
-    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"fake GPU (NumPy)"},
+                                  runtimeGetVersion=lambda: 13000),
+    Event=_Event,
+    get_elapsed_time=lambda a, b: 1.0,
+    memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
 )
+
+
+def get_default_memory_pool():
+    return _Pool()
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -534,5 +575,13 @@ def install(monkeypatch):
         monkeypatch.setitem(sys.modules, name, mod)
     sys.modules["cupy_backends"].cuda = sys.modules["cupy_backends.cuda"]
     sys.modules["cupy_backends.cuda"].libs = libs
+    linalg = types.ModuleType("cupy._core._routines_linalg")
+    linalg.COMPUTE_TYPE_TF32, linalg.COMPUTE_TYPE_DEFAULT = 1, 0
+    linalg.set_compute_type = lambda t: None
+    core = types.ModuleType("cupy._core")
+    core._routines_linalg = linalg
+    monkeypatch.setattr(this, "_core", core, raising=False)
+    monkeypatch.setitem(sys.modules, "cupy._core", core)
+    monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
     monkeypatch.setattr(kc, "emulator", emulate)
     return this
