@@ -62,7 +62,10 @@ def test_nvrtc_compiles(name):
     if nvrtc is None:
         pytest.skip("CuPy's NVRTC is not loadable here")
     arch = max(80, kc.MIN_ARCH.get(name, 0))
-    prog = nvrtc.createProgram(kc.source(name), name + ".cu", (), ())
+    try:
+        prog = nvrtc.createProgram(kc.source(name), name + ".cu", (), ())
+    except (TypeError, AttributeError) as e:           # another CuPy version's binding
+        pytest.skip(f"this CuPy's NVRTC binding differs: {e}")
     try:
         nvrtc.compileProgram(prog, list(kc.NVRTC_OPTIONS) + [f"-arch=compute_{arch}"])
     except Exception as e:

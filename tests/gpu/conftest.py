@@ -23,7 +23,7 @@ _REASON = _gpu_reason()
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "tests/gpu" in str(item.fspath).replace("\\", "/"):
+        if "tests/gpu" in str(getattr(item, "path", None) or item.fspath).replace("\\", "/"):
             item.add_marker(pytest.mark.gpu)
             if _REASON:
                 item.add_marker(pytest.mark.skip(reason=_REASON))
