@@ -34,7 +34,7 @@ import re
 import sys
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from itertools import chain, repeat
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -294,21 +294,17 @@ def learn_merges(
 
     Data structures (what makes this fast):
       pair_counts[(a, b)]  total occurrences of the pair, summed over words x word count
-      pair_words[(a, b)]   indices of the words that hold (or once held) the pair; may be stale,
-                           a stale word is simply found not to contain the pair
+      pair_words[(a, b)]   indices of the words that hold the pair (kept exact, so a merge
+                           visits only the words where it happens)
       heap                 (-count, a, b) entries; an entry whose count no longer matches
                            pair_counts is stale and skipped when popped (lazy invalidation)
     """
     pair_counts: Dict[Tuple[int, int], int] = {}
-    pair_words: Dict[Tuple[int, int], set] = {}
+    pair_words: Dict[Tuple[int, int], set] = defaultdict(set)
     for index, (word, count) in enumerate(zip(words, word_counts)):
         for pair in zip(word, word[1:]):
             pair_counts[pair] = pair_counts.get(pair, 0) + count
-            holders = pair_words.get(pair)
-            if holders is None:
-                pair_words[pair] = {index}
-            else:
-                holders.add(index)
+            pair_words[pair].add(index)
     heap = [(-count, a, b) for (a, b), count in pair_counts.items()]
     heapq.heapify(heap)
 
@@ -329,12 +325,16 @@ def learn_merges(
         if id_to_bytes is not None:
             id_to_bytes[new_id] = id_to_bytes[a] + id_to_bytes[b]
 
-        changed = _apply_merge(words, word_counts, a, b, new_id, pair_counts, pair_words)
-        for pair in changed:
-            count = pair_counts.get(pair, 0)
+        delta = _apply_merge(words, word_counts, a, b, new_id, pair_words)
+        del pair_counts[(a, b)]
+        for pair, change in delta.items():
+            if change == 0 or pair == (a, b):
+                continue
+            count = pair_counts.get(pair, 0) + change
             if count > 0:
+                pair_counts[pair] = count
                 heapq.heappush(heap, (-count, pair[0], pair[1]))
-            else:
+            else:  # the pair is gone from every word
                 pair_counts.pop(pair, None)
                 pair_words.pop(pair, None)
 
@@ -346,44 +346,58 @@ def learn_merges(
     return merges
 
 
-def _apply_merge(words, word_counts, a, b, new_id, pair_counts, pair_words) -> set:
-    """Replace every (a, b) by new_id in the words that hold it, updating the pair counts only
-    around each replacement. Returns the set of pairs whose count changed."""
-    changed = set()
+def _apply_merge(words, word_counts, a, b, new_id, pair_words) -> Dict[Tuple[int, int], int]:
+    """Replace every (a, b) by new_id in the words that hold it, and keep pair_words exact for those
+    words. Returns how the count of each neighbouring pair changes: around each replacement,
+    (left, a) and (b, right) lose the word's count and (left, new_id) and (new_id, right) gain it.
+    Nothing else in the word is counted again."""
+    delta: Dict[Tuple[int, int], int] = {}
+    delta_get = delta.get
     for index in pair_words.pop((a, b)):
         word = words[index]
-        if len(word) < 2:
-            continue
         count = word_counts[index]
-        merged = []
-        i, n = 0, len(word)
-        while i < n:
-            if word[i] == a and i + 1 < n and word[i + 1] == b:
-                # the pair's neighbours lose their pair with a/b and gain one with the new token
-                if merged:
-                    left = merged[-1]
-                    _add(pair_counts, changed, (left, a), -count)
-                    _add(pair_counts, changed, (left, new_id), count)
-                    pair_words.setdefault((left, new_id), set()).add(index)
-                if i + 2 < n:
-                    right = word[i + 2]
-                    _add(pair_counts, changed, (b, right), -count)
-                    _add(pair_counts, changed, (new_id, right), count)
-                    pair_words.setdefault((new_id, right), set()).add(index)
-                merged.append(new_id)
+        n = len(word)
+        merged: List[int] = []
+        copied = 0  # word[:copied] is done (copied or replaced)
+        for p in _pair_positions(word, a, b):
+            if p > 0:
+                # the left neighbour is the new token itself when two replacements touch ("a b a b")
+                left = new_id if p == copied else word[p - 1]
+                delta[(left, a)] = delta_get((left, a), 0) - count
+                delta[(left, new_id)] = delta_get((left, new_id), 0) + count
+            if p + 2 < n:
+                right = word[p + 2]
+                delta[(b, right)] = delta_get((b, right), 0) - count
+                delta[(new_id, right)] = delta_get((new_id, right), 0) + count
+            merged += word[copied:p]
+            merged.append(new_id)
+            copied = p + 2
+        merged += word[copied:]
+        words[index] = merged
+        # pairs this word no longer holds / now holds (set operations run in C)
+        old_pairs, new_pairs = set(zip(word, word[1:])), set(zip(merged, merged[1:]))
+        for pair in old_pairs - new_pairs:
+            if pair != (a, b):
+                pair_words[pair].discard(index)
+        for pair in new_pairs - old_pairs:
+            pair_words[pair].add(index)
+    return delta
+
+
+def _pair_positions(word: List[int], a: int, b: int) -> List[int]:
+    """Start positions of (a, b) in word, left to right, not overlapping ("a a a" holds (a, a) once)."""
+    positions = []
+    i, last = 0, len(word) - 1
+    try:
+        while True:
+            i = word.index(a, i, last)  # list.index scans in C; a must leave room for b after it
+            if word[i + 1] == b:
+                positions.append(i)
                 i += 2
             else:
-                merged.append(word[i])
                 i += 1
-        words[index] = merged
-    pair_counts.pop((a, b), None)
-    changed.discard((a, b))
-    return changed
-
-
-def _add(pair_counts, changed, pair, delta):
-    pair_counts[pair] = pair_counts.get(pair, 0) + delta
-    changed.add(pair)
+    except ValueError:  # no more a
+        return positions
 
 
 # ---------------------------------------------------------------------------------------------------
