@@ -496,3 +496,14 @@ def test_benchmark_scripts_run_on_fake_gpu(fake_cp, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "Training throughput on fake GPU" in out and "bf16 matmuls, flash attention" in out
     backend.use_device("cpu")
+
+
+def test_registry_configure(fake_cp):
+    from nanogpt_np.kernels import cross_entropy as kce
+    try:
+        registry.configure(attention="flash", dtype="bfloat16", tf32=True, loss_is_root=True, logits_reusable=False)
+        assert registry.attention_kind() == "flash" and registry.precision() == "bfloat16"
+        assert kce._assume_unit_dloss and kce._inplace
+    finally:
+        registry.configure(attention="matmul", dtype="float32", tf32=False, loss_is_root=False, logits_reusable=True)
+    assert not kce._assume_unit_dloss and not kce._inplace and registry.precision() == "float32"

@@ -70,6 +70,27 @@ def attention_kind() -> str:
     return _attention
 
 
+def configure(*, attention=None, dtype=None, tf32=None, loss_is_root=None, logits_reusable=None) -> None:
+    """One call for the trainer to set the GPU options (None leaves an option as it is):
+    attention "matmul" | "flash"; dtype "float32" | "bfloat16" (matmul precision of linear/lm_head);
+    tf32 (CuPy's float32 matmuls on TF32 tensor cores); loss_is_root (the loss's incoming gradient is 1, so the
+    cross-entropy backward skips its scaling pass; false with gradient accumulation that scales the seed);
+    logits_reusable=False lets the cross-entropy gradient overwrite the logits buffer (training steps)."""
+    if attention is not None:
+        set_attention(attention)
+    if dtype is not None:
+        set_precision(dtype)
+    if tf32 is not None:
+        from .precision import set_tf32
+        set_tf32(tf32)
+    if loss_is_root is not None or logits_reusable is not None:
+        from . import cross_entropy
+        if loss_is_root is not None:
+            cross_entropy.set_assume_unit_dloss(loss_is_root)
+        if logits_reusable is not None:
+            cross_entropy.set_inplace(not logits_reusable)
+
+
 def set_precision(dtype: str) -> None:
     """'float32' (default) or 'bfloat16': with bfloat16 the ops "linear" and "lm_head" run their matmuls in
     bf16 with float32 accumulation (master weights, optimizer state and all other kernels stay float32)."""
