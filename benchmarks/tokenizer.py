@@ -2,6 +2,7 @@
 
     python benchmarks/tokenizer.py                       # ~5 MB: tiny Shakespeare, repeated
     python benchmarks/tokenizer.py --corpus stdlib       # ~5 MB of Python's standard library sources
+    python benchmarks/tokenizer.py --corpus zipf         # ~5 MB with ~130k distinct words (stress case)
     python benchmarks/tokenizer.py --corpus PATH --mb 0  # a file of your own, whole
 
 Measures, on the same text:
@@ -52,6 +53,13 @@ def load_corpus(name: str, mb: float) -> str:
             if mb and size > mb * 1e6 * 1.1:
                 break
         base = "\n".join(parts)
+    elif name == "zipf":  # stress case: ~130k distinct words (random letter strings, Zipf-distributed)
+        import numpy as np
+        rng = np.random.default_rng(0)
+        letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+        p = 1 / np.arange(1, 27)
+        words = ["".join(rng.choice(letters, size=rng.integers(2, 12), p=p / p.sum())) for _ in range(300_000)]
+        base = " ".join(words[i] for i in rng.zipf(1.1, size=1_000_000) % len(words))
     else:
         base = Path(name).read_text(encoding="utf-8")
     if not mb:
@@ -82,10 +90,7 @@ def bench_ours(name, make_tokenizer, text, mb, repeats, processes):
     rows["1 process, cold cache"] = mb / cold
     rows["1 process, warm cache"] = mb / warm
 
-    def parallel():
-        fresh = make_tokenizer()  # cold caches in every worker
-        return encode_files_parallel(fresh, [text], processes=processes, allowed_special="none")
-    # make_tokenizer time is not counted: build one first, then time encoding only
+    # a fresh tokenizer each time (cold caches in every worker); building it is not timed
     par_times = []
     for _ in range(repeats):
         fresh = make_tokenizer()
@@ -178,7 +183,7 @@ def bench_hf(text, vocab_size, train_repeats, mb):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", default="shakespeare", help="shakespeare | stdlib | PATH")
+    parser.add_argument("--corpus", default="shakespeare", help="shakespeare | stdlib | zipf | PATH")
     parser.add_argument("--mb", type=float, default=5.0, help="repeat/cut the corpus to this many MB (0: as is)")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
