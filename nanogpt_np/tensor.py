@@ -11,12 +11,13 @@ How autograd works here, in four lines:
 Ops are coarse (a whole layernorm, a whole attention), so a GPT-2 step has a few dozen tape entries, not
 thousands; each op's backward is derived by hand in its file under `ops/`.
 """
+import threading
 from contextlib import contextmanager
 
 from . import backend
 
 _tape = []              # [(out, inputs, backward_fn)], in the order the ops ran
-_grad_enabled = True    # switched off by no_grad() for evaluation and sampling
+_state = threading.local()   # per thread: grad_enabled, switched off by no_grad() for evaluation and sampling
 
 
 class Tensor:
@@ -68,19 +69,19 @@ class Tensor:
 
 
 def grad_enabled() -> bool:
-    return _grad_enabled
+    return getattr(_state, "grad_enabled", True)
 
 
 @contextmanager
 def no_grad():
-    """Run ops without recording them (evaluation, sampling): saves the memory of saved activations."""
-    global _grad_enabled
-    previous = _grad_enabled
-    _grad_enabled = False
+    """Run ops without recording them (evaluation, sampling): saves the memory of saved activations.
+    The switch is per thread, so a server thread sampling under no_grad() does not affect training."""
+    previous = grad_enabled()
+    _state.grad_enabled = False
     try:
         yield
     finally:
-        _grad_enabled = previous
+        _state.grad_enabled = previous
 
 
 def record(out: Tensor, inputs, backward_fn) -> Tensor:
@@ -88,7 +89,7 @@ def record(out: Tensor, inputs, backward_fn) -> Tensor:
 
     backward_fn(dout) must return one gradient per input, in order (None for inputs that need none).
     """
-    if _grad_enabled and any(t.requires_grad for t in inputs):
+    if grad_enabled() and any(t.requires_grad for t in inputs):
         out.requires_grad = True
         _tape.append((out, tuple(inputs), backward_fn))
     return out

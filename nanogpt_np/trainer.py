@@ -90,9 +90,10 @@ def load_text_data(cfg: TrainConfig, tokenizer=None, log=print):
 
 
 def _missing_dataset_message(cfg):
+    from .datasets import prepare_command
     return (f"dataset {cfg.dataset!r} not found: it is neither a prepared dataset under {cfg.data_root}/ nor a "
-            f"text file. Prepare one, e.g. `python data/prepare_shakespeare_char.py` "
-            f"(or `python -m nanogpt_np.prepare --help`), or pass --dataset=path/to/text.txt")
+            f"text file. Prepare it with `{prepare_command(cfg.dataset, cfg.data_root)}`, "
+            f"or pass --dataset=path/to/text.txt")
 
 
 def load_data(cfg: TrainConfig, tokenizer=None, log=print):
