@@ -735,8 +735,9 @@ class BPETokenizer:
         where = f"{encoder_json_path} + {vocab_bpe_path}"
         vocab = _read_json(encoder_json_path)
         try:
-            with open(vocab_bpe_path, "r", encoding="utf-8") as f:
-                lines = f.read().split("\n")
+            with open(vocab_bpe_path, "r", encoding="utf-8-sig") as f:
+                # splitlines also accepts "\r\n" files; no line-break character is a byte character
+                lines = f.read().splitlines()
         except UnicodeDecodeError:
             raise TokenizerFileError(f"{vocab_bpe_path}: not UTF-8 text") from None
         except OSError as e:
@@ -804,7 +805,7 @@ class BPETokenizer:
 
 def _read_json(path):
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is skipped
             return json.load(f)
     except OSError as e:
         raise TokenizerFileError(f"{path}: cannot read ({e.strerror})") from None

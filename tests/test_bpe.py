@@ -316,6 +316,12 @@ def test_gpt2_format_round_trip(trained, tmp_path):
     assert loaded.special_tokens == tok.special_tokens and loaded.eot_id == 2999
     text = training_text()[:50000]
     assert loaded.encode(text) == tok.encode(text)
+    # the same files after a trip through Windows: CRLF line ends, a byte-order mark
+    crlf = tmp_path / "crlf"
+    crlf.mkdir()
+    (crlf / "vocab.bpe").write_bytes((tmp_path / "vocab.bpe").read_bytes().replace(b"\n", b"\r\n"))
+    (crlf / "encoder.json").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "encoder.json").read_bytes())
+    assert BPETokenizer.from_gpt2_files(crlf / "encoder.json", crlf / "vocab.bpe").merges == tok.merges
 
 
 def test_corrupt_and_mismatched_files(trained, tmp_path):
