@@ -22,7 +22,8 @@ a whole .txt file) is learned on every token, cut into rows of T+1 tokens that o
 
 Too-long examples: the prompt is cut from the left (keeping the part next to the completion), then the
 completion from the right; `TaskData.n_truncated` counts them. An example left with nothing to learn is an
-error.
+error. Avoid truncation where you can (a larger block_size, shorter prompts): a cut example is learned with
+its tokens at other positions than generation later sees them, which costs accuracy.
 
 Not handled: chat templates, several completions per prompt, packing several examples into one row.
 """
