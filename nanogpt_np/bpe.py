@@ -14,13 +14,16 @@ How it works, in the order this file is written:
    with lazy invalidation finds the most frequent pair. Ties go to the smallest (left id, right id).
 4. Encoding. Each chunk is encoded by applying the learned merges in the order they were learned
    (always the earliest-learned pair present next). Results are cached per chunk, so a corpus costs
-   one regex pass plus one dictionary lookup per chunk. Special tokens such as <|endoftext|> are
-   refused unless the caller allows them (tiktoken's safe default).
+   one regex pass plus one dictionary lookup per chunk (and the regex pass has an equivalent, faster
+   form for ASCII text). Special tokens such as <|endoftext|> are refused unless the caller allows
+   them (tiktoken's safe default).
 5. Decoding. Ids -> bytes is a table lookup; bytes -> str uses errors="replace" by default, because a
    cut in the middle of a multi-byte character is normal when decoding a slice of ids.
 6. Files. GPT-2's own `encoder.json` + `vocab.bpe` (loading OpenAI's files gives exactly GPT-2's ids),
    and this project's single self-describing JSON file ("type": "bpe"). No pickle anywhere.
-7. Parallel encoding of files/corpora over every core (`iter_encode_parallel`, `encode_files_parallel`).
+7. Every core: texts are cut where the cut cannot change the chunks (see cut_text), and the pieces
+   are counted (training) or encoded (`iter_encode_parallel`, `encode_files_parallel`) by a pool of
+   worker processes.
 
 Not handled: normalisation (NFC etc.; the text is tokenized as given), BPE dropout, the "byte fallback"
 of SentencePiece-style tokenizers, and pre-tokenizers other than one regex.
@@ -122,6 +125,7 @@ _WHITESPACE = regex.compile(r"\s")
 _WS = r"\t\n\x0b\x0c\r "
 _GPT2_ASCII_PATTERN = re.compile(
     rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
+_FAST_PATH_BLOCK = 1 << 14  # characters per block when a mixed text is split block by block
 
 
 def split_chunks(text: str, pattern: str = GPT2_PATTERN, compiled=None) -> List[str]:
@@ -138,9 +142,6 @@ def split_chunks(text: str, pattern: str = GPT2_PATTERN, compiled=None) -> List[
                 chunks += _GPT2_ASCII_PATTERN.findall(block) if block.isascii() else _gpt2_regex().findall(block)
             return chunks
     return (compiled or regex.compile(pattern)).findall(text)
-
-
-_FAST_PATH_BLOCK = 1 << 14
 
 
 def _gpt2_regex():
