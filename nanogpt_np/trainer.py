@@ -156,8 +156,15 @@ def evaluate(model: GPT, tokens, batch_size, block_size, max_batches) -> float:
 def train(cfg: TrainConfig, echo=print) -> dict:
     """Run training as configured. Returns a summary: final step, last train loss, best val loss."""
     device = backend.use_device(cfg.device)
-    if cfg.dtype == "bfloat16":
-        raise ConfigError("--dtype=bfloat16 (mixed precision) is not available yet; use float32")
+    if cfg.dtype == "bfloat16" and device != "cuda":
+        raise ConfigError("--dtype=bfloat16 (mixed precision) needs the GPU (--device=cuda); use float32 on the CPU")
+    if device == "cuda":
+        # Fused kernels: bf16 matmuls when asked (float32 master weights and optimizer state stay float32);
+        # the loss gradient is exactly 1 without accumulation, so cross-entropy can skip a scaling pass.
+        from .kernels import registry
+        registry.configure(dtype="bfloat16" if cfg.dtype == "bfloat16" else "float32",
+                           loss_is_root=cfg.grad_accum_steps == 1, logits_reusable=False)
+    param_dtype = "float32" if cfg.dtype == "bfloat16" else cfg.dtype
     if cfg.resume and cfg.init_from:
         raise ConfigError("--resume and --init_from exclude each other: resume continues a run, "
                           "init_from starts a new one from existing weights")
@@ -187,7 +194,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     if cfg.resume:
         check_same_architecture(cfg.out_dir, model_config)
 
-    model = GPT(model_config, seed=cfg.seed, dtype=cfg.dtype)
+    model = GPT(model_config, seed=cfg.seed, dtype=param_dtype)
     if init_model is not None:
         model.load_params(init_model.state_dict(), source=cfg.init_from)
     optimizer = AdamW(model, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
