@@ -297,3 +297,25 @@ def test_transformers_loads_exported_tokenizer(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     text = "the theory in the rain, another"
     assert hf_tok(text)["input_ids"] == tok.encode(text)
+
+
+def test_export_a_run_directory_and_the_command_line(tmp_path, capsys):
+    from nanogpt_np.char_tokenizer import CharTokenizer
+    from nanogpt_np.checkpoint import save_checkpoint
+    from nanogpt_np.hf_gpt2 import main
+    tok = CharTokenizer.from_text("abc def")
+    config = GPTConfig(**{**CFG, "vocab_size": tok.vocab_size})
+    model = GPT(config, seed=2)
+    save_checkpoint(tmp_path / "run", model, None, {}, {"step": 1}, tok)
+    main(["export", str(tmp_path / "run"), str(tmp_path / "hf")])
+    assert "wrote" in capsys.readouterr().out
+    files = sorted(os.listdir(tmp_path / "hf"))
+    assert files == ["config.json", "model.safetensors", "nanogpt_tokenizer.json"]   # char vocab: not GPT-2 files
+    config2, params2, _ = import_gpt2_dir(tmp_path / "hf", require_tokenizer=False)
+    assert config2 == config
+    for k, v in model.state_dict().items():
+        assert params2[k].tobytes() == v.tobytes()
+    main(["check", str(tmp_path / "hf")])
+    assert "parameters" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: .*config.json: file not found"):
+        main(["check", str(tmp_path)])                   # a directory with no config.json
