@@ -567,6 +567,22 @@ class BPETokenizer:
         specials = {text: first_special + k for k, text in enumerate(special_tokens)}
         return cls(merges, specials, pattern)
 
+    @classmethod
+    def train_from_files(
+        cls,
+        paths: Iterable[Union[str, os.PathLike]],
+        vocab_size: int,
+        pattern: str = GPT2_PATTERN,
+        special_tokens: Sequence[str] = (ENDOFTEXT,),
+        verbose: bool = False,
+        processes: int = 1,
+    ) -> "BPETokenizer":
+        """train() on UTF-8 files, read piece by piece (a file is never held whole in memory when
+        the pattern is GPT-2's). Equal to training on the concatenated contents as separate texts."""
+        cut = _can_cut(pattern, special_tokens)
+        pieces = (piece for path in paths for piece in read_text_pieces(path, cut=cut))
+        return cls.train(pieces, vocab_size, pattern, special_tokens, verbose, processes)
+
     # -- encoding -----------------------------------------------------------------------------------
     def _encode_chunk(self, chunk: str) -> Tuple[int, ...]:
         """BPE on one pre-split chunk: start from its bytes, then repeatedly merge the adjacent pair

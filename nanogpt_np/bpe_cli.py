@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, encode_files_parallel, read_text_pieces
+from .bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, encode_files_parallel
 
 
 def _load(path):
@@ -28,16 +28,10 @@ def _load(path):
 
 def cmd_train(args) -> None:
     specials = [] if args.no_special else (args.special or [ENDOFTEXT])
-    cut = args.pattern == GPT2_PATTERN
-
-    def texts():
-        for path in args.input:
-            yield from read_text_pieces(path, cut=cut)
-
     start = time.perf_counter()
     processes = args.processes or os.cpu_count() or 1
-    tok = BPETokenizer.train(texts(), args.vocab_size, pattern=args.pattern, special_tokens=specials,
-                             verbose=not args.quiet, processes=processes)
+    tok = BPETokenizer.train_from_files(args.input, args.vocab_size, pattern=args.pattern, special_tokens=specials,
+                                        verbose=not args.quiet, processes=processes)
     tok.save(args.output)
     if args.gpt2_dir:
         tok.save_gpt2_files(args.gpt2_dir)

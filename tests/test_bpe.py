@@ -169,6 +169,16 @@ def test_pickling_sends_the_description(trained):
     assert copy.merges == tok.merges and copy.encode(LOCAL_TEXT) == tok.encode(LOCAL_TEXT)
 
 
+def test_training_from_files_reads_them_in_pieces(tmp_path, monkeypatch):
+    text = training_text()[:60000]
+    (tmp_path / "a.txt").write_bytes(text.encode("utf-8"))
+    (tmp_path / "b.txt").write_bytes(LOCAL_TEXT.encode("utf-8"))
+    expected = BPETokenizer.train([text, LOCAL_TEXT], 500).merges
+    real = bpe.read_text_pieces
+    monkeypatch.setattr(bpe, "read_text_pieces", lambda path, cut=True: real(path, piece_chars=1000, cut=cut))
+    assert BPETokenizer.train_from_files([tmp_path / "a.txt", str(tmp_path / "b.txt")], 500).merges == expected
+
+
 def test_training_stops_early_when_no_pairs_are_left():
     tok = BPETokenizer.train("ab ab", 1000)
     assert [tok.token_bytes(256 + k) for k in range(len(tok.merges))] == [b"ab", b" ab"]
