@@ -916,7 +916,16 @@ def iter_encode_parallel(
         if current is not None:
             yield current, _join(parts, tokenizer, append_eot, dtype)
 
-    yield from documents(_parallel_map(_encode_piece, tasks, processes, shared=tokenizer))
+    if processes > 1:
+        # Encode the first piece here: it fills this tokenizer's chunk cache with the common chunks,
+        # and forked workers start with a copy of that cache instead of each rebuilding it.
+        first = next(tasks, None)
+        if first is None:
+            return
+        results = chain((_encode_piece(tokenizer, first),), _parallel_map(_encode_piece, tasks, processes, tokenizer))
+    else:
+        results = _parallel_map(_encode_piece, tasks, processes, tokenizer)
+    yield from documents(results)
 
 
 def _join(parts, tokenizer, append_eot, dtype):
