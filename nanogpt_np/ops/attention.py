@@ -22,6 +22,7 @@ import math
 from .. import backend
 from ..tensor import Tensor, record
 from .dispatch import implementation
+from .reductions import sum_last
 
 
 def split_heads(x, n_head):
@@ -54,7 +55,7 @@ def causal_softmax(scores):
     scores += causal_mask(scores.shape[-1], xp, scores.dtype)
     scores -= scores.max(axis=-1, keepdims=True)           # the diagonal is never masked: max is finite
     xp.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
+    scores /= sum_last(scores)
     return scores
 
 
@@ -78,7 +79,7 @@ def attention_backward(dout, saved):
     datt = dy @ v.transpose(0, 1, 3, 2)                            # (B, NH, T, T)
     dv = att.transpose(0, 1, 3, 2) @ dy                            # (B, NH, T, HS)
     ds = datt                                                      # reuse datt's memory for ds
-    ds -= (datt * att).sum(axis=-1, keepdims=True)
+    ds -= sum_last(datt * att)
     ds *= att
     ds *= scale                                                    # (B, NH, T, T)
     dq = ds @ k

@@ -13,14 +13,15 @@ Backward: dw = sum over rows of dy * xhat,  db = sum over rows of dy.  For dx, w
 from .. import backend
 from ..tensor import Tensor, record
 from .dispatch import implementation
+from .reductions import mean_last, sum_rows
 
 
 def layernorm_forward(x, w, b, eps=1e-5):
     """x (N, C), w (C,), b (C,) -> y (N, C)."""
     xp = backend.xp_of(x)
-    mean = x.mean(axis=-1, keepdims=True)                   # (N, 1)
+    mean = mean_last(x)                                     # (N, 1)
     xhat = x - mean                                         # (N, C), centred; scaled in place below
-    var = (xhat * xhat).mean(axis=-1, keepdims=True)        # (N, 1), biased (divide by C), as GPT-2
+    var = mean_last(xhat * xhat)                            # (N, 1), biased (divide by C), as GPT-2
     rstd = 1.0 / xp.sqrt(var + eps)                         # (N, 1)
     xhat *= rstd
     y = xhat * w
@@ -33,8 +34,8 @@ def layernorm_backward(dy, saved):
     xhat, w, rstd = saved
     C = xhat.shape[-1]
     dy_xhat = dy * xhat                                     # (N, C)
-    dw = dy_xhat.sum(axis=0)
-    db = dy.sum(axis=0)
+    dw = sum_rows(dy_xhat)
+    db = sum_rows(dy)
     # with g = dy * w: mean(g) = (dy @ w) / C and mean(g * xhat) = (dy * xhat) @ w / C (matrix-vector products)
     mean_g = (dy @ w)[:, None] / C                          # (N, 1)
     mean_g_xhat = (dy_xhat @ w)[:, None] / C                # (N, 1)

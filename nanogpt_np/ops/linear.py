@@ -13,6 +13,7 @@ Tied head: logits = x @ wte.T reuses the (V, C) token embedding as the output la
 """
 from ..tensor import Tensor, record
 from .dispatch import implementation
+from .reductions import sum_rows
 
 
 def linear_forward(x, w, b):
@@ -28,7 +29,7 @@ def linear_backward(dy, saved):
     x, w, has_bias = saved
     dx = dy @ w.T
     dw = x.T @ dy
-    db = dy.sum(axis=0) if has_bias else None
+    db = sum_rows(dy) if has_bias else None
     return dx, dw, db
 
 
