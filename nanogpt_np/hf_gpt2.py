@@ -188,6 +188,8 @@ def _load_weights(path: str, config) -> Dict[str, np.ndarray]:
     headers: Dict[str, dict] = {}
     for _, file in list(chosen.values()) + ([lm_head] if lm_head else []):
         if file not in headers:
+            if not os.path.isfile(file):
+                raise CheckpointError(f"{file}: weight shard listed in model.safetensors.index.json is missing")
             headers[file] = read_header(file)
     for name, shape in expected.items():                      # check everything before reading any data
         key, file = chosen[name]

@@ -319,3 +319,23 @@ def test_export_a_run_directory_and_the_command_line(tmp_path, capsys):
     assert "parameters" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: .*config.json: file not found"):
         main(["check", str(tmp_path)])                   # a directory with no config.json
+
+
+def test_sharded_checkpoint(tmp_path):
+    params = random_params(seed=9)
+    d = tmp_path / "sharded"
+    d.mkdir()
+    names = list(params)
+    shards = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
+    weight_map = {}
+    for shard, keys in shards.items():
+        save_file({"transformer." + k: params[k] for k in keys}, d / shard, metadata={"format": "pt"})
+        weight_map.update({"transformer." + k: shard for k in keys})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "config.json").write_text(json.dumps(hf_config()))
+    _, got, _ = import_gpt2_dir(d, require_tokenizer=False)
+    for k, v in params.items():
+        np.testing.assert_array_equal(got[k], v)
+    os.remove(d / "model-00002-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: weight shard .* is missing"):
+        import_gpt2_dir(d, require_tokenizer=False)
