@@ -54,15 +54,21 @@ class AdamW:
         self.scratch = xp.empty_like(self.m)
         self.step_count = 0
 
-    def step(self, lr=None):
-        """Update every parameter from model.flat_grads. `lr` overrides the base rate (schedules)."""
+    def step(self, lr=None, grad_clip=0.0):
+        """Clip the gradients by their global norm (when grad_clip > 0), then update every parameter from
+        model.flat_grads. `lr` overrides the base rate (schedules). Returns the norm before clipping: a float
+        on the CPU; on the GPU a device array, computed by the fused kernel without a host round trip
+        (float() it only when logging)."""
         self.step_count += 1
-        kernel = _fused_adamw(self.model.flat_params)
-        update = kernel if kernel is not None else adamw_update
-        update(self.model.flat_params, self.model.flat_grads, self.m, self.v,
-               lr=self.lr if lr is None else lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-               weight_decay=self.weight_decay, step=self.step_count, n_decay=self.model.n_decay,
-               scratch=self.scratch)
+        args = dict(lr=self.lr if lr is None else lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                    weight_decay=self.weight_decay, step=self.step_count, n_decay=self.model.n_decay,
+                    scratch=self.scratch)
+        fused = _fused_adamw(self.model.flat_params)
+        if fused is not None:     # one kernel clips on the fly and updates everything: returns [norm, scale]
+            return fused(self.model.flat_params, self.model.flat_grads, self.m, self.v, grad_clip=grad_clip, **args)[0]
+        norm = clip_grad_norm(self.model.flat_grads, grad_clip)
+        adamw_update(self.model.flat_params, self.model.flat_grads, self.m, self.v, **args)
+        return norm
 
     def state_arrays(self) -> dict:
         return {"m": backend.to_numpy(self.m), "v": backend.to_numpy(self.v)}

@@ -84,13 +84,16 @@ def no_grad():
         _state.grad_enabled = previous
 
 
-def record(out: Tensor, inputs, backward_fn) -> Tensor:
+def record(out, inputs, backward_fn):
     """Put one op on the tape if any input needs a gradient. Returns `out` for convenience.
 
     backward_fn(dout) must return one gradient per input, in order (None for inputs that need none).
+    An op with several outputs passes a tuple of Tensors as `out`; its backward_fn then receives a tuple of
+    their gradients (None for an output that did not lead to the loss).
     """
     if grad_enabled() and any(t.requires_grad for t in inputs):
-        out.requires_grad = True
+        for o in (out if isinstance(out, tuple) else (out,)):
+            o.requires_grad = True
         _tape.append((out, tuple(inputs), backward_fn))
     return out
 
@@ -108,14 +111,16 @@ def backward(loss: Tensor, grad=None) -> None:
     loss.grad = grad
     tape, _tape = _tape, []
     for out, inputs, backward_fn in reversed(tape):
-        if out.grad is None:          # this op did not lead to the loss
+        outs = out if isinstance(out, tuple) else (out,)
+        if all(o.grad is None for o in outs):     # this op did not lead to the loss
             continue
-        grads = backward_fn(out.grad)
+        grads = backward_fn(tuple(o.grad for o in outs) if isinstance(out, tuple) else out.grad)
         for t, g in zip(inputs, grads):
             if g is not None and t.requires_grad:
                 t.accumulate_grad(g)
-        if not out._grad_is_buffer:
-            out.grad = None           # free the intermediate gradient as soon as it is used
+        for o in outs:
+            if not o._grad_is_buffer:
+                o.grad = None         # free the intermediate gradient as soon as it is used
 
 
 def clear_tape() -> None:

@@ -24,7 +24,7 @@ from .checkpoint import (CheckpointError, check_same_architecture, load_model, l
 from .config import ConfigError, TrainConfig, model_sizes
 from .loader import BatchLoader
 from .model import GPT, GPTConfig
-from .optim import AdamW, clip_grad_norm, lr_at
+from .optim import AdamW, lr_at
 from .tensor import backward
 
 
@@ -237,8 +237,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
                 _, loss = model(backend.to_device(x), backend.to_device(y))
                 backward(loss, grad=backend.xp_of(loss.data).full((), 1.0 / cfg.grad_accum_steps, loss.dtype))
                 loss_sum += loss.item()
-            grad_norm = clip_grad_norm(model.flat_grads, cfg.grad_clip)
-            optimizer.step(lr)
+            grad_norm = optimizer.step(lr, cfg.grad_clip)                  # clips, then updates
             step += 1
             last_loss = loss_sum / cfg.grad_accum_steps
             if not math.isfinite(last_loss):
@@ -250,10 +249,10 @@ def train(cfg: TrainConfig, echo=print) -> dict:
                 steps_done = step % cfg.log_interval or cfg.log_interval
                 ms = (now - t_last) * 1000 / steps_done
                 t_last = now
-                entry = {"type": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                entry = {"type": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
                          "ms_per_step": ms, "tokens_per_s": tokens_per_step / (ms / 1000)}
                 log.record(entry, f"step {step:6d} | loss {last_loss:.4f} | lr {lr:.2e} | grad norm "
-                                  f"{grad_norm:7.3f} | {ms:7.1f} ms/step | {entry['tokens_per_s']:,.0f} tok/s")
+                                  f"{float(grad_norm):7.3f} | {ms:7.1f} ms/step | {entry['tokens_per_s']:,.0f} tok/s")
 
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 val_loss = evaluate(model, val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_iters)

@@ -109,3 +109,35 @@ def test_cross_entropy_value_and_mask(rng):
 def test_cross_entropy_all_masked_is_an_error():
     with pytest.raises(ValueError, match="masked"):
         ops.cross_entropy(Tensor(np.zeros((2, 3))), np.array([-1, -1]))
+
+
+def test_residual_layernorm_both_outputs(rng):
+    """Two outputs: h feeds a linear map, y is added on top, so both gradient paths are exercised."""
+    C = 6
+    M = Tensor(rng.standard_normal((C, C)))
+
+    def op(x, r, w, b):
+        h, y = ops.residual_layernorm(x, r, w, b)
+        return ops.add(ops.linear(h, M), y)
+
+    arrays = [rng.standard_normal((2, 3, C)), rng.standard_normal((2, 3, C)), rng.standard_normal(C), rng.standard_normal(C)]
+    check_op(op, arrays, rng)
+
+
+def test_residual_layernorm_values(rng):
+    x, r = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
+    w, b = rng.standard_normal(5), rng.standard_normal(5)
+    h, y = ops.residual_layernorm(Tensor(x), Tensor(r), Tensor(w), Tensor(b))
+    np.testing.assert_array_equal(h.data, x + r)
+    np.testing.assert_allclose(y.data, ops.layernorm(Tensor(x + r), Tensor(w), Tensor(b)).data, rtol=1e-12)
+
+
+def test_residual_layernorm_only_h_used(rng):
+    """y unused: x and r still get h's gradient (w and b then get none, which is correct)."""
+    w, b = Tensor(rng.standard_normal(4)), Tensor(rng.standard_normal(4))
+    check_op(lambda x, r: ops.residual_layernorm(x, r, w, b)[0],
+             [rng.standard_normal((3, 4)), rng.standard_normal((3, 4))], rng)
+
+
+def test_bias_gelu(rng):
+    check_op(ops.bias_gelu, [rng.standard_normal((2, 5, 7)) * 2, rng.standard_normal(7)], rng)

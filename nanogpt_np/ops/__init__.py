@@ -6,11 +6,11 @@ records itself on the tape.
 """
 from .embedding import embedding
 from .linear import linear, lm_head
-from .layernorm import layernorm
-from .gelu import gelu
+from .layernorm import layernorm, residual_layernorm
+from .gelu import gelu, bias_gelu
 from .attention import attention
 from .residual import add
 from .dropout import dropout
 from .cross_entropy import cross_entropy
 
-__all__ = ["embedding", "linear", "lm_head", "layernorm", "gelu", "attention", "add", "dropout", "cross_entropy"]
+__all__ = ["embedding", "linear", "lm_head", "layernorm", "residual_layernorm", "gelu", "bias_gelu", "attention", "add", "dropout", "cross_entropy"]

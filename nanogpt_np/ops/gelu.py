@@ -3,12 +3,15 @@
 Forward:   y = 0.5 * x * (1 + tanh(u)),   u = s * (x + a * x^3),   s = sqrt(2 / pi),  a = 0.044715
 Backward:  dy/dx = 0.5 * (1 + tanh(u)) + 0.5 * x * (1 - tanh(u)^2) * du/dx,   du/dx = s * (1 + 3 a x^2)
            (product rule on 0.5 * x * (1 + tanh(u)), and tanh' = 1 - tanh^2)
+Bias + GELU: y = gelu(x + b) for the MLP's first layer, whose bias add the GPU fuses into the GELU pass:
+           dx = dy * gelu'(x + b),  db = dx summed over the rows.
 """
 import math
 
 from .. import backend
 from ..tensor import Tensor, record
 from .dispatch import implementation
+from .reductions import sum_rows
 
 _S = math.sqrt(2.0 / math.pi)
 _A = 0.044715
@@ -51,3 +54,27 @@ def gelu(x: Tensor) -> Tensor:
     forward, backward = implementation("gelu", x.data, gelu_forward, gelu_backward)
     y, saved = forward(x.data)
     return record(Tensor(y), (x,), lambda dout: backward(dout, saved))
+
+
+def bias_gelu_forward(x, b):
+    """x (N, C), b (C,) -> gelu(x + b)."""
+    return gelu_forward(x + b)
+
+
+def bias_gelu_backward(dy, saved):
+    """dy (N, C) -> dx (N, C), db (C,)."""
+    (dx,) = gelu_backward(dy, saved)
+    return dx, sum_rows(dx)
+
+
+def bias_gelu(x: Tensor, b: Tensor) -> Tensor:
+    """gelu(x + b) for x (..., C) and a bias b (C,)."""
+    C = x.shape[-1]
+    forward, backward = implementation("bias_gelu", x.data, bias_gelu_forward, bias_gelu_backward)
+    y, saved = forward(x.data.reshape(-1, C), b.data)
+
+    def backward_fn(dout):
+        dx, db = backward(dout.reshape(-1, C), saved)
+        return dx.reshape(x.shape), db
+
+    return record(Tensor(y.reshape(x.shape)), (x, b), backward_fn)

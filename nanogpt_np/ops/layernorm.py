@@ -9,6 +9,10 @@ Backward: dw = sum over rows of dy * xhat,  db = sum over rows of dy.  For dx, w
       d xhat_i / d x_j = rstd * (delta_ij - 1/C) - (x_i - mean) * rstd^3 * (x_j - mean) / C
                        = rstd * (delta_ij - 1/C - xhat_i * xhat_j / C)
     so dx_j = sum_i g_i * d xhat_i / d x_j = rstd * (g_j - mean(g) - xhat_j * mean(g * xhat)).
+
+Residual + layernorm (one op with two outputs, so the GPU can do both in one pass over memory):
+    h = x + r (the residual stream goes on),  y = layernorm(h)
+    dh_total = dh + (layernorm backward of dy),  dx = dr = dh_total   (an add passes its gradient through)
 """
 from .. import backend
 from ..tensor import Tensor, record
@@ -57,3 +61,42 @@ def layernorm(x: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
         return dx.reshape(x.shape), dw, db
 
     return record(Tensor(y.reshape(x.shape)), (x, w, b), backward_fn)
+
+
+def residual_layernorm_forward(x, r, w, b, eps=1e-5):
+    """x, r (N, C) -> ((h = x + r, y = layernorm(h)), saved)."""
+    h = x + r
+    y, saved = layernorm_forward(h, w, b, eps)
+    return (h, y), saved
+
+
+def residual_layernorm_backward(douts, saved):
+    """(dh or None, dy) -> (dx, dr, dw, db); dx and dr are the same array (safe: the tape never writes
+    into an intermediate gradient)."""
+    dh, dy = douts
+    dx, dw, db = layernorm_backward(dy, saved)
+    if dh is not None:
+        dx += dh
+    return dx, dx, dw, db
+
+
+def residual_layernorm(x: Tensor, r: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5):
+    """(h, y) = (x + r, layernorm(x + r)) for x, r (..., C): the residual add that ends an attention branch
+    and the layernorm that starts the MLP branch, fused."""
+    if x.shape != r.shape:
+        raise ValueError(f"residual_layernorm needs equal shapes, got {x.shape} and {r.shape}")
+    C = x.shape[-1]
+    forward, backward = implementation("residual_layernorm", x.data, residual_layernorm_forward,
+                                       residual_layernorm_backward)
+    (h, y), saved = forward(x.data.reshape(-1, C), r.data.reshape(-1, C), w.data, b.data, eps)
+    h, y = Tensor(h.reshape(x.shape)), Tensor(y.reshape(x.shape))
+
+    def backward_fn(douts):
+        dh, dy = douts
+        if dy is None:                          # only h led to the loss: a plain residual add
+            return dh, dh, None, None
+        dx, dr, dw, db = backward((None if dh is None else dh.reshape(-1, C), dy.reshape(-1, C)), saved)
+        return dx.reshape(x.shape), dr.reshape(x.shape), dw, db
+
+    record((h, y), (x, r, w, b), backward_fn)
+    return h, y
