@@ -36,6 +36,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from .checkpoint import CheckpointError
 from .safetensors import SafetensorsError, bf16_bits_to_float32, load_file, read_header, save_file
 
 __all__ = ["CheckpointError", "import_gpt2_dir", "export_gpt2_dir", "hf_config_from_gpt", "gpt_config_from_hf",
@@ -46,8 +47,8 @@ IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")      # causal-mask buffers
 GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")   # all the tanh approximation nanogpt_np uses
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory cannot be imported or exported; the message says which file and why."""
+# A checkpoint directory that cannot be imported or exported raises the same CheckpointError as a run
+# directory (the message says which file and why), so the command lines report both the same way.
 
 
 # ----------------------------------------------------------------------------------------------- config

@@ -176,9 +176,21 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         tokenizer = load_tokenizer_of_run(cfg.out_dir)
     elif cfg.init_from:
         tokenizer = _tokenizer_of_init(cfg.init_from)
-    train_tokens, val_tokens, tokenizer = load_data(cfg, tokenizer, log=echo)
-    _check_long_enough(train_tokens, cfg.block_size, "train")
-    _check_long_enough(val_tokens, cfg.block_size, "validation")
+    from . import task_data
+    is_task = task_data.is_task_file(cfg.dataset)     # JSONL prompt/completion pairs: loss on completions only
+    if is_task:
+        if tokenizer is None:
+            from .char_tokenizer import CharTokenizer
+            tokenizer = CharTokenizer.from_text(task_data.task_text(task_data.read_task_file(cfg.dataset)))
+        loader, val_loader = task_data.task_loaders(cfg.dataset, tokenizer, cfg.block_size, cfg.batch_size,
+                                                    cfg.val_fraction, cfg.seed)
+        echo(f"data: task {cfg.dataset}: {len(loader.data.x):,} train and {len(val_loader.data.x):,} val rows, "
+             f"{loader.data.n_truncated + val_loader.data.n_truncated} truncated")
+    else:
+        train_tokens, val_tokens, tokenizer = load_data(cfg, tokenizer, log=echo)
+        _check_long_enough(train_tokens, cfg.block_size, "train")
+        _check_long_enough(val_tokens, cfg.block_size, "validation")
+        loader = BatchLoader(train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed)
 
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout,
                              bias=cfg.bias, **model_sizes(cfg))
@@ -198,7 +210,6 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     if init_model is not None:
         model.load_params(init_model.state_dict(), source=cfg.init_from)
     optimizer = AdamW(model, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    loader = BatchLoader(train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed)
     step, best_val, bad_evals = 0, math.inf, 0
     if cfg.resume:
         state = load_training_state(cfg.out_dir, model, optimizer)
@@ -255,7 +266,8 @@ def train(cfg: TrainConfig, echo=print) -> dict:
                                   f"{float(grad_norm):7.3f} | {ms:7.1f} ms/step | {entry['tokens_per_s']:,.0f} tok/s")
 
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                val_loss = evaluate(model, val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_iters)
+                val_loss = (task_data.task_val_loss(model, val_loader, cfg.eval_iters) if is_task else
+                            evaluate(model, val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_iters))
                 improved = val_loss < best_val
                 best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
                 log.record({"type": "eval", "step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss),

@@ -96,12 +96,9 @@ def test_finetuning_raises_task_accuracy():
 
 
 def test_trainer_fine_tunes_on_a_task_file(tmp_path):
-    """train.py --init_from=RUN --dataset=task.jsonl (skipped until the trainer reads task files)."""
-    trainer = pytest.importorskip("nanogpt_np.trainer")
-    import inspect
-    if "task_data" not in inspect.getsource(trainer):
-        pytest.skip("the trainer does not read JSONL task files yet")
+    """train.py --init_from=RUN --dataset=task.jsonl: fine-tuning on prompt/completion pairs."""
     import json
+    from nanogpt_np import trainer
     from nanogpt_np.checkpoint import save_checkpoint
     from nanogpt_np.config import parse_args
     from nanogpt_np.evaluate import run_evaluation
