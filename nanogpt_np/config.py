@@ -9,8 +9,7 @@ and every value must parse as that field's type; otherwise a ConfigError names t
 """
 import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 
 class ConfigError(ValueError):

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from .checkpoint import CheckpointError
+from .files import atomic_write_json
 from .safetensors import SafetensorsError, bf16_bits_to_float32, load_file, read_header, save_file
 
 __all__ = ["CheckpointError", "import_gpt2_dir", "export_gpt2_dir", "hf_config_from_gpt", "gpt_config_from_hf",
@@ -353,36 +353,18 @@ def export_gpt2_dir(model_or_run, tokenizer=None, out_dir=None) -> str:
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     eot = getattr(tokenizer, "eot_id", None) if tokenizer is not None else None
-    _write_json(os.path.join(out_dir, "config.json"), hf_config_from_gpt(config, eot))
+    atomic_write_json(os.path.join(out_dir, "config.json"), hf_config_from_gpt(config, eot))
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         if hasattr(tokenizer, "save_gpt2_files"):
             tokenizer.save_gpt2_files(out_dir, "vocab.json", "merges.txt")
             special = "<|endoftext|>"
-            _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+            atomic_write_json(os.path.join(out_dir, "tokenizer_config.json"), {
                 "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.block_size,
                 "add_prefix_space": False, "bos_token": special, "eos_token": special, "unk_token": special})
         else:
             tokenizer.save(os.path.join(out_dir, "nanogpt_tokenizer.json"))
     return out_dir
-
-
-def _write_json(path: str, data: dict) -> None:
-    """Atomic JSON write (temp file in the same directory + fsync + os.replace)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp.", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def main(argv=None) -> None:

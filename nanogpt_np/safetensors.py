@@ -35,10 +35,11 @@ import math
 import os
 import struct
 import sys
-import tempfile
 from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
+
+from .files import atomic_open
 
 __all__ = ["SafetensorsError", "save_file", "load_file", "load_metadata", "read_header",
            "float32_to_bf16_bits", "bf16_bits_to_float32", "DTYPES"]
@@ -151,39 +152,12 @@ def save_file(tensors: Mapping[str, object], path, metadata: Optional[Mapping[st
         arrays.append(a)
 
     head = _header_bytes(header)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
-            for a in arrays:
-                if a.nbytes:
-                    f.write(memoryview(a.reshape(-1)).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the rename durable (best effort: not every OS lets a directory be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_open(path, "wb") as f:          # temp file + fsync + rename: never half a file
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for a in arrays:
+            if a.nbytes:
+                f.write(memoryview(a.reshape(-1)).cast("B"))
 
 
 # ----------------------------------------------------------------------------------------------- reading

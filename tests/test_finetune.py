@@ -1,7 +1,6 @@
 """Fine-tuning on a task: the loss mask gives prompt positions exactly zero gradient, and a few seconds of
 fine-tuning raise task accuracy above the untuned model's."""
 import numpy as np
-import pytest
 
 from nanogpt_np import ops
 from nanogpt_np.char_tokenizer import CharTokenizer
