@@ -360,28 +360,33 @@ def _apply_merge(words, word_counts, a, b, new_id, pair_words) -> Dict[Tuple[int
         n = len(word)
         merged: List[int] = []
         copied = 0  # word[:copied] is done (copied or replaced)
+        maybe_gone = []  # pairs that lost an occurrence in this word (it may hold them elsewhere)
         for p in _pair_positions(word, a, b):
             if p > 0:
                 # the left neighbour is the new token itself when two replacements touch ("a b a b")
                 left = new_id if p == copied else word[p - 1]
-                delta[(left, a)] = delta_get((left, a), 0) - count
-                delta[(left, new_id)] = delta_get((left, new_id), 0) + count
+                lost, gained = (left, a), (left, new_id)
+                delta[lost] = delta_get(lost, 0) - count
+                delta[gained] = delta_get(gained, 0) + count
+                pair_words[gained].add(index)
+                maybe_gone.append(lost)
             if p + 2 < n:
                 right = word[p + 2]
-                delta[(b, right)] = delta_get((b, right), 0) - count
-                delta[(new_id, right)] = delta_get((new_id, right), 0) + count
+                lost, gained = (b, right), (new_id, right)
+                delta[lost] = delta_get(lost, 0) - count
+                delta[gained] = delta_get(gained, 0) + count
+                pair_words[gained].add(index)
+                maybe_gone.append(lost)
             merged += word[copied:p]
             merged.append(new_id)
             copied = p + 2
         merged += word[copied:]
         words[index] = merged
-        # pairs this word no longer holds / now holds (set operations run in C)
-        old_pairs, new_pairs = set(zip(word, word[1:])), set(zip(merged, merged[1:]))
-        for pair in old_pairs - new_pairs:
-            if pair != (a, b):
-                pair_words[pair].discard(index)
-        for pair in new_pairs - old_pairs:
-            pair_words[pair].add(index)
+        if maybe_gone:
+            still_there = set(zip(merged, merged[1:]))
+            for pair in maybe_gone:
+                if pair not in still_there and pair != (a, b):
+                    pair_words[pair].discard(index)
     return delta
 
 
