@@ -439,6 +439,7 @@ class BPETokenizer:
 
     GPT2_PATTERN = GPT2_PATTERN
     CACHE_LIMIT = 1_000_000  # distinct chunks cached; the cache is emptied between calls beyond this
+    LONG_CHUNK = 256  # bytes; longer chunks use the pass-by-pass loop (see _encode_chunk)
 
     def __init__(
         self,
@@ -591,8 +592,39 @@ class BPETokenizer:
     # -- encoding -----------------------------------------------------------------------------------
     def _encode_chunk(self, chunk: str) -> Tuple[int, ...]:
         """BPE on one pre-split chunk: start from its bytes, then repeatedly merge the adjacent pair
-        that was learned earliest (every occurrence of it, left to right) until no learned pair is left."""
+        that was learned earliest, until no learned pair is left. When that pair occurs several
+        times, its occurrences are merged left to right ("a a a" with (a, a) gives "aa a").
+
+        Two equivalent loops. Short chunks (nearly all) merge one occurrence per step and keep a
+        list of the ranks of adjacent pairs, updating only the two ranks next to the merge; min()
+        and index() then run in C. This is exact because a pair made with the new token always
+        ranks after the merge that made it, so the next step picks the next occurrence of the same
+        pair, if any. Its cost grows with length squared, so long chunks (a run of 10k spaces) use
+        passes that merge every occurrence of the best pair at once."""
         ids = list(map(self._byte_to_id.__getitem__, chunk.encode("utf-8")))
+        if len(ids) > self.LONG_CHUNK:
+            return self._encode_long_chunk(ids)
+        rank_of = self._merge_rank.get
+        no_merge = len(self.merges)
+        merged_ids = self.merged_ids
+        ranks = list(map(rank_of, zip(ids, ids[1:]), repeat(no_merge)))  # ranks[i]: pair (ids[i], ids[i+1])
+        while ranks:
+            best = min(ranks)
+            if best == no_merge:
+                break
+            i = ranks.index(best)  # the leftmost occurrence
+            new = merged_ids[best]
+            ids[i:i + 2] = (new,)
+            del ranks[i]
+            if i > 0:
+                ranks[i - 1] = rank_of((ids[i - 1], new), no_merge)
+            if i < len(ranks):
+                ranks[i] = rank_of((new, ids[i + 1]), no_merge)
+        return tuple(ids)
+
+    def _encode_long_chunk(self, ids: List[int]) -> Tuple[int, ...]:
+        """The same BPE as _encode_chunk, one pass per merge: each pass merges every occurrence of
+        the earliest-learned pair present, left to right."""
         rank_of = self._merge_rank.get
         no_merge = len(self.merges)
         while len(ids) > 1:

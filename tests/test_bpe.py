@@ -225,6 +225,24 @@ def test_round_trip_with_special_tokens(trained, text):
         assert tok.decode(tok.encode(text, allowed_special=allowed)) == text
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("aab e th\n")), max_size=300))
+def test_short_and_long_chunk_loops_agree(trained, chunk):
+    for tok in (trained[300], trained[3000], BPETokenizer.train("aaaa " * 50 + "abab " * 30, 270)):
+        ids = list(chunk.encode("utf-8"))  # trained tokenizers: byte b has id b
+        assert tok._encode_chunk(chunk) == tok._encode_long_chunk(ids)
+
+
+def test_long_runs_encode_quickly_and_exactly():
+    tok = BPETokenizer.train("a" * 4096 + " " + "ab" * 100, 280)  # merges a+a, aa+aa, ... and ab
+    for text in ("a" * 100_000, "ab" * 50_000, " " * 30_000 + "x"):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+    forced_short = BPETokenizer(tok.merges, tok.special_tokens)
+    forced_short.LONG_CHUNK = 10**9
+    assert forced_short.encode("a" * 3001) == tok.encode("a" * 3001)
+
+
 def test_merges_make_text_shorter(trained):
     text = training_text()[:20000]
     lengths = [len(trained[size].encode(text, allowed_special="none")) for size in (257, 300, 1000, 3000)]

@@ -31,7 +31,9 @@ EXTRAS = (
     "😀🎉👍🏽 👨‍👩‍👧 🇫🇷 hi😀there café naïve Ünïcödé ﬁ\u00a0nbsp\u2009thin \u200bzw \ufeffbom \u3000ideo\n"
     "“curly” ‘quotes’ — dash… ellipsis «guillemets» ¿qué? ¡sí!\x00\x01\x1f\x7f control\n"
     "    def f(x):\n        return x ** 2  # code\n<|endoftext|> as plain text, <|endoftext |>\n"
-    "trailing spaces   "
+    "trailing spaces   \n"
+    "long runs (more than 256 bytes in one chunk): " + "1" * 700 + " " * 700 + "x" + "a" * 600 + " " + "ab" * 400
+    + " " + "😀" * 100 + "\n" * 300 + "end"
 )
 
 
