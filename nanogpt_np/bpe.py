@@ -548,7 +548,11 @@ class BPETokenizer:
         counts the pre-split chunks on that many worker processes (the merges are learned in this
         one); the result is the same.
         """
+        if isinstance(special_tokens, str):
+            special_tokens = [special_tokens]  # one token, not its characters
         special_tokens = list(dict.fromkeys(special_tokens))  # drop repeats, keep order
+        if isinstance(vocab_size, (int, np.integer)) and not isinstance(vocab_size, bool):
+            vocab_size = int(vocab_size)
         if not isinstance(vocab_size, int) or vocab_size < 256 + len(special_tokens):
             raise TokenizerError(
                 f"vocab_size must be at least 256 (one id per byte) + {len(special_tokens)} special tokens, got {vocab_size!r}")

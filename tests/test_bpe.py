@@ -191,6 +191,13 @@ def test_training_verbose_shows_progress(capsys):
     assert "pre-split" in err and "merge 43/43" in err
 
 
+def test_training_argument_forms():
+    one = BPETokenizer.train(LOCAL_TEXT, np.int64(300), special_tokens="<|endoftext|>")
+    assert one.special_tokens == {"<|endoftext|>": 299} and one.vocab_size == 300
+    with pytest.raises(TokenizerError):
+        BPETokenizer.train(LOCAL_TEXT, 300.0)
+
+
 @pytest.mark.parametrize("size", [0, 100, 255, 256])
 def test_vocab_size_too_small_is_refused(size):
     with pytest.raises(TokenizerError, match="vocab_size"):
