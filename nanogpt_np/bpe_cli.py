@@ -105,6 +105,9 @@ def cmd_show(args) -> None:
         print(f"{i:>8}  {shown}")
 
 
+TOKENIZER_HELP = "a tokenizer.json, or a directory with encoder.json + vocab.bpe (GPT-2's files)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m nanogpt_np.bpe_cli", description="Byte-level BPE tokenizer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("encode", help="text -> ids")
-    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--tokenizer", required=True, help=TOKENIZER_HELP)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="UTF-8 text files (one document each)")
     source.add_argument("--text", help="a string to encode")
@@ -134,14 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="ids -> text (raw bytes on stdout)")
-    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--tokenizer", required=True, help=TOKENIZER_HELP)
     p.add_argument("--input", help="FILE.bin (llm.c shard) or a text file of ids")
     p.add_argument("--output", help="write the bytes here instead of stdout")
     p.add_argument("ids", nargs="*", help="ids on the command line")
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("show", help="token-by-token view of a string")
-    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--tokenizer", required=True, help=TOKENIZER_HELP)
     p.add_argument("--allowed-special", default="all")
     p.add_argument("text")
     p.set_defaults(func=cmd_show)
