@@ -63,28 +63,31 @@ def attention_forward(qkv, n_head):
     """qkv (B, T, 3C) -> out (B, T, C)."""
     C = qkv.shape[-1] // 3
     q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))
-    scale = 1.0 / math.sqrt(C // n_head)
+    q = q * (1.0 / math.sqrt(C // n_head))                         # scale q (T x HS) rather than s (T x T)
     scores = q @ k.transpose(0, 1, 3, 2)                           # (B, NH, T, T)
-    scores *= scale
     att = causal_softmax(scores)
     y = att @ v                                                    # (B, NH, T, HS)
-    return merge_heads(y), (q, k, v, att, scale)
+    return merge_heads(y), (q, k, v, att)
 
 
 def attention_backward(dout, saved):
-    """dout (B, T, C) -> dqkv (B, T, 3C)."""
-    q, k, v, att, scale = saved
+    """dout (B, T, C) -> dqkv (B, T, 3C). q in `saved` is already scaled by 1/sqrt(HS)."""
+    q, k, v, att = saved
     xp = backend.xp_of(dout)
-    dy = split_heads(dout, q.shape[1])                             # (B, NH, T, HS)
+    B, NH, T, HS = q.shape
+    dy = split_heads(dout, NH)                                     # (B, NH, T, HS)
     datt = dy @ v.transpose(0, 1, 3, 2)                            # (B, NH, T, T)
-    dv = att.transpose(0, 1, 3, 2) @ dy                            # (B, NH, T, HS)
     ds = datt                                                      # reuse datt's memory for ds
     ds -= sum_last(datt * att)
-    ds *= att
-    ds *= scale                                                    # (B, NH, T, T)
+    ds *= att                                                      # (B, NH, T, T)
+    # write dq, dk, dv straight into their thirds of dqkv (B, T, 3, NH, HS): one copy each
+    dqkv = xp.empty((B, T, 3, NH, HS), dtype=dout.dtype)
     dq = ds @ k
-    dk = ds.transpose(0, 1, 3, 2) @ q
-    return (xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1),)
+    dq *= 1.0 / math.sqrt(HS)                                      # s = (q / sqrt(HS)) k^T
+    dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)
+    dqkv[:, :, 1] = (ds.transpose(0, 1, 3, 2) @ q).transpose(0, 2, 1, 3)   # q is the scaled q
+    dqkv[:, :, 2] = (att.transpose(0, 1, 3, 2) @ dy).transpose(0, 2, 1, 3)
+    return (dqkv.reshape(B, T, 3 * NH * HS),)
 
 
 def attention(qkv: Tensor, n_head: int) -> Tensor:
