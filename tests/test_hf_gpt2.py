@@ -288,6 +288,7 @@ def test_transformers_round_trip(tmp_path):
 def test_transformers_loads_exported_tokenizer(tmp_path):
     pytest.importorskip("nanogpt_np.bpe")
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")            # AutoTokenizer needs it
     d = write_hf_dir(tmp_path / "t")
     write_tokenizer_files(d)
     config, params, tok = import_gpt2_dir(d)
