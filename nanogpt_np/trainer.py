@@ -13,7 +13,9 @@ bit for bit, as one that never stopped.
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -153,6 +155,35 @@ def evaluate(model: GPT, tokens, batch_size, block_size, max_batches) -> float:
 
 # ----------------------------------------------------------------------------------------------- training
 
+class StopAtStepBoundary:
+    """Ctrl-C (SIGINT) or SIGTERM during training asks the loop to finish the current step, save a
+    checkpoint and stop; a second Ctrl-C stops at once without saving (the last checkpoint stays intact).
+    Stopping between steps, never inside one, is what keeps an interrupted run exactly resumable: the
+    optimizer never saves a half-applied update, and the data loader never skips a batch."""
+
+    def __init__(self, echo):
+        self.echo = echo
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.echo("\nstopping after this step (Ctrl-C again to stop now, without saving)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():   # signals reach the main thread only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def train(cfg: TrainConfig, echo=print) -> dict:
     """Run training as configured. Returns a summary: final step, last train loss, best val loss."""
     device = backend.use_device(cfg.device)
@@ -213,7 +244,8 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     step, best_val, bad_evals = 0, math.inf, 0
     if cfg.resume:
         state = load_training_state(cfg.out_dir, model, optimizer)
-        step, best_val, bad_evals = state["step"], state.get("best_val_loss", math.inf), state.get("bad_evals", 0)
+        step, bad_evals = state["step"], state.get("bad_evals", 0)
+        best_val = math.inf if state.get("best_val_loss") is None else state["best_val_loss"]   # None: no eval yet
         loader.load_state_dict(state["loader"])
         set_rng_state(model.dropout_rng, state.get("dropout_rng"))
         echo(f"resuming from step {step} in {cfg.out_dir}")
@@ -236,8 +268,9 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         save_checkpoint(cfg.out_dir, model, optimizer, cfg.to_dict(), state, tokenizer)
 
     last_loss = None
+    interrupted = False
     t_last = time.perf_counter()
-    try:
+    with StopAtStepBoundary(echo) as stopper:
         while step < cfg.max_iters:
             lr = lr_at(step, lr=cfg.learning_rate, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
                        decay_iters=decay_iters)
@@ -279,11 +312,14 @@ def train(cfg: TrainConfig, echo=print) -> dict:
                 if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
                     echo(f"early stopping: no better validation loss for {bad_evals} evaluations")
                     break
-    except KeyboardInterrupt:
-        echo(f"\ninterrupted: saving a checkpoint at step {step} (continue with --resume)")
-        save(step)
-        raise
-    return {"step": step, "train_loss": last_loss, "best_val_loss": best_val, "out_dir": cfg.out_dir}
+            if stopper.requested:
+                save(step)
+                echo(f"stopped at step {step}; " + (f"checkpoint saved in {cfg.out_dir} (continue with --resume)"
+                                                    if cfg.save_checkpoints else "checkpoints are off: nothing saved"))
+                interrupted = True
+                break
+    return {"step": step, "train_loss": last_loss, "best_val_loss": best_val, "out_dir": cfg.out_dir,
+            "interrupted": interrupted}
 
 
 def _tokenizer_of_init(path):
@@ -318,6 +354,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("stopped without saving: the last checkpoint in the run directory is intact", file=sys.stderr)
+        return 130
+    if summary["interrupted"]:
         return 130
     print(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}, run in {summary['out_dir']}")
     return 0
