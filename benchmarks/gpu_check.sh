@@ -14,20 +14,21 @@ OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+PY=${PYTHON:-$(command -v python3 || command -v python)}    # the device image's python3 holds CuPy and PyTorch
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
 {
   echo "# GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi not available"
-  python -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'CUDA runtime', cupy.cuda.runtime.runtimeGetVersion())" 2>&1
-  python -c "import torch; print('torch', torch.__version__)" 2>&1 | tail -1
+  "$PY" -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__, 'CUDA runtime', cupy.cuda.runtime.runtimeGetVersion())" 2>&1
+  "$PY" -c "import torch; print('torch', torch.__version__)" 2>&1 | tail -1
 } | tee "$OUT/device.txt"
 
 echo "== 1. GPU tests"
-if ! python -c "from nanogpt_np import backend; backend.use_device('cuda')" 2>&1 | tee -a "$OUT/device.txt"; then :; fi
-if python -c "from nanogpt_np import backend; backend.use_device('cuda')" >/dev/null 2>&1; then
-  timeout 240 python -m pytest -q -rs tests/gpu tests/test_kernels_compile.py 2>&1 | tee "$OUT/gpu_tests.txt"
+if ! "$PY" -c "from nanogpt_np import backend; backend.use_device('cuda')" 2>&1 | tee -a "$OUT/device.txt"; then :; fi
+if "$PY" -c "from nanogpt_np import backend; backend.use_device('cuda')" >/dev/null 2>&1; then
+  timeout 240 "$PY" -m pytest -q -rs tests/gpu tests/test_kernels_compile.py 2>&1 | tee "$OUT/gpu_tests.txt"
   rc_tests=${PIPESTATUS[0]}
 else
   echo "no usable GPU through CuPy: the GPU tests cannot run (this counts as a failure here)" | tee "$OUT/gpu_tests.txt"
@@ -36,14 +37,14 @@ fi
 echo "(tests: exit $rc_tests, $(elapsed) s so far)"
 
 echo "== 2. kernel benchmarks"
-timeout 110 python benchmarks/kernels.py --B 8 --iters 10 --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+timeout 110 "$PY" benchmarks/kernels.py --B 8 --iters 10 --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
 rc_kernels=${PIPESTATUS[0]}
 echo "(kernels: exit $rc_kernels, $(elapsed) s so far)"
 
 LEFT=$(( 465 - $(elapsed) ))
 [ "$LEFT" -lt 60 ] && LEFT=60
 echo "== 3. training throughput (--quick, $LEFT s budget)"
-timeout "$LEFT" python benchmarks/train_gpu.py --quick --graph --budget-s "$LEFT" --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
+timeout "$LEFT" "$PY" benchmarks/train_gpu.py --quick --graph --budget-s "$LEFT" --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
 rc_train=${PIPESTATUS[0]}
 
 {
