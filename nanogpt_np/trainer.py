@@ -269,6 +269,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
 
     last_loss = None
     interrupted = False
+    best_params, best_step = None, None        # kept on the host for early stopping
     t_last = time.perf_counter()
     with StopAtStepBoundary(echo) as stopper:
         while step < cfg.max_iters:
@@ -303,6 +304,8 @@ def train(cfg: TrainConfig, echo=print) -> dict:
                             evaluate(model, val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_iters))
                 improved = val_loss < best_val
                 best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
+                if improved and cfg.early_stopping_patience:
+                    best_params, best_step = backend.to_numpy(model.flat_params).copy(), step    # host copy
                 log.record({"type": "eval", "step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
                             "best_val_loss": best_val},
                            f"eval {step:6d} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):9.2f}"
@@ -310,7 +313,11 @@ def train(cfg: TrainConfig, echo=print) -> dict:
                 save(step)
                 t_last = time.perf_counter()
                 if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
-                    echo(f"early stopping: no better validation loss for {bad_evals} evaluations")
+                    # the run ends with the weights of its best evaluation, not the last (worse) ones
+                    model.flat_params[...] = backend.to_device(best_params)
+                    save(step)
+                    echo(f"early stopping: no better validation loss for {bad_evals} evaluations; "
+                         f"saved the weights of step {best_step} (val loss {best_val:.4f})")
                     break
             if stopper.requested:
                 save(step)

@@ -155,3 +155,16 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(tmp_path):
     full = losses(run(tmp_path, "full", "--max_iters=400", "--lr_decay_iters=400", "--eval_interval=1000",
                       "--dropout=0.1"))
     assert all(resumed[s] == full[s] for s in range(1, 401)), "resumed losses differ from the uninterrupted run"
+
+
+def test_early_stopping_keeps_the_best_weights(tmp_path, monkeypatch):
+    """Scripted validation losses 3.0, 2.0, 2.5, 2.6 with patience 2: training stops at the 4th evaluation
+    and the saved weights are those of the 2nd (step 4), equal to a run that simply stopped at step 4."""
+    from nanogpt_np import trainer
+    scripted = [3.0, 2.0, 2.5, 2.6]
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: scripted.pop(0) if scripted else 1.0)
+    log = run(tmp_path, "es", "--max_iters=12", "--eval_interval=2", "--early_stopping_patience=2")
+    assert [e["step"] for e in log if e["type"] == "eval"] == [2, 4, 6, 8]
+    run(tmp_path, "ref", "--max_iters=4", "--eval_interval=2")
+    a, b = load_model(tmp_path / "es").state_dict(), load_model(tmp_path / "ref").state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
