@@ -37,11 +37,11 @@ class CharTokenizer:
             raise ValueError(f"character {e.args[0]!r} is not in this tokenizer's vocabulary") from None
 
     def decode(self, ids, errors="replace") -> str:
-        try:
-            return "".join(self.chars[int(i)] for i in ids)
-        except IndexError:
-            bad = next(int(i) for i in ids if not 0 <= int(i) < len(self.chars))
-            raise ValueError(f"id {bad} is outside the vocabulary (0..{len(self.chars) - 1})") from None
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < len(self.chars)]      # (negative ids would wrap around silently)
+        if bad:
+            raise ValueError(f"id {bad[0]} is outside the vocabulary (0..{len(self.chars) - 1})")
+        return "".join(self.chars[i] for i in ids)
 
     def decode_bytes(self, ids) -> bytes:
         return self.decode(ids).encode("utf-8")

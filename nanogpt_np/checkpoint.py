@@ -17,8 +17,6 @@ hold data, not code.
 import json
 import os
 
-import numpy as np
-
 from . import safetensors
 from .files import atomic_write_json
 from .model import GPT, GPTConfig
@@ -43,19 +41,35 @@ def save_checkpoint(out_dir, model: GPT, optimizer, train_config: dict, state: d
     atomic_write_json(os.path.join(out_dir, "state.json"), state)       # last: it marks the checkpoint complete
 
 
-def _read_json(path, what):
+def _read_json(path, what) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            d = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{what} not found: {path}") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{what} {path} is unreadable or corrupt: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{what} {path} is corrupt: expected a JSON object")
+    return d
+
+
+def is_hf_gpt2_dir(path) -> bool:
+    """True for a Hugging Face GPT-2 directory (its config.json names model_type "gpt2")."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("model_type") == "gpt2"
 
 
 def read_model_config(out_dir) -> GPTConfig:
     if not os.path.isdir(out_dir):
         raise CheckpointError(f"no run directory at {out_dir}")
+    if is_hf_gpt2_dir(out_dir):
+        from .hf_gpt2 import gpt_config_from_hf
+        return gpt_config_from_hf(_read_json(os.path.join(out_dir, "config.json"), "model config"))
     d = _read_json(os.path.join(out_dir, "config.json"), "model config")
     try:
         return GPTConfig.from_dict(d)
@@ -73,7 +87,14 @@ def _load_tensors(path, what):
 
 
 def load_model(out_dir, dtype="float32", seed=0) -> GPT:
-    """A GPT with the weights of the run in out_dir (for sampling, serving, evaluation, fine-tuning)."""
+    """A GPT with the weights of the run in out_dir (for sampling, serving, evaluation, fine-tuning).
+    A Hugging Face GPT-2 directory works too (imported by hf_gpt2, no torch)."""
+    if is_hf_gpt2_dir(out_dir):
+        from .hf_gpt2 import import_gpt2_dir
+        config, params, _ = import_gpt2_dir(out_dir, require_tokenizer=False)
+        model = GPT(config, seed=seed, dtype=dtype)
+        model.load_params(params, source=out_dir)
+        return model
     config = read_model_config(out_dir)
     tensors, _ = _load_tensors(os.path.join(out_dir, "model.safetensors"), "model weights")
     model = GPT(config, seed=seed, dtype=dtype)
@@ -86,6 +107,9 @@ def load_model(out_dir, dtype="float32", seed=0) -> GPT:
 
 def load_tokenizer_of_run(out_dir):
     from .tokenizer import load_tokenizer
+    if is_hf_gpt2_dir(out_dir):                       # GPT-2's vocab.json + merges.txt
+        from .hf_gpt2 import import_gpt2_dir
+        return import_gpt2_dir(out_dir)[2]
     path = os.path.join(out_dir, "tokenizer.json")
     if not os.path.exists(path):
         raise CheckpointError(f"the run in {out_dir} has no tokenizer.json")
@@ -95,10 +119,20 @@ def load_tokenizer_of_run(out_dir):
         raise CheckpointError(str(e)) from None
 
 
+def read_training_state(out_dir) -> dict:
+    """state.json of a run, checked for the keys a resume needs."""
+    if not os.path.isdir(out_dir):
+        raise CheckpointError(f"no run directory at {out_dir}: nothing to resume")
+    state = _read_json(os.path.join(out_dir, "state.json"), "training state")
+    if not isinstance(state.get("step"), int) or not isinstance(state.get("loader"), dict):
+        raise CheckpointError(f"{out_dir}/state.json is corrupt: it needs an integer 'step' and a 'loader' state")
+    return state
+
+
 def load_training_state(out_dir, model: GPT, optimizer) -> dict:
     """Restore weights and optimizer state in place for --resume; returns state.json's contents.
-    The model must have been built with the run's architecture (see check_same_architecture)."""
-    state = _read_json(os.path.join(out_dir, "state.json"), "training state")
+    The model must have been built with the run's architecture (read_model_config)."""
+    state = read_training_state(out_dir)
     tensors, meta = _load_tensors(os.path.join(out_dir, "model.safetensors"), "model weights")
     opt_arrays, opt_meta = _load_tensors(os.path.join(out_dir, "optimizer.safetensors"), "optimizer state")
     step = str(state.get("step"))
@@ -111,21 +145,3 @@ def load_training_state(out_dir, model: GPT, optimizer) -> dict:
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{out_dir}: {e}") from None
     return state
-
-
-def check_same_architecture(out_dir, config: GPTConfig) -> None:
-    saved = read_model_config(out_dir)
-    if saved != config:
-        diffs = [f"{k}: checkpoint {v!r} vs requested {getattr(config, k)!r}"
-                 for k, v in saved.to_dict().items() if getattr(config, k) != v]
-        raise CheckpointError(f"the checkpoint in {out_dir} is a different architecture ({'; '.join(diffs)})")
-
-
-def rng_state(rng) -> dict:
-    """A numpy Generator's state as JSON-safe data (PCG64's 128-bit integers are fine in JSON)."""
-    return rng.bit_generator.state if isinstance(rng, np.random.Generator) else {}
-
-
-def set_rng_state(rng, state: dict) -> None:
-    if state and isinstance(rng, np.random.Generator):
-        rng.bit_generator.state = state

@@ -152,39 +152,79 @@ def parse_args(argv) -> TrainConfig:
             json_files.append(arg)
         else:
             raise ConfigError(f"unexpected argument {arg!r}: use --key=value, --preset=NAME or a .json file")
+    # Everything given on this command line, in order: preset, JSON files, then --key=value.
+    layers = []
     if preset:
-        apply_settings(cfg, PRESETS[preset], f"preset {preset}")
+        layers.append((PRESETS[preset], f"preset {preset}"))
     for path in json_files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                settings = json.load(f)
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-        if not isinstance(settings, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object of settings")
-        apply_settings(cfg, settings, path)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
+        layers.append((_read_settings_file(path, "config file"), path))
+    layers.append((overrides, "the command line"))
+    for settings, source in layers:
+        apply_settings(cfg, settings, source)
+    if cfg.resume:
+        cfg = _resumed_settings(cfg, layers)
     validate(cfg)
     return cfg
 
 
+def _read_settings_file(path, what) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} {path} is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object of settings")
+    return settings
+
+
+def _resumed_settings(cfg: TrainConfig, layers) -> TrainConfig:
+    """--resume continues with the run's own saved settings (out_dir/train_config.json); only what this
+    command line sets explicitly is changed. So `python train.py --out_dir=RUN --resume` is enough."""
+    import os
+    saved_path = os.path.join(cfg.out_dir, "train_config.json")
+    if not os.path.exists(saved_path):
+        return cfg                   # the trainer reports the missing checkpoint with the run directory named
+    explicit = {k: v for settings, _ in layers for k, v in settings.items()}
+    if explicit.get("init_from"):
+        raise ConfigError("--resume and --init_from exclude each other: resume continues a run, "
+                          "init_from starts a new one from existing weights")
+    saved = _read_settings_file(saved_path, "saved settings")
+    resumed = TrainConfig()
+    apply_settings(resumed, {k: v for k, v in saved.items() if k in _field_types()}, saved_path)
+    for key, value in explicit.items():
+        setattr(resumed, key, value)
+    resumed.resume = True
+    resumed.init_from = ""           # a resumed run continues its own weights, wherever they first came from
+    return resumed
+
+
 def validate(cfg: TrainConfig) -> None:
     """Range checks that a type check cannot do."""
+    import math
     positive = ("block_size", "batch_size", "grad_accum_steps", "eval_interval", "eval_iters", "log_interval")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.max_iters < 0:
-        raise ConfigError(f"--max_iters must be >= 0, got {cfg.max_iters}")
+    not_negative = ("max_iters", "warmup_iters", "lr_decay_iters", "early_stopping_patience", "seed",
+                    "n_layer", "n_head", "n_embd", "weight_decay", "grad_clip", "min_lr")
+    for key in not_negative:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"--{key} must be >= 0, got {getattr(cfg, key)}")
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} must be a finite number, got {value}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not 0.0 < cfg.val_fraction < 1.0:
         raise ConfigError(f"--val_fraction must be in (0, 1), got {cfg.val_fraction}")
-    if cfg.learning_rate <= 0 or cfg.min_lr < 0:
-        raise ConfigError("--learning_rate must be > 0 and --min_lr >= 0")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"--learning_rate must be > 0, got {cfg.learning_rate}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise ConfigError(f"--min_lr ({cfg.min_lr}) must not exceed --learning_rate ({cfg.learning_rate})")
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(cfg, key) < 1.0:
             raise ConfigError(f"--{key} must be in [0, 1), got {getattr(cfg, key)}")
@@ -197,6 +237,9 @@ def validate(cfg: TrainConfig) -> None:
     from .model import MODEL_PRESETS
     if cfg.model not in MODEL_PRESETS:
         raise ConfigError(f"--model must be one of {', '.join(MODEL_PRESETS)}, got {cfg.model!r}")
+    sizes = model_sizes(cfg)
+    if sizes["n_embd"] % sizes["n_head"]:
+        raise ConfigError(f"n_embd ({sizes['n_embd']}) must be divisible by n_head ({sizes['n_head']})")
     if cfg.tokenizer == "bpe" and cfg.vocab_size < 257:
         raise ConfigError(f"--vocab_size must be at least 257 for a BPE tokenizer, got {cfg.vocab_size}")
 

@@ -10,6 +10,16 @@ import tempfile
 from contextlib import contextmanager
 
 
+def _default_file_mode() -> int:
+    """0o666 minus the process umask: the mode open() would give a new file (mkstemp alone gives 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 @contextmanager
 def atomic_open(path, mode="wb"):
     """`with atomic_open(path) as f: f.write(...)` - the file appears under `path` only if the block ends
@@ -21,6 +31,8 @@ def atomic_open(path, mode="wb"):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _FILE_MODE)          # readable by others as a normally created file would be
         text = dict(encoding="utf-8", newline="") if mode == "w" else {}
         with os.fdopen(fd, mode, **text) as f:
             yield f

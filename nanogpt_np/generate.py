@@ -102,7 +102,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top
             for _ in range(max_new_tokens):
                 if cache.lengths[0] + len(pending) > block:  # context full: keep the last half
                     cache.reset()
-                    pending = ids[-(block // 2):]
+                    pending = ids[-max(1, block // 2):]
                 idx = backend.to_device(np.array([pending], dtype=np.int64))
                 logits, _ = model(idx, kv_cache=cache)                       # (1, len(pending), V)
                 next_id = sample_from_logits(backend.to_numpy(logits.data[0, -1]), rng, temperature, top_k, top_p)

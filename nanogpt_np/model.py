@@ -166,8 +166,17 @@ class GPT:
             got = tuple(tensors[name].shape)
             if got != tuple(shape):
                 raise ValueError(f"{source}: tensor {name} has shape {got}, the model expects {tuple(shape)}")
+        for name in expected:
+            kind = np.asarray(tensors[name]).dtype.kind
+            if kind != "f":
+                raise ValueError(f"{source}: tensor {name} holds {np.asarray(tensors[name]).dtype} values, "
+                                 f"not floating point (bf16 must be converted to float32 first)")
         for name, t in self.params.items():
             t.data[...] = backend.to_device(np.asarray(tensors[name]).astype(self.dtype, copy=False))
+
+    def reseed_dropout(self, seed: int) -> None:
+        """A fresh dropout generator (the trainer seeds one per step, so resuming needs no saved RNG state)."""
+        self.dropout_rng = _device_rng(seed)
 
     def train(self, mode: bool = True) -> "GPT":
         self.training = mode

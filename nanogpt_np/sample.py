@@ -1,4 +1,6 @@
 """Command line for sampling: `python sample.py --out_dir=RUN --prompt="..." [--key=value ...]`."""
+import math
+import os
 import sys
 from dataclasses import dataclass, fields
 
@@ -32,6 +34,8 @@ def parse_sample_args(argv) -> SampleConfig:
             raise ConfigError(f"unknown or malformed argument {arg!r}; settings: "
                               + ", ".join(f"--{k}=" for k in types))
         setattr(cfg, key, _parse_value(key, text, types[key]))
+    if not math.isfinite(cfg.temperature) or not math.isfinite(cfg.top_p):
+        raise ConfigError("--temperature and --top_p must be finite numbers")
     try:
         check_sampling_args(cfg.temperature, cfg.top_k or None, cfg.top_p)
     except ValueError as e:
@@ -61,6 +65,12 @@ def main(argv=None) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n---------------\n" if cfg.num_samples > 1 else "\n")
+    except BrokenPipeError:              # e.g. `python sample.py ... | head`: the reader has gone, quietly stop
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except (ConfigError, CheckpointError, backend.BackendError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,9 +21,11 @@ import time
 import numpy as np
 
 from . import backend
-from .checkpoint import (CheckpointError, check_same_architecture, load_model, load_tokenizer_of_run,
-                         load_training_state, rng_state, save_checkpoint, set_rng_state)
+from . import safetensors
+from .checkpoint import (CheckpointError, load_model, load_tokenizer_of_run, load_training_state,
+                         read_model_config, read_training_state, save_checkpoint)
 from .config import ConfigError, TrainConfig, model_sizes
+from .files import atomic_write_text
 from .loader import BatchLoader
 from .model import GPT, GPTConfig
 from .optim import AdamW, lr_at
@@ -85,8 +87,11 @@ def load_text_data(cfg: TrainConfig, tokenizer=None, log=print):
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg.tokenizer, train_text, cfg.vocab_size, full_text=text, log=log)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    train = np.array(tokenizer.encode(train_text, allowed_special="none"), dtype=dtype)
-    val = np.array(tokenizer.encode(val_text, allowed_special="none"), dtype=dtype)
+    try:
+        train = np.array(tokenizer.encode(train_text, allowed_special="none"), dtype=dtype)
+        val = np.array(tokenizer.encode(val_text, allowed_special="none"), dtype=dtype)
+    except ValueError as e:       # a resumed / fine-tuned run's tokenizer cannot encode this text
+        raise DataError(f"{source}: {e} (the tokenizer comes from the run or --init_from weights)") from None
     log(f"data: {source}: {len(train):,} train and {len(val):,} val tokens, vocabulary {tokenizer.vocab_size}")
     return train, val, tokenizer
 
@@ -108,10 +113,20 @@ def load_data(cfg: TrainConfig, tokenizer=None, log=print):
         except (OSError, ValueError) as e:
             raise DataError(str(e)) from None
         log(f"data: prepared dataset {cfg.dataset}, vocabulary {ds.tokenizer.vocab_size}")
+        if tokenizer is not None and _tokenizer_identity(tokenizer) != _tokenizer_identity(ds.tokenizer):
+            raise DataError(f"dataset {cfg.dataset} was tokenized with a different tokenizer than the weights "
+                            f"being continued (--resume / --init_from); prepare it again with their tokenizer.json "
+                            f"(python data/prepare.py ... --tokenizer RUN/tokenizer.json)")
         return ds.train, ds.val, (tokenizer or ds.tokenizer)
     if cfg.dataset != "pydocs" and not os.path.isfile(cfg.dataset):
         raise DataError(_missing_dataset_message(cfg))
     return load_text_data(cfg, tokenizer, log)
+
+
+def _tokenizer_identity(tokenizer):
+    """What makes two tokenizers give the same ids: their saved form (or, lacking one, the vocabulary size)."""
+    to_dict = getattr(tokenizer, "to_dict", None)
+    return json.dumps(to_dict(), sort_keys=True) if to_dict else tokenizer.vocab_size
 
 
 def _count(tokens):
@@ -133,6 +148,15 @@ class RunLog:
     def __init__(self, out_dir, write_file=True, echo=print):
         self.path = os.path.join(out_dir, "log.jsonl") if write_file else None
         self.echo = echo
+
+    def forget_after(self, step: int) -> None:
+        """On resume: drop records of steps after the checkpoint (a crash may have logged steps that the
+        resumed run will now repeat), so log.jsonl holds each step once."""
+        if not self.path or not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(kept))
 
     def record(self, entry: dict, line: str):
         self.echo(line)
@@ -164,9 +188,14 @@ class StopAtStepBoundary:
     def __init__(self, echo):
         self.echo = echo
         self.requested = False
+        self.saving = False        # while a checkpoint is being written, even a second Ctrl-C waits for it
         self._previous = {}
 
     def _handle(self, signum, frame):
+        if self.saving:
+            self.requested = True
+            self.echo("\nfinishing the checkpoint first, then stopping")
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -199,11 +228,14 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     if cfg.resume and cfg.init_from:
         raise ConfigError("--resume and --init_from exclude each other: resume continues a run, "
                           "init_from starts a new one from existing weights")
-    os.makedirs(cfg.out_dir, exist_ok=True)
 
     # Tokenizer and data. A resumed or fine-tuned run reuses the tokenizer its weights were trained with.
-    tokenizer = None
+    tokenizer, saved_state = None, None
     if cfg.resume:
+        saved_state = read_training_state(cfg.out_dir)
+        if saved_state.get("finished"):
+            raise CheckpointError(f"the run in {cfg.out_dir} has finished ({saved_state['finished']}); "
+                                  f"start a new run from its weights with --init_from={cfg.out_dir}")
         tokenizer = load_tokenizer_of_run(cfg.out_dir)
     elif cfg.init_from:
         tokenizer = _tokenizer_of_init(cfg.init_from)
@@ -211,8 +243,8 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     is_task = task_data.is_task_file(cfg.dataset)     # JSONL prompt/completion pairs: loss on completions only
     if is_task:
         if tokenizer is None:
-            from .char_tokenizer import CharTokenizer
-            tokenizer = CharTokenizer.from_text(task_data.task_text(task_data.read_task_file(cfg.dataset)))
+            text = task_data.task_text(task_data.read_task_file(cfg.dataset))
+            tokenizer = build_tokenizer(cfg.tokenizer, text, cfg.vocab_size, log=echo)
         loader, val_loader = task_data.task_loaders(cfg.dataset, tokenizer, cfg.block_size, cfg.batch_size,
                                                     cfg.val_fraction, cfg.seed)
         echo(f"data: task {cfg.dataset}: {len(loader.data.x):,} train and {len(val_loader.data.x):,} val rows, "
@@ -223,77 +255,89 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         _check_long_enough(val_tokens, cfg.block_size, "validation")
         loader = BatchLoader(train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed)
 
+    # The architecture: from the settings for a new run, from the weights for --init_from and --resume
+    # (only dropout and a context no longer than the model's may change then).
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout,
                              bias=cfg.bias, **model_sizes(cfg))
     init_model = None
     if cfg.init_from:
         init_model = _load_init_weights(cfg.init_from)
-        # the architecture comes from the weights; only dropout and the (shorter or equal) context are ours
-        base = init_model.config
-        if cfg.block_size > base.block_size:
-            raise ConfigError(f"--block_size={cfg.block_size} is longer than the pre-trained model's "
-                              f"{base.block_size}")
-        model_config = GPTConfig(**{**base.to_dict(), "dropout": cfg.dropout})
-    if cfg.resume:
-        check_same_architecture(cfg.out_dir, model_config)
+        model_config = init_model.config
+    elif cfg.resume:
+        saved_config = read_model_config(cfg.out_dir)
+        _check_resumed_architecture(cfg, model_config, saved_config)
+        model_config = saved_config
+    if cfg.init_from or cfg.resume:
+        if cfg.block_size > model_config.block_size:
+            raise ConfigError(f"--block_size={cfg.block_size} is longer than the model's context "
+                              f"({model_config.block_size})")
+        model_config = GPTConfig(**{**model_config.to_dict(), "dropout": cfg.dropout})
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{model_config.vocab_size} embedding rows")
 
     model = GPT(model_config, seed=cfg.seed, dtype=param_dtype)
     if init_model is not None:
         model.load_params(init_model.state_dict(), source=cfg.init_from)
     optimizer = AdamW(model, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    log = RunLog(cfg.out_dir, write_file=True, echo=echo)
     step, best_val, bad_evals = 0, math.inf, 0
     if cfg.resume:
         state = load_training_state(cfg.out_dir, model, optimizer)
         step, bad_evals = state["step"], state.get("bad_evals", 0)
         best_val = math.inf if state.get("best_val_loss") is None else state["best_val_loss"]   # None: no eval yet
         loader.load_state_dict(state["loader"])
-        set_rng_state(model.dropout_rng, state.get("dropout_rng"))
+        log.forget_after(step)
         echo(f"resuming from step {step} in {cfg.out_dir}")
-    elif tokenizer is not None:
+    else:
+        os.makedirs(cfg.out_dir, exist_ok=True)
         tokenizer.save(os.path.join(cfg.out_dir, "tokenizer.json"))
 
     n_params = model.num_params()
     echo(f"model: {model_config.n_layer} layers, {model_config.n_head} heads, {model_config.n_embd} channels, "
          f"block {model_config.block_size}, vocab {model_config.vocab_size}: {n_params:,} parameters "
          f"({n_params / 1e6:.2f}M) on {device}, {cfg.dtype}")
-    log = RunLog(cfg.out_dir, write_file=True, echo=echo)
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
+    stopper = StopAtStepBoundary(echo)
+    best_params, best_step = None, None        # the best evaluation's weights, for early stopping (host copy)
+    best_path = os.path.join(cfg.out_dir, "best.safetensors")
 
-    def save(step_now):
+    def save(step_now, finished=None):
         if not cfg.save_checkpoints:
             return
-        state = {"step": step_now, "loader": loader.state_dict(), "dropout_rng": rng_state(model.dropout_rng),
+        state = {"step": step_now, "loader": loader.state_dict(),
                  "best_val_loss": best_val if math.isfinite(best_val) else None, "bad_evals": bad_evals}
-        save_checkpoint(cfg.out_dir, model, optimizer, cfg.to_dict(), state, tokenizer)
+        if finished:
+            state["finished"] = finished
+        stopper.saving = True
+        try:
+            save_checkpoint(cfg.out_dir, model, optimizer, cfg.to_dict(), state, tokenizer)
+        finally:
+            stopper.saving = False
 
     last_loss = None
     interrupted = False
-    best_params, best_step = None, None        # kept on the host for early stopping
-    t_last = time.perf_counter()
-    with StopAtStepBoundary(echo) as stopper:
+    t_last, steps_timed = time.perf_counter(), 0
+    with stopper:
         while step < cfg.max_iters:
             lr = lr_at(step, lr=cfg.learning_rate, min_lr=cfg.min_lr, warmup_iters=cfg.warmup_iters,
                        decay_iters=decay_iters)
+            # Dropout masks come from a generator seeded by (seed, step): nothing to save for an exact resume.
+            model.reseed_dropout(int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
             model.zero_grad()
-            loss_sum = 0.0
-            for _ in range(cfg.grad_accum_steps):
-                x, y = loader.next_batch()                                  # (B, T) int64 each, on the host
-                _, loss = model(backend.to_device(x), backend.to_device(y))
-                backward(loss, grad=backend.xp_of(loss.data).full((), 1.0 / cfg.grad_accum_steps, loss.dtype))
-                loss_sum += loss.item()
+            last_loss = accumulate_gradients(model, [loader.next_batch() for _ in range(cfg.grad_accum_steps)])
             grad_norm = optimizer.step(lr, cfg.grad_clip)                  # clips, then updates
             step += 1
-            last_loss = loss_sum / cfg.grad_accum_steps
+            steps_timed += 1
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"loss became {last_loss} at step {step}; try a lower --learning_rate")
 
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 backend.synchronize()
                 now = time.perf_counter()
-                steps_done = step % cfg.log_interval or cfg.log_interval
-                ms = (now - t_last) * 1000 / steps_done
-                t_last = now
+                ms = (now - t_last) * 1000 / steps_timed
+                t_last, steps_timed = now, 0
                 entry = {"type": "train", "step": step, "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm),
                          "ms_per_step": ms, "tokens_per_s": tokens_per_step / (ms / 1000)}
                 log.record(entry, f"step {step:6d} | loss {last_loss:.4f} | lr {lr:.2e} | grad norm "
@@ -302,31 +346,78 @@ def train(cfg: TrainConfig, echo=print) -> dict:
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
                 val_loss = (task_data.task_val_loss(model, val_loader, cfg.eval_iters) if is_task else
                             evaluate(model, val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_iters))
+                if not math.isfinite(val_loss):
+                    raise FloatingPointError(f"validation loss became {val_loss} at step {step}; "
+                                             f"try a lower --learning_rate")
                 improved = val_loss < best_val
                 best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
-                if improved and cfg.early_stopping_patience:
-                    best_params, best_step = backend.to_numpy(model.flat_params).copy(), step    # host copy
-                log.record({"type": "eval", "step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
-                            "best_val_loss": best_val},
-                           f"eval {step:6d} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):9.2f}"
+                ppl = math.exp(val_loss) if val_loss < 700 else math.inf
+                log.record({"type": "eval", "step": step, "val_loss": val_loss,
+                            "val_ppl": ppl if math.isfinite(ppl) else None, "best_val_loss": best_val},
+                           f"eval {step:6d} | val loss {val_loss:.4f} | val ppl {ppl:9.2f}"
                            + (" | best" if improved else ""))
-                save(step)
-                t_last = time.perf_counter()
+                if improved and cfg.early_stopping_patience:
+                    best_params, best_step = backend.to_numpy(model.flat_params).copy(), step
+                    if cfg.save_checkpoints:
+                        safetensors.save_file(model.state_dict(), best_path, metadata={"step": str(step)})
                 if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
-                    # the run ends with the weights of its best evaluation, not the last (worse) ones
-                    model.flat_params[...] = backend.to_device(best_params)
-                    save(step)
+                    # The run ends with the weights of its best evaluation, not the last (worse) ones. After a
+                    # resume the best weights are in best.safetensors rather than in memory.
+                    if best_params is not None:
+                        model.flat_params[...] = backend.to_device(best_params)
+                    elif os.path.exists(best_path):
+                        model.load_params(safetensors.load_file(best_path), source=best_path)
+                        best_step = safetensors.load_metadata(best_path).get("step")
+                    save(step, finished=f"early stopping at step {step}, weights of step {best_step}")
                     echo(f"early stopping: no better validation loss for {bad_evals} evaluations; "
-                         f"saved the weights of step {best_step} (val loss {best_val:.4f})")
+                         f"kept the weights of step {best_step} (val loss {best_val:.4f})")
                     break
-            if stopper.requested:
                 save(step)
-                echo(f"stopped at step {step}; " + (f"checkpoint saved in {cfg.out_dir} (continue with --resume)"
-                                                    if cfg.save_checkpoints else "checkpoints are off: nothing saved"))
-                interrupted = True
+                t_last, steps_timed = time.perf_counter(), 0       # do not count evaluation as step time
+            if stopper.requested:
+                if step < cfg.max_iters:
+                    save(step)
+                    echo(f"stopped at step {step}; " + (f"checkpoint saved in {cfg.out_dir} (continue with --resume)"
+                                                        if cfg.save_checkpoints else "checkpoints are off: nothing saved"))
+                    interrupted = True
                 break
     return {"step": step, "train_loss": last_loss, "best_val_loss": best_val, "out_dir": cfg.out_dir,
             "interrupted": interrupted}
+
+
+def _check_resumed_architecture(cfg, requested: GPTConfig, saved: GPTConfig) -> None:
+    """A resumed run keeps its architecture: settings that would change it are an error, not ignored.
+    (A run that started from --init_from weights has the architecture of those weights: nothing to compare.)"""
+    try:
+        with open(os.path.join(cfg.out_dir, "train_config.json"), encoding="utf-8") as f:
+            if json.load(f).get("init_from"):
+                return
+    except (OSError, ValueError, AttributeError):
+        pass
+    keys = ("n_layer", "n_head", "n_embd", "bias")
+    diffs = [f"{k}: checkpoint {getattr(saved, k)!r} vs requested {getattr(requested, k)!r}"
+             for k in keys if getattr(saved, k) != getattr(requested, k)]
+    if diffs:
+        raise CheckpointError(f"the checkpoint in {cfg.out_dir} is a different architecture ({'; '.join(diffs)})")
+
+
+def accumulate_gradients(model, batches) -> float:
+    """Forward and backward over micro-batches, summing gradients into model.flat_grads as if they were one
+    batch. Each micro-batch's mean loss is weighted by its share of the targets that count (task data masks
+    prompt positions, so micro-batches differ), which makes k micro-batches equal one k-times larger batch.
+    Returns the mean loss per counted target."""
+    counts = [int((y != -1).sum()) for _, y in batches]
+    total = sum(counts)
+    if total == 0:
+        raise DataError("a training batch has no target to learn from (every position is masked)")
+    loss_sum = 0.0
+    for (x, y), n in zip(batches, counts):
+        if n == 0:
+            continue
+        _, loss = model(backend.to_device(x), backend.to_device(y))        # x, y: (B, T) integer ids
+        backward(loss, grad=backend.xp_of(loss.data).full((), n / total, loss.dtype))
+        loss_sum += loss.item() * n
+    return loss_sum / total
 
 
 def _tokenizer_of_init(path):
@@ -357,8 +448,12 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         summary = train(cfg)
-    except (ConfigError, DataError, CheckpointError, BackendError, FloatingPointError) as e:
+    except (ValueError, OSError, BackendError, FloatingPointError) as e:
+        # ConfigError, DataError, CheckpointError, TokenizerError, TaskDataError are all ValueErrors
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory: try a smaller --batch_size, --block_size or model", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stopped without saving: the last checkpoint in the run directory is intact", file=sys.stderr)

@@ -80,3 +80,8 @@ def test_bad_sampling_arguments():
             list(generate(model, [1], 2, **kwargs))
     with pytest.raises(ValueError, match="vocabulary"):
         list(generate(model, [99], 2))
+
+
+def test_generation_with_a_one_token_context():
+    model = tiny_model(2, block_size=1)
+    assert len(list(generate(model, [3, 4], 5, temperature=1.0, seed=0))) == 5

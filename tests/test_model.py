@@ -100,3 +100,11 @@ def test_bad_config_is_a_clear_error():
         GPTConfig(n_embd=10, n_head=3)
     with pytest.raises(ValueError, match="n_layer"):
         GPTConfig(n_layer=0)
+
+
+def test_load_params_refuses_integer_tensors():
+    model = GPT(small_config(), seed=0)
+    sd = model.state_dict()
+    sd["wte.weight"] = sd["wte.weight"].view(np.uint32)          # e.g. raw bf16/fp32 bits by mistake
+    with pytest.raises(ValueError, match="not floating point"):
+        model.load_params(sd)

@@ -24,6 +24,7 @@ def test_adamw_matches_reference_over_steps(rng):
         adamw_update(p, g, m, v, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=t, n_decay=n_decay)
         rp, rm, rv = reference_adamw(rp, g, rm, rv, 0.01, 0.9, 0.99, 1e-8, 0.1, t, mask)
     np.testing.assert_allclose(p, rp, rtol=1e-12)
+    np.testing.assert_allclose(m, rm, rtol=1e-12)
     np.testing.assert_allclose(v, rv, rtol=1e-12)
 
 

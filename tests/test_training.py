@@ -94,10 +94,16 @@ def cli(*args, cwd):
     (["--dataset=empty.txt"], "empty"),
     (["--dataset=short.txt", "--block_size=64"], "fewer than block_size"),
     (["--resume", "--out_dir=nowhere"], "nowhere"),
+    (["--n_head=3"], "divisible"),
+    (["--seed=-1"], "--seed must be >= 0"),
+    (["--min_lr=0.1"], "must not exceed"),
+    (["--init_from=nowhere"], "nowhere"),
+    (["latin1.json"], "latin1.json"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "short.txt").write_text("just a few words of text, far too short for a block\n")
+    (tmp_path / "latin1.json").write_bytes('{"dataset": "caf\xe9"}'.encode("latin-1"))
     r = cli(*args, "--device=cpu", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
@@ -168,3 +174,63 @@ def test_early_stopping_keeps_the_best_weights(tmp_path, monkeypatch):
     run(tmp_path, "ref", "--max_iters=4", "--eval_interval=2")
     a, b = load_model(tmp_path / "es").state_dict(), load_model(tmp_path / "ref").state_dict()
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_needs_only_the_run_directory(tmp_path):
+    """--resume takes the run's saved settings; only flags given again change (here: train longer)."""
+    full = losses(run(tmp_path, "full", "--eval_interval=6"))
+    run(tmp_path, "cut", "--eval_interval=6", "--max_iters=6")
+    cfg = parse_args([f"--out_dir={tmp_path / 'cut'}", "--resume", "--max_iters=12"])
+    assert (cfg.model, cfg.block_size, cfg.batch_size, cfg.lr_decay_iters) == ("tiny", 16, 4, 12)
+    train(cfg, echo=lambda *a: None)
+    resumed = losses([json.loads(line) for line in open(tmp_path / "cut" / "log.jsonl")])
+    assert all(resumed[s] == full[s] for s in range(1, 13))
+
+
+def test_early_stopping_after_resume_uses_the_saved_best(tmp_path, monkeypatch):
+    from nanogpt_np import trainer
+    scripted = [3.0, 2.0, 2.5, 2.6]
+    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: scripted.pop(0))
+    run(tmp_path, "es", "--max_iters=4", "--eval_interval=2", "--early_stopping_patience=2")    # best: step 4
+    best = load_model(tmp_path / "es").state_dict()
+    run(tmp_path, "es", "--max_iters=12", "--eval_interval=2", "--early_stopping_patience=2", "--resume")
+    after = load_model(tmp_path / "es").state_dict()
+    assert all(np.array_equal(best[k], after[k]) for k in best)          # the step-4 weights, not NaN
+    state = json.loads((tmp_path / "es" / "state.json").read_text())
+    assert state["step"] == 8 and "early stopping" in state["finished"]
+    with pytest.raises(CheckpointError, match="finished"):
+        run(tmp_path, "es", "--max_iters=12", "--resume")
+
+
+def test_gradient_accumulation_weights_micro_batches_by_counted_targets(rng):
+    """Two micro-batches with 1 and 8 counted targets give the gradient of the one batch holding both."""
+    from nanogpt_np.model import GPT, GPTConfig
+    from nanogpt_np.trainer import accumulate_gradients
+    model = GPT(GPTConfig(block_size=8, vocab_size=7, n_layer=1, n_head=1, n_embd=8), seed=1, dtype="float64")
+    x = rng.integers(0, 7, size=(2, 8))
+    y = rng.integers(0, 7, size=(2, 8))
+    y[0, :7] = -1                                            # row 0 counts 1 target, row 1 counts 8
+    model.zero_grad()
+    one = accumulate_gradients(model, [(x, y)])
+    g_one = model.flat_grads.copy()
+    model.zero_grad()
+    two = accumulate_gradients(model, [(x[:1], y[:1]), (x[1:], y[1:])])
+    np.testing.assert_allclose(model.flat_grads, g_one, rtol=1e-12, atol=1e-15)
+    assert abs(one - two) < 1e-12
+
+
+def test_task_data_respects_the_tokenizer_setting(tmp_path):
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"prompt": f"say {w}: ", "completion": w}) + "\n"
+                            for w in ["yes", "no", "maybe", "never", "always", "often"] * 10))
+    train(parse_args(TINY + [f"--dataset={task}", "--tokenizer=bpe", "--vocab_size=270", "--max_iters=2",
+                             f"--out_dir={tmp_path / 'r'}"]), echo=lambda *a: None)
+    assert json.loads((tmp_path / "r" / "tokenizer.json").read_text())["type"] == "bpe"
+
+
+def test_saved_files_are_readable_like_normal_files(tmp_path):
+    run(tmp_path, "r", "--max_iters=2", "--eval_interval=2")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json", "state.json", "tokenizer.json"):
+        assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
