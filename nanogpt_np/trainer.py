@@ -421,20 +421,15 @@ def accumulate_gradients(model, batches) -> float:
 
 
 def _tokenizer_of_init(path):
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return load_tokenizer_of_run(path)
-    from .tokenizer import load_tokenizer            # a GPT-2 directory: vocab.json + merges.txt
-    return load_tokenizer(path)
+    """The tokenizer that goes with --init_from weights: a run's tokenizer.json or a GPT-2 folder's files."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--init_from={path}: not a directory (give a run directory or a GPT-2 folder)")
+    return load_tokenizer_of_run(path)
 
 
 def _load_init_weights(path) -> GPT:
-    if os.path.exists(os.path.join(path, "model.safetensors")) and os.path.exists(os.path.join(path, "state.json")):
-        return load_model(path)
-    from .hf_gpt2 import import_gpt2_dir             # a Hugging Face GPT-2 directory
-    config, params, _ = import_gpt2_dir(path)
-    model = GPT(config)
-    model.load_params(params, source=path)
-    return model
+    """The weights of a nanogpt_np run, or of a Hugging Face GPT-2 folder (imported without torch)."""
+    return load_model(path)
 
 
 def main(argv=None) -> int:

@@ -234,3 +234,26 @@ def test_saved_files_are_readable_like_normal_files(tmp_path):
     os.umask(umask)
     for name in ("model.safetensors", "config.json", "state.json", "tokenizer.json"):
         assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_init_from_a_hugging_face_gpt2_folder(tmp_path):
+    """A downloaded GPT-2 folder holds Hugging Face's own tokenizer.json beside vocab.json + merges.txt:
+    --init_from, sample.py and the tokenizer loader must read the GPT-2 pair, not that file."""
+    from nanogpt_np.bpe import BPETokenizer
+    from nanogpt_np.checkpoint import load_tokenizer_of_run
+    from nanogpt_np.hf_gpt2 import export_gpt2_dir
+    from nanogpt_np.model import GPT, GPTConfig
+    text = "the quick brown fox jumps over the lazy dog. " * 200
+    tok = BPETokenizer.train(text, 300)
+    model = GPT(GPTConfig(block_size=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16), seed=3)
+    export_gpt2_dir(model, tok, tmp_path / "gpt2")
+    (tmp_path / "gpt2" / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    assert load_tokenizer_of_run(tmp_path / "gpt2").encode("the fox") == tok.encode("the fox")
+    (tmp_path / "data.txt").write_text(text)
+    train(parse_args(TINY + [f"--init_from={tmp_path / 'gpt2'}", f"--dataset={tmp_path / 'data.txt'}",
+                             "--max_iters=2", f"--out_dir={tmp_path / 'ft'}"]), echo=lambda *a: None)
+    assert load_model(tmp_path / "ft").config.vocab_size == tok.vocab_size
+    r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--out_dir={tmp_path / 'gpt2'}",
+                        "--max_new_tokens=5", "--device=cpu", "--prompt=the"], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
