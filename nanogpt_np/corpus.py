@@ -66,5 +66,5 @@ def default_corpus_documents() -> list:
 
 
 def default_corpus_text() -> str:
-    """All documents joined by blank lines (about 1 MB of English and code)."""
+    """All documents joined by blank lines (about 0.8 MB of English and code on Python 3.11)."""
     return "\n\n".join(default_corpus_documents()) + "\n"
