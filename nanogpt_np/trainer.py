@@ -3,12 +3,12 @@
 One optimizer step:
     lr = warmup-then-cosine(step)
     zero the flat gradient buffer
-    repeat grad_accum_steps times:   x, y = next batch;  loss = model(x, y);  backward(loss / grad_accum_steps)
+    repeat grad_accum_steps times:   x, y = next batch;  loss = model(x, y);  backward(loss * its share of targets)
     clip the global gradient norm;  AdamW step
 
-Everything random (initial weights, batch order, dropout) comes from generators seeded by `seed`, and their
-states are saved with each checkpoint, so an interrupted run resumed with --resume produces the same losses,
-bit for bit, as one that never stopped.
+Everything random comes from generators seeded by `seed`: the initial weights, the batch order (the loader's
+state is saved with each checkpoint) and dropout (reseeded from (seed, step) every step). So an interrupted run
+resumed with --resume produces the same losses, bit for bit, as one that never stopped.
 """
 import json
 import math
