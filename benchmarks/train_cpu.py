@@ -39,7 +39,7 @@ def batches(data_path, n, seed=0):
 
 def run_numpy(vocab, data, steps, warmup):
     from nanogpt_np.model import GPT, GPTConfig
-    from nanogpt_np.optim import AdamW, clip_grad_norm
+    from nanogpt_np.optim import AdamW
     from nanogpt_np.tensor import backward
     cfg = GPTConfig(vocab_size=vocab, block_size=RECIPE["block_size"], n_layer=RECIPE["n_layer"],
                     n_head=RECIPE["n_head"], n_embd=RECIPE["n_embd"])
@@ -51,8 +51,7 @@ def run_numpy(vocab, data, steps, warmup):
         model.zero_grad()
         _, loss = model(x, y)
         backward(loss)
-        clip_grad_norm(model.flat_grads, 1.0)
-        opt.step()
+        opt.step(grad_clip=1.0)                      # clips by the global norm, then AdamW
         times.append(time.perf_counter() - t0)
         first_loss = loss.item() if first_loss is None else first_loss
     return times[warmup:], first_loss
