@@ -198,9 +198,15 @@ def _empty_report() -> dict:
             "split": {s: {"documents": 0, "bytes": 0, "chars": 0, "tokens": 0} for s in ("train", "val")}}
 
 
-def clean_stage(cfg: PrepareConfig, processes: int, report: dict) -> Optional[set]:
-    """Stage 1. Writes the cleaned documents of each split; returns the character set (char tokenizer)."""
+def clean_stage(cfg: PrepareConfig, processes: int, report: dict, skip_dir: Optional[str] = None) -> Optional[set]:
+    """Stage 1. Writes the cleaned documents of each split; returns the character set (char tokenizer).
+    Files an earlier run wrote to skip_dir (the output directory) are not read as input when a folder
+    holding it is given as --input."""
     files = expand_inputs(cfg.inputs, cfg.fmt)
+    if skip_dir is not None:
+        skip = os.path.abspath(skip_dir)
+        files = [f for f in files if not (os.path.dirname(os.path.abspath(f)) == skip
+                                          and _OUTPUT_NAME.fullmatch(os.path.basename(f)))]
     if not files:
         raise DataError(f"no input files found in {cfg.inputs}")
     total = sum(os.path.getsize(p) for p in files)
@@ -280,9 +286,18 @@ def iter_clean_file(path: str) -> Iterator[str]:
 
 # --------------------------------------------------------------------------- tokenizer
 def find_gpt2_dir(explicit: Optional[str] = None) -> str:
-    """GPT-2's encoder.json + vocab.bpe: --gpt2_dir, $NANOGPT_GPT2_DIR, data/gpt2, or ../shared/data/gpt2."""
+    """GPT-2's encoder.json + vocab.bpe: --gpt2_dir, $NANOGPT_GPT2_DIR, data/gpt2, or ../shared/data/gpt2.
+
+    A folder given explicitly is the only one looked at: silently taking GPT-2's files from somewhere
+    else would hide a typo in the path."""
+    if explicit:
+        for name in ("encoder.json", "vocab.bpe"):
+            if not os.path.isfile(os.path.join(explicit, name)):
+                raise FileNotFoundError(f"--gpt2_dir {explicit}: no {name} there "
+                                        f"(GPT-2's encoder.json and vocab.bpe are needed)")
+        return explicit
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    candidates = [explicit, os.environ.get("NANOGPT_GPT2_DIR"), os.path.join(repo, "data", "gpt2"),
+    candidates = [os.environ.get("NANOGPT_GPT2_DIR"), os.path.join(repo, "data", "gpt2"),
                   os.path.join(os.path.dirname(repo), "shared", "data", "gpt2")]
     for c in candidates:
         if c and os.path.isfile(os.path.join(c, "encoder.json")) and os.path.isfile(os.path.join(c, "vocab.bpe")):
@@ -292,16 +307,37 @@ def find_gpt2_dir(explicit: Optional[str] = None) -> str:
         + ", ".join(c for c in candidates if c) + "); pass --gpt2_dir DIR")
 
 
-def build_tokenizer(cfg: PrepareConfig, chars: Optional[set]):
-    """The tokenizer for this dataset (see PrepareConfig.tokenizer)."""
+def load_given_tokenizer(cfg: PrepareConfig):
+    """The tokenizer when it is not learned from the data (gpt2 or a file), else None after checking the
+    options. Called before anything is cleaned or written, so a bad --tokenizer costs nothing and a
+    tokenizer file inside --out is read before a rerun replaces it."""
     kind = cfg.tokenizer
     if kind == "char":
-        from .char_tokenizer import CharTokenizer
-        return CharTokenizer(sorted(chars | {"\n"}))  # "\n" separates documents
+        return None
+    if kind == "bpe":
+        from .bpe import ENDOFTEXT
+        if cfg.vocab_size < 256 + len([ENDOFTEXT]):  # one id per byte + <|endoftext|>
+            raise ValueError(f"--vocab_size must be at least 257 for --tokenizer bpe "
+                             f"(256 bytes + <|endoftext|>), got {cfg.vocab_size}")
+        return None
     if kind == "gpt2":
         from .bpe import BPETokenizer
         d = find_gpt2_dir(cfg.gpt2_dir)
         return BPETokenizer.from_gpt2_files(os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe"))
+    if os.path.exists(kind):
+        from .tokenizer import load_tokenizer
+        return load_tokenizer(kind)
+    raise ValueError(f"--tokenizer must be bpe, char, gpt2 or the path of a tokenizer file, got {kind!r}")
+
+
+def build_tokenizer(cfg: PrepareConfig, chars: Optional[set], given=None):
+    """The tokenizer for this dataset (see PrepareConfig.tokenizer); `given` is load_given_tokenizer's."""
+    kind = cfg.tokenizer
+    if given is not None:
+        return given
+    if kind == "char":
+        from .char_tokenizer import CharTokenizer
+        return CharTokenizer(sorted(chars | {"\n"}))  # "\n" separates documents
     if kind == "bpe":
         from .bpe import BPETokenizer
 
@@ -314,10 +350,7 @@ def build_tokenizer(cfg: PrepareConfig, chars: Optional[set]):
                 budget -= len(text)
 
         return BPETokenizer.train(sample(), cfg.vocab_size)
-    if os.path.exists(kind):
-        from .tokenizer import load_tokenizer
-        return load_tokenizer(kind)
-    raise ValueError(f"--tokenizer must be bpe, char, gpt2 or the path of a tokenizer file, got {kind!r}")
+    return load_given_tokenizer(cfg)
 
 
 def tokenizer_name(tok) -> str:
@@ -371,6 +404,37 @@ def tokenize_stage(cfg: PrepareConfig, tok, processes: int, report: dict) -> Dic
 
 # --------------------------------------------------------------------------- the whole pipeline
 _OUTPUT_NAME = re.compile(r"(train|val)(_\d{6})?\.bin|manifest\.json|tokenizer\.json")
+RUN_FILES = ("model.safetensors", "state.json")  # what a training run directory holds
+WORK_DIR = ".prepare_tmp"  # inside out_dir; hidden, so a folder given as --input never reads it
+
+
+def check_options(cfg: PrepareConfig) -> None:
+    """Range checks of the numeric options (named as on the command line), before any work is done:
+    a negative --shard_tokens, say, would otherwise create files forever."""
+    def at_least(name, value, low):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
+
+    for name in ("processes", "shard_tokens", "chunk_chars", "bpe_train_chars", "num_perm", "bands", "shingle"):
+        at_least(name, getattr(cfg, name), 1)
+    at_least("seed", cfg.seed, 0)
+    at_least("min_chars", cfg.min_chars, 0)
+    if cfg.num_perm % cfg.bands:
+        raise ValueError(f"--num_perm ({cfg.num_perm}) must be a multiple of --bands ({cfg.bands})")
+    if not 0.0 < cfg.near_threshold <= 1.0:
+        raise ValueError(f"--near_threshold must be in (0, 1], got {cfg.near_threshold}")
+    if not 0.0 < cfg.val_fraction < 1.0:  # training needs documents on both sides
+        raise ValueError(f"--val_fraction must be in (0, 1), got {cfg.val_fraction}")
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Refuse an --out that is a file or a training run directory (a rerun would replace its tokenizer.json)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out {out_dir} is a file, not a directory")
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(out_dir, name)):
+            raise DataError(f"--out {out_dir} holds {name}: it is a training run directory, not a dataset "
+                            f"directory; choose another --out (e.g. data/NAME)")
 
 
 def remove_previous_output(out_dir: str) -> None:
@@ -382,52 +446,84 @@ def remove_previous_output(out_dir: str) -> None:
                 os.remove(os.path.join(out_dir, name))
 
 
+def _swap_in(work_dir: str, out_dir: str) -> None:
+    """Replace the previous output of out_dir by the finished files of work_dir (manifest.json last,
+    so a dataset directory with a manifest is always a complete one)."""
+    remove_previous_output(out_dir)
+    names = sorted(os.listdir(work_dir), key=lambda n: n == "manifest.json")
+    for name in names:
+        os.replace(os.path.join(work_dir, name), os.path.join(out_dir, name))
+    os.rmdir(work_dir)
+
+
 def prepare(cfg: PrepareConfig) -> dict:
-    """Run the pipeline; returns the manifest (also written to out_dir/manifest.json)."""
+    """Run the pipeline; returns the manifest (also written to out_dir/manifest.json).
+
+    Everything is written to out_dir/.prepare_tmp first and moved into out_dir only when it all
+    succeeded: a failed rerun leaves the previous dataset as it was."""
+    import dataclasses
+    import shutil
+
     from .files import atomic_write_json
 
+    check_options(cfg)
+    check_out_dir(cfg.out_dir)
+    given = load_given_tokenizer(cfg)  # before anything is written (it may live in out_dir)
     t0 = time.perf_counter()
-    processes = cfg.processes or os.cpu_count() or 1
+    processes = min(cfg.processes or os.cpu_count() or 1, os.cpu_count() or 1)
     report = _empty_report()
-    remove_previous_output(cfg.out_dir)
+    final_dir = cfg.out_dir
+    created = not os.path.isdir(final_dir)
+    work = os.path.join(final_dir, WORK_DIR)
+    if os.path.isdir(work):
+        shutil.rmtree(work)  # left by a run that was killed
+    os.makedirs(work)
+    cfg = dataclasses.replace(cfg, out_dir=work)
     try:
-        chars = clean_stage(cfg, processes, report)
-        t1 = time.perf_counter()
-        tok = build_tokenizer(cfg, chars)
-        tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
-        t2 = time.perf_counter()
-        files = tokenize_stage(cfg, tok, processes, report)
-        t3 = time.perf_counter()
-    finally:
-        if not cfg.keep_clean:
-            for name in CLEAN_FILES.values():
-                path = os.path.join(cfg.out_dir, name)
-                if os.path.exists(path):
-                    os.remove(path)
-    in_mb = report["input"]["file_bytes"] / 1e6
-    report["timing"] = {"clean_s": round(t1 - t0, 3), "tokenizer_s": round(t2 - t1, 3),
-                        "tokenize_s": round(t3 - t2, 3), "total_s": round(t3 - t0, 3),
-                        "processes": processes, "input_mb_per_s": round(in_mb / max(t3 - t0, 1e-9), 3)}
-    dtype = dtype_for_vocab(tok.vocab_size)
-    options = asdict(cfg)
-    options.pop("inputs"), options.pop("out_dir"), options.pop("progress")
-    manifest = {
-        "format": "llmc",
-        "version": 1,
-        "created_by": "nanogpt_np.prepare",
-        "tokenizer": {"type": tokenizer_name(tok), "source": cfg.tokenizer, "file": "tokenizer.json",
-                      "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
-        "dtype": dtype.name,
-        "separator": "eot before each document" if tok.eot_id is not None else "blank line after each document",
-        "train": {"files": files["train"], "tokens": report["split"]["train"]["tokens"],
-                  "documents": report["split"]["train"]["documents"]},
-        "val": {"files": files["val"], "tokens": report["split"]["val"]["tokens"],
-                "documents": report["split"]["val"]["documents"]},
-        "sources": report.pop("sources"),
-        "options": options,
-        "report": report,
-    }
-    atomic_write_json(os.path.join(cfg.out_dir, "manifest.json"), manifest)
+        try:
+            chars = clean_stage(cfg, processes, report, skip_dir=final_dir)
+            t1 = time.perf_counter()
+            tok = build_tokenizer(cfg, chars, given)
+            tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+            t2 = time.perf_counter()
+            files = tokenize_stage(cfg, tok, processes, report)
+            t3 = time.perf_counter()
+        finally:
+            if not cfg.keep_clean:
+                for name in CLEAN_FILES.values():
+                    path = os.path.join(cfg.out_dir, name)
+                    if os.path.exists(path):
+                        os.remove(path)
+        in_mb = report["input"]["file_bytes"] / 1e6
+        report["timing"] = {"clean_s": round(t1 - t0, 3), "tokenizer_s": round(t2 - t1, 3),
+                            "tokenize_s": round(t3 - t2, 3), "total_s": round(t3 - t0, 3),
+                            "processes": processes, "input_mb_per_s": round(in_mb / max(t3 - t0, 1e-9), 3)}
+        dtype = dtype_for_vocab(tok.vocab_size)
+        options = asdict(cfg)
+        options.pop("inputs"), options.pop("out_dir"), options.pop("progress")
+        manifest = {
+            "format": "llmc",
+            "version": 1,
+            "created_by": "nanogpt_np.prepare",
+            "tokenizer": {"type": tokenizer_name(tok), "source": cfg.tokenizer, "file": "tokenizer.json",
+                          "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+            "dtype": dtype.name,
+            "separator": "eot before each document" if tok.eot_id is not None else "blank line after each document",
+            "train": {"files": files["train"], "tokens": report["split"]["train"]["tokens"],
+                      "documents": report["split"]["train"]["documents"]},
+            "val": {"files": files["val"], "tokens": report["split"]["val"]["tokens"],
+                    "documents": report["split"]["val"]["documents"]},
+            "sources": report.pop("sources"),
+            "options": options,
+            "report": report,
+        }
+        atomic_write_json(os.path.join(cfg.out_dir, "manifest.json"), manifest)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # the previous output is untouched
+        if created and not os.listdir(final_dir):
+            os.rmdir(final_dir)
+        raise
+    _swap_in(work, final_dir)
     return manifest
 
 
@@ -533,7 +629,7 @@ def main(argv=None, prog: str = "python -m nanogpt_np.prepare", defaults: Option
     cfg = config_from_args(parser.parse_args(argv))
     try:
         manifest = prepare(cfg)
-    except (DataError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # DataError, TokenizerFileError, a bad option, an unwritable --out ...
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
     print(format_report(manifest), file=sys.stderr)

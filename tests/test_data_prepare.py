@@ -206,3 +206,97 @@ def test_rerun_removes_stale_shards_but_keeps_other_files(tmp_path):
     names = sorted(os.listdir(out))
     assert names == ["input.txt", "manifest.json", "tokenizer.json", "train.bin", "val.bin"]
     assert m["train"]["files"] == ["train.bin"]
+
+
+def test_failed_rerun_keeps_the_previous_dataset(tmp_path):
+    path = write_corpus(tmp_path, make_docs(50, seed=8))
+    prepare(cfg(tmp_path, [path]))
+    out = tmp_path / "out"
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError):
+        prepare(cfg(tmp_path, [tmp_path / "empty.txt"]))
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before  # untouched, no work folder left
+    with pytest.raises(ValueError, match="--tokenizer must be"):
+        prepare(cfg(tmp_path, [path], tokenizer="no-such-tokenizer"))
+    assert sorted(os.listdir(out)) == sorted(before)
+
+
+def test_tokenizer_file_inside_out_is_read_before_the_rerun(tmp_path):
+    path = write_corpus(tmp_path, make_docs(50, seed=9))
+    first = prepare(cfg(tmp_path, [path]))
+    out = tmp_path / "out"
+    m = prepare(cfg(tmp_path, [path], tokenizer=str(out / "tokenizer.json")))
+    assert m["tokenizer"]["vocab_size"] == first["tokenizer"]["vocab_size"]
+    assert load_prepared(str(out)).tokenizer.vocab_size == first["tokenizer"]["vocab_size"]
+
+
+def test_out_that_is_a_run_directory_or_a_file_is_refused(tmp_path, capsys):
+    path = write_corpus(tmp_path, make_docs(20, seed=10))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"x")
+    (run / "tokenizer.json").write_text("{}")
+    with pytest.raises(DataError, match="training run directory"):
+        prepare(cfg(tmp_path, [path], out="run"))
+    assert (run / "tokenizer.json").read_text() == "{}"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(path), "--out", str(tmp_path / "afile"), "--tokenizer", "char", "--quiet"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is a file" in err and "Traceback" not in err
+
+
+def test_input_folder_holding_out_does_not_read_the_previous_output(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    write_corpus(folder, make_docs(40, seed=11), name="c.jsonl")
+    first = prepare(cfg(tmp_path, [folder], out="d"))
+    again = prepare(cfg(tmp_path, [folder], out="d"))
+    assert again["report"]["input"]["files"] == first["report"]["input"]["files"] == 1
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--processes", "0", "--processes must be an integer >= 1"),
+    ("--shard_tokens", "-1", "--shard_tokens must be an integer >= 1"),
+    ("--chunk_chars", "0", "--chunk_chars must be"),
+    ("--bpe_train_chars", "0", "--bpe_train_chars must be"),
+    ("--bands", "0", "--bands must be"),
+    ("--bands", "7", "multiple of --bands"),
+    ("--num_perm", "0", "--num_perm must be"),
+    ("--shingle", "0", "--shingle must be"),
+    ("--seed", "-1", "--seed must be"),
+    ("--near_threshold", "0", "--near_threshold must be in"),
+    ("--near_threshold", "1.5", "--near_threshold must be in"),
+    ("--val_fraction", "0", "--val_fraction must be in"),
+    ("--val_fraction", "1", "--val_fraction must be in"),
+    ("--min_chars", "-1", "--min_chars must be"),
+    ("--vocab_size", "10", "--vocab_size must be at least 257"),
+    ("--tokenizer", "nope", "--tokenizer must be"),
+])
+def test_cli_range_checks_give_one_error_line(tmp_path, capsys, flag, value, message):
+    path = write_corpus(tmp_path, make_docs(20, seed=12))
+    tok = [] if flag in ("--vocab_size", "--tokenizer") else ["--tokenizer", "char"]
+    with pytest.raises(SystemExit) as e:
+        main(["--input", str(path), "--out", str(tmp_path / "o"), "--quiet", *tok, flag, value])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_processes_are_clamped_to_the_cores(tmp_path):
+    path = write_corpus(tmp_path, make_docs(20, seed=13))
+    m = prepare(cfg(tmp_path, [path], processes=100_000, dedup_near=False))
+    assert m["report"]["timing"]["processes"] == (os.cpu_count() or 1)
+
+
+def test_explicit_gpt2_dir_is_used_alone(tmp_path, capsys):
+    path = write_corpus(tmp_path, make_docs(20, seed=14))
+    (tmp_path / "g").mkdir()
+    with pytest.raises(SystemExit):
+        main(["--input", str(path), "--out", str(tmp_path / "o"), "--quiet", "--tokenizer", "gpt2",
+              "--gpt2_dir", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert err.startswith("error: --gpt2_dir") and "encoder.json" in err
