@@ -85,6 +85,10 @@ class ShardWriter:
         self.pattern = path
         self.dtype = np.dtype(dtype)
         make_header(0, self.dtype)  # validates the dtype
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer))
+                                       or max_tokens < 1):
+            # 0 or less would leave no room in any file: write() would open new files forever
+            raise ValueError(f"max_tokens must be an integer >= 1 (tokens per shard file), got {max_tokens!r}")
         self.max_tokens = min(max_tokens or MAX_TOKENS_PER_SHARD, MAX_TOKENS_PER_SHARD)
         if max_tokens is not None and "{index" not in path:
             raise ValueError("with max_tokens, path must be a pattern holding '{index}', e.g. train_{index:06d}.bin")

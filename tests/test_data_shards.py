@@ -114,3 +114,11 @@ def test_describe(tmp_path):
     from nanogpt_np.shards import describe
     p = write_shard(str(tmp_path / "d.bin"), np.array([3, 1, 4, 1, 5]))
     assert describe(p) == f"{p}: llm.c version 1, uint16, 5 tokens; first: 3 1 4 1 5"
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_writer_refuses_max_tokens_below_one(tmp_path, bad):
+    """max_tokens=-1 used to open new files forever."""
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1"):
+        ShardWriter(str(tmp_path / "t_{index:06d}.bin"), max_tokens=bad)
+    assert os.listdir(tmp_path) == []
