@@ -4,6 +4,8 @@ A prepared dataset is a directory data/<name>/ (see docs/CONTRACTS.md) holding
   manifest.json     written by nanogpt_np.prepare: lists the shard files of each split
   tokenizer.json    the tokenizer ("type": "char" or "bpe")
   train*.bin, val*.bin   llm.c shards (or nanoGPT raw uint16 files; the reader tells them apart)
+With a manifest, tokenizer.json must be there and hold at least the manifest's vocab_size tokens, and
+shards are read with the strict llm.c reader when the manifest says "format": "llmc".
 Also read: a nanoGPT data directory (train.bin + val.bin, raw uint16, no manifest); its tokenizer is
 tokenizer.json if present, else the characters of nanoGPT's meta.pkl (read with an unpickler that
 refuses every class, so no code can run), else GPT-2's (found as nanogpt_np.prepare.find_gpt2_dir does).
@@ -84,16 +86,23 @@ class _NoClassesUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"meta.pkl refers to {module}.{name}; only plain data is accepted")
 
 
-def _load_tokenizer(directory: str):
+def _load_tokenizer(directory: str, manifest: dict):
     path = os.path.join(directory, "tokenizer.json")
     if os.path.isfile(path):
         from .tokenizer import load_tokenizer
         return load_tokenizer(path)
+    if manifest:  # written by nanogpt_np.prepare with its own tokenizer: GPT-2's would give wrong text
+        raise FileNotFoundError(f"{path}: missing; {directory}/manifest.json needs the tokenizer the dataset "
+                                f"was prepared with (prepare the dataset again)")
     meta = os.path.join(directory, "meta.pkl")
     if os.path.isfile(meta):  # nanoGPT's character datasets
-        with open(meta, "rb") as f:
-            m = _NoClassesUnpickler(f).load()
-        itos = m["itos"]
+        try:
+            with open(meta, "rb") as f:
+                m = _NoClassesUnpickler(f).load()
+            itos = m["itos"]
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as e:
+            raise ValueError(f"{meta}: refused or unreadable ({type(e).__name__}: {e}); "
+                             f"expected nanoGPT's meta.pkl, a plain dict with 'itos'") from None
         from .char_tokenizer import CharTokenizer
         return CharTokenizer([itos[i] for i in range(len(itos))])
     from .prepare import find_gpt2_dir  # nanoGPT's BPE datasets use GPT-2's tokenizer
@@ -123,15 +132,26 @@ def load_prepared(name_or_dir: str, data_root: str = "data") -> PreparedData:
     manifest = {}
     mpath = os.path.join(directory, "manifest.json")
     if os.path.isfile(mpath):
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
+        try:
+            with open(mpath, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{mpath}: not valid JSON ({e}); prepare the dataset again") from None
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{mpath}: expected a JSON object, got {type(manifest).__name__}")
+    # a manifest that says llm.c: the strict reader, so a corrupted magic is refused, not read as raw tokens
+    fmt = "llmc" if manifest.get("format") == "llmc" else "auto"
     splits = {}
     for split in ("train", "val"):
-        shards = [read_tokens(p) for p in _split_files(directory, manifest, split)]
+        shards = [read_tokens(p, fmt) for p in _split_files(directory, manifest, split)]
         expected = manifest.get(split, {}).get("tokens")
         if expected is not None and expected != sum(len(s) for s in shards):
             raise ValueError(f"{directory}: manifest.json says {expected} {split} tokens, "
                              f"the shard files hold {sum(len(s) for s in shards)}")
         splits[split] = shards[0] if len(shards) == 1 else shards
-    tokenizer = _load_tokenizer(directory)
+    tokenizer = _load_tokenizer(directory, manifest)
+    vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
+    if isinstance(vocab, int) and tokenizer.vocab_size < vocab:  # ids past the vocabulary would fail later
+        raise ValueError(f"{directory}/tokenizer.json has {tokenizer.vocab_size} tokens but manifest.json says "
+                         f"the data uses a vocabulary of {vocab}; the tokenizer does not belong to this dataset")
     return PreparedData(directory, splits["train"], splits["val"], tokenizer, manifest)

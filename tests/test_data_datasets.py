@@ -41,7 +41,7 @@ def test_meta_pkl_with_classes_is_refused(tmp_path):
     np.zeros(4, dtype=np.uint16).tofile(tmp_path / "val.bin")
     with open(tmp_path / "meta.pkl", "wb") as f:
         pickle.dump({"itos": {0: "a"}, "x": np.int64(3)}, f)  # references numpy classes
-    with pytest.raises(pickle.UnpicklingError, match="only plain data"):
+    with pytest.raises(ValueError, match=r"meta\.pkl: refused.*only plain data"):
         load_prepared(str(tmp_path))
 
 
@@ -59,4 +59,41 @@ def test_manifest_count_mismatch_and_bad_shard(tmp_path):
     with open(tmp_path / "val.bin", "r+b") as f:
         f.truncate(1030)
     with pytest.raises(ShardError, match=r"val\.bin: truncated"):
+        load_prepared(str(tmp_path))
+
+
+def _char_dataset(tmp_path, chars="0123456789"):
+    write_shard(str(tmp_path / "train.bin"), np.arange(10))
+    write_shard(str(tmp_path / "val.bin"), np.arange(5))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"type": "char", "version": 1, "chars": chars}))
+    manifest = {"format": "llmc", "tokenizer": {"type": "char", "vocab_size": 10},
+                "train": {"files": ["train.bin"], "tokens": 10}, "val": {"files": ["val.bin"], "tokens": 5}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_manifest_without_tokenizer_json_is_an_error(tmp_path):
+    _char_dataset(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json: missing"):
+        load_prepared(str(tmp_path))
+
+
+def test_tokenizer_smaller_than_manifest_vocab_is_an_error(tmp_path):
+    _char_dataset(tmp_path, chars="01234")
+    with pytest.raises(ValueError, match="has 5 tokens but manifest.json says the data uses a vocabulary of 10"):
+        load_prepared(str(tmp_path))
+
+
+def test_corrupt_manifest_names_the_file(tmp_path):
+    _char_dataset(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"train": ')
+    with pytest.raises(ValueError, match=r"manifest\.json: not valid JSON"):
+        load_prepared(str(tmp_path))
+
+
+def test_llmc_manifest_refuses_a_corrupted_magic(tmp_path):
+    _char_dataset(tmp_path)
+    with open(tmp_path / "train.bin", "r+b") as f:
+        f.write(b"\0\0\0\0")
+    with pytest.raises(ShardError, match="bad magic number"):
         load_prepared(str(tmp_path))
