@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
-from .bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, encode_files_parallel
+import regex
+
+from .bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, DisallowedSpecialTokenError, encode_files_parallel
 
 
 def _load(path):
@@ -26,10 +29,32 @@ def _load(path):
     return load_tokenizer(path)
 
 
+def _processes(value) -> int:
+    """--processes: at least 1; more than the cores only adds overhead (100000 used to hang)."""
+    if value is None:
+        return os.cpu_count() or 1
+    if value < 1:
+        raise ValueError(f"--processes must be >= 1, got {value}")
+    return min(value, os.cpu_count() or 1)
+
+
 def cmd_train(args) -> None:
     specials = [] if args.no_special else (args.special or [ENDOFTEXT])
+    # checked before the (long) training: a bad regex or special token would only fail at its end
+    try:
+        regex.compile(args.pattern)
+    except regex.error as e:
+        raise ValueError(f"--pattern {args.pattern!r} is not a valid regex: {e}") from None
+    for special in specials:
+        if not special:
+            raise ValueError("--special: a special token cannot be the empty string")
+    if len(set(specials)) != len(specials):
+        raise ValueError(f"--special: the same token is given twice ({specials})")
+    if args.vocab_size < 256 + len(specials):
+        raise ValueError(f"--vocab-size must be at least 256 (one id per byte) + {len(specials)} special "
+                         f"tokens, got {args.vocab_size}")
     start = time.perf_counter()
-    processes = args.processes or os.cpu_count() or 1
+    processes = _processes(args.processes)
     tok = BPETokenizer.train_from_files(args.input, args.vocab_size, pattern=args.pattern, special_tokens=specials,
                                         verbose=not args.quiet, processes=processes)
     tok.save(args.output)
@@ -44,6 +69,7 @@ def _allowed(value):
 
 
 def cmd_encode(args) -> None:
+    args.processes = _processes(args.processes)
     tok = _load(args.tokenizer)
     allowed = _allowed(args.allowed_special)
     inputs = [args.text] if args.text is not None else [Path(p) for p in args.input]
@@ -158,6 +184,12 @@ def main(argv=None) -> int:
         parser.error("decode needs ids or --input")
     try:
         args.func(args)
+    except DisallowedSpecialTokenError as e:  # the library's message names the Python argument
+        found = re.search(r"special token ('[^']*'|\"[^\"]*\")", str(e))
+        special = found.group(1) if found else "<|endoftext|>"
+        print(f"error: the text contains the special token {special}; pass --allowed-special all to encode "
+              f"it as a special token, or --allowed-special none to encode it as plain text", file=sys.stderr)
+        return 1
     except (ValueError, OSError) as e:  # TokenizerError is a ValueError; OSError: missing file etc.
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -51,12 +51,19 @@ def test_train_encode_decode_show(corpus, tmp_path, capfdbinary):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--input", "{corpus}", "--vocab-size", "100", "--output", "{tmp}/t.json"], "vocab_size"),
+    (["train", "--input", "{corpus}", "--vocab-size", "100", "--output", "{tmp}/t.json"], "--vocab-size"),
     (["train", "--input", "{tmp}/empty.txt", "--vocab-size", "300", "--output", "{tmp}/t.json"], "empty"),
     (["train", "--input", "{tmp}/missing.txt", "--vocab-size", "300", "--output", "{tmp}/t.json"], "missing.txt"),
     (["encode", "--tokenizer", "{tmp}/bad.json", "--text", "x"], "bad.json"),
     (["encode", "--tokenizer", "{tmp}", "--text", "x"], "directory holds no"),
-    (["encode", "--tokenizer", "{tmp}/tok.json", "--text", "x<|endoftext|>"], "special token"),
+    (["encode", "--tokenizer", "{tmp}/tok.json", "--text", "x<|endoftext|>"], "--allowed-special all"),
+    (["encode", "--tokenizer", "{tmp}/tok.json", "--text", "x", "--processes", "0"], "--processes must be >= 1"),
+    (["train", "--input", "{corpus}", "--vocab-size", "300", "--output", "{tmp}/t.json", "--processes", "-1"],
+     "--processes must be >= 1"),
+    (["train", "--input", "{corpus}", "--vocab-size", "300", "--output", "{tmp}/t.json", "--pattern", "(["],
+     "--pattern '([' is not a valid regex"),
+    (["train", "--input", "{corpus}", "--vocab-size", "300", "--output", "{tmp}/t.json", "--special", ""],
+     "cannot be the empty string"),
     (["decode", "--tokenizer", "{tmp}/tok.json", "1", "99999"], "unknown token id 99999"),
     (["decode", "--tokenizer", "{tmp}/tok.json", "1", "x"], "integers"),
 ])
@@ -108,3 +115,11 @@ def test_load_tokenizer_char_file(tmp_path):
     char.save(tmp_path / "char.json")
     loaded = load_tokenizer(tmp_path / "char.json")
     assert type(loaded).__name__ == "CharTokenizer" and loaded.decode(loaded.encode("hello")) == "hello"
+
+
+def test_huge_processes_is_clamped_to_the_cores(corpus, tmp_path):
+    """--processes 100000 used to try to start that many workers."""
+    assert main(["train", "--input", str(corpus), "--vocab-size", "300", "--output", str(tmp_path / "t.json"),
+                 "--processes", "100000", "--quiet"]) == 0
+    assert main(["encode", "--tokenizer", str(tmp_path / "t.json"), "--input", str(corpus),
+                 "--output", str(tmp_path / "c.bin"), "--processes", "100000"]) == 0
