@@ -223,6 +223,11 @@ def run_evaluation(out_dir, file: Optional[str] = None, task: Optional[str] = No
     from .task_data import read_task_file
     if file is None and task is None:
         raise EvalError("nothing to evaluate: give --file=TEXT and/or --task=FILE.jsonl")
+    # range checks before the model is loaded (a batch of 0 would loop on nothing, max_tokens 1 predicts nothing)
+    for name, value, low in (("batch_size", batch_size, 1), ("max_tokens", max_tokens, 2),
+                             ("max_examples", max_examples, 1), ("max_new_tokens", max_new_tokens, 1)):
+        if value is not None and value < low:
+            raise EvalError(f"--{name} must be >= {low}, got {value}")
     backend.use_device(device)
     model, tokenizer, kind = load_for_eval(out_dir)
     results: Dict = {"out_dir": os.fspath(out_dir), "source": kind, "config": model.config.to_dict()}
@@ -235,7 +240,12 @@ def run_evaluation(out_dir, file: Optional[str] = None, task: Optional[str] = No
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise EvalError(f"cannot read {file}: {e}") from None
-        r = lm_metrics(model, tokenizer, text, batch_size=batch_size, max_tokens=max_tokens)
+        try:
+            r = lm_metrics(model, tokenizer, text, batch_size=batch_size, max_tokens=max_tokens)
+        except EvalError:
+            raise
+        except ValueError as e:  # e.g. a character the model's tokenizer does not know: say which file
+            raise EvalError(f"{file}: {e}") from None
         results["file"] = {"path": os.fspath(file), **r}
         log(f"{file}: loss {r['loss']:.4f} | perplexity {r['perplexity']:.2f} | bits/byte "
             f"{r['bits_per_byte']:.4f} | {r['tokens']:,} tokens, {r['bytes']:,} bytes")

@@ -145,3 +145,21 @@ def _has_specials():
     import inspect
     from nanogpt_np.bpe import BPETokenizer
     return "special_tokens" in inspect.signature(BPETokenizer.train).parameters
+
+
+@pytest.mark.parametrize("flag,value", [("--batch_size", "0"), ("--max_tokens", "1"), ("--max_examples", "0"),
+                                        ("--max_new_tokens", "0")])
+def test_command_line_range_checks(tmp_path, capsys, flag, value):
+    make_run(tmp_path / "run")
+    (tmp_path / "t.txt").write_text(TEXT)
+    assert main([f"--out_dir={tmp_path / 'run'}", f"--file={tmp_path / 't.txt'}", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} must be >= ") and err.count("\n") == 1
+
+
+def test_unknown_character_error_names_the_file(tmp_path, capsys):
+    make_run(tmp_path / "run")
+    (tmp_path / "t.txt").write_text("the cat Z")
+    assert main([f"--out_dir={tmp_path / 'run'}", f"--file={tmp_path / 't.txt'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 't.txt'}: ") and "'Z'" in err
