@@ -386,6 +386,9 @@ class CompletionHandler(BaseHTTPRequestHandler):
     def do_PATCH(self):
         self._route("PATCH")
 
+    def do_HEAD(self):  # without this, http.server answers 501 with an HTML page
+        self._route("HEAD")
+
     def _route(self, method):
         self._body_handled = False             # set once the request body is read (or the connection doomed)
         self._streaming = False                # set once a 200 with an event stream has begun
@@ -481,6 +484,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
             return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:  # e.g. '[' * 100000: the parser recurses once per level
+            raise APIError(400, "the body is not valid JSON: nested too deeply", code="invalid_json") from None
 
     def _drain(self, length):
         try:
@@ -639,7 +644,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":  # a HEAD answer has the headers only (HTTP says no body)
+                self.wfile.write(data)
             self.wfile.flush()
         except OSError:
             raise ClientGone() from None
@@ -775,8 +781,14 @@ def make_server(args) -> CompletionServer:
     for name in ("max_batch", "max_queue", "max_connections", "max_body_bytes", "max_n", "max_choices"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
-    if args.max_tokens < 0 or args.request_timeout <= 0 or args.idle_timeout <= 0:
-        raise ValueError("--max_tokens must be >= 0 and the timeouts > 0")
+    if args.max_tokens < 0:
+        raise ValueError("--max_tokens must be >= 0")
+    for name in ("request_timeout", "idle_timeout"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):  # inf/nan would never time out (or fail oddly)
+            raise ValueError(f"--{name} must be a finite number of seconds > 0, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535 (0: any free port), got {args.port}")
     backend.use_device(args.device)
     model = load_model(args.out_dir, dtype=args.dtype)
     tokenizer = load_tokenizer_of_run(args.out_dir)
@@ -798,6 +810,10 @@ def main(argv=None) -> int:
         server = make_server(args)
     except (CheckpointError, backend.BackendError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:  # the KV cache holds max_batch sequences of the whole context
+        print(f"error: not enough memory for --max_batch {args.max_batch} (a KV cache of {args.max_batch} "
+              f"full-context sequences); try a smaller --max_batch", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
     if host not in ("127.0.0.1", "::1", "localhost"):

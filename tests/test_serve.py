@@ -646,3 +646,43 @@ def test_openai_python_client(server, trained_run):
     assert texts == [c.text for c in whole.choices]
     with pytest.raises(openai.BadRequestError):
         client.completions.create(**{**settings, "temperature": -1})
+
+
+def test_deeply_nested_json_is_a_400(server):
+    got, out = server.request("POST", "/v1/completions", b"[" * 4000)  # under --max_body_bytes
+    assert got == 400 and out["error"]["code"] == "invalid_json"
+    assert server.complete(prompt="a", max_tokens=1)["choices"]
+
+
+def test_head_gets_an_openai_style_405(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("HEAD", "/v1/models")
+        resp = conn.getresponse()
+        assert resp.status == 405 and resp.getheader("Content-Type") == "application/json"
+        assert resp.read() == b""  # headers only; the connection stays usable
+        conn.request("GET", "/v1/models")
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "small"
+    tok = CharTokenizer.from_text("abc \n")
+    save_checkpoint(out, GPT(GPTConfig(block_size=8, vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8)),
+                    None, {}, {"step": 0}, tok)
+    return out
+
+
+@pytest.mark.parametrize("flag,message", [("--port=70000", "--port must be in 0..65535"),
+                                          ("--port=-1", "--port must be in 0..65535"),
+                                          ("--request_timeout=inf", "--request_timeout must be a finite"),
+                                          ("--request_timeout=nan", "--request_timeout must be a finite"),
+                                          ("--max_batch=1000000000000", "try a smaller --max_batch")])
+def test_main_refuses_bad_options_in_one_line(small_run, capsys, flag, message):
+    from nanogpt_np.serve import main
+    assert main([f"--out_dir={small_run}", "--device=cpu", flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
