@@ -7,6 +7,7 @@ is one document; val is ~10% of the documents by a seeded hash. train.py builds 
 when data/pydocs/ does not exist, so preparing it is optional (it makes the split by document and the
 cleaning report visible).
 """
+import argparse
 import json
 import os
 import sys
@@ -26,11 +27,13 @@ def write_corpus_jsonl(path):
 
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    out = argv[argv.index("--out") + 1] if "--out" in argv else os.path.join(REPO, "data", "pydocs")
+    own = argparse.ArgumentParser(add_help=False)  # --out here; every other option goes to nanogpt_np.prepare
+    own.add_argument("--out", default=os.path.join(REPO, "data", "pydocs"))
+    args, rest = own.parse_known_args(sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "pydocs.jsonl")
-        write_corpus_jsonl(src)
+        if "-h" not in rest and "--help" not in rest:
+            write_corpus_jsonl(src)
         # html never: the docs talk about HTML tags (html module) and must keep them as text
-        main(["--input", src, "--out", out, "--tokenizer", "char", "--html", "never"] + argv,
-             prog="prepare_pydocs.py")
+        main(["--tokenizer", "char", "--html", "never"] + rest, prog="prepare_pydocs.py",
+             defaults={"input": [src], "out": args.out})

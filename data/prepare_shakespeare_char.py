@@ -8,6 +8,7 @@ Differences from nanoGPT: documents are the blank-line separated speeches, and v
 chosen by a seeded hash (nanoGPT takes the last 10% of the characters). De-duplication is off: short
 repeated speeches ("ROMEO:\\nAy.") are part of the play, not web copies.
 """
+import argparse
 import os
 import sys
 
@@ -19,25 +20,33 @@ from nanogpt_np.prepare import download, main  # noqa: E402
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
-def shakespeare_text(argv, out):
-    """(path of the text, remaining argv): --input PATH, a local copy next to the repo, or a download."""
-    if "--input" in argv:
-        i = argv.index("--input")
-        return argv[i + 1], argv[:i] + argv[i + 2:]
+def shakespeare_text(out):
+    """The path of the text: a local copy next to the repo or in out/, else a download to out/input.txt."""
     for local in (os.path.join(out, "input.txt"), os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")):
         if os.path.isfile(local):
-            return local, argv
-    return download(URL, os.path.join(out, "input.txt")), argv
+            return local
+    return download(URL, os.path.join(out, "input.txt"))
 
 
 def run(argv, name, tokenizer_args):
-    out = os.path.join(REPO, "data", name)
-    if "--out" in argv:
-        out = argv[argv.index("--out") + 1]
-    path, argv = shakespeare_text(argv, out)
-    defaults = ["--input", path, "--out", out, "--text_split", "paragraph",
-                "--dedup_exact", "false", "--dedup_near", "false", *tokenizer_args]
-    main(defaults + argv, prog=os.path.basename(sys.argv[0]))
+    prog = os.path.basename(sys.argv[0])
+    # our own two options; everything else goes to nanogpt_np.prepare (which also prints --help)
+    own = argparse.ArgumentParser(prog=prog, add_help=False)
+    own.add_argument("--input", help="a local copy of the text (default: download it)")
+    own.add_argument("--out", default=os.path.join(REPO, "data", name))
+    args, rest = own.parse_known_args(argv)
+    if args.input is not None:
+        path = args.input
+    elif "-h" in rest or "--help" in rest:
+        path = os.path.join(args.out, "input.txt")  # only shown: nothing is downloaded for --help
+    else:
+        try:
+            path = shakespeare_text(args.out)
+        except OSError as e:  # no network and no local copy: download() says to pass --input PATH
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+    defaults = ["--text_split", "paragraph", "--dedup_exact", "false", "--dedup_near", "false", *tokenizer_args]
+    main(defaults + rest, prog=prog, defaults={"input": [path], "out": args.out})
 
 
 if __name__ == "__main__":

@@ -626,6 +626,9 @@ def main(argv=None, prog: str = "python -m nanogpt_np.prepare", defaults: Option
     parser = build_parser(prog)
     if defaults:
         parser.set_defaults(**defaults)
+        for action in parser._actions:  # what the calling script fills in is not required of the user
+            if action.dest in defaults:
+                action.required = False
     cfg = config_from_args(parser.parse_args(argv))
     try:
         manifest = prepare(cfg)

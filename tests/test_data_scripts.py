@@ -52,3 +52,47 @@ def test_generic_script_and_pydocs(tmp_path):
     run_script("prepare_pydocs.py", "--out", str(tmp_path / "pd"))
     ds = load_prepared(str(tmp_path / "pd"))
     assert ds.train_tokens > 100_000 and ds.val_tokens > 1000
+
+
+def run_failing(name, *args, env=None):
+    out = subprocess.run([sys.executable, os.path.join(REPO, "data", name), *args], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    return out.stderr
+
+
+def test_options_without_a_value_are_one_error_line(tmp_path):
+    for name in ("prepare_shakespeare_char.py", "prepare_shakespeare_bpe.py"):
+        assert "argument --input: expected one argument" in run_failing(name, "--input")
+        assert "argument --out: expected one argument" in run_failing(name, "--input", "x.txt", "--out")
+    assert "argument --out: expected one argument" in run_failing("prepare_pydocs.py", "--out")
+
+
+def test_failed_download_is_one_error_line(tmp_path, monkeypatch, capsys):
+    import urllib.request
+
+    import pytest
+    sys.path.insert(0, os.path.join(REPO, "data"))
+    try:
+        import prepare_shakespeare_char as script
+    finally:
+        sys.path.remove(os.path.join(REPO, "data"))
+
+    def offline(*args, **kwargs):  # as on a machine without internet
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(script, "REPO", str(tmp_path))  # no ../shared copy next to it
+    with pytest.raises(SystemExit) as e:
+        script.run(["--out", str(tmp_path / "o")], "shakespeare_char", ["--tokenizer", "char"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: cannot download" in err and "--input PATH" in err and "Traceback" not in err
+
+
+def test_pydocs_help_does_not_require_input_or_out():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "data", "prepare_pydocs.py"), "--help"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0
+    usage = out.stdout.split("\n\n", 1)[0]
+    assert "--input INPUT" not in usage.replace("[--input INPUT", "") and "--out OUT" not in usage.replace("[--out OUT", "")
