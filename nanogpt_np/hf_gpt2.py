@@ -254,7 +254,20 @@ def _load_tokenizer(path: str, config, required: bool):
 # ----------------------------------------------------------------------------------------------- public API
 
 def is_gpt2_dir(path) -> bool:
-    """True when `path` looks like a Hugging Face GPT-2 directory (config.json with model_type gpt2)."""
+    """True when `path` is a complete Hugging Face GPT-2 directory: a config.json of a GPT-2 model,
+    model.safetensors (or model.safetensors.index.json) and the tokenizer's vocab.json + merges.txt.
+    Cheap (reads config.json only); import_gpt2_dir does the full checks."""
+    path = os.fspath(path)
+    if not os.path.isdir(path) or not _has_gpt2_config(path):
+        return False
+    has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
+    return ((has("model.safetensors") or has("model.safetensors.index.json"))
+            and has("vocab.json") and has("merges.txt"))
+
+
+def _has_gpt2_config(path) -> bool:
+    """True when path/config.json describes a GPT-2 model (model_type gpt2 or GPT2LMHeadModel): enough to
+    treat the folder as a Hugging Face one and let import_gpt2_dir name any missing file."""
     cfg = os.path.join(os.fspath(path), "config.json")
     if not os.path.isfile(cfg):
         return False
@@ -315,6 +328,29 @@ def _params_of(model) -> Dict[str, np.ndarray]:
     return {k: to_numpy(getattr(v, "data", v)) for k, v in model.params.items()}
 
 
+# files an export writes (or an earlier export wrote); removed before exporting into the same folder, so a
+# char-tokenizer export over a BPE one leaves no vocab.json behind for AutoTokenizer to pick up
+EXPORT_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "nanogpt_tokenizer.json", "tokenizer.json",
+                "model.safetensors.index.json")
+
+
+def _remove_stale_export(out_dir: str) -> None:
+    index = os.path.join(out_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):  # the weight shards it lists are stale too
+        try:
+            shards = set(_read_json(index).get("weight_map", {}).values())
+        except (CheckpointError, AttributeError):
+            shards = set()
+        for name in shards:
+            path = os.path.join(out_dir, os.path.basename(str(name)))
+            if str(name).endswith(".safetensors") and os.path.isfile(path):
+                os.remove(path)
+    for name in EXPORT_FILES:
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
 def export_gpt2_dir(model_or_run, tokenizer=None, out_dir=None) -> str:
     """Write a GPT model (or a run directory path) as a Hugging Face GPT-2 directory at `out_dir`.
 
@@ -322,7 +358,9 @@ def export_gpt2_dir(model_or_run, tokenizer=None, out_dir=None) -> str:
     GPT-2-style BPE tokenizer, vocab.json + merges.txt + tokenizer_config.json. Any other tokenizer (e.g. the
     character one) is saved as nanogpt_tokenizer.json, which transformers ignores: the weights still load but
     AutoTokenizer will not. `tokenizer` defaults to the run's own when a run directory is given.
-    Returns out_dir.
+    Exporting over an earlier export first removes the tokenizer and index files that export may have
+    written (EXPORT_FILES), so none is left stale; other files are kept. A run directory (state.json) is
+    refused as out_dir. Returns out_dir.
     """
     from .model import parameter_shapes
     if out_dir is None:
@@ -351,7 +389,10 @@ def export_gpt2_dir(model_or_run, tokenizer=None, out_dir=None) -> str:
         tensors[PREFIX + name] = a
 
     out_dir = os.fspath(out_dir)
+    if os.path.isfile(os.path.join(out_dir, "state.json")):  # config.json/model.safetensors would be replaced
+        raise CheckpointError(f"{out_dir} is a training run directory; export to another folder")
     os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_export(out_dir)
     eot = getattr(tokenizer, "eot_id", None) if tokenizer is not None else None
     atomic_write_json(os.path.join(out_dir, "config.json"), hf_config_from_gpt(config, eot))
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -386,7 +427,7 @@ def main(argv=None) -> None:
             n = sum(a.size for a in params.values())
             print(f"{args.hf_dir}: {config}, {n:,} parameters, tokenizer: "
                   f"{'none' if tok is None else f'{tok.vocab_size} tokens'}")
-    except (CheckpointError, SafetensorsError) as err:
+    except (ValueError, OSError) as err:  # CheckpointError, SafetensorsError; OSError: e.g. out_dir is a file
         raise SystemExit(f"error: {err}")
 
 

@@ -91,7 +91,7 @@ def test_import_hand_written_dir(tmp_path):
              "transformer.h.1.attn.masked_bias": np.array(-1e4, np.float32),
              "lm_head.weight": params["wte.weight"]}
     d = write_hf_dir(tmp_path / "hf", params, extra=extra)
-    assert is_gpt2_dir(d)
+    assert not is_gpt2_dir(d)                  # no vocab.json + merges.txt: not a complete GPT-2 directory
     config, got, tok = import_gpt2_dir(d, require_tokenizer=False)
     assert tok is None
     assert (config.block_size, config.vocab_size, config.n_layer, config.n_head, config.n_embd) == (16, 300, 2, 2, 16)
@@ -340,3 +340,42 @@ def test_sharded_checkpoint(tmp_path):
     os.remove(d / "model-00002-of-00002.safetensors")
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: weight shard .* is missing"):
         import_gpt2_dir(d, require_tokenizer=False)
+
+
+def test_is_gpt2_dir_needs_config_weights_and_tokenizer(tmp_path):
+    d = write_hf_dir(tmp_path / "hf", random_params())
+    write_tokenizer_files(d)
+    assert is_gpt2_dir(d) and is_gpt2_dir(str(d))
+    os.rename(d / "model.safetensors", d / "other.safetensors")
+    assert not is_gpt2_dir(d)
+    (d / "model.safetensors.index.json").write_text("{}")          # a sharded checkpoint counts
+    assert is_gpt2_dir(d)
+    os.remove(d / "merges.txt")
+    assert not is_gpt2_dir(d)
+    assert not is_gpt2_dir(tmp_path / "nope") and not is_gpt2_dir(d / "config.json")
+    run = tmp_path / "run"                                          # a nanogpt_np run directory is not one
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(CFG))
+    (run / "model.safetensors").write_bytes(b"")
+    assert not is_gpt2_dir(run)
+
+
+def test_export_over_an_earlier_export_leaves_no_stale_files(tmp_path, capsys):
+    from nanogpt_np.char_tokenizer import CharTokenizer
+    from nanogpt_np.checkpoint import save_checkpoint
+    from nanogpt_np.hf_gpt2 import main
+    tok = CharTokenizer.from_text("abc def")
+    save_checkpoint(tmp_path / "run", GPT(GPTConfig(**{**CFG, "vocab_size": tok.vocab_size}), seed=2),
+                    None, {}, {"step": 1}, tok)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json",
+                 "model.safetensors.index.json", "README.md"):
+        (hf / name).write_text("{}")
+    main(["export", str(tmp_path / "run"), str(hf)])
+    assert sorted(os.listdir(hf)) == ["README.md", "config.json", "model.safetensors", "nanogpt_tokenizer.json"]
+    with pytest.raises(SystemExit, match="error: .*training run directory"):
+        main(["export", str(tmp_path / "run"), str(tmp_path / "run")])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match="^error: "):
+        main(["export", str(tmp_path / "run"), str(tmp_path / "afile")])   # an OSError, not a traceback
