@@ -7,7 +7,8 @@ Each step is optional (a `CleanOptions` field) and is on by default where it can
               contents and comments, decodes entities (&amp; -> &), turns block elements (p, div,
               br, li, h1..h6, tr, ...) into line breaks and collapses the other whitespace the way a
               browser does, except inside <pre>.
-  unicode     NFC normalisation, \r\n and \r to \n, control characters removed (tab and newline kept).
+  unicode     NFC normalisation, \r\n, \r and the other line breaks (VT, FF, U+0085, U+2028, U+2029) to \n,
+              other control characters removed (tab and newline kept).
   whitespace  unicode spaces (no-break, thin, ideographic, ...) to ' ', trailing spaces of each line
               removed, at most one blank line in a row, no blank lines at the start or end. Leading
               indentation is kept (code stays code); runs of spaces inside a line are kept.
@@ -40,6 +41,7 @@ _HTML_TAG = re.compile(
 )
 _SPACES = re.compile(r"[ \t\n\r\f\v]+")
 _UNICODE_SPACES = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_LINE_BREAKS = re.compile("[\x0b\x0c\x85\u2028\u2029]")  # vertical tab, form feed, NEL, line/paragraph separator
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 _MANY_NEWLINES = re.compile(r"\n{3,}")
@@ -114,8 +116,9 @@ def strip_html(text: str) -> str:
 
 
 def normalize_unicode(text: str) -> str:
-    """NFC, \r\n / \r -> \n, control characters (other than tab and newline) removed."""
+    """NFC, \r\n / \r and the other line breaks -> \n, control characters (other than tab and newline) removed."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _LINE_BREAKS.sub("\n", text)  # they separate lines: deleting them would glue two words together
     text = _CONTROL.sub("", text)
     return unicodedata.normalize("NFC", text)
 

@@ -55,3 +55,10 @@ def test_length_filter_and_report():
     assert out is None and removed["too_short"] == len("  short") and removed["whitespace"] == 2
     assert Cleaner().clean(" \n\t\n")[0] is None  # empty after cleaning is always dropped
     assert Cleaner(min_chars=10).clean("long enough text")[0] == "long enough text"
+
+
+def test_line_breaking_controls_become_newlines():
+    """\\v, \\f, NEL, LINE and PARAGRAPH SEPARATOR separate lines: removing them glued the words."""
+    for sep in ("\x0b", "\x0c", "\x85", "\u2028", "\u2029"):
+        assert normalize_unicode(f"one{sep}two") == "one\ntwo", repr(sep)
+    assert normalize_unicode("a\x01b\x7fc") == "abc"  # other control characters are still removed
