@@ -220,6 +220,12 @@ def read_text(path, errors, stats, text_split="file") -> Iterator[Document]:
         yield Document("".join(parts), path, start)
 
 
+def _json_error(msg: str, column: int, line: Optional[int] = None) -> str:
+    """json's message with where it happened ("Unterminated string starting at" already ends in "at")."""
+    where = f"line {line} column {column}" if line is not None else f"column {column}"
+    return msg + (" " if msg.endswith(" at") else " at ") + where
+
+
 def read_jsonl(path, errors, stats, field="text") -> Iterator[Document]:
     for lineno, raw_line in _lines(path, stats):
         where = f"{path}:{lineno}"
@@ -229,7 +235,7 @@ def read_jsonl(path, errors, stats, field="text") -> Iterator[Document]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            errors.bad(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+            errors.bad(f"{where}: malformed JSON ({_json_error(e.msg, e.colno)})")
             continue
         text = _text_of(record, field, where, errors)
         if text is not None:
@@ -252,6 +258,11 @@ def _iter_json_array(path: str, stream, errors: ErrorLog, max_record_chars: int,
     buf, pos, eof = "", 0, False
     consumed_bytes = 0
     counted_line, counted_pos = 1, 0  # line number at buffer position counted_pos
+    col0 = 0  # characters of its line before buf[0] (buf starts mid-line once parsed text is dropped)
+
+    def column_at(p: int) -> int:  # 1-based column of buffer position p, as json counts
+        nl = buf.rfind("\n", 0, p)
+        return p - nl if nl >= 0 else col0 + p + 1
 
     def line_at(p: int) -> int:  # line number of buffer position p (p >= counted_pos), counted incrementally
         nonlocal counted_line, counted_pos
@@ -262,7 +273,7 @@ def _iter_json_array(path: str, stream, errors: ErrorLog, max_record_chars: int,
     bad_bytes = None  # message for undecodable bytes met while reading ahead; raised when they are needed
 
     def more(grow: bool = False) -> bool:  # read the next chunk; grow=True doubles the chunk size
-        nonlocal buf, pos, eof, chunk, consumed_bytes, counted_pos, bad_bytes
+        nonlocal buf, pos, eof, chunk, consumed_bytes, counted_pos, bad_bytes, col0
         if bad_bytes:
             raise _Undecodable(bad_bytes)
         if eof:
@@ -280,7 +291,8 @@ def _iter_json_array(path: str, stream, errors: ErrorLog, max_record_chars: int,
             bad_bytes = (f"{path}:{line}: undecodable bytes (not UTF-8) at byte offset {offset}; "
                          f"rest of file skipped")
         consumed_bytes += len(data)
-        line_at(pos)  # drop what has been parsed, keeping the line count
+        line_at(pos)  # drop what has been parsed, keeping the line count (and the column of the new start)
+        col0 = column_at(pos) - 1
         buf, pos, counted_pos = buf[pos:] + text, 0, 0
         eof = not data
         return True
@@ -307,7 +319,7 @@ def _iter_json_array(path: str, stream, errors: ErrorLog, max_record_chars: int,
         try:
             yield start_line, json.loads(buf[pos:])
         except json.JSONDecodeError as e:
-            errors.bad(f"{path}:{e.lineno + start_line - 1}: malformed JSON ({e.msg} at column {e.colno})")
+            errors.bad(f"{path}:{e.lineno + start_line - 1}: malformed JSON ({_json_error(e.msg, e.colno)})")
         return
     pos += 1
     first = True
@@ -336,7 +348,9 @@ def _iter_json_array(path: str, stream, errors: ErrorLog, max_record_chars: int,
                 more(grow=True)
             except json.JSONDecodeError as e:
                 if len(buf) - pos > max_record_chars or not more(grow=True):
-                    errors.bad(f"{path}:{start_line}: malformed JSON ({e.msg}); rest of file skipped")
+                    where = _json_error(e.msg, column_at(e.pos), line_at(e.pos))
+                    errors.bad(f"{path}:{start_line}: malformed JSON ({where}); "
+                               f"rest of file skipped")
                     return
         pos = end
         yield start_line, value

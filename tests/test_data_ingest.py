@@ -206,3 +206,18 @@ def test_undecodable_bytes_in_csv_and_json_array(tmp_path):
     assert log.count == 1 and log.messages[0].startswith(f"{p}:2: undecodable bytes (not UTF-8) at byte offset 31")
     with pytest.raises(DataError, match=r"u\.json:2: undecodable"):
         list(iter_documents(p, errors=ErrorLog(strict=True)))
+
+
+def test_truncated_json_errors_keep_the_position(tmp_path):
+    """json's 'Unterminated string starting at' used to lose its position (or read 'at at')."""
+    p = tmp_path / "arr.json"
+    p.write_text('[\n{"text": "ok"},\n  {"text": "never closed')  # the file ends inside the string
+    log = ErrorLog()
+    assert texts(iter_documents(p, errors=log)) == ["ok"]
+    assert log.messages == [f"{p}:3: malformed JSON (Unterminated string starting at line 3 column 12); "
+                            f"rest of file skipped"]
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": "broken')
+    log = ErrorLog()
+    list(iter_documents(p, errors=log))
+    assert log.messages == [f"{p}:2: malformed JSON (Unterminated string starting at column 10)"]
