@@ -84,11 +84,13 @@ def _ext(path: str) -> str:
     return os.path.splitext(base)[1].lower()
 
 
-def expand_inputs(inputs: Union[str, Iterable[str]], fmt: str = "auto") -> List[str]:
+def expand_inputs(inputs: Union[str, Iterable[str]], fmt: str = "auto",
+                  skipped: Optional[List[str]] = None) -> List[str]:
     """Files named by `inputs` (paths of files or folders; folders are walked recursively, sorted).
 
     In a folder, hidden files are skipped; with fmt="auto" only files with a known extension
-    (optionally .gz) are taken, with an explicit fmt every file is.
+    (optionally .gz) are taken, with an explicit fmt every file is. The files left out for their
+    extension are appended to `skipped` when it is given (so a report can say so).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -102,6 +104,8 @@ def expand_inputs(inputs: Union[str, Iterable[str]], fmt: str = "auto") -> List[
                     if name.startswith("."):
                         continue
                     if fmt == "auto" and _ext(name) not in KNOWN_EXTS:
+                        if skipped is not None:
+                            skipped.append(os.path.join(root, name))
                         continue
                     files.append(os.path.join(root, name))
         elif os.path.isfile(item):

@@ -202,7 +202,8 @@ def clean_stage(cfg: PrepareConfig, processes: int, report: dict, skip_dir: Opti
     """Stage 1. Writes the cleaned documents of each split; returns the character set (char tokenizer).
     Files an earlier run wrote to skip_dir (the output directory) are not read as input when a folder
     holding it is given as --input."""
-    files = expand_inputs(cfg.inputs, cfg.fmt)
+    unknown: List[str] = []  # files in input folders left out for their extension
+    files = expand_inputs(cfg.inputs, cfg.fmt, skipped=unknown)
     if skip_dir is not None:
         skip = os.path.abspath(skip_dir)
         files = [f for f in files if not (os.path.dirname(os.path.abspath(f)) == skip
@@ -259,7 +260,8 @@ def clean_stage(cfg: PrepareConfig, processes: int, report: dict, skip_dir: Opti
             f.close()
     progress.update(total, f"{stats.documents} docs", final=True)
     report["input"] = {"files": stats.files, "documents": stats.documents, "bytes": stats.text_bytes,
-                       "file_bytes": total, "bad_records": errors.count, "bad_record_examples": errors.messages}
+                       "file_bytes": total, "bad_records": errors.count, "bad_record_examples": errors.messages,
+                       "skipped_files": len(unknown), "skipped_file_examples": unknown[:5]}
     report["sources"] = [{"path": p, "bytes": os.path.getsize(p)} for p in files]
     if kept["documents"] == 0:
         raise DataError(
@@ -536,8 +538,11 @@ def format_report(manifest: dict) -> str:
     r = manifest["report"]
     lines = [f"read {r['input']['documents']:,} documents, {_size(r['input']['bytes'])} of text from "
              f"{r['input']['files']} files ({r['input']['bad_records']} bad records skipped)"]
-    for m in r["input"]["bad_record_examples"][:5]:
+    for m in r["input"]["bad_record_examples"]:  # the first 20 (ErrorLog keeps no more), as data/README says
         lines.append(f"  bad record: {m}")
+    if r["input"].get("skipped_files"):
+        lines.append(f"  skipped {r['input']['skipped_files']} files with an unknown extension (e.g. "
+                     f"{', '.join(r['input']['skipped_file_examples'])}); --format text reads every file")
     for step, c in r["steps"].items():
         lines.append(f"  {step:<12} removed {c['docs_removed']:>10,} documents {_size(c['bytes_removed']):>18}")
     lines.append(f"kept {r['kept']['documents']:,} documents, {_size(r['kept']['bytes'])}")

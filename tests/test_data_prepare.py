@@ -300,3 +300,19 @@ def test_explicit_gpt2_dir_is_used_alone(tmp_path, capsys):
               "--gpt2_dir", str(tmp_path / "g")])
     err = capsys.readouterr().err
     assert err.startswith("error: --gpt2_dir") and "encoder.json" in err
+
+
+def test_report_lists_20_bad_records_and_counts_skipped_files(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = [json.dumps({"text": d}) for d in make_docs(40, seed=15)]
+    (folder / "a.jsonl").write_text("\n".join(good + ["{broken"] * 25) + "\n")
+    (folder / "notes.xyz").write_text("not read")
+    (folder / "data.bin").write_bytes(b"\0\1")
+    m = main(["--input", str(folder), "--out", str(tmp_path / "o"), "--tokenizer", "char", "--quiet",
+              "--processes", "1"])
+    assert m["report"]["input"]["skipped_files"] == 2
+    from nanogpt_np.prepare import format_report
+    report = format_report(m)
+    assert report.count("bad record:") == 20  # as data/README.md says
+    assert "skipped 2 files with an unknown extension" in report and "notes.xyz" in report
