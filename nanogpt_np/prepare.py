@@ -7,7 +7,7 @@ Two streaming stages, so a corpus larger than memory goes through:
            `chunk_chars` characters, and each chunk is cleaned on a worker process (nanogpt_np.clean),
            which also computes the de-duplication keys (nanogpt_np.dedup) and the split hash. The main
            process decides what is a duplicate (first one wins, in input order) and appends each kept
-           document to out/_clean_train.jsonl or out/_clean_val.jsonl (one JSON string per line).
+           document to _clean_train.jsonl or _clean_val.jsonl (one JSON string per line).
   tokenizer  trained on the cleaned train documents (BPE on the first `bpe_train_chars` characters;
            characters: every character kept), or GPT-2's, or an existing tokenizer file.
   stage 2  the cleaned files are read back in chunks, tokenized on the workers, and written in order
@@ -25,6 +25,9 @@ by a blank line ("\n\n") instead. Text that spells "<|endoftext|>" is encoded as
 
 Output (out_dir): train.bin, val.bin (or train_000000.bin, ... with shard_tokens), tokenizer.json,
 manifest.json (tokenizer, token and document counts, sources, options, and the cleaning report).
+Everything is written to out_dir/.prepare_tmp/ and moved into out_dir only when the whole run succeeded,
+so a failed rerun leaves the previous dataset intact. An out_dir that is a training run directory
+(model.safetensors or state.json) is refused.
 Progress with ETA goes to stderr.
 """
 from __future__ import annotations
