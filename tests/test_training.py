@@ -257,3 +257,15 @@ def test_init_from_a_hugging_face_gpt2_folder(tmp_path):
                         "--max_new_tokens=5", "--device=cpu", "--prompt=the"], capture_output=True, text=True,
                        timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
+
+
+def test_default_corpus_does_not_depend_on_what_is_imported():
+    """The embedded corpus must be the same text in any process (libraries may patch stdlib functions)."""
+    import hashlib
+    from nanogpt_np.corpus import default_corpus_text
+    here = hashlib.sha256(default_corpus_text().encode()).hexdigest()
+    fresh = subprocess.run([sys.executable, "-c", "import hashlib; from nanogpt_np.corpus import default_corpus_text;"
+                            "print(hashlib.sha256(default_corpus_text().encode()).hexdigest())"],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert fresh.stdout.strip() == here
+    assert len(default_corpus_text()) > 500_000
