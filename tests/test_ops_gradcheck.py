@@ -141,3 +141,13 @@ def test_residual_layernorm_only_h_used(rng):
 
 def test_bias_gelu(rng):
     check_op(ops.bias_gelu, [rng.standard_normal((2, 5, 7)) * 2, rng.standard_normal(7)], rng)
+
+
+def test_out_of_range_ids_are_errors():
+    wte, wpe = Tensor(np.zeros((5, 3))), Tensor(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="token ids"):
+        ops.embedding(wte, wpe, np.array([[0, -1]]))
+    with pytest.raises(ValueError, match="token ids"):
+        ops.embedding(wte, wpe, np.array([[0, 5]]))
+    with pytest.raises(ValueError, match="targets"):
+        ops.cross_entropy(Tensor(np.zeros((2, 5))), np.array([1, -2]))

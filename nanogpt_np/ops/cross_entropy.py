@@ -42,6 +42,11 @@ def cross_entropy_backward(dloss, saved):
 def cross_entropy(logits: Tensor, targets, ignore_index: int = -1) -> Tensor:
     """Mean cross-entropy of logits (..., V) against integer targets (...); ignore_index marks masked rows."""
     V = logits.shape[-1]
+    if not backend.is_gpu_array(targets):        # (skipped on the GPU to avoid a host sync)
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+        if bad.any():
+            raise ValueError(f"targets must be in 0..{V - 1} or ignore_index={ignore_index}, "
+                             f"got {targets[bad].reshape(-1)[0]}")
     forward, backward = implementation("cross_entropy", logits.data, cross_entropy_forward, cross_entropy_backward)
     loss, saved = forward(logits.data.reshape(-1, V), targets.reshape(-1), ignore_index)
 

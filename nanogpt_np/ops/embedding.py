@@ -43,6 +43,9 @@ def embedding(wte: Tensor, wpe: Tensor, idx, positions=None) -> Tensor:
         return Tensor(embedding_at_positions(wte.data, wpe.data, idx, positions))
     if idx.shape[1] > wpe.shape[0]:
         raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's block_size {wpe.shape[0]}")
+    if not backend.is_gpu_array(idx) and idx.size and (idx.min() < 0 or idx.max() >= wte.shape[0]):
+        raise ValueError(f"token ids must be in 0..{wte.shape[0] - 1}, got {idx.min()}..{idx.max()}")  # (negative
+        # ids would silently wrap around to the last rows; the check is skipped on the GPU to avoid a sync)
     forward, backward = implementation("embedding", wte.data, embedding_forward, embedding_backward)
     out, saved = forward(wte.data, wpe.data, idx)
     return record(Tensor(out), (wte, wpe), lambda dout: backward(dout, saved))
