@@ -35,7 +35,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict, deque
 from itertools import chain, repeat
@@ -43,6 +42,8 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 import regex
+
+from .files import atomic_write_text
 
 ENDOFTEXT = "<|endoftext|>"
 FORMAT_VERSION = 1
@@ -813,8 +814,8 @@ class BPETokenizer:
         vocab, merge_lines = self._vocab_and_merges()
         vocab.update(self.special_tokens)
         vocab = dict(sorted(vocab.items(), key=lambda item: item[1]))
-        _write_atomic(os.path.join(directory, encoder_name), json.dumps(vocab, ensure_ascii=False))
-        _write_atomic(os.path.join(directory, merges_name), "#version: 0.2\n" + "".join(l + "\n" for l in merge_lines))
+        atomic_write_text(os.path.join(directory, encoder_name), json.dumps(vocab, ensure_ascii=False))
+        atomic_write_text(os.path.join(directory, merges_name), "#version: 0.2\n" + "".join(l + "\n" for l in merge_lines))
 
     def to_dict(self) -> dict:
         """The JSON-ready description saved by save()."""
@@ -853,7 +854,7 @@ class BPETokenizer:
     def save(self, path) -> None:
         """Write the tokenizer as one JSON file (pattern, merges, vocabulary, special tokens),
         atomically: a temporary file in the same directory, fsync, then os.replace."""
-        _write_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
+        atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1))
 
     @classmethod
     def load(cls, path) -> "BPETokenizer":
@@ -869,24 +870,6 @@ def _read_json(path):
         raise TokenizerFileError(f"{path}: cannot read ({e.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerFileError(f"{path}: not valid JSON ({e})") from None
-
-
-def _write_atomic(path, text: str) -> None:
-    """Write text to path so that a crash leaves either the old file or the new one, never half."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------
