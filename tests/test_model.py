@@ -31,7 +31,9 @@ def test_whole_model_gradient(rng, bias):
         return model.loss_on(idx, targets)
 
     for name, p in model.params.items():
-        ids, num = numerical_grad(f, p.data, max_elements=12, rng=rng)
+        # eps 1e-5: the truncation error (~eps^2) stays far below 1e-6 while the round-off of the loss
+        # (~1e-16 / eps) no longer dominates small gradient entries, as it did at eps 1e-6
+        ids, num = numerical_grad(f, p.data, eps=1e-5, max_elements=12, rng=rng)
         err = relative_error(p.grad.reshape(-1)[ids], num)
         assert err < 1e-6, f"{name}: relative error {err:.2e}"
 
@@ -62,25 +64,29 @@ def test_init_statistics():
 
 
 def test_initial_loss_is_log_vocab(rng):
+    """At GPT-2's initialisation the logits are small, so the loss is close to that of a uniform guess."""
     cfg = small_config(vocab_size=50)
     model = GPT(cfg, seed=1)
-    idx = rng.integers(0, 50, size=(4, 8))
+    idx = rng.integers(0, 50, size=(64, 8))                  # 512 targets: the mean is steady
     assert abs(model.loss_on(idx, idx) - np.log(50)) < 0.1
 
 
 def test_overfits_one_batch(rng):
+    """A model that can memorise one batch drives its loss to ~0. Every row starts with a different token, so
+    no two positions share a context with different targets (that would put a floor under the loss)."""
     from nanogpt_np.optim import AdamW
     cfg = small_config(vocab_size=16, n_embd=32, block_size=16)
     model = GPT(cfg, seed=0)
-    opt = AdamW(model, lr=3e-3, weight_decay=0.0)
-    idx = rng.integers(0, 16, size=(4, 16))
-    targets = rng.integers(0, 16, size=(4, 16))
-    for _ in range(300):
+    opt = AdamW(model, lr=1e-2, weight_decay=0.0)
+    seq = rng.integers(0, 16, size=(4, 17))
+    seq[:, 0] = rng.permutation(16)[:4]
+    idx, targets = seq[:, :-1], seq[:, 1:]
+    for _ in range(200):
         model.zero_grad()
         _, loss = model(idx, targets)
         backward(loss)
         opt.step()
-    assert loss.item() < 0.05
+    assert loss.item() < 0.01
 
 
 def test_load_params_rejects_mismatch():
