@@ -55,13 +55,9 @@ def _read_json(path, what) -> dict:
 
 
 def is_hf_gpt2_dir(path) -> bool:
-    """True for a Hugging Face GPT-2 directory (its config.json names model_type "gpt2")."""
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(d, dict) and d.get("model_type") == "gpt2"
+    """True for a Hugging Face GPT-2 directory (hf_gpt2 owns the test: its config.json describes GPT-2)."""
+    from .hf_gpt2 import has_gpt2_config          # imported here: hf_gpt2 imports this module
+    return has_gpt2_config(path)
 
 
 def read_model_config(out_dir) -> GPTConfig:
@@ -107,9 +103,16 @@ def load_model(out_dir, dtype="float32", seed=0) -> GPT:
 
 def load_tokenizer_of_run(out_dir):
     from .tokenizer import load_tokenizer
-    if is_hf_gpt2_dir(out_dir):                       # GPT-2's vocab.json + merges.txt
-        from .hf_gpt2 import import_gpt2_dir
-        return import_gpt2_dir(out_dir)[2]
+    if is_hf_gpt2_dir(out_dir):   # GPT-2's vocab.json + merges.txt; checked against config.json, not the weights
+        try:
+            tokenizer = load_tokenizer(out_dir)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        rows = read_model_config(out_dir).vocab_size
+        if tokenizer.vocab_size > rows:
+            raise CheckpointError(f"{out_dir}: the vocabulary has {tokenizer.vocab_size} tokens but the weights "
+                                  f"have only {rows} embedding rows")
+        return tokenizer
     path = os.path.join(out_dir, "tokenizer.json")
     if not os.path.exists(path):
         raise CheckpointError(f"the run in {out_dir} has no tokenizer.json")

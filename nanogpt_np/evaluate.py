@@ -53,12 +53,12 @@ class EvalError(ValueError):
 
 def load_for_eval(path, dtype: str = "float32"):
     """(model in eval mode, tokenizer, source description) from a run directory or a GPT-2 directory."""
-    from .hf_gpt2 import _has_gpt2_config, import_gpt2_dir
+    from .hf_gpt2 import has_gpt2_config, import_gpt2_dir
     from .model import GPT
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise EvalError(f"no run directory at {path}")
-    if _has_gpt2_config(path):  # a GPT-2 config.json: import_gpt2_dir names whatever file is missing
+    if has_gpt2_config(path):  # a GPT-2 config.json: import_gpt2_dir names whatever file is missing
         config, params, tokenizer = import_gpt2_dir(path)
         model = GPT(config, dtype=dtype)
         model.load_params(params, source=path)

@@ -40,7 +40,7 @@ from .files import atomic_write_json
 from .safetensors import SafetensorsError, bf16_bits_to_float32, load_file, read_header, save_file
 
 __all__ = ["CheckpointError", "import_gpt2_dir", "export_gpt2_dir", "hf_config_from_gpt", "gpt_config_from_hf",
-           "is_gpt2_dir", "load_run_model"]
+           "is_gpt2_dir", "has_gpt2_config", "load_run_model"]
 
 PREFIX = "transformer."
 IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")      # causal-mask buffers, not parameters
@@ -258,14 +258,14 @@ def is_gpt2_dir(path) -> bool:
     model.safetensors (or model.safetensors.index.json) and the tokenizer's vocab.json + merges.txt.
     Cheap (reads config.json only); import_gpt2_dir does the full checks."""
     path = os.fspath(path)
-    if not os.path.isdir(path) or not _has_gpt2_config(path):
+    if not os.path.isdir(path) or not has_gpt2_config(path):
         return False
     has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
     return ((has("model.safetensors") or has("model.safetensors.index.json"))
             and has("vocab.json") and has("merges.txt"))
 
 
-def _has_gpt2_config(path) -> bool:
+def has_gpt2_config(path) -> bool:
     """True when path/config.json describes a GPT-2 model (model_type gpt2 or GPT2LMHeadModel): enough to
     treat the folder as a Hugging Face one and let import_gpt2_dir name any missing file."""
     cfg = os.path.join(os.fspath(path), "config.json")
