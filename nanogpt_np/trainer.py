@@ -53,13 +53,15 @@ def build_tokenizer(kind: str, train_text: str, vocab_size: int, full_text: str 
 
 
 def gpt2_tokenizer():
-    """GPT-2's own tokenizer, from encoder.json + vocab.bpe in data/gpt2/ (they are not downloaded here)."""
+    """GPT-2's own tokenizer, from encoder.json + vocab.bpe where the data pipeline looks for them (they are
+    not downloaded here): $NANOGPT_GPT2_DIR or data/gpt2/."""
     from .bpe import BPETokenizer
-    for directory in (os.path.join("data", "gpt2"), os.path.join("..", "shared", "data", "gpt2")):
-        enc, merges = os.path.join(directory, "encoder.json"), os.path.join(directory, "vocab.bpe")
-        if os.path.exists(enc) and os.path.exists(merges):
-            return BPETokenizer.from_gpt2_files(enc, merges)
-    raise DataError("--tokenizer=gpt2 needs GPT-2's encoder.json and vocab.bpe in data/gpt2/")
+    from .prepare import find_gpt2_dir
+    try:
+        directory = find_gpt2_dir()
+    except FileNotFoundError as e:
+        raise DataError(f"--tokenizer=gpt2: {e}") from None
+    return BPETokenizer.from_gpt2_files(os.path.join(directory, "encoder.json"), os.path.join(directory, "vocab.bpe"))
 
 
 def load_text_data(cfg: TrainConfig, tokenizer=None, log=print):
