@@ -263,7 +263,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
                              bias=cfg.bias, **model_sizes(cfg))
     init_model = None
     if cfg.init_from:
-        init_model = _load_init_weights(cfg.init_from)
+        init_model = load_model(cfg.init_from)        # a nanogpt_np run or a Hugging Face GPT-2 folder
         model_config = init_model.config
     elif cfg.resume:
         saved_config = read_model_config(cfg.out_dir)
@@ -427,11 +427,6 @@ def _tokenizer_of_init(path):
     if not os.path.isdir(path):
         raise CheckpointError(f"--init_from={path}: not a directory (give a run directory or a GPT-2 folder)")
     return load_tokenizer_of_run(path)
-
-
-def _load_init_weights(path) -> GPT:
-    """The weights of a nanogpt_np run, or of a Hugging Face GPT-2 folder (imported without torch)."""
-    return load_model(path)
 
 
 def main(argv=None) -> int:
