@@ -243,9 +243,9 @@ def test_gemm_args_row_major(M, K, N, ta, tb):
 
 @pytest.mark.parametrize("B,T,NH", [(1, 70, 1), (1, 128, 2)])
 def test_flash_attention_emulation_matches_reference(B, T, NH):
-    """flash_attention.cu's index arithmetic, replayed in NumPy (kernels/flash_emulator.py), against the
+    """flash_attention.cu's index arithmetic, replayed in NumPy (tests/emulation/flash_emulator.py), against the
     float64 attention op on the same bf16-rounded inputs."""
-    from nanogpt_np.kernels import flash_emulator as fe
+    from emulation import flash_emulator as fe
     from nanogpt_np.kernels.bf16 import round_to_bf16
     from nanogpt_np.ops.attention import attention_backward, attention_forward
     C = 64 * NH
@@ -269,7 +269,7 @@ def test_flash_attention_emulation_matches_reference(B, T, NH):
 
 @pytest.fixture
 def fake_cp(monkeypatch):
-    from nanogpt_np.kernels import fake_cupy
+    from emulation import fake_cupy
     return fake_cupy.install(monkeypatch)
 
 

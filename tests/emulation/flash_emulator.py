@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .bf16 import round_to_bf16
+from nanogpt_np.kernels.bf16 import round_to_bf16
 
 HS, TILE, LDS = 64, 64, 72
 LOG2E = 1.4426950408889634

@@ -18,7 +18,7 @@ import weakref
 
 import numpy as np
 
-from .bf16 import bf16_to_float32, float32_to_bf16
+from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16
 
 
 class ndarray(np.ndarray):
@@ -559,7 +559,7 @@ def _gemm_ex(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, bet
 
 def install(monkeypatch):
     """Replace cupy with this module for the duration of a test (pytest monkeypatch)."""
-    from . import compile as kc
+    from nanogpt_np.kernels import compile as kc
     this = sys.modules[__name__]
     monkeypatch.setitem(sys.modules, "cupy", this)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
