@@ -27,9 +27,9 @@ sys.path.insert(0, REPO)
 
 import numpy as np  # noqa: E402
 
-from nanogpt_np.loader import BatchLoader  # noqa: E402
-from nanogpt_np.prepare import PrepareConfig, find_gpt2_dir, prepare  # noqa: E402
-from nanogpt_np.shards import read_tokens  # noqa: E402
+from nanogpt_np.data.loader import BatchLoader  # noqa: E402
+from nanogpt_np.data.prepare import PrepareConfig, find_gpt2_dir, prepare  # noqa: E402
+from nanogpt_np.data.shards import read_tokens  # noqa: E402
 
 DEFAULT_INPUT = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
 

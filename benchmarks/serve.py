@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO))
 
 
 def make_run(out_dir):
-    from nanogpt_np.char_tokenizer import CharTokenizer
-    from nanogpt_np.checkpoint import save_checkpoint
-    from nanogpt_np.corpus import default_corpus_text
+    from nanogpt_np.tokenizers.char import CharTokenizer
+    from nanogpt_np.io.checkpoint import save_checkpoint
+    from nanogpt_np.data.corpus import default_corpus_text
     from nanogpt_np.model import MODEL_PRESETS, GPT, GPTConfig
     tokenizer = CharTokenizer.from_text(default_corpus_text())
     config = GPTConfig(block_size=256, vocab_size=tokenizer.vocab_size, **MODEL_PRESETS["small-cpu"])

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nanogpt_np.bpe import BPETokenizer, encode_files_parallel  # noqa: E402
+from nanogpt_np.tokenizers.bpe import BPETokenizer, encode_files_parallel  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 GPT2_DIR = SHARED / "gpt2"
@@ -110,7 +110,7 @@ def bench_tiktoken(text, mb, repeats, processes, expected_ids):
     except ImportError:
         print("  tiktoken not installed: skipped")
         return {}
-    from nanogpt_np.bpe import token_str_to_bytes
+    from nanogpt_np.tokenizers.bpe import token_str_to_bytes
     encoder = json.loads((GPT2_DIR / "encoder.json").read_text(encoding="utf-8"))
     ranks = {token_str_to_bytes(t): i for t, i in encoder.items() if t != "<|endoftext|>"}
     enc = tiktoken.Encoding("gpt2-local", pat_str=BPETokenizer.GPT2_PATTERN, mergeable_ranks=ranks,

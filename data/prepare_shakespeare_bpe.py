@@ -4,7 +4,7 @@
     python data/prepare_shakespeare_bpe.py --vocab_size 2048
     python data/prepare_shakespeare_bpe.py --tokenizer gpt2 --gpt2_dir DIR   # GPT-2's tokenizer, as nanoGPT's shakespeare
     python data/prepare_shakespeare_bpe.py --input input.txt     # a local copy instead of the download
-Any option of `python -m nanogpt_np.prepare` may follow. Documents, split and de-duplication as in
+Any option of `python -m nanogpt_np.data.prepare` may follow. Documents, split and de-duplication as in
 prepare_shakespeare_char.py.
 """
 import os

@@ -2,7 +2,7 @@
 
     python data/prepare_shakespeare_char.py                  # downloads the text (1.1 MB) once
     python data/prepare_shakespeare_char.py --input input.txt  # or use a local copy
-Any option of `python -m nanogpt_np.prepare` may follow (e.g. --val_fraction 0.05).
+Any option of `python -m nanogpt_np.data.prepare` may follow (e.g. --val_fraction 0.05).
 
 Differences from nanoGPT: documents are the blank-line separated speeches, and val is ~10% of them
 chosen by a seeded hash (nanoGPT takes the last 10% of the characters). De-duplication is off: short
@@ -15,7 +15,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from nanogpt_np.prepare import download, main  # noqa: E402
+from nanogpt_np.data.prepare import download, main  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
@@ -30,7 +30,7 @@ def shakespeare_text(out):
 
 def run(argv, name, tokenizer_args):
     prog = os.path.basename(sys.argv[0])
-    # our own two options; everything else goes to nanogpt_np.prepare (which also prints --help)
+    # our own two options; everything else goes to nanogpt_np.data.prepare (which also prints --help)
     own = argparse.ArgumentParser(prog=prog, add_help=False)
     own.add_argument("--input", help="a local copy of the text (default: download it)")
     own.add_argument("--out", default=os.path.join(REPO, "data", name))

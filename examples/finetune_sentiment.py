@@ -9,7 +9,7 @@ Everything is made offline, on the CPU, in a few minutes:
      JSON Lines {"prompt": "the film was dull and bland.\\nSentiment:", "completion": " negative\\n"};
      every example fits in the model's context (block_size 64), so no example is truncated
   3. evaluate the pre-trained run on the task and on held-out corpus text:
-         python -m nanogpt_np.evaluate --out_dir=OUT/pretrained --task=OUT/test.jsonl --file=OUT/heldout.txt
+         python -m nanogpt_np.eval.evaluate --out_dir=OUT/pretrained --task=OUT/test.jsonl --file=OUT/heldout.txt
   4. fine-tune it on the task's training examples (loss on the completion tokens only):
          python train.py --init_from=OUT/pretrained --dataset=OUT/train.jsonl --preset=finetune ...
   5. evaluate the fine-tuned run the same way, and print both side by side.
@@ -76,9 +76,9 @@ def trainer_reads_tasks() -> bool:
 
 def finetune_here(init_dir, train_path, out_dir, iters, lr, batch_size, seed=1337):
     """The fine-tuning loop, for a trainer that cannot read task files yet (same steps as train.py)."""
-    from nanogpt_np.checkpoint import load_model, load_tokenizer_of_run, save_checkpoint
+    from nanogpt_np.io.checkpoint import load_model, load_tokenizer_of_run, save_checkpoint
     from nanogpt_np.optim import AdamW, clip_grad_norm, lr_at
-    from nanogpt_np.task_data import task_loaders, task_val_loss
+    from nanogpt_np.data.task_data import task_loaders, task_val_loss
     from nanogpt_np.tensor import backward
     model, tok = load_model(init_dir), load_tokenizer_of_run(init_dir)
     loader, val_loader = task_loaders(train_path, tok, model.config.block_size, batch_size, 0.1, seed)
@@ -127,20 +127,20 @@ def main():
     # 2. the task, and held-out corpus text (the corpus' last 5%, which the quick preset holds out)
     write_task(train_path, make_reviews(args.n_train, seed=1))
     write_task(test_path, make_reviews(args.n_test, seed=2))
-    from nanogpt_np.corpus import default_corpus_text
+    from nanogpt_np.data.corpus import default_corpus_text
     text = default_corpus_text()
     with open(heldout, "w", encoding="utf-8") as f:
         f.write(text[len(text) - len(text) // 20:])
 
-    from nanogpt_np.checkpoint import load_tokenizer_of_run, read_model_config
-    from nanogpt_np.task_data import load_task_data
+    from nanogpt_np.io.checkpoint import load_tokenizer_of_run, read_model_config
+    from nanogpt_np.data.task_data import load_task_data
     block = read_model_config(pre).block_size
     for path in (train_path, test_path):       # a cut example would be learned at other positions than asked
         data = load_task_data(path, load_tokenizer_of_run(pre), block)
         print(f"{path}: {len(data.x)} examples, longest {int(data.lengths.max())} of {block} positions, "
               f"{data.n_truncated} truncated")
 
-    evaluate = [sys.executable, "-m", "nanogpt_np.evaluate", f"--task={test_path}", f"--file={heldout}",
+    evaluate = [sys.executable, "-m", "nanogpt_np.eval.evaluate", f"--task={test_path}", f"--file={heldout}",
                 "--max_tokens=20000"]
     # 3. before
     run(evaluate + [f"--out_dir={pre}", f"--out={os.path.join(out, 'eval_before.json')}"])

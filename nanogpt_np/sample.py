@@ -5,7 +5,7 @@ import sys
 from dataclasses import dataclass, fields
 
 from . import backend
-from .checkpoint import CheckpointError, load_model, load_tokenizer_of_run
+from .io.checkpoint import CheckpointError, load_model, load_tokenizer_of_run
 from .config import ConfigError, _parse_value
 from .generate import check_sampling_args, stream_text
 

@@ -21,12 +21,12 @@ import time
 import numpy as np
 
 from . import backend
-from . import safetensors
-from .checkpoint import (CheckpointError, load_model, load_tokenizer_of_run, load_training_state,
+from .io import safetensors
+from .io.checkpoint import (CheckpointError, load_model, load_tokenizer_of_run, load_training_state,
                          read_model_config, read_training_state, save_checkpoint)
 from .config import ConfigError, TrainConfig, model_sizes
-from .files import atomic_write_text
-from .loader import BatchLoader
+from .io.files import atomic_write_text
+from .data.loader import BatchLoader
 from .model import GPT, GPTConfig
 from .optim import AdamW, lr_at
 from .tensor import backward
@@ -41,10 +41,10 @@ class DataError(ValueError):
 def build_tokenizer(kind: str, train_text: str, vocab_size: int, full_text: str = None, log=print):
     """A tokenizer for raw text: characters of the whole text, or BPE trained on the training split."""
     if kind == "char":
-        from .char_tokenizer import CharTokenizer
+        from .tokenizers.char import CharTokenizer
         return CharTokenizer.from_text(full_text if full_text is not None else train_text)
     if kind == "bpe":
-        from .bpe import BPETokenizer
+        from .tokenizers.bpe import BPETokenizer
         log(f"training a BPE tokenizer to {vocab_size} tokens on {len(train_text):,} characters ...")
         return BPETokenizer.train(train_text, vocab_size, verbose=False)
     if kind == "gpt2":
@@ -55,8 +55,8 @@ def build_tokenizer(kind: str, train_text: str, vocab_size: int, full_text: str 
 def gpt2_tokenizer():
     """GPT-2's own tokenizer, from encoder.json + vocab.bpe where the data pipeline looks for them (they are
     not downloaded here): $NANOGPT_GPT2_DIR or data/gpt2/."""
-    from .bpe import BPETokenizer
-    from .prepare import find_gpt2_dir
+    from .tokenizers.bpe import BPETokenizer
+    from .data.prepare import find_gpt2_dir
     try:
         directory = find_gpt2_dir()
     except FileNotFoundError as e:
@@ -67,7 +67,7 @@ def gpt2_tokenizer():
 def load_text_data(cfg: TrainConfig, tokenizer=None, log=print):
     """(train_tokens, val_tokens, tokenizer) for the embedded corpus or a text file, split by position."""
     if cfg.dataset == "pydocs":
-        from .corpus import default_corpus_text
+        from .data.corpus import default_corpus_text
         text, source = default_corpus_text(), "the embedded corpus (Python's documentation)"
     else:
         path = cfg.dataset
@@ -78,7 +78,7 @@ def load_text_data(cfg: TrainConfig, tokenizer=None, log=print):
             raise DataError(_missing_dataset_message(cfg)) from None
         except UnicodeDecodeError as e:
             raise DataError(f"{path} is not UTF-8 text (byte offset {e.start}); clean it with "
-                            f"`python -m nanogpt_np.prepare` first") from None
+                            f"`python -m nanogpt_np.data.prepare` first") from None
         except OSError as e:
             raise DataError(f"cannot read {path}: {e.strerror}") from None
         source = path
@@ -99,7 +99,7 @@ def load_text_data(cfg: TrainConfig, tokenizer=None, log=print):
 
 
 def _missing_dataset_message(cfg):
-    from .datasets import prepare_command
+    from .data.datasets import prepare_command
     return (f"dataset {cfg.dataset!r} not found: it is neither a prepared dataset under {cfg.data_root}/ nor a "
             f"text file. Prepare it with `{prepare_command(cfg.dataset, cfg.data_root)}`, "
             f"or pass --dataset=path/to/text.txt")
@@ -109,7 +109,7 @@ def load_data(cfg: TrainConfig, tokenizer=None, log=print):
     """Train/val token arrays and the tokenizer for cfg.dataset (prepared dir, embedded corpus or text file)."""
     prepared = os.path.join(cfg.data_root, cfg.dataset)
     if os.path.isdir(prepared) or os.path.isdir(cfg.dataset):
-        from .datasets import load_prepared
+        from .data.datasets import load_prepared
         try:
             ds = load_prepared(cfg.dataset, data_root=cfg.data_root)
         except (OSError, ValueError) as e:
@@ -241,7 +241,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         tokenizer = load_tokenizer_of_run(cfg.out_dir)
     elif cfg.init_from:
         tokenizer = _tokenizer_of_init(cfg.init_from)
-    from . import task_data
+    from .data import task_data
     is_task = task_data.is_task_file(cfg.dataset)     # JSONL prompt/completion pairs: loss on completions only
     if is_task:
         if tokenizer is None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from nanogpt_np import bpe
-from nanogpt_np.bpe import (
+from nanogpt_np.tokenizers import bpe
+from nanogpt_np.tokenizers.bpe import (
     BPETokenizer, DisallowedSpecialTokenError, TokenizerError, TokenizerFileError, UnknownTokenIdError,
     encode_files_parallel, iter_encode_parallel,
 )
@@ -30,7 +30,7 @@ def training_text():
     if SHAKESPEARE.is_file():
         return SHAKESPEARE.read_text(encoding="utf-8")[:200_000] + LOCAL_TEXT
     # without the shared data (a user's fresh clone): the embedded corpus, rich enough for 3000 tokens
-    from nanogpt_np.corpus import default_corpus_text
+    from nanogpt_np.data.corpus import default_corpus_text
     return default_corpus_text()[:200_000] + LOCAL_TEXT
 
 

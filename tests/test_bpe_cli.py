@@ -1,4 +1,4 @@
-"""The tokenizer command line (python -m nanogpt_np.bpe_cli) and load_tokenizer()."""
+"""The tokenizer command line (python -m nanogpt_np.tokenizers.bpe_cli) and load_tokenizer()."""
 import json
 import subprocess
 import sys
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt_np.bpe import BPETokenizer, TokenizerFileError
-from nanogpt_np.bpe_cli import main
-from nanogpt_np.tokenizer import load_tokenizer
+from nanogpt_np.tokenizers.bpe import BPETokenizer, TokenizerFileError
+from nanogpt_np.tokenizers.bpe_cli import main
+from nanogpt_np.tokenizers.load import load_tokenizer
 
 TEXT = ("First Citizen:\r\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak. "
         "It's 2024 — naïve café 日本語 😀\n") * 30
@@ -82,7 +82,7 @@ def test_errors_are_one_line_and_exit_nonzero(argv, message, corpus, tmp_path, c
 
 def test_runs_as_a_module(tmp_path):
     BPETokenizer.train(TEXT, 300).save(tmp_path / "tok.json")
-    result = subprocess.run([sys.executable, "-m", "nanogpt_np.bpe_cli", "decode", "--tokenizer",
+    result = subprocess.run([sys.executable, "-m", "nanogpt_np.tokenizers.bpe_cli", "decode", "--tokenizer",
                              str(tmp_path / "tok.json"), "-5"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode != 0 and "unknown token id -5" in result.stderr
@@ -110,7 +110,7 @@ def test_load_tokenizer_dispatch(tmp_path):
 
 
 def test_load_tokenizer_char_file(tmp_path):
-    char_tokenizer = pytest.importorskip("nanogpt_np.char_tokenizer")
+    char_tokenizer = pytest.importorskip("nanogpt_np.tokenizers.char")
     char = char_tokenizer.CharTokenizer.from_text("hello world")
     char.save(tmp_path / "char.json")
     loaded = load_tokenizer(tmp_path / "char.json")

@@ -11,8 +11,8 @@ import pytest
 import regex
 from hypothesis import given, settings, strategies as st
 
-from nanogpt_np.bpe import BPETokenizer, DisallowedSpecialTokenError, encode_files_parallel
-from nanogpt_np.tokenizer import load_tokenizer
+from nanogpt_np.tokenizers.bpe import BPETokenizer, DisallowedSpecialTokenError, encode_files_parallel
+from nanogpt_np.tokenizers.load import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GPT2_DIR = SHARED / "gpt2"
@@ -38,7 +38,7 @@ EXTRAS = (
 
 
 # ---------------------------------------------------------------------------------------------------
-# The naive reference: GPT-2's algorithm on strings, written independently of nanogpt_np.bpe
+# The naive reference: GPT-2's algorithm on strings, written independently of nanogpt_np.tokenizers.bpe
 # ---------------------------------------------------------------------------------------------------
 
 def reference_byte_chars():

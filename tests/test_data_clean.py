@@ -1,5 +1,5 @@
 """Cleaning: HTML to visible text, unicode and whitespace normalisation, length filter, byte report."""
-from nanogpt_np.clean import Cleaner, looks_like_html, normalize_unicode, normalize_whitespace, strip_html
+from nanogpt_np.data.clean import Cleaner, looks_like_html, normalize_unicode, normalize_whitespace, strip_html
 
 PAGE = """<!DOCTYPE html>
 <html><head><title>Page title</title>

@@ -5,8 +5,8 @@ import pickle
 import numpy as np
 import pytest
 
-from nanogpt_np.datasets import load_prepared, prepare_command
-from nanogpt_np.shards import ShardError, write_shard
+from nanogpt_np.data.datasets import load_prepared, prepare_command
+from nanogpt_np.data.shards import ShardError, write_shard
 
 
 def test_missing_dataset_names_directory_and_command(tmp_path):

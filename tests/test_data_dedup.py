@@ -1,7 +1,7 @@
 """Exact and near-duplicate removal with expected counts."""
 import numpy as np
 
-from nanogpt_np.dedup import ExactDedup, MinHasher, NearDedup, exact_key, jaccard, shingle_hashes
+from nanogpt_np.data.dedup import ExactDedup, MinHasher, NearDedup, exact_key, jaccard, shingle_hashes
 
 
 def _random_doc(rng, n_words=150):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nanogpt_np.ingest import DataError, ErrorLog, IngestStats, expand_inputs, get_field, iter_documents
+from nanogpt_np.data.ingest import DataError, ErrorLog, IngestStats, expand_inputs, get_field, iter_documents
 
 DOCS = [
     "First document.\nIt has two lines.",
@@ -178,7 +178,7 @@ def test_stats_count_bytes(tmp_path):
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64])
 def test_json_array_reader_with_tiny_reads(chunk):
     """Every chunk boundary (inside strings, multi-byte characters, whitespace, commas) is handled."""
-    from nanogpt_np.ingest import _iter_json_array
+    from nanogpt_np.data.ingest import _iter_json_array
     records = [{"text": t, "n": i} for i, t in enumerate(DOCS)] + [{"text": "[tricky], {\"quoted\"}"}, {"text": "1"}]
     data = ("\ufeff" + json.dumps(records, indent=1, ensure_ascii=False)).encode("utf-8")
     log = ErrorLog()

@@ -8,10 +8,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from nanogpt_np.datasets import load_prepared
-from nanogpt_np.ingest import DataError
-from nanogpt_np.loader import BatchLoader
-from nanogpt_np.prepare import CLEAN_FILES, PrepareConfig, main, prepare, split_hash
+from nanogpt_np.data.datasets import load_prepared
+from nanogpt_np.data.ingest import DataError
+from nanogpt_np.data.loader import BatchLoader
+from nanogpt_np.data.prepare import CLEAN_FILES, PrepareConfig, main, prepare, split_hash
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega river stone cloud light shadow market garden").split()
@@ -312,7 +312,7 @@ def test_report_lists_20_bad_records_and_counts_skipped_files(tmp_path):
     m = main(["--input", str(folder), "--out", str(tmp_path / "o"), "--tokenizer", "char", "--quiet",
               "--processes", "1"])
     assert m["report"]["input"]["skipped_files"] == 2
-    from nanogpt_np.prepare import format_report
+    from nanogpt_np.data.prepare import format_report
     report = format_report(m)
     assert report.count("bad record:") == 20  # as data/README.md says
     assert "skipped 2 files with an unknown extension" in report and "notes.xyz" in report

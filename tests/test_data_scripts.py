@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 
-from nanogpt_np.datasets import load_prepared
-from nanogpt_np.loader import BatchLoader
+from nanogpt_np.data.datasets import load_prepared
+from nanogpt_np.data.loader import BatchLoader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from nanogpt_np.shards import (ShardError, ShardWriter, read_shard, read_tokens, write_shard)
+from nanogpt_np.data.shards import (ShardError, ShardWriter, read_shard, read_tokens, write_shard)
 
 
 def independent_llmc_reader(path):
@@ -111,7 +111,7 @@ def test_trailing_bytes_and_bad_version(tmp_path):
 
 
 def test_describe(tmp_path):
-    from nanogpt_np.shards import describe
+    from nanogpt_np.data.shards import describe
     p = write_shard(str(tmp_path / "d.bin"), np.array([3, 1, 4, 1, 5]))
     assert describe(p) == f"{p}: llm.c version 1, uint16, 5 tokens; first: 3 1 4 1 5"
 

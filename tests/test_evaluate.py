@@ -1,15 +1,15 @@
-"""python -m nanogpt_np.evaluate: LM metrics against independent computations, greedy completion, the CLI."""
+"""python -m nanogpt_np.eval.evaluate: LM metrics against independent computations, greedy completion, the CLI."""
 import json
 import math
 
 import numpy as np
 import pytest
 
-from nanogpt_np.char_tokenizer import CharTokenizer
-from nanogpt_np.checkpoint import save_checkpoint
-from nanogpt_np.evaluate import greedy_complete, lm_metrics, load_for_eval, main, task_metrics
+from nanogpt_np.tokenizers.char import CharTokenizer
+from nanogpt_np.io.checkpoint import save_checkpoint
+from nanogpt_np.eval.evaluate import greedy_complete, lm_metrics, load_for_eval, main, task_metrics
 from nanogpt_np.model import GPT, GPTConfig
-from nanogpt_np.task_data import Example
+from nanogpt_np.data.task_data import Example
 
 TEXT = "the cat sat on the mat. the dog sat on the log.\n"
 TOK = CharTokenizer.from_text(TEXT + "pn:ositve")
@@ -87,7 +87,7 @@ def test_task_metrics_wiring(tmp_path):
     assert r["kind"] == "labels" and r["examples"] == 6
     assert r["max_new_tokens"] == len(" positive") + 1
     outputs = [s["output"] for s in r["samples"]]
-    from nanogpt_np.metrics import accuracy, normalize_label
+    from nanogpt_np.eval.metrics import accuracy, normalize_label
     assert r["accuracy"] == accuracy([normalize_label(o) for o in outputs[:5]] + [normalize_label(outputs[1])],
                                      ["positive", "negative"] * 3)
     assert r["task_loss"] > 0 and r["task_tokens"] == 6 * len(" positive")
@@ -126,9 +126,9 @@ def test_command_line_errors(tmp_path, capsys):
 
 
 def test_gpt2_directory_can_be_evaluated(tmp_path):
-    pytest.importorskip("nanogpt_np.bpe")
-    from nanogpt_np.bpe import BPETokenizer
-    from nanogpt_np.hf_gpt2 import export_gpt2_dir
+    pytest.importorskip("nanogpt_np.tokenizers.bpe")
+    from nanogpt_np.tokenizers.bpe import BPETokenizer
+    from nanogpt_np.io.hf_gpt2 import export_gpt2_dir
     tok = BPETokenizer.train(TEXT * 5, 260, special_tokens=["<|endoftext|>"]) if _has_specials() else None
     if tok is None or tok.eot_id is None:
         pytest.skip("BPETokenizer.train cannot add <|endoftext|> here")
@@ -143,7 +143,7 @@ def test_gpt2_directory_can_be_evaluated(tmp_path):
 
 def _has_specials():
     import inspect
-    from nanogpt_np.bpe import BPETokenizer
+    from nanogpt_np.tokenizers.bpe import BPETokenizer
     return "special_tokens" in inspect.signature(BPETokenizer.train).parameters
 
 

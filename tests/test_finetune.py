@@ -3,11 +3,11 @@ fine-tuning raise task accuracy above the untuned model's."""
 import numpy as np
 
 from nanogpt_np import ops
-from nanogpt_np.char_tokenizer import CharTokenizer
-from nanogpt_np.evaluate import task_metrics
+from nanogpt_np.tokenizers.char import CharTokenizer
+from nanogpt_np.eval.evaluate import task_metrics
 from nanogpt_np.model import GPT, GPTConfig
 from nanogpt_np.optim import AdamW, clip_grad_norm
-from nanogpt_np.task_data import Example, TaskLoader, load_task_data
+from nanogpt_np.data.task_data import Example, TaskLoader, load_task_data
 from nanogpt_np.tensor import backward, clear_tape
 
 GOOD = ["great", "lovely", "superb", "fine", "warm", "bright", "fun", "sweet"]
@@ -98,9 +98,9 @@ def test_trainer_fine_tunes_on_a_task_file(tmp_path):
     """train.py --init_from=RUN --dataset=task.jsonl: fine-tuning on prompt/completion pairs."""
     import json
     from nanogpt_np import trainer
-    from nanogpt_np.checkpoint import save_checkpoint
+    from nanogpt_np.io.checkpoint import save_checkpoint
     from nanogpt_np.config import parse_args
-    from nanogpt_np.evaluate import run_evaluation
+    from nanogpt_np.eval.evaluate import run_evaluation
     base = tiny_model(seed=5)
     save_checkpoint(tmp_path / "base", base, None, {}, {"step": 0}, TOK)
     for name, exs in (("train.jsonl", sentiment_examples(200, 6)), ("test.jsonl", sentiment_examples(40, 7))):

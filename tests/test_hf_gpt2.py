@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from nanogpt_np.hf_gpt2 import CheckpointError, export_gpt2_dir, import_gpt2_dir, is_gpt2_dir
+from nanogpt_np.io.hf_gpt2 import CheckpointError, export_gpt2_dir, import_gpt2_dir, is_gpt2_dir
 from nanogpt_np.model import GPT, GPTConfig, parameter_shapes
-from nanogpt_np.safetensors import float32_to_bf16_bits, load_file, save_file
+from nanogpt_np.io.safetensors import float32_to_bf16_bits, load_file, save_file
 
 CFG = dict(block_size=16, vocab_size=300, n_layer=2, n_head=2, n_embd=16)
 
@@ -233,7 +233,7 @@ def test_tokenizer_files_required_and_paired(tmp_path):
 # ----------------------------------------------------------------------------------------------- tokenizer
 
 def test_tokenizer_round_trip_and_vocab_mismatch(tmp_path):
-    pytest.importorskip("nanogpt_np.bpe")
+    pytest.importorskip("nanogpt_np.tokenizers.bpe")
     d = write_hf_dir(tmp_path / "t")
     n = write_tokenizer_files(d)
     config, _, tok = import_gpt2_dir(d)
@@ -286,7 +286,7 @@ def test_transformers_round_trip(tmp_path):
 
 
 def test_transformers_loads_exported_tokenizer(tmp_path):
-    pytest.importorskip("nanogpt_np.bpe")
+    pytest.importorskip("nanogpt_np.tokenizers.bpe")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")            # AutoTokenizer needs it
     d = write_hf_dir(tmp_path / "t")
@@ -301,9 +301,9 @@ def test_transformers_loads_exported_tokenizer(tmp_path):
 
 
 def test_export_a_run_directory_and_the_command_line(tmp_path, capsys):
-    from nanogpt_np.char_tokenizer import CharTokenizer
-    from nanogpt_np.checkpoint import save_checkpoint
-    from nanogpt_np.hf_gpt2 import main
+    from nanogpt_np.tokenizers.char import CharTokenizer
+    from nanogpt_np.io.checkpoint import save_checkpoint
+    from nanogpt_np.io.hf_gpt2 import main
     tok = CharTokenizer.from_text("abc def")
     config = GPTConfig(**{**CFG, "vocab_size": tok.vocab_size})
     model = GPT(config, seed=2)
@@ -361,9 +361,9 @@ def test_is_gpt2_dir_needs_config_weights_and_tokenizer(tmp_path):
 
 
 def test_export_over_an_earlier_export_leaves_no_stale_files(tmp_path, capsys):
-    from nanogpt_np.char_tokenizer import CharTokenizer
-    from nanogpt_np.checkpoint import save_checkpoint
-    from nanogpt_np.hf_gpt2 import main
+    from nanogpt_np.tokenizers.char import CharTokenizer
+    from nanogpt_np.io.checkpoint import save_checkpoint
+    from nanogpt_np.io.hf_gpt2 import main
     tok = CharTokenizer.from_text("abc def")
     save_checkpoint(tmp_path / "run", GPT(GPTConfig(**{**CFG, "vocab_size": tok.vocab_size}), seed=2),
                     None, {}, {"step": 1}, tok)

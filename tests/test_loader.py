@@ -1,10 +1,10 @@
-"""Tests for nanogpt_np.loader.BatchLoader: shapes, shift, reproducibility, resume, shards, memmap."""
+"""Tests for nanogpt_np.data.loader.BatchLoader: shapes, shift, reproducibility, resume, shards, memmap."""
 import json
 
 import numpy as np
 import pytest
 
-from nanogpt_np.loader import BatchLoader
+from nanogpt_np.data.loader import BatchLoader
 
 
 def _data(n=1000, dtype=np.uint16):

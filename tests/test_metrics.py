@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from nanogpt_np.metrics import (accuracy, bits_per_byte, bleu_stats, corpus_bleu, f1_per_label, macro_f1,
+from nanogpt_np.eval.metrics import (accuracy, bits_per_byte, bleu_stats, corpus_bleu, f1_per_label, macro_f1,
                                 normalize_label, perplexity)
 
 

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from nanogpt_np.safetensors import (DTYPES, SafetensorsError, bf16_bits_to_float32, float32_to_bf16_bits,
+from nanogpt_np.io.safetensors import (DTYPES, SafetensorsError, bf16_bits_to_float32, float32_to_bf16_bits,
                                     load_file, load_metadata, read_header, save_file)
 
 NUMPY_DTYPES = {  # safetensors name -> numpy dtype used to make data (BF16 goes separately)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from nanogpt_np.checkpoint import load_model, load_tokenizer_of_run, save_checkpoint
-from nanogpt_np.char_tokenizer import CharTokenizer
+from nanogpt_np.io.checkpoint import load_model, load_tokenizer_of_run, save_checkpoint
+from nanogpt_np.tokenizers.char import CharTokenizer
 from nanogpt_np.config import parse_args
 from nanogpt_np.generate import generate_text
 from nanogpt_np.model import GPT, GPTConfig
@@ -416,8 +416,8 @@ def test_time_limit_and_full_queue(trained_run, tmp_path):
 # ----- a byte-level BPE model: <|endoftext|> stops, characters split across tokens -----
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory):
-    from nanogpt_np.bpe import BPETokenizer
-    from nanogpt_np.corpus import default_corpus_text
+    from nanogpt_np.tokenizers.bpe import BPETokenizer
+    from nanogpt_np.data.corpus import default_corpus_text
     out = tmp_path_factory.mktemp("serve") / "bpe"
     tokenizer = BPETokenizer.train(default_corpus_text()[:20000] + " héllo wörld, €uro 日本語", vocab_size=300)
     config = GPTConfig(block_size=256, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_embd=32)
@@ -515,7 +515,7 @@ def test_cli_errors(tmp_path):
 
 # ----- the scheduler alone (in this process: the test thread runs no model while the worker lives) -----
 def run_scheduler(model, sequences, max_batch=4):
-    from nanogpt_np.batching import Scheduler
+    from nanogpt_np.serve.batching import Scheduler
     scheduler = Scheduler(model, max_batch=max_batch).start()
     try:
         scheduler.submit(sequences)
@@ -534,7 +534,7 @@ def run_scheduler(model, sequences, max_batch=4):
 
 def test_scheduler_limits_cancel_and_fifo():
     import queue
-    from nanogpt_np.batching import Sequence
+    from nanogpt_np.serve.batching import Sequence
     model = GPT(GPTConfig(block_size=1024, vocab_size=20, n_layer=1, n_head=2, n_embd=16), seed=1)
     events = queue.Queue()
     now = time.monotonic()

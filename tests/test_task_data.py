@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from nanogpt_np.char_tokenizer import CharTokenizer
-from nanogpt_np.task_data import (Example, TaskDataError, TaskLoader, encode_example, load_task_data,
+from nanogpt_np.tokenizers.char import CharTokenizer
+from nanogpt_np.data.task_data import (Example, TaskDataError, TaskLoader, encode_example, load_task_data,
                                   read_task_file, split_examples)
 
 TOK = CharTokenizer(sorted(set("abcdefghijklmnopqrstuvwxyz :\n")))
@@ -131,7 +131,7 @@ def test_split_and_loader():
 
 def test_trainer_glue(tmp_path):
     from nanogpt_np.model import GPT, GPTConfig
-    from nanogpt_np.task_data import is_task_file, task_loaders, task_text, task_val_loss
+    from nanogpt_np.data.task_data import is_task_file, task_loaders, task_text, task_val_loss
     p = write_lines(tmp_path / "t.jsonl", [{"prompt": f"{c}b:", "completion": " a"} for c in "abcdefghij"])
     assert is_task_file(p) and not is_task_file(tmp_path / "missing.jsonl")
     assert set(task_text(read_task_file(p))) <= set(TOK.chars)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanogpt_np.checkpoint import CheckpointError, load_model
+from nanogpt_np.io.checkpoint import CheckpointError, load_model
 from nanogpt_np.config import ConfigError, parse_args
 from nanogpt_np.optim import lr_at
 from nanogpt_np.trainer import train
@@ -239,9 +239,9 @@ def test_saved_files_are_readable_like_normal_files(tmp_path):
 def test_init_from_a_hugging_face_gpt2_folder(tmp_path):
     """A downloaded GPT-2 folder holds Hugging Face's own tokenizer.json beside vocab.json + merges.txt:
     --init_from, sample.py and the tokenizer loader must read the GPT-2 pair, not that file."""
-    from nanogpt_np.bpe import BPETokenizer
-    from nanogpt_np.checkpoint import load_tokenizer_of_run
-    from nanogpt_np.hf_gpt2 import export_gpt2_dir
+    from nanogpt_np.tokenizers.bpe import BPETokenizer
+    from nanogpt_np.io.checkpoint import load_tokenizer_of_run
+    from nanogpt_np.io.hf_gpt2 import export_gpt2_dir
     from nanogpt_np.model import GPT, GPTConfig
     text = "the quick brown fox jumps over the lazy dog. " * 200
     tok = BPETokenizer.train(text, 300)
@@ -262,9 +262,9 @@ def test_init_from_a_hugging_face_gpt2_folder(tmp_path):
 def test_default_corpus_does_not_depend_on_what_is_imported():
     """The embedded corpus must be the same text in any process (libraries may patch stdlib functions)."""
     import hashlib
-    from nanogpt_np.corpus import default_corpus_text
+    from nanogpt_np.data.corpus import default_corpus_text
     here = hashlib.sha256(default_corpus_text().encode()).hexdigest()
-    fresh = subprocess.run([sys.executable, "-c", "import hashlib; from nanogpt_np.corpus import default_corpus_text;"
+    fresh = subprocess.run([sys.executable, "-c", "import hashlib; from nanogpt_np.data.corpus import default_corpus_text;"
                             "print(hashlib.sha256(default_corpus_text().encode()).hexdigest())"],
                            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert fresh.stdout.strip() == here

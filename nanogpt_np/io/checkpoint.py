@@ -19,7 +19,7 @@ import os
 
 from . import safetensors
 from .files import atomic_write_json
-from .model import GPT, GPTConfig
+from ..model import GPT, GPTConfig
 
 
 class CheckpointError(ValueError):
@@ -56,7 +56,7 @@ def _read_json(path, what) -> dict:
 
 def is_hf_gpt2_dir(path) -> bool:
     """True for a Hugging Face GPT-2 directory (hf_gpt2 owns the test: its config.json describes GPT-2)."""
-    from .hf_gpt2 import has_gpt2_config          # imported here: hf_gpt2 imports this module
+    from .hf_gpt2 import has_gpt2_config  # imported here: hf_gpt2 imports this module
     return has_gpt2_config(path)
 
 
@@ -102,7 +102,7 @@ def load_model(out_dir, dtype="float32", seed=0) -> GPT:
 
 
 def load_tokenizer_of_run(out_dir):
-    from .tokenizer import load_tokenizer
+    from ..tokenizers.load import load_tokenizer
     if is_hf_gpt2_dir(out_dir):   # GPT-2's vocab.json + merges.txt; checked against config.json, not the weights
         try:
             tokenizer = load_tokenizer(out_dir)

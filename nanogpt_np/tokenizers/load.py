@@ -39,7 +39,7 @@ def load_tokenizer(path):
         if kind == "bpe":
             return BPETokenizer.from_dict(description, where=str(path))
         if kind == "char":
-            from .char_tokenizer import CharTokenizer  # imported here: only needed for char files
+            from .char import CharTokenizer  # imported here: only needed for char files
             return CharTokenizer.load(os.fspath(path))
         raise TokenizerFileError(f"{path}: unknown tokenizer type {kind!r} (expected \"bpe\" or \"char\")")
     for vocab_name, merges_name in GPT2_FILE_PAIRS:

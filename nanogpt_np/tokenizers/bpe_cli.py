@@ -1,12 +1,12 @@
 """Command line for the BPE tokenizer.
 
-    python -m nanogpt_np.bpe_cli train  --input corpus.txt [more.txt ...] --vocab-size 8192 --output tok.json
-    python -m nanogpt_np.bpe_cli encode --tokenizer tok.json --input corpus.txt --output corpus.bin
-    python -m nanogpt_np.bpe_cli encode --tokenizer ../shared/data/gpt2 --text "hello world"
-    python -m nanogpt_np.bpe_cli decode --tokenizer tok.json 31373 995        (or --input corpus.bin)
-    python -m nanogpt_np.bpe_cli show   --tokenizer tok.json "Hello, world!"
+    python -m nanogpt_np.tokenizers.bpe_cli train  --input corpus.txt [more.txt ...] --vocab-size 8192 --output tok.json
+    python -m nanogpt_np.tokenizers.bpe_cli encode --tokenizer tok.json --input corpus.txt --output corpus.bin
+    python -m nanogpt_np.tokenizers.bpe_cli encode --tokenizer ../shared/data/gpt2 --text "hello world"
+    python -m nanogpt_np.tokenizers.bpe_cli decode --tokenizer tok.json 31373 995        (or --input corpus.bin)
+    python -m nanogpt_np.tokenizers.bpe_cli show   --tokenizer tok.json "Hello, world!"
 
---tokenizer takes anything nanogpt_np.tokenizer.load_tokenizer reads (a tokenizer.json, or a directory
+--tokenizer takes anything nanogpt_np.tokenizers.load.load_tokenizer reads (a tokenizer.json, or a directory
 with GPT-2's encoder.json + vocab.bpe). encode writes an llm.c token shard when --output ends in .bin,
 otherwise the ids as text, one line per input. Every error is printed as one line on stderr, exit code 1.
 """
@@ -25,7 +25,7 @@ from .bpe import ENDOFTEXT, GPT2_PATTERN, BPETokenizer, DisallowedSpecialTokenEr
 
 
 def _load(path):
-    from .tokenizer import load_tokenizer
+    from .load import load_tokenizer
     return load_tokenizer(path)
 
 
@@ -74,7 +74,7 @@ def cmd_encode(args) -> None:
     allowed = _allowed(args.allowed_special)
     inputs = [args.text] if args.text is not None else [Path(p) for p in args.input]
     if args.output and args.output.endswith(".bin"):
-        from .shards import ShardWriter, dtype_for_vocab
+        from ..data.shards import ShardWriter, dtype_for_vocab
         with ShardWriter(args.output, dtype=dtype_for_vocab(tok.vocab_size)) as writer:
             encode_files_parallel(tok, inputs, args.processes, allowed, args.append_eot,
                                   on_document=lambda index, ids: writer.write(ids))
@@ -96,7 +96,7 @@ def _read_ids(args):
         except ValueError as e:
             raise ValueError(f"ids must be integers: {e}") from None
     if args.input.endswith(".bin"):
-        from .shards import read_tokens
+        from ..data.shards import read_tokens
         return read_tokens(args.input)
     with open(args.input, "r", encoding="utf-8") as f:
         try:
@@ -135,7 +135,7 @@ TOKENIZER_HELP = "a tokenizer.json, or a directory with encoder.json + vocab.bpe
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nanogpt_np.bpe_cli", description="Byte-level BPE tokenizer")
+    parser = argparse.ArgumentParser(prog="python -m nanogpt_np.tokenizers.bpe_cli", description="Byte-level BPE tokenizer")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="learn a tokenizer from text files")

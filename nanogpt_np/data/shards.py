@@ -247,12 +247,12 @@ def describe(path: str, show: int = 16) -> str:
     return f"{path}: {fmt}{version}, {tokens.dtype.name}, {len(tokens):,} tokens; first: {head}"
 
 
-if __name__ == "__main__":  # python -m nanogpt_np.shards FILE...
+if __name__ == "__main__":  # python -m nanogpt_np.data.shards FILE...
     import sys
 
     for p in sys.argv[1:] or ["--help"]:
         if p in ("-h", "--help"):
-            print("usage: python -m nanogpt_np.shards FILE...  (describe llm.c shards / nanoGPT .bin files)")
+            print("usage: python -m nanogpt_np.data.shards FILE...  (describe llm.c shards / nanoGPT .bin files)")
             break
         try:
             print(describe(p))

@@ -68,7 +68,7 @@ def _read_json(path: str) -> dict:
 
 def gpt_config_from_hf(hf: dict, source: str = "config.json"):
     """A Hugging Face GPT2Config dict -> GPTConfig, refusing what nanogpt_np's GPT does not compute."""
-    from .model import GPTConfig
+    from ..model import GPTConfig
 
     def get(*names, default=None):
         for n in names:
@@ -157,7 +157,7 @@ def _weight_files(path: str) -> Dict[str, str]:
 
 def _load_weights(path: str, config) -> Dict[str, np.ndarray]:
     """Read and check every tensor: GPT-2 name (no prefix) -> float32 array."""
-    from .model import parameter_shapes
+    from ..model import parameter_shapes
     files = _weight_files(path)
     expected = parameter_shapes(config)
     chosen: Dict[str, Tuple[str, str]] = {}          # our name -> (name in the file, file)
@@ -240,7 +240,7 @@ def _load_tokenizer(path: str, config, required: bool):
     if not all(have):
         raise CheckpointError(f"{path}: has {'vocab.json' if have[0] else 'merges.txt'} but not "
                               f"{'merges.txt' if have[0] else 'vocab.json'}; both are needed")
-    from .bpe import BPETokenizer
+    from ..tokenizers.bpe import BPETokenizer
     try:
         tok = BPETokenizer.from_gpt2_files(vocab, merges)
     except (ValueError, KeyError) as e:
@@ -301,7 +301,7 @@ def import_gpt2_dir(path, require_tokenizer: bool = True):
 def load_run_model(run_dir):
     """(GPTConfig, params, tokenizer) from a nanogpt_np run directory (model.safetensors, config.json,
     tokenizer.json), read directly so that exporting needs nothing but these files."""
-    from .model import GPTConfig
+    from ..model import GPTConfig
     run_dir = os.fspath(run_dir)
     cfg = _read_json(os.path.join(run_dir, "config.json"))
     cfg = cfg.get("model", cfg) if isinstance(cfg.get("model"), dict) else cfg
@@ -316,7 +316,7 @@ def load_run_model(run_dir):
     tokenizer = None
     tok_path = os.path.join(run_dir, "tokenizer.json")
     if os.path.exists(tok_path):
-        from .tokenizer import load_tokenizer
+        from ..tokenizers.load import load_tokenizer
         tokenizer = load_tokenizer(tok_path)
     return config, params, tokenizer
 
@@ -324,7 +324,7 @@ def load_run_model(run_dir):
 def _params_of(model) -> Dict[str, np.ndarray]:
     if hasattr(model, "state_dict"):
         return model.state_dict()
-    from .backend import to_numpy
+    from ..backend import to_numpy
     return {k: to_numpy(getattr(v, "data", v)) for k, v in model.params.items()}
 
 
@@ -362,7 +362,7 @@ def export_gpt2_dir(model_or_run, tokenizer=None, out_dir=None) -> str:
     written (EXPORT_FILES), so none is left stale; other files are kept. A run directory (state.json) is
     refused as out_dir. Returns out_dir.
     """
-    from .model import parameter_shapes
+    from ..model import parameter_shapes
     if out_dir is None:
         raise TypeError("export_gpt2_dir needs out_dir")
     if isinstance(model_or_run, (str, os.PathLike)):
@@ -409,9 +409,9 @@ def export_gpt2_dir(model_or_run, tokenizer=None, out_dir=None) -> str:
 
 
 def main(argv=None) -> None:
-    """python -m nanogpt_np.hf_gpt2 export RUN_DIR OUT_DIR  |  check HF_DIR"""
+    """python -m nanogpt_np.io.hf_gpt2 export RUN_DIR OUT_DIR  |  check HF_DIR"""
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m nanogpt_np.hf_gpt2", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m nanogpt_np.io.hf_gpt2", description=main.__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="write a nanogpt_np run as a Hugging Face GPT-2 directory")
     e.add_argument("run_dir")

@@ -1,17 +1,17 @@
 """load_prepared(name): the token shards, tokenizer and manifest of a prepared dataset, memory-mapped.
 
 A prepared dataset is a directory data/<name>/ (see docs/CONTRACTS.md) holding
-  manifest.json     written by nanogpt_np.prepare: lists the shard files of each split
+  manifest.json     written by nanogpt_np.data.prepare: lists the shard files of each split
   tokenizer.json    the tokenizer ("type": "char" or "bpe")
   train*.bin, val*.bin   llm.c shards (or nanoGPT raw uint16 files; the reader tells them apart)
 With a manifest, tokenizer.json must be there and hold at least the manifest's vocab_size tokens, and
 shards are read with the strict llm.c reader when the manifest says "format": "llmc".
 Also read: a nanoGPT data directory (train.bin + val.bin, raw uint16, no manifest); its tokenizer is
 tokenizer.json if present, else the characters of nanoGPT's meta.pkl (read with an unpickler that
-refuses every class, so no code can run), else GPT-2's (found as nanogpt_np.prepare.find_gpt2_dir does).
+refuses every class, so no code can run), else GPT-2's (found as nanogpt_np.data.prepare.find_gpt2_dir does).
 
 `train` and `val` are one np.memmap when the split has one file, else a list of them, which is what
-nanogpt_np.loader.BatchLoader takes. Nothing is read into memory here.
+nanogpt_np.data.loader.BatchLoader takes. Nothing is read into memory here.
 """
 from __future__ import annotations
 
@@ -89,9 +89,9 @@ class _NoClassesUnpickler(pickle.Unpickler):
 def _load_tokenizer(directory: str, manifest: dict):
     path = os.path.join(directory, "tokenizer.json")
     if os.path.isfile(path):
-        from .tokenizer import load_tokenizer
+        from ..tokenizers.load import load_tokenizer
         return load_tokenizer(path)
-    if manifest:  # written by nanogpt_np.prepare with its own tokenizer: GPT-2's would give wrong text
+    if manifest:  # written by nanogpt_np.data.prepare with its own tokenizer: GPT-2's would give wrong text
         raise FileNotFoundError(f"{path}: missing; {directory}/manifest.json needs the tokenizer the dataset "
                                 f"was prepared with (prepare the dataset again)")
     meta = os.path.join(directory, "meta.pkl")
@@ -103,10 +103,10 @@ def _load_tokenizer(directory: str, manifest: dict):
         except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as e:
             raise ValueError(f"{meta}: refused or unreadable ({type(e).__name__}: {e}); "
                              f"expected nanoGPT's meta.pkl, a plain dict with 'itos'") from None
-        from .char_tokenizer import CharTokenizer
+        from ..tokenizers.char import CharTokenizer
         return CharTokenizer([itos[i] for i in range(len(itos))])
     from .prepare import find_gpt2_dir  # nanoGPT's BPE datasets use GPT-2's tokenizer
-    from .bpe import BPETokenizer
+    from ..tokenizers.bpe import BPETokenizer
     d = find_gpt2_dir()
     return BPETokenizer.from_gpt2_files(os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe"))
 

@@ -43,7 +43,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 import regex
 
-from .files import atomic_write_text
+from ..io.files import atomic_write_text
 
 ENDOFTEXT = "<|endoftext|>"
 FORMAT_VERSION = 1

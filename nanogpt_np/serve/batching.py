@@ -42,9 +42,9 @@ import time
 
 import numpy as np
 
-from . import backend
-from .generate import KVCache, check_sampling_args, sample_from_logits
-from .tensor import no_grad
+from .. import backend
+from ..generate import KVCache, check_sampling_args, sample_from_logits
+from ..tensor import no_grad
 
 
 class QueueFull(RuntimeError):

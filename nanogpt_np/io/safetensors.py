@@ -90,7 +90,7 @@ def bf16_bits_to_float32(bits) -> np.ndarray:
 def _to_host(array) -> np.ndarray:
     """numpy or cupy array (or anything array-like) -> numpy array."""
     try:
-        from .backend import to_numpy
+        from ..backend import to_numpy
     except ImportError:  # used as a stand-alone module
         return np.asarray(array)
     return to_numpy(array)
@@ -303,7 +303,7 @@ def load_file(path, names: Optional[Iterable[str]] = None, bf16_as: str = "uint1
     return out
 
 
-if __name__ == "__main__":  # tiny inspector: python -m nanogpt_np.safetensors FILE
+if __name__ == "__main__":  # tiny inspector: python -m nanogpt_np.io.safetensors FILE
     for p in sys.argv[1:]:
         print(p, load_metadata(p))
         for k, (dt, shp) in read_header(p).items():

@@ -1,7 +1,7 @@
 """Evaluate a trained model: language-model metrics on a held-out text, and task metrics by generation.
 
-    python -m nanogpt_np.evaluate --out_dir=RUN --file=heldout.txt
-    python -m nanogpt_np.evaluate --out_dir=RUN --task=test.jsonl [--metric=labels|text|auto]
+    python -m nanogpt_np.eval.evaluate --out_dir=RUN --file=heldout.txt
+    python -m nanogpt_np.eval.evaluate --out_dir=RUN --task=test.jsonl [--metric=labels|text|auto]
 
 RUN is a nanogpt_np run directory (config.json, model.safetensors, tokenizer.json) or a Hugging Face GPT-2
 directory. The results are printed and written as JSON to RUN/eval.json (or --out=PATH).
@@ -38,8 +38,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import backend, metrics
-from .tensor import no_grad
+from .. import backend
+from . import metrics
+from ..tensor import no_grad
 
 __all__ = ["load_for_eval", "lm_metrics", "task_loss", "greedy_complete", "task_metrics", "run_evaluation",
            "main"]
@@ -53,8 +54,8 @@ class EvalError(ValueError):
 
 def load_for_eval(path, dtype: str = "float32"):
     """(model in eval mode, tokenizer, source description) from a run directory or a GPT-2 directory."""
-    from .hf_gpt2 import has_gpt2_config, import_gpt2_dir
-    from .model import GPT
+    from ..io.hf_gpt2 import has_gpt2_config, import_gpt2_dir
+    from ..model import GPT
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise EvalError(f"no run directory at {path}")
@@ -64,7 +65,7 @@ def load_for_eval(path, dtype: str = "float32"):
         model.load_params(params, source=path)
         kind = "gpt2-dir"
     else:
-        from .checkpoint import load_model, load_tokenizer_of_run
+        from ..io.checkpoint import load_model, load_tokenizer_of_run
         model = load_model(path, dtype=dtype)
         tokenizer = load_tokenizer_of_run(path)
         kind = "run"
@@ -125,7 +126,7 @@ def lm_metrics(model, tokenizer, text: str, batch_size: int = 8, max_tokens: Opt
 
 def task_loss(model, tokenizer, examples, batch_size: int = 16) -> Dict:
     """Mean cross-entropy of the completion tokens given their prompts (the fine-tuning objective)."""
-    from .task_data import load_task_data
+    from ..data.task_data import load_task_data
     data = load_task_data(examples, tokenizer, model.config.block_size)
     total, n = 0.0, 0
     for i in range(0, len(data.x), batch_size):
@@ -183,7 +184,7 @@ def task_metrics(model, tokenizer, examples, kind: str = "auto", max_new_tokens:
     """Generation-based metrics on prompt/completion examples (see the module docstring)."""
     if kind not in ("auto", "labels", "text"):
         raise EvalError(f"--metric must be auto, labels or text, got {kind!r}")
-    from .task_data import _encode
+    from ..data.task_data import _encode
     refs = [ex.completion for ex in examples]
     prompts = [_encode(tokenizer, ex.prompt, ex.where) for ex in examples]
     if max_new_tokens is None:
@@ -220,7 +221,7 @@ def run_evaluation(out_dir, file: Optional[str] = None, task: Optional[str] = No
                    max_examples: Optional[int] = None, out: Optional[str] = None, device: str = "cpu",
                    log=print) -> Dict:
     """Evaluate and write the JSON results (default out_dir/eval.json). Returns the results dict."""
-    from .task_data import read_task_file
+    from ..data.task_data import read_task_file
     if file is None and task is None:
         raise EvalError("nothing to evaluate: give --file=TEXT and/or --task=FILE.jsonl")
     # range checks before the model is loaded (a batch of 0 would loop on nothing, max_tokens 1 predicts nothing)
@@ -260,7 +261,7 @@ def run_evaluation(out_dir, file: Optional[str] = None, task: Optional[str] = No
             log(f"{task}: BLEU {r['bleu']:.4f} (add-one {r['bleu_add1']:.4f}) | exact match "
                 f"{r['exact_match']:.4f} | task loss {r['task_loss']:.4f} | {r['examples']} examples")
     out = out or os.path.join(os.fspath(out_dir), "eval.json")
-    from .files import atomic_write_json
+    from ..io.files import atomic_write_json
     atomic_write_json(out, results)
     log(f"wrote {out}")
     return results
@@ -275,7 +276,7 @@ def _step_of(out_dir) -> Optional[int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m nanogpt_np.evaluate",
+    ap = argparse.ArgumentParser(prog="python -m nanogpt_np.eval.evaluate",
                                  description="Evaluate a run: LM metrics on a text file, task metrics on a JSONL file.")
     ap.add_argument("--out_dir", required=True, help="run directory (or a Hugging Face GPT-2 directory)")
     ap.add_argument("--file", help="held-out plain text: loss, perplexity, bits per byte")

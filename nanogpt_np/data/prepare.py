@@ -1,17 +1,17 @@
 """The data pipeline: ingest -> clean -> de-duplicate -> split -> tokenize -> shards + manifest.
 
-    python -m nanogpt_np.prepare --input corpus.jsonl.gz --field text --tokenizer bpe --vocab_size 4096 --out data/mine
+    python -m nanogpt_np.data.prepare --input corpus.jsonl.gz --field text --tokenizer bpe --vocab_size 4096 --out data/mine
 
 Two streaming stages, so a corpus larger than memory goes through:
-  stage 1  documents are read one at a time (nanogpt_np.ingest), grouped into chunks of about
-           `chunk_chars` characters, and each chunk is cleaned on a worker process (nanogpt_np.clean),
-           which also computes the de-duplication keys (nanogpt_np.dedup) and the split hash. The main
+  stage 1  documents are read one at a time (nanogpt_np.data.ingest), grouped into chunks of about
+           `chunk_chars` characters, and each chunk is cleaned on a worker process (nanogpt_np.data.clean),
+           which also computes the de-duplication keys (nanogpt_np.data.dedup) and the split hash. The main
            process decides what is a duplicate (first one wins, in input order) and appends each kept
            document to _clean_train.jsonl or _clean_val.jsonl (one JSON string per line).
   tokenizer  trained on the cleaned train documents (BPE on the first `bpe_train_chars` characters;
            characters: every character kept), or GPT-2's, or an existing tokenizer file.
   stage 2  the cleaned files are read back in chunks, tokenized on the workers, and written in order
-           to llm.c shards (nanogpt_np.shards). The cleaned files are deleted unless keep_clean.
+           to llm.c shards (nanogpt_np.data.shards). The cleaned files are deleted unless keep_clean.
 Results come back from the workers in input order, so the output is identical for any number of
 processes. Memory held for the whole run: the de-duplication tables (about 2 KB per kept document
 with near-duplicate removal on) and, for BPE training, the sample it trains on.
@@ -320,17 +320,17 @@ def load_given_tokenizer(cfg: PrepareConfig):
     if kind == "char":
         return None
     if kind == "bpe":
-        from .bpe import ENDOFTEXT
+        from ..tokenizers.bpe import ENDOFTEXT
         if cfg.vocab_size < 256 + len([ENDOFTEXT]):  # one id per byte + <|endoftext|>
             raise ValueError(f"--vocab_size must be at least 257 for --tokenizer bpe "
                              f"(256 bytes + <|endoftext|>), got {cfg.vocab_size}")
         return None
     if kind == "gpt2":
-        from .bpe import BPETokenizer
+        from ..tokenizers.bpe import BPETokenizer
         d = find_gpt2_dir(cfg.gpt2_dir)
         return BPETokenizer.from_gpt2_files(os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe"))
     if os.path.exists(kind):
-        from .tokenizer import load_tokenizer
+        from ..tokenizers.load import load_tokenizer
         return load_tokenizer(kind)
     raise ValueError(f"--tokenizer must be bpe, char, gpt2 or the path of a tokenizer file, got {kind!r}")
 
@@ -341,10 +341,10 @@ def build_tokenizer(cfg: PrepareConfig, chars: Optional[set], given=None):
     if given is not None:
         return given
     if kind == "char":
-        from .char_tokenizer import CharTokenizer
+        from ..tokenizers.char import CharTokenizer
         return CharTokenizer(sorted(chars | {"\n"}))  # "\n" separates documents
     if kind == "bpe":
-        from .bpe import BPETokenizer
+        from ..tokenizers.bpe import BPETokenizer
 
         def sample():  # the first bpe_train_chars characters of the cleaned train documents
             budget = cfg.bpe_train_chars
@@ -469,7 +469,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     import dataclasses
     import shutil
 
-    from .files import atomic_write_json
+    from ..io.files import atomic_write_json
 
     check_options(cfg)
     check_out_dir(cfg.out_dir)
@@ -509,7 +509,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         manifest = {
             "format": "llmc",
             "version": 1,
-            "created_by": "nanogpt_np.prepare",
+            "created_by": "nanogpt_np.data.prepare",
             "tokenizer": {"type": tokenizer_name(tok), "source": cfg.tokenizer, "file": "tokenizer.json",
                           "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
             "dtype": dtype.name,
@@ -572,7 +572,7 @@ def download(url: str, dest: str, timeout: float = 60.0) -> str:
     except OSError as e:
         raise FileNotFoundError(f"cannot download {url} ({e}); on a machine without internet pass "
                                 f"--input PATH to a local copy") from None
-    from .files import atomic_write_bytes
+    from ..io.files import atomic_write_bytes
     atomic_write_bytes(dest, data)
     return dest
 
@@ -586,7 +586,7 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def build_parser(prog: str = "python -m nanogpt_np.prepare") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m nanogpt_np.data.prepare") -> argparse.ArgumentParser:
     d = PrepareConfig(inputs=[], out_dir="")
     p = argparse.ArgumentParser(prog=prog, description="Turn text/JSON/JSONL/CSV (gzip ok) into token shards.")
     p.add_argument("--input", nargs="+", required=True, help="files and/or folders")
@@ -630,7 +630,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
     return PrepareConfig(**kw)
 
 
-def main(argv=None, prog: str = "python -m nanogpt_np.prepare", defaults: Optional[dict] = None) -> dict:
+def main(argv=None, prog: str = "python -m nanogpt_np.data.prepare", defaults: Optional[dict] = None) -> dict:
     parser = build_parser(prog)
     if defaults:
         parser.set_defaults(**defaults)

@@ -309,8 +309,8 @@ def task_loaders(path, tokenizer, block_size: int, batch_size: int, val_fraction
 def task_val_loss(model, loader: "TaskLoader", max_batches: Optional[int] = None) -> float:
     """Mean cross-entropy per learned token over the loader's rows in order (weighted by token count, so
     the result does not depend on how rows fall into batches). Restores the model's train/eval mode."""
-    from . import backend
-    from .tensor import no_grad
+    from .. import backend
+    from ..tensor import no_grad
     was_training = model.training
     model.eval()
     total, n = 0.0, 0

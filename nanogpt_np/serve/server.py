@@ -44,16 +44,8 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-if __name__ == "__main__" and "numpy" not in sys.modules:
-    # One BLAS thread unless told otherwise (OPENBLAS_NUM_THREADS=N ...). A decode step multiplies small
-    # matrices (a few rows per active sequence); BLAS threads that spin-wait for such work fight the request
-    # threads for the cores, and on a busy machine they make a batch of 32 ten times slower, not faster.
-    # This must happen before numpy is first imported.
-    for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_name, "1")
-
-from . import backend  # noqa: E402  (after the BLAS settings above)
-from .batching import QueueFull, Scheduler, Sequence  # noqa: E402
+from .. import backend
+from .batching import QueueFull, Scheduler, Sequence
 
 # ---------------------------------------------------------------------------------------------------------
 # Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}
@@ -777,7 +769,7 @@ def build_parser():
 
 def make_server(args) -> CompletionServer:
     """Load the run and bind the socket (call serve_forever() on the result)."""
-    from .checkpoint import load_model, load_tokenizer_of_run
+    from ..io.checkpoint import load_model, load_tokenizer_of_run
     for name in ("max_batch", "max_queue", "max_connections", "max_body_bytes", "max_n", "max_choices"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1")
@@ -805,7 +797,7 @@ def make_server(args) -> CompletionServer:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
+    from ..io.checkpoint import CheckpointError
     try:
         server = make_server(args)
     except (CheckpointError, backend.BackendError, ValueError, OSError) as e:
@@ -829,7 +821,3 @@ def main(argv=None) -> int:
         server.server_close()
         server.scheduler.stop()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ outside the vocabulary cannot be encoded (a clear error, not a silent drop). The
 """
 import json
 
-from .files import atomic_write_json
+from ..io.files import atomic_write_json
 
 
 class CharTokenizer:
