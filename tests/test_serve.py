@@ -24,7 +24,7 @@ from nanogpt_np.tokenizers.char import CharTokenizer
 from nanogpt_np.config import parse_args
 from nanogpt_np.generate import generate_text
 from nanogpt_np.model import GPT, GPTConfig
-from nanogpt_np.serve import Limits, TextAssembler, parse_completion_request, APIError
+from nanogpt_np.serve.server import Limits, TextAssembler, parse_completion_request, APIError
 from nanogpt_np.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -611,7 +611,7 @@ setTimeout(async () => {
 def test_page_streams_with_node(server, trained_run, tmp_path):
     """The page's script, run by Node with a stand-in for the DOM, streams the same text as the API."""
     import shutil
-    from nanogpt_np.serve import PAGE
+    from nanogpt_np.serve.server import PAGE
     node = shutil.which("node")
     if node is None or int(subprocess.run([node, "--version"], capture_output=True, text=True).stdout[1:]
                            .split(".")[0]) < 18:
@@ -682,7 +682,7 @@ def small_run(tmp_path_factory):
                                           ("--request_timeout=nan", "--request_timeout must be a finite"),
                                           ("--max_batch=1000000000000", "try a smaller --max_batch")])
 def test_main_refuses_bad_options_in_one_line(small_run, capsys, flag, message):
-    from nanogpt_np.serve import main
+    from nanogpt_np.serve.server import main
     assert main([f"--out_dir={small_run}", "--device=cpu", flag]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
