@@ -14,16 +14,13 @@ metadata and state.json is written last, so a crash in the middle of saving is c
 disagree) instead of silently mixing two checkpoints. No pickle anywhere: a checkpoint from a stranger can
 hold data, not code.
 """
-import json
 import os
 
 from . import safetensors
+from .errors import CheckpointError, read_json_object
+from .hf_gpt2 import gpt_config_from_hf, has_gpt2_config, import_gpt2_dir
 from .files import atomic_write_json
 from ..model import GPT, GPTConfig
-
-
-class CheckpointError(ValueError):
-    """A run directory that is missing, incomplete, corrupt or from another architecture."""
 
 
 def save_checkpoint(out_dir, model: GPT, optimizer, train_config: dict, state: dict, tokenizer=None) -> None:
@@ -41,32 +38,12 @@ def save_checkpoint(out_dir, model: GPT, optimizer, train_config: dict, state: d
     atomic_write_json(os.path.join(out_dir, "state.json"), state)       # last: it marks the checkpoint complete
 
 
-def _read_json(path, what) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} not found: {path}") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{what} {path} is unreadable or corrupt: {e}") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{what} {path} is corrupt: expected a JSON object")
-    return d
-
-
-def is_hf_gpt2_dir(path) -> bool:
-    """True for a Hugging Face GPT-2 directory (hf_gpt2 owns the test: its config.json describes GPT-2)."""
-    from .hf_gpt2 import has_gpt2_config  # imported here: hf_gpt2 imports this module
-    return has_gpt2_config(path)
-
-
 def read_model_config(out_dir) -> GPTConfig:
     if not os.path.isdir(out_dir):
         raise CheckpointError(f"no run directory at {out_dir}")
-    if is_hf_gpt2_dir(out_dir):
-        from .hf_gpt2 import gpt_config_from_hf
-        return gpt_config_from_hf(_read_json(os.path.join(out_dir, "config.json"), "model config"))
-    d = _read_json(os.path.join(out_dir, "config.json"), "model config")
+    if has_gpt2_config(out_dir):
+        return gpt_config_from_hf(read_json_object(os.path.join(out_dir, "config.json")))
+    d = read_json_object(os.path.join(out_dir, "config.json"))
     try:
         return GPTConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -85,8 +62,7 @@ def _load_tensors(path, what):
 def load_model(out_dir, dtype="float32", seed=0) -> GPT:
     """A GPT with the weights of the run in out_dir (for sampling, serving, evaluation, fine-tuning).
     A Hugging Face GPT-2 directory works too (imported by hf_gpt2, no torch)."""
-    if is_hf_gpt2_dir(out_dir):
-        from .hf_gpt2 import import_gpt2_dir
+    if has_gpt2_config(out_dir):
         config, params, _ = import_gpt2_dir(out_dir, require_tokenizer=False)
         model = GPT(config, seed=seed, dtype=dtype)
         model.load_params(params, source=out_dir)
@@ -103,7 +79,7 @@ def load_model(out_dir, dtype="float32", seed=0) -> GPT:
 
 def load_tokenizer_of_run(out_dir):
     from ..tokenizers.load import load_tokenizer
-    if is_hf_gpt2_dir(out_dir):   # GPT-2's vocab.json + merges.txt; checked against config.json, not the weights
+    if has_gpt2_config(out_dir):   # GPT-2's vocab.json + merges.txt; checked against config.json, not the weights
         try:
             tokenizer = load_tokenizer(out_dir)
         except ValueError as e:
@@ -126,7 +102,7 @@ def read_training_state(out_dir) -> dict:
     """state.json of a run, checked for the keys a resume needs."""
     if not os.path.isdir(out_dir):
         raise CheckpointError(f"no run directory at {out_dir}: nothing to resume")
-    state = _read_json(os.path.join(out_dir, "state.json"), "training state")
+    state = read_json_object(os.path.join(out_dir, "state.json"))
     if not isinstance(state.get("step"), int) or not isinstance(state.get("loader"), dict):
         raise CheckpointError(f"{out_dir}/state.json is corrupt: it needs an integer 'step' and a 'loader' state")
     return state

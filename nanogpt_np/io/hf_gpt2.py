@@ -35,7 +35,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError, read_json_object
 from .files import atomic_write_json
 from .safetensors import SafetensorsError, bf16_bits_to_float32, load_file, read_header, save_file
 
@@ -47,24 +47,7 @@ IGNORED_BUFFERS = (".attn.bias", ".attn.masked_bias")      # causal-mask buffers
 GELU_NAMES = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")   # all the tanh approximation nanogpt_np uses
 
 
-# A checkpoint directory that cannot be imported or exported raises the same CheckpointError as a run
-# directory (the message says which file and why), so the command lines report both the same way.
-
-
 # ----------------------------------------------------------------------------------------------- config
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
 
 def gpt_config_from_hf(hf: dict, source: str = "config.json"):
     """A Hugging Face GPT2Config dict -> GPTConfig, refusing what nanogpt_np's GPT does not compute."""
@@ -144,7 +127,7 @@ def _weight_files(path: str) -> Dict[str, str]:
     if os.path.exists(single):
         return {name: single for name in read_header(single)}
     if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: has no 'weight_map' object")
         return {name: os.path.join(path, shard) for name, shard in weight_map.items()}
@@ -288,7 +271,7 @@ def import_gpt2_dir(path, require_tokenizer: bool = True):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
-    hf = _read_json(os.path.join(path, "config.json"))
+    hf = read_json_object(os.path.join(path, "config.json"))
     config = gpt_config_from_hf(hf, os.path.join(path, "config.json"))
     try:
         params = _load_weights(path, config)
@@ -303,7 +286,7 @@ def load_run_model(run_dir):
     tokenizer.json), read directly so that exporting needs nothing but these files."""
     from ..model import GPTConfig
     run_dir = os.fspath(run_dir)
-    cfg = _read_json(os.path.join(run_dir, "config.json"))
+    cfg = read_json_object(os.path.join(run_dir, "config.json"))
     cfg = cfg.get("model", cfg) if isinstance(cfg.get("model"), dict) else cfg
     try:
         config = GPTConfig.from_dict(cfg)
@@ -338,7 +321,7 @@ def _remove_stale_export(out_dir: str) -> None:
     index = os.path.join(out_dir, "model.safetensors.index.json")
     if os.path.isfile(index):  # the weight shards it lists are stale too
         try:
-            shards = set(_read_json(index).get("weight_map", {}).values())
+            shards = set(read_json_object(index).get("weight_map", {}).values())
         except (CheckpointError, AttributeError):
             shards = set()
         for name in shards:
