@@ -557,6 +557,32 @@ def _gemm_ex(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, bet
     cm[:m] = a_ * prod + b_ * old
 
 
+# cupy._core._routines_linalg as CuPy 14 has it: the constants are CuPy's own (not cuBLAS's), and the compute
+# type is kept per dtype: set_compute_type(dtype, compute_type), two positional arguments.
+LINALG_CONSTANTS = dict(COMPUTE_TYPE_TBD=0, COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_PEDANTIC=2, COMPUTE_TYPE_FP16=3,
+                        COMPUTE_TYPE_FP32=4, COMPUTE_TYPE_FP64=5, COMPUTE_TYPE_BF16=6, COMPUTE_TYPE_TF32=7)
+
+
+def _linalg_module():
+    linalg = types.ModuleType("cupy._core._routines_linalg")
+    linalg.__dict__.update(LINALG_CONSTANTS)
+    linalg.compute_types = {}                   # dtype char -> compute type (what a test can look at)
+
+    def set_compute_type(dtype, compute_type):
+        dtype = np.dtype(dtype)
+        if dtype.char not in "efdFD":
+            raise TypeError(f"set_compute_type: no compute type for dtype {dtype}")
+        if compute_type not in LINALG_CONSTANTS.values():
+            raise ValueError(f"set_compute_type: unknown compute type {compute_type!r}")
+        linalg.compute_types[dtype.char] = compute_type
+
+    def get_compute_type(dtype):
+        return linalg.compute_types.get(np.dtype(dtype).char, LINALG_CONSTANTS["COMPUTE_TYPE_DEFAULT"])
+
+    linalg.set_compute_type, linalg.get_compute_type = set_compute_type, get_compute_type
+    return linalg
+
+
 def install(monkeypatch):
     """Replace cupy with this module for the duration of a test (pytest monkeypatch)."""
     from nanogpt_np.kernels import compile as kc
@@ -575,9 +601,7 @@ def install(monkeypatch):
         monkeypatch.setitem(sys.modules, name, mod)
     sys.modules["cupy_backends"].cuda = sys.modules["cupy_backends.cuda"]
     sys.modules["cupy_backends.cuda"].libs = libs
-    linalg = types.ModuleType("cupy._core._routines_linalg")
-    linalg.COMPUTE_TYPE_TF32, linalg.COMPUTE_TYPE_DEFAULT = 1, 0
-    linalg.set_compute_type = lambda t: None
+    linalg = _linalg_module()
     core = types.ModuleType("cupy._core")
     core._routines_linalg = linalg
     monkeypatch.setattr(this, "_core", core, raising=False)
