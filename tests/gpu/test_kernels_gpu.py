@@ -255,6 +255,31 @@ def test_bf16_device_conversions_match_numpy(cp):
     np.testing.assert_array_equal(to_np(back).view(np.uint32), bf16_to_float32(float32_to_bf16(x)).view(np.uint32))
 
 
+_CVT_PROBE = r"""
+extern "C" __global__ void cvt_probe(unsigned short* out, const float* in, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { unsigned short h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(in[i])); out[i] = h; }
+}
+"""
+
+
+def test_bf16_conversion_matches_the_hardware_instruction(cp):
+    """The GPU's own float32 -> bf16 conversion (cvt.rn.bf16.f32, what flash_attention.cu uses) on NaNs with
+    payloads and signs, ties, overflow and random bits: kernels/bf16.py (and so bf16.cu) must agree bit for bit."""
+    if cp.__name__ != "cupy":
+        pytest.skip("the hardware instruction itself is the point: real GPU only")
+    bits = rng.integers(0, 2 ** 32, size=100_003, dtype=np.uint64).astype(np.uint32)
+    bits[:10] = [0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF, 0xFF80FFFF, 0x7FA00000, 0x3F808000, 0x3F818000,
+                 0x7F7FFFFF, 0x00008000]
+    x = bits.view(np.float32)
+    fn = cp.RawModule(code=_CVT_PROBE).get_function("cvt_probe")
+    out = cp.empty(x.shape, dtype=cp.uint16)
+    fn(((x.size + 255) // 256,), (256,), (out, cp.asarray(x), np.int64(x.size)))
+    hw = to_np(out)
+    bad = np.nonzero(hw != float32_to_bf16(x))[0]
+    assert bad.size == 0, [(hex(int(bits[i])), hex(int(hw[i])), hex(int(float32_to_bf16(x)[i]))) for i in bad[:8]]
+
+
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 33, 5), (256, 768, 2304), (1000, 3072, 768)])
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True)])
 def test_matmul_bf16(cp, M, K, N, ta, tb):
