@@ -68,43 +68,21 @@ def test_shapes_and_dtypes():
 
 # ------------------------------------------------------------- the device conversion in bf16.cu and adamw.cu
 
-_HOST_SHIM = """
-#include <cstring>
-#define __device__
-#define __forceinline__ inline
-static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
-%s
-extern "C" void convert(const float* in, unsigned short* out, long n) {
-    for (long i = 0; i < n; i++) out[i] = f32_to_bf16_rne(in[i]);
-}
-"""
-
-
-def _device_function(source_name, name="f32_to_bf16_rne"):
-    """The text of one __device__ function of a kernel source (from its signature to its closing brace)."""
-    from nanogpt_np.kernels.compile import source
-    text = source(source_name)
-    start = text.index("__device__ __forceinline__ unsigned short " + name)
-    end = text.index("\n}\n", start) + 3
-    return text[start:end]
-
-
 @pytest.mark.parametrize("source_name", ["bf16", "adamw"])
 def test_device_conversion_matches_numpy(source_name, tmp_path):
     """The kernels' own f32 -> bf16 function, compiled for the host (integer bit operations only, so the host
     computes what the GPU computes), against kernels/bf16.py on every special case and random bit patterns.
     The NaN case failed before: the kernels kept the payload ((u >> 16) | 0x40), the NumPy side did not."""
     import ctypes
-    import shutil
-    import subprocess
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
+    from emulation import device_functions
+    if device_functions.compiler() is None:
         pytest.skip("no host C++ compiler")
-    src = tmp_path / "conv.cpp"
-    src.write_text(_HOST_SHIM % _device_function(source_name))
-    lib = tmp_path / "conv.so"
-    subprocess.run([cxx, "-O1", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True, capture_output=True)
-    convert = ctypes.CDLL(str(lib)).convert
+    lib = device_functions.build(tmp_path, source_name, ["f32_to_bf16_rne"], """
+extern "C" void convert(const float* in, unsigned short* out, long n) {
+    for (long i = 0; i < n; i++) out[i] = f32_to_bf16_rne(in[i]);
+}
+""")
+    convert = lib.convert
     rng = np.random.default_rng(3)
     bits = np.concatenate([
         np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FFFFFFF, 0xFF80FFFF, 0x7FA00000, 0xFFFFFFFF,

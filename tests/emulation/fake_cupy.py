@@ -333,15 +333,20 @@ def _cross_entropy(grid, block, smem, losses, dlogits, logits, targets, n_kept, 
     assert y.dtype == np.int64
     nk = float(_f32(_arr(n_kept))[0])
     kept = y != ignore
+    valid = kept & (y >= 0) & (y < V)                    # an out-of-range target: NaN loss and gradient row
     mx = z.max(1, keepdims=True)
-    lse = (mx + np.log(np.exp(z - mx).sum(1, keepdims=True)))[:, 0]
-    ys = np.where(kept, y, 0)
-    _f32(_arr(losses), N)[...] = np.where(kept, lse - z[np.arange(N), ys], 0.0)
+    s = np.exp(z - mx).sum(1, keepdims=True)
+    lse = (mx + np.log(s))[:, 0]
+    ys = np.where(valid, y, 0)
+    row_loss = (mx[:, 0] - z[np.arange(N), ys]) + np.log(s[:, 0])     # the kernel's form (no cancellation)
+    _f32(_arr(losses), N)[...] = np.where(valid, row_loss, np.where(kept, np.nan, 0.0))
     d = _arr(dlogits)
     if d is not None:
         g = np.exp(z - lse[:, None])
-        g[np.arange(N), ys] -= 1.0
-        _f32(d, N * V).reshape(N, V)[...] = g * (kept / nk)[:, None]
+        g[np.arange(N), ys] -= valid
+        g = g * (kept / nk)[:, None]
+        g[kept & ~valid] = np.nan
+        _f32(d, N * V).reshape(N, V)[...] = g
 
 
 def _scale(grid, block, smem, x, s, n):

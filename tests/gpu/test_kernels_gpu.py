@@ -160,6 +160,31 @@ def test_cross_entropy(cp, poison, N, V, inplace):
         ce.set_inplace(False)
 
 
+def test_cross_entropy_edge_cases(cp, poison):
+    """Large logits with a small loss (lse - z[y] cancelled there), -inf as the first element every thread reads
+    (NaN from exp(-inf - -inf)), and an out-of-range target (NaN loss and gradient row, nothing read outside)."""
+    N, V = 8, 3000
+    logits = randn(N, V) + 100.0
+    targets = logits.argmax(1)
+    logits[np.arange(N), targets] += 4.0                       # confident: loss ~ 1e-2..1e-1, lse ~ 104
+    logits[:, :1024] = -np.inf                                 # each of the 256 or 1024 threads starts on -inf
+    logits[np.arange(N), targets] = np.maximum(logits[np.arange(N), targets], 104.0)
+    fwd, bwd = registry.lookup("cross_entropy")
+    poison()
+    loss, saved = fwd(cp.asarray(logits), cp.asarray(targets), -1)
+    rloss, rsaved = ce_ops.cross_entropy_forward(logits.astype(np.float64), targets, -1)
+    assert abs(float(loss) - float(rloss)) / abs(float(rloss)) < TOL
+    (d,) = bwd(1.0, saved)
+    assert rel_err(to_np(d), ce_ops.cross_entropy_backward(np.float64(1.0), rsaved)[0]) < TOL
+    bad = targets.copy()
+    bad[2] = V + 7
+    loss, saved = fwd(cp.asarray(logits), cp.asarray(bad), -1)
+    assert np.isnan(float(loss))
+    (d,) = bwd(1.0, saved)
+    d = to_np(d)
+    assert np.isnan(d[2]).all() and np.isfinite(np.delete(d, 2, axis=0)).all()
+
+
 # --------------------------------------------------------------------------------------------------------- AdamW
 
 @pytest.mark.parametrize("n,n_decay", [(1, 1), (1000, 0), (1000, 999), (1_000_003, 700_001)])
