@@ -582,3 +582,34 @@ def test_fake_cross_entropy_out_of_range_target_and_minus_inf(fake_cp):
         (d,) = bwd(1.0, saved)
         d = np.asarray(d)
         assert np.isnan(d[3]).all() and np.isfinite(np.delete(d, 3, axis=0)).all()
+
+
+# ------------------------------------------------------------ flash backward: D from the same bf16 dO as dP
+
+def _dq_dk_over_dv(dqkv, C):
+    d = np.abs(np.asarray(dqkv, np.float64))
+    return d[..., :2 * C].max() / d[..., 2 * C:].max()
+
+
+def test_fake_flash_single_position_has_no_dq_dk(fake_cp):
+    """With T = 1 the softmax has one entry: dq and dk vanish. They do only if D = rowsum(dO * O) uses the same
+    bf16 dO as dP = dO V^T (before, D used the float32 dO and dq, dk came out at ~1e-3 of dv)."""
+    from nanogpt_np.kernels.bf16 import round_to_bf16
+    B, T, NH = 2, 1, 2
+    C = 64 * NH
+    qkv = round_to_bf16(_f32(B, T, 3 * C))
+    fwd, bwd = registry.lookup("attention_flash")
+    out, saved = fwd(fake_cp.asarray(qkv), NH)
+    (dqkv,) = bwd(fake_cp.asarray(_f32(B, T, C)), saved)
+    assert _dq_dk_over_dv(dqkv, C) < 1e-6
+
+
+def test_flash_emulation_single_position_has_no_dq_dk():
+    """The same property for the lane-by-lane replay of flash_attention.cu (fp32 accumulation noise only)."""
+    from emulation import flash_emulator as fe
+    from nanogpt_np.kernels.bf16 import round_to_bf16
+    r = np.random.default_rng(11)
+    qkv = round_to_bf16(r.standard_normal((1, 1, 3 * 64)).astype(np.float32))
+    out, L2, heads = fe.forward(qkv, 1)
+    dqkv = fe.backward(r.standard_normal((1, 1, 64)).astype(np.float32), out, L2, heads, 1, 1, 1)
+    assert _dq_dk_over_dv(dqkv, 64) < 1e-5

@@ -456,8 +456,9 @@ def _flash_prep(grid, block, smem, dO, D, dout, out, B, T, Tp, NH):
     oh = np.zeros((B * NH, Tp, 64))
     dh[:, :T] = do.reshape(B, T, NH, 64).transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
     oh[:, :T] = o.reshape(B, T, NH, 64).transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
-    _arr(dO).reshape(-1)[:B * NH * Tp * 64] = float32_to_bf16(dh.astype(np.float32)).ravel()
-    _f32(_arr(D), B * NH * Tp)[...] = (dh * oh).sum(-1).ravel()
+    dh16 = float32_to_bf16(dh.astype(np.float32))
+    _arr(dO).reshape(-1)[:B * NH * Tp * 64] = dh16.ravel()
+    _f32(_arr(D), B * NH * Tp)[...] = (bf16_to_float32(dh16) * oh).sum(-1).ravel()     # from the bf16 dO
 
 
 def _flash_grads(grid, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
