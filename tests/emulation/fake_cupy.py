@@ -139,11 +139,44 @@ class OutOfMemoryError(MemoryError):
     pass
 
 
+# The device the fake reports. Small by default (5 SMs: small grids, quick tests); set_device(H200) gives an
+# H100/H200's 132 SMs, so the launch arithmetic that depends on the SM count (layernorm backward's blocks and
+# partial rows, bias+GELU's column chunks, AdamW's grid) runs at the sizes of the real card.
+SMALL = dict(name="fake GPU (NumPy)", sms=5, cc="90")
+H200 = dict(name="NVIDIA H200 (fake, NumPy)", sms=132, cc="90")
+_device = dict(SMALL)
+
+
+def set_device(props):
+    """Make the fake report `props` (SMALL, H200 or a dict of name, sms, cc); returns the previous ones."""
+    old = dict(_device)
+    _device.update(props)
+    return old
+
+
+class _Device:
+    """cupy.cuda.Device: .id, .compute_capability ("90"), .attributes (CUDA attribute names without cudaDevAttr)."""
+
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+
+    @property
+    def compute_capability(self):
+        return _device["cc"]
+
+    @property
+    def attributes(self):
+        return {"MultiProcessorCount": _device["sms"], "MaxThreadsPerBlock": 1024, "WarpSize": 32,
+                "MaxSharedMemoryPerBlock": 48 * 1024}
+
+
 cuda = types.SimpleNamespace(
-    Device=lambda *a: types.SimpleNamespace(attributes={"MultiProcessorCount": 5}, compute_capability="90", id=0),
+    Device=_Device,
     get_current_stream=lambda: _Stream(),
     device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
-    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"fake GPU (NumPy)"},
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
+                                  getDeviceProperties=lambda i: {"name": _device["name"].encode(),
+                                                                 "multiProcessorCount": _device["sms"]},
                                   runtimeGetVersion=lambda: 13000),
     Event=_Event,
     get_elapsed_time=lambda a, b: 1.0,
@@ -168,14 +201,48 @@ def _resolve(ptr):
     raise AssertionError(f"pointer {ptr:#x} is not inside any live fake-device allocation")
 
 
+def _device_memory(a):
+    """What a kernel sees for the device array `a`: the memory of its allocation from a.data.ptr to the end, as
+    a flat array of a's dtype. CuPy passes the raw pointer (ndarray.get_pointer()) whatever the strides, so a
+    transposed or sliced view is read as if it were contiguous from its first element, and nothing is copied:
+    the kernel writes into the array's own memory."""
+    owner = a
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    flat = owner.ravel(order="K")
+    assert np.shares_memory(flat, owner) or owner.size == 0, "fake allocation is not contiguous"
+    start = flat.__array_interface__["data"][0]
+    ptr = a.__array_interface__["data"][0]
+    assert ptr % a.dtype.itemsize == 0, f"misaligned {a.dtype} pointer"
+    raw = flat.view(np.uint8)
+    offset = ptr - start
+    n = (raw.size - offset) // a.dtype.itemsize
+    return raw[offset:offset + n * a.dtype.itemsize].view(a.dtype)
+
+
 def _arr(x):
+    """A pointer argument, as CuPy's kernel-argument rules (cupy/cuda/function.pyx, _pointer) pass it:
+    None -> NULL; a device array -> its raw pointer (no copy, strides ignored); a raw address (np.uint64, as
+    launch.NULL and `ptr + offset` are passed) -> that address. A host NumPy array is refused: CuPy passes a
+    one-element one *by value* (its bits, not an address) and raises TypeError for a larger one."""
     if x is None:
         return None
-    if isinstance(x, np.ndarray) and not isinstance(x, np.generic):
-        return x
+    if isinstance(x, ndarray):
+        return _device_memory(x)
+    if isinstance(x, np.ndarray):
+        if x.size == 1:
+            raise AssertionError("a one-element host numpy array is passed by value by CuPy, not as a pointer: "
+                                 "the kernel would read its bits as an address")
+        raise TypeError(f"You are trying to pass a numpy.ndarray of shape {x.shape} as a kernel parameter. "
+                        "Only numpy.ndarrays of size one can be passed by value (CuPy's rule)")
     if isinstance(x, np.uint64):
         return _resolve(x)
     raise AssertionError(f"expected a device array or a pointer, got {type(x).__name__}")
+
+
+def _rows(a, C):
+    """A flat kernel view as rows of C (the allocation may run on past the last whole row)."""
+    return a[:a.size // C * C].reshape(-1, C)
 
 
 def _int(x, kind):
@@ -191,6 +258,8 @@ def _flt(x):
 def _f32(a, n=None):
     a = a.reshape(-1)
     assert a.dtype == np.float32, f"kernel expects float32, got {a.dtype}"
+    if n is not None:
+        assert a.size >= n, f"the kernel would access {n} floats, the allocation holds {a.size}"
     return a if n is None else a[:n]
 
 
@@ -204,10 +273,10 @@ def _encoder_forward(vec):
     def k(grid, block, smem, out, idx, wte, wpe, BT, T, C):
         BT, T, C = _int(BT, np.int32), _int(T, np.int32), _int(C, np.int32)
         assert _threads(grid, block) * vec >= BT * C, "grid too small"
-        idx = _arr(idx).reshape(-1)
+        idx = _arr(idx)[:BT]
         assert idx.dtype == np.int32
         o = _f32(_arr(out), BT * C).reshape(BT, C)
-        o[...] = _f32(_arr(wte)).reshape(-1, C)[idx] + _f32(_arr(wpe)).reshape(-1, C)[np.arange(BT) % T]
+        o[...] = _rows(_f32(_arr(wte)), C)[idx] + _rows(_f32(_arr(wpe)), C)[np.arange(BT) % T]
     return k
 
 
@@ -222,9 +291,9 @@ def _encoder_backward_wpe(grid, block, smem, dwpe, dout, B, T, Tmax, C):
 def _encoder_backward_wte(grid, block, smem, dwte, dout, sorted_pos, sorted_tok, BT, C):
     BT, C = _int(BT, np.int32), _int(C, np.int32)
     assert grid[0] == BT and block[0] <= 1024
-    pos, tok = _arr(sorted_pos).reshape(-1), _arr(sorted_tok).reshape(-1)
+    pos, tok = _arr(sorted_pos)[:BT], _arr(sorted_tok)[:BT]
     assert pos.dtype == np.int32 and tok.dtype == np.int32 and np.all(np.diff(tok) >= 0), "ids must be sorted"
-    dw = _f32(_arr(dwte)).reshape(-1, C)
+    dw = _rows(_f32(_arr(dwte)), C)
     do = _f32(_arr(dout), BT * C).reshape(BT, C)
     s = 0
     while s < BT:
@@ -245,7 +314,7 @@ def _layernorm_forward(grid, block, smem, out, mean, rstd, h_out, x, residual, w
         _f32(_arr(h_out), N * C).reshape(N, C)[...] = xv
     m = xv.mean(1)
     rs = 1 / np.sqrt(((xv - m[:, None]) ** 2).mean(1) + eps)
-    _f32(_arr(out), N * C).reshape(N, C)[...] = (xv - m[:, None]) * rs[:, None] * _f32(_arr(w)) + _f32(_arr(b))
+    _f32(_arr(out), N * C).reshape(N, C)[...] = (xv - m[:, None]) * rs[:, None] * _f32(_arr(w), C) + _f32(_arr(b), C)
     _f32(_arr(mean), N)[...] = m
     _f32(_arr(rstd), N)[...] = rs
 
@@ -258,13 +327,13 @@ def _layernorm_backward(grid, block, smem, dh, dwp, dbp, dout, h, mean, rstd, w,
     hv = _f32(_arr(h), N * C).reshape(N, C).astype(np.float64)
     dy = _f32(_arr(dout), N * C).reshape(N, C).astype(np.float64)
     xhat = (hv - _f32(_arr(mean), N)[:, None]) * _f32(_arr(rstd), N)[:, None]
-    g = dy * _f32(_arr(w))
+    g = dy * _f32(_arr(w), C)
     dx = _f32(_arr(rstd), N)[:, None] * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
     r = _arr(dres)
     if r is not None:
         dx = dx + _f32(r, N * C).reshape(N, C)
     _f32(_arr(dh), N * C).reshape(N, C)[...] = dx
-    pw, pb = _f32(_arr(dwp)).reshape(-1, C), _f32(_arr(dbp)).reshape(-1, C)
+    pw, pb = _rows(_f32(_arr(dwp)), C), _rows(_f32(_arr(dbp)), C)
     assert pw.shape[0] >= grid[0]
     for k in range(grid[0]):
         rows = slice(k * rpb, min(N, (k + 1) * rpb))
@@ -313,7 +382,7 @@ def _bias_gelu_backward(grid, block, smem, dx, partial, dout, x, bias, N, C, rpc
     a = _f32(_arr(x), N * C).reshape(N, C) + _f32(_arr(bias), C)
     d = _f32(_arr(dout), N * C).reshape(N, C) * _gelu_grad(a.astype(np.float64))
     _f32(_arr(dx), N * C).reshape(N, C)[...] = d
-    p = _f32(_arr(partial)).reshape(-1, C)
+    p = _rows(_f32(_arr(partial)), C)
     for k in range(grid[1]):
         p[k] = d[k * rpc:min(N, (k + 1) * rpc)].sum(0)
 
@@ -329,7 +398,7 @@ def _cross_entropy(grid, block, smem, losses, dlogits, logits, targets, n_kept, 
     N = grid[0]
     assert block[0] % 32 == 0 and block[0] <= 1024
     z = _f32(_arr(logits), N * V).reshape(N, V).astype(np.float64)
-    y = _arr(targets).reshape(-1)[:N]
+    y = _arr(targets)[:N]
     assert y.dtype == np.int64
     nk = float(_f32(_arr(n_kept))[0])
     kept = y != ignore
