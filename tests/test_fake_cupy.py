@@ -99,3 +99,193 @@ def test_wrappers_at_132_sms(fake_cp, monkeypatch):
                                     n_decay=n // 2, **kw)
     assert grids["adamw_update"] == (132 * 16,)
     assert np.abs(np.asarray(P) - rp).max() <= 1e-5 * np.abs(rp).max()
+
+
+# --------------------------------------------------------------- the fake against real CuPy (when installed)
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+_USE = re.compile(r"\b(?:cp|cupy|_cupy)\.((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)")
+
+# objects the project gets back from CuPy, and what it calls on them (not visible to a scan of `cp.` uses)
+RETURNED = {
+    ("cuda", "Device"): ["attributes", "compute_capability", "id"],
+    ("cuda", "Event"): ["record", "synchronize"],
+    ("cuda", "Stream"): ["synchronize", "begin_capture", "end_capture", "__enter__", "__exit__"],
+    ("random", "Generator"): ["integers", "standard_normal", "random"],
+}
+
+
+def used_cupy_names():
+    """Every `cp.X.Y` / `cupy.X.Y` attribute chain in the package, the benchmarks and the GPU tests."""
+    names = set()
+    files = list((REPO / "nanogpt_np").rglob("*.py")) + list((REPO / "benchmarks").glob("*.py")) + \
+        list((REPO / "tests" / "gpu").glob("*.py"))
+    for f in files:
+        for m in _USE.finditer(f.read_text(encoding="utf-8")):
+            names.add(m.group(1))
+    return sorted(names)
+
+
+def _resolve_chain(mod, chain):
+    obj = mod
+    for part in chain.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _params(fn):
+    """Parameter names of a function, from its signature or, for Cython functions, its docstring's first line."""
+    try:
+        return [p.name for p in inspect.signature(fn).parameters.values()
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (TypeError, ValueError):
+        pass
+    head = (fn.__doc__ or "").strip().split("\n")[0]
+    m = re.match(r"[\w.]+\((.*)\)", head)
+    if not m:
+        return None
+    out = []
+    for p in m.group(1).split(","):
+        p = p.split("=")[0].strip()
+        if p and p not in ("*", "self"):
+            out.append(p.split()[-1])
+    return out
+
+
+def _fake_params_fit(fake_fn, real_fn):
+    """The fake's parameters, in order, are a prefix of the real ones (it may accept fewer, never others)."""
+    f, r = _params(fake_fn), _params(real_fn)
+    if f is None or r is None:
+        return True
+    return f == r[:len(f)], (f, r)
+
+
+_CUBLAS_PROBE = r"""
+import ctypes, importlib, json, os, re, subprocess, sys, tempfile
+import cupy_backends.cuda.libs as libs
+d = os.path.dirname(libs.__file__)
+so = os.path.join(d, [f for f in os.listdir(d) if f.startswith("cublas.")][0])
+try:
+    cublas = importlib.import_module("cupy_backends.cuda.libs.cublas")
+except ImportError:
+    # no libcublas here (no CUDA toolkit): load an empty stand-in with the same soname and symbol names
+    # (functions that do nothing, never called) so that CuPy's cublas module imports and can be read
+    out = subprocess.run(["nm", "-D", "--undefined-only", so], capture_output=True, text=True, check=True).stdout
+    syms = dict(re.findall(r"\bU (\w+)@(libcublas\S*)", out))
+    ver = sorted(set(syms.values()))[0]
+    tmp = tempfile.mkdtemp()
+    with open(os.path.join(tmp, "s.c"), "w") as f:
+        f.write("".join(f"void {n}(void) {{}}\n" for n in syms))
+    with open(os.path.join(tmp, "s.map"), "w") as f:
+        f.write(ver + " { global: *; };\n")
+    lib = os.path.join(tmp, "libstub.so")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", lib, os.path.join(tmp, "s.c"), "-Wl,-soname," + ver,
+                    "-Wl,--version-script=" + os.path.join(tmp, "s.map")], check=True, capture_output=True)
+    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    cublas = importlib.import_module("cupy_backends.cuda.libs.cublas")
+names = ["CUBLAS_POINTER_MODE_HOST", "CUBLAS_OP_N", "CUBLAS_OP_T", "CUBLAS_COMPUTE_32F", "CUBLAS_GEMM_DEFAULT"]
+print(json.dumps(dict(constants={n: getattr(cublas, n) for n in names},
+                      docs={n: getattr(cublas, n).__doc__.strip().split("\n")[0]
+                            for n in ("gemmEx", "getPointerMode", "setPointerMode")})))
+"""
+
+
+def _real_cublas():
+    """CuPy's real cublas module's constants and signatures, read in a separate process (it may need a stand-in
+    libcublas, which should not stay loaded in the test process)."""
+    import json
+    import shutil
+    if not (shutil.which("gcc") and shutil.which("nm")):
+        return None
+    proc = subprocess.run([sys.executable, "-c", _CUBLAS_PROBE], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fake_matches_real_cupy(monkeypatch):
+    """Every CuPy attribute the project uses exists in real CuPy and in the fake, with the fake's parameters a
+    prefix of the real ones; the constants (compute types, cuBLAS and CUDA enums) are the real values."""
+    try:
+        import cupy as real
+        from cupy._core import _routines_linalg as real_lin
+        from cupy_backends.cuda.api import runtime as real_runtime
+    except Exception as e:                           # not installed, or broken
+        pytest.skip(f"real CuPy not importable ({type(e).__name__}): the fake cannot be compared with it")
+    from emulation import fake_cupy
+    from nanogpt_np.kernels import precision
+    problems = []
+    used = used_cupy_names()
+    assert "cuda.Event" in used and "empty" in used, used
+    real_objs = {}                               # resolved before the fake replaces sys.modules["cupy"]
+    for chain in used:
+        try:
+            real_objs[chain] = _resolve_chain(real, chain)
+        except AttributeError:
+            problems.append(f"cupy.{chain}: used by the project but not in CuPy {real.__version__}")
+    real_classes = {key: getattr(getattr(real, key[0]), key[1]) for key in RETURNED}
+    real_pool = real.cuda.MemoryPool
+    fake = fake_cupy.install(monkeypatch)
+    for chain, r in real_objs.items():
+        if chain == "RawModule" or chain.startswith("_core") or chain.startswith("__"):
+            continue                             # compile.py's path (the fake routes launches around it) / below
+        try:
+            f = _resolve_chain(fake, chain)
+        except AttributeError:
+            problems.append(f"cupy.{chain}: in CuPy, missing from the fake")
+            continue
+        if callable(r) and callable(f) and getattr(f, "__module__", "") == fake_cupy.__name__ and chain != "ndarray":
+            # (ndarray: the project only tests isinstance; the fake's is a numpy subclass)
+            ok = _fake_params_fit(f, r)
+            if ok is not True and not ok[0]:
+                problems.append(f"cupy.{chain}: fake parameters {ok[1][0]} are not a prefix of CuPy's {ok[1][1]}")
+        if not callable(r) and not isinstance(r, type(real)) and r != f:
+            problems.append(f"cupy.{chain}: CuPy has {r!r}, the fake {f!r}")
+    fake_objs = {"Device": fake.cuda.Device(), "Event": fake.cuda.Event(), "Stream": fake.cuda.Stream(),
+                 "Generator": fake.random.default_rng(0)}
+    for (sub, cls), attrs in RETURNED.items():
+        for a in attrs:
+            if not hasattr(real_classes[(sub, cls)], a):
+                problems.append(f"cupy.{sub}.{cls}.{a}: used by the project, not in CuPy")
+            if not hasattr(fake_objs[cls], a):
+                problems.append(f"cupy.{sub}.{cls}.{a}: in CuPy, missing from the fake")
+    for a in ("total_bytes", "free_all_blocks"):
+        if not (hasattr(real_pool, a) and hasattr(fake.get_default_memory_pool(), a)):
+            problems.append(f"memory pool .{a}: missing on one side")
+    # the compute types: the fake's constants and signature are CuPy's
+    for n, v in fake_cupy.LINALG_CONSTANTS.items():
+        if getattr(real_lin, n, None) != v:
+            problems.append(f"_routines_linalg.{n}: CuPy {getattr(real_lin, n, None)}, fake {v}")
+    if _params(real_lin.set_compute_type) != ["dtype", "compute_type"]:
+        problems.append(f"set_compute_type: CuPy's parameters are {_params(real_lin.set_compute_type)}")
+    # precision.py's CUDA enums: CuPy's runtime module has them too
+    for n in ("CUDA_R_32F", "CUDA_R_16BF"):
+        if getattr(real_runtime, n) != getattr(precision, n):
+            problems.append(f"{n}: CuPy {getattr(real_runtime, n)}, precision.py {getattr(precision, n)}")
+    # RawModule: the keywords compile.module() passes exist
+    raw_params = _params(real.RawModule)
+    for kw in ("code", "options"):
+        if raw_params is not None and kw not in raw_params:
+            problems.append(f"RawModule has no keyword {kw!r}: {raw_params}")
+    # cuBLAS (read in a subprocess; skipped quietly when it cannot be loaded without a GPU toolkit)
+    cb = _real_cublas()
+    if cb is not None:
+        fake_cublas = sys.modules["cupy_backends.cuda.libs.cublas"]
+        for n, v in cb["constants"].items():
+            mine = getattr(fake_cublas, n, getattr(precision, n, None))
+            if mine != v:
+                problems.append(f"cublas.{n}: CuPy {v}, ours {mine}")
+        for n, doc in cb["docs"].items():
+            m = re.match(r"\w+\((.*)\)", doc)
+            real_params = [p.split()[-1] for p in m.group(1).split(",")] if m and m.group(1) else []
+            fake_params = [p for p in inspect.signature(getattr(fake_cublas, n)).parameters]
+            if real_params != fake_params:
+                problems.append(f"cublas.{n}: CuPy ({', '.join(real_params)}), fake ({', '.join(fake_params)})")
+    assert not problems, "\n".join(problems)

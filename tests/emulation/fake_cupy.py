@@ -64,8 +64,8 @@ def empty(shape, dtype=np.float64, order="C"):
     return _poisoned(shape, dtype)
 
 
-def empty_like(a, dtype=None):
-    return _poisoned(a.shape, dtype or a.dtype)
+def empty_like(prototype, dtype=None):
+    return _poisoned(prototype.shape, dtype or prototype.dtype)
 
 
 def asarray(a, dtype=None, order=None):
@@ -115,8 +115,25 @@ random = types.SimpleNamespace(default_rng=_Generator)
 
 
 class _Stream:
+    """cupy.cuda.Stream: work is synchronous here. CUDA-graph capture is refused (nothing could be replayed)."""
+
+    def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
+        pass
+
     def synchronize(self):
         pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def begin_capture(self, mode=None):
+        raise NotImplementedError("the fake CuPy cannot capture CUDA graphs")
+
+    def end_capture(self):
+        raise NotImplementedError("the fake CuPy cannot capture CUDA graphs")
 
 
 class _Event:
@@ -173,13 +190,14 @@ class _Device:
 cuda = types.SimpleNamespace(
     Device=_Device,
     get_current_stream=lambda: _Stream(),
+    Stream=_Stream,
     device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
-                                  getDeviceProperties=lambda i: {"name": _device["name"].encode(),
+                                  getDeviceProperties=lambda device: {"name": _device["name"].encode(),
                                                                  "multiProcessorCount": _device["sms"]},
                                   runtimeGetVersion=lambda: 13000),
     Event=_Event,
-    get_elapsed_time=lambda a, b: 1.0,
+    get_elapsed_time=lambda start_event, end_event: 1.0,
     memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
 )
 
@@ -614,7 +632,8 @@ def emulate(module, kernel, grid, block, args, shared_mem):
 
 # ------------------------------------------------------------------------------------------------- cuBLAS
 
-def _gemm_ex(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, compute, algo):
+def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, computeType,
+             algo):
     """cublasGemmEx on fake-device buffers (column-major), bf16 (14) or float32 (0) operands."""
     def mat(ptr, dtype, rows, cols, ld, op):
         buf = _resolve(np.uint64(ptr))
@@ -624,7 +643,7 @@ def _gemm_ex(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, bet
         X = np.asarray(vals[:ld * sc], dtype=np.float64).reshape(sc, ld).T[:sr]
         return X if op == 0 else X.T
     a_, b_ = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
-    prod = mat(A, Atype, m, k, lda, opa) @ mat(B, Btype, k, n, ldb, opb)
+    prod = mat(A, Atype, m, k, lda, transa) @ mat(B, Btype, k, n, ldb, transb)
     cbuf = _resolve(np.uint64(C))
     assert Ctype == 0 and cbuf.dtype == np.float32 and ldc >= m
     cm = cbuf[:ldc * n].reshape(n, ldc).T
@@ -665,8 +684,8 @@ def install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", this)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
     cublas.gemmEx = _gemm_ex
-    cublas.getPointerMode = lambda h: 0
-    cublas.setPointerMode = lambda h, m: None
+    cublas.getPointerMode = lambda handle: 0
+    cublas.setPointerMode = lambda handle, mode: None
     cublas.CUBLAS_POINTER_MODE_HOST = 0
     libs = types.ModuleType("cupy_backends.cuda.libs")
     libs.cublas = cublas
