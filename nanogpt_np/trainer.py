@@ -226,6 +226,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
         from .kernels import registry
         registry.configure(dtype="bfloat16" if cfg.dtype == "bfloat16" else "float32",
                            loss_is_root=cfg.grad_accum_steps == 1, logits_reusable=False)
+        echo(registry.describe())
     param_dtype = "float32" if cfg.dtype == "bfloat16" else cfg.dtype
     if cfg.resume and cfg.init_from:
         raise ConfigError("--resume and --init_from exclude each other: resume continues a run, "

@@ -111,7 +111,21 @@ class _Generator:
         return lambda *a, **k: _wrap_all(obj(*a, **k))
 
 
-random = types.SimpleNamespace(default_rng=_Generator)
+class _RandomState:
+    """cupy.random.RandomState (cuRAND's host API): seed() restarts the stream, random_sample() draws."""
+
+    def __init__(self, seed=None, method=None):
+        self.method = method
+        self.seed(seed)
+
+    def seed(self, seed=None):
+        self._g = np.random.default_rng(seed)
+
+    def random_sample(self, size=None, dtype=float):
+        return _wrap(np.asarray(self._g.random(size, dtype=np.dtype(dtype).type)))
+
+
+random = types.SimpleNamespace(default_rng=_Generator, RandomState=_RandomState)
 
 
 class _Stream:
