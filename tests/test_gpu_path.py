@@ -89,3 +89,39 @@ def test_bfloat16_configuration_chooses_flash_and_says_so(fake_gpu, monkeypatch)
     assert "attention flash" in registry.describe() and "bf16" in registry.describe()
     registry.configure(attention="matmul", dtype="float32")
     assert registry.describe().startswith("GPU kernels: attention matmul")
+
+
+def test_train_gpu_quick_skips_torch_compile_and_reports_rows_as_measured(fake_gpu, monkeypatch, capsys, tmp_path):
+    """--quick (the device check) must not spend minutes in torch.compile, and each row is printed and appended
+    to --json the moment it is measured, so a run cut short keeps its rows."""
+    import json
+    import os
+    import sys
+    import types
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    monkeypatch.syspath_prepend(bench)
+    import train_gpu
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: True), __version__="0")
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    compiled = []
+
+    def torch_throughput(B, T, steps, warmup, compile_, log):
+        compiled.append(compile_)
+        return dict(impl="PyTorch eager", B=B, T=T, step_ms=1.0, tokens_per_s=B * T * 1e3, peak_mem_GiB=0.0,
+                    n_params=1000, precision="bf16")
+    monkeypatch.setattr(train_gpu, "torch_throughput", torch_throughput)
+    rows_seen = []
+    real_ours = train_gpu.ours_throughput
+
+    def ours(*a, **k):                    # what has been written when the next configuration starts
+        rows_seen.append(len(open(tmp_path / "t.jsonl").read().splitlines()) if (tmp_path / "t.jsonl").exists() else 0)
+        return real_ours(*a, **k)
+    monkeypatch.setattr(train_gpu, "ours_throughput", ours)
+    assert train_gpu.main(["--small", "--quick", "--steps", "1", "--batch", "2", "--json", str(tmp_path / "t.jsonl")]) == 0
+    assert compiled == [False]
+    assert rows_seen == [0, 1, 2]
+    out = capsys.readouterr().out
+    assert out.index("| nanogpt_np (tf32 matmuls, matmul attention) |") < out.index("(bf16 matmuls, flash attention)")
+    lines = [json.loads(x) for x in open(tmp_path / "t.jsonl")]
+    assert [x.get("impl", "")[:10] for x in lines[:4]] == ["nanogpt_np"] * 3 + ["PyTorch ea"] and "table" in lines[-1]
+    backend.use_device("cpu")

@@ -21,6 +21,10 @@ import numpy as np
 from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16
 
 
+__version__ = f"fake (NumPy {np.__version__})"
+ALLOCATIONS_POISONED = True          # empty() fills with NaN / all ones: tests/gpu's poison() has nothing to add
+
+
 class ndarray(np.ndarray):
     """numpy.ndarray with CuPy's `.data.ptr` (the address of the first element)."""
 
