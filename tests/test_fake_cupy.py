@@ -119,6 +119,7 @@ RETURNED = {
     ("cuda", "Event"): ["record", "synchronize"],
     ("cuda", "Stream"): ["synchronize", "begin_capture", "end_capture", "__enter__", "__exit__"],
     ("random", "Generator"): ["integers", "standard_normal", "random"],
+    ("random", "RandomState"): ["seed", "random_sample"],          # model.py's dropout generator
 }
 
 
@@ -167,46 +168,55 @@ def _fake_params_fit(fake_fn, real_fn):
     return f == r[:len(f)], (f, r)
 
 
-_CUBLAS_PROBE = r"""
+_LIBS_PROBE = r"""
 import ctypes, importlib, json, os, re, subprocess, sys, tempfile
 import cupy_backends.cuda.libs as libs
 d = os.path.dirname(libs.__file__)
-so = os.path.join(d, [f for f in os.listdir(d) if f.startswith("cublas.")][0])
-try:
-    cublas = importlib.import_module("cupy_backends.cuda.libs.cublas")
-except ImportError:
-    # no libcublas here (no CUDA toolkit): load an empty stand-in with the same soname and symbol names
-    # (functions that do nothing, never called) so that CuPy's cublas module imports and can be read
+
+
+def load(name, lib_prefix):
+    try:
+        return importlib.import_module("cupy_backends.cuda.libs." + name)
+    except ImportError:
+        pass
+    # no CUDA library here (no GPU toolkit): load an empty stand-in with the same soname and symbol names
+    # (functions that do nothing and are never called) so that CuPy's module imports and can be read
+    so = os.path.join(d, [f for f in os.listdir(d) if f.startswith(name + ".")][0])
     out = subprocess.run(["nm", "-D", "--undefined-only", so], capture_output=True, text=True, check=True).stdout
-    syms = dict(re.findall(r"\bU (\w+)@(libcublas\S*)", out))
+    syms = dict(re.findall(r"\bU (\w+)@(" + lib_prefix + r"\S*)", out))
     ver = sorted(set(syms.values()))[0]
     tmp = tempfile.mkdtemp()
     with open(os.path.join(tmp, "s.c"), "w") as f:
         f.write("".join(f"void {n}(void) {{}}\n" for n in syms))
     with open(os.path.join(tmp, "s.map"), "w") as f:
         f.write(ver + " { global: *; };\n")
-    lib = os.path.join(tmp, "libstub.so")
+    lib = os.path.join(tmp, "lib" + name + "_stub.so")
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", lib, os.path.join(tmp, "s.c"), "-Wl,-soname," + ver,
                     "-Wl,--version-script=" + os.path.join(tmp, "s.map")], check=True, capture_output=True)
     ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-    cublas = importlib.import_module("cupy_backends.cuda.libs.cublas")
+    return importlib.import_module("cupy_backends.cuda.libs." + name)
+
+
+cublas = load("cublas", "libcublas")
+curand = load("curand", "libcurand")
 names = ["CUBLAS_POINTER_MODE_HOST", "CUBLAS_OP_N", "CUBLAS_OP_T", "CUBLAS_COMPUTE_32F", "CUBLAS_GEMM_DEFAULT"]
 print(json.dumps(dict(constants={n: getattr(cublas, n) for n in names},
+                      curand_philox=curand.CURAND_RNG_PSEUDO_PHILOX4_32_10,
                       docs={n: getattr(cublas, n).__doc__.strip().split("\n")[0]
                             for n in ("gemmEx", "getPointerMode", "setPointerMode")})))
 """
 
 
-def _real_cublas():
-    """CuPy's real cublas module's constants and signatures, read in a separate process (it may need a stand-in
-    libcublas, which should not stay loaded in the test process)."""
+def _real_cuda_libs():
+    """Constants and signatures of CuPy's real cublas and curand modules, read in a separate process (they
+    may need stand-in CUDA libraries, which should not stay loaded in the test process)."""
     import json
     import shutil
     if not (shutil.which("gcc") and shutil.which("nm")):
         return None
-    proc = subprocess.run([sys.executable, "-c", _CUBLAS_PROBE], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _LIBS_PROBE], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        return None
+        return {"error": proc.stderr[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -249,7 +259,9 @@ def test_fake_matches_real_cupy(monkeypatch):
         if not callable(r) and not isinstance(r, type(real)) and r != f:
             problems.append(f"cupy.{chain}: CuPy has {r!r}, the fake {f!r}")
     fake_objs = {"Device": fake.cuda.Device(), "Event": fake.cuda.Event(), "Stream": fake.cuda.Stream(),
-                 "Generator": fake.random.default_rng(0)}
+                 "Generator": fake.random.default_rng(0), "RandomState": fake.random.RandomState(0, method=161)}
+    if _params(real_classes[("random", "RandomState")]) != ["seed", "method"]:
+        problems.append(f"RandomState: CuPy's parameters are {_params(real_classes[('random', 'RandomState')])}")
     for (sub, cls), attrs in RETURNED.items():
         for a in attrs:
             if not hasattr(real_classes[(sub, cls)], a):
@@ -275,14 +287,20 @@ def test_fake_matches_real_cupy(monkeypatch):
         if raw_params is not None and kw not in raw_params:
             problems.append(f"RawModule has no keyword {kw!r}: {raw_params}")
     # cuBLAS (read in a subprocess; skipped quietly when it cannot be loaded without a GPU toolkit)
-    cb = _real_cublas()
-    if cb is not None:
+    cb = _real_cuda_libs()                # None: no gcc/nm to build the stand-ins, the cuBLAS checks are left out
+    if cb is not None and "error" in cb:
+        problems.append(f"reading CuPy's cublas/curand modules failed:\n{cb['error']}")
+    elif cb is not None:
+        from nanogpt_np import model
+        if cb["curand_philox"] != model.CURAND_PHILOX4_32_10:
+            problems.append(f"CURAND_RNG_PSEUDO_PHILOX4_32_10: CuPy {cb['curand_philox']}, model.py "
+                            f"{model.CURAND_PHILOX4_32_10}")
         fake_cublas = sys.modules["cupy_backends.cuda.libs.cublas"]
         for n, v in cb["constants"].items():
             mine = getattr(fake_cublas, n, getattr(precision, n, None))
             if mine != v:
                 problems.append(f"cublas.{n}: CuPy {v}, ours {mine}")
-        for n, doc in cb["docs"].items():
+        for n, doc in cb["docs"].items():   # cuBLAS functions the project calls
             m = re.match(r"\w+\((.*)\)", doc)
             real_params = [p.split()[-1] for p in m.group(1).split(",")] if m and m.group(1) else []
             fake_params = [p for p in inspect.signature(getattr(fake_cublas, n)).parameters]
