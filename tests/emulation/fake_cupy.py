@@ -245,8 +245,8 @@ def _device_memory(a):
     owner = a
     while isinstance(owner.base, np.ndarray):
         owner = owner.base
-    flat = owner.ravel(order="K")
-    assert np.shares_memory(flat, owner) or owner.size == 0, "fake allocation is not contiguous"
+    assert owner.flags.c_contiguous or owner.flags.f_contiguous, "fake allocation is not contiguous"
+    flat = owner.ravel(order="K")                # a view of the whole allocation, in memory order
     start = flat.__array_interface__["data"][0]
     ptr = a.__array_interface__["data"][0]
     assert ptr % a.dtype.itemsize == 0, f"misaligned {a.dtype} pointer"
