@@ -268,6 +268,10 @@ def test_fake_matches_real_cupy(monkeypatch):
                 problems.append(f"cupy.{sub}.{cls}.{a}: used by the project, not in CuPy")
             if not hasattr(fake_objs[cls], a):
                 problems.append(f"cupy.{sub}.{cls}.{a}: in CuPy, missing from the fake")
+    # Device().attributes keys are CUDA's cudaDevAttr* names without the prefix (CuPy's documented rule)
+    for key in fake.cuda.Device().attributes:
+        if not hasattr(real_runtime, "cudaDevAttr" + key):
+            problems.append(f"Device().attributes[{key!r}]: CUDA has no cudaDevAttr{key}")
     for a in ("total_bytes", "free_all_blocks"):
         if not (hasattr(real_pool, a) and hasattr(fake.get_default_memory_pool(), a)):
             problems.append(f"memory pool .{a}: missing on one side")
