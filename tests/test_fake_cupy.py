@@ -104,7 +104,6 @@ def test_wrappers_at_132_sms(fake_cp, monkeypatch):
 # --------------------------------------------------------------- the fake against real CuPy (when installed)
 
 import inspect
-import os
 import re
 import subprocess
 import sys
