@@ -6,6 +6,12 @@ pointer, whatever its strides; a host NumPy array passes its value when it has o
 otherwise). Where real CuPy is installed (it imports without a GPU), test_fake_matches_real_cupy compares the
 two directly; without it that one test skips and the rest still pin the fake down to what CuPy 14 does.
 """
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -102,12 +108,6 @@ def test_wrappers_at_132_sms(fake_cp, monkeypatch):
 
 
 # --------------------------------------------------------------- the fake against real CuPy (when installed)
-
-import inspect
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 _USE = re.compile(r"\b(?:cp|cupy|_cupy)\.((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*)")
