@@ -1,6 +1,6 @@
 """Each fused CUDA kernel against the unfused CuPy composition it replaces (and PyTorch when installed).
 
-    PYTHONPATH=. python benchmarks/kernels.py [--B 8] [--iters 20] [--json out.json]
+    PYTHONPATH=. python benchmarks/kernels.py [--B 8] [--iters 20] [--warmup 3] [--json out.json]
 
 GPT-2 124M sizes: B=8, T=1024, C=768, V=50257, NH=12 (N = B*T rows). For every kernel: median time (CUDA
 events), achieved bandwidth = the bytes the op must move at least (inputs read once, outputs written once)
@@ -26,7 +26,9 @@ def main(argv=None):
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here (rewritten after every row, "
+                    "so a run cut short keeps what it measured)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls before each measurement")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--small", action="store_true", help="toy sizes (a smoke test of this script, not a benchmark)")
     args = ap.parse_args(argv)
@@ -73,7 +75,7 @@ def main(argv=None):
     def rand(*shape, scale=1.0):
         return rs.standard_normal(shape, dtype=f32) * scale
 
-    def timed(fn, iters=args.iters, warmup=3):
+    def timed(fn, iters=args.iters, warmup=args.warmup):
         for _ in range(warmup):
             fn()
         cp.cuda.get_current_stream().synchronize()
@@ -87,7 +89,7 @@ def main(argv=None):
             ts.append(cp.cuda.get_elapsed_time(a, b))
         return float(np.median(ts))                          # ms
 
-    def timed_torch(fn, iters=args.iters, warmup=3):
+    def timed_torch(fn, iters=args.iters, warmup=args.warmup):
         for _ in range(warmup):
             fn()
         torch.cuda.synchronize()
@@ -120,6 +122,12 @@ def main(argv=None):
                  unfused_ms=t_ref, speedup=(t_ref / t_ours) if t_ref else None, torch_ms=t_torch, note=note)
         rows.append(r)
         print(fmt_row(r), flush=True)
+        dump()
+
+    def dump():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=name, copy_GBps=copy_gbs, B=B, T=T, rows=rows), f, indent=1)
 
     def safe(fn):
         try:
@@ -312,9 +320,7 @@ def main(argv=None):
 
     print()
     print(table(rows, name, copy_gbs))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=name, copy_GBps=copy_gbs, B=B, T=T, rows=rows), f, indent=1)
+    dump()
     return 0
 
 

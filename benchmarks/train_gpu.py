@@ -1,7 +1,7 @@
 """GPU training throughput of nanogpt_np against PyTorch on the same card, and the Shakespeare char recipe.
 
     PYTHONPATH=. python benchmarks/train_gpu.py            # GPT-2 124M, T=1024, largest batch that fits
-    PYTHONPATH=. python benchmarks/train_gpu.py --quick    # fixed B=8, fewer steps (the 8-minute GPU check)
+    PYTHONPATH=. python benchmarks/train_gpu.py --quick    # fixed B=8, fewer steps, no torch.compile (GPU check)
     PYTHONPATH=. python benchmarks/train_gpu.py --shakespeare [--data tinyshakespeare.txt]   # ~minutes
 
 Throughput mode: GPT-2 124M (12 layers, 12 heads, 768 channels, vocab 50257, T=1024) on random tokens, in three
@@ -378,7 +378,8 @@ def main(argv=None):
     ap.add_argument("--shakespeare", action="store_true", help="run the Shakespeare char recipe instead")
     ap.add_argument("--iters", type=int, default=5000)
     ap.add_argument("--data", default=None)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="append each measured row to this file as it is measured "
+                    "(JSON Lines), then the device and the table")
     ap.add_argument("--budget-s", type=float, default=None, help="skip torch.compile when this would run over")
     ap.add_argument("--small", action="store_true", help="a toy model (smoke test of this script, not a benchmark)")
     args = ap.parse_args(argv)
@@ -420,6 +421,17 @@ def main(argv=None):
     configs = [(a, "float32") for a in attentions if "float32" in dtypes]
     if "bfloat16" in dtypes:
         configs.append(("flash" if "flash" in attentions else attentions[0], "bfloat16"))
+    title = f"Training throughput on {name}, {'GPT-2 124M' if not args.small else 'toy model'}, T={T}"
+    jsonl = open(args.json, "a") if args.json else None
+
+    def emit(obj):
+        """Append one JSON object to --json (JSON Lines) at once: a run cut short keeps what it measured."""
+        if jsonl:
+            jsonl.write(json.dumps(obj) + "\n")
+            jsonl.flush()
+
+    log(f"{title} (rows as they are measured)")
+    log(TABLE_HEADER)
     rows = []
     for att, dt in configs:
         try:
@@ -432,7 +444,8 @@ def main(argv=None):
             log(f"nanogpt_np {att}/{dt} failed: {type(e).__name__}: {str(e)[:300]}")
             continue
         rows.append(r)
-        log(json.dumps(r))
+        log(table_row(r, name, T, args.peak_tflops))
+        emit(r)
     if not rows:
         log("every nanogpt_np configuration failed")
         return 1
@@ -441,7 +454,7 @@ def main(argv=None):
         try:
             import torch
             if torch.cuda.is_available():
-                modes = [False] if args.no_compile else [False, True]
+                modes = [False] if (args.no_compile or args.quick) else [False, True]   # --quick: eager only
                 for comp in modes:
                     if comp and args.budget_s and time.perf_counter() - t_start > args.budget_s - 100:
                         log("torch.compile skipped: not enough of the time budget left")
@@ -450,39 +463,49 @@ def main(argv=None):
                         B = args.batch or (8 if args.quick else rows[0]["B"])
                         r = torch_throughput(B, T, steps, warmup, comp, log)
                         torch_rows.append(r)
-                        log(json.dumps(r))
+                        log(table_row(r, name, T, args.peak_tflops))
+                        emit(r)
                     except Exception as e:
                         log(f"PyTorch {'compile' if comp else 'eager'} failed: {type(e).__name__}: {str(e)[:200]}")
         except ImportError:
             log("PyTorch not installed: no comparison")
     graph = try_cuda_graph(args.batch or 8, T, log) if args.graph else None
+    if graph is not None:
+        log(f"CUDA graph of a whole step: {json.dumps(graph)}")
+        emit(dict(graph=graph))
 
-    out = [f"Training throughput on {name}, {'GPT-2 124M' if not args.small else 'toy model'}, T={T}",
-           "| implementation | B | step ms | tokens/s | MFU | peak mem GiB | our launches/step | host share | vs torch eager |",
-           "|---|---|---|---|---|---|---|---|---|"]
     eager = next((r for r in torch_rows if "eager" in r["impl"]), None)
-    for r in rows + torch_rows:
-        fpt = flops_per_token(r["n_params"], SIZE["n_layer"], SIZE["n_embd"], T)
-        peak = peak_tflops(name, r["precision"], args.peak_tflops)
-        mfu = fpt * r["tokens_per_s"] / (peak * 1e12) if peak else None
-        r["MFU"] = mfu
-        ratio = r["tokens_per_s"] / eager["tokens_per_s"] if eager else None
-        launches = r.get("launches_per_step")
-        host = r.get("host_share")
-        cells = [r["impl"], str(r["B"]), f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.0f}",
-                 "-" if mfu is None else f"{100 * mfu:.1f}%", f"{r['peak_mem_GiB']:.1f}",
-                 "-" if launches is None else f"{launches:.0f}", "-" if host is None else f"{host:.2f}",
-                 "-" if ratio is None else f"{ratio:.2f}x"]
-        out.append("| " + " | ".join(cells) + " |")
+    out = [title, TABLE_HEADER] + [table_row(r, name, T, args.peak_tflops, eager) for r in rows + torch_rows]
     out.append("MFU: FLOPs/token = 6*N + 12*n_layer*n_embd*T; peak by the matmul precision (fp32/tf32/bf16).")
     if graph is not None:
         out.append(f"CUDA graph of a whole step: {json.dumps(graph)}")
     text = "\n".join(out)
     print()
     print(text)
-    if args.json:
-        json.dump(dict(device=name, rows=rows + torch_rows, graph=graph, table=text), open(args.json, "w"), indent=1)
+    emit(dict(device=name, table=text))
+    if jsonl:
+        jsonl.close()
     return 0
+
+
+TABLE_HEADER = ("| implementation | B | step ms | tokens/s | MFU | peak mem GiB | our launches/step | host share |"
+                " vs torch eager |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def table_row(r, device_name, T, peak_override=None, eager=None):
+    """One markdown row for a measured configuration (sets r["MFU"]); the ratio needs the torch eager row."""
+    fpt = flops_per_token(r["n_params"], SIZE["n_layer"], SIZE["n_embd"], T)
+    peak = peak_tflops(device_name, r["precision"], peak_override)
+    mfu = fpt * r["tokens_per_s"] / (peak * 1e12) if peak else None
+    r["MFU"] = mfu
+    ratio = r["tokens_per_s"] / eager["tokens_per_s"] if eager else None
+    launches = r.get("launches_per_step")
+    host = r.get("host_share")
+    cells = [r["impl"], str(r["B"]), f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.0f}",
+             "-" if mfu is None else f"{100 * mfu:.1f}%", f"{r['peak_mem_GiB']:.1f}",
+             "-" if launches is None else f"{launches:.0f}", "-" if host is None else f"{host:.2f}",
+             "-" if ratio is None else f"{ratio:.2f}x"]
+    return "| " + " | ".join(cells) + " |"
 
 
 if __name__ == "__main__":

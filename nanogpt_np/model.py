@@ -175,8 +175,12 @@ class GPT:
             t.data[...] = backend.to_device(np.asarray(tensors[name]).astype(self.dtype, copy=False))
 
     def reseed_dropout(self, seed: int) -> None:
-        """A fresh dropout generator (the trainer seeds one per step, so resuming needs no saved RNG state)."""
-        self.dropout_rng = _device_rng(seed)
+        """Reseed the dropout generator (the trainer does it every step from (seed, step), so resuming needs no
+        saved RNG state). On the GPU the one generator is reseeded in place, which costs nothing."""
+        if isinstance(self.dropout_rng, _GpuDropoutRng):
+            self.dropout_rng.seed(seed)
+        else:
+            self.dropout_rng = _device_rng(seed)
 
     def train(self, mode: bool = True) -> "GPT":
         self.training = mode
@@ -205,7 +209,7 @@ class GPT:
         x = ops.embedding(p["wte.weight"], p["wpe.weight"], idx, positions)  # (B, T, C)
         x = ops.dropout(x, cfg.dropout, self.dropout_rng, self.training)
         for i in range(cfg.n_layer):
-            x = self._block(i, x, kv_cache)
+            x = self._block(i, x, kv_cache, positions)
         if kv_cache is not None:
             kv_cache.lengths += T
         x = ops.layernorm(x, p["ln_f.weight"], self._bias("ln_f"), cfg.layer_norm_eps)
@@ -218,14 +222,15 @@ class GPT:
     def _bias(self, prefix):
         return self.params.get(prefix + ".bias") if self.config.bias else _zeros_like_weight(self, prefix)
 
-    def _block(self, i, x, kv_cache=None):
+    def _block(self, i, x, kv_cache=None, positions=None):
         cfg, p, h = self.config, self.params, f"h.{i}."
         a = ops.layernorm(x, p[h + "ln_1.weight"], self._bias(h + "ln_1"), cfg.layer_norm_eps)
         a = ops.linear(a, p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"))     # (B, T, 3C)
         if kv_cache is None:
             a = ops.attention(a, cfg.n_head)                                               # (B, T, C)
         else:
-            a = Tensor(attention_with_cache(a.data, cfg.n_head, kv_cache.k[i], kv_cache.v[i], kv_cache.lengths))
+            a = Tensor(attention_with_cache(a.data, cfg.n_head, kv_cache.k[i], kv_cache.v[i], kv_cache.lengths,
+                                            positions))
         a = ops.linear(a, p[h + "attn.c_proj.weight"], p.get(h + "attn.c_proj.bias"))
         a = ops.dropout(a, cfg.dropout, self.dropout_rng, self.training)
         # x = x + a and m = ln_2(x) in one op (one pass over memory on the GPU)
@@ -248,8 +253,29 @@ def _zeros_like_weight(model, prefix):
     return Tensor(backend.xp_of(w.data).zeros_like(w.data))
 
 
+# curand.h's CURAND_RNG_PSEUDO_PHILOX4_32_10 (checked against CuPy's curand module in tests/test_fake_cupy.py)
+CURAND_PHILOX4_32_10 = 161
+
+
+class _GpuDropoutRng:
+    """Uniform numbers for dropout masks on the GPU, from one cuRAND generator kept for the whole run.
+
+    Philox4x32-10 is counter-based: reseeding it sets a seed and resets an offset, with no per-thread state
+    to initialise. (A new cupy.random.default_rng every step, as before, set up ~270k XORWOW states each time.)
+    Same seeds, same masks: the trainer's per-step reseed keeps --resume exact."""
+
+    def __init__(self, seed):
+        self._rs = backend.xp().random.RandomState(seed, method=CURAND_PHILOX4_32_10)
+
+    def seed(self, seed):
+        self._rs.seed(seed)
+
+    def random(self, shape, dtype=None):
+        return self._rs.random_sample(shape, dtype=np.float32 if dtype is None else dtype)
+
+
 def _device_rng(seed):
-    """A random generator on the current device (numpy's PCG64 on the CPU, cupy's on the GPU)."""
+    """A random generator on the current device (numpy's PCG64 on the CPU, cuRAND's Philox on the GPU)."""
     if backend.device() == "cuda":
-        return backend.xp().random.default_rng(seed)
+        return _GpuDropoutRng(seed)
     return np.random.default_rng(seed)

@@ -51,7 +51,7 @@ def setup_run(cfg: TrainConfig, echo=print) -> Run:
     if cfg.resume and cfg.init_from:
         raise ConfigError("--resume and --init_from exclude each other: resume continues a run, "
                           "init_from starts a new one from existing weights")
-    device = setup_device(cfg)
+    device = setup_device(cfg, echo)
     tokenizer = inherited_tokenizer(cfg)
     loader, val_tokens, val_loader, tokenizer = load_training_data(cfg, tokenizer, echo)
     model = build_model(cfg, tokenizer)
@@ -69,8 +69,8 @@ def setup_run(cfg: TrainConfig, echo=print) -> Run:
     return run
 
 
-def setup_device(cfg: TrainConfig) -> str:
-    """Select numpy or cupy; on the GPU, configure the fused kernels for this run."""
+def setup_device(cfg: TrainConfig, echo=print) -> str:
+    """Select numpy or cupy; on the GPU, configure the fused kernels for this run (and say which)."""
     device = backend.use_device(cfg.device)
     if cfg.dtype == "bfloat16" and device != "cuda":
         raise ConfigError("--dtype=bfloat16 (mixed precision) needs the GPU (--device=cuda); use float32 on the CPU")
@@ -80,6 +80,7 @@ def setup_device(cfg: TrainConfig) -> str:
         from .kernels import registry
         registry.configure(dtype="bfloat16" if cfg.dtype == "bfloat16" else "float32",
                            loss_is_root=cfg.grad_accum_steps == 1, logits_reusable=False)
+        echo(registry.describe())
     return device
 
 

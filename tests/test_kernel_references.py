@@ -501,3 +501,115 @@ def test_registry_configure(fake_cp):
     finally:
         registry.configure(attention="matmul", dtype="float32", tf32=False, loss_is_root=False, logits_reusable=True)
     assert not kce._assume_unit_dloss and not kce._inplace and registry.precision() == "float32"
+
+
+# ------------------------------------------------------- cross_entropy.cu's scalar helpers, compiled for the host
+
+@pytest.fixture
+def ce_helpers(tmp_path):
+    import ctypes
+    from emulation import device_functions
+    if device_functions.compiler() is None:
+        pytest.skip("no host C++ compiler")
+    lib = device_functions.build(tmp_path, "cross_entropy", ["online_add", "row_loss"], """
+extern "C" void row_max_sum(const float* z, long n, float* out) {      // one thread's pass over its elements
+    float m = -INFINITY, s = 0.0f;
+    for (long j = 0; j < n; j++) online_add(m, s, z[j]);
+    out[0] = m; out[1] = s;
+}
+extern "C" float loss_of(float m, float s, float zy) { return row_loss(m, s, zy); }
+""")
+    lib.loss_of.restype = ctypes.c_float
+    lib.loss_of.argtypes = [ctypes.c_float] * 3
+
+    def max_sum(z):
+        z = np.ascontiguousarray(z, np.float32)
+        out = np.empty(2, np.float32)
+        lib.row_max_sum(z.ctypes.data_as(ctypes.c_void_p), ctypes.c_long(z.size), out.ctypes.data_as(ctypes.c_void_p))
+        return float(out[0]), float(out[1])
+    return max_sum, lib.loss_of
+
+
+def test_cross_entropy_online_sum_skips_leading_minus_inf(ce_helpers):
+    """A -inf logit as a thread's first element made exp(-inf - -inf) = NaN in the running sum."""
+    max_sum, _ = ce_helpers
+    z = np.array([-np.inf, -np.inf, 1.0, -np.inf, 2.0, 0.5], np.float32)
+    m, s = max_sum(z)
+    assert m == 2.0 and math.isclose(s, float(np.exp(z[2:].astype(np.float64) - 2.0).sum()), rel_tol=1e-6)
+    assert max_sum(np.full(4, -np.inf, np.float32)) == (-np.inf, 0.0)        # all masked: empty, not NaN
+
+
+def test_cross_entropy_row_loss_does_not_cancel(ce_helpers):
+    """Logits around 100 with a confident target (one thread's share of a row, 64 elements): the loss (~0.2)
+    is small next to lse (~104). lse - z[y] in float32 loses digits there (up to ~4e-5 relative, over the GPU
+    tests' 1e-5); (m - z[y]) + log(s) does not."""
+    max_sum, loss_of = ce_helpers
+    r = np.random.default_rng(5)
+    worst_old = 0.0
+    for _ in range(20):
+        z = (r.standard_normal(64) + 100.0).astype(np.float32)
+        y = int(np.argmax(z))
+        z[y] += 4.0                                               # a confident, correct prediction
+        z64 = z.astype(np.float64)
+        ref = float(np.log(np.exp(z64 - z64.max()).sum()) + z64.max() - z64[y])
+        m, s = max_sum(z)
+        got = loss_of(m, s, z[y])
+        assert abs(got - ref) / ref < 1e-5, (got, ref)
+        old = float(np.float32(np.float32(m) + np.float32(np.log(np.float32(s)))) - z[y])   # lse - z[y], float32
+        worst_old = max(worst_old, abs(old - ref) / ref)
+    assert worst_old > 1e-5                                       # the cases really cancel in the old form
+
+
+def test_fake_cross_entropy_out_of_range_target_and_minus_inf(fake_cp):
+    """The contract of cross_entropy.cu (mirrored by the fake): a target outside [0, V) that is not ignored makes
+    that row's loss and gradient NaN (no read outside the row; the CPU op raises instead), -inf logits are fine."""
+    ref = importlib.import_module("nanogpt_np.ops.cross_entropy")
+    N, V = 6, 40
+    z = _f32(N, V, s=2)
+    z[:, :5] = -np.inf                                           # masked-out vocabulary entries
+    y = np.array([7, 39, -1, 12, 5, 20])
+    fwd, bwd = registry.lookup("cross_entropy")
+    loss, saved = fwd(fake_cp.asarray(z), fake_cp.asarray(y), -1)
+    rl, rs = ref.cross_entropy_forward(z.astype(np.float64), y, -1)
+    assert abs(float(loss) - float(rl)) < 1e-6 * abs(float(rl))
+    (d,) = bwd(1.0, saved)
+    assert _rel(d, ref.cross_entropy_backward(np.float64(1.0), rs)[0]) < 1e-6
+    for bad in (V, -5):
+        yb = y.copy()
+        yb[3] = bad
+        loss, saved = fwd(fake_cp.asarray(z), fake_cp.asarray(yb), -1)
+        assert np.isnan(float(loss))
+        (d,) = bwd(1.0, saved)
+        d = np.asarray(d)
+        assert np.isnan(d[3]).all() and np.isfinite(np.delete(d, 3, axis=0)).all()
+
+
+# ------------------------------------------------------------ flash backward: D from the same bf16 dO as dP
+
+def _dq_dk_over_dv(dqkv, C):
+    d = np.abs(np.asarray(dqkv, np.float64))
+    return d[..., :2 * C].max() / d[..., 2 * C:].max()
+
+
+def test_fake_flash_single_position_has_no_dq_dk(fake_cp):
+    """With T = 1 the softmax has one entry: dq and dk vanish. They do only if D = rowsum(dO * O) uses the same
+    bf16 dO as dP = dO V^T (before, D used the float32 dO and dq, dk came out at ~1e-3 of dv)."""
+    from nanogpt_np.kernels.bf16 import round_to_bf16
+    B, T, NH = 2, 1, 2
+    C = 64 * NH
+    qkv = round_to_bf16(_f32(B, T, 3 * C))
+    fwd, bwd = registry.lookup("attention_flash")
+    out, saved = fwd(fake_cp.asarray(qkv), NH)
+    (dqkv,) = bwd(fake_cp.asarray(_f32(B, T, C)), saved)
+    assert _dq_dk_over_dv(dqkv, C) < 1e-6
+
+
+def test_flash_emulation_single_position_has_no_dq_dk():
+    """The same property for the lane-by-lane replay of flash_attention.cu (fp32 accumulation noise only)."""
+    from emulation import flash_emulator as fe
+    from nanogpt_np.kernels.bf16 import round_to_bf16
+    r = np.random.default_rng(11)
+    qkv = round_to_bf16(r.standard_normal((1, 1, 3 * 64)).astype(np.float32))
+    out, L2, heads = fe.forward(qkv, 1)
+    dqkv = fe.backward(r.standard_normal((1, 1, 64)).astype(np.float32), out, L2, heads, 1, 1, 1)
+    assert _dq_dk_over_dv(dqkv, 64) < 1e-5

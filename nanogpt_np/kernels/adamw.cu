@@ -52,7 +52,7 @@ extern "C" __global__ void norm_and_scale(float* __restrict__ out, const float* 
 
 __device__ __forceinline__ unsigned short f32_to_bf16_rne(float f) {
     unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x0040u);   // NaN stays NaN
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;     // NaN -> canonical NaN, as cvt.rn.bf16.f32 gives
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
 }

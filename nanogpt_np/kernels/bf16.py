@@ -10,7 +10,10 @@ to bf16 therefore keeps the high 16 bits, rounded to nearest with ties to even:
 
 +-inf survive unchanged (0x7F800000 + 0x7FFF does not carry into the exponent) and values that round above
 the largest bf16 become inf, as IEEE rounding says. NaN must not be rounded (a NaN whose mantissa sits in the
-low half would carry into inf), so NaNs keep their sign and become the quiet NaN 0x7FC0 / 0xFFC0.
+low half would carry into inf): every NaN becomes the canonical NaN 0x7FFF (sign and payload dropped). That
+is what the GPU's own conversion gives (cvt.rn.bf16.f32 / __float2bfloat16_rn; NVIDIA's cuda_bf16.hpp returns
+0x7FFF for a NaN on GPUs without the instruction), so bf16.cu, adamw.cu and flash_attention.cu's
+cvt.rn.bf16x2.f32 all agree with this file; tests/gpu checks it against the instruction itself.
 
 bf16 -> float32 is exact: shift the 16 bits back up.
 
@@ -21,17 +24,18 @@ import numpy as np
 
 from .. import backend
 
+CANONICAL_NAN = 0x7FFF          # the bf16 bits every NaN converts to (as the GPU's cvt.rn.bf16.f32 does)
+
 
 def float32_to_bf16(x):
-    """float32 array -> uint16 array of bf16 bits (round to nearest even, NaN -> quiet NaN, sign kept)."""
+    """float32 array -> uint16 array of bf16 bits (round to nearest even, any NaN -> canonical NaN 0x7FFF)."""
     xp = backend.xp_of(x)
     x = xp.ascontiguousarray(x, dtype=xp.float32)
     bits = x.view(xp.uint32)
     lsb = (bits >> 16) & 1
     rounded = ((bits + (0x7FFF + lsb)) >> 16).astype(xp.uint16)   # uint32 wraps only for NaN-like bits
-    sign = (bits >> 16).astype(xp.uint16) & 0x8000
     nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    return xp.where(nan, sign | xp.uint16(0x7FC0), rounded)
+    return xp.where(nan, xp.uint16(CANONICAL_NAN), rounded)
 
 
 def bf16_to_float32(h):
@@ -51,15 +55,14 @@ def bf16_reference_round(x):
 
     Works from the value, not the bit trick: truncate to the bf16 below (toward zero), take the next bf16 away
     from zero, and pick the nearer one, the one with an even last bit on a tie. Values beyond the largest bf16
-    by at least half an ulp become inf. NaN -> quiet NaN with the sign kept.
+    by at least half an ulp become inf. NaN -> the canonical NaN 0x7FFF.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty(x.shape, dtype=np.uint16)
     for i, (v, b) in enumerate(zip(x.ravel(), x.view(np.uint32).ravel())):
         b = int(b)
-        sign = (b >> 16) & 0x8000
         if np.isnan(v):
-            out.flat[i] = sign | 0x7FC0
+            out.flat[i] = CANONICAL_NAN
             continue
         if np.isinf(v):
             out.flat[i] = b >> 16

@@ -8,7 +8,9 @@ backward only hands it out. Two switches for the trainer:
                                a device 0-d array cannot be compared with 1 without a host sync)
 Without the second switch a d loss held on the device costs one extra scaling pass (read + write N*V).
 The number of kept targets is counted on the device; when every target is masked the loss is NaN instead
-of the reference's ValueError (raising would need a host sync).
+of the reference's ValueError (raising would need a host sync). Likewise a target outside [0, V) that is not
+ignore_index makes the loss NaN (and that row's gradient) where the CPU op raises (ops/cross_entropy.py still
+raises for targets that are on the host, where the check costs no sync).
 """
 import numpy as np
 

@@ -8,7 +8,7 @@
 // Scores are kept in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - m) (exp2 is one instruction).
 //
 // Backward (recomputes P from Q, K and the saved L, so nothing of size T x T is stored either):
-//   D_i = sum_d dO_i,d * O_i,d                         (backward_prep, also turns dO into bf16 heads)
+//   D_i = sum_d dO_i,d * O_i,d, with dO rounded to bf16 (backward_prep, also turns dO into bf16 heads)
 //   P = exp2(s2 - L),  dP = dO V^T,  dS = P * (dP - D) (gradient of the scaled scores)
 //   dV = P^T dO,  dK = scale * dS^T Q                  (kernel dkdv: a block per 64-key tile, loops over queries)
 //   dQ = scale * dS K                                  (kernel dq:   a block per 64-query tile, loops over keys)
@@ -212,7 +212,7 @@ flash_attention_forward(float* __restrict__ out, float* __restrict__ L2,
 }
 
 // ---------------------------------------------------------------------------------------------------- backward
-// One warp per (bh, t) row: dO (B, T, C) float32 -> bf16 heads (B*NH, Tp, 64), and D = sum_d dO * O (float32).
+// One warp per (bh, t) row: dO (B, T, C) float32 -> bf16 heads (B*NH, Tp, 64), and D = sum_d bf16(dO) * O (float32).
 extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO, float* __restrict__ D,
                                                          const float* __restrict__ dout, const float* __restrict__ out,
                                                          int B, int T, int Tp, int NH) {
@@ -225,8 +225,10 @@ extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO
     if (t < T) {
         long long off = ((long long)b * T + t) * C + h * HS + 2 * lane;
         float2 a = *(const float2*)(dout + off), o = *(const float2*)(out + off);
-        dot = a.x * o.x + a.y * o.y;
         p = pack_bf16x2(a.x, a.y);
+        // D from the bf16 dO that dP = dO V^T will use, so that D = rowsum(P * dP) holds for the values the
+        // kernels multiply (with the float32 dO, dS = P (dP - D) would carry a bias of bf16 size)
+        dot = __uint_as_float(p << 16) * o.x + __uint_as_float(p & 0xffff0000u) * o.y;
     }
     ((unsigned*)dO)[row * (HS / 2) + lane] = p;
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);

@@ -4,8 +4,9 @@ Same contract as ops/attention.py: forward(qkv, n_head) -> (out, saved), backwar
 Inputs and outputs are float32 in the model's layouts; inside, q, k, v (and dO) are bf16 copies in
 (B*NH, Tp, 64) head layout with Tp = T rounded up to 64. Matmuls run in bf16 with float32 accumulation, so
 results match the float32 reference to about 1e-2 relative, not 1e-5. Head size must be 64; other head sizes
-fall back to the cuBLAS form (softmax_attention).
+fall back to the cuBLAS form (softmax_attention), with one logged warning per model shape.
 """
+import logging
 import math
 
 import numpy as np
@@ -15,6 +16,17 @@ from .launch import elementwise, flash_padded_T, rows_per_warp
 
 HEAD_SIZE = 64
 LOG2E = 1.4426950408889634
+log = logging.getLogger(__name__)
+_fallbacks_logged = set()
+
+
+def _log_fallback(C, n_head):
+    """One line per model shape (not per call) when flash cannot run and the matmul form is used instead."""
+    if (C, n_head) not in _fallbacks_logged:
+        _fallbacks_logged.add((C, n_head))
+        log.warning("flash attention needs head size %d; n_embd %d / n_head %d gives %s: using the matmul "
+                    "attention kernels instead", HEAD_SIZE, C, n_head,
+                    C // n_head if C % n_head == 0 else f"{C / n_head:.2f}")
 
 
 def supported(n_embd: int, n_head: int) -> bool:
@@ -27,6 +39,7 @@ def attention_forward(qkv, n_head):
     B, T, C3 = qkv.shape
     C = C3 // 3
     if not supported(C, n_head):
+        _log_fallback(C, n_head)
         from . import softmax_attention
         out, saved = softmax_attention.attention_forward(qkv, n_head)
         return out, ("matmul", saved)

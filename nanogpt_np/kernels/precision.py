@@ -88,6 +88,9 @@ def matmul_bf16(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
 
 
 def set_tf32(flag: bool) -> None:
-    """Allow TF32 tensor cores for CuPy's float32 matmuls (cuBLAS), or go back to exact float32."""
+    """Allow TF32 tensor cores for CuPy's float32 matmuls (cuBLAS), or go back to exact float32.
+
+    CuPy keeps one compute type per dtype: set_compute_type(dtype, compute_type) (CuPy 11-14; the constants
+    are CuPy's own, not cuBLAS's: COMPUTE_TYPE_DEFAULT = 1, COMPUTE_TYPE_TF32 = 7 in CuPy 14)."""
     from cupy._core import _routines_linalg as lin
-    lin.set_compute_type(lin.COMPUTE_TYPE_TF32 if flag else lin.COMPUTE_TYPE_DEFAULT)
+    lin.set_compute_type(np.dtype(np.float32), lin.COMPUTE_TYPE_TF32 if flag else lin.COMPUTE_TYPE_DEFAULT)

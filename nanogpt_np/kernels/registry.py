@@ -72,10 +72,13 @@ def attention_kind() -> str:
 
 def configure(*, attention=None, dtype=None, tf32=None, loss_is_root=None, logits_reusable=None) -> None:
     """One call for the trainer to set the GPU options (None leaves an option as it is):
-    attention "matmul" | "flash"; dtype "float32" | "bfloat16" (matmul precision of linear/lm_head);
+    attention "matmul" | "flash" (None with dtype="bfloat16": flash, unless NANOGPT_ATTENTION says otherwise);
+    dtype "float32" | "bfloat16" (matmul precision of linear/lm_head);
     tf32 (CuPy's float32 matmuls on TF32 tensor cores); loss_is_root (the loss's incoming gradient is 1, so the
     cross-entropy backward skips its scaling pass; false with gradient accumulation that scales the seed);
     logits_reusable=False lets the cross-entropy gradient overwrite the logits buffer (training steps)."""
+    if attention is None and dtype == "bfloat16" and "NANOGPT_ATTENTION" not in os.environ:
+        attention = "flash"          # bf16 training: flash attention, as precision.py's policy says
     if attention is not None:
         set_attention(attention)
     if dtype is not None:
@@ -89,6 +92,15 @@ def configure(*, attention=None, dtype=None, tf32=None, loss_is_root=None, logit
             cross_entropy.set_assume_unit_dloss(loss_is_root)
         if logits_reusable is not None:
             cross_entropy.set_inplace(not logits_reusable)
+
+
+def describe() -> str:
+    """One line saying which GPU kernels are in use (the trainer prints it)."""
+    att = ("flash (bf16 tensor cores, head size 64; other head sizes fall back to matmul)"
+           if _attention == "flash" else "matmul (cuBLAS + fused softmax)")
+    mm = "bf16 (fp32 accumulation)" if _precision == "bfloat16" else "float32 (cuBLAS)"
+    off = f", disabled: {', '.join(sorted(_disabled))}" if _disabled else ""
+    return f"GPU kernels: attention {att}; linear/lm_head matmuls {mm}{off}"
 
 
 def set_precision(dtype: str) -> None:

@@ -19,6 +19,8 @@ Backward (from the bottom up):
 """
 import math
 
+import numpy as np
+
 from .. import backend
 from ..tensor import Tensor, record
 from .dispatch import implementation
@@ -99,7 +101,7 @@ def attention(qkv: Tensor, n_head: int) -> Tensor:
     return record(Tensor(out), (qkv,), lambda dout: backward(dout, saved))
 
 
-def attention_with_cache(qkv, n_head, k_cache, v_cache, lengths):
+def attention_with_cache(qkv, n_head, k_cache, v_cache, lengths, positions=None):
     """Attention for new tokens against a KV cache (inference only, nothing recorded for backward).
 
     qkv (B, Tn, 3C): the new tokens of every sequence; k_cache, v_cache (B, NH, Tmax, HS); lengths (B,) how
@@ -107,17 +109,21 @@ def attention_with_cache(qkv, n_head, k_cache, v_cache, lengths):
     lengths[b] .. lengths[b] + Tn - 1, then new token i of sequence b attends to positions 0 .. lengths[b] + i:
     the causal rule, and also a guard against the unused (padding) end of shorter sequences in the batch.
     Each new token costs one position of work per layer instead of recomputing the whole context.
+    lengths live on the host (a NumPy array, as generate.KVCache keeps them), so the size of the filled part
+    is known without asking the device; positions (B, Tn), lengths[:, None] + arange(Tn), may be passed
+    already on the device (the model computes it once for all layers).
     """
     xp = backend.xp_of(qkv)
     B, Tn, C3 = qkv.shape
     C = C3 // 3
     q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))   # (B, NH, Tn, HS)
-    lengths = xp.asarray(lengths)
-    pos = lengths[:, None] + xp.arange(Tn)[None, :]                   # (B, Tn) where the new tokens go
+    host_lengths = backend.to_numpy(lengths)
+    pos = positions if positions is not None else \
+        xp.asarray(host_lengths[:, None] + np.arange(Tn)[None, :])    # (B, Tn) where the new tokens go
     rows = xp.arange(B)[:, None]
     k_cache[rows, :, pos] = k.transpose(0, 2, 1, 3)                   # (B, Tn, NH, HS) into (B, NH, Tmax, HS)
     v_cache[rows, :, pos] = v.transpose(0, 2, 1, 3)
-    L = int(lengths.max()) + Tn                                       # only the filled part of the cache
+    L = int(host_lengths.max()) + Tn          # only the filled part of the cache (host arithmetic: no sync)
     keys, values = k_cache[:, :, :L], v_cache[:, :, :L]
     scores = (q @ keys.transpose(0, 1, 3, 2)) / math.sqrt(C // n_head)    # (B, NH, Tn, L)
     allowed = xp.arange(L)[None, None, :] <= pos[:, :, None]         # (B, Tn, L)

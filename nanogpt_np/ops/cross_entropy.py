@@ -25,7 +25,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-1):
     sum_e = e.sum(axis=-1)                                  # (N,)
     probs = e / sum_e[:, None]                              # (N, V)
     losses = xp.log(sum_e) - shifted[xp.arange(N), safe_targets]   # (N,)
-    loss = (losses * kept).sum() / n_kept
+    loss = xp.where(kept, losses, 0.0).sum() / n_kept         # not losses * kept: a masked row's loss may be inf
     return loss, (probs, safe_targets, kept, n_kept)
 
 

@@ -21,6 +21,10 @@ import numpy as np
 from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16
 
 
+__version__ = f"fake (NumPy {np.__version__})"
+ALLOCATIONS_POISONED = True          # empty() fills with NaN / all ones: tests/gpu's poison() has nothing to add
+
+
 class ndarray(np.ndarray):
     """numpy.ndarray with CuPy's `.data.ptr` (the address of the first element)."""
 
@@ -64,8 +68,8 @@ def empty(shape, dtype=np.float64, order="C"):
     return _poisoned(shape, dtype)
 
 
-def empty_like(a, dtype=None):
-    return _poisoned(a.shape, dtype or a.dtype)
+def empty_like(prototype, dtype=None):
+    return _poisoned(prototype.shape, dtype or prototype.dtype)
 
 
 def asarray(a, dtype=None, order=None):
@@ -111,12 +115,43 @@ class _Generator:
         return lambda *a, **k: _wrap_all(obj(*a, **k))
 
 
-random = types.SimpleNamespace(default_rng=_Generator)
+class _RandomState:
+    """cupy.random.RandomState (cuRAND's host API): seed() restarts the stream, random_sample() draws."""
+
+    def __init__(self, seed=None, method=None):
+        self.method = method
+        self.seed(seed)
+
+    def seed(self, seed=None):
+        self._g = np.random.default_rng(seed)
+
+    def random_sample(self, size=None, dtype=float):
+        return _wrap(np.asarray(self._g.random(size, dtype=np.dtype(dtype).type)))
+
+
+random = types.SimpleNamespace(default_rng=_Generator, RandomState=_RandomState)
 
 
 class _Stream:
+    """cupy.cuda.Stream: work is synchronous here. CUDA-graph capture is refused (nothing could be replayed)."""
+
+    def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
+        pass
+
     def synchronize(self):
         pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def begin_capture(self, mode=None):
+        raise NotImplementedError("the fake CuPy cannot capture CUDA graphs")
+
+    def end_capture(self):
+        raise NotImplementedError("the fake CuPy cannot capture CUDA graphs")
 
 
 class _Event:
@@ -139,14 +174,48 @@ class OutOfMemoryError(MemoryError):
     pass
 
 
+# The device the fake reports. Small by default (5 SMs: small grids, quick tests); set_device(H200) gives an
+# H100/H200's 132 SMs, so the launch arithmetic that depends on the SM count (layernorm backward's blocks and
+# partial rows, bias+GELU's column chunks, AdamW's grid) runs at the sizes of the real card.
+SMALL = dict(name="fake GPU (NumPy)", sms=5, cc="90")
+H200 = dict(name="NVIDIA H200 (fake, NumPy)", sms=132, cc="90")
+_device = dict(SMALL)
+
+
+def set_device(props):
+    """Make the fake report `props` (SMALL, H200 or a dict of name, sms, cc); returns the previous ones."""
+    old = dict(_device)
+    _device.update(props)
+    return old
+
+
+class _Device:
+    """cupy.cuda.Device: .id, .compute_capability ("90"), .attributes (CUDA attribute names without cudaDevAttr)."""
+
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+
+    @property
+    def compute_capability(self):
+        return _device["cc"]
+
+    @property
+    def attributes(self):
+        return {"MultiProcessorCount": _device["sms"], "MaxThreadsPerBlock": 1024, "WarpSize": 32,
+                "MaxSharedMemoryPerBlock": 48 * 1024}
+
+
 cuda = types.SimpleNamespace(
-    Device=lambda *a: types.SimpleNamespace(attributes={"MultiProcessorCount": 5}, compute_capability="90", id=0),
+    Device=_Device,
     get_current_stream=lambda: _Stream(),
+    Stream=_Stream,
     device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
-    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"fake GPU (NumPy)"},
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
+                                  getDeviceProperties=lambda device: {"name": _device["name"].encode(),
+                                                                 "multiProcessorCount": _device["sms"]},
                                   runtimeGetVersion=lambda: 13000),
     Event=_Event,
-    get_elapsed_time=lambda a, b: 1.0,
+    get_elapsed_time=lambda start_event, end_event: 1.0,
     memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
 )
 
@@ -168,14 +237,48 @@ def _resolve(ptr):
     raise AssertionError(f"pointer {ptr:#x} is not inside any live fake-device allocation")
 
 
+def _device_memory(a):
+    """What a kernel sees for the device array `a`: the memory of its allocation from a.data.ptr to the end, as
+    a flat array of a's dtype. CuPy passes the raw pointer (ndarray.get_pointer()) whatever the strides, so a
+    transposed or sliced view is read as if it were contiguous from its first element, and nothing is copied:
+    the kernel writes into the array's own memory."""
+    owner = a
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    assert owner.flags.c_contiguous or owner.flags.f_contiguous, "fake allocation is not contiguous"
+    flat = owner.ravel(order="K")                # a view of the whole allocation, in memory order
+    start = flat.__array_interface__["data"][0]
+    ptr = a.__array_interface__["data"][0]
+    assert ptr % a.dtype.itemsize == 0, f"misaligned {a.dtype} pointer"
+    raw = flat.view(np.uint8)
+    offset = ptr - start
+    n = (raw.size - offset) // a.dtype.itemsize
+    return raw[offset:offset + n * a.dtype.itemsize].view(a.dtype)
+
+
 def _arr(x):
+    """A pointer argument, as CuPy's kernel-argument rules (cupy/cuda/function.pyx, _pointer) pass it:
+    None -> NULL; a device array -> its raw pointer (no copy, strides ignored); a raw address (np.uint64, as
+    launch.NULL and `ptr + offset` are passed) -> that address. A host NumPy array is refused: CuPy passes a
+    one-element one *by value* (its bits, not an address) and raises TypeError for a larger one."""
     if x is None:
         return None
-    if isinstance(x, np.ndarray) and not isinstance(x, np.generic):
-        return x
+    if isinstance(x, ndarray):
+        return _device_memory(x)
+    if isinstance(x, np.ndarray):
+        if x.size == 1:
+            raise AssertionError("a one-element host numpy array is passed by value by CuPy, not as a pointer: "
+                                 "the kernel would read its bits as an address")
+        raise TypeError(f"You are trying to pass a numpy.ndarray of shape {x.shape} as a kernel parameter. "
+                        "Only numpy.ndarrays of size one can be passed by value (CuPy's rule)")
     if isinstance(x, np.uint64):
         return _resolve(x)
     raise AssertionError(f"expected a device array or a pointer, got {type(x).__name__}")
+
+
+def _rows(a, C):
+    """A flat kernel view as rows of C (the allocation may run on past the last whole row)."""
+    return a[:a.size // C * C].reshape(-1, C)
 
 
 def _int(x, kind):
@@ -191,6 +294,8 @@ def _flt(x):
 def _f32(a, n=None):
     a = a.reshape(-1)
     assert a.dtype == np.float32, f"kernel expects float32, got {a.dtype}"
+    if n is not None:
+        assert a.size >= n, f"the kernel would access {n} floats, the allocation holds {a.size}"
     return a if n is None else a[:n]
 
 
@@ -204,10 +309,10 @@ def _encoder_forward(vec):
     def k(grid, block, smem, out, idx, wte, wpe, BT, T, C):
         BT, T, C = _int(BT, np.int32), _int(T, np.int32), _int(C, np.int32)
         assert _threads(grid, block) * vec >= BT * C, "grid too small"
-        idx = _arr(idx).reshape(-1)
+        idx = _arr(idx)[:BT]
         assert idx.dtype == np.int32
         o = _f32(_arr(out), BT * C).reshape(BT, C)
-        o[...] = _f32(_arr(wte)).reshape(-1, C)[idx] + _f32(_arr(wpe)).reshape(-1, C)[np.arange(BT) % T]
+        o[...] = _rows(_f32(_arr(wte)), C)[idx] + _rows(_f32(_arr(wpe)), C)[np.arange(BT) % T]
     return k
 
 
@@ -222,9 +327,9 @@ def _encoder_backward_wpe(grid, block, smem, dwpe, dout, B, T, Tmax, C):
 def _encoder_backward_wte(grid, block, smem, dwte, dout, sorted_pos, sorted_tok, BT, C):
     BT, C = _int(BT, np.int32), _int(C, np.int32)
     assert grid[0] == BT and block[0] <= 1024
-    pos, tok = _arr(sorted_pos).reshape(-1), _arr(sorted_tok).reshape(-1)
+    pos, tok = _arr(sorted_pos)[:BT], _arr(sorted_tok)[:BT]
     assert pos.dtype == np.int32 and tok.dtype == np.int32 and np.all(np.diff(tok) >= 0), "ids must be sorted"
-    dw = _f32(_arr(dwte)).reshape(-1, C)
+    dw = _rows(_f32(_arr(dwte)), C)
     do = _f32(_arr(dout), BT * C).reshape(BT, C)
     s = 0
     while s < BT:
@@ -245,7 +350,7 @@ def _layernorm_forward(grid, block, smem, out, mean, rstd, h_out, x, residual, w
         _f32(_arr(h_out), N * C).reshape(N, C)[...] = xv
     m = xv.mean(1)
     rs = 1 / np.sqrt(((xv - m[:, None]) ** 2).mean(1) + eps)
-    _f32(_arr(out), N * C).reshape(N, C)[...] = (xv - m[:, None]) * rs[:, None] * _f32(_arr(w)) + _f32(_arr(b))
+    _f32(_arr(out), N * C).reshape(N, C)[...] = (xv - m[:, None]) * rs[:, None] * _f32(_arr(w), C) + _f32(_arr(b), C)
     _f32(_arr(mean), N)[...] = m
     _f32(_arr(rstd), N)[...] = rs
 
@@ -258,13 +363,13 @@ def _layernorm_backward(grid, block, smem, dh, dwp, dbp, dout, h, mean, rstd, w,
     hv = _f32(_arr(h), N * C).reshape(N, C).astype(np.float64)
     dy = _f32(_arr(dout), N * C).reshape(N, C).astype(np.float64)
     xhat = (hv - _f32(_arr(mean), N)[:, None]) * _f32(_arr(rstd), N)[:, None]
-    g = dy * _f32(_arr(w))
+    g = dy * _f32(_arr(w), C)
     dx = _f32(_arr(rstd), N)[:, None] * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
     r = _arr(dres)
     if r is not None:
         dx = dx + _f32(r, N * C).reshape(N, C)
     _f32(_arr(dh), N * C).reshape(N, C)[...] = dx
-    pw, pb = _f32(_arr(dwp)).reshape(-1, C), _f32(_arr(dbp)).reshape(-1, C)
+    pw, pb = _rows(_f32(_arr(dwp)), C), _rows(_f32(_arr(dbp)), C)
     assert pw.shape[0] >= grid[0]
     for k in range(grid[0]):
         rows = slice(k * rpb, min(N, (k + 1) * rpb))
@@ -313,7 +418,7 @@ def _bias_gelu_backward(grid, block, smem, dx, partial, dout, x, bias, N, C, rpc
     a = _f32(_arr(x), N * C).reshape(N, C) + _f32(_arr(bias), C)
     d = _f32(_arr(dout), N * C).reshape(N, C) * _gelu_grad(a.astype(np.float64))
     _f32(_arr(dx), N * C).reshape(N, C)[...] = d
-    p = _f32(_arr(partial)).reshape(-1, C)
+    p = _rows(_f32(_arr(partial)), C)
     for k in range(grid[1]):
         p[k] = d[k * rpc:min(N, (k + 1) * rpc)].sum(0)
 
@@ -329,19 +434,24 @@ def _cross_entropy(grid, block, smem, losses, dlogits, logits, targets, n_kept, 
     N = grid[0]
     assert block[0] % 32 == 0 and block[0] <= 1024
     z = _f32(_arr(logits), N * V).reshape(N, V).astype(np.float64)
-    y = _arr(targets).reshape(-1)[:N]
+    y = _arr(targets)[:N]
     assert y.dtype == np.int64
     nk = float(_f32(_arr(n_kept))[0])
     kept = y != ignore
+    valid = kept & (y >= 0) & (y < V)                    # an out-of-range target: NaN loss and gradient row
     mx = z.max(1, keepdims=True)
-    lse = (mx + np.log(np.exp(z - mx).sum(1, keepdims=True)))[:, 0]
-    ys = np.where(kept, y, 0)
-    _f32(_arr(losses), N)[...] = np.where(kept, lse - z[np.arange(N), ys], 0.0)
+    s = np.exp(z - mx).sum(1, keepdims=True)
+    lse = (mx + np.log(s))[:, 0]
+    ys = np.where(valid, y, 0)
+    row_loss = (mx[:, 0] - z[np.arange(N), ys]) + np.log(s[:, 0])     # the kernel's form (no cancellation)
+    _f32(_arr(losses), N)[...] = np.where(valid, row_loss, np.where(kept, np.nan, 0.0))
     d = _arr(dlogits)
     if d is not None:
         g = np.exp(z - lse[:, None])
-        g[np.arange(N), ys] -= 1.0
-        _f32(d, N * V).reshape(N, V)[...] = g * (kept / nk)[:, None]
+        g[np.arange(N), ys] -= valid
+        g = g * (kept / nk)[:, None]
+        g[kept & ~valid] = np.nan
+        _f32(d, N * V).reshape(N, V)[...] = g
 
 
 def _scale(grid, block, smem, x, s, n):
@@ -451,8 +561,9 @@ def _flash_prep(grid, block, smem, dO, D, dout, out, B, T, Tp, NH):
     oh = np.zeros((B * NH, Tp, 64))
     dh[:, :T] = do.reshape(B, T, NH, 64).transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
     oh[:, :T] = o.reshape(B, T, NH, 64).transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
-    _arr(dO).reshape(-1)[:B * NH * Tp * 64] = float32_to_bf16(dh.astype(np.float32)).ravel()
-    _f32(_arr(D), B * NH * Tp)[...] = (dh * oh).sum(-1).ravel()
+    dh16 = float32_to_bf16(dh.astype(np.float32))
+    _arr(dO).reshape(-1)[:B * NH * Tp * 64] = dh16.ravel()
+    _f32(_arr(D), B * NH * Tp)[...] = (bf16_to_float32(dh16) * oh).sum(-1).ravel()     # from the bf16 dO
 
 
 def _flash_grads(grid, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
@@ -539,7 +650,8 @@ def emulate(module, kernel, grid, block, args, shared_mem):
 
 # ------------------------------------------------------------------------------------------------- cuBLAS
 
-def _gemm_ex(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, compute, algo):
+def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, computeType,
+             algo):
     """cublasGemmEx on fake-device buffers (column-major), bf16 (14) or float32 (0) operands."""
     def mat(ptr, dtype, rows, cols, ld, op):
         buf = _resolve(np.uint64(ptr))
@@ -549,12 +661,38 @@ def _gemm_ex(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, bet
         X = np.asarray(vals[:ld * sc], dtype=np.float64).reshape(sc, ld).T[:sr]
         return X if op == 0 else X.T
     a_, b_ = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
-    prod = mat(A, Atype, m, k, lda, opa) @ mat(B, Btype, k, n, ldb, opb)
+    prod = mat(A, Atype, m, k, lda, transa) @ mat(B, Btype, k, n, ldb, transb)
     cbuf = _resolve(np.uint64(C))
     assert Ctype == 0 and cbuf.dtype == np.float32 and ldc >= m
     cm = cbuf[:ldc * n].reshape(n, ldc).T
     old = np.nan_to_num(cm[:m].astype(np.float64)) if b_ == 0 else cm[:m].astype(np.float64)
     cm[:m] = a_ * prod + b_ * old
+
+
+# cupy._core._routines_linalg as CuPy 14 has it: the constants are CuPy's own (not cuBLAS's), and the compute
+# type is kept per dtype: set_compute_type(dtype, compute_type), two positional arguments.
+LINALG_CONSTANTS = dict(COMPUTE_TYPE_TBD=0, COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_PEDANTIC=2, COMPUTE_TYPE_FP16=3,
+                        COMPUTE_TYPE_FP32=4, COMPUTE_TYPE_FP64=5, COMPUTE_TYPE_BF16=6, COMPUTE_TYPE_TF32=7)
+
+
+def _linalg_module():
+    linalg = types.ModuleType("cupy._core._routines_linalg")
+    linalg.__dict__.update(LINALG_CONSTANTS)
+    linalg.compute_types = {}                   # dtype char -> compute type (what a test can look at)
+
+    def set_compute_type(dtype, compute_type):
+        dtype = np.dtype(dtype)
+        if dtype.char not in "efdFD":
+            raise TypeError(f"set_compute_type: no compute type for dtype {dtype}")
+        if compute_type not in LINALG_CONSTANTS.values():
+            raise ValueError(f"set_compute_type: unknown compute type {compute_type!r}")
+        linalg.compute_types[dtype.char] = compute_type
+
+    def get_compute_type(dtype):
+        return linalg.compute_types.get(np.dtype(dtype).char, LINALG_CONSTANTS["COMPUTE_TYPE_DEFAULT"])
+
+    linalg.set_compute_type, linalg.get_compute_type = set_compute_type, get_compute_type
+    return linalg
 
 
 def install(monkeypatch):
@@ -564,8 +702,8 @@ def install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", this)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
     cublas.gemmEx = _gemm_ex
-    cublas.getPointerMode = lambda h: 0
-    cublas.setPointerMode = lambda h, m: None
+    cublas.getPointerMode = lambda handle: 0
+    cublas.setPointerMode = lambda handle, mode: None
     cublas.CUBLAS_POINTER_MODE_HOST = 0
     libs = types.ModuleType("cupy_backends.cuda.libs")
     libs.cublas = cublas
@@ -575,9 +713,7 @@ def install(monkeypatch):
         monkeypatch.setitem(sys.modules, name, mod)
     sys.modules["cupy_backends"].cuda = sys.modules["cupy_backends.cuda"]
     sys.modules["cupy_backends.cuda"].libs = libs
-    linalg = types.ModuleType("cupy._core._routines_linalg")
-    linalg.COMPUTE_TYPE_TF32, linalg.COMPUTE_TYPE_DEFAULT = 1, 0
-    linalg.set_compute_type = lambda t: None
+    linalg = _linalg_module()
     core = types.ModuleType("cupy._core")
     core._routines_linalg = linalg
     monkeypatch.setattr(this, "_core", core, raising=False)

@@ -180,7 +180,7 @@ def backward(dout, out, L2, heads, B, T, NH):
     dh = dout.reshape(B, T, NH, HS).transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
     oh = out.reshape(B, T, NH, HS).transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
     dO[:, :T] = round_to_bf16(dh)
-    D[:, :T] = (dh * oh).sum(-1)
+    D[:, :T] = (dO[:, :T] * oh).sum(-1)                       # from the bf16 dO, as the kernel does
     dO, D = dO.ravel(), D.ravel()
     dqkv = np.full((B * T * 3 * C,), np.nan, np.float32)
     ntiles = Tp // TILE
