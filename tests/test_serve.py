@@ -24,7 +24,8 @@ from nanogpt_np.tokenizers.char import CharTokenizer
 from nanogpt_np.config import parse_args
 from nanogpt_np.generate import generate_text
 from nanogpt_np.model import GPT, GPTConfig
-from nanogpt_np.serve.server import Limits, TextAssembler, parse_completion_request, APIError
+from nanogpt_np.serve.requests import APIError, Limits, parse_completion_request
+from nanogpt_np.serve.streaming import TextAssembler
 from nanogpt_np.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -611,12 +612,12 @@ setTimeout(async () => {
 def test_page_streams_with_node(server, trained_run, tmp_path):
     """The page's script, run by Node with a stand-in for the DOM, streams the same text as the API."""
     import shutil
-    from nanogpt_np.serve.server import PAGE
+    from nanogpt_np.serve.server import PAGE_FILE
     node = shutil.which("node")
     if node is None or int(subprocess.run([node, "--version"], capture_output=True, text=True).stdout[1:]
                            .split(".")[0]) < 18:
         pytest.skip("needs Node 18+ (fetch)")
-    script = PAGE.split("<script>")[1].split("</script>")[0]
+    script = PAGE_FILE.read_text().split("<script>")[1].split("</script>")[0]
     harness = tmp_path / "harness.js"
     harness.write_text(PAGE_HARNESS)
     r = subprocess.run([node, str(harness), f"http://127.0.0.1:{server.port}", script], capture_output=True,
@@ -686,3 +687,18 @@ def test_main_refuses_bad_options_in_one_line(small_run, capsys, flag, message):
     assert main([f"--out_dir={small_run}", "--device=cpu", flag]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_package_data_ships_every_non_python_file():
+    """setup.cfg's package_data must name every file the package reads at run time (the page, the kernels),
+    or a non-editable install would lack them."""
+    import configparser
+    import fnmatch
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    patterns = [p.strip() for p in cfg["options.package_data"]["nanogpt_np"].split(",")]
+    package = REPO / "nanogpt_np"
+    data = [f.relative_to(package).as_posix() for f in package.rglob("*")
+            if f.is_file() and f.suffix not in (".py", ".pyc", ".md") and "__pycache__" not in f.parts]
+    assert "serve/page.html" in data
+    assert [f for f in data if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
