@@ -590,27 +590,34 @@ def test_gpu_server_matches_cpu_server(long_run, long_server, tmp_path):
 
 
 PAGE_HARNESS = """
-const base = process.argv[2], src = process.argv[3];
+// node harness.js BASE_URL PAGE_SCRIPT VALUES_JSON: runs the page's script with a stand-in for the DOM, waits
+// for it to load the model's settings, sets the inputs named in VALUES_JSON, presses Generate and prints what
+// the page showed.
+const [base, src, values] = [process.argv[2], process.argv[3], JSON.parse(process.argv[4])];
 const realFetch = fetch;
 globalThis.fetch = (url, options) => realFetch(base + url, options);
 const els = {};
 const el = id => els[id] || (els[id] = {value: "", textContent: "", disabled: false, innerHTML: "", children: [],
                                         append(c) { this.children.push(c); }});
-Object.assign(el("prompt"), {value: "def "}); el("max_tokens").value = "20"; el("temperature").value = "0.8";
-el("top_k").value = "200"; el("top_p").value = "1"; el("seed").value = "7";
+el("prompt").value = "def "; el("seed").value = ""; el("go").disabled = true;    // as page.html starts
 globalThis.document = {getElementById: el, createElement: () => ({}),
                        createTextNode: t => ({data: t, appendData(x) { this.data += x; }})};
 eval(src);
-setTimeout(async () => {
+(async () => {
+  for (let i = 0; i < 200 && els["go"].disabled; i++) await new Promise(r => setTimeout(r, 50));
+  const loaded = {};
+  for (const id of ["max_tokens", "temperature", "top_k", "top_p"]) loaded[id] = {value: el(id).value, max: el(id).max};
+  loaded.ready = !els["go"].disabled;
+  for (const [id, value] of Object.entries(values)) el(id).value = value;
   await els["go"].onclick();
-  console.log(JSON.stringify({model: els["model"].textContent, text: els["out"].children[1].data,
-                              status: els["status"].textContent}));
-}, 300);
+  console.log(JSON.stringify({model: els["model"].textContent, context: els["context"].textContent, loaded,
+                              text: els["out"].children[1].data, status: els["status"].textContent}));
+})();
 """
 
 
-def test_page_streams_with_node(server, trained_run, tmp_path):
-    """The page's script, run by Node with a stand-in for the DOM, streams the same text as the API."""
+def run_page(server, values):
+    """The page's script run by Node against `server`; skipped without Node 18+ (it needs fetch)."""
     import shutil
     from nanogpt_np.serve.server import PAGE_FILE
     node = shutil.which("node")
@@ -618,15 +625,49 @@ def test_page_streams_with_node(server, trained_run, tmp_path):
                            .split(".")[0]) < 18:
         pytest.skip("needs Node 18+ (fetch)")
     script = PAGE_FILE.read_text().split("<script>")[1].split("</script>")[0]
-    harness = tmp_path / "harness.js"
+    harness = Path(server.log_path).parent / "page_harness.js"
     harness.write_text(PAGE_HARNESS)
-    r = subprocess.run([node, str(harness), f"http://127.0.0.1:{server.port}", script], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run([node, str(harness), f"http://127.0.0.1:{server.port}", script, json.dumps(values)],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout)
+    return json.loads(r.stdout)
+
+
+def test_page_streams_with_node(server, trained_run):
+    """The page's script, run by Node with a stand-in for the DOM, streams the same text as the API."""
+    got = run_page(server, {"max_tokens": "20", "temperature": "0.8", "top_k": "200", "top_p": "1", "seed": "7"})
     want = server.complete(prompt="def ", max_tokens=20, temperature=0.8, top_k=200, top_p=1, seed=7)
     assert got["model"] == trained_run.name and got["text"] == want["choices"][0]["text"]
     assert got["status"].startswith("finished: length, 20 tokens")
+
+
+def test_page_defaults_fit_the_model(server, trained_run):
+    """The served model has a 32-token context: the page's defaults come from it and the first Generate,
+    untouched, succeeds (it used to send max_tokens 100 and get an error)."""
+    settings = server.request("GET", "/settings")[1]
+    assert settings["model"] == trained_run.name and settings["context_length"] == 32
+    assert settings["limits"]["max_tokens"] == 32 and settings["defaults"]["max_tokens"] == 32
+    assert settings["defaults"]["top_k"] <= settings["vocab_size"]
+    got = run_page(server, {})
+    assert got["loaded"]["ready"] and got["context"] == 32
+    assert got["loaded"]["max_tokens"] == {"value": 32, "max": 32}
+    assert got["loaded"]["top_k"]["value"] == settings["defaults"]["top_k"]
+    assert got["status"].startswith("finished: length"), got["status"]
+    assert len(got["text"]) > 0
+
+
+def test_settings_follow_the_max_tokens_cap(small_run, tmp_path):
+    """--max_tokens caps what the page offers; a request with the page's defaults is accepted."""
+    s = Server(small_run, tmp_path / "capped.log", "--max_tokens=5")
+    try:
+        settings = s.request("GET", "/settings")[1]
+        assert settings["context_length"] == 8 and settings["limits"]["max_tokens"] == 5
+        assert settings["defaults"]["max_tokens"] == 5
+        out = s.complete(prompt="ab", **settings["defaults"])
+        assert out["usage"]["completion_tokens"] == 5
+        assert s.request("POST", "/v1/completions", {"prompt": "ab", "max_tokens": 6})[0] == 400
+    finally:
+        s.stop()
 
 
 def test_openai_python_client(server, trained_run):

@@ -52,6 +52,10 @@ class Limits:
         self.max_stop = max_stop
         self.request_timeout = request_timeout
 
+    def max_tokens_cap(self, block_size) -> int:
+        """The largest max_tokens a request may ask for."""
+        return self.max_tokens or block_size
+
 
 class CompletionRequest:
     """A validated request: token ids per prompt and the settings of every choice."""
@@ -91,7 +95,7 @@ def parse_completion_request(body, tokenizer, block_size, model_name, limits: Li
             raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    cap = limits.max_tokens or block_size
+    cap = limits.max_tokens_cap(block_size)
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         max_tokens = min(16, cap)             # OpenAI's default

@@ -6,6 +6,7 @@
     GET  /v1/models        the one model served (its id is the run directory's name unless --model_name)
     GET  /health           status and load: active / waiting sequences, open connections
     GET  /                 a small page to type a prompt and watch the tokens stream in
+    GET  /settings         what the page reads at load: the model's context, the caps, defaults that fit them
 
 How a request flows:
     handler thread (one per connection, http.server.ThreadingHTTPServer)
@@ -53,6 +54,7 @@ from .requests import APIError, Limits, decode_json_body, parse_completion_reque
 from .streaming import Choice, ClientGone, EventStream, choice_pieces
 
 PAGE_FILE = Path(__file__).with_name("page.html")
+PAGE_MAX_TOKENS = 100           # the page asks for this many tokens unless the model's context is shorter
 
 # ---------------------------------------------------------------------------------------------------------
 # The HTTP side
@@ -146,7 +148,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
             self._discard_body()
             self._body_handled = True
         path = self.path.split("?", 1)[0]
-        routes = {"/": {"GET": self._page}, "/health": {"GET": self._health},
+        routes = {"/": {"GET": self._page}, "/settings": {"GET": self._settings}, "/health": {"GET": self._health},
                   "/v1/models": {"GET": self._models}, "/v1/completions": {"POST": self._completions}}
         if path.startswith("/v1/models/"):
             routes[path] = {"GET": lambda: self._model(path[len("/v1/models/"):])}
@@ -179,6 +181,17 @@ class CompletionHandler(BaseHTTPRequestHandler):
     # ----- plain endpoints -----
     def _page(self):
         self._send(200, self.server.page, "text/html; charset=utf-8")
+
+    def _settings(self):
+        """What the page needs to know about the model it serves: its limits, and defaults that fit them."""
+        server = self.server
+        cap = server.limits.max_tokens_cap(server.block_size)
+        self._send_json(200, {
+            "model": server.model_name, "context_length": server.block_size,
+            "vocab_size": server.tokenizer.vocab_size,
+            "limits": {"max_tokens": cap, "max_n": server.limits.max_n},
+            "defaults": {"max_tokens": min(PAGE_MAX_TOKENS, cap, server.block_size), "temperature": 0.8,
+                         "top_k": min(200, server.tokenizer.vocab_size), "top_p": 1.0}})
 
     def _health(self):
         stats = self.server.scheduler.stats()
