@@ -294,19 +294,34 @@ def test_models_health_and_page(server, trained_run):
     assert status == 200 and "<textarea" in page and "/v1/completions" in page and "[DONE]" in page
 
 
-def test_connection_cap(server):
-    """Past --max_connections (12), new connections get a 503 at once; closing them frees the places."""
+def wait_for_status(server, path, status, seconds=10):
+    """Ask GET path until it answers `status`; returns the last (status, body)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = server.request("GET", path)
+        if got[0] == status or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def test_connection_cap_keeps_health_answerable(server):
+    """Past --max_connections (12) a request gets a 503 at once, but GET /health is still answered, on up
+    to HEALTH_LANE extra connections; past those even /health gets the 503. Closing frees the places."""
+    from nanogpt_np.serve.server import HEALTH_LANE
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(12)]
     try:
-        deadline, refused = time.monotonic() + 10, False
-        while not refused and time.monotonic() < deadline:         # until the server has accepted all 12
-            status, out = server.request("GET", "/health")
-            refused = status == 503
-            if refused:
-                assert out["error"]["code"] == "too_many_connections"
-            else:
-                time.sleep(0.05)
-        assert refused
+        status, out = wait_for_status(server, "/v1/models", 503)        # once the server has accepted all 12
+        assert status == 503 and out["error"]["code"] == "too_many_connections"
+        status, health = server.request("GET", "/health")
+        assert status == 200 and health["status"] == "ok" and health["connections"] == 12
+        lane = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(HEALTH_LANE)]
+        try:
+            status, out = wait_for_status(server, "/health", 503)
+            assert status == 503 and out["error"]["code"] == "too_many_connections"
+        finally:
+            for s in lane:
+                s.close()
+        assert wait_for_status(server, "/health", 200)[0] == 200         # the lane frees as its sockets close
     finally:
         for s in idle:
             s.close()
@@ -317,6 +332,39 @@ def test_connection_cap(server):
             break
         time.sleep(0.05)
     assert status == 200 and out["connections"] == 1
+
+
+def raw_exchange(port, data):
+    """Send bytes, read until the server closes: (status line, headers dict, body bytes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return lines[0], headers, body
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"garbage\r\n\r\n", 400),
+    (b"GET / HTTP/1.1 extra words\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\n\r\n", 505),
+    (b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+    (b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nX-Long: " + b"y" * 70000 + b"\r\n\r\n", 431),
+])
+def test_malformed_http_gets_a_json_error(server, request_bytes, status):
+    """What http.server refuses itself (it would send an HTML page) comes back as JSON like every other error."""
+    status_line, headers, body = raw_exchange(server.port, request_bytes)
+    assert status_line.startswith(f"HTTP/1.1 {status} ")
+    assert headers["Content-Type"] == "application/json" and headers["Connection"] == "close"
+    assert int(headers["Content-Length"]) == len(body)
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_http_request" and error["message"].startswith("bad HTTP request: ")
+    assert b"<" not in body
+    assert server.health()["status"] == "ok"
 
 
 # ----- load -----
@@ -374,14 +422,20 @@ def test_disconnect_mid_stream_frees_the_slot(long_server):
     assert long_server.complete(prompt="a", max_tokens=3)["usage"]["completion_tokens"] == 3
 
 
-def test_time_limit_and_full_queue(trained_run, tmp_path):
-    """One slot, one place in the queue, 0.5 s per request: a long request is cut at its time limit
-    (finish_reason "length"), a second waits its turn, a third finds the queue full (503)."""
-    slow = tmp_path / "slow"                     # 6 layers and a 2048 context: 2000 tokens take seconds
+@pytest.fixture(scope="module")
+def slow_run(tmp_path_factory, trained_run):
+    """6 layers and a 2048-token context: 2000 tokens take seconds."""
+    slow = tmp_path_factory.mktemp("serve") / "slow"
     tokenizer = load_tokenizer_of_run(trained_run)
     config = GPTConfig(block_size=2048, vocab_size=tokenizer.vocab_size, n_layer=6, n_head=2, n_embd=32)
     save_checkpoint(slow, GPT(config, seed=1), None, {}, {"step": 0}, tokenizer)
-    server = Server(slow, tmp_path / "slow.log", "--max_batch=1", "--max_queue=1", "--request_timeout=0.5")
+    return slow
+
+
+def test_time_limit_and_full_queue(slow_run, tmp_path):
+    """One slot, one place in the queue, 0.5 s per request: a long request is cut at its time limit
+    (finish_reason "length"), a second waits its turn, a third finds the queue full (503)."""
+    server = Server(slow_run, tmp_path / "slow.log", "--max_batch=1", "--max_queue=1", "--request_timeout=0.5")
     try:
         results = {}
 
@@ -410,6 +464,54 @@ def test_time_limit_and_full_queue(trained_run, tmp_path):
             assert out["usage"]["completion_tokens"] < 1500
         assert time.monotonic() - start < 10
         assert server.complete(prompt="a", max_tokens=3)["usage"]["completion_tokens"] == 3
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_shutdown_ends_streams_with_an_error_event(slow_run, tmp_path, signame):
+    """Ctrl-C (SIGINT) or SIGTERM while a stream and a plain request are in flight: the stream ends with an
+    explicit server_shutdown error event (never a normal-looking finish_reason), the plain request gets a 503,
+    stderr says so, and the process exits 128 + the signal's number."""
+    import signal
+    server = Server(slow_run, tmp_path / f"shutdown_{signame}.log")
+    try:
+        plain = {}
+        thread = threading.Thread(target=lambda: plain.update(
+            answer=server.request("POST", "/v1/completions", {"prompt": "def ", "max_tokens": 2000})))
+        thread.start()
+        body = json.dumps({"prompt": "def ", "max_tokens": 2000, "stream": True}).encode()
+        stream = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        stream.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = b""
+        while b"data: {" not in reply:                  # the first event has come
+            chunk = stream.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 10
+        while server.health()["active"] < 2 and time.monotonic() < deadline:    # both are generating
+            time.sleep(0.02)
+        assert server.health()["active"] == 2
+        server.proc.send_signal(getattr(signal, signame))
+        while chunk := stream.recv(65536):              # until the server closes the connection
+            reply += chunk
+        stream.close()
+        assert reply.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")     # a complete chunked body
+        events = [b.split(b"data: ", 1)[1] for b in reply.split(b"\n\n") if b"data: " in b]
+        thread.join(30)
+        assert events[-1] == b"[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "server_shutdown" and "cut short" in error["message"]
+        assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in events[:-2])
+        status, out = plain["answer"]
+        assert status == 503 and out["error"]["code"] == "server_shutdown"
+        assert server.proc.wait(15) == 128 + getattr(signal, signame)
+        log = Path(server.log_path).read_text()
+        assert f"{signame}: shutting down" in log and f"stopped on {signame}; 2 completion(s) were cut short" in log
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5)
     finally:
         server.stop()
 

@@ -4,7 +4,8 @@
 
     POST /v1/completions   {"prompt": "def ", "max_tokens": 50, "temperature": 0.8, "stream": true, ...}
     GET  /v1/models        the one model served (its id is the run directory's name unless --model_name)
-    GET  /health           status and load: active / waiting sequences, open connections
+    GET  /health           status and load: active / waiting sequences, open connections (answered even
+                           when --max_connections is reached, on a few extra connections)
     GET  /                 a small page to type a prompt and watch the tokens stream in
     GET  /settings         what the page reads at load: the model's context, the caps, defaults that fit them
 
@@ -27,6 +28,11 @@ when the context is full or when the request's time limit passes ("length"). The
 when serving (sample.py rebuilds the cache from the last half of the context instead), so a completion holds
 at most context - prompt_tokens + 1 tokens, and the two agree up to that point.
 
+Errors are always JSON in OpenAI's shape, http.server's own refusals (a garbage request line) included.
+Ctrl-C or SIGTERM shuts down gracefully: no new connections, every completion in flight ends with an explicit
+"server_shutdown" error (an error event, then [DONE], in a stream; a 503 otherwise), a line on stderr, and
+the exit status 128 + the signal (130 for Ctrl-C, 143 for SIGTERM). A second signal stops at once.
+
 The parts, one concept per file:
     requests.py     what a client may ask for: the JSON body checked field by field (Limits, APIError)
     streaming.py    tokens -> text pieces (UTF-8 safe, stop strings) -> server-sent events
@@ -40,6 +46,7 @@ import math
 import os
 import queue
 import select
+import signal
 import socket
 import sys
 import threading
@@ -55,13 +62,23 @@ from .streaming import Choice, ClientGone, EventStream, choice_pieces
 
 PAGE_FILE = Path(__file__).with_name("page.html")
 PAGE_MAX_TOKENS = 100           # the page asks for this many tokens unless the model's context is shorter
+HEALTH_LANE = 4                 # connections past --max_connections that may still ask GET /health
+HEALTH_LANE_TIMEOUT = 2.0       # seconds such a connection has to send its request
+SHUTDOWN_GRACE = 5.0            # seconds in-flight requests get to send their error event and close
 
 # ---------------------------------------------------------------------------------------------------------
 # The HTTP side
 
 
 class CompletionServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on open connections and the model's state for the handlers."""
+    """ThreadingHTTPServer with a cap on open connections and the model's state for the handlers.
+
+    Connections: up to max_connections are served normally (one handler thread each). Past that, up to
+    HEALTH_LANE more get a thread that answers GET /health and refuses anything else with a 503, so that a
+    full server can still be watched; past those, a connection gets the 503 at once from the accepting thread.
+
+    Shutdown (see stop_gracefully): stop accepting, cut every completion in flight with a "server_shutdown"
+    error (an error event in a stream, a 503 otherwise), wait for them to be sent, stop the worker."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
@@ -78,18 +95,35 @@ class CompletionServer(ThreadingHTTPServer):
         self.idle_timeout = idle_timeout
         self.verbose = verbose
         self.created = int(time.time())
-        self.connections = 0
+        self.connections = 0                       # served normally
+        self.health_lane = 0                       # past the cap, waiting to ask for /health
+        self.in_flight = 0                         # completions being generated
+        self.cut_short = 0                         # completions ended by a shutdown
+        self.stopping = threading.Event()          # set once a shutdown has begun
         self._conn_lock = threading.Lock()
         super().__init__(address, CompletionHandler)
 
+    def too_many_connections(self) -> APIError:
+        return APIError(503, f"too many connections (limit {self.max_connections}); retry later",
+                        type_="server_error", code="too_many_connections")
+
     def process_request(self, request, client_address):
         with self._conn_lock:
-            full = self.connections >= self.max_connections
-            if not full:
+            if self.connections < self.max_connections:
                 self.connections += 1
-        if full:            # answer at once from the accepting thread, without starting a handler
-            body = json.dumps(APIError(503, f"too many connections (limit {self.max_connections}); retry "
-                                            "later", type_="server_error", code="too_many_connections").body())
+                lane = "normal"
+            elif self.health_lane < HEALTH_LANE:
+                self.health_lane += 1
+                lane = "health"
+            else:
+                lane = "refused"
+        if lane == "normal":
+            super().process_request(request, client_address)
+        elif lane == "health":
+            threading.Thread(target=self._answer_over_capacity, args=(request, client_address),
+                             daemon=True).start()
+        else:               # answer at once from the accepting thread, without starting a handler
+            body = json.dumps(self.too_many_connections().body())
             try:
                 request.settimeout(1.0)
                 request.sendall((f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -98,8 +132,6 @@ class CompletionServer(ThreadingHTTPServer):
             except OSError:
                 pass
             self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):
         try:
@@ -107,6 +139,37 @@ class CompletionServer(ThreadingHTTPServer):
         finally:
             with self._conn_lock:
                 self.connections -= 1
+
+    def _answer_over_capacity(self, request, client_address):
+        try:
+            OverCapacityHandler(request, client_address, self)
+        except Exception:                   # a client that vanished; nothing to answer
+            pass
+        finally:
+            self.shutdown_request(request)
+            with self._conn_lock:
+                self.health_lane -= 1
+
+    def completion_started(self):
+        with self._conn_lock:
+            self.in_flight += 1
+
+    def completion_ended(self, cut_short):
+        with self._conn_lock:
+            self.in_flight -= 1
+            self.cut_short += bool(cut_short)
+
+    def stop_gracefully(self, grace=SHUTDOWN_GRACE) -> int:
+        """Stop accepting, end the completions in flight with an error, stop the worker.
+        Call from a thread other than the one in serve_forever(). Returns how many completions were cut."""
+        self.shutdown()                     # serve_forever() returns: nothing more is accepted
+        self.server_close()                 # the listening socket closes: new connections are refused
+        self.stopping.set()                 # every completion in flight sees it within one poll (50 ms)
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.scheduler.stop()
+        return self.cut_short
 
 
 class CompletionHandler(BaseHTTPRequestHandler):
@@ -141,12 +204,31 @@ class CompletionHandler(BaseHTTPRequestHandler):
     def do_HEAD(self):  # without this, http.server answers 501 with an HTML page
         self._route("HEAD")
 
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a garbage request line, an over-long header line, an unknown method)
+        in the same JSON shape as every other error, instead of its HTML page."""
+        self.close_connection = True
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            self.request_version = "HTTP/1.1"  # unparsed: still answer with a status line and headers
+        reason = message or self.responses.get(code, ("error",))[0]
+        if len(reason) > 200:
+            reason = reason[:200] + "..."
+        self.log_error("code %d, message %s", code, reason)
+        self._reply_error(APIError(int(code), f"bad HTTP request: {reason}", code="bad_http_request"))
+
     def _route(self, method):
         self._body_handled = False             # set once the request body is read (or the connection doomed)
         self._streaming = False                # set once a 200 with an event stream has begun
         if method != "POST":                   # a body nobody reads would be taken for the next request
             self._discard_body()
             self._body_handled = True
+        if self.server.stopping.is_set():
+            self.close_connection = True
+            if not self._body_handled:
+                self._discard_body()
+            self._reply_error(APIError(503, "the server is shutting down", type_="server_error",
+                                       code="server_shutdown"))
+            return
         path = self.path.split("?", 1)[0]
         routes = {"/": {"GET": self._page}, "/settings": {"GET": self._settings}, "/health": {"GET": self._health},
                   "/v1/models": {"GET": self._models}, "/v1/completions": {"POST": self._completions}}
@@ -288,7 +370,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
         choices = [Choice(s.index, server.tokenizer, req.stop) for s in seqs]
         meta = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name}
-        pieces = choice_pieces(seqs, choices, events, self._client_gone)
+        pieces = choice_pieces(seqs, choices, events, self._client_gone, server.stopping)
+        server.completion_started()
         try:
             if req.stream:
                 self._stream(req, choices, pieces, meta)
@@ -297,6 +380,8 @@ class CompletionHandler(BaseHTTPRequestHandler):
         finally:
             for s in seqs:                 # whatever happened, no sequence outlives its request
                 s.cancel()
+            server.completion_ended(cut_short=server.stopping.is_set() and
+                                    any(c.finish_reason is None for c in choices))
 
     def _usage(self, req, choices):
         prompt_tokens = sum(len(ids) for _, ids in req.prompts)
@@ -367,6 +452,23 @@ class CompletionHandler(BaseHTTPRequestHandler):
             return self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
+
+
+class OverCapacityHandler(CompletionHandler):
+    """A connection that came past --max_connections: GET /health is answered as usual (a full server can
+    still be watched), anything else gets the 503; one request, then the connection closes."""
+
+    def setup(self):
+        self.timeout = min(HEALTH_LANE_TIMEOUT, self.server.idle_timeout)
+        BaseHTTPRequestHandler.setup(self)      # not CompletionHandler.setup: its timeout is the idle one
+
+    def _route(self, method):
+        self.close_connection = True
+        if method == "GET" and self.path.split("?", 1)[0] == "/health":
+            super()._route(method)
+        else:
+            self._discard_body()
+            self._reply_error(self.server.too_many_connections())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -443,11 +545,32 @@ def main(argv=None) -> int:
               file=sys.stderr)
     print(f"serving {server.model_name} ({backend.device()}, context {server.block_size}, max_batch "
           f"{args.max_batch}) on http://{host}:{port}/", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        server.scheduler.stop()
-    return 0
+    signum, previous_handlers = serve_until_signal(server)
+    name = signal.Signals(signum).name
+    again = "Ctrl-C again" if signum == signal.SIGINT else "another SIGTERM or Ctrl-C"
+    print(f"{name}: shutting down: no new connections, completions in flight end with an error ({again} "
+          f"stops at once)", file=sys.stderr, flush=True)
+    cut = server.stop_gracefully()
+    print(f"stopped on {name}; {cut} completion(s) were cut short", file=sys.stderr, flush=True)
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+    return 128 + signum             # the shell's convention for "ended by a signal": 130 Ctrl-C, 143 SIGTERM
+
+
+def serve_until_signal(server):
+    """Serve on a background thread until SIGINT (Ctrl-C) or SIGTERM; return (its number, the handlers
+    that were in place). After the first signal both go back to their default action, so a second one ends
+    the process at once. Call from the main thread (the only one Python delivers signals to)."""
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="accept",
+                     daemon=True).start()
+    while not received:
+        time.sleep(0.1)             # the handler runs in this thread, between two sleeps
+    return received[0], previous

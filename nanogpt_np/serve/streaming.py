@@ -87,14 +87,19 @@ class Choice:
         self.finish_reason = None     # "stop" or "length" once it has ended
 
 
-def choice_pieces(seqs, choices, events, client_gone, poll_seconds=0.05, check_client_every=0.1):
+def choice_pieces(seqs, choices, events, client_gone, stopping=None, poll_seconds=0.05, check_client_every=0.1):
     """Yield (choice, new text, finish_reason or None) until every choice has finished.
 
     seqs[i] is the batching.Sequence of choices[i]; `events` is the queue they all report to. A few times a
-    second `client_gone()` is asked whether the client is still there (raises ClientGone if not)."""
+    second `client_gone()` is asked whether the client is still there (raises ClientGone if not). When the
+    threading.Event `stopping` is set (the server is shutting down) an APIError "server_shutdown" is raised,
+    so that a cut completion never looks like one that ended normally."""
     open_choices = len(choices)
     next_check = time.monotonic() + check_client_every
     while open_choices:
+        if stopping is not None and stopping.is_set():
+            raise APIError(503, "the server is shutting down: this completion was cut short",
+                           type_="server_error", code="server_shutdown")
         try:
             index, kind, value = events.get(timeout=poll_seconds)
         except queue.Empty:
