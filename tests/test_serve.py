@@ -702,6 +702,7 @@ const els = {};
 const el = id => els[id] || (els[id] = {value: "", textContent: "", disabled: false, innerHTML: "", children: [],
                                         append(c) { this.children.push(c); }});
 el("prompt").value = "def "; el("seed").value = ""; el("go").disabled = true;    // as page.html starts
+el("curve").hidden = true;
 globalThis.document = {getElementById: el, createElement: () => ({}),
                        createTextNode: t => ({data: t, appendData(x) { this.data += x; }})};
 eval(src);
@@ -712,7 +713,8 @@ eval(src);
   loaded.ready = !els["go"].disabled;
   for (const [id, value] of Object.entries(values)) el(id).value = value;
   await els["go"].onclick();
-  console.log(JSON.stringify({model: els["model"].textContent, context: els["context"].textContent, loaded,
+  const curve = {src: el("curve").src, hidden: el("curve").hidden};
+  console.log(JSON.stringify({model: els["model"].textContent, context: els["context"].textContent, loaded, curve,
                               text: els["out"].children[1].data, status: els["status"].textContent}));
 })();
 """
@@ -756,6 +758,26 @@ def test_page_defaults_fit_the_model(server, trained_run):
     assert got["loaded"]["top_k"]["value"] == settings["defaults"]["top_k"]
     assert got["status"].startswith("finished: length"), got["status"]
     assert len(got["text"]) > 0
+    assert settings["loss_curve"] and got["curve"] == {"src": "/loss.svg", "hidden": False}   # the run's curve
+
+
+def test_loss_curve_of_the_served_run(server, trained_run):
+    """GET /loss.svg: the served run's log.jsonl drawn by nanogpt_np.plot (train, validation, learning rate)."""
+    import xml.etree.ElementTree as ET
+    from nanogpt_np.plot import read_run, render_svg
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("GET", "/loss.svg")
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200 and resp.getheader("Content-Type").startswith("image/svg+xml")
+    root = ET.fromstring(body)
+    kinds = sorted(p.get("data-series") for p in root.iter("{http://www.w3.org/2000/svg}path")
+                   if p.get("class") == "series")
+    assert kinds == ["lr", "train", "val"]
+    assert body.decode() == render_svg([read_run(trained_run, name=trained_run.name)])
 
 
 def test_settings_follow_the_max_tokens_cap(small_run, tmp_path):
@@ -768,6 +790,9 @@ def test_settings_follow_the_max_tokens_cap(small_run, tmp_path):
         out = s.complete(prompt="ab", **settings["defaults"])
         assert out["usage"]["completion_tokens"] == 5
         assert s.request("POST", "/v1/completions", {"prompt": "ab", "max_tokens": 6})[0] == 400
+        assert settings["loss_curve"] is False                         # saved without training: no log.jsonl
+        status, out = s.request("GET", "/loss.svg")
+        assert status == 404 and out["error"]["code"] == "no_loss_curve"
     finally:
         s.stop()
 

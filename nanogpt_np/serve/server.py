@@ -8,6 +8,7 @@
                            when --max_connections is reached, on a few extra connections)
     GET  /                 a small page to type a prompt and watch the tokens stream in
     GET  /settings         what the page reads at load: the model's context, the caps, defaults that fit them
+    GET  /loss.svg         the served run's loss curve, drawn from its log.jsonl (see nanogpt_np/plot.py)
 
 How a request flows:
     handler thread (one per connection, http.server.ThreadingHTTPServer)
@@ -56,6 +57,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .. import backend
+from ..plot import PlotError, read_run, render_svg
 from .batching import QueueFull, Scheduler, Sequence
 from .requests import APIError, Limits, decode_json_body, parse_completion_request
 from .streaming import Choice, ClientGone, EventStream, choice_pieces
@@ -84,8 +86,10 @@ class CompletionServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, scheduler, tokenizer, model_name, limits, max_connections=64,
-                 idle_timeout=15.0, verbose=False):
+                 idle_timeout=15.0, verbose=False, run_dir=None):
         self.page = PAGE_FILE.read_bytes()          # read once: a server never serves half an edited page
+        self.run_dir = run_dir                      # for the loss curve (its log.jsonl), if any
+        self._curve = (None, None)                  # (log.jsonl's mtime and size, the SVG drawn from it)
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -149,6 +153,27 @@ class CompletionServer(ThreadingHTTPServer):
             self.shutdown_request(request)
             with self._conn_lock:
                 self.health_lane -= 1
+
+    def has_loss_curve(self) -> bool:
+        return self.run_dir is not None and os.path.isfile(os.path.join(self.run_dir, "log.jsonl"))
+
+    def loss_curve_svg(self) -> bytes:
+        """The chart of the served run's log.jsonl (nanogpt_np.plot), drawn again only when the log changes."""
+        if not self.has_loss_curve():
+            raise APIError(404, "this model has no training log (log.jsonl) to draw", code="no_loss_curve")
+        path = os.path.join(self.run_dir, "log.jsonl")
+        stat = os.stat(path)
+        key = (stat.st_mtime_ns, stat.st_size)
+        with self._conn_lock:
+            if self._curve[0] == key:
+                return self._curve[1]
+        try:
+            svg = render_svg([read_run(self.run_dir, name=self.model_name)]).encode("utf-8")
+        except PlotError as e:
+            raise APIError(404, f"no loss curve: {e}", code="no_loss_curve") from None
+        with self._conn_lock:
+            self._curve = (key, svg)
+        return svg
 
     def completion_started(self):
         with self._conn_lock:
@@ -231,6 +256,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?", 1)[0]
         routes = {"/": {"GET": self._page}, "/settings": {"GET": self._settings}, "/health": {"GET": self._health},
+                  "/loss.svg": {"GET": self._loss_curve},
                   "/v1/models": {"GET": self._models}, "/v1/completions": {"POST": self._completions}}
         if path.startswith("/v1/models/"):
             routes[path] = {"GET": lambda: self._model(path[len("/v1/models/"):])}
@@ -272,8 +298,12 @@ class CompletionHandler(BaseHTTPRequestHandler):
             "model": server.model_name, "context_length": server.block_size,
             "vocab_size": server.tokenizer.vocab_size,
             "limits": {"max_tokens": cap, "max_n": server.limits.max_n},
+            "loss_curve": server.has_loss_curve(),
             "defaults": {"max_tokens": min(PAGE_MAX_TOKENS, cap, server.block_size), "temperature": 0.8,
                          "top_k": min(200, server.tokenizer.vocab_size), "top_p": 1.0}})
+
+    def _loss_curve(self):
+        self._send(200, self.server.loss_curve_svg(), "image/svg+xml; charset=utf-8")
 
     def _health(self):
         stats = self.server.scheduler.stats()
@@ -522,7 +552,7 @@ def make_server(args) -> CompletionServer:
     scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue)
     server = CompletionServer((args.host, args.port), scheduler, tokenizer, name, limits,
                               max_connections=args.max_connections, idle_timeout=args.idle_timeout,
-                              verbose=args.verbose)
+                              verbose=args.verbose, run_dir=args.out_dir)
     scheduler.start()
     return server
 
