@@ -208,7 +208,7 @@ def _axes(panel, label, kind, show_step_labels):
         out.append(f'<line x1="{p.left}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" stroke="#e9ecef"/>')
         out.append(f'<text x="{p.left - 6}" y="{y + 4:.1f}" text-anchor="end">'
                    f'{tick_label(value, y_spacing, kind)}</text>')
-    x_ticks, x_spacing = nice_ticks(p.x_lo, p.x_hi, 8)
+    x_ticks, x_spacing = nice_ticks(p.x_lo, p.x_hi, 6)
     for step in x_ticks:
         x = p.x(step)
         out.append(f'<line x1="{x:.1f}" y1="{p.top}" x2="{x:.1f}" y2="{bottom}" stroke="#e9ecef"/>')
@@ -252,7 +252,7 @@ def _legend(runs, left, top, width):
     out.append(f'<circle cx="{left + 12}" cy="{y}" r="3" fill="#495057"/>')
     out.append(f'<text x="{left + 32}" y="{y + 4}">validation loss</text>')
     if not any(r.val for r in runs):
-        out.append(f'<text x="{left + 32}" y="{y + 20}" fill="#868e96">(no evaluation logged yet)</text>')
+        out.append(f'<text x="{left + 32}" y="{y + 20}" fill="#868e96">(none logged yet)</text>')
     return out
 
 

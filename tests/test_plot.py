@@ -94,7 +94,7 @@ def test_a_log_without_validation_records(tmp_path):
                                                          "lr": 6e-4}) for s in range(1, 6)])
     text = render_svg([read_run(run_dir)])
     assert set(series(text)) == {("noval", "train"), ("noval", "lr")}
-    assert "(no evaluation logged yet)" in text
+    assert "(none logged yet)" in text
 
 
 def test_a_log_without_learning_rates_has_no_lr_panel(tmp_path):
