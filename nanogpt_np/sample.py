@@ -1,11 +1,15 @@
-"""Command line for sampling: `python sample.py --out_dir=RUN --prompt="..." [--key=value ...]`."""
+"""Command line for sampling: `python sample.py --out_dir=RUN --prompt="..." [--key=value ...]`.
+
+One line on stderr says what was loaded (run folder, step, best validation loss, tokenizer, device); stdout
+gets each sample as the prompt followed by its continuation, streamed as it is generated."""
 import math
 import os
 import sys
 from dataclasses import dataclass, fields
 
 from . import backend
-from .io.checkpoint import CheckpointError, load_model, load_tokenizer_of_run
+from .io.checkpoint import CheckpointError, load_model, load_tokenizer_of_run, read_training_state
+from .io.hf_gpt2 import has_gpt2_config
 from .config import ConfigError, _parse_value
 from .generate import check_sampling_args, stream_text
 
@@ -45,6 +49,24 @@ def parse_sample_args(argv) -> SampleConfig:
     return cfg
 
 
+def describe_run(out_dir, tokenizer) -> str:
+    """One line about what sampling starts from, e.g.
+    'sampling from out: step 2000, best val loss 1.4823, char tokenizer (97 tokens), cpu'."""
+    if has_gpt2_config(out_dir):
+        progress = "GPT-2 weights, no training state"             # a Hugging Face GPT-2 folder
+    else:
+        try:
+            state = read_training_state(out_dir)
+            best = state.get("best_val_loss")
+            progress = f"step {state['step']}, " + (f"best val loss {best:.4f}" if isinstance(best, (int, float))
+                                                    else "no validation loss yet")
+        except CheckpointError as e:        # the weights loaded; say why there is no step rather than stop
+            progress = f"no training state ({e})"
+    kind = {"CharTokenizer": "char", "BPETokenizer": "BPE"}.get(type(tokenizer).__name__, type(tokenizer).__name__)
+    return (f"sampling from {out_dir}: {progress}, {kind} tokenizer ({tokenizer.vocab_size} tokens), "
+            f"{backend.device()}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -59,7 +81,9 @@ def main(argv=None) -> int:
         if cfg.prompt_file:
             with open(cfg.prompt_file, encoding="utf-8") as f:
                 prompt = f.read()
+        print(describe_run(cfg.out_dir, tokenizer), file=sys.stderr, flush=True)
         for i in range(cfg.num_samples):
+            sys.stdout.write(prompt)                      # the continuation reads on from the prompt
             for piece in stream_text(model, tokenizer, prompt, cfg.max_new_tokens, temperature=cfg.temperature,
                                      top_k=cfg.top_k or None, top_p=cfg.top_p, seed=cfg.seed + i):
                 sys.stdout.write(piece)

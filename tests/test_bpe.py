@@ -307,6 +307,39 @@ def test_cache_limit_does_not_change_ids(trained, monkeypatch):
     assert len(fresh._cache) <= 50 + max(len(set(bpe.regex.findall(fresh.pattern, line))) for line in lines)
 
 
+def utf16_round_trip(text):
+    """The reference for surrogates, independent of bpe.fix_surrogates: Python's UTF-16 codec joins a high and
+    a low surrogate into the character they spell and replaces any other surrogate with U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+SURROGATE_ALPHABET = ["a", " ", "é", "😀", "\ufffd", "\ud800", "\udbff", "\udc00", "\udfff", "\ud83d", "\ude00",
+                      "<|endoftext|>"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(SURROGATE_ALPHABET), max_size=12).map("".join))
+def test_surrogates_encode_like_their_utf16_repair(trained, text):
+    """A str holding surrogate code points has no UTF-8 form; like tiktoken, a valid pair becomes its
+    character and a lone surrogate becomes U+FFFD, instead of a UnicodeEncodeError."""
+    tok, fixed = trained[3000], utf16_round_trip(text)
+    assert bpe.fix_surrogates(text) == fixed
+    for allowed in ("all", "none"):
+        assert tok.encode(text, allowed_special=allowed) == tok.encode(fixed, allowed_special=allowed)
+        assert tok.decode(tok.encode(text, allowed_special=allowed)) == fixed
+    assert tok.encode_ordinary(text) == tok.encode_ordinary(fixed)
+
+
+def test_surrogates_examples_and_training(trained):
+    tok = trained[3000]
+    assert tok.encode("\ud800") == tok.encode("\ufffd") and tok.encode("x\udc00y") == tok.encode("x\ufffdy")
+    assert tok.encode("\ud83d\ude00") == tok.encode("😀")                 # a pair is the character it spells
+    assert tok.encode("\ude00\ud83d") == tok.encode("\ufffd\ufffd")         # low then high is no pair
+    assert bpe.fix_surrogates("plain text") == "plain text"
+    small = BPETokenizer.train(["ab\ud800ab " * 20, "cd\ud83d\ude00 " * 5], 270)     # training sees the same text
+    assert small.decode(small.encode("ab\ud800ab")) == "ab\ufffdab"
+
+
 def test_decode_cut_character_and_unknown_ids(trained):
     tok = trained[257]  # bytes only: every byte is its own id, so the cut can fall anywhere
     ids = tok.encode("é😀")

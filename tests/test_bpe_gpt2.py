@@ -158,6 +158,28 @@ def test_tiktoken_agrees_if_installed(gpt2, corpus):
     assert gpt2.encode_ordinary(corpus) == enc.encode_ordinary(corpus)
     text = "a<|endoftext|>b"
     assert gpt2.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+    for text in ("\ud800", "a\ud800b \udfff\udfff x", "\ud83d\ude00 \ude00\ud83d", "\ud800\ud800\udc00"):
+        assert gpt2.encode(text) == enc.encode(text)
+
+
+def test_lone_surrogates_encode_like_tiktoken(gpt2):
+    """tiktoken turns a surrogate that is not half of a pair into U+FFFD before encoding (ids checked
+    against tiktoken 0.14.0 built from these files); a valid pair is the character it spells."""
+    assert gpt2.encode("\ud800") == [4210] == gpt2.encode("\ufffd")
+    assert gpt2.encode("a\ud800b") == [64, 4210, 65]
+    assert gpt2.encode("hello \ud800world") == [31373, 20543, 6894]        # " \ufffd" is one chunk
+    assert gpt2.encode("\ud83d\ude00") == [47249, 222] == gpt2.encode("\U0001F600")
+    assert gpt2.encode("\ud800<|endoftext|>", allowed_special="all") == [4210, 50256]
+
+
+def test_known_difference_from_tiktoken_newer_unicode_tables(gpt2):
+    """Documented in the README and bpe.py: the `regex` module's Unicode tables are newer than tiktoken's, so a
+    recently assigned letter such as U+A7CE joins the letters beside it in one chunk here, while tiktoken
+    (which does not know it as a letter) cuts it out. With GPT-2's merges the ids come out the same."""
+    from nanogpt_np.tokenizers.bpe import split_chunks
+    assert regex.match(r"\p{L}", "\ua7ce")
+    assert split_chunks("a\ua7cea") == ["a\ua7cea"]
+    assert gpt2.encode("a\ua7cea") == gpt2.encode("a") + gpt2.encode("\ua7ce") + gpt2.encode("a")
 
 
 def test_saved_files_reproduce_gpt2(gpt2, corpus, tmp_path):

@@ -24,7 +24,8 @@ from nanogpt_np.tokenizers.char import CharTokenizer
 from nanogpt_np.config import parse_args
 from nanogpt_np.generate import generate_text
 from nanogpt_np.model import GPT, GPTConfig
-from nanogpt_np.serve.server import Limits, TextAssembler, parse_completion_request, APIError
+from nanogpt_np.serve.requests import APIError, Limits, parse_completion_request
+from nanogpt_np.serve.streaming import TextAssembler
 from nanogpt_np.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +147,7 @@ def test_completion_equals_sample_py(server, trained_run):
                           *[f"--{k}={v}" for k, v in settings.items()]],
                          capture_output=True, text=True, env=ENV, timeout=60, check=True)
     samples = cli.stdout.split("\n---------------\n")[:2]
-    assert [c["text"] for c in out["choices"]] == samples
+    assert ["def " + c["text"] for c in out["choices"]] == samples          # sample.py prints the prompt first
     assert [c["index"] for c in out["choices"]] == [0, 1]
     assert all(c["finish_reason"] == "length" and c["logprobs"] is None for c in out["choices"])
     assert out["usage"] == {"prompt_tokens": 4, "completion_tokens": 50, "total_tokens": 54}
@@ -293,19 +294,34 @@ def test_models_health_and_page(server, trained_run):
     assert status == 200 and "<textarea" in page and "/v1/completions" in page and "[DONE]" in page
 
 
-def test_connection_cap(server):
-    """Past --max_connections (12), new connections get a 503 at once; closing them frees the places."""
+def wait_for_status(server, path, status, seconds=10):
+    """Ask GET path until it answers `status`; returns the last (status, body)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = server.request("GET", path)
+        if got[0] == status or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def test_connection_cap_keeps_health_answerable(server):
+    """Past --max_connections (12) a request gets a 503 at once, but GET /health is still answered, on up
+    to HEALTH_LANE extra connections; past those even /health gets the 503. Closing frees the places."""
+    from nanogpt_np.serve.server import HEALTH_LANE
     idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(12)]
     try:
-        deadline, refused = time.monotonic() + 10, False
-        while not refused and time.monotonic() < deadline:         # until the server has accepted all 12
-            status, out = server.request("GET", "/health")
-            refused = status == 503
-            if refused:
-                assert out["error"]["code"] == "too_many_connections"
-            else:
-                time.sleep(0.05)
-        assert refused
+        status, out = wait_for_status(server, "/v1/models", 503)        # once the server has accepted all 12
+        assert status == 503 and out["error"]["code"] == "too_many_connections"
+        status, health = server.request("GET", "/health")
+        assert status == 200 and health["status"] == "ok" and health["connections"] == 12
+        lane = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(HEALTH_LANE)]
+        try:
+            status, out = wait_for_status(server, "/health", 503)
+            assert status == 503 and out["error"]["code"] == "too_many_connections"
+        finally:
+            for s in lane:
+                s.close()
+        assert wait_for_status(server, "/health", 200)[0] == 200         # the lane frees as its sockets close
     finally:
         for s in idle:
             s.close()
@@ -316,6 +332,39 @@ def test_connection_cap(server):
             break
         time.sleep(0.05)
     assert status == 200 and out["connections"] == 1
+
+
+def raw_exchange(port, data):
+    """Send bytes, read until the server closes: (status line, headers dict, body bytes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return lines[0], headers, body
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"garbage\r\n\r\n", 400),
+    (b"GET / HTTP/1.1 extra words\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\n\r\n", 505),
+    (b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+    (b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nX-Long: " + b"y" * 70000 + b"\r\n\r\n", 431),
+])
+def test_malformed_http_gets_a_json_error(server, request_bytes, status):
+    """What http.server refuses itself (it would send an HTML page) comes back as JSON like every other error."""
+    status_line, headers, body = raw_exchange(server.port, request_bytes)
+    assert status_line.startswith(f"HTTP/1.1 {status} ")
+    assert headers["Content-Type"] == "application/json" and headers["Connection"] == "close"
+    assert int(headers["Content-Length"]) == len(body)
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_http_request" and error["message"].startswith("bad HTTP request: ")
+    assert b"<" not in body
+    assert server.health()["status"] == "ok"
 
 
 # ----- load -----
@@ -373,14 +422,20 @@ def test_disconnect_mid_stream_frees_the_slot(long_server):
     assert long_server.complete(prompt="a", max_tokens=3)["usage"]["completion_tokens"] == 3
 
 
-def test_time_limit_and_full_queue(trained_run, tmp_path):
-    """One slot, one place in the queue, 0.5 s per request: a long request is cut at its time limit
-    (finish_reason "length"), a second waits its turn, a third finds the queue full (503)."""
-    slow = tmp_path / "slow"                     # 6 layers and a 2048 context: 2000 tokens take seconds
+@pytest.fixture(scope="module")
+def slow_run(tmp_path_factory, trained_run):
+    """6 layers and a 2048-token context: 2000 tokens take seconds."""
+    slow = tmp_path_factory.mktemp("serve") / "slow"
     tokenizer = load_tokenizer_of_run(trained_run)
     config = GPTConfig(block_size=2048, vocab_size=tokenizer.vocab_size, n_layer=6, n_head=2, n_embd=32)
     save_checkpoint(slow, GPT(config, seed=1), None, {}, {"step": 0}, tokenizer)
-    server = Server(slow, tmp_path / "slow.log", "--max_batch=1", "--max_queue=1", "--request_timeout=0.5")
+    return slow
+
+
+def test_time_limit_and_full_queue(slow_run, tmp_path):
+    """One slot, one place in the queue, 0.5 s per request: a long request is cut at its time limit
+    (finish_reason "length"), a second waits its turn, a third finds the queue full (503)."""
+    server = Server(slow_run, tmp_path / "slow.log", "--max_batch=1", "--max_queue=1", "--request_timeout=0.5")
     try:
         results = {}
 
@@ -409,6 +464,54 @@ def test_time_limit_and_full_queue(trained_run, tmp_path):
             assert out["usage"]["completion_tokens"] < 1500
         assert time.monotonic() - start < 10
         assert server.complete(prompt="a", max_tokens=3)["usage"]["completion_tokens"] == 3
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_shutdown_ends_streams_with_an_error_event(slow_run, tmp_path, signame):
+    """Ctrl-C (SIGINT) or SIGTERM while a stream and a plain request are in flight: the stream ends with an
+    explicit server_shutdown error event (never a normal-looking finish_reason), the plain request gets a 503,
+    stderr says so, and the process exits 128 + the signal's number."""
+    import signal
+    server = Server(slow_run, tmp_path / f"shutdown_{signame}.log")
+    try:
+        plain = {}
+        thread = threading.Thread(target=lambda: plain.update(
+            answer=server.request("POST", "/v1/completions", {"prompt": "def ", "max_tokens": 2000})))
+        thread.start()
+        body = json.dumps({"prompt": "def ", "max_tokens": 2000, "stream": True}).encode()
+        stream = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        stream.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = b""
+        while b"data: {" not in reply:                  # the first event has come
+            chunk = stream.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 10
+        while server.health()["active"] < 2 and time.monotonic() < deadline:    # both are generating
+            time.sleep(0.02)
+        assert server.health()["active"] == 2
+        server.proc.send_signal(getattr(signal, signame))
+        while chunk := stream.recv(65536):              # until the server closes the connection
+            reply += chunk
+        stream.close()
+        assert reply.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")     # a complete chunked body
+        events = [b.split(b"data: ", 1)[1] for b in reply.split(b"\n\n") if b"data: " in b]
+        thread.join(30)
+        assert events[-1] == b"[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "server_shutdown" and "cut short" in error["message"]
+        assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in events[:-2])
+        status, out = plain["answer"]
+        assert status == 503 and out["error"]["code"] == "server_shutdown"
+        assert server.proc.wait(15) == 128 + getattr(signal, signame)
+        log = Path(server.log_path).read_text()
+        assert f"{signame}: shutting down" in log and f"stopped on {signame}; 2 completion(s) were cut short" in log
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=5)
     finally:
         server.stop()
 
@@ -589,43 +692,109 @@ def test_gpu_server_matches_cpu_server(long_run, long_server, tmp_path):
 
 
 PAGE_HARNESS = """
-const base = process.argv[2], src = process.argv[3];
+// node harness.js BASE_URL PAGE_SCRIPT VALUES_JSON: runs the page's script with a stand-in for the DOM, waits
+// for it to load the model's settings, sets the inputs named in VALUES_JSON, presses Generate and prints what
+// the page showed.
+const [base, src, values] = [process.argv[2], process.argv[3], JSON.parse(process.argv[4])];
 const realFetch = fetch;
 globalThis.fetch = (url, options) => realFetch(base + url, options);
 const els = {};
 const el = id => els[id] || (els[id] = {value: "", textContent: "", disabled: false, innerHTML: "", children: [],
                                         append(c) { this.children.push(c); }});
-Object.assign(el("prompt"), {value: "def "}); el("max_tokens").value = "20"; el("temperature").value = "0.8";
-el("top_k").value = "200"; el("top_p").value = "1"; el("seed").value = "7";
+el("prompt").value = "def "; el("seed").value = ""; el("go").disabled = true;    // as page.html starts
+el("curve").hidden = true;
 globalThis.document = {getElementById: el, createElement: () => ({}),
                        createTextNode: t => ({data: t, appendData(x) { this.data += x; }})};
 eval(src);
-setTimeout(async () => {
+(async () => {
+  for (let i = 0; i < 200 && els["go"].disabled; i++) await new Promise(r => setTimeout(r, 50));
+  const loaded = {};
+  for (const id of ["max_tokens", "temperature", "top_k", "top_p"]) loaded[id] = {value: el(id).value, max: el(id).max};
+  loaded.ready = !els["go"].disabled;
+  for (const [id, value] of Object.entries(values)) el(id).value = value;
   await els["go"].onclick();
-  console.log(JSON.stringify({model: els["model"].textContent, text: els["out"].children[1].data,
-                              status: els["status"].textContent}));
-}, 300);
+  const curve = {src: el("curve").src, hidden: el("curve").hidden};
+  console.log(JSON.stringify({model: els["model"].textContent, context: els["context"].textContent, loaded, curve,
+                              text: els["out"].children[1].data, status: els["status"].textContent}));
+})();
 """
 
 
-def test_page_streams_with_node(server, trained_run, tmp_path):
-    """The page's script, run by Node with a stand-in for the DOM, streams the same text as the API."""
+def run_page(server, values):
+    """The page's script run by Node against `server`; skipped without Node 18+ (it needs fetch)."""
     import shutil
-    from nanogpt_np.serve.server import PAGE
+    from nanogpt_np.serve.server import PAGE_FILE
     node = shutil.which("node")
     if node is None or int(subprocess.run([node, "--version"], capture_output=True, text=True).stdout[1:]
                            .split(".")[0]) < 18:
         pytest.skip("needs Node 18+ (fetch)")
-    script = PAGE.split("<script>")[1].split("</script>")[0]
-    harness = tmp_path / "harness.js"
+    script = PAGE_FILE.read_text().split("<script>")[1].split("</script>")[0]
+    harness = Path(server.log_path).parent / "page_harness.js"
     harness.write_text(PAGE_HARNESS)
-    r = subprocess.run([node, str(harness), f"http://127.0.0.1:{server.port}", script], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run([node, str(harness), f"http://127.0.0.1:{server.port}", script, json.dumps(values)],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout)
+    return json.loads(r.stdout)
+
+
+def test_page_streams_with_node(server, trained_run):
+    """The page's script, run by Node with a stand-in for the DOM, streams the same text as the API."""
+    got = run_page(server, {"max_tokens": "20", "temperature": "0.8", "top_k": "200", "top_p": "1", "seed": "7"})
     want = server.complete(prompt="def ", max_tokens=20, temperature=0.8, top_k=200, top_p=1, seed=7)
     assert got["model"] == trained_run.name and got["text"] == want["choices"][0]["text"]
     assert got["status"].startswith("finished: length, 20 tokens")
+
+
+def test_page_defaults_fit_the_model(server, trained_run):
+    """The served model has a 32-token context: the page's defaults come from it and the first Generate,
+    untouched, succeeds (it used to send max_tokens 100 and get an error)."""
+    settings = server.request("GET", "/settings")[1]
+    assert settings["model"] == trained_run.name and settings["context_length"] == 32
+    assert settings["limits"]["max_tokens"] == 32 and settings["defaults"]["max_tokens"] == 32
+    assert settings["defaults"]["top_k"] <= settings["vocab_size"]
+    got = run_page(server, {})
+    assert got["loaded"]["ready"] and got["context"] == 32
+    assert got["loaded"]["max_tokens"] == {"value": 32, "max": 32}
+    assert got["loaded"]["top_k"]["value"] == settings["defaults"]["top_k"]
+    assert got["status"].startswith("finished: length"), got["status"]
+    assert len(got["text"]) > 0
+    assert settings["loss_curve"] and got["curve"] == {"src": "/loss.svg", "hidden": False}   # the run's curve
+
+
+def test_loss_curve_of_the_served_run(server, trained_run):
+    """GET /loss.svg: the served run's log.jsonl drawn by nanogpt_np.plot (train, validation, learning rate)."""
+    import xml.etree.ElementTree as ET
+    from nanogpt_np.plot import read_run, render_svg
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("GET", "/loss.svg")
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    assert resp.status == 200 and resp.getheader("Content-Type").startswith("image/svg+xml")
+    root = ET.fromstring(body)
+    kinds = sorted(p.get("data-series") for p in root.iter("{http://www.w3.org/2000/svg}path")
+                   if p.get("class") == "series")
+    assert kinds == ["lr", "train", "val"]
+    assert body.decode() == render_svg([read_run(trained_run, name=trained_run.name)])
+
+
+def test_settings_follow_the_max_tokens_cap(small_run, tmp_path):
+    """--max_tokens caps what the page offers; a request with the page's defaults is accepted."""
+    s = Server(small_run, tmp_path / "capped.log", "--max_tokens=5")
+    try:
+        settings = s.request("GET", "/settings")[1]
+        assert settings["context_length"] == 8 and settings["limits"]["max_tokens"] == 5
+        assert settings["defaults"]["max_tokens"] == 5
+        out = s.complete(prompt="ab", **settings["defaults"])
+        assert out["usage"]["completion_tokens"] == 5
+        assert s.request("POST", "/v1/completions", {"prompt": "ab", "max_tokens": 6})[0] == 400
+        assert settings["loss_curve"] is False                         # saved without training: no log.jsonl
+        status, out = s.request("GET", "/loss.svg")
+        assert status == 404 and out["error"]["code"] == "no_loss_curve"
+    finally:
+        s.stop()
 
 
 def test_openai_python_client(server, trained_run):
@@ -686,3 +855,18 @@ def test_main_refuses_bad_options_in_one_line(small_run, capsys, flag, message):
     assert main([f"--out_dir={small_run}", "--device=cpu", flag]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_package_data_ships_every_non_python_file():
+    """setup.cfg's package_data must name every file the package reads at run time (the page, the kernels),
+    or a non-editable install would lack them."""
+    import configparser
+    import fnmatch
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    patterns = [p.strip() for p in cfg["options.package_data"]["nanogpt_np"].split(",")]
+    package = REPO / "nanogpt_np"
+    data = [f.relative_to(package).as_posix() for f in package.rglob("*")
+            if f.is_file() and f.suffix not in (".py", ".pyc", ".md") and "__pycache__" not in f.parts]
+    assert "serve/page.html" in data
+    assert [f for f in data if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []

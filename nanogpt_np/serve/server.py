@@ -4,8 +4,11 @@
 
     POST /v1/completions   {"prompt": "def ", "max_tokens": 50, "temperature": 0.8, "stream": true, ...}
     GET  /v1/models        the one model served (its id is the run directory's name unless --model_name)
-    GET  /health           status and load: active / waiting sequences, open connections
+    GET  /health           status and load: active / waiting sequences, open connections (answered even
+                           when --max_connections is reached, on a few extra connections)
     GET  /                 a small page to type a prompt and watch the tokens stream in
+    GET  /settings         what the page reads at load: the model's context, the caps, defaults that fit them
+    GET  /loss.svg         the served run's loss curve, drawn from its log.jsonl (see nanogpt_np/plot.py)
 
 How a request flows:
     handler thread (one per connection, http.server.ThreadingHTTPServer)
@@ -26,289 +29,67 @@ when the context is full or when the request's time limit passes ("length"). The
 when serving (sample.py rebuilds the cache from the last half of the context instead), so a completion holds
 at most context - prompt_tokens + 1 tokens, and the two agree up to that point.
 
-Defaults follow OpenAI's: max_tokens 16, temperature 1, top_p 1, n 1, a random seed. Fields OpenAI has but
-this server does not implement (logprobs, best_of, suffix, penalties, logit_bias) are accepted only at their
-"off" value; any other unknown field is a 400.
+Errors are always JSON in OpenAI's shape, http.server's own refusals (a garbage request line) included.
+Ctrl-C or SIGTERM shuts down gracefully: no new connections, every completion in flight ends with an explicit
+"server_shutdown" error (an error event, then [DONE], in a stream; a 503 otherwise), a line on stderr, and
+the exit status 128 + the signal (130 for Ctrl-C, 143 for SIGTERM). A second signal stops at once.
+
+The parts, one concept per file:
+    requests.py     what a client may ask for: the JSON body checked field by field (Limits, APIError)
+    streaming.py    tokens -> text pieces (UTF-8 safe, stop strings) -> server-sent events
+    batching.py     the worker thread: continuous batching over one KV cache
+    page.html       the page at /, read once at start
+    server.py       this file: the HTTP handler (routing, bodies, answers) and the command line
 """
 import argparse
-import codecs
 import json
 import math
 import os
 import queue
 import select
+import signal
 import socket
 import sys
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from .. import backend
+from ..plot import PlotError, read_run, render_svg
 from .batching import QueueFull, Scheduler, Sequence
+from .requests import APIError, Limits, decode_json_body, parse_completion_request
+from .streaming import Choice, ClientGone, EventStream, choice_pieces
 
-# ---------------------------------------------------------------------------------------------------------
-# Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}
-
-
-class APIError(Exception):
-    def __init__(self, status, message, param=None, code=None, type_="invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Validating a completion request
-
-# OpenAI fields we accept only at their "off" value (so that clients sending defaults still work).
-_UNSUPPORTED_UNLESS_DEFAULT = {
-    "logprobs": (None,), "best_of": (None, 1), "suffix": (None, ""),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-}
-_KNOWN_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "stream",
-                 "stream_options", "echo", "user"} | set(_UNSUPPORTED_UNLESS_DEFAULT)
-
-
-class Limits:
-    """Caps that protect the server; every one is a command-line option."""
-
-    def __init__(self, max_body_bytes=1 << 20, max_tokens=None, max_n=8, max_choices=16, max_stop=4,
-                 request_timeout=60.0):
-        self.max_body_bytes = max_body_bytes
-        self.max_tokens = max_tokens              # None: the model's context length
-        self.max_n = max_n
-        self.max_choices = max_choices            # prompts x n in one request
-        self.max_stop = max_stop
-        self.request_timeout = request_timeout
-
-
-class CompletionRequest:
-    """A validated request: token ids per prompt and the settings of every choice."""
-
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
-
-
-def _is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x):
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
-
-
-def _bad(message, param, code=None):
-    return APIError(400, message, param=param, code=code)
-
-
-def parse_completion_request(body, tokenizer, block_size, model_name, limits: Limits) -> CompletionRequest:
-    """Check every field of a decoded JSON body; raise APIError (4xx) for the first problem found."""
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object", None)
-    unknown = sorted(set(body) - _KNOWN_FIELDS)
-    if unknown:
-        raise _bad(f"unknown field(s): {', '.join(unknown)}", unknown[0], "unknown_field")
-    for name, allowed in _UNSUPPORTED_UNLESS_DEFAULT.items():
-        if name in body and body[name] not in allowed:
-            raise _bad(f"{name} is not supported by this server (leave it out)", name, "unsupported")
-
-    model = body.get("model")
-    if model is not None:
-        if not isinstance(model, str):
-            raise _bad("model must be a string", "model")
-        if model != model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
-
-    cap = limits.max_tokens or block_size
-    max_tokens = body.get("max_tokens")
-    if max_tokens is None:
-        max_tokens = min(16, cap)             # OpenAI's default
-    if not _is_int(max_tokens) or not 1 <= max_tokens <= cap:
-        raise _bad(f"max_tokens must be an integer from 1 to {cap}, got {max_tokens!r}", "max_tokens")
-
-    temperature = body.get("temperature", 1.0)
-    if temperature is None:
-        temperature = 1.0
-    if not _is_number(temperature) or not 0 <= temperature <= 2:
-        raise _bad(f"temperature must be a number from 0 to 2, got {temperature!r}", "temperature")
-    top_p = body.get("top_p", 1.0)
-    if top_p is None:
-        top_p = 1.0
-    if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise _bad(f"top_p must be a number in (0, 1], got {top_p!r}", "top_p")
-    top_k = body.get("top_k")
-    if top_k is not None and (not _is_int(top_k) or top_k < 0):
-        raise _bad(f"top_k must be a non-negative integer (0 = no top-k), got {top_k!r}", "top_k")
-    top_k = top_k or None
-
-    n = body.get("n", 1)
-    if n is None:
-        n = 1
-    if not _is_int(n) or not 1 <= n <= limits.max_n:
-        raise _bad(f"n must be an integer from 1 to {limits.max_n}, got {n!r}", "n")
-    seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
-        raise _bad(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}", "seed")
-    if seed is None:            # a fresh seed, so that choice i still uses seed + i
-        seed = int.from_bytes(os.urandom(6), "little")
-
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _bad("stream must be true or false", "stream")
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict) or set(options) - {"include_usage"} or \
-                not isinstance(options.get("include_usage", False), bool):
-            raise _bad('stream_options must be {"include_usage": true|false}', "stream_options")
-        if not stream:
-            raise _bad("stream_options is only allowed with stream: true", "stream_options")
-        include_usage = options.get("include_usage", False)
-    echo = body.get("echo", False)
-    if echo is None:
-        echo = False
-    if not isinstance(echo, bool):
-        raise _bad("echo must be true or false", "echo")
-    if "user" in body and body["user"] is not None and not isinstance(body["user"], str):
-        raise _bad("user must be a string", "user")
-
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > limits.max_stop or \
-            not all(isinstance(s, str) and s for s in stop):
-        raise _bad(f"stop must be a non-empty string or a list of up to {limits.max_stop} of them", "stop")
-
-    prompts = _parse_prompts(body.get("prompt", ""), tokenizer, block_size)
-    if len(prompts) * n > limits.max_choices:
-        raise _bad(f"{len(prompts)} prompt(s) x n={n} asks for more than {limits.max_choices} completions",
-                   "n")
-    return CompletionRequest(prompts=prompts, max_tokens=max_tokens, temperature=float(temperature),
-                             top_p=float(top_p), top_k=top_k, n=n, seed=seed, stream=stream,
-                             include_usage=include_usage, echo=echo, stop=stop)
-
-
-def _parse_prompts(prompt, tokenizer, block_size):
-    """prompt: a string, a list of strings, a list of token ids, or a list of lists of token ids.
-    Returns [(text, ids)] (text is None for token prompts). The empty prompt starts like sample.py."""
-    if isinstance(prompt, str):
-        items = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        items = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        items = prompt
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and p and all(_is_int(t) for t in p)
-                                                     for p in prompt):
-        items = prompt
-    else:
-        raise _bad("prompt must be a string, a list of strings, a list of token ids or a list of lists of "
-                   "token ids (none of them empty lists)", "prompt")
-    prompts = []
-    for item in items:
-        if isinstance(item, str):
-            if item:
-                try:
-                    ids = tokenizer.encode(item, allowed_special="all")
-                except ValueError as e:
-                    raise _bad(f"the prompt cannot be tokenized: {e}", "prompt") from None
-            else:
-                ids = _start_ids(tokenizer)
-            text = item
-        else:
-            ids, text = list(item), None
-            if any(not 0 <= t < tokenizer.vocab_size for t in ids):
-                raise _bad(f"prompt token ids must be in 0..{tokenizer.vocab_size - 1}", "prompt")
-        if len(ids) > block_size:
-            raise _bad(f"the prompt is {len(ids)} tokens long; this model's context is {block_size} tokens",
-                       "prompt", "context_length_exceeded")
-        prompts.append((text, ids))
-    return prompts
-
-
-def _start_ids(tokenizer):
-    """What an empty prompt conditions on (as sample.py): <|endoftext|> when there is one, else a newline."""
-    if getattr(tokenizer, "eot_id", None) is not None:
-        return [tokenizer.eot_id]
-    return tokenizer.encode("\n")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tokens -> text, with stop strings
-
-
-class TextAssembler:
-    """Turns one choice's tokens into text pieces that are safe to send.
-
-    Bytes of a character split across tokens wait for the rest of the character (incremental UTF-8
-    decoder, as generate.stream_text). Text that might be the start of a stop string waits until it is known
-    not to be; when a stop string appears, the text before it is the end of the completion."""
-
-    def __init__(self, tokenizer, stop=()):
-        self.tokenizer = tokenizer
-        self.stop = list(stop)
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""            # everything decoded (after a stop: cut at the stop string)
-        self.sent = 0             # how much of self.text has been handed out
-        self.stopped = False      # a stop string was found
-
-    def add(self, token) -> str:
-        self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
-        return self._release()
-
-    def finish(self) -> str:
-        """The rest of the text once no more tokens will come."""
-        if not self.stopped:
-            self.text += self.decoder.decode(b"", final=True)
-        piece = self._release()
-        rest = self.text[self.sent:]
-        self.sent = len(self.text)
-        return piece + rest
-
-    def _release(self) -> str:
-        if self.stopped:
-            return ""
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
-            self.stopped = True
-            end = len(self.text)
-        else:               # hold back the longest end of the text that could begin a stop string
-            hold = 0
-            for s in self.stop:
-                for k in range(min(len(s) - 1, len(self.text) - self.sent), hold, -1):
-                    if self.text.endswith(s[:k]):
-                        hold = k
-                        break
-            end = len(self.text) - hold
-        piece = self.text[self.sent:end]
-        self.sent = end
-        return piece
-
+PAGE_FILE = Path(__file__).with_name("page.html")
+PAGE_MAX_TOKENS = 100           # the page asks for this many tokens unless the model's context is shorter
+HEALTH_LANE = 4                 # connections past --max_connections that may still ask GET /health
+HEALTH_LANE_TIMEOUT = 2.0       # seconds such a connection has to send its request
+SHUTDOWN_GRACE = 5.0            # seconds in-flight requests get to send their error event and close
 
 # ---------------------------------------------------------------------------------------------------------
 # The HTTP side
 
 
-class ClientGone(Exception):
-    """The client closed the connection or stopped reading."""
-
-
 class CompletionServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on open connections and the model's state for the handlers."""
+    """ThreadingHTTPServer with a cap on open connections and the model's state for the handlers.
+
+    Connections: up to max_connections are served normally (one handler thread each). Past that, up to
+    HEALTH_LANE more get a thread that answers GET /health and refuses anything else with a 503, so that a
+    full server can still be watched; past those, a connection gets the 503 at once from the accepting thread.
+
+    Shutdown (see stop_gracefully): stop accepting, cut every completion in flight with a "server_shutdown"
+    error (an error event in a stream, a 503 otherwise), wait for them to be sent, stop the worker."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
     def __init__(self, address, scheduler, tokenizer, model_name, limits, max_connections=64,
-                 idle_timeout=15.0, verbose=False):
+                 idle_timeout=15.0, verbose=False, run_dir=None):
+        self.page = PAGE_FILE.read_bytes()          # read once: a server never serves half an edited page
+        self.run_dir = run_dir                      # for the loss curve (its log.jsonl), if any
+        self._curve = (None, None)                  # (log.jsonl's mtime and size, the SVG drawn from it)
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -318,18 +99,35 @@ class CompletionServer(ThreadingHTTPServer):
         self.idle_timeout = idle_timeout
         self.verbose = verbose
         self.created = int(time.time())
-        self.connections = 0
+        self.connections = 0                       # served normally
+        self.health_lane = 0                       # past the cap, waiting to ask for /health
+        self.in_flight = 0                         # completions being generated
+        self.cut_short = 0                         # completions ended by a shutdown
+        self.stopping = threading.Event()          # set once a shutdown has begun
         self._conn_lock = threading.Lock()
         super().__init__(address, CompletionHandler)
 
+    def too_many_connections(self) -> APIError:
+        return APIError(503, f"too many connections (limit {self.max_connections}); retry later",
+                        type_="server_error", code="too_many_connections")
+
     def process_request(self, request, client_address):
         with self._conn_lock:
-            full = self.connections >= self.max_connections
-            if not full:
+            if self.connections < self.max_connections:
                 self.connections += 1
-        if full:            # answer at once from the accepting thread, without starting a handler
-            body = json.dumps(APIError(503, f"too many connections (limit {self.max_connections}); retry "
-                                            "later", type_="server_error", code="too_many_connections").body())
+                lane = "normal"
+            elif self.health_lane < HEALTH_LANE:
+                self.health_lane += 1
+                lane = "health"
+            else:
+                lane = "refused"
+        if lane == "normal":
+            super().process_request(request, client_address)
+        elif lane == "health":
+            threading.Thread(target=self._answer_over_capacity, args=(request, client_address),
+                             daemon=True).start()
+        else:               # answer at once from the accepting thread, without starting a handler
+            body = json.dumps(self.too_many_connections().body())
             try:
                 request.settimeout(1.0)
                 request.sendall((f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -338,8 +136,6 @@ class CompletionServer(ThreadingHTTPServer):
             except OSError:
                 pass
             self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
 
     def process_request_thread(self, request, client_address):
         try:
@@ -347,6 +143,58 @@ class CompletionServer(ThreadingHTTPServer):
         finally:
             with self._conn_lock:
                 self.connections -= 1
+
+    def _answer_over_capacity(self, request, client_address):
+        try:
+            OverCapacityHandler(request, client_address, self)
+        except Exception:                   # a client that vanished; nothing to answer
+            pass
+        finally:
+            self.shutdown_request(request)
+            with self._conn_lock:
+                self.health_lane -= 1
+
+    def has_loss_curve(self) -> bool:
+        return self.run_dir is not None and os.path.isfile(os.path.join(self.run_dir, "log.jsonl"))
+
+    def loss_curve_svg(self) -> bytes:
+        """The chart of the served run's log.jsonl (nanogpt_np.plot), drawn again only when the log changes."""
+        if not self.has_loss_curve():
+            raise APIError(404, "this model has no training log (log.jsonl) to draw", code="no_loss_curve")
+        path = os.path.join(self.run_dir, "log.jsonl")
+        stat = os.stat(path)
+        key = (stat.st_mtime_ns, stat.st_size)
+        with self._conn_lock:
+            if self._curve[0] == key:
+                return self._curve[1]
+        try:
+            svg = render_svg([read_run(self.run_dir, name=self.model_name)]).encode("utf-8")
+        except PlotError as e:
+            raise APIError(404, f"no loss curve: {e}", code="no_loss_curve") from None
+        with self._conn_lock:
+            self._curve = (key, svg)
+        return svg
+
+    def completion_started(self):
+        with self._conn_lock:
+            self.in_flight += 1
+
+    def completion_ended(self, cut_short):
+        with self._conn_lock:
+            self.in_flight -= 1
+            self.cut_short += bool(cut_short)
+
+    def stop_gracefully(self, grace=SHUTDOWN_GRACE) -> int:
+        """Stop accepting, end the completions in flight with an error, stop the worker.
+        Call from a thread other than the one in serve_forever(). Returns how many completions were cut."""
+        self.shutdown()                     # serve_forever() returns: nothing more is accepted
+        self.server_close()                 # the listening socket closes: new connections are refused
+        self.stopping.set()                 # every completion in flight sees it within one poll (50 ms)
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.scheduler.stop()
+        return self.cut_short
 
 
 class CompletionHandler(BaseHTTPRequestHandler):
@@ -381,14 +229,34 @@ class CompletionHandler(BaseHTTPRequestHandler):
     def do_HEAD(self):  # without this, http.server answers 501 with an HTML page
         self._route("HEAD")
 
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a garbage request line, an over-long header line, an unknown method)
+        in the same JSON shape as every other error, instead of its HTML page."""
+        self.close_connection = True
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):
+            self.request_version = "HTTP/1.1"  # unparsed: still answer with a status line and headers
+        reason = message or self.responses.get(code, ("error",))[0]
+        if len(reason) > 200:
+            reason = reason[:200] + "..."
+        self.log_error("code %d, message %s", code, reason)
+        self._reply_error(APIError(int(code), f"bad HTTP request: {reason}", code="bad_http_request"))
+
     def _route(self, method):
         self._body_handled = False             # set once the request body is read (or the connection doomed)
         self._streaming = False                # set once a 200 with an event stream has begun
         if method != "POST":                   # a body nobody reads would be taken for the next request
             self._discard_body()
             self._body_handled = True
+        if self.server.stopping.is_set():
+            self.close_connection = True
+            if not self._body_handled:
+                self._discard_body()
+            self._reply_error(APIError(503, "the server is shutting down", type_="server_error",
+                                       code="server_shutdown"))
+            return
         path = self.path.split("?", 1)[0]
-        routes = {"/": {"GET": self._page}, "/health": {"GET": self._health},
+        routes = {"/": {"GET": self._page}, "/settings": {"GET": self._settings}, "/health": {"GET": self._health},
+                  "/loss.svg": {"GET": self._loss_curve},
                   "/v1/models": {"GET": self._models}, "/v1/completions": {"POST": self._completions}}
         if path.startswith("/v1/models/"):
             routes[path] = {"GET": lambda: self._model(path[len("/v1/models/"):])}
@@ -420,7 +288,22 @@ class CompletionHandler(BaseHTTPRequestHandler):
 
     # ----- plain endpoints -----
     def _page(self):
-        self._send(200, PAGE.encode("utf-8"), "text/html; charset=utf-8")
+        self._send(200, self.server.page, "text/html; charset=utf-8")
+
+    def _settings(self):
+        """What the page needs to know about the model it serves: its limits, and defaults that fit them."""
+        server = self.server
+        cap = server.limits.max_tokens_cap(server.block_size)
+        self._send_json(200, {
+            "model": server.model_name, "context_length": server.block_size,
+            "vocab_size": server.tokenizer.vocab_size,
+            "limits": {"max_tokens": cap, "max_n": server.limits.max_n},
+            "loss_curve": server.has_loss_curve(),
+            "defaults": {"max_tokens": min(PAGE_MAX_TOKENS, cap, server.block_size), "temperature": 0.8,
+                         "top_k": min(200, server.tokenizer.vocab_size), "top_p": 1.0}})
+
+    def _loss_curve(self):
+        self._send(200, self.server.loss_curve_svg(), "image/svg+xml; charset=utf-8")
 
     def _health(self):
         stats = self.server.scheduler.stats()
@@ -472,12 +355,7 @@ class CompletionHandler(BaseHTTPRequestHandler):
             raise ClientGone() from None
         if len(raw) < length:
             raise ClientGone()
-        try:
-            return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-        except RecursionError:  # e.g. '[' * 100000: the parser recurses once per level
-            raise APIError(400, "the body is not valid JSON: nested too deeply", code="invalid_json") from None
+        return decode_json_body(raw)
 
     def _drain(self, length):
         try:
@@ -519,112 +397,65 @@ class CompletionHandler(BaseHTTPRequestHandler):
         except QueueFull as e:
             raise APIError(503, f"the server is busy ({e}); retry later", type_="server_error",
                            code="server_busy") from None
-        choices = [{"text": "", "index": s.index, "logprobs": None, "finish_reason": None,
-                    "assembler": TextAssembler(server.tokenizer, req.stop), "tokens": 0} for s in seqs]
+        choices = [Choice(s.index, server.tokenizer, req.stop) for s in seqs]
         meta = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name}
+        pieces = choice_pieces(seqs, choices, events, self._client_gone, server.stopping)
+        server.completion_started()
         try:
             if req.stream:
-                self._stream(req, seqs, choices, events, meta)
+                self._stream(req, choices, pieces, meta)
             else:
-                self._wait_all(req, seqs, choices, events, meta)
+                self._wait_all(req, choices, pieces, meta)
         finally:
             for s in seqs:                 # whatever happened, no sequence outlives its request
                 s.cancel()
+            server.completion_ended(cut_short=server.stopping.is_set() and
+                                    any(c.finish_reason is None for c in choices))
 
     def _usage(self, req, choices):
         prompt_tokens = sum(len(ids) for _, ids in req.prompts)
-        completion = sum(c["tokens"] for c in choices)
+        completion = sum(c.tokens for c in choices)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
-    def _events(self, seqs, choices, events):
-        """Yield (choice, new text, finish_reason or None) until every choice has finished."""
-        open_choices = len(choices)
-        next_check = time.monotonic() + 0.1
-        while open_choices:
-            try:
-                index, kind, value = events.get(timeout=0.05)
-            except queue.Empty:
-                index = None
-            if time.monotonic() >= next_check:          # a few times a second: is the client still there?
-                if self._client_gone():
-                    raise ClientGone()
-                next_check = time.monotonic() + 0.1
-            if index is None:
-                continue
-            c = choices[index]
-            if c["finish_reason"] is not None:
-                continue                    # tokens after a stop string (the worker had not seen the cancel)
-            if kind == "token":
-                if value in seqs[index].stop_ids:
-                    c["tokens"] += 1
-                    continue                # <|endoftext|>: counted, never shown; "done" follows
-                c["tokens"] += 1
-                piece = c["assembler"].add(value)
-                if c["assembler"].stopped:
-                    seqs[index].cancel()
-                    c["finish_reason"] = "stop"
-                    open_choices -= 1
-                    yield c, piece + c["assembler"].finish(), "stop"
-                elif piece:
-                    yield c, piece, None
-            else:
-                if value == "error":
-                    raise APIError(500, "generation failed on the server", type_="server_error")
-                reason = "length" if value in ("length", "cancelled") else value
-                c["finish_reason"] = reason
-                open_choices -= 1
-                yield c, c["assembler"].finish(), reason
-
     def _prompt_text(self, req, choice):
-        text, ids = req.prompts[choice["index"] // req.n]
+        text, ids = req.prompts[choice.index // req.n]
         return text if text is not None else self.server.tokenizer.decode(ids)
 
-    def _wait_all(self, req, seqs, choices, events, meta):
-        for c, piece, _ in self._events(seqs, choices, events):
-            c["text"] += piece
-        out = [{"text": (self._prompt_text(req, c) if req.echo else "") + c["text"], "index": c["index"],
-                "logprobs": None, "finish_reason": c["finish_reason"]} for c in choices]
+    def _wait_all(self, req, choices, pieces, meta):
+        for c, piece, _ in pieces:
+            c.text += piece
+        out = [{"text": (self._prompt_text(req, c) if req.echo else "") + c.text, "index": c.index,
+                "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
         self._send_json(200, {**meta, "choices": out, "usage": self._usage(req, choices)})
 
-    def _stream(self, req, seqs, choices, events, meta):
+    def _stream(self, req, choices, pieces, meta):
         self._streaming = True
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        for name, value in EventStream.HEADERS.items():
+            self.send_header(name, value)
         self.end_headers()
+        stream = EventStream(self.wfile)
 
         def chunk(index, text, reason):
-            self._send_event({**meta, "choices": [{"text": text, "index": index, "logprobs": None,
-                                                   "finish_reason": reason}]})
+            stream.send({**meta, "choices": [{"text": text, "index": index, "logprobs": None,
+                                              "finish_reason": reason}]})
 
         if req.echo:
             for c in choices:
-                chunk(c["index"], self._prompt_text(req, c), None)
+                chunk(c.index, self._prompt_text(req, c), None)
         try:
-            for c, piece, reason in self._events(seqs, choices, events):
+            for c, piece, reason in pieces:
                 if piece or reason:
-                    chunk(c["index"], piece, reason)
+                    chunk(c.index, piece, reason)
         except APIError as e:        # headers are gone already: report the error as an event
-            self._send_event(e.body())
+            stream.send(e.body())
         if req.include_usage:
-            self._send_event({**meta, "choices": [], "usage": self._usage(req, choices)})
-        self._write_chunk(b"data: [DONE]\n\n")
-        self._write_chunk(b"")                      # the last chunk of the chunked encoding
+            stream.send({**meta, "choices": [], "usage": self._usage(req, choices)})
+        stream.close()
 
     # ----- writing -----
-    def _send_event(self, obj):
-        self._write_chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n")
-
-    def _write_chunk(self, data: bytes):
-        try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-        except OSError:                 # BrokenPipe, ConnectionReset, socket timeout (client stopped reading)
-            raise ClientGone() from None
-
     def _send_json(self, status, obj):
         self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json")
 
@@ -653,90 +484,21 @@ class CompletionHandler(BaseHTTPRequestHandler):
             return True
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
+class OverCapacityHandler(CompletionHandler):
+    """A connection that came past --max_connections: GET /health is answered as usual (a full server can
+    still be watched), anything else gets the 503; one request, then the connection closes."""
 
+    def setup(self):
+        self.timeout = min(HEALTH_LANE_TIMEOUT, self.server.idle_timeout)
+        BaseHTTPRequestHandler.setup(self)      # not CompletionHandler.setup: its timeout is the idle one
 
-# ---------------------------------------------------------------------------------------------------------
-# The page at /
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>nanogpt_np</title>
-<style>
- body { font-family: system-ui, sans-serif; max-width: 50rem; margin: 2rem auto; padding: 0 1rem; }
- textarea { width: 100%; height: 6rem; font-family: monospace; }
- #out { white-space: pre-wrap; font-family: monospace; border: 1px solid #ccc; padding: .5rem; min-height: 6rem; }
- #out .prompt { color: #888; }
- label { margin-right: 1rem; }
- input[type=number] { width: 5rem; }
-</style></head>
-<body>
-<h1>nanogpt_np</h1>
-<p>Model <b id="model">?</b>. Type a prompt and watch the completion stream in.</p>
-<textarea id="prompt">def </textarea>
-<p>
- <label>max_tokens <input id="max_tokens" type="number" value="100" min="1"></label>
- <label>temperature <input id="temperature" type="number" value="0.8" step="0.1" min="0" max="2"></label>
- <label>top_k <input id="top_k" type="number" value="200" min="0"></label>
- <label>top_p <input id="top_p" type="number" value="1" step="0.05" min="0.05" max="1"></label>
- <label>seed <input id="seed" type="number" value="" placeholder="random"></label>
-</p>
-<p><button id="go">Generate</button> <button id="stop" disabled>Stop</button> <span id="status"></span></p>
-<div id="out"></div>
-<script>
-const $ = id => document.getElementById(id);
-fetch("/v1/models").then(r => r.json()).then(j => { $("model").textContent = j.data[0].id; });
-let controller = null;
-$("stop").onclick = () => controller && controller.abort();
-$("go").onclick = async () => {
-  const body = {prompt: $("prompt").value, stream: true, stream_options: {include_usage: true},
-                max_tokens: +$("max_tokens").value, temperature: +$("temperature").value,
-                top_k: +$("top_k").value, top_p: +$("top_p").value};
-  if ($("seed").value !== "") body.seed = +$("seed").value;
-  const out = $("out");
-  out.innerHTML = "";
-  const p = document.createElement("span"); p.className = "prompt"; p.textContent = body.prompt; out.append(p);
-  const text = document.createTextNode(""); out.append(text);
-  controller = new AbortController();
-  $("go").disabled = true; $("stop").disabled = false; $("status").textContent = "generating...";
-  const t0 = performance.now();
-  try {
-    const r = await fetch("/v1/completions", {method: "POST", headers: {"Content-Type": "application/json"},
-                                              body: JSON.stringify(body), signal: controller.signal});
-    if (!r.ok) { const j = await r.json(); throw new Error(j.error.message); }
-    const reader = r.body.getReader(), decoder = new TextDecoder();
-    let buffer = "", status = "";
-    for (;;) {
-      const {value, done} = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, {stream: true});
-      let cut;
-      while ((cut = buffer.indexOf("\\n\\n")) >= 0) {          // one server-sent event per blank line
-        const line = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
-        if (!line.startsWith("data: ")) continue;
-        const data = line.slice(6);
-        if (data === "[DONE]") continue;
-        const j = JSON.parse(data);
-        if (j.error) throw new Error(j.error.message);
-        for (const c of j.choices) {
-          text.appendData(c.text);
-          if (c.finish_reason) status = "finished: " + c.finish_reason;
-        }
-        if (j.usage) status += ", " + j.usage.completion_tokens + " tokens in " +
-                               ((performance.now() - t0) / 1000).toFixed(2) + " s";
-      }
-    }
-    $("status").textContent = status;
-  } catch (e) {
-    $("status").textContent = e.name === "AbortError" ? "stopped" : "error: " + e.message;
-  } finally {
-    $("go").disabled = false; $("stop").disabled = true; controller = null;
-  }
-};
-</script>
-</body></html>
-"""
+    def _route(self, method):
+        self.close_connection = True
+        if method == "GET" and self.path.split("?", 1)[0] == "/health":
+            super()._route(method)
+        else:
+            self._discard_body()
+            self._reply_error(self.server.too_many_connections())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -790,7 +552,7 @@ def make_server(args) -> CompletionServer:
     scheduler = Scheduler(model, max_batch=args.max_batch, max_queue=args.max_queue)
     server = CompletionServer((args.host, args.port), scheduler, tokenizer, name, limits,
                               max_connections=args.max_connections, idle_timeout=args.idle_timeout,
-                              verbose=args.verbose)
+                              verbose=args.verbose, run_dir=args.out_dir)
     scheduler.start()
     return server
 
@@ -813,11 +575,32 @@ def main(argv=None) -> int:
               file=sys.stderr)
     print(f"serving {server.model_name} ({backend.device()}, context {server.block_size}, max_batch "
           f"{args.max_batch}) on http://{host}:{port}/", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        server.scheduler.stop()
-    return 0
+    signum, previous_handlers = serve_until_signal(server)
+    name = signal.Signals(signum).name
+    again = "Ctrl-C again" if signum == signal.SIGINT else "another SIGTERM or Ctrl-C"
+    print(f"{name}: shutting down: no new connections, completions in flight end with an error ({again} "
+          f"stops at once)", file=sys.stderr, flush=True)
+    cut = server.stop_gracefully()
+    print(f"stopped on {name}; {cut} completion(s) were cut short", file=sys.stderr, flush=True)
+    for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
+    return 128 + signum             # the shell's convention for "ended by a signal": 130 Ctrl-C, 143 SIGTERM
+
+
+def serve_until_signal(server):
+    """Serve on a background thread until SIGINT (Ctrl-C) or SIGTERM; return (its number, the handlers
+    that were in place). After the first signal both go back to their default action, so a second one ends
+    the process at once. Call from the main thread (the only one Python delivers signals to)."""
+    received = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="accept",
+                     daemon=True).start()
+    while not received:
+        time.sleep(0.1)             # the handler runs in this thread, between two sleeps
+    return received[0], previous

@@ -27,6 +27,17 @@ How it works, in the order this file is written:
 
 Not handled: normalisation (NFC etc.; the text is tokenized as given), BPE dropout, the "byte fallback"
 of SentencePiece-style tokenizers, and pre-tokenizers other than one regex.
+
+Compared with tiktoken (tests/test_bpe_gpt2.py compares them on GPT-2's files if tiktoken is installed):
+  * Surrogates. A Python str may hold surrogate code points, which have no UTF-8 bytes. As tiktoken does,
+    a high + low pair is read as the character it spells and any other surrogate as U+FFFD before encoding
+    (fix_surrogates): "\\ud800" is GPT-2's [4210], like "\\ufffd".
+  * One known difference: the pre-split runs on the `regex` module, whose Unicode tables are newer than
+    tiktoken's. Code points assigned in recent Unicode versions (e.g. U+A7CE; 4,657 letters and digits with
+    regex 2026.5.9 against tiktoken 0.14.0) are letters or digits here and not there, so text holding them
+    is cut into different chunks ("a\\ua7cea": one chunk here, three in tiktoken). GPT-2's merges never join
+    their bytes to a neighbour's in the contexts checked, so GPT-2's ids still agree; a vocabulary trained
+    on text full of them can differ.
 """
 from __future__ import annotations
 
@@ -127,6 +138,29 @@ _WS = r"\t\n\x0b\x0c\r "
 _GPT2_ASCII_PATTERN = re.compile(
     rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
 _FAST_PATH_BLOCK = 1 << 14  # characters per block when a mixed text is split block by block
+
+
+# A surrogate is a code point in U+D800..U+DFFF. UTF-16 uses them in pairs (a high one, then a low one) to
+# spell characters above U+FFFF; on their own they are not characters and have no UTF-8 bytes, but a Python
+# str can still hold them (json.loads('"\\ud800"'), text cut out of UTF-16 data, os.fsdecode's escapes).
+_SURROGATE_PAIR_OR_LONE = re.compile("[\ud800-\udbff][\udc00-\udfff]|[\ud800-\udfff]")
+
+
+def fix_surrogates(text: str) -> str:
+    """Text that has UTF-8 bytes, as tiktoken makes it before encoding: a high surrogate followed by a low
+    one becomes the character the pair spells ("\\ud83d\\ude00" -> "\\U0001F600"), and any other surrogate
+    becomes U+FFFD, the replacement character (so "\\ud800" encodes as GPT-2's [4210], like "\\ufffd")."""
+    if text.isascii() or _SURROGATE_PAIR_OR_LONE.search(text) is None:      # nearly always: nothing to do
+        return text
+
+    def fix(match):
+        found = match.group()
+        if len(found) == 1:
+            return "\ufffd"
+        high, low = ord(found[0]) - 0xD800, ord(found[1]) - 0xDC00     # 10 bits each
+        return chr(0x10000 + (high << 10) + low)
+
+    return _SURROGATE_PAIR_OR_LONE.sub(fix, text)
 
 
 def split_chunks(text: str, pattern: str = GPT2_PATTERN, compiled=None) -> List[str]:
@@ -272,6 +306,7 @@ def count_chunks(texts: Iterable[str], pattern: str = GPT2_PATTERN, special_toke
     splitter = _special_splitter(special_tokens) if special_tokens else None
     counts: Counter = Counter()
     for text in texts:
+        text = fix_surrogates(text)          # as encode() sees it
         # split() also returns the specials themselves (at odd positions): keep only the text between
         parts = splitter.split(text)[::2] if splitter else (text,)
         for part in parts:
@@ -652,7 +687,7 @@ class BPETokenizer:
 
     def encode_ordinary(self, text: str) -> List[int]:
         """Encode text with no special-token handling: "<|endoftext|>" in the text is plain text."""
-        chunks = split_chunks(text, self.pattern, self._compiled_pattern)
+        chunks = split_chunks(fix_surrogates(text), self.pattern, self._compiled_pattern)
         cache = self._cache
         if len(cache) > self.CACHE_LIMIT:
             cache.clear()
@@ -689,7 +724,9 @@ class BPETokenizer:
 
     def encode(self, text: str, allowed_special="none_raise") -> List[int]:
         """Encode a string to ids. allowed_special: "none_raise" (default; refuse text containing a
-        special token string), "none" (encode such strings as plain text), "all", or a set of strings."""
+        special token string), "none" (encode such strings as plain text), "all", or a set of strings.
+        Surrogate code points are fixed first, as tiktoken does (see fix_surrogates)."""
+        text = fix_surrogates(text)
         allowed = self._allowed_specials(text, allowed_special)
         if not allowed:
             return self.encode_ordinary(text)
