@@ -51,6 +51,7 @@ class TrainConfig:
     out_dir: str = "out"
     save_checkpoints: bool = True
     resume: bool = False            # continue the run in out_dir exactly where its checkpoint left off
+    overwrite: bool = False         # start a new run in an out_dir that holds one, deleting the old run
     init_from: str = ""             # start from weights: a nanogpt_np run directory or a GPT-2 directory
     early_stopping_patience: int = 0    # stop after this many evaluations without a better val loss (0 = off)
     # system
@@ -183,17 +184,21 @@ def _read_settings_file(path, what) -> dict:
 def _resumed_settings(cfg: TrainConfig, layers) -> TrainConfig:
     """--resume continues with the run's own saved settings (out_dir/train_config.json); only what this
     command line sets explicitly is changed. So `python train.py --out_dir=RUN --resume` is enough."""
-    import os
-    saved_path = os.path.join(cfg.out_dir, "train_config.json")
-    if not os.path.exists(saved_path):
+    from .io.checkpoint import CheckpointError, read_train_config
+    try:
+        saved = read_train_config(cfg.out_dir)
+    except CheckpointError as e:
+        raise ConfigError(f"cannot read the saved settings: {e}") from None
+    if not saved:
         return cfg                   # the trainer reports the missing checkpoint with the run directory named
     explicit = {k: v for settings, _ in layers for k, v in settings.items()}
     if explicit.get("init_from"):
         raise ConfigError("--resume and --init_from exclude each other: resume continues a run, "
                           "init_from starts a new one from existing weights")
-    saved = _read_settings_file(saved_path, "saved settings")
     resumed = TrainConfig()
-    apply_settings(resumed, {k: v for k, v in saved.items() if k in _field_types()}, saved_path)
+    apply_settings(resumed, {k: v for k, v in saved.items() if k in _field_types()},
+                   f"the saved settings of {cfg.out_dir}")
+    resumed.overwrite = False        # the run may have started with --overwrite; continuing it overwrites nothing
     for key, value in explicit.items():
         setattr(resumed, key, value)
     resumed.resume = True
@@ -217,6 +222,9 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"--{f.name} must be a finite number, got {value}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: resume continues the run in --out_dir, "
+                          "overwrite deletes it and starts a new one")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not 0.0 < cfg.val_fraction < 1.0:

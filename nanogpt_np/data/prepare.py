@@ -27,7 +27,7 @@ Output (out_dir): train.bin, val.bin (or train_000000.bin, ... with shard_tokens
 manifest.json (tokenizer, token and document counts, sources, options, and the cleaning report).
 Everything is written to out_dir/.prepare_tmp/ and moved into out_dir only when the whole run succeeded,
 so a failed rerun leaves the previous dataset intact. An out_dir that is a training run directory
-(model.safetensors or state.json) is refused.
+(a checkpoint or a log.jsonl) is refused.
 Progress with ETA goes to stderr.
 """
 from __future__ import annotations
@@ -409,7 +409,6 @@ def tokenize_stage(cfg: PrepareConfig, tok, processes: int, report: dict) -> Dic
 
 # --------------------------------------------------------------------------- the whole pipeline
 _OUTPUT_NAME = re.compile(r"(train|val)(_\d{6})?\.bin|manifest\.json|tokenizer\.json")
-RUN_FILES = ("model.safetensors", "state.json")  # what a training run directory holds
 WORK_DIR = ".prepare_tmp"  # inside out_dir; hidden, so a folder given as --input never reads it
 
 
@@ -436,10 +435,10 @@ def check_out_dir(out_dir: str) -> None:
     """Refuse an --out that is a file or a training run directory (a rerun would replace its tokenizer.json)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(f"--out {out_dir} is a file, not a directory")
-    for name in RUN_FILES:
-        if os.path.exists(os.path.join(out_dir, name)):
-            raise DataError(f"--out {out_dir} holds {name}: it is a training run directory, not a dataset "
-                            f"directory; choose another --out (e.g. data/NAME)")
+    from ..io.run_dir import holds_run
+    if holds_run(out_dir):
+        raise DataError(f"--out {out_dir} is a training run directory, not a dataset directory; choose "
+                        f"another --out (e.g. data/NAME)")
 
 
 def remove_previous_output(out_dir: str) -> None:
