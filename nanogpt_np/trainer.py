@@ -254,25 +254,27 @@ class BestWeights:
 
 class StopAtStepBoundary:
     """Ctrl-C (SIGINT) or SIGTERM during training asks the loop to finish the current step, save a
-    checkpoint and stop; a second Ctrl-C stops at once without saving (the last checkpoint stays intact).
+    checkpoint and stop; a second signal stops at once without saving (the last checkpoint stays intact).
     Stopping between steps, never inside one, is what keeps an interrupted run exactly resumable: the
     optimizer never saves a half-applied update, and the data loader never skips a batch."""
 
     def __init__(self, echo):
         self.echo = echo
         self.requested = False
-        self.saving = False        # while a checkpoint is being written, even a second Ctrl-C waits for it
+        self.saving = False        # while a checkpoint is being written, even a second signal waits for it
         self._previous = {}
 
     def _handle(self, signum, frame):
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name      # e.g. "SIGTERM"
         if self.saving:
             self.requested = True
-            self.echo("\nfinishing the checkpoint first, then stopping")
+            self.echo(f"\n{name}: finishing the checkpoint first, then stopping")
             return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self.echo("\nstopping after this step (Ctrl-C again to stop now, without saving)")
+        again = "Ctrl-C again" if signum == signal.SIGINT else f"{name} again"
+        self.echo(f"\n{name}: stopping after this step ({again} to stop now, without saving)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():   # signals reach the main thread only

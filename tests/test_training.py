@@ -282,3 +282,22 @@ def test_default_corpus_does_not_depend_on_what_is_imported():
                            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert fresh.stdout.strip() == here
     assert len(default_corpus_text()) > 500_000
+
+
+@pytest.mark.parametrize("signum,name", [(2, "Ctrl-C"), (15, "SIGTERM")])
+def test_stop_messages_name_the_signal_that_arrived(signum, name):
+    """SIGTERM (from a job scheduler, say) is not a Ctrl-C: the messages say which signal came."""
+    import signal
+    from nanogpt_np.trainer import StopAtStepBoundary
+    said = []
+    stopper = StopAtStepBoundary(said.append)
+    stopper._handle(signal.Signals(signum), None)
+    assert stopper.requested and f"{name} again" in said[-1] and said[-1].strip().startswith(name)
+    other = "SIGTERM" if name == "Ctrl-C" else "Ctrl-C"
+    assert other not in said[-1]
+    stopper.saving = True
+    stopper._handle(signal.Signals(signum), None)                 # a second one while saving waits for the save
+    assert said[-1].strip().startswith(name) and "checkpoint" in said[-1]
+    stopper.saving = False
+    with pytest.raises(KeyboardInterrupt):
+        stopper._handle(signal.Signals(signum), None)
