@@ -290,11 +290,12 @@ def iter_clean_file(path: str) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- tokenizer
-def find_gpt2_dir(explicit: Optional[str] = None) -> str:
+def find_gpt2_dir(explicit: Optional[str] = None, option: Optional[str] = None) -> str:
     """GPT-2's encoder.json + vocab.bpe: --gpt2_dir, $NANOGPT_GPT2_DIR, data/gpt2, or ../shared/data/gpt2.
 
     A folder given explicitly is the only one looked at: silently taking GPT-2's files from somewhere
-    else would hide a typo in the path."""
+    else would hide a typo in the path. `option`: the caller's command-line option for that folder, if it
+    has one, suggested when nothing is found (only prepare has one: train.py and the dataset reader do not)."""
     if explicit:
         for name in ("encoder.json", "vocab.bpe"):
             if not os.path.isfile(os.path.join(explicit, name)):
@@ -309,7 +310,8 @@ def find_gpt2_dir(explicit: Optional[str] = None) -> str:
             return c
     raise FileNotFoundError(
         "GPT-2's encoder.json and vocab.bpe were not found (looked in: "
-        + ", ".join(c for c in candidates if c) + "); pass --gpt2_dir DIR")
+        + ", ".join(c for c in candidates if c) + "); put them in data/gpt2/ or set NANOGPT_GPT2_DIR=DIR"
+        + (f", or pass {option} DIR" if option else ""))
 
 
 def load_given_tokenizer(cfg: PrepareConfig):
@@ -327,7 +329,7 @@ def load_given_tokenizer(cfg: PrepareConfig):
         return None
     if kind == "gpt2":
         from ..tokenizers.bpe import BPETokenizer
-        d = find_gpt2_dir(cfg.gpt2_dir)
+        d = find_gpt2_dir(cfg.gpt2_dir, option="--gpt2_dir")
         return BPETokenizer.from_gpt2_files(os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe"))
     if os.path.exists(kind):
         from ..tokenizers.load import load_tokenizer
