@@ -46,7 +46,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # 0 = no clipping
     # evaluation, logging, checkpoints
     eval_interval: int = 250
-    eval_iters: int = 20
+    eval_iters: int = 20            # batches per validation loss, spread evenly over the whole split
     log_interval: int = 10
     out_dir: str = "out"
     save_checkpoints: bool = True
@@ -252,11 +252,33 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--vocab_size must be at least 257 for a BPE tokenizer, got {cfg.vocab_size}")
 
 
+# What `python train.py --help` says about a setting, beside its default (settings not listed have none).
+HELP = {
+    "dataset": '"pydocs" (embedded), a prepared dataset under data_root, a text file or a .jsonl task file',
+    "tokenizer": '"char", "bpe" (trained on the training split, vocab_size tokens) or "gpt2" (needs its files)',
+    "val_fraction": "raw text: the last part, by position, held out for validation",
+    "model": "a size preset; n_layer, n_head, n_embd override it (0 = the preset's)",
+    "grad_accum_steps": "micro-batches summed into one optimizer step",
+    "lr_decay_iters": "end of the cosine decay (0 = max_iters)",
+    "grad_clip": "clip the global gradient norm to this (0 = no clipping)",
+    "eval_interval": "steps between validation losses (and checkpoints)",
+    "eval_iters": "batches per validation loss, of windows spread evenly over the whole validation split "
+                  "(the same ones every time)",
+    "resume": "continue the run in out_dir from its newest checkpoint, with its saved settings",
+    "overwrite": "start a new run in an out_dir that holds one, deleting the old run",
+    "init_from": "start from weights: a run directory or a Hugging Face GPT-2 folder (with their tokenizer)",
+    "early_stopping_patience": "stop after this many evaluations without a better validation loss (0 = off)",
+    "device": '"cpu", "cuda" or "auto"',
+    "dtype": '"float32", "float64" (checks) or "bfloat16" (GPU mixed precision)',
+}
+
+
 def help_text() -> str:
     lines = ["usage: python train.py [CONFIG.json] [--preset=NAME] [--key=value ...]",
              f"presets: {', '.join(PRESETS)}", "settings (default):"]
     for f in dataclasses.fields(TrainConfig):
-        lines.append(f"  --{f.name}={f.default!r}")
+        setting = f"  --{f.name}={f.default!r}"
+        lines.append(f"{setting:<34} {HELP[f.name]}" if f.name in HELP else setting)
     return "\n".join(lines)
 
 

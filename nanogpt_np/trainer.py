@@ -146,12 +146,13 @@ class RunLog:
 
 
 def evaluate(model: GPT, tokens, batch_size, block_size, max_batches) -> float:
-    """Mean loss over the first `max_batches` sequential (B, T) windows of `tokens` (deterministic)."""
+    """Mean loss over `max_batches` batches of (B, T) windows spread evenly over all of `tokens`: a sample of
+    the whole validation split, the same windows at every evaluation (deterministic)."""
     loader = BatchLoader(tokens, batch_size, block_size, seed=0)
     was_training = model.training
     model.eval()
     losses = [model.loss_on(backend.to_device(x), backend.to_device(y))
-              for x, y in loader.iter_sequential(max_batches=max_batches)]
+              for x, y in loader.iter_spread(max_batches)]
     model.train(was_training)
     return float(np.mean(losses))
 
