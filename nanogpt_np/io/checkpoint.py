@@ -25,7 +25,7 @@ from . import run_dir, safetensors
 from .errors import CheckpointError, read_json_object
 from .hf_gpt2 import gpt_config_from_hf, has_gpt2_config, import_gpt2_dir
 from .files import atomic_folder, atomic_write_json
-from ..model import GPT, GPTConfig
+from ..model import GPT, GPTConfig, check_finite
 
 
 def save_checkpoint(out_dir, model: GPT, optimizer, train_config: dict, state: dict, tokenizer=None,
@@ -187,6 +187,7 @@ def load_training_state(out_dir, model: GPT, optimizer) -> dict:
                               f"state.json ({step}) are from different steps; the last save was interrupted")
     try:
         model.load_params(tensors, source=f"{folder}/model.safetensors")
+        check_finite(opt_arrays, source=f"{folder}/optimizer.safetensors")
         optimizer.load_state_arrays(opt_arrays, int(opt_meta["optimizer_steps"]))
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{folder}: {e}") from None

@@ -412,7 +412,9 @@ def main(argv=None) -> None:
         if args.cmd == "export":
             print(f"wrote {export_gpt2_dir(args.run_dir, None, args.out_dir)}")
         else:
+            from ..model import check_finite
             config, params, tok = import_gpt2_dir(args.hf_dir, require_tokenizer=False)
+            check_finite(params, source=args.hf_dir)
             n = sum(a.size for a in params.values())
             print(f"{args.hf_dir}: {config}, {n:,} parameters, tokenizer: "
                   f"{'none' if tok is None else f'{tok.vocab_size} tokens'}")
