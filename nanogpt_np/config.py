@@ -59,6 +59,10 @@ class TrainConfig:
     dtype: str = "float32"          # "float32", "float64" (checks) or "bfloat16" (GPU mixed precision)
     seed: int = 1337
 
+    # Not a setting: the names of the settings given explicitly (command line or JSON file; a preset does not
+    # count), filled in by parse_args. --init_from refuses a given setting that its weights contradict.
+    given = frozenset()
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -164,6 +168,7 @@ def parse_args(argv) -> TrainConfig:
         apply_settings(cfg, settings, source)
     if cfg.resume:
         cfg = _resumed_settings(cfg, layers)
+    cfg.given = frozenset(key for settings, source in layers if not source.startswith("preset") for key in settings)
     validate(cfg)
     return cfg
 

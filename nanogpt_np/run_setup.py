@@ -150,6 +150,7 @@ def build_model(cfg: TrainConfig, tokenizer) -> GPT:
     if cfg.init_from:
         init_model = load_model(cfg.init_from)        # a nanogpt_np run or a Hugging Face GPT-2 folder
         model_config = init_model.config
+        _check_init_from_settings(cfg, model_config, tokenizer)
     elif cfg.resume:
         saved_config = read_model_config(cfg.out_dir)
         _check_resumed_architecture(cfg, model_config, saved_config)
@@ -304,6 +305,36 @@ def _check_resumed_architecture(cfg, requested: GPTConfig, saved: GPTConfig) -> 
     if diffs:
         raise CheckpointError(f"the checkpoint in {cfg.out_dir} is a different architecture ({'; '.join(diffs)})")
 
+
+
+def _check_init_from_settings(cfg, weights: GPTConfig, tokenizer) -> None:
+    """--init_from takes the architecture and the tokenizer of its weights. A setting given explicitly that
+    says otherwise (--model, --n_layer, --n_head, --n_embd, --bias, --tokenizer, --vocab_size) is refused with
+    the difference named, not silently ignored."""
+    given, sizes, diffs = cfg.given, model_sizes(cfg), []
+    for k in ("n_layer", "n_head", "n_embd"):
+        if (k in given or "model" in given) and sizes[k] != getattr(weights, k):
+            asked = f"--{k}" if k in given else f"--model={cfg.model}"
+            diffs.append(f"{k}: weights {getattr(weights, k)}, {asked} asks {sizes[k]}")
+    if "bias" in given and cfg.bias != weights.bias:
+        diffs.append(f"bias: weights {weights.bias}, --bias asks {cfg.bias}")
+    kind = _tokenizer_kind(tokenizer)
+    if "tokenizer" in given and cfg.tokenizer != kind:
+        diffs.append(f"tokenizer: weights {kind}, --tokenizer asks {cfg.tokenizer}")
+    if "vocab_size" in given and cfg.vocab_size != tokenizer.vocab_size:
+        diffs.append(f"vocabulary: weights {tokenizer.vocab_size} tokens, --vocab_size asks {cfg.vocab_size}")
+    if diffs:
+        raise ConfigError(f"--init_from={cfg.init_from} brings its own architecture and tokenizer, and they differ "
+                          f"from the settings given ({'; '.join(diffs)}): drop those settings, or train from "
+                          f"scratch without --init_from")
+
+
+def _tokenizer_kind(tokenizer) -> str:
+    """"char", "gpt2" (a BPE with GPT-2's 50257 tokens) or "bpe": what --tokenizer would have made it."""
+    from .tokenizers.char import CharTokenizer
+    if isinstance(tokenizer, CharTokenizer):
+        return "char"
+    return "gpt2" if tokenizer.vocab_size == 50257 else "bpe"
 
 
 def _tokenizer_of_init(path):
