@@ -56,6 +56,8 @@ def setup_run(cfg: TrainConfig, echo=print) -> Run:
     check_out_dir(cfg)
     device = setup_device(cfg)
     tokenizer = inherited_tokenizer(cfg)
+    if cfg.init_from:                           # before the data is read: a mistake should cost nothing
+        _check_init_from_settings(cfg, read_model_config(cfg.init_from), tokenizer)
     loader, val_tokens, val_loader, tokenizer = load_training_data(cfg, tokenizer, echo)
     model = build_model(cfg, tokenizer)
     optimizer = AdamW(model, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -150,7 +152,6 @@ def build_model(cfg: TrainConfig, tokenizer) -> GPT:
     if cfg.init_from:
         init_model = load_model(cfg.init_from)        # a nanogpt_np run or a Hugging Face GPT-2 folder
         model_config = init_model.config
-        _check_init_from_settings(cfg, model_config, tokenizer)
     elif cfg.resume:
         saved_config = read_model_config(cfg.out_dir)
         _check_resumed_architecture(cfg, model_config, saved_config)
