@@ -274,8 +274,7 @@ class StopAtStepBoundary:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        again = "Ctrl-C again" if signum == signal.SIGINT else f"{name} again"
-        self.echo(f"\n{name}: stopping after this step ({again} to stop now, without saving)")
+        self.echo(f"\n{name}: stopping after this step ({name} again to stop now, without saving)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():   # signals reach the main thread only

@@ -163,3 +163,22 @@ def test_tokenizer_gpt2_without_its_files_suggests_real_ways(tmp_path, monkeypat
     assert "NANOGPT_GPT2_DIR" in str(e.value) and "--gpt2_dir" not in str(e.value)
     with pytest.raises(FileNotFoundError, match="pass --gpt2_dir DIR"):
         prepare.find_gpt2_dir(option="--gpt2_dir")
+
+
+def test_readme_training_commands_each_start_their_own_run_directory():
+    """Run top to bottom, the README's `python train.py` commands must not collide: a new run refuses a
+    folder that holds one, so every command that starts a run (no --resume, no --overwrite) names its own
+    --out_dir (default: out), and every --resume names one that an earlier command started."""
+    started = []
+    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+        for command in re.findall(r"python train\.py[^`#&|]*", line):
+            options = dict(m.group(1, 2) for m in re.finditer(r"--(\w+)(?:=(\S+))?", command))
+            out_dir = options.get("out_dir") or "out"
+            if "help" in options:
+                continue
+            if "resume" in options:
+                assert out_dir in started, f"README: {command!r} resumes {out_dir}, which no command started"
+            elif "overwrite" not in options:
+                assert out_dir not in started, f"README: {command!r} would start a second run in {out_dir}"
+                started.append(out_dir)
+    assert len(started) >= 5
