@@ -24,7 +24,8 @@ from .files import remove_folder
 
 CHECKPOINTS = "checkpoints"
 _STEP_FOLDER = re.compile(r"step_(\d+)")
-_TOP_LEVEL_FILES = ("log.jsonl", "tokenizer.json", "best.safetensors")   # what the trainer writes beside checkpoints/
+# what the trainer writes beside checkpoints/ (best.safetensors: where runs before step folders kept it)
+_TOP_LEVEL_FILES = ("log.jsonl", "tokenizer.json", "best.safetensors")
 
 
 def step_folder(out_dir, step: int) -> str:
