@@ -130,7 +130,8 @@ def main():
     if not out_dir:
         out_dir = os.path.join(tmp.name, "small-cpu")
         make_run(out_dir)
-    config = json.loads(Path(out_dir, "config.json").read_text())
+    from nanogpt_np.io.checkpoint import read_model_config
+    config = read_model_config(out_dir).to_dict()
     prompt = "def main(argv):\n    "                        # 21 characters
     print(f"# model {config['n_layer']} layers x {config['n_embd']} wide, context {config['block_size']}, "
           f"device {args.device}; {platform.machine()} with {os.cpu_count()} CPUs, numpy {np.__version__}; "

@@ -121,7 +121,8 @@ def main():
     heldout = os.path.join(out, "heldout.txt")
 
     # 1. pre-train (skipped when the run exists)
-    if not os.path.exists(os.path.join(pre, "state.json")):
+    from nanogpt_np.io.run_dir import latest_checkpoint
+    if latest_checkpoint(pre) is None:
         run([sys.executable, "train.py", "--preset=quick", f"--max_iters={args.pretrain_iters}", "--device=cpu",
              f"--out_dir={pre}"])
     # 2. the task, and held-out corpus text (the corpus' last 5%, which the quick preset holds out)
@@ -148,7 +149,8 @@ def main():
     if trainer_reads_tasks():
         run([sys.executable, "train.py", f"--init_from={pre}", f"--dataset={train_path}", "--preset=finetune",
              f"--learning_rate={args.finetune_lr}", f"--min_lr={args.finetune_lr / 10}",
-             f"--max_iters={args.finetune_iters}", "--batch_size=16", "--device=cpu", f"--out_dir={ft}"])
+             f"--max_iters={args.finetune_iters}", "--batch_size=16", "--device=cpu", f"--out_dir={ft}",
+             "--overwrite"])                                       # a rerun replaces the earlier fine-tuning
     else:
         print("(train.py cannot read task files in this checkout: fine-tuning with the same loop here)")
         finetune_here(pre, train_path, ft, args.finetune_iters, args.finetune_lr, batch_size=16)

@@ -46,17 +46,22 @@ class TrainConfig:
     grad_clip: float = 1.0          # 0 = no clipping
     # evaluation, logging, checkpoints
     eval_interval: int = 250
-    eval_iters: int = 20
+    eval_iters: int = 20            # batches per validation loss, spread evenly over the whole split
     log_interval: int = 10
     out_dir: str = "out"
     save_checkpoints: bool = True
     resume: bool = False            # continue the run in out_dir exactly where its checkpoint left off
+    overwrite: bool = False         # start a new run in an out_dir that holds one, deleting the old run
     init_from: str = ""             # start from weights: a nanogpt_np run directory or a GPT-2 directory
     early_stopping_patience: int = 0    # stop after this many evaluations without a better val loss (0 = off)
     # system
     device: str = "auto"            # "cpu", "cuda" or "auto"
     dtype: str = "float32"          # "float32", "float64" (checks) or "bfloat16" (GPU mixed precision)
     seed: int = 1337
+
+    # Not a setting: the names of the settings given explicitly (command line or JSON file; a preset does not
+    # count), filled in by parse_args. --init_from refuses a given setting that its weights contradict.
+    given = frozenset()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,6 +168,7 @@ def parse_args(argv) -> TrainConfig:
         apply_settings(cfg, settings, source)
     if cfg.resume:
         cfg = _resumed_settings(cfg, layers)
+    cfg.given = frozenset(key for settings, source in layers if not source.startswith("preset") for key in settings)
     validate(cfg)
     return cfg
 
@@ -183,17 +189,21 @@ def _read_settings_file(path, what) -> dict:
 def _resumed_settings(cfg: TrainConfig, layers) -> TrainConfig:
     """--resume continues with the run's own saved settings (out_dir/train_config.json); only what this
     command line sets explicitly is changed. So `python train.py --out_dir=RUN --resume` is enough."""
-    import os
-    saved_path = os.path.join(cfg.out_dir, "train_config.json")
-    if not os.path.exists(saved_path):
+    from .io.checkpoint import CheckpointError, read_train_config
+    try:
+        saved = read_train_config(cfg.out_dir)
+    except CheckpointError as e:
+        raise ConfigError(f"cannot read the saved settings: {e}") from None
+    if not saved:
         return cfg                   # the trainer reports the missing checkpoint with the run directory named
     explicit = {k: v for settings, _ in layers for k, v in settings.items()}
     if explicit.get("init_from"):
         raise ConfigError("--resume and --init_from exclude each other: resume continues a run, "
                           "init_from starts a new one from existing weights")
-    saved = _read_settings_file(saved_path, "saved settings")
     resumed = TrainConfig()
-    apply_settings(resumed, {k: v for k, v in saved.items() if k in _field_types()}, saved_path)
+    apply_settings(resumed, {k: v for k, v in saved.items() if k in _field_types()},
+                   f"the saved settings of {cfg.out_dir}")
+    resumed.overwrite = False        # the run may have started with --overwrite; continuing it overwrites nothing
     for key, value in explicit.items():
         setattr(resumed, key, value)
     resumed.resume = True
@@ -217,6 +227,9 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"--{f.name} must be a finite number, got {value}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: resume continues the run in --out_dir, "
+                          "overwrite deletes it and starts a new one")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not 0.0 < cfg.val_fraction < 1.0:
@@ -244,11 +257,33 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--vocab_size must be at least 257 for a BPE tokenizer, got {cfg.vocab_size}")
 
 
+# What `python train.py --help` says about a setting, beside its default (settings not listed have none).
+HELP = {
+    "dataset": '"pydocs" (embedded), a prepared dataset under data_root, a text file or a .jsonl task file',
+    "tokenizer": '"char", "bpe" (trained on the training split, vocab_size tokens) or "gpt2" (needs its files)',
+    "val_fraction": "raw text: the last part, by position, held out for validation",
+    "model": "a size preset; n_layer, n_head, n_embd override it (0 = the preset's)",
+    "grad_accum_steps": "micro-batches summed into one optimizer step",
+    "lr_decay_iters": "end of the cosine decay (0 = max_iters)",
+    "grad_clip": "clip the global gradient norm to this (0 = no clipping)",
+    "eval_interval": "steps between validation losses (and checkpoints)",
+    "eval_iters": "batches per validation loss, of windows spread evenly over the whole validation split "
+                  "(the same ones every time)",
+    "resume": "continue the run in out_dir from its newest checkpoint, with its saved settings",
+    "overwrite": "start a new run in an out_dir that holds one, deleting the old run",
+    "init_from": "start from weights: a run directory or a Hugging Face GPT-2 folder (with their tokenizer)",
+    "early_stopping_patience": "stop after this many evaluations without a better validation loss (0 = off)",
+    "device": '"cpu", "cuda" or "auto"',
+    "dtype": '"float32", "float64" (checks) or "bfloat16" (GPU mixed precision)',
+}
+
+
 def help_text() -> str:
     lines = ["usage: python train.py [CONFIG.json] [--preset=NAME] [--key=value ...]",
              f"presets: {', '.join(PRESETS)}", "settings (default):"]
     for f in dataclasses.fields(TrainConfig):
-        lines.append(f"  --{f.name}={f.default!r}")
+        setting = f"  --{f.name}={f.default!r}"
+        lines.append(f"{setting:<34} {HELP[f.name]}" if f.name in HELP else setting)
     return "\n".join(lines)
 
 

@@ -171,6 +171,7 @@ class GPT:
             if kind != "f":
                 raise ValueError(f"{source}: tensor {name} holds {np.asarray(tensors[name]).dtype} values, "
                                  f"not floating point (bf16 must be converted to float32 first)")
+        check_finite({name: tensors[name] for name in expected}, source)
         for name, t in self.params.items():
             t.data[...] = backend.to_device(np.asarray(tensors[name]).astype(self.dtype, copy=False))
 
@@ -245,6 +246,17 @@ class GPT:
         with no_grad():
             _, loss = self.forward(idx, targets)
         return loss.item()
+
+
+def check_finite(tensors: dict, source: str = "weights") -> None:
+    """ValueError naming the first tensor that holds NaN or inf. Such weights would load without a word and
+    fail much later ("probabilities contain NaN"); a diverged or corrupted checkpoint is refused at load."""
+    for name, a in tensors.items():
+        a = np.asarray(a)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+            raise ValueError(f"{source}: tensor {name} holds {n_nan} NaN and {n_inf} infinite values (of "
+                             f"{a.size}); these weights are unusable (a run that diverged, or a damaged file)")
 
 
 def _zeros_like_weight(model, prefix):

@@ -20,8 +20,9 @@ import numpy as np
 from . import backend
 from .config import ConfigError, TrainConfig, model_sizes
 from .data.loader import BatchLoader
+from .io import run_dir
 from .io.checkpoint import (CheckpointError, load_model, load_tokenizer_of_run, load_training_state,
-                            read_model_config, read_training_state)
+                            read_model_config, read_train_config, read_training_state)
 from .model import GPT, GPTConfig
 from .optim import AdamW
 
@@ -44,6 +45,7 @@ class Run:
     step: int = 0
     best_val: float = math.inf
     bad_evals: int = 0             # evaluations in a row without a better validation loss (early stopping)
+    saved_step: int = -1           # the step of the newest checkpoint (a step is saved once)
 
 
 def setup_run(cfg: TrainConfig, echo=print) -> Run:
@@ -51,8 +53,11 @@ def setup_run(cfg: TrainConfig, echo=print) -> Run:
     if cfg.resume and cfg.init_from:
         raise ConfigError("--resume and --init_from exclude each other: resume continues a run, "
                           "init_from starts a new one from existing weights")
+    check_out_dir(cfg)
     device = setup_device(cfg, echo)
     tokenizer = inherited_tokenizer(cfg)
+    if cfg.init_from:                           # before the data is read: a mistake should cost nothing
+        _check_init_from_settings(cfg, read_model_config(cfg.init_from), tokenizer)
     loader, val_tokens, val_loader, tokenizer = load_training_data(cfg, tokenizer, echo)
     model = build_model(cfg, tokenizer)
     optimizer = AdamW(model, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -61,12 +66,33 @@ def setup_run(cfg: TrainConfig, echo=print) -> Run:
         restore_training_state(run)
         echo(f"resuming from step {run.step} in {cfg.out_dir}")
     else:
+        if cfg.overwrite:
+            run_dir.remove_run(cfg.out_dir)       # only now: a setting or data error above leaves the old run be
         os.makedirs(cfg.out_dir, exist_ok=True)
         tokenizer.save(os.path.join(cfg.out_dir, "tokenizer.json"))
     c, n_params = model.config, model.num_params()
     echo(f"model: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, block {c.block_size}, "
          f"vocab {c.vocab_size}: {n_params:,} parameters ({n_params / 1e6:.2f}M) on {device}, {cfg.dtype}")
     return run
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """A new run never writes over the work of another: a folder holding a checkpoint or a log is refused
+    unless --resume continues it or --overwrite replaces it. Leftovers of a killed save are removed here."""
+    out_dir = cfg.out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out_dir={out_dir} is a file, not a folder")
+    if cfg.init_from and os.path.isdir(cfg.init_from) and os.path.isdir(out_dir) \
+            and os.path.samefile(cfg.init_from, out_dir):
+        raise ConfigError(f"--init_from={cfg.init_from} is the --out_dir itself: give the new run another --out_dir")
+    if not cfg.resume and not cfg.overwrite and run_dir.holds_run(out_dir):
+        try:
+            what = f"a run (checkpoint of step {read_training_state(out_dir)['step']})"
+        except CheckpointError:
+            what = "the log of a run"
+        raise ConfigError(f"{out_dir} already holds {what}: continue it with --resume, start over with "
+                          f"--overwrite (deletes it), or choose another --out_dir")
+    run_dir.remove_leftovers(out_dir)
 
 
 def setup_device(cfg: TrainConfig, echo=print) -> str:
@@ -149,6 +175,7 @@ def restore_training_state(run: Run) -> None:
     """--resume: weights, AdamW moments, step, early-stopping counters and the loader's position."""
     state = load_training_state(run.cfg.out_dir, run.model, run.optimizer)
     run.step, run.bad_evals = state["step"], state.get("bad_evals", 0)
+    run.saved_step = run.step
     run.best_val = math.inf if state.get("best_val_loss") is None else state["best_val_loss"]   # None: no eval yet
     run.loader.load_state_dict(state["loader"])
 
@@ -270,10 +297,9 @@ def _check_resumed_architecture(cfg, requested: GPTConfig, saved: GPTConfig) -> 
     """A resumed run keeps its architecture: settings that would change it are an error, not ignored.
     (A run that started from --init_from weights has the architecture of those weights: nothing to compare.)"""
     try:
-        with open(os.path.join(cfg.out_dir, "train_config.json"), encoding="utf-8") as f:
-            if json.load(f).get("init_from"):
-                return
-    except (OSError, ValueError, AttributeError):
+        if read_train_config(cfg.out_dir).get("init_from"):
+            return
+    except CheckpointError:
         pass
     keys = ("n_layer", "n_head", "n_embd", "bias")
     diffs = [f"{k}: checkpoint {getattr(saved, k)!r} vs requested {getattr(requested, k)!r}"
@@ -281,6 +307,36 @@ def _check_resumed_architecture(cfg, requested: GPTConfig, saved: GPTConfig) -> 
     if diffs:
         raise CheckpointError(f"the checkpoint in {cfg.out_dir} is a different architecture ({'; '.join(diffs)})")
 
+
+
+def _check_init_from_settings(cfg, weights: GPTConfig, tokenizer) -> None:
+    """--init_from takes the architecture and the tokenizer of its weights. A setting given explicitly that
+    says otherwise (--model, --n_layer, --n_head, --n_embd, --bias, --tokenizer, --vocab_size) is refused with
+    the difference named, not silently ignored."""
+    given, sizes, diffs = cfg.given, model_sizes(cfg), []
+    for k in ("n_layer", "n_head", "n_embd"):
+        if (k in given or "model" in given) and sizes[k] != getattr(weights, k):
+            asked = f"--{k}" if k in given else f"--model={cfg.model}"
+            diffs.append(f"{k}: weights {getattr(weights, k)}, {asked} asks {sizes[k]}")
+    if "bias" in given and cfg.bias != weights.bias:
+        diffs.append(f"bias: weights {weights.bias}, --bias asks {cfg.bias}")
+    kind = _tokenizer_kind(tokenizer)
+    if "tokenizer" in given and cfg.tokenizer != kind:
+        diffs.append(f"tokenizer: weights {kind}, --tokenizer asks {cfg.tokenizer}")
+    if "vocab_size" in given and cfg.vocab_size != tokenizer.vocab_size:
+        diffs.append(f"vocabulary: weights {tokenizer.vocab_size} tokens, --vocab_size asks {cfg.vocab_size}")
+    if diffs:
+        raise ConfigError(f"--init_from={cfg.init_from} brings its own architecture and tokenizer, and they differ "
+                          f"from the settings given ({'; '.join(diffs)}): drop those settings, or train from "
+                          f"scratch without --init_from")
+
+
+def _tokenizer_kind(tokenizer) -> str:
+    """"char", "gpt2" (a BPE with GPT-2's 50257 tokens) or "bpe": what --tokenizer would have made it."""
+    from .tokenizers.char import CharTokenizer
+    if isinstance(tokenizer, CharTokenizer):
+        return "char"
+    return "gpt2" if tokenizer.vocab_size == 50257 else "bpe"
 
 
 def _tokenizer_of_init(path):

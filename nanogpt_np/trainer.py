@@ -26,8 +26,7 @@ import numpy as np
 from . import backend
 from .config import TrainConfig
 from .data.loader import BatchLoader
-from .io import safetensors
-from .io.checkpoint import save_checkpoint
+from .io.checkpoint import read_best_weights, save_checkpoint
 from .io.files import atomic_write_text
 from .model import GPT
 from .optim import lr_at
@@ -62,15 +61,15 @@ def train(cfg: TrainConfig, echo=print) -> dict:
                 best.remember_if(improved)
                 if cfg.early_stopping_patience and run.bad_evals >= cfg.early_stopping_patience:
                     kept = best.restore()
-                    save(run, stopper, finished=f"early stopping at step {run.step}, weights of step {kept}")
+                    save(run, stopper, best, finished=f"early stopping at step {run.step}, weights of step {kept}")
                     echo(f"early stopping: no better validation loss for {run.bad_evals} evaluations; "
                          f"kept the weights of step {kept} (val loss {run.best_val:.4f})")
                     break
-                save(run, stopper)
+                save(run, stopper, best)
                 timer.restart()                   # evaluation and saving do not count as step time
             if stopper.requested:
                 if run.step < cfg.max_iters:
-                    save(run, stopper)
+                    save(run, stopper, best)
                     echo(f"stopped at step {run.step}; " + (f"checkpoint saved in {cfg.out_dir} (continue with "
                          f"--resume)" if cfg.save_checkpoints else "checkpoints are off: nothing saved"))
                     interrupted = True
@@ -123,11 +122,19 @@ class RunLog:
 
     def forget_after(self, step: int) -> None:
         """On resume: drop records of steps after the checkpoint (a crash may have logged steps that the
-        resumed run will now repeat), so log.jsonl holds each step once."""
+        resumed run will now repeat), so log.jsonl holds each step once. A kill -9 in the middle of a write
+        can leave a torn last line: it is dropped too."""
         if not self.path or not os.path.exists(self.path):
             return
-        with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue                      # a torn line (or a blank one)
+                if entry.get("step", 0) <= step:
+                    kept.append(json.dumps(entry) + "\n")
         atomic_write_text(self.path, "".join(kept))
 
     def record(self, entry: dict, line: str):
@@ -139,12 +146,13 @@ class RunLog:
 
 
 def evaluate(model: GPT, tokens, batch_size, block_size, max_batches) -> float:
-    """Mean loss over the first `max_batches` sequential (B, T) windows of `tokens` (deterministic)."""
+    """Mean loss over `max_batches` batches of (B, T) windows spread evenly over all of `tokens`: a sample of
+    the whole validation split, the same windows at every evaluation (deterministic)."""
     loader = BatchLoader(tokens, batch_size, block_size, seed=0)
     was_training = model.training
     model.eval()
     losses = [model.loss_on(backend.to_device(x), backend.to_device(y))
-              for x, y in loader.iter_sequential(max_batches=max_batches)]
+              for x, y in loader.iter_spread(max_batches)]
     model.train(was_training)
     return float(np.mean(losses))
 
@@ -200,10 +208,11 @@ def log_train_step(log: RunLog, step, loss, lr, grad_norm, timer: StepTimer):
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 
-def save(run: Run, stopper, finished=None):
-    """A checkpoint of the run as it is now (weights, optimizer, step, loader position, early-stopping state)."""
+def save(run: Run, stopper, best=None, finished=None):
+    """A checkpoint of the run as it is now (weights, optimizer, step, loader position, early-stopping state
+    and best weights). A step is saved once (Ctrl-C right after an evaluation's save has nothing to add)."""
     cfg = run.cfg
-    if not cfg.save_checkpoints:
+    if not cfg.save_checkpoints or run.step == run.saved_step:
         return
     state = {"step": run.step, "loader": run.loader.state_dict(),
              "best_val_loss": run.best_val if math.isfinite(run.best_val) else None, "bad_evals": run.bad_evals}
@@ -211,60 +220,61 @@ def save(run: Run, stopper, finished=None):
         state["finished"] = finished
     stopper.saving = True
     try:
-        save_checkpoint(cfg.out_dir, run.model, run.optimizer, cfg.to_dict(), state, run.tokenizer)
+        save_checkpoint(cfg.out_dir, run.model, run.optimizer, cfg.to_dict(), state, run.tokenizer,
+                        best_weights=best.saved() if best else None)
+        run.saved_step = run.step
     finally:
         stopper.saving = False
 
 
 class BestWeights:
     """Early stopping ends a run with the weights of its best evaluation, not the last (worse) ones. They are
-    kept in memory (a host copy) and in out_dir/best.safetensors, which is what a resumed run has."""
+    kept in memory (a host copy) and saved with every checkpoint, which is where a resumed run finds them."""
 
     def __init__(self, run: Run):
         self.run = run
         self.params, self.step = None, None
-        self.path = os.path.join(run.cfg.out_dir, "best.safetensors")
+        if run.cfg.resume and run.cfg.early_stopping_patience:
+            self.params, self.step = read_best_weights(run.cfg.out_dir) or (None, None)
 
     def remember_if(self, improved: bool):
         run = self.run
-        if not (improved and run.cfg.early_stopping_patience):
-            return
-        self.params, self.step = backend.to_numpy(run.model.flat_params).copy(), run.step
-        if run.cfg.save_checkpoints:
-            safetensors.save_file(run.model.state_dict(), self.path, metadata={"step": str(run.step)})
+        if improved and run.cfg.early_stopping_patience:
+            self.params, self.step = run.model.state_dict(), run.step       # host copies
+
+    def saved(self):
+        """(weights, step) to save with a checkpoint, or None."""
+        return None if self.params is None else (self.params, self.step)
 
     def restore(self):
         """Put the best weights back into the model; returns the step they are from."""
-        model = self.run.model
         if self.params is not None:
-            model.flat_params[...] = backend.to_device(self.params)
-        elif os.path.exists(self.path):
-            model.load_params(safetensors.load_file(self.path), source=self.path)
-            self.step = safetensors.load_metadata(self.path).get("step")
+            self.run.model.load_params(self.params, source=f"the best weights (step {self.step})")
         return self.step
 
 
 class StopAtStepBoundary:
     """Ctrl-C (SIGINT) or SIGTERM during training asks the loop to finish the current step, save a
-    checkpoint and stop; a second Ctrl-C stops at once without saving (the last checkpoint stays intact).
+    checkpoint and stop; a second signal stops at once without saving (the last checkpoint stays intact).
     Stopping between steps, never inside one, is what keeps an interrupted run exactly resumable: the
     optimizer never saves a half-applied update, and the data loader never skips a batch."""
 
     def __init__(self, echo):
         self.echo = echo
         self.requested = False
-        self.saving = False        # while a checkpoint is being written, even a second Ctrl-C waits for it
+        self.saving = False        # while a checkpoint is being written, even a second signal waits for it
         self._previous = {}
 
     def _handle(self, signum, frame):
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name      # e.g. "SIGTERM"
         if self.saving:
             self.requested = True
-            self.echo("\nfinishing the checkpoint first, then stopping")
+            self.echo(f"\n{name}: finishing the checkpoint first, then stopping")
             return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self.echo("\nstopping after this step (Ctrl-C again to stop now, without saving)")
+        self.echo(f"\n{name}: stopping after this step ({name} again to stop now, without saving)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():   # signals reach the main thread only

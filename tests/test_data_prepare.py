@@ -234,12 +234,15 @@ def test_tokenizer_file_inside_out_is_read_before_the_rerun(tmp_path):
 def test_out_that_is_a_run_directory_or_a_file_is_refused(tmp_path, capsys):
     path = write_corpus(tmp_path, make_docs(20, seed=10))
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "model.safetensors").write_bytes(b"x")
+    (run / "checkpoints" / "step_000002").mkdir(parents=True)
     (run / "tokenizer.json").write_text("{}")
     with pytest.raises(DataError, match="training run directory"):
         prepare(cfg(tmp_path, [path], out="run"))
     assert (run / "tokenizer.json").read_text() == "{}"
+    (run / "checkpoints" / "step_000002").rmdir()
+    (run / "log.jsonl").write_text("")                       # a run that never saved: its log is work too
+    with pytest.raises(DataError, match="training run directory"):
+        prepare(cfg(tmp_path, [path], out="run"))
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit) as e:
         main(["--input", str(path), "--out", str(tmp_path / "afile"), "--tokenizer", "char", "--quiet"])

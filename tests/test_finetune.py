@@ -1,6 +1,7 @@
 """Fine-tuning on a task: the loss mask gives prompt positions exactly zero gradient, and a few seconds of
 fine-tuning raise task accuracy above the untuned model's."""
 import numpy as np
+import pytest
 
 from nanogpt_np import ops
 from nanogpt_np.tokenizers.char import CharTokenizer
@@ -114,3 +115,30 @@ def test_trainer_fine_tunes_on_a_task_file(tmp_path):
     trainer.train(cfg, echo=lambda *a: None)
     after = run_evaluation(tmp_path / "ft", task=str(tmp_path / "test.jsonl"), log=lambda *a: None)
     assert after["task"]["accuracy"] > before["task"]["accuracy"]
+
+
+def test_init_from_refuses_settings_its_weights_contradict(tmp_path):
+    """--init_from brings an architecture and a tokenizer; --model, --n_layer, --n_head, --n_embd, --bias,
+    --tokenizer, --vocab_size given explicitly and different are refused (naming the difference), not ignored.
+    Given and equal, or set by a preset, they are fine."""
+    from nanogpt_np.config import ConfigError, parse_args
+    from nanogpt_np.trainer import train
+    (tmp_path / "d.txt").write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    base = [f"--dataset={tmp_path / 'd.txt'}", "--block_size=8", "--batch_size=2", "--max_iters=2",
+            "--eval_interval=2", "--eval_iters=1", "--device=cpu"]
+    train(parse_args(base + ["--n_layer=1", "--n_head=2", "--n_embd=8", f"--out_dir={tmp_path / 'base'}"]),
+          echo=lambda *a: None)
+    init = base + [f"--init_from={tmp_path / 'base'}"]
+    for extra, named in [(["--n_layer=2"], "n_layer: weights 1, --n_layer asks 2"),
+                         (["--n_embd=16"], "n_embd: weights 8"),
+                         (["--n_head=4"], "n_head: weights 2"),
+                         (["--model=tiny"], "--model=tiny asks"),
+                         (["--bias=false"], "bias: weights True"),
+                         (["--tokenizer=bpe"], "tokenizer: weights char, --tokenizer asks bpe"),
+                         (["--vocab_size=300"], "--vocab_size asks 300")]:
+        with pytest.raises(ConfigError, match="--init_from=.*" + named.replace("(", r"\(")):
+            train(parse_args(init + extra + [f"--out_dir={tmp_path / 'ft'}"]), echo=lambda *a: None)
+    assert not (tmp_path / "ft" / "checkpoints").exists()
+    summary = train(parse_args(init + ["--n_layer=1", "--tokenizer=char", "--bias=true", "--preset=quick",
+                                       "--max_iters=2", f"--out_dir={tmp_path / 'ft'}"]), echo=lambda *a: None)
+    assert summary["step"] == 2

@@ -130,3 +130,58 @@ def test_iter_sequential_partial_last_batch_and_shards():
     assert [x.shape[0] for x, _ in batches] == [4, 1]
     starts = np.concatenate([x[:, 0] for x, _ in batches]).tolist()
     assert starts == [0, 4, 100, 104, 108]
+
+
+def test_iter_spread_samples_the_whole_data_the_same_way_every_time(rng):
+    """Evaluation windows come from everywhere in the data (every shard, first to last), evenly spaced,
+    and are the same at every call; the random stream is not touched."""
+    T, B = int(rng.integers(2, 9)), int(rng.integers(1, 5))
+    shards = [np.arange(k * 100_000, k * 100_000 + int(rng.integers(40 * T, 400 * T)), dtype=np.int64)
+              for k in range(int(rng.integers(1, 4)))]
+    loader = BatchLoader(shards, batch_size=B, block_size=T, seed=int(rng.integers(1000)))
+    state = loader.state_dict()
+    n_batches = int(rng.integers(1, 6))
+    batches = list(loader.iter_spread(n_batches))
+    assert len(batches) == n_batches and all(x.shape == (B, T) for x, _ in batches)
+    starts = np.concatenate([x[:, 0] for x, _ in batches])
+    for x, y in batches:
+        np.testing.assert_array_equal(y, x + 1)                      # real windows (no shard crossing)
+    total = int(sum(len(s) - T for s in shards))                     # window starts in all shards
+    global_index = [sum(len(s) - T for s in shards[: v // 100_000]) + v % 100_000 for v in starts.tolist()]
+    gaps = np.diff(global_index)
+    assert global_index[0] == 0 and np.all(gaps > 0)
+    assert gaps.max() - gaps.min() <= 1                              # evenly spaced ...
+    assert global_index[-1] >= total - gaps.max() - 1                # ... up to the end of the last shard
+    again = np.concatenate([x[:, 0] for x, _ in loader.iter_spread(n_batches)])
+    np.testing.assert_array_equal(starts, again)
+    assert loader.state_dict() == state
+
+
+def test_iter_spread_on_small_data_is_every_window_once():
+    loader = BatchLoader(np.arange(35, dtype=np.int64), batch_size=2, block_size=4)
+    spread = [x.tolist() for x, _ in loader.iter_spread(100)]
+    assert spread == [x.tolist() for x, _ in loader.iter_sequential()]
+
+
+def test_validation_loss_samples_the_whole_split(rng):
+    """A validation split whose second half differs from its first shows up in the measured loss (it used
+    to be the first eval_iters windows only). The 'model' here reports the mean token id of its inputs."""
+    from nanogpt_np.trainer import evaluate
+
+    class MeanOfInputs:
+        training = False
+
+        def eval(self):
+            pass
+
+        def train(self, mode=True):
+            pass
+
+        def loss_on(self, x, y):
+            return float(np.mean(x))
+    n = int(rng.integers(2000, 5000))
+    tokens = np.zeros(2 * n, dtype=np.int64)
+    tokens[n:] = 1                                                 # the second half differs
+    loss = evaluate(MeanOfInputs(), tokens, batch_size=int(rng.integers(1, 5)), block_size=8,
+                    max_batches=int(rng.integers(2, 8)))
+    assert 0.3 < loss < 0.7, loss

@@ -143,3 +143,21 @@ def test_trainer_glue(tmp_path):
     one = write_lines(tmp_path / "one.jsonl", [{"prompt": "a", "completion": "b"}])
     with pytest.raises(TaskDataError, match="too few"):
         task_loaders(one, TOK, 16, 2)
+
+
+def test_task_validation_rows_are_spread_over_the_whole_split(tmp_path, rng):
+    """task_val_loss(max_batches=k) measures k batches of rows taken evenly from all the rows, not the
+    first k batches: rows listed in order (sorted by label, say) are all represented."""
+    n = int(rng.integers(40, 120))
+    words = [f"{c}{d}" for c in "abcdefghijklmnopqrstuvwxyz" for d in "abcdefghijklmnopqrstuvwxyz"]
+    path = write_lines(tmp_path / "t.jsonl", [{"prompt": words[i] + ":", "completion": " x"} for i in range(n)])
+    data = load_task_data(path, TOK, block_size=8)
+    batch = int(rng.integers(1, 5))
+    loader = TaskLoader(data, batch_size=batch, seed=0)
+    k = int(rng.integers(2, 5))
+    rows = [row.tolist() for x, _ in loader.iter_spread(k) for row in x]
+    all_rows = [row.tolist() for x, _ in loader.iter_sequential() for row in x]
+    picked = [all_rows.index(r) for r in rows]
+    assert len(rows) == k * batch and picked[0] == 0 and picked == sorted(picked)
+    assert picked[-1] >= n - n // (k * batch) - 1                       # reaches the last rows
+    assert [r.tolist() for x, _ in loader.iter_spread(n) for r in x] == all_rows       # more than there are: all

@@ -24,6 +24,13 @@ def run(tmp_path, name, *extra):
     return [json.loads(line) for line in open(tmp_path / name / "log.jsonl")]
 
 
+def checkpoint(run_dir):
+    """The folder of a run's newest checkpoint."""
+    folders = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
+    assert folders, f"no checkpoint in {run_dir}"
+    return folders[-1]
+
+
 def losses(log):
     return {e["step"]: e["loss"] for e in log if e["type"] == "train"}
 
@@ -49,8 +56,11 @@ def test_loss_goes_down_and_logs_are_complete(tmp_path):
     vocab = len(json.loads((tmp_path / "r" / "tokenizer.json").read_text())["chars"])
     assert evals[-1]["val_loss"] < np.log(vocab) - 1.0                              # far better than uniform
     assert np.mean([e["loss"] for e in train_entries[-10:]]) < train_entries[0]["loss"] - 0.5
-    for f in ("model.safetensors", "optimizer.safetensors", "config.json", "state.json", "tokenizer.json"):
-        assert (tmp_path / "r" / f).exists()
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step_000060"]   # older ones removed
+    for f in ("model.safetensors", "optimizer.safetensors", "config.json", "train_config.json", "state.json",
+              "tokenizer.json"):
+        assert (tmp_path / "r" / "checkpoints" / "step_000060" / f).exists()
+    assert (tmp_path / "r" / "tokenizer.json").exists()
 
 
 def test_lr_schedule():
@@ -117,11 +127,12 @@ def test_bad_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="n_embd"):
         train(parse_args(TINY + [f"--out_dir={run_dir}", "--resume", "--n_embd=16"]), echo=lambda *a: None)
     # truncated weights
-    data = (run_dir / "model.safetensors").read_bytes()
-    (run_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
+    weights = checkpoint(run_dir) / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load_model(run_dir)
-    (run_dir / "model.safetensors").unlink()
+    weights.unlink()
     with pytest.raises(CheckpointError, match="not found"):
         load_model(run_dir)
 
@@ -154,7 +165,7 @@ def test_ctrl_c_saves_at_a_step_boundary_and_resumes_exactly(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "stopped at step" in out
-    stopped_at = json.loads((tmp_path / "cut" / "state.json").read_text())["step"]
+    stopped_at = json.loads((checkpoint(tmp_path / "cut") / "state.json").read_text())["step"]
     assert 5 <= stopped_at < 400
     resumed = losses(run(tmp_path, "cut", "--max_iters=400", "--lr_decay_iters=400", "--eval_interval=1000",
                          "--dropout=0.1", "--resume"))
@@ -196,7 +207,7 @@ def test_early_stopping_after_resume_uses_the_saved_best(tmp_path, monkeypatch):
     run(tmp_path, "es", "--max_iters=12", "--eval_interval=2", "--early_stopping_patience=2", "--resume")
     after = load_model(tmp_path / "es").state_dict()
     assert all(np.array_equal(best[k], after[k]) for k in best)          # the step-4 weights, not NaN
-    state = json.loads((tmp_path / "es" / "state.json").read_text())
+    state = json.loads((checkpoint(tmp_path / "es") / "state.json").read_text())
     assert state["step"] == 8 and "early stopping" in state["finished"]
     with pytest.raises(CheckpointError, match="finished"):
         run(tmp_path, "es", "--max_iters=12", "--resume")
@@ -232,8 +243,10 @@ def test_saved_files_are_readable_like_normal_files(tmp_path):
     run(tmp_path, "r", "--max_iters=2", "--eval_interval=2")
     umask = os.umask(0)
     os.umask(umask)
+    folder = checkpoint(tmp_path / "r")
     for name in ("model.safetensors", "config.json", "state.json", "tokenizer.json"):
-        assert (tmp_path / "r" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+        assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_init_from_a_hugging_face_gpt2_folder(tmp_path):
@@ -250,8 +263,9 @@ def test_init_from_a_hugging_face_gpt2_folder(tmp_path):
     (tmp_path / "gpt2" / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
     assert load_tokenizer_of_run(tmp_path / "gpt2").encode("the fox") == tok.encode("the fox")
     (tmp_path / "data.txt").write_text(text)
-    train(parse_args(TINY + [f"--init_from={tmp_path / 'gpt2'}", f"--dataset={tmp_path / 'data.txt'}",
-                             "--max_iters=2", f"--out_dir={tmp_path / 'ft'}"]), echo=lambda *a: None)
+    not_model = [a for a in TINY if not a.startswith("--model")]        # the architecture comes with the weights
+    train(parse_args(not_model + [f"--init_from={tmp_path / 'gpt2'}", f"--dataset={tmp_path / 'data.txt'}",
+                                  "--max_iters=2", f"--out_dir={tmp_path / 'ft'}"]), echo=lambda *a: None)
     assert load_model(tmp_path / "ft").config.vocab_size == tok.vocab_size
     r = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--out_dir={tmp_path / 'gpt2'}",
                         "--max_new_tokens=5", "--device=cpu", "--prompt=the"], capture_output=True, text=True,
@@ -269,3 +283,22 @@ def test_default_corpus_does_not_depend_on_what_is_imported():
                            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert fresh.stdout.strip() == here
     assert len(default_corpus_text()) > 500_000
+
+
+@pytest.mark.parametrize("signum,name", [(2, "Ctrl-C"), (15, "SIGTERM")])
+def test_stop_messages_name_the_signal_that_arrived(signum, name):
+    """SIGTERM (from a job scheduler, say) is not a Ctrl-C: the messages say which signal came."""
+    import signal
+    from nanogpt_np.trainer import StopAtStepBoundary
+    said = []
+    stopper = StopAtStepBoundary(said.append)
+    stopper._handle(signal.Signals(signum), None)
+    assert stopper.requested and f"{name} again" in said[-1] and said[-1].strip().startswith(name)
+    other = "SIGTERM" if name == "Ctrl-C" else "Ctrl-C"
+    assert other not in said[-1]
+    stopper.saving = True
+    stopper._handle(signal.Signals(signum), None)                 # a second one while saving waits for the save
+    assert said[-1].strip().startswith(name) and "checkpoint" in said[-1]
+    stopper.saving = False
+    with pytest.raises(KeyboardInterrupt):
+        stopper._handle(signal.Signals(signum), None)

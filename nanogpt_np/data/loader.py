@@ -12,7 +12,8 @@ What it handles:
     proportional to its number of windows and then a uniform offset inside it.
   * state_dict() / load_state_dict(): the generator state as plain JSON (ints as strings), so a
     resumed run continues with exactly the batches the interrupted run would have drawn.
-  * iter_sequential(): non-overlapping windows in order, for evaluation (deterministic, no RNG).
+  * iter_sequential(): non-overlapping windows in order (deterministic, no RNG); iter_spread(n): n batches
+    of windows spread evenly over all the data, for a validation loss that samples the whole split.
 
 What it does not handle: windows never cross a shard boundary (a shard shorter than T+1 tokens
 contributes nothing), and there is no shuffling "without replacement" (random batches may repeat
@@ -26,6 +27,13 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 ArrayLike = Union[np.ndarray, Sequence[np.ndarray]]
+
+
+def spread(count: int, wanted: int) -> np.ndarray:
+    """`wanted` of the indices 0 .. count-1, evenly spaced from the first one on (all of them when
+    wanted >= count): [0, count/n, 2 count/n, ...] rounded down, for n = min(wanted, count)."""
+    n = min(wanted, count)
+    return np.arange(n, dtype=np.int64) * count // n
 
 
 def _as_shards(tokens) -> List[np.ndarray]:
@@ -161,6 +169,22 @@ class BatchLoader:
     def __len__(self) -> int:
         """Number of batches iter_sequential() yields with no max_batches (last one may be short)."""
         return -(-self.num_sequential_windows() // self.batch_size)
+
+    def iter_spread(self, max_batches: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """max_batches batches of (x, y) windows whose starts are spread evenly over all the data (every
+        shard, first to last), in order. The validation loss measured on them samples the whole split, not
+        just its beginning, and is measured on the same windows every time, so evaluations compare. With
+        no more non-overlapping windows in the data than that, this is iter_sequential(): all of them."""
+        B = self.batch_size
+        if max_batches * B >= self.num_sequential_windows():
+            yield from self.iter_sequential()
+            return
+        g = spread(int(self._ends[-1]), max_batches * B)  # (n,) global window indices, as in next_batch
+        shard_ids = np.searchsorted(self._ends, g, side="right")
+        offsets = g - self._starts[shard_ids]
+        for i in range(0, len(g), B):
+            win = self._gather(shard_ids[i : i + B], offsets[i : i + B])  # (B, T+1)
+            yield win[:, :-1], win[:, 1:]
 
     def iter_sequential(self, max_batches: Optional[int] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         """Yield (x, y) int64 (b, T) over non-overlapping windows in order, shard by shard.

@@ -27,7 +27,7 @@ Output (out_dir): train.bin, val.bin (or train_000000.bin, ... with shard_tokens
 manifest.json (tokenizer, token and document counts, sources, options, and the cleaning report).
 Everything is written to out_dir/.prepare_tmp/ and moved into out_dir only when the whole run succeeded,
 so a failed rerun leaves the previous dataset intact. An out_dir that is a training run directory
-(model.safetensors or state.json) is refused.
+(a checkpoint or a log.jsonl) is refused.
 Progress with ETA goes to stderr.
 """
 from __future__ import annotations
@@ -290,11 +290,12 @@ def iter_clean_file(path: str) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- tokenizer
-def find_gpt2_dir(explicit: Optional[str] = None) -> str:
+def find_gpt2_dir(explicit: Optional[str] = None, option: Optional[str] = None) -> str:
     """GPT-2's encoder.json + vocab.bpe: --gpt2_dir, $NANOGPT_GPT2_DIR, data/gpt2, or ../shared/data/gpt2.
 
     A folder given explicitly is the only one looked at: silently taking GPT-2's files from somewhere
-    else would hide a typo in the path."""
+    else would hide a typo in the path. `option`: the caller's command-line option for that folder, if it
+    has one, suggested when nothing is found (only prepare has one: train.py and the dataset reader do not)."""
     if explicit:
         for name in ("encoder.json", "vocab.bpe"):
             if not os.path.isfile(os.path.join(explicit, name)):
@@ -309,7 +310,8 @@ def find_gpt2_dir(explicit: Optional[str] = None) -> str:
             return c
     raise FileNotFoundError(
         "GPT-2's encoder.json and vocab.bpe were not found (looked in: "
-        + ", ".join(c for c in candidates if c) + "); pass --gpt2_dir DIR")
+        + ", ".join(c for c in candidates if c) + "); put them in data/gpt2/ or set NANOGPT_GPT2_DIR=DIR"
+        + (f", or pass {option} DIR" if option else ""))
 
 
 def load_given_tokenizer(cfg: PrepareConfig):
@@ -327,7 +329,7 @@ def load_given_tokenizer(cfg: PrepareConfig):
         return None
     if kind == "gpt2":
         from ..tokenizers.bpe import BPETokenizer
-        d = find_gpt2_dir(cfg.gpt2_dir)
+        d = find_gpt2_dir(cfg.gpt2_dir, option="--gpt2_dir")
         return BPETokenizer.from_gpt2_files(os.path.join(d, "encoder.json"), os.path.join(d, "vocab.bpe"))
     if os.path.exists(kind):
         from ..tokenizers.load import load_tokenizer
@@ -409,7 +411,6 @@ def tokenize_stage(cfg: PrepareConfig, tok, processes: int, report: dict) -> Dic
 
 # --------------------------------------------------------------------------- the whole pipeline
 _OUTPUT_NAME = re.compile(r"(train|val)(_\d{6})?\.bin|manifest\.json|tokenizer\.json")
-RUN_FILES = ("model.safetensors", "state.json")  # what a training run directory holds
 WORK_DIR = ".prepare_tmp"  # inside out_dir; hidden, so a folder given as --input never reads it
 
 
@@ -436,10 +437,10 @@ def check_out_dir(out_dir: str) -> None:
     """Refuse an --out that is a file or a training run directory (a rerun would replace its tokenizer.json)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(f"--out {out_dir} is a file, not a directory")
-    for name in RUN_FILES:
-        if os.path.exists(os.path.join(out_dir, name)):
-            raise DataError(f"--out {out_dir} holds {name}: it is a training run directory, not a dataset "
-                            f"directory; choose another --out (e.g. data/NAME)")
+    from ..io.run_dir import holds_run
+    if holds_run(out_dir):
+        raise DataError(f"--out {out_dir} is a training run directory, not a dataset directory; choose "
+                        f"another --out (e.g. data/NAME)")
 
 
 def remove_previous_output(out_dir: str) -> None:

@@ -261,6 +261,14 @@ class TaskLoader:
                 return
             yield self._rows(np.arange(start, min(start + self.batch_size, len(self.data.x))))
 
+    def iter_spread(self, max_batches: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """max_batches batches of rows spread evenly over all the rows, in order (every row when there are
+        no more than that): the same sample of the whole split every time."""
+        from .loader import spread
+        rows = spread(len(self.data.x), max_batches * self.batch_size)
+        for start in range(0, len(rows), self.batch_size):
+            yield self._rows(rows[start:start + self.batch_size])
+
     def state_dict(self) -> dict:
         st = self.rng.bit_generator.state
         return {"version": 1, "kind": "task", "seed": self.seed, "batches_drawn": self.batches_drawn,
@@ -307,15 +315,17 @@ def task_loaders(path, tokenizer, block_size: int, batch_size: int, val_fraction
 
 
 def task_val_loss(model, loader: "TaskLoader", max_batches: Optional[int] = None) -> float:
-    """Mean cross-entropy per learned token over the loader's rows in order (weighted by token count, so
-    the result does not depend on how rows fall into batches). Restores the model's train/eval mode."""
+    """Mean cross-entropy per learned token over the loader's rows (weighted by token count, so the result
+    does not depend on how rows fall into batches): all of them, or max_batches batches of rows spread over
+    all of them. Restores the model's train/eval mode."""
     from .. import backend
     from ..tensor import no_grad
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     with no_grad():
-        for x, y in loader.iter_sequential(max_batches):
+        batches = loader.iter_sequential() if max_batches is None else loader.iter_spread(max_batches)
+        for x, y in batches:
             k = int((y >= 0).sum())
             _, loss = model.forward(backend.to_device(x), backend.to_device(y))
             total += loss.item() * k

@@ -3,7 +3,7 @@
     python -m nanogpt_np.eval.evaluate --out_dir=RUN --file=heldout.txt
     python -m nanogpt_np.eval.evaluate --out_dir=RUN --task=test.jsonl [--metric=labels|text|auto]
 
-RUN is a nanogpt_np run directory (config.json, model.safetensors, tokenizer.json) or a Hugging Face GPT-2
+RUN is a nanogpt_np run directory (its newest checkpoint is evaluated) or a Hugging Face GPT-2
 directory. The results are printed and written as JSON to RUN/eval.json (or --out=PATH).
 
 On a text file (--file):
@@ -268,10 +268,11 @@ def run_evaluation(out_dir, file: Optional[str] = None, task: Optional[str] = No
 
 
 def _step_of(out_dir) -> Optional[int]:
+    """The step of the run's checkpoint (None for a GPT-2 folder)."""
+    from ..io.checkpoint import read_state
     try:
-        with open(os.path.join(out_dir, "state.json"), encoding="utf-8") as f:
-            return int(json.load(f).get("step"))
-    except (OSError, ValueError, TypeError):
+        return int(read_state(out_dir).get("step"))
+    except (ValueError, TypeError):          # CheckpointError is a ValueError
         return None
 
 

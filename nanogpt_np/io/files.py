@@ -3,21 +3,25 @@
 The recipe: write to a temporary file in the same directory, flush and fsync it, then os.replace() it over
 the target (an atomic rename on POSIX and Windows), then fsync the directory so the rename itself is durable.
 Every file the project writes for a user (checkpoints, tokenizers, configs, shards) goes through here.
+atomic_folder does the same for a whole folder of files (a checkpoint): it appears complete or not at all.
+Temporary names start with "." and end with ".tmp", so leftovers of a killed process are easy to recognise.
 """
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 
 
-def _default_file_mode() -> int:
-    """0o666 minus the process umask: the mode open() would give a new file (mkstemp alone gives 0o600)."""
+def _process_umask() -> int:
+    """The permission bits this process's new files and folders do not get (os.umask can only be read by setting it)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-_FILE_MODE = _default_file_mode()
+_FILE_MODE = 0o666 & ~_process_umask()      # the mode open() gives a new file (mkstemp alone gives 0o600)
+_FOLDER_MODE = 0o777 & ~_process_umask()    # the mode os.mkdir gives a new folder (mkdtemp alone gives 0o700)
 
 
 @contextmanager
@@ -44,6 +48,40 @@ def atomic_open(path, mode="wb"):
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+@contextmanager
+def atomic_folder(path):
+    """`with atomic_folder(path) as tmp: write files into tmp` - the folder appears under `path`, complete,
+    only if the block ends without an exception. The files go into a hidden temporary folder beside `path`
+    (write them with atomic_open & co., which fsync each one); the folder is fsynced and then renamed to
+    `path`: one atomic rename switches the whole folder in. `path` must not exist yet."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists already")
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    try:
+        os.chmod(tmp, _FOLDER_MODE)            # mkdtemp gives 0o700; a normal folder is readable by others
+        yield tmp
+        _fsync_directory(tmp)                 # the names of the files inside are durable ...
+        os.rename(tmp, path)                  # ... before the folder gets its real name
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_directory(parent)
+
+
+def remove_folder(path) -> None:
+    """Delete a folder so that a crash half-way never leaves a partial folder under its real name: it is
+    first renamed to a hidden ".NAME.removing.tmp" beside it, then its files are deleted."""
+    path = os.path.abspath(os.fspath(path))
+    doomed = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".removing.tmp")
+    shutil.rmtree(doomed, ignore_errors=True)          # a leftover of an earlier, interrupted removal
+    os.rename(path, doomed)
+    _fsync_directory(os.path.dirname(path))
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _fsync_directory(directory) -> None:

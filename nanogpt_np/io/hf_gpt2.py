@@ -37,6 +37,7 @@ import numpy as np
 
 from .errors import CheckpointError, read_json_object
 from .files import atomic_write_json
+from .run_dir import holds_run, latest_checkpoint
 from .safetensors import SafetensorsError, bf16_bits_to_float32, load_file, read_header, save_file
 
 __all__ = ["CheckpointError", "import_gpt2_dir", "export_gpt2_dir", "hf_config_from_gpt", "gpt_config_from_hf",
@@ -282,25 +283,30 @@ def import_gpt2_dir(path, require_tokenizer: bool = True):
 
 
 def load_run_model(run_dir):
-    """(GPTConfig, params, tokenizer) from a nanogpt_np run directory (model.safetensors, config.json,
-    tokenizer.json), read directly so that exporting needs nothing but these files."""
+    """(GPTConfig, params, tokenizer) from the newest checkpoint of a nanogpt_np run directory
+    (model.safetensors, config.json, tokenizer.json), read directly so that exporting needs nothing but these
+    files."""
     from ..model import GPTConfig
     run_dir = os.fspath(run_dir)
-    cfg = read_json_object(os.path.join(run_dir, "config.json"))
+    folder = latest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if folder is None:
+        raise CheckpointError(f"{run_dir}: not a training run directory (no checkpoints/step_* folder)")
+    cfg = read_json_object(os.path.join(folder, "config.json"))
     cfg = cfg.get("model", cfg) if isinstance(cfg.get("model"), dict) else cfg
     try:
         config = GPTConfig.from_dict(cfg)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{run_dir}/config.json: not a GPTConfig ({e})") from None
-    weights = os.path.join(run_dir, "model.safetensors")
+        raise CheckpointError(f"{folder}/config.json: not a GPTConfig ({e})") from None
+    weights = os.path.join(folder, "model.safetensors")
     if not os.path.exists(weights):
-        raise CheckpointError(f"{run_dir}: no model.safetensors")
+        raise CheckpointError(f"{folder}: no model.safetensors")
     params = load_file(weights)
     tokenizer = None
-    tok_path = os.path.join(run_dir, "tokenizer.json")
-    if os.path.exists(tok_path):
-        from ..tokenizers.load import load_tokenizer
-        tokenizer = load_tokenizer(tok_path)
+    for tok_path in (os.path.join(folder, "tokenizer.json"), os.path.join(run_dir, "tokenizer.json")):
+        if os.path.exists(tok_path):
+            from ..tokenizers.load import load_tokenizer
+            tokenizer = load_tokenizer(tok_path)
+            break
     return config, params, tokenizer
 
 
@@ -342,7 +348,7 @@ def export_gpt2_dir(model_or_run, tokenizer=None, out_dir=None) -> str:
     character one) is saved as nanogpt_tokenizer.json, which transformers ignores: the weights still load but
     AutoTokenizer will not. `tokenizer` defaults to the run's own when a run directory is given.
     Exporting over an earlier export first removes the tokenizer and index files that export may have
-    written (EXPORT_FILES), so none is left stale; other files are kept. A run directory (state.json) is
+    written (EXPORT_FILES), so none is left stale; other files are kept. A training run directory is
     refused as out_dir. Returns out_dir.
     """
     from ..model import parameter_shapes
@@ -372,7 +378,7 @@ def export_gpt2_dir(model_or_run, tokenizer=None, out_dir=None) -> str:
         tensors[PREFIX + name] = a
 
     out_dir = os.fspath(out_dir)
-    if os.path.isfile(os.path.join(out_dir, "state.json")):  # config.json/model.safetensors would be replaced
+    if holds_run(out_dir):                     # its files would be mixed with (or replace) the run's
         raise CheckpointError(f"{out_dir} is a training run directory; export to another folder")
     os.makedirs(out_dir, exist_ok=True)
     _remove_stale_export(out_dir)
@@ -406,7 +412,9 @@ def main(argv=None) -> None:
         if args.cmd == "export":
             print(f"wrote {export_gpt2_dir(args.run_dir, None, args.out_dir)}")
         else:
+            from ..model import check_finite
             config, params, tok = import_gpt2_dir(args.hf_dir, require_tokenizer=False)
+            check_finite(params, source=args.hf_dir)
             n = sum(a.size for a in params.values())
             print(f"{args.hf_dir}: {config}, {n:,} parameters, tokenizer: "
                   f"{'none' if tok is None else f'{tok.vocab_size} tokens'}")
