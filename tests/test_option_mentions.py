@@ -23,12 +23,13 @@ COMMAND_NAMES = [                           # how a string names a command, and 
     ("evaluate", r"nanogpt_np\.eval\.evaluate\b"),
     ("bpe_cli", r"\bbpe_cli\b"),
     ("hf_gpt2", r"nanogpt_np\.io\.hf_gpt2\b"),
+    ("plot", r"nanogpt_np\.plot\b"),
 ]
 FILE_COMMANDS = {                           # the command a file's messages are shown by (default: train)
     "sample.py": "sample", "serve/": "serve", "eval/evaluate.py": "evaluate", "tokenizers/bpe_cli.py": "bpe_cli",
     "io/hf_gpt2.py": "hf_gpt2", "data/prepare.py": "prepare", "data/ingest.py": "prepare",
     "data/clean.py": "prepare", "data/dedup.py": "prepare", "data/shards.py": "prepare",
-    "data/datasets.py": "prepare",
+    "data/datasets.py": "prepare", "plot.py": "plot",
     "kernels/compile.py": None,             # its `--std=c++17` is a flag for the CUDA compiler, not for a user
 }
 
@@ -63,6 +64,7 @@ def command_options() -> dict:
     from nanogpt_np.config import TrainConfig
     from nanogpt_np.data import prepare
     from nanogpt_np.eval import evaluate
+    from nanogpt_np import plot
     from nanogpt_np.io import hf_gpt2
     from nanogpt_np.sample import SampleConfig
     from nanogpt_np.serve import server
@@ -75,6 +77,7 @@ def command_options() -> dict:
         "evaluate": argparse_options(evaluate.main),
         "bpe_cli": argparse_options(bpe_cli.main),
         "hf_gpt2": argparse_options(hf_gpt2.main),
+        "plot": argparse_options(plot.main),
     }
 
 

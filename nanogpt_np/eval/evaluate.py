@@ -30,7 +30,6 @@ the same masked loss fine-tuning minimises).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
