@@ -59,12 +59,14 @@ def test_a_run_without_training_state_still_samples(run_dir, tmp_path):
     """state.json missing or unusable: the line says so, sampling goes on."""
     import shutil
     bare = tmp_path / "bare"
+    from nanogpt_np.io.run_dir import latest_checkpoint
     shutil.copytree(run_dir, bare)
-    (bare / "state.json").unlink()
+    state = Path(latest_checkpoint(bare)) / "state.json"      # the newest checkpoint's step folder
+    state.unlink()
     r = sample_py(f"--out_dir={bare}", "--prompt=a", "--max_new_tokens=2")
     assert r.returncode == 0, r.stderr
     assert r.stderr.startswith(f"sampling from {bare}: no training state (") and r.stderr.count("\n") == 1
-    (bare / "state.json").write_text(json.dumps({"step": 3, "loader": {}, "best_val_loss": None}))
+    state.write_text(json.dumps({"step": 3, "loader": {}, "best_val_loss": None}))
     r = sample_py(f"--out_dir={bare}", "--prompt=a", "--max_new_tokens=2")
     assert r.returncode == 0 and "step 3, no validation loss yet, char tokenizer" in r.stderr
 
