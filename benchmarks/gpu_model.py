@@ -502,6 +502,7 @@ def extrapolate(s1: Summary, s2: Summary, n_layer: int) -> Summary:
         c = Cost(c1.category)
         for f in Cost.ADDITIVE + ("t_compute", "t_memory", "t_extra"):
             setattr(c, f, getattr(c1, f) + k * (getattr(c2, f) - getattr(c1, f)))
+        c.host_ops, c.host_s, c.py_s = c2.host_ops, c2.host_s, c2.py_s     # host cost per call: size-independent
         c.gpu_s = _gpu_time(c)
         rows[c.category].add(c)
     lin = lambda a, b: a + k * (b - a)

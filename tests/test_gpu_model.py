@@ -180,3 +180,19 @@ def test_every_kernel_of_the_step_has_a_traffic_formula():
     with pytest.raises(KeyError):
         op.name = "no_such_kernel"
         gm.kernel_traffic(op)
+
+
+def test_compare_script_puts_measured_beside_predicted(tmp_path, capsys):
+    import json
+    import gpu_model_compare
+    measured = {"device": "NVIDIA H100 80GB HBM3", "rows": [
+        {"impl": "nanogpt_np (bf16 matmuls, flash attention)", "B": 1, "T": 64, "step_ms": 10.0,
+         "tokens_per_s": 6400.0, "peak_mem_GiB": 2.0, "precision": "bf16"},
+        {"impl": "PyTorch eager", "B": 1, "T": 64, "step_ms": 5.0, "tokens_per_s": 12800.0}]}
+    src, out = tmp_path / "train.json", tmp_path / "cmp.json"
+    src.write_text(json.dumps(measured))
+    assert gpu_model_compare.main(["--measured", str(src), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1 and rows[0]["device"] == "H100 SXM"
+    assert rows[0]["ratio_step"] == pytest.approx(10.0 / rows[0]["predicted_step_ms"])
+    assert "attention" in capsys.readouterr().out
