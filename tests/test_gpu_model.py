@@ -183,16 +183,65 @@ def test_every_kernel_of_the_step_has_a_traffic_formula():
 
 
 def test_compare_script_puts_measured_beside_predicted(tmp_path, capsys):
+    """Per configuration (train_gpu.py JSON) and per category (kernels.py JSON: each row's call traced here)."""
     import json
-    import gpu_model_compare
+    import gpu_model_compare as cmp
     measured = {"device": "NVIDIA H100 80GB HBM3", "rows": [
         {"impl": "nanogpt_np (bf16 matmuls, flash attention)", "B": 1, "T": 64, "step_ms": 10.0,
          "tokens_per_s": 6400.0, "peak_mem_GiB": 2.0, "precision": "bf16"},
         {"impl": "PyTorch eager", "B": 1, "T": 64, "step_ms": 5.0, "tokens_per_s": 12800.0}]}
-    src, out = tmp_path / "train.json", tmp_path / "cmp.json"
+    labels = [p for p, _, _ in cmp.KERNEL_ROWS]
+    kernels = {"device": "NVIDIA H100 80GB HBM3", "small": True,
+               "rows": [{"kernel": label + " (as kernels.py labels it)", "ours_ms": 0.1} for label in labels]}
+    src, ksrc, out = tmp_path / "train.json", tmp_path / "kernels.json", tmp_path / "cmp.json"
     src.write_text(json.dumps(measured))
-    assert gpu_model_compare.main(["--measured", str(src), "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())
-    assert len(rows) == 1 and rows[0]["device"] == "H100 SXM"
-    assert rows[0]["ratio_step"] == pytest.approx(10.0 / rows[0]["predicted_step_ms"])
-    assert "attention" in capsys.readouterr().out
+    ksrc.write_text(json.dumps(kernels))
+    assert cmp.main(["--measured", str(src), "--kernels", str(ksrc), "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    (row,) = d["configurations"]
+    assert row["device"] == "H100 SXM" and row["ratio_step"] == pytest.approx(10.0 / row["predicted_step_ms"])
+    assert len(d["kernels"]) == len(labels) and all(r["predicted_ms"] > 0 for r in d["kernels"])
+    assert set(d["category_ratio"]) == {"embedding", "layernorm", "gelu", "cross-entropy", "adamw", "attention"}
+    for r in d["kernels"]:                          # every row's ratio is its measured / its prediction
+        assert r["ratio"] == pytest.approx(0.1 / r["predicted_ms"])
+    assert set(row["calibrated_category_ms"]) == set(gm.CATEGORIES)
+    assert "calibrated by the kernel rows" in capsys.readouterr().out
+
+
+def _step_values(backend):
+    """Loss, gradients and updated weights of one step of the tiny model on whatever backend is selected."""
+    from nanogpt_np.model import GPT, GPTConfig
+    from nanogpt_np.optim import AdamW
+    from nanogpt_np.tensor import backward
+    cfg = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=128)
+    model = GPT(cfg, seed=0)
+    opt = AdamW(model, lr=1e-3)
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 97, (2, 64)), rng.integers(0, 97, (2, 64))
+    model.zero_grad()
+    _, loss = model(backend.to_device(x), backend.to_device(y))
+    backward(loss)
+    opt.step(grad_clip=1.0)
+    return float(loss.item()), backend.to_numpy(model.flat_grads).copy(), backend.to_numpy(model.flat_params).copy()
+
+
+def test_tracing_with_arithmetic_leaves_the_step_bit_identical(monkeypatch):
+    """The recorder only watches: the traced step computes exactly what the plain fake CuPy computes."""
+    from emulation import fake_cupy, trace_cupy
+    from nanogpt_np import backend
+    with monkeypatch.context() as mp:
+        fc = fake_cupy.install(mp)
+        mp.setattr(backend, "_cupy", fc)
+        mp.setattr(backend, "_device", "cuda")
+        plain = _step_values(backend)
+    with monkeypatch.context() as mp:
+        with trace_cupy.Tracer(shape_only=False, sms=5) as tr:        # the plain fake reports 5 SMs
+            mp.setattr(backend, "_cupy", sys.modules["cupy"])
+            mp.setattr(backend, "_device", "cuda")
+            tr.start()
+            traced = _step_values(backend)
+            tr.stop()
+    assert len(tr.ops) > 100
+    assert plain[0] == traced[0]
+    np.testing.assert_array_equal(plain[1], traced[1])
+    np.testing.assert_array_equal(plain[2], traced[2])
