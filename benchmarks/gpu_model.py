@@ -33,15 +33,16 @@ import os
 import sys
 import time
 import types
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-for _p in (REPO, os.path.join(REPO, "tests")):
+for _p in (REPO, os.path.join(REPO, "tests")):         # the package, and the fake CuPy under tests/emulation
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+from nanogpt_np.model import GPT                         # noqa: E402
 
 # ------------------------------------------------------------------------------------------ assumptions
 
@@ -114,12 +115,13 @@ def trace_step(cfg: StepConfig, n_layer=None, device="h100", shape_only=True, st
     """Run `steps` trainer steps on the fake GPU; return the ops of the last one (Python times: the minimum per
     op over the steps after the first, which warms caches)."""
     from emulation import trace_cupy
-    from nanogpt_np import backend, tensor, trainer
+    from nanogpt_np import backend, trainer
     from nanogpt_np.config import TrainConfig
     from nanogpt_np.kernels import adamw as k_adamw
     from nanogpt_np.kernels import cross_entropy as k_ce
     from nanogpt_np.kernels import registry
-    from nanogpt_np.model import GPT, GPTConfig
+    from nanogpt_np import model as model_mod
+    from nanogpt_np.model import GPTConfig
     o_att = importlib.import_module("nanogpt_np.ops.attention")      # (nanogpt_np.ops.attention is also a function)
     o_red = importlib.import_module("nanogpt_np.ops.reductions")
     from nanogpt_np.optim import AdamW
@@ -144,7 +146,13 @@ def trace_step(cfg: StepConfig, n_layer=None, device="h100", shape_only=True, st
                 registry.configure(tf32=cfg.tf32 == "on")
             gcfg = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0)
-            model = GPT(gcfg, seed=0)
+            if shape_only:                                       # values are never read: skip drawing them
+                model_mod.gpt2_init, init = (lambda name, shape, *a: np.zeros(shape, np.float32)), model_mod.gpt2_init
+            try:
+                model = GPT(gcfg, seed=0)
+            finally:
+                if shape_only:
+                    model_mod.gpt2_init = init
             model.__class__ = _PhasedGPT                         # marks forward/backward phases and layers
             opt = AdamW(model, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1)
             _phase(model, "zero_grad", tr, ("step", None))
@@ -173,7 +181,6 @@ def trace_step(cfg: StepConfig, n_layer=None, device="h100", shape_only=True, st
         for c, s in zip(caches, saved_caches):
             c.clear()
             c.update(s)
-        _ = tensor                                               # (the tape is empty after backward)
     ops, peak, tail = runs[-1]
     later = [r for r in runs[1:] if len(r[0]) == len(ops)] or [runs[-1]]
     for i, op in enumerate(ops):
@@ -191,12 +198,7 @@ def _phase(obj, method, tr, phase):
     setattr(obj, method, wrapped)
 
 
-def _import_gpt():
-    from nanogpt_np.model import GPT
-    return GPT
-
-
-class _PhasedGPT(_import_gpt()):
+class _PhasedGPT(GPT):
     """The model, unchanged, except that it tells the tracer which phase and layer issue each op. Backward
     functions recorded on the tape by a block are wrapped to set ("bwd", layer) when the tape replays them."""
 
@@ -273,8 +275,8 @@ def category_of(op):
         return "allocations"
     if op.kind == "cast" or op.family == "casts" or (op.kind == "kernel" and op.args.get("module") == "bf16"):
         return "casts"
-    if op.family == "matmul":
-        return "matmul" if op.kind in ("gemm", "matmul") else "elementwise/copies"
+    if op.family == "matmul":          # linear layers: the bias add and bias-gradient sum are elementwise work
+        return "elementwise/copies" if op.kind in ("elementwise", "reduction", "copy", "fill") else "matmul"
     return FAMILY_CATEGORY.get(op.family, "elementwise/copies")
 
 

@@ -245,3 +245,21 @@ def test_tracing_with_arithmetic_leaves_the_step_bit_identical(monkeypatch):
     assert plain[0] == traced[0]
     np.testing.assert_array_equal(plain[1], traced[1])
     np.testing.assert_array_equal(plain[2], traced[2])
+
+
+@pytest.mark.parametrize("old_numpy", [False, True])
+def test_reshape_copy_detection(monkeypatch, old_numpy):
+    """The tracer tells a reshape CuPy does as a view from one that copies, with or without reshape(copy=)."""
+    from emulation import trace_cupy
+    if old_numpy:
+        real = np.reshape
+
+        def reshape_without_copy_argument(a, shape, **kw):
+            if "copy" in kw:
+                raise TypeError("reshape() got an unexpected keyword argument 'copy'")
+            return real(a, shape)
+        monkeypatch.setattr(np, "reshape", reshape_without_copy_argument)
+    a = np.zeros((4, 6))
+    assert trace_cupy._reshape_without_copy(a, (24,)).base is a
+    with pytest.raises(ValueError):
+        trace_cupy._reshape_without_copy(a.T, (24,))

@@ -84,7 +84,7 @@ FAMILIES = {
     "nanogpt_np.optim": "adamw",
     "nanogpt_np.ops.residual": "residual",
     "nanogpt_np.ops.dropout": "dropout",
-    "nanogpt_np.tensor": "grad-accumulate",
+    "nanogpt_np.tensor": "tensor",                 # gradient sums into .grad, item()
     "nanogpt_np.model": "model",
     "nanogpt_np.trainer": "trainer",
 }
@@ -109,7 +109,7 @@ class TracedArray(fake_cupy.ndarray):
     """The fake's device array, with every CuPy-level operation reported to the active Tracer."""
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
-        return _call(lambda: _ufunc(ufunc, method, inputs, kwargs),
+        return _call(lambda: _tracer.ufunc(ufunc, method, inputs, kwargs),
                      lambda: _plain_ufunc(ufunc, method, inputs, kwargs))
 
     def __array_function__(self, func, types_, args, kwargs):
@@ -179,10 +179,6 @@ def _plain_ufunc(ufunc, method, inputs, kwargs):
     return fake_cupy._wrap_all(r)
 
 
-def _ufunc(ufunc, method, inputs, kwargs):
-    return _tracer.ufunc(ufunc, method, inputs, kwargs)
-
-
 # ------------------------------------------------------------------------------------------ shape inference
 
 def _broadcast_shape(inputs):
@@ -223,6 +219,19 @@ def _needs_copy_for_cublas(a, batched):
     if batched:
         return a.ndim > 1 and not a.flags.c_contiguous
     return not (a.flags.c_contiguous or a.flags.f_contiguous)
+
+
+def _reshape_without_copy(a, shape):
+    """a.reshape(shape) as a view, or ValueError when that needs a copy."""
+    try:
+        return np.reshape(a, shape, copy=False)                      # NumPy >= 2.1
+    except TypeError:                                                # older NumPy: no copy= argument
+        v = a.view()
+        try:
+            v.shape = shape
+        except AttributeError as e:
+            raise ValueError("reshape needs a copy") from e
+        return v
 
 
 def _is_advanced(key):
@@ -462,7 +471,7 @@ class Tracer:
     def reshape(self, a, shape, kwargs, compute):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
         try:
-            r = np.reshape(a.view(np.ndarray), shape, copy=False)
+            _reshape_without_copy(a.view(np.ndarray), shape)
         except ValueError:                                           # CuPy copies too
             return self.produce("copy", "reshape copy", (a,), np.reshape(np.broadcast_to(0, a.shape), shape).shape,
                                 a.dtype, lambda: fake_cupy._wrap(np.reshape(a.view(np.ndarray), shape)))
