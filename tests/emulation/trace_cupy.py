@@ -1,0 +1,600 @@
+"""Record what a piece of GPU-path code asks of CuPy, on the CPU, through the fake CuPy (fake_cupy.py).
+
+    with Tracer(shape_only=True, sms=132) as tr:       # installs the fake CuPy, with recording arrays
+        ...run GPU-path code (backend.use_device("cuda") picks up the fake)...
+        tr.start(); step(); tr.stop()
+    tr.ops                                             # every op the step issued, in order
+
+What is recorded (one `Op` each), only for calls made by the project's code (what the fake does inside an
+emulation is not recorded):
+  kernel   a launch of one of our CUDA kernels (compile.launch), with its grid, block and scalar arguments
+  gemm     a cuBLAS gemmEx call (precision.matmul_bf16), with m, n, k, the operand types and beta
+  matmul   cupy.matmul / `@` (cuBLAS through CuPy), with the operands' shapes and whether CuPy must copy them
+  elementwise, reduction, copy, cast, gather, scatter, fill, memset
+           a CuPy elementwise or reduction kernel: a ufunc, a method such as astype/copy/fill, x[...] = y,
+           fancy indexing, add.at, zeros/ones/full
+  alloc    a new array from the memory pool (bytes), with the live total after it (for the peak)
+  h2d, d2h host <-> device copies (d2h also waits for the device: a sync)
+  view     a reshape/transpose/slice that CuPy does without touching memory (a host-side cost only)
+  host     other host-side library calls (cuBLAS pointer mode)
+
+With shape_only=True nothing is computed: new arrays are zero pages that are never touched (mmap), kernel
+emulations and cuBLAS calls are skipped, and every op returns an output of the right shape and dtype. A GPT-2
+step then traces in well under a second instead of hours of float64 arithmetic; the op sequence is the same as
+with arithmetic (tests/test_gpu_model.py checks it), because the code's control flow does not depend on values.
+
+Each op also carries the project's own Python time spent since the previous op (`py_s`), measured with
+perf_counter outside the tracer's hooks: the host cost of the project's code, without CuPy's own overhead.
+"""
+import math
+import mmap
+import sys
+import time
+import types
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import fake_cupy
+
+_tracer = None            # the active Tracer (one at a time)
+_MMAP_FROM = 1 << 16      # shape-only arrays of at least this many bytes are untouched anonymous mappings
+
+
+@dataclass
+class Op:
+    kind: str                 # see the module docstring
+    name: str                 # ufunc / kernel / function name
+    family: str               # the project code that issued it (layernorm, attention, matmul, ...), see FAMILIES
+    phase: tuple              # (stage, layer): stage "fwd", "bwd", "step", "optimizer"; layer index or None
+    inputs: tuple = ()        # ((shape, dtype str, nbytes), ...) of the array operands
+    outputs: tuple = ()       # the same for the arrays written
+    args: dict = field(default_factory=dict)   # kernel scalars, grid/block, gemm m/n/k, ...
+    alloc: int = 0            # bytes this op allocated from the pool
+    live: int = 0             # bytes live on the device after this op
+    py_s: float = 0.0         # the project's Python time since the previous op (shape-only traces)
+
+
+def _desc(a):
+    a = np.asarray(a) if not isinstance(a, np.ndarray) else a
+    return (tuple(a.shape), a.dtype.str, int(a.nbytes))
+
+
+# Which project code an op belongs to: the innermost frame found in these tables names its family.
+# (module, function) entries are looked up before module entries; None means "look further out".
+FAMILIES = {
+    ("nanogpt_np.kernels.precision", "to_bf16"): "casts",
+    ("nanogpt_np.kernels.precision", "to_float32"): "casts",
+    ("nanogpt_np.kernels.precision", "matmul_bf16"): None,
+    "nanogpt_np.kernels.linear_bf16": "matmul",
+    "nanogpt_np.ops.linear": "matmul",
+    "nanogpt_np.kernels.softmax_attention": "attention",
+    "nanogpt_np.kernels.flash_attention": "attention",
+    "nanogpt_np.ops.attention": "attention",
+    "nanogpt_np.kernels.layernorm": "layernorm",
+    "nanogpt_np.ops.layernorm": "layernorm",
+    "nanogpt_np.kernels.gelu": "gelu",
+    "nanogpt_np.ops.gelu": "gelu",
+    "nanogpt_np.kernels.cross_entropy": "cross-entropy",
+    "nanogpt_np.ops.cross_entropy": "cross-entropy",
+    "nanogpt_np.kernels.encoder": "embedding",
+    "nanogpt_np.ops.embedding": "embedding",
+    "nanogpt_np.kernels.adamw": "adamw",
+    "nanogpt_np.optim": "adamw",
+    "nanogpt_np.ops.residual": "residual",
+    "nanogpt_np.ops.dropout": "dropout",
+    "nanogpt_np.tensor": "tensor",                 # gradient sums into .grad, item()
+    "nanogpt_np.model": "model",
+    "nanogpt_np.trainer": "trainer",
+}
+
+
+def _family():
+    f = sys._getframe(2)
+    while f is not None:
+        mod = f.f_globals.get("__name__", "")
+        if mod.startswith("nanogpt_np."):
+            key = (mod, f.f_code.co_name)
+            if key in FAMILIES:
+                if FAMILIES[key] is not None:
+                    return FAMILIES[key]
+            elif mod in FAMILIES:
+                return FAMILIES[mod]
+        f = f.f_back
+    return "other"
+
+
+class TracedArray(fake_cupy.ndarray):
+    """The fake's device array, with every CuPy-level operation reported to the active Tracer."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        return _call(lambda: _tracer.ufunc(ufunc, method, inputs, kwargs),
+                     lambda: _plain_ufunc(ufunc, method, inputs, kwargs))
+
+    def __array_function__(self, func, types_, args, kwargs):
+        return _call(lambda: _tracer.array_function(func, args, kwargs),
+                     lambda: super(TracedArray, self).__array_function__(func, types_, args, kwargs))
+
+    def astype(self, dtype, order="K", casting="unsafe", subok=True, copy=True):
+        plain = lambda: fake_cupy._wrap(np.ndarray.astype(self, dtype, order=order, casting=casting, copy=copy))
+        return _call(lambda: _tracer.astype(self, dtype, copy, plain), plain)
+
+    def copy(self, order="C"):
+        plain = lambda: fake_cupy._wrap(np.ndarray.copy(self, order=order))
+        return _call(lambda: _tracer.produce("copy", "copy", (self,), self.shape, self.dtype, plain), plain)
+
+    def fill(self, value):
+        plain = lambda: np.ndarray.fill(self, value)
+        return _call(lambda: _tracer.inplace("fill", "fill", (), self, plain), plain)
+
+    def __setitem__(self, key, value):
+        plain = lambda: np.ndarray.__setitem__(self, key, value)
+        return _call(lambda: _tracer.setitem(self, key, value, plain), plain)
+
+    def __getitem__(self, key):
+        plain = lambda: np.ndarray.__getitem__(self, key)
+        return _call(lambda: _tracer.getitem(self, key, plain), plain)
+
+    def reshape(self, *shape, **kwargs):
+        plain = lambda: np.ndarray.reshape(self, *shape, **kwargs)
+        return _call(lambda: _tracer.reshape(self, shape, kwargs, plain), plain)
+
+    def transpose(self, *axes):
+        plain = lambda: np.ndarray.transpose(self, *axes)
+        return _call(lambda: _tracer.view_op("transpose", self, plain), plain)
+
+    def item(self, *args):
+        plain = lambda: np.ndarray.item(self, *args)
+        return _call(lambda: _tracer.to_host("item", self, plain), plain)
+
+    def __float__(self):
+        plain = lambda: float(np.ndarray.item(self))
+        return _call(lambda: _tracer.to_host("float", self, plain), plain)
+
+
+def _call(traced, plain):
+    """Run `traced` when the call comes from project code under an active tracer, else the plain operation."""
+    tr = _tracer
+    if tr is None or tr.depth:
+        return plain()
+    with tr.hook():
+        return traced()
+
+
+def _plain(x):
+    return x.view(np.ndarray) if isinstance(x, np.ndarray) else x
+
+
+def _plain_ufunc(ufunc, method, inputs, kwargs):
+    ins = [_plain(x) for x in inputs]
+    outs = kwargs.get("out")
+    if outs is not None:
+        kwargs = dict(kwargs, out=tuple(_plain(o) for o in outs))
+    r = getattr(ufunc, method)(*ins, **kwargs)
+    if outs is not None:
+        return outs[0] if len(outs) == 1 else outs
+    if isinstance(r, np.generic):               # CuPy returns 0-d arrays, never NumPy scalars
+        r = np.asarray(r)
+    return fake_cupy._wrap_all(r)
+
+
+# ------------------------------------------------------------------------------------------ shape inference
+
+def _broadcast_shape(inputs):
+    return np.broadcast_shapes(*[np.shape(x) for x in inputs])
+
+
+def _proxy(x, shape=()):
+    return np.zeros(shape, x.dtype) if isinstance(x, np.ndarray) else x
+
+
+def _matmul_shape(a, b):
+    sa, sb = tuple(a.shape), tuple(b.shape)
+    va, vb = len(sa) == 1, len(sb) == 1
+    if va:
+        sa = (1,) + sa
+    if vb:
+        sb = sb + (1,)
+    out = np.broadcast_shapes(sa[:-2], sb[:-2]) + (sa[-2], sb[-1])
+    if va:
+        out = out[:-2] + out[-1:]
+    if vb:
+        out = out[:-1]
+    return out
+
+
+def _reduced_shape(shape, axis, keepdims):
+    nd = len(shape)
+    axes = range(nd) if axis is None else [a % nd for a in (axis if isinstance(axis, tuple) else (axis,))]
+    if keepdims:
+        return tuple(1 if i in axes else s for i, s in enumerate(shape))
+    return tuple(s for i, s in enumerate(shape) if i not in axes)
+
+
+def _needs_copy_for_cublas(a, batched):
+    """Does CuPy copy this matmul operand first? Batched (ndim > 2): unless C-contiguous
+    (cupy/_core/_routines_linalg.pyx: matmul calls ascontiguousarray on both operands). 2-D: unless C- or
+    F-contiguous (tensordot_core hands a transpose to cuBLAS as a flag)."""
+    if batched:
+        return a.ndim > 1 and not a.flags.c_contiguous
+    return not (a.flags.c_contiguous or a.flags.f_contiguous)
+
+
+def _reshape_without_copy(a, shape):
+    """a.reshape(shape) as a view, or ValueError when that needs a copy."""
+    try:
+        return np.reshape(a, shape, copy=False)                      # NumPy >= 2.1
+    except TypeError:                                                # older NumPy: no copy= argument
+        v = a.view()
+        try:
+            v.shape = shape
+        except AttributeError as e:
+            raise ValueError("reshape needs a copy") from e
+        return v
+
+
+def _is_advanced(key):
+    ks = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(k, (np.ndarray, list)) and not isinstance(k, np.generic) for k in ks)
+
+
+# ------------------------------------------------------------------------------------------------ tracer
+
+class _Patches:
+    """The two methods of pytest's monkeypatch that fake_cupy.install uses, with undo (no pytest needed)."""
+
+    def __init__(self):
+        self._undo = []
+
+    def setitem(self, d, key, value):
+        self._undo.append((lambda k=key, v=d.get(key, _MISSING): d.pop(k, None) if v is _MISSING else d.__setitem__(k, v)))
+        d[key] = value
+
+    def setattr(self, obj, name, value, raising=True):
+        old = getattr(obj, name, _MISSING)
+        self._undo.append(lambda: delattr(obj, name) if old is _MISSING else setattr(obj, name, old))
+        setattr(obj, name, value)
+
+    def undo(self):
+        while self._undo:
+            self._undo.pop()()
+
+
+_MISSING = object()
+
+
+class Tracer:
+    """Install the fake CuPy with recording arrays; record ops between start() and stop()."""
+
+    def __init__(self, shape_only=True, sms=132, compute_capability="90"):
+        self.shape_only = shape_only
+        self.sms = sms
+        self.compute_capability = compute_capability
+        self.ops = []
+        self.recording = False
+        self.depth = 0
+        self.phase = ("step", None)
+        self.tf32 = False
+        self.live = 0
+        self.peak = 0
+        self._resumed = None
+        self._py = 0.0
+
+    # ----- install / uninstall
+    def __enter__(self):
+        global _tracer
+        if _tracer is not None:
+            raise RuntimeError("a Tracer is already active")
+        from nanogpt_np.kernels import compile as kc
+        self._patches = p = _Patches()
+        fc = fake_cupy.install(p)
+        p.setattr(fc, "ndarray", TracedArray)
+        p.setattr(fc, "cuda", types.SimpleNamespace(**{**vars(fc.cuda), "Device": self._device}))
+        for name in ("empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "full", "asarray",
+                     "ascontiguousarray", "asnumpy", "argsort"):
+            p.setattr(fc, name, self._creation(name, getattr(fc, name)))
+        p.setattr(kc, "emulator", self._launch)
+        cublas = sys.modules["cupy_backends.cuda.libs.cublas"]
+        self._gemm_emulation = cublas.gemmEx
+        p.setattr(cublas, "gemmEx", self._gemm)
+        p.setattr(cublas, "getPointerMode", lambda h: self._host_call("cublasGetPointerMode", 0))
+        p.setattr(cublas, "setPointerMode", lambda h, m: self._host_call("cublasSetPointerMode"))
+        linalg = sys.modules["cupy._core._routines_linalg"]
+        p.setattr(linalg, "set_compute_type", self._set_compute_type)
+        self._linalg = linalg
+        _tracer = self
+        return self
+
+    def __exit__(self, *exc):
+        global _tracer
+        _tracer = None
+        self._patches.undo()
+        return False
+
+    def _device(self, *a):
+        return types.SimpleNamespace(attributes={"MultiProcessorCount": self.sms},
+                                     compute_capability=self.compute_capability, id=0)
+
+    # ----- the recording window and the project-time clock
+    def start(self):
+        self.ops = []
+        self.recording = True
+        self.peak = self.live
+        self._py = 0.0
+        self._resumed = time.perf_counter()
+
+    def stop(self):
+        self.recording = False
+
+    def hook(self):
+        return _Hook(self)
+
+    def record(self, kind, name, inputs=(), outputs=(), alloc=0, **args):
+        if not self.recording:
+            return None
+        op = Op(kind, name, _family(), self.phase, tuple(_desc(a) for a in inputs),
+                tuple(_desc(a) for a in outputs), args, alloc, self.live, self._py)
+        self._py = 0.0
+        self.ops.append(op)
+        return op
+
+    # ----- device memory: allocations and their lifetime
+    def new_array(self, shape, dtype, compute=None):
+        """A fresh device array: computed by `compute()` (arithmetic mode) or untouched zero pages."""
+        dtype = np.dtype(dtype)
+        if compute is not None and not self.shape_only:
+            a = compute()
+            if not isinstance(a, TracedArray):
+                a = fake_cupy._wrap(np.asarray(a).view(np.ndarray))
+        else:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes >= _MMAP_FROM:
+                base = np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
+            else:
+                base = np.zeros(shape, dtype)
+            a = fake_cupy._wrap(base)
+        self._allocated(a)
+        return a
+
+    def _allocated(self, a):
+        nbytes = int(a.nbytes)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(a, self._freed, nbytes)
+        if self.recording:
+            self.record("alloc", "pool", outputs=(a,), alloc=nbytes)
+
+    def _freed(self, nbytes):
+        self.live -= nbytes
+
+    # ----- ops
+    def produce(self, kind, name, inputs, shape, dtype, compute, **args):
+        """An op that writes a new array of `shape` and `dtype`."""
+        out = self.new_array(shape, dtype, compute)
+        self.record(kind, name, inputs=[x for x in inputs if isinstance(x, np.ndarray)], outputs=(out,), **args)
+        return out
+
+    def inplace(self, kind, name, inputs, target, compute, **args):
+        self.record(kind, name, inputs=[x for x in inputs if isinstance(x, np.ndarray)], outputs=(target,), **args)
+        if not self.shape_only:
+            return compute()
+        return None
+
+    def ufunc(self, ufunc, method, inputs, kwargs):
+        compute = lambda: _plain_ufunc(ufunc, method, inputs, kwargs)
+        arrays = [x for x in inputs if isinstance(x, np.ndarray)]
+        if method == "at":                                           # add.at(a, idx, values): in place
+            target = inputs[0]
+            return self.inplace("scatter", ufunc.__name__ + ".at", inputs[1:], target, compute)
+        out = kwargs.get("out")
+        kind, extra = ("elementwise", {})
+        if ufunc is np.matmul:
+            kind = "matmul"
+            batched = max(x.ndim for x in arrays) > 2
+            extra = dict(copies=[_needs_copy_for_cublas(x, batched) for x in arrays], tf32=self.tf32)
+        elif method == "reduce":
+            kind = "reduction"
+        elif method != "__call__":
+            kind = "elementwise"
+        if out is not None:
+            self.record(kind, ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}",
+                        inputs=arrays, outputs=tuple(out), **extra)
+            if not self.shape_only:
+                return compute()
+            return out[0] if len(out) == 1 else out
+        shape, dtype = self._ufunc_result(ufunc, method, inputs, kwargs)
+        name = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
+        return self.produce(kind, name, arrays, shape, dtype, compute, **extra)
+
+    def _ufunc_result(self, ufunc, method, inputs, kwargs):
+        with np.errstate(all="ignore"):
+            if method == "reduce":
+                x = inputs[0]
+                axis = kwargs.get("axis", 0)
+                shape = _reduced_shape(x.shape, axis, kwargs.get("keepdims", False))
+                dt = np.asarray(ufunc.reduce(np.zeros((1,), x.dtype), dtype=kwargs.get("dtype"))).dtype
+                return shape, dt
+            if ufunc is np.matmul:
+                a, b = inputs
+                dt = np.matmul(np.zeros((1, 1), a.dtype), np.zeros((1, 1), b.dtype)).dtype
+                return _matmul_shape(a, b), dt
+            if ufunc.nout != 1:
+                raise NotImplementedError(f"shape-only tracing of {ufunc.__name__} (more than one output)")
+            extra = {k: kwargs[k] for k in ("dtype", "casting", "signature") if k in kwargs}
+            dt = np.asarray(ufunc(*[_proxy(x) for x in inputs], **extra)).dtype
+            return _broadcast_shape(inputs), dt
+
+    def array_function(self, func, args, kwargs):
+        arrays = [a for a in args if isinstance(a, np.ndarray)]
+        compute = lambda: fake_cupy._wrap_all(func(*[_plain(a) for a in args], **kwargs))
+        if func is np.where and len(args) == 3:
+            dt = np.result_type(*[_proxy(a) for a in args[1:]])
+            return self.produce("elementwise", "where", arrays, _broadcast_shape(args), dt, compute)
+        r = func(*[_plain(a) for a in args], **kwargs)                # anything else: computed, then recorded
+        r = fake_cupy._wrap_all(np.asarray(r) if isinstance(r, np.generic) else r)
+        if isinstance(r, np.ndarray):
+            self._allocated(r)
+            self.record("elementwise", func.__name__, inputs=arrays, outputs=(r,))
+        return r
+
+    def astype(self, a, dtype, copy, compute):
+        dtype = np.dtype(dtype)
+        if dtype == a.dtype and not copy:
+            return a
+        kind = "cast" if dtype != a.dtype else "copy"
+        return self.produce(kind, f"astype {a.dtype}->{dtype}", (a,), a.shape, dtype, compute)
+
+    def setitem(self, target, key, value, compute):
+        region = np.ndarray.__getitem__(target, key)
+        region = region if isinstance(region, np.ndarray) else np.asarray(region)
+        if isinstance(value, TracedArray):
+            self.record("copy", "setitem", inputs=(value,), outputs=(region,))
+        elif isinstance(value, np.ndarray) and value.size > 1:
+            self.record("h2d", "setitem from host", inputs=(value,), outputs=(region,))
+        else:
+            self.record("fill", "setitem scalar", outputs=(region,))
+        if not self.shape_only:
+            compute()
+
+    def getitem(self, a, key, compute):
+        if not _is_advanced(key):
+            r = compute()
+            if isinstance(r, np.ndarray):
+                self.record("view", "getitem")
+            return r
+        shape = np.ndarray.__getitem__(np.broadcast_to(np.zeros((), a.dtype), a.shape), key).shape
+        idx = [k for k in (key if isinstance(key, tuple) else (key,)) if isinstance(k, np.ndarray)]
+        return self.produce("gather", "fancy getitem", [a] + idx, shape, a.dtype,
+                            lambda: fake_cupy._wrap(np.asarray(compute())))
+
+    def reshape(self, a, shape, kwargs, compute):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        try:
+            _reshape_without_copy(a.view(np.ndarray), shape)
+        except ValueError:                                           # CuPy copies too
+            return self.produce("copy", "reshape copy", (a,), np.reshape(np.broadcast_to(0, a.shape), shape).shape,
+                                a.dtype, lambda: fake_cupy._wrap(np.reshape(a.view(np.ndarray), shape)))
+        self.record("view", "reshape")
+        return compute()
+
+    def view_op(self, name, a, compute):
+        self.record("view", name)
+        return compute()
+
+    def to_host(self, name, a, compute):
+        self.record("d2h", name, inputs=(a,))
+        return compute()
+
+    def _host_call(self, name, result=None):
+        """A host-side library call (no device work)."""
+        if not self.depth:
+            with self.hook():
+                self.record("host", name)
+        return result
+
+    def _set_compute_type(self, t):
+        self.tf32 = t == self._linalg.COMPUTE_TYPE_TF32
+        self._host_call("set_compute_type")
+
+    # ----- the fake's module functions, wrapped
+    def _creation(self, name, fn):
+        def wrapped(*args, **kwargs):
+            if self.depth:
+                return fn(*args, **kwargs)
+            with self.hook():
+                return self._create(name, fn, args, kwargs)
+        wrapped.__name__ = name
+        return wrapped
+
+    def _create(self, name, fn, args, kwargs):
+        compute = lambda: fn(*args, **kwargs)
+        if name in ("empty", "zeros", "ones", "full"):
+            shape = args[0] if args else kwargs["shape"]
+            shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+            dtype = kwargs.get("dtype", args[2] if name == "full" and len(args) > 2 else
+                               args[1] if name != "full" and len(args) > 1 else None)
+            if dtype is None:
+                dtype = np.asarray(args[1]).dtype if name == "full" else np.float64
+            out = self.new_array(shape, dtype, compute)
+            if name != "empty":
+                self.record("memset" if name == "zeros" else "fill", name, outputs=(out,))
+            return out
+        if name in ("empty_like", "zeros_like", "ones_like"):
+            like = args[0]
+            dtype = kwargs.get("dtype") or (args[1] if len(args) > 1 else None) or like.dtype
+            out = self.new_array(like.shape, dtype, compute)
+            if name != "empty_like":
+                self.record("memset" if name == "zeros_like" else "fill", name, outputs=(out,))
+            return out
+        if name in ("asarray", "ascontiguousarray"):
+            a = args[0]
+            dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
+            if not isinstance(a, np.ndarray) or isinstance(a, np.generic):
+                a = np.asarray(a, dtype=dtype)
+            dtype = np.dtype(dtype) if dtype is not None else a.dtype
+            if isinstance(a, TracedArray):
+                if dtype == a.dtype and (name == "asarray" or a.flags.c_contiguous):
+                    return a
+                kind = "cast" if dtype != a.dtype else "copy"
+                return self.produce(kind, f"{name} {a.dtype}->{dtype}" if kind == "cast" else f"{name} copy",
+                                    (a,), a.shape, dtype, compute)
+            host = np.ascontiguousarray(a, dtype=dtype)               # from the host: always computed
+            out = self.new_array(host.shape, host.dtype, lambda: host.copy())
+            if self.shape_only and host.nbytes < _MMAP_FROM:
+                np.copyto(out.view(np.ndarray), host)                 # small host data keeps its values
+            self.record("h2d", name, inputs=(host,), outputs=(out,))
+            return out
+        if name == "asnumpy":
+            self.record("d2h", "asnumpy", inputs=(args[0],))
+            return fn(*args, **kwargs)
+        if name == "argsort":
+            a = args[0]
+            return self.produce("sort", "argsort", (a,), a.shape, np.int64, compute)
+        raise AssertionError(name)
+
+    # ----- kernels and cuBLAS
+    def _launch(self, module, kernel, grid, block, args, shared_mem):
+        if self.depth:
+            return fake_cupy.emulate(module, kernel, grid, block, args, shared_mem)
+        with self.hook():
+            scalars = {f"a{i}": (a.item() if isinstance(a, np.generic) and not isinstance(a, np.uint64) else None)
+                       for i, a in enumerate(args)}
+            arrays = [a for a in args if isinstance(a, np.ndarray) and not isinstance(a, np.generic)]
+            self.record("kernel", kernel, inputs=arrays, module=module, grid=tuple(grid), block=tuple(block),
+                        smem=shared_mem, scalars=[scalars[f"a{i}"] for i in range(len(args))],
+                        null=[isinstance(a, np.uint64) and int(a) == 0 for a in args])
+            if not self.shape_only:
+                fake_cupy.emulate(module, kernel, grid, block, args, shared_mem)
+
+    def _gemm(self, handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, compute, algo):
+        import ctypes
+        if self.depth:
+            return self._gemm_emulation(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C,
+                                        Ctype, ldc, compute, algo)
+        with self.hook():
+            b = ctypes.c_float.from_address(beta).value
+            self.record("gemm", "cublasGemmEx", m=m, n=n, k=k, Atype=Atype, Btype=Btype, Ctype=Ctype, beta=b)
+            if not self.shape_only:
+                self._gemm_emulation(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C,
+                                     Ctype, ldc, compute, algo)
+
+
+class _Hook:
+    """Marks the tracer's own code: nested calls are not recorded, and its time is not the project's."""
+
+    def __init__(self, tr):
+        self.tr = tr
+
+    def __enter__(self):
+        tr = self.tr
+        if tr.depth == 0 and tr._resumed is not None:
+            tr._py += time.perf_counter() - tr._resumed
+        tr.depth += 1
+
+    def __exit__(self, *exc):
+        tr = self.tr
+        tr.depth -= 1
+        if tr.depth == 0:
+            tr._resumed = time.perf_counter()
+        return False

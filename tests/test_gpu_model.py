@@ -1,0 +1,265 @@
+"""benchmarks/gpu_model.py, the traced performance model of a GPU step (PREDICTED numbers; no GPU here).
+
+What is checked: the shape-only trace is the trace the arithmetic gives; each layer issues the launches the
+model's structure implies; the 1-and-2-layer extrapolation equals a full 12-layer trace; the matmul FLOPs are
+6 * (matmul parameters) * tokens; the printed table has every category.
+"""
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import gpu_model as gm                                       # noqa: E402
+
+TINY = dict(n_layer=2, n_head=2, n_embd=128, vocab_size=97, batch_size=2, block_size=64)   # head size 64 (flash)
+MODES = [("matmul", "float32"), ("flash", "bfloat16")]
+
+
+def _key(op):
+    return (op.kind, op.name, op.family, op.phase, op.inputs, op.outputs, op.alloc, op.args)
+
+
+@pytest.mark.parametrize("attention,dtype", MODES)
+def test_shape_only_trace_is_the_arithmetic_trace(attention, dtype):
+    """Skipping the arithmetic changes nothing the model sees: same ops, shapes, dtypes, allocations, peak."""
+    cfg = gm.StepConfig(**TINY, attention=attention, dtype=dtype)
+    fast = gm.trace_step(cfg, shape_only=True, steps=2)
+    slow = gm.trace_step(cfg, shape_only=False, steps=2)
+    assert [_key(o) for o in fast.ops] == [_key(o) for o in slow.ops]
+    assert fast.peak == slow.peak and len(fast.ops) > 100
+
+
+# Launches and cuBLAS calls each op of a block issues on the GPU path (from the kernel wrappers in
+# nanogpt_np/kernels/*.py and ops/linear.py); the number of calls per block comes from running a block.
+def _per_call(attention, dtype):
+    ln = {"fwd": ["layernorm_forward"], "bwd": ["layernorm_backward", "layernorm_param_reduce"]}
+    if dtype == "bfloat16":      # linear_bf16: to_bf16(x), to_bf16(w), one gemm; backward to_bf16(dy), two gemms
+        linear = {"fwd": ["f32_to_bf16", "f32_to_bf16", "gemm"], "bwd": ["f32_to_bf16", "gemm", "gemm"]}
+    else:                        # CuPy matmul; the bias gradient is a matrix-vector product (ops/reductions.py)
+        linear = {"fwd": ["matmul"], "bwd": ["matmul", "matmul", "matmul?bias"]}
+    att = ({"fwd": ["causal_softmax_forward", "matmul", "matmul"],
+            "bwd": ["causal_softmax_backward", "matmul", "matmul", "matmul", "matmul"]} if attention == "matmul" else
+           {"fwd": ["qkv_to_heads_bf16", "flash_attention_forward"],
+            "bwd": ["flash_attention_backward_prep", "flash_attention_backward_dkdv", "flash_attention_backward_dq"]})
+    return {"layernorm": ln, "residual_layernorm": ln, "linear": linear, "attention": att,
+            "bias_gelu": {"fwd": ["gelu_forward_f4"], "bwd": ["bias_gelu_backward", "column_sum_finish"]},
+            "add": {"fwd": [], "bwd": []}, "dropout": {"fwd": [], "bwd": []}}
+
+
+def _calls_per_block():
+    """{op name: [called with a bias?, ...]} for one block of the tiny model, counted on the CPU."""
+    from nanogpt_np import model as model_mod
+    from nanogpt_np import ops
+    from nanogpt_np.model import GPT, GPTConfig
+    from nanogpt_np.tensor import Tensor, clear_tape
+    calls = []
+    cfg = GPTConfig(**{k: TINY[k] for k in ("n_layer", "n_head", "n_embd", "vocab_size")}, block_size=64)
+    m = GPT(cfg, seed=0)
+    saved = {n: getattr(ops, n) for n in _per_call("matmul", "float32")}
+    try:
+        for name, fn in saved.items():
+            def counting(*a, _n=name, _fn=fn, **k):
+                calls.append((_n, _n == "linear" and len(a) > 2 and a[2] is not None))
+                return _fn(*a, **k)
+            setattr(model_mod.ops, name, counting)
+        m._block(0, Tensor(np.zeros((1, 8, cfg.n_embd), np.float32)))
+    finally:
+        for name, fn in saved.items():
+            setattr(model_mod.ops, name, fn)
+        clear_tape()
+    return calls
+
+
+@pytest.mark.parametrize("attention,dtype", MODES)
+def test_launches_per_layer_follow_the_model_structure(attention, dtype):
+    cfg = gm.StepConfig(**TINY, attention=attention, dtype=dtype)
+    trace = gm.trace_step(cfg, shape_only=True, steps=2)
+    table = _per_call(attention, dtype)
+    calls = _calls_per_block()
+    assert Counter(n for n, _ in calls) == Counter(layernorm=1, residual_layernorm=1, linear=4, attention=1,
+                                                   bias_gelu=1, add=1, dropout=2)
+    for layer in range(cfg.n_layer):
+        for stage in ("fwd", "bwd"):
+            expected = Counter()
+            for name, has_bias in calls:
+                for k in table[name][stage]:
+                    if k == "matmul?bias":
+                        if has_bias:
+                            expected["matmul"] += 1
+                    else:
+                        expected[k] += 1
+            got = Counter(o.name if o.kind == "kernel" else o.kind for o in trace.ops
+                          if o.phase == (stage, layer) and o.kind in ("kernel", "gemm", "matmul"))
+            assert got == expected, (layer, stage)
+
+
+def _compare(a, b, rel=1e-9):
+    for cat in gm.CATEGORIES:
+        ra, rb = a.rows[cat], b.rows[cat]
+        for f in ("gpu_ops", "host_ops"):
+            assert getattr(ra, f) == pytest.approx(getattr(rb, f), abs=1e-6), (cat, f)
+        for f in ("flops", "bytes_min", "bytes_written", "gpu_s", "alloc"):
+            assert getattr(ra, f) == pytest.approx(getattr(rb, f), rel=rel, abs=1e-12), (cat, f)
+
+
+@pytest.mark.parametrize("attention,dtype", MODES)
+def test_extrapolation_matches_a_full_12_layer_trace(attention, dtype):
+    cfg = gm.StepConfig(**dict(TINY, n_layer=12), attention=attention, dtype=dtype)
+    full, _ = gm.model_step(cfg, full=True)
+    extrapolated, traces = gm.model_step(cfg)
+    assert [t.n_layer for t in traces] == [1, 2]
+    _compare(extrapolated, full)
+    assert extrapolated.peak == pytest.approx(full.peak, rel=1e-9)
+    assert extrapolated.params == full.params and extrapolated.syncs == full.syncs
+
+
+def test_extrapolation_check_can_fail():
+    cfg = gm.StepConfig(**dict(TINY, n_layer=12))
+    full, _ = gm.model_step(cfg, full=True)
+    s1 = gm.summarize(gm.trace_step(cfg, 1, steps=2))
+    s3 = gm.summarize(gm.trace_step(cfg, 3, steps=2))          # a wrong pair: 1 and 3 layers as if 1 and 2
+    with pytest.raises(AssertionError):
+        _compare(gm.extrapolate(s1, s3, 12), full)
+
+
+@pytest.mark.parametrize("attention,dtype", MODES)
+def test_matmul_flops_are_six_times_parameters_times_tokens(attention, dtype):
+    """Every weight matrix (the tied head included) costs 2 FLOPs per token forward and 4 backward. The only
+    extra matmul FLOPs are the float32 bias gradients (matrix-vector products): within 0.5%."""
+    cfg = gm.StepConfig(n_layer=3, n_head=4, n_embd=256, vocab_size=1000, batch_size=2, block_size=128,
+                        attention=attention, dtype=dtype)
+    s, _ = gm.model_step(cfg, full=True)
+    C, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    matrices = L * 12 * C * C + V * C
+    analytic = 6 * matrices * cfg.tokens
+    assert s.rows["matmul"].flops == pytest.approx(analytic, rel=5e-3)
+    assert s.rows["matmul"].flops >= analytic
+    # attention's own matmuls: QK^T and PV forward, four products backward, 2*T*T*HS FLOPs each per head
+    if attention == "matmul":
+        att = 6 * 2 * cfg.batch_size * cfg.n_head * cfg.block_size ** 2 * (C // cfg.n_head) * L
+        got = sum(c.flops for op, c in s.ops if c.category == "attention" and op.kind == "matmul")
+        assert got == pytest.approx(att, rel=1e-9)
+
+
+def test_report_prints_every_category_and_is_labelled_predicted(capsys, tmp_path):
+    out_json = tmp_path / "model.json"
+    args = [f"--{k}={v}" for k, v in TINY.items()] + ["--dtype=bfloat16", "--attention=flash", "--ops",
+                                                      f"--json={out_json}"]
+    assert gm.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("PREDICTED")
+    table = out[out.index("category"):out.index("predicted GPU time")]
+    for cat in gm.CATEGORIES:
+        assert f"\n{cat} " in table, cat
+    for line in ("predicted GPU time per step", "predicted host time per step", "predicted tokens/s",
+                 "predicted bytes per step", "predicted peak memory"):
+        assert line in out
+    assert "flash_attention_forward" in out and "cublasGemmEx" in out          # --ops lists the ops
+    import json
+    d = json.loads(out_json.read_text())
+    assert d["predicted"] is True and set(d["categories"]) == set(gm.CATEGORIES) and d["tokens_per_s"] > 0
+
+
+def test_every_kernel_of_the_step_has_a_traffic_formula():
+    import re
+    from nanogpt_np.kernels import compile as kc
+    names = set()
+    for src in kc.SOURCES:
+        names |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(", kc.source(src)))
+    fake = type("Op", (), {})
+    for k in sorted(names):
+        op = fake()
+        op.name, op.args = k, {"scalars": [1] * 16, "null": [False] * 16, "grid": (1, 1, 1)}
+        if k.startswith("flash_attention_") and k != "flash_attention_backward_prep":
+            op.args["scalars"] = [64] * 16
+        flops, bmin, bw, engine = gm.kernel_traffic(op)
+        assert bmin > 0 and bw >= bmin * 0.5 and engine in ("memory", "flash"), k
+    with pytest.raises(KeyError):
+        op.name = "no_such_kernel"
+        gm.kernel_traffic(op)
+
+
+def test_compare_script_puts_measured_beside_predicted(tmp_path, capsys):
+    """Per configuration (train_gpu.py JSON) and per category (kernels.py JSON: each row's call traced here)."""
+    import json
+    import gpu_model_compare as cmp
+    measured = {"device": "NVIDIA H100 80GB HBM3", "rows": [
+        {"impl": "nanogpt_np (bf16 matmuls, flash attention)", "B": 1, "T": 64, "step_ms": 10.0,
+         "tokens_per_s": 6400.0, "peak_mem_GiB": 2.0, "precision": "bf16"},
+        {"impl": "PyTorch eager", "B": 1, "T": 64, "step_ms": 5.0, "tokens_per_s": 12800.0}]}
+    labels = [p for p, _, _ in cmp.KERNEL_ROWS]
+    kernels = {"device": "NVIDIA H100 80GB HBM3", "small": True,
+               "rows": [{"kernel": label + " (as kernels.py labels it)", "ours_ms": 0.1} for label in labels]}
+    src, ksrc, out = tmp_path / "train.json", tmp_path / "kernels.json", tmp_path / "cmp.json"
+    src.write_text(json.dumps(measured))
+    ksrc.write_text(json.dumps(kernels))
+    assert cmp.main(["--measured", str(src), "--kernels", str(ksrc), "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    (row,) = d["configurations"]
+    assert row["device"] == "H100 SXM" and row["ratio_step"] == pytest.approx(10.0 / row["predicted_step_ms"])
+    assert len(d["kernels"]) == len(labels) and all(r["predicted_ms"] > 0 for r in d["kernels"])
+    assert set(d["category_ratio"]) == {"embedding", "layernorm", "gelu", "cross-entropy", "adamw", "attention"}
+    for r in d["kernels"]:                          # every row's ratio is its measured / its prediction
+        assert r["ratio"] == pytest.approx(0.1 / r["predicted_ms"])
+    assert set(row["calibrated_category_ms"]) == set(gm.CATEGORIES)
+    assert "calibrated by the kernel rows" in capsys.readouterr().out
+
+
+def _step_values(backend):
+    """Loss, gradients and updated weights of one step of the tiny model on whatever backend is selected."""
+    from nanogpt_np.model import GPT, GPTConfig
+    from nanogpt_np.optim import AdamW
+    from nanogpt_np.tensor import backward
+    cfg = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=128)
+    model = GPT(cfg, seed=0)
+    opt = AdamW(model, lr=1e-3)
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 97, (2, 64)), rng.integers(0, 97, (2, 64))
+    model.zero_grad()
+    _, loss = model(backend.to_device(x), backend.to_device(y))
+    backward(loss)
+    opt.step(grad_clip=1.0)
+    return float(loss.item()), backend.to_numpy(model.flat_grads).copy(), backend.to_numpy(model.flat_params).copy()
+
+
+def test_tracing_with_arithmetic_leaves_the_step_bit_identical(monkeypatch):
+    """The recorder only watches: the traced step computes exactly what the plain fake CuPy computes."""
+    from emulation import fake_cupy, trace_cupy
+    from nanogpt_np import backend
+    with monkeypatch.context() as mp:
+        fc = fake_cupy.install(mp)
+        mp.setattr(backend, "_cupy", fc)
+        mp.setattr(backend, "_device", "cuda")
+        plain = _step_values(backend)
+    with monkeypatch.context() as mp:
+        with trace_cupy.Tracer(shape_only=False, sms=5) as tr:        # the plain fake reports 5 SMs
+            mp.setattr(backend, "_cupy", sys.modules["cupy"])
+            mp.setattr(backend, "_device", "cuda")
+            tr.start()
+            traced = _step_values(backend)
+            tr.stop()
+    assert len(tr.ops) > 100
+    assert plain[0] == traced[0]
+    np.testing.assert_array_equal(plain[1], traced[1])
+    np.testing.assert_array_equal(plain[2], traced[2])
+
+
+@pytest.mark.parametrize("old_numpy", [False, True])
+def test_reshape_copy_detection(monkeypatch, old_numpy):
+    """The tracer tells a reshape CuPy does as a view from one that copies, with or without reshape(copy=)."""
+    from emulation import trace_cupy
+    if old_numpy:
+        real = np.reshape
+
+        def reshape_without_copy_argument(a, shape, **kw):
+            if "copy" in kw:
+                raise TypeError("reshape() got an unexpected keyword argument 'copy'")
+            return real(a, shape)
+        monkeypatch.setattr(np, "reshape", reshape_without_copy_argument)
+    a = np.zeros((4, 6))
+    assert trace_cupy._reshape_without_copy(a, (24,)).base is a
+    with pytest.raises(ValueError):
+        trace_cupy._reshape_without_copy(a.T, (24,))
