@@ -62,7 +62,7 @@ SOURCES = ("H100 SXM / H200: NVIDIA datasheets (dense = sparse / 2), as tabulate
            "A100: NVIDIA A100 datasheet via glennklockwood.com/garden/processors/A100")
 
 MATMUL_EFF = 0.70        # cuBLAS matmuls: fraction of the precision's dense peak
-FLASH_EFF = 0.25         # our flash-attention kernels (mma.sync m16n8k16, no ldmatrix / cp.async pipelining):
+FLASH_EFF = 0.25         # our flash-attention kernels (mma.sync m16n8k16, no ldmatrix, no asynchronous global-to-shared copies):
                          # fraction of the bf16 peak (assumed: FlashAttention-2 itself reaches ~35-50% on H100)
 MEM_EFF = 0.80           # memory-bound kernels: fraction of the datasheet bandwidth
 LAUNCH_FLOOR_S = 3e-6    # no kernel takes less (launch + ramp-up + tail)
@@ -140,7 +140,7 @@ def trace_step(cfg: StepConfig, n_layer=None, device="h100", shape_only=True, st
             from nanogpt_np import run_setup
             tcfg = TrainConfig(device="cuda", dtype=cfg.dtype, batch_size=cfg.batch_size, block_size=cfg.block_size,
                                grad_accum_steps=cfg.grad_accum_steps, dropout=0.0, grad_clip=1.0)
-            run_setup.setup_device(tcfg)                         # the trainer's own GPU configuration
+            run_setup.setup_device(tcfg, echo=lambda line: None)   # the trainer's own GPU configuration (quietly)
             registry.set_attention(cfg.attention)
             if cfg.tf32 != "trainer":
                 registry.configure(tf32=cfg.tf32 == "on")
@@ -214,12 +214,12 @@ class _PhasedGPT(GPT):
 
     __call__ = forward
 
-    def _block(self, i, x, kv_cache=None):
+    def _block(self, i, x, *args, **kwargs):
         from emulation import trace_cupy
         from nanogpt_np import tensor
         tr, start = trace_cupy._tracer, len(tensor._tape)
         tr.phase = ("fwd", i)
-        x = super()._block(i, x, kv_cache)
+        x = super()._block(i, x, *args, **kwargs)
         _tag_tape(start, ("bwd", i))
         tr.phase = ("fwd", None)
         return x

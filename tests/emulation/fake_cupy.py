@@ -33,6 +33,7 @@ class ndarray(np.ndarray):
         return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
 
 
+DeviceArray = ndarray      # every fake device array is one (a tracer may swap `ndarray` for a subclass of it)
 _live = weakref.WeakValueDictionary()      # address of an allocation -> the array (resolves raw pointers)
 
 
@@ -263,7 +264,7 @@ def _arr(x):
     one-element one *by value* (its bits, not an address) and raises TypeError for a larger one."""
     if x is None:
         return None
-    if isinstance(x, ndarray):
+    if isinstance(x, DeviceArray):
         return _device_memory(x)
     if isinstance(x, np.ndarray):
         if x.size == 1:

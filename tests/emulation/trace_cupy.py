@@ -493,8 +493,8 @@ class Tracer:
                 self.record("host", name)
         return result
 
-    def _set_compute_type(self, t):
-        self.tf32 = t == self._linalg.COMPUTE_TYPE_TF32
+    def _set_compute_type(self, dtype, compute_type):
+        self.tf32 = compute_type == self._linalg.COMPUTE_TYPE_TF32
         self._host_call("set_compute_type")
 
     # ----- the fake's module functions, wrapped
