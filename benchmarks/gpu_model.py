@@ -62,7 +62,7 @@ SOURCES = ("H100 SXM / H200: NVIDIA datasheets (dense = sparse / 2), as tabulate
            "A100: NVIDIA A100 datasheet via glennklockwood.com/garden/processors/A100")
 
 MATMUL_EFF = 0.70        # cuBLAS matmuls: fraction of the precision's dense peak
-FLASH_EFF = 0.25         # our flash-attention kernels (mma.sync m16n8k16, no ldmatrix, no asynchronous global-to-shared copies):
+FLASH_EFF = 0.25         # our flash-attention kernels (mma.sync m16n8k16, no ldmatrix, no async copies):
                          # fraction of the bf16 peak (assumed: FlashAttention-2 itself reaches ~35-50% on H100)
 MEM_EFF = 0.80           # memory-bound kernels: fraction of the datasheet bandwidth
 LAUNCH_FLOOR_S = 3e-6    # no kernel takes less (launch + ramp-up + tail)
