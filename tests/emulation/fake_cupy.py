@@ -557,9 +557,15 @@ def _gemm_ex(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, bet
     cm[:m] = a_ * prod + b_ * old
 
 
-def install(monkeypatch):
-    """Replace cupy with this module for the duration of a test (pytest monkeypatch)."""
+def install(monkeypatch, kernels="numpy"):
+    """Replace cupy with this module for the duration of a test (pytest monkeypatch).
+
+    kernels="numpy": launches run the NumPy emulations in KERNELS above (fast, our reading of each kernel).
+    kernels="cuda": launches run the real .cu code on the CPU (emulation/cuda: needs g++; slower).
+    """
     from nanogpt_np.kernels import compile as kc
+    if kernels not in ("numpy", "cuda"):
+        raise ValueError(f"kernels must be 'numpy' or 'cuda', got {kernels!r}")
     this = sys.modules[__name__]
     monkeypatch.setitem(sys.modules, "cupy", this)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
@@ -583,5 +589,9 @@ def install(monkeypatch):
     monkeypatch.setattr(this, "_core", core, raising=False)
     monkeypatch.setitem(sys.modules, "cupy._core", core)
     monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
-    monkeypatch.setattr(kc, "emulator", emulate)
+    if kernels == "cuda":
+        from emulation.cuda.emulator import emulator as cuda_emulator
+        monkeypatch.setattr(kc, "emulator", cuda_emulator)
+    else:
+        monkeypatch.setattr(kc, "emulator", emulate)
     return this
