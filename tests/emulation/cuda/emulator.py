@@ -48,6 +48,10 @@ class EmulatorError(RuntimeError):
     """A kernel launch the emulator refused or a fault inside a kernel (what a GPU might do silently)."""
 
 
+class CompileError(EmulatorError):
+    """g++ could not compile the rewritten source (or there is no g++)."""
+
+
 def compiler():
     """The C++ compiler the emulator uses ($CXX or g++), or None."""
     return shutil.which(os.environ.get("CXX", "g++"))
@@ -78,7 +82,7 @@ def build(source, name="kernel"):
     """Rewrite + compile a .cu source text -> path of the shared library (cached by a hash of everything)."""
     cxx = compiler()
     if cxx is None:
-        raise EmulatorError("no C++ compiler (g++) found: the CUDA emulator needs one")
+        raise CompileError("no C++ compiler (g++) found: the CUDA emulator needs one")
     cpp = rewrite.to_cpp(source, f"{name}.cu")
     h = hashlib.sha256(cpp.encode())
     for hdr in HEADERS + ("rewrite.py",):
@@ -94,7 +98,7 @@ def build(source, name="kernel"):
             out = os.path.join(tmp, "lib.so")
             proc = subprocess.run([cxx, *CXXFLAGS, "-I", HERE, "-o", out, src], capture_output=True, text=True)
             if proc.returncode != 0:
-                raise EmulatorError(f"g++ could not compile {name}.cu for the emulator:\n{proc.stderr[-4000:]}")
+                raise CompileError(f"g++ could not compile {name}.cu for the emulator:\n{proc.stderr[-4000:]}")
             os.replace(out, so)              # atomic: parallel test processes never see half a file
     return so
 
