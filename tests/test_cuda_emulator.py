@@ -1,5 +1,11 @@
 """The CPU emulator of the CUDA execution model (tests/emulation/cuda) on small hand-written kernels: each
 behaviour of the model, and each error a GPU would hide, is checked on a kernel written to show it."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -336,3 +342,16 @@ def test_unknown_ptx_instruction_does_not_compile():
           ': "=r"(r) : "r"(1u), "r"(2u), "r"(3u)); o[0] = r; }'
     with pytest.raises(emu.EmulatorError, match="prmt_b32"):
         emu.load("test_unknown_ptx", src)
+
+
+def test_kernels_readme_example_runs():
+    """The learners' example in nanogpt_np/kernels/README.md runs as written, from the repository root."""
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "nanogpt_np" / "kernels" / "README.md").read_text()
+    section = text[text.index("## Running a kernel on the CPU"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "row 1 lane 4: my sum 9, row mean 7" in proc.stdout and "[2. 7.]" in proc.stdout
+    assert "[block (0,0,0) thread (0,0,0)] __shfl_xor_sync" in proc.stdout

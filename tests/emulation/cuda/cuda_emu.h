@@ -657,6 +657,7 @@ inline int run(const Launch* L, std::function<void()> body) {
         if (!m.error.empty()) break;
     }
     _mm_setcsr(csr);
+    fflush(stdout);                          // the kernel's printf output before Python prints anything else
     return m.error.empty() ? 0 : 1;
 }
 
