@@ -85,6 +85,19 @@ extern "C" __global__ void scale_denormal(float* out, const float* x, float one)
 extern "C" __global__ void types(float* f, long long* l, unsigned short* h, int i, long long n, float s) {
     f[0] = s; l[0] = n; h[0] = (unsigned short)i;
 }
+__device__ int deep(int n) {
+    volatile char pad[8192];
+    pad[n % 8192] = (char)n;
+    return n == 0 ? 0 : deep(n - 1) + pad[0];
+}
+extern "C" __global__ void recurse(int* out, int n) {
+    out[threadIdx.x] = deep(n);
+}
+extern "C" __global__ void wild_local_pointer(int* out) {
+    int a[4] = {1, 2, 3, 4};
+    const int* p = a + (1LL << 40);
+    out[0] = *p;
+}
 extern "C" __global__ void who(int* out) {
     int b = blockIdx.x + gridDim.x * blockIdx.y;
     int t = threadIdx.x + blockDim.x * threadIdx.y;
@@ -262,6 +275,19 @@ def test_arguments_checked_like_cupy_passes_them(k):
     for args, match in bad:
         with pytest.raises(emu.EmulatorError, match=match):
             k.launch("types", (1,), (1,), args)
+
+
+def test_stack_overflow_is_an_error_not_a_crash(k):
+    out = np.zeros(4, np.int32)
+    k.launch("recurse", (1,), (4,), (out, np.int32(2)))                   # shallow: fine
+    with pytest.raises(emu.EmulatorError, match="stack overflow"):
+        k.launch("recurse", (1,), (4,), (out, np.int32(100)))
+    k.launch("recurse", (1,), (4,), (out, np.int32(2)))                   # and the emulator still works
+
+
+def test_wild_local_pointer_is_an_error_not_a_crash(k):
+    with pytest.raises(emu.EmulatorError, match="segmentation fault|bus error"):
+        k.launch("wild_local_pointer", (1,), (1,), (np.zeros(1, np.int32),))
 
 
 def test_null_pointer_dereference(k):

@@ -20,6 +20,7 @@
 #pragma once
 
 #include <ucontext.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <xmmintrin.h>
 
@@ -177,6 +178,7 @@ struct Machine {
     char arena[96 * 1024] __attribute__((aligned(64)));
     size_t arena_used = 0, static_smem = 0;
     std::vector<void*> shared_slots;       // address of each __shared__ declaration in this block
+    char signal_stack[64 * 1024];          // where the crash handler runs (the fiber's stack may be full)
 };
 
 inline Machine& M() {
@@ -603,6 +605,67 @@ inline void ensure_stacks(size_t n) {
     m.nstacks = n;
 }
 
+// ------------------------------------------------------------------------- crashes inside a fiber
+// Global and shared memory are checked, but a wild pointer into local memory, or a fiber that overflows its
+// stack into the guard page below it, would still crash the whole Python process. While a launch runs,
+// SIGSEGV and SIGBUS go to this handler (on its own stack): it records the error, marks the thread done and
+// switches straight to the scheduler, which ends the launch. A crash outside any fiber is left to the
+// previous handler (Python's faulthandler), restored at once.
+struct CrashGuard {
+    struct sigaction old_segv, old_bus;
+    stack_t old_stack;
+    CrashGuard();
+    ~CrashGuard() {
+        sigaction(SIGSEGV, &old_segv, nullptr);
+        sigaction(SIGBUS, &old_bus, nullptr);
+        sigaltstack(&old_stack, nullptr);
+    }
+};
+
+inline CrashGuard*& crash_guard() {
+    static CrashGuard* g = nullptr;
+    return g;
+}
+
+inline void on_crash(int sig, siginfo_t* info, void*) {
+    Machine& m = M();
+    if (!m.cur || !crash_guard()) {          // not in a fiber: let the previous handler see it
+        if (crash_guard()) {
+            sigaction(SIGSEGV, &crash_guard()->old_segv, nullptr);
+            sigaction(SIGBUS, &crash_guard()->old_bus, nullptr);
+        } else {
+            signal(sig, SIG_DFL);
+        }
+        return;                              // the faulting instruction runs again and crashes for real
+    }
+    Fiber* f = m.cur;
+    const char* addr = (const char*)info->si_addr;
+    const char* stack = m.stacks + (size_t)f->linear * m.stack_bytes;
+    char buf[300];
+    if (addr >= stack - 65536 && addr < stack + 4096)   // in (or just below) the guard page
+        snprintf(buf, sizeof buf, "stack overflow: the thread used more than its %zu KB of stack (deep recursion "
+                 "or a huge local array?)", (m.stack_bytes - 4096) / 1024);
+    else
+        snprintf(buf, sizeof buf, "%s at address %p: an unchecked pointer (into local memory, or made from a "
+                 "plain address) went wild", sig == SIGBUS ? "bus error" : "segmentation fault", (void*)addr);
+    if (m.error.empty()) m.error = std::string(buf) + " [" + where() + "]";
+    f->state = DONE;
+    context_switch(f->ctx, m.scheduler);     // never resumed
+}
+
+inline CrashGuard::CrashGuard() {
+    stack_t ss{};
+    ss.ss_sp = M().signal_stack;
+    ss.ss_size = sizeof M().signal_stack;
+    sigaltstack(&ss, &old_stack);
+    struct sigaction sa{};
+    sa.sa_sigaction = on_crash;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;   // NODEFER: the handler never returns to unblock it
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old_segv);
+    sigaction(SIGBUS, &sa, &old_bus);
+}
+
 // Checks the launch limits, then runs the grid block by block. Returns 0, or 1 with the message in `error`.
 inline int run(const Launch* L, std::function<void()> body) {
     Machine& m = M();
@@ -650,11 +713,16 @@ inline int run(const Launch* L, std::function<void()> body) {
     if (L->schedule == 2 || L->schedule == 3) std::shuffle(order.begin(), order.end(), m.rng);
     unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040);                // flush denormals to zero (FTZ + DAZ), like nvcc -ftz=true
-    for (unsigned long long b : order) {
-        m.blockIdx = {(unsigned)(b % L->grid[0]), (unsigned)(b / L->grid[0] % L->grid[1]),
-                      (unsigned)(b / ((unsigned long long)L->grid[0] * L->grid[1]))};
-        run_block();
-        if (!m.error.empty()) break;
+    {
+        CrashGuard guard;
+        crash_guard() = &guard;
+        for (unsigned long long b : order) {
+            m.blockIdx = {(unsigned)(b % L->grid[0]), (unsigned)(b / L->grid[0] % L->grid[1]),
+                          (unsigned)(b / ((unsigned long long)L->grid[0] * L->grid[1]))};
+            run_block();
+            if (!m.error.empty()) break;
+        }
+        crash_guard() = nullptr;
     }
     _mm_setcsr(csr);
     fflush(stdout);                          // the kernel's printf output before Python prints anything else
