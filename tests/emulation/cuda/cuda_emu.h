@@ -258,7 +258,9 @@ inline void on_memory_access() {
 
 inline void trace(const char* what, int line) {
     Machine& m = M();
-    if (m.L->trace) printf("[%s] %s (line %d)\n", where().c_str(), what, line);
+    if (!m.L->trace) return;
+    if (line > 0) printf("[%s] %s (line %d)\n", where().c_str(), what, line);
+    else printf("[%s] %s\n", where().c_str(), what);
 }
 
 // ----------------------------------------------------------------------------------------- barrier

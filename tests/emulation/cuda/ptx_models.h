@@ -8,8 +8,9 @@
 namespace emu {
 namespace ptx {
 
-// float32 -> bfloat16, round to nearest even. NaN becomes the canonical NaN 0x7FFF (what CUDA's own
-// __float2bfloat16_rn gives); infinities stay; no flush of denormals (cvt without .ftz keeps them).
+// float32 -> bfloat16, round to nearest even; infinities stay; no flush of denormals (cvt without .ftz keeps
+// them). NaN becomes the canonical NaN 0x7FFF: what the CUDA headers' own float -> bf16 conversion returns;
+// that the cvt instruction gives the same bits is an assumption until a GPU run checks it.
 inline uint16_t f32_to_bf16_rn(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
