@@ -267,10 +267,15 @@ def test_flash_attention_emulation_matches_reference(B, T, NH):
 
 # --------------------------------------------------- the GPU wrappers on a fake CuPy (kernels emulated)
 
-@pytest.fixture
-def fake_cp(monkeypatch):
+@pytest.fixture(params=["numpy", "cuda"])
+def fake_cp(monkeypatch, request):
+    """The fake CuPy, its kernels run by the NumPy emulations or by the real .cu code on the CUDA emulator."""
     from emulation import fake_cupy
-    return fake_cupy.install(monkeypatch)
+    if request.param == "cuda":
+        from emulation.cuda import emulator
+        if emulator.compiler() is None:
+            pytest.skip("no C++ compiler (g++) for the CUDA emulator")
+    return fake_cupy.install(monkeypatch, kernels=request.param)
 
 
 def _rel(got, ref):
@@ -396,7 +401,9 @@ def test_fake_attention(fake_cp, kind, B, T, C, NH):
     fwd, bwd = registry.lookup("attention_" + kind)
     out, saved = fwd(fake_cp.asarray(qkv), NH)
     ro, rs = ref.attention_forward(qkv.astype(np.float64), NH)
-    assert _rel(out, ro) < (1e-5 if kind == "matmul" else 1e-6)
+    from nanogpt_np.kernels import compile as kc
+    real_kernel = kc.emulator is not fake_cp.emulate               # the .cu code rounds P to bf16 for P V
+    assert _rel(out, ro) < (1e-5 if kind == "matmul" else 2e-2 if real_kernel else 1e-6)
     d = _f32(B, T, C)
     (dq,) = bwd(fake_cp.asarray(d), saved)
     tol = 1e-5 if kind == "matmul" else 1e-2                   # flash: dO is rounded to bf16
