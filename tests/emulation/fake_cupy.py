@@ -139,8 +139,10 @@ class OutOfMemoryError(MemoryError):
     pass
 
 
+SMS = 5      # streaming multiprocessors the fake device reports (install(..., sms=132) for an H100/H200's)
+
 cuda = types.SimpleNamespace(
-    Device=lambda *a: types.SimpleNamespace(attributes={"MultiProcessorCount": 5}, compute_capability="90", id=0),
+    Device=lambda *a: types.SimpleNamespace(attributes={"MultiProcessorCount": SMS}, compute_capability="90", id=0),
     get_current_stream=lambda: _Stream(),
     device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"fake GPU (NumPy)"},
@@ -557,11 +559,12 @@ def _gemm_ex(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, bet
     cm[:m] = a_ * prod + b_ * old
 
 
-def install(monkeypatch, kernels="numpy"):
+def install(monkeypatch, kernels="numpy", sms=None):
     """Replace cupy with this module for the duration of a test (pytest monkeypatch).
 
     kernels="numpy": launches run the NumPy emulations in KERNELS above (fast, our reading of each kernel).
     kernels="cuda": launches run the real .cu code on the CPU (emulation/cuda: needs g++; slower).
+    sms: the device's multiprocessor count, which sizes some grids (default 5; an H100/H200 has 132).
     """
     from nanogpt_np.kernels import compile as kc
     if kernels not in ("numpy", "cuda"):
@@ -589,6 +592,8 @@ def install(monkeypatch, kernels="numpy"):
     monkeypatch.setattr(this, "_core", core, raising=False)
     monkeypatch.setitem(sys.modules, "cupy._core", core)
     monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
+    if sms is not None:
+        monkeypatch.setattr(this, "SMS", int(sms))
     if kernels == "cuda":
         from emulation.cuda.emulator import emulator as cuda_emulator
         monkeypatch.setattr(kc, "emulator", cuda_emulator)

@@ -116,7 +116,7 @@ def cp():
     mp = pytest.MonkeyPatch()
     if EMULATED:
         from emulation import fake_cupy
-        fake_cupy.install(mp, kernels="cuda")
+        fake_cupy.install(mp, kernels="cuda", sms=132)        # an H200's SM count: grids sized as on the device
     import cupy
     from nanogpt_np import backend
     from nanogpt_np.kernels import precision
