@@ -203,7 +203,7 @@ def test_shared_memory_starts_as_nan(k):
 
 
 def test_shared_array_index_checked(k):
-    with pytest.raises(emu.EmulatorError, match="out-of-bounds index 32 of a __shared__ array of 32"):
+    with pytest.raises(emu.EmulatorError, match=r"out-of-bounds index 32 of __shared__ s\[32\]"):
         k.launch("shared_out_of_bounds", (1,), (64,), (np.zeros(64, np.float32),))
 
 
@@ -288,6 +288,14 @@ def test_stack_overflow_is_an_error_not_a_crash(k):
 def test_wild_local_pointer_is_an_error_not_a_crash(k):
     with pytest.raises(emu.EmulatorError, match="segmentation fault|bus error"):
         k.launch("wild_local_pointer", (1,), (1,), (np.zeros(1, np.int32),))
+
+
+def test_launch_bounds_are_a_launch_limit():
+    src = 'extern "C" __global__ void __launch_bounds__(64) k(float* o) { o[threadIdx.x] = 1.0f; }'
+    mod = emu.load("test_launch_bounds", src)
+    mod.launch("k", (1,), (64,), (np.zeros(64, np.float32),))
+    with pytest.raises(emu.EmulatorError, match=r"__launch_bounds__\(64\)"):
+        mod.launch("k", (1,), (65,), (np.zeros(65, np.float32),))
 
 
 def test_null_pointer_dereference(k):

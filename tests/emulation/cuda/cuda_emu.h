@@ -85,7 +85,7 @@ struct Launch {
 #if defined(__x86_64__) && !defined(EMU_USE_UCONTEXT)
 extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
 asm(R"(
-    .text
+    .pushsection .text
     .globl emu_switch_stack
     .hidden emu_switch_stack
     .type emu_switch_stack, @function
@@ -106,6 +106,7 @@ emu_switch_stack:
     popq %rbp
     ret
     .size emu_switch_stack, .-emu_switch_stack
+    .popsection
 )");
 
 struct Context {
@@ -178,6 +179,7 @@ struct Machine {
     char arena[96 * 1024] __attribute__((aligned(64)));
     size_t arena_used = 0, static_smem = 0;
     std::vector<void*> shared_slots;       // address of each __shared__ declaration in this block
+    std::vector<const char*> shared_names; // and its name, for messages
     char signal_stack[64 * 1024];          // where the crash handler runs (the fiber's stack may be full)
 };
 
@@ -448,12 +450,14 @@ template <class P> P arg(const Arg* a, int i) { return arg_of<P>::get(a[i], i); 
 // `__shared__ float sh[32];` becomes `auto& sh = emu::shared_var<float[32]>(id);`: the first thread of a
 // block to reach the declaration takes the space from the arena, the others get the same array. The array
 // type is wrapped in sarr, whose operator[] checks the index (also for 2-D arrays: sarr<float[8][32]>).
+inline const char* shared_name(const void* p);
 template <class A> struct sarr;
 template <class E, size_t N> struct sarr<E[N]> {
     E data[N];
     using elem = std::remove_all_extents_t<E>;
     template <class I> auto& operator[](I i) {
-        if (i < 0 || (size_t)i >= N) fault("out-of-bounds index %lld of a __shared__ array of %zu", (long long)i, N);
+        if (i < 0 || (size_t)i >= N)
+            fault("out-of-bounds index %lld of __shared__ %s[%zu]", (long long)i, shared_name(this), N);
         on_memory_access();
         if constexpr (std::is_array<E>::value) return *reinterpret_cast<sarr<E>*>(&data[i]);
         else return data[i];
@@ -479,11 +483,32 @@ inline void* shared_alloc(size_t bytes) {
 }
 
 template <class A>
-sarr<A>& shared_var(int id) {
+sarr<A>& shared_var(int id, const char* name) {
     Machine& m = M();
-    if ((int)m.shared_slots.size() <= id) m.shared_slots.resize(id + 1, nullptr);
-    if (!m.shared_slots[id]) m.shared_slots[id] = shared_alloc(sizeof(A));
+    if ((int)m.shared_slots.size() <= id) {
+        m.shared_slots.resize(id + 1, nullptr);
+        m.shared_names.resize(id + 1, nullptr);
+    }
+    if (!m.shared_slots[id]) {
+        m.shared_slots[id] = shared_alloc(sizeof(A));
+        m.shared_names[id] = name;
+    }
     return *reinterpret_cast<sarr<A>*>(m.shared_slots[id]);
+}
+
+// The name of the __shared__ array that holds address p (the one starting closest below it).
+inline const char* shared_name(const void* p) {
+    Machine& m = M();
+    const char* name = "?";
+    const char* at = nullptr;
+    for (size_t i = 0; i < m.shared_slots.size(); i++) {
+        const char* slot = (const char*)m.shared_slots[i];
+        if (slot && slot <= (const char*)p && slot > at) {
+            at = slot;
+            name = m.shared_names[i];
+        }
+    }
+    return name;
 }
 
 // `extern __shared__ float smem[];` becomes `emu::ptr<float> smem = emu::dynamic_shared<float>();`
@@ -669,7 +694,7 @@ inline CrashGuard::CrashGuard() {
 }
 
 // Checks the launch limits, then runs the grid block by block. Returns 0, or 1 with the message in `error`.
-inline int run(const Launch* L, std::function<void()> body) {
+inline int run(const Launch* L, unsigned max_threads, std::function<void()> body) {
     Machine& m = M();
     m.L = L;
     m.error.clear();
@@ -683,6 +708,11 @@ inline int run(const Launch* L, std::function<void()> body) {
     if (n < 1 || n > 1024 || L->block[0] > 1024 || L->block[1] > 1024 || L->block[2] > 64) {
         snprintf(buf, sizeof buf, "bad block (%u,%u,%u): at most 1024 threads (x, y <= 1024, z <= 64)",
                  L->block[0], L->block[1], L->block[2]);
+        m.error = buf;
+        return 1;
+    }
+    if (n > max_threads) {
+        snprintf(buf, sizeof buf, "block of %llu threads exceeds the kernel's __launch_bounds__(%u)", n, max_threads);
         m.error = buf;
         return 1;
     }

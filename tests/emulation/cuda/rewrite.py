@@ -19,7 +19,7 @@ from dataclasses import dataclass
 _BASE = r"(?:unsigned\s+long\s+long|unsigned\s+short|unsigned\s+int|unsigned\s+char|long\s+long|unsigned|" \
         r"float[24]|uint4|bf16_t|float|int|short|char|double|void)"
 _PTR = re.compile(r"\b((?:const\s+)?" + _BASE + r")\s*\*")
-_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(')
+_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\(([^)]*)\)\s*)?(\w+)\s*\(')
 
 
 @dataclass
@@ -69,6 +69,12 @@ def _split_top(text, sep=","):
     return [s.strip() for s in out if s.strip()]
 
 
+def launch_bounds(src):
+    """{kernel name: the most threads per block its __launch_bounds__ allows} (kernels that declare one)."""
+    src = _strip_comments(src)
+    return {m.group(2): int(_split_top(m.group(1))[0]) for m in _KERNEL.finditer(src) if m.group(1)}
+
+
 def kernel_signatures(src):
     """{kernel name: [Param, ...]} for every extern "C" __global__ function, in source order."""
     src = _strip_comments(src)
@@ -84,7 +90,7 @@ def kernel_signatures(src):
             for alias, real in typedefs.items():
                 ctype = re.sub(rf"\b{alias}\b", real, ctype)
             params.append(Param(name, ctype, ctype.endswith("*")))
-        out[m.group(1)] = params
+        out[m.group(2)] = params
     return out
 
 
@@ -131,7 +137,7 @@ def _rewrite_shared(src):
         for d in _split_top(decls):
             name = re.match(r"\w+", d).group(0)
             dims = d[len(name):].strip()
-            stmts.append(f"auto& {name} = emu::shared_var<{typ}{dims}>({counter[0]});")
+            stmts.append(f'auto& {name} = emu::shared_var<{typ}{dims}>({counter[0]}, "{name}");')
             counter[0] += 1
         return " ".join(stmts)
 
@@ -149,8 +155,9 @@ def _rewrite_kernels(src):
     return re.sub(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(', r"static void \1(", src)
 
 
-def _entries(signatures):
-    """One `extern "C"` entry per kernel: unpack the Arg array into the kernel's parameters and run the grid."""
+def _entries(signatures, bounds):
+    """One `extern "C"` entry per kernel: unpack the Arg array into the kernel's parameters and run the grid
+    (a block larger than the kernel's __launch_bounds__ fails to launch, as on the GPU)."""
     out = []
     for name, params in signatures.items():
         args = []
@@ -158,13 +165,13 @@ def _entries(signatures):
             t = f"emu::ptr<{p.ctype[:-1].strip()}>" if p.pointer else p.ctype
             args.append(f"emu::arg<{t}>(a, {i})")
         out.append(f'extern "C" int emu_launch_{name}(const emu::Launch* L, const emu::Arg* a) {{\n'
-                   f"    return emu::run(L, [a] {{ {name}({', '.join(args)}); }});\n}}\n")
+                   f"    return emu::run(L, {bounds.get(name, 1024)}, [a] {{ {name}({', '.join(args)}); }});\n}}\n")
     return "\n".join(out)
 
 
 def to_cpp(src, filename="kernel.cu"):
     """The whole rewrite: .cu text -> C++ text (includes cuda_emu.h, which must be on the include path)."""
-    signatures = kernel_signatures(src)
+    signatures, bounds = kernel_signatures(src), launch_bounds(src)
     body = _strip_comments(src)
     body = _rewrite_asm(body)
     body = _rewrite_shared(body)
@@ -172,4 +179,4 @@ def to_cpp(src, filename="kernel.cu"):
     body = _rewrite_pointers(body)
     body = body.replace("#pragma unroll", "")
     return (f'#include "cuda_emu.h"\n#line 1 "{filename}"\n{body}\n#line 100000 "{filename} (emulator entries)"\n'
-            + _entries(signatures))
+            + _entries(signatures, bounds))
