@@ -98,6 +98,17 @@ extern "C" __global__ void wild_local_pointer(int* out) {
     const int* p = a + (1LL << 40);
     out[0] = *p;
 }
+extern "C" __global__ void block_total(float* out, const float* x) {
+    __shared__ float total;
+    __shared__ int count, unused;
+    if (threadIdx.x == 0) { total = 0.0f; count = 0; }
+    __syncthreads();
+    for (int t = 0; t < blockDim.x; t++) {   // one thread at a time adds its value (no atomics needed)
+        if (t == threadIdx.x) { total += x[t]; count++; }
+        __syncthreads();
+    }
+    out[threadIdx.x] = total / count;
+}
 extern "C" __global__ void who(int* out) {
     int b = blockIdx.x + gridDim.x * blockIdx.y;
     int t = threadIdx.x + blockDim.x * threadIdx.y;
@@ -200,6 +211,12 @@ def test_shared_memory_starts_as_nan(k):
     out = np.zeros(32, np.float32)
     k.launch("read_shared_unwritten", (2,), (32,), (out,), shared_mem=128)
     assert np.isnan(out).all()
+
+
+def test_shared_scalars(k):
+    x, out = f32(48), np.zeros(48, np.float32)
+    k.launch("block_total", (1,), (48,), (out, x))
+    np.testing.assert_allclose(out, np.full(48, x.astype(np.float64).mean()), rtol=1e-5)
 
 
 def test_shared_array_index_checked(k):

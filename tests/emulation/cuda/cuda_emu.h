@@ -496,6 +496,12 @@ sarr<A>& shared_var(int id, const char* name) {
     return *reinterpret_cast<sarr<A>*>(m.shared_slots[id]);
 }
 
+// `__shared__ float total;` becomes `auto& total = emu::shared_scalar<float>(id, "total");`
+template <class T>
+T& shared_scalar(int id, const char* name) {
+    return shared_var<T[1]>(id, name).data[0];
+}
+
 // The name of the __shared__ array that holds address p (the one starting closest below it).
 inline const char* shared_name(const void* p) {
     Machine& m = M();

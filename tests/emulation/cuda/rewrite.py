@@ -5,7 +5,7 @@ the kernels' statements stay as they are:
   __launch_bounds__(n)                ->  removed
   float* p, (const float4*)x, ...     ->  emu::ptr<float> p, (emu::ptr<const float4>)x  (checked pointers)
   reinterpret_cast<const float4*>(x)  ->  emu::ptr_cast<emu::ptr<const float4>>(x)
-  __shared__ float a[32], b[32];      ->  auto& a = emu::shared_var<float[32]>(0); auto& b = ...(1);
+  __shared__ float a[32], b[32];      ->  auto& a = emu::shared_var<float[32]>(0, "a"); auto& b = ...(1, "b");
   extern __shared__ float smem[];     ->  emu::ptr<float> smem = emu::dynamic_shared<float>();
   asm("op.x %0, %1;" : "=r"(d) : "f"(a));  ->  emu::ptx::op_x(__LINE__, d, a);
 
@@ -141,7 +141,16 @@ def _rewrite_shared(src):
             counter[0] += 1
         return " ".join(stmts)
 
-    return re.sub(r"__shared__\s+(?:__align__\s*\(\d+\)\s*)?([\w\s]+?)\s+(\w+\s*\[[^;]*)\s*;", static, src)
+    src = re.sub(r"__shared__\s+(?:__align__\s*\(\d+\)\s*)?([\w\s]+?)\s+(\w+\s*\[[^;]*)\s*;", static, src)
+
+    def scalar(m):                               # __shared__ float total;  (no array)
+        stmts = []
+        for name in _split_top(m.group(2)):
+            stmts.append(f'auto& {name} = emu::shared_scalar<{m.group(1).strip()}>({counter[0]}, "{name}");')
+            counter[0] += 1
+        return " ".join(stmts)
+
+    return re.sub(r"__shared__\s+(?:__align__\s*\(\d+\)\s*)?([\w\s]+?)\s+(\w+(?:\s*,\s*\w+)*)\s*;", scalar, src)
 
 
 def _rewrite_pointers(src):
