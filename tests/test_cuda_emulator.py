@@ -109,6 +109,18 @@ extern "C" __global__ void block_total(float* out, const float* x) {
     }
     out[threadIdx.x] = total / count;
 }
+extern "C" __global__ void votes(unsigned* out, const int* pred) {
+    int p = pred[threadIdx.x];
+    unsigned b = __ballot_sync(0xffffffffu, p);
+    int any = __any_sync(0xffffffffu, p), all = __all_sync(0xffffffffu, p);
+    if (threadIdx.x < 16) __syncwarp(0x0000ffffu);     // half the warp meets; the other half need not come
+    out[threadIdx.x] = b;
+    out[32 + threadIdx.x] = any + 2 * all;
+}
+extern "C" __global__ void histogram(int* bins, const int* x, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) atomicAdd(&bins[x[i]], 1);
+}
 extern "C" __global__ void who(int* out) {
     int b = blockIdx.x + gridDim.x * blockIdx.y;
     int t = threadIdx.x + blockDim.x * threadIdx.y;
@@ -261,6 +273,23 @@ def test_shuffle_with_an_exited_lane(k, schedule):
 def test_deadlock_is_reported(k):
     with pytest.raises(emu.EmulatorError, match="deadlock.*__shfl_xor_sync.*__syncthreads|deadlock"):
         k.launch("shuffle_vs_barrier", (1,), (32,), (np.zeros(32, np.float32),))
+
+
+@pytest.mark.parametrize("pattern", ["mixed", "all", "none"])
+def test_warp_votes(k, pattern):
+    pred = {"mixed": np.arange(32) % 3 == 0, "all": np.ones(32, bool), "none": np.zeros(32, bool)}[pattern]
+    out = np.zeros(64, np.uint32)
+    k.launch("votes", (1,), (32,), (out, pred.astype(np.int32)))
+    bits = int(sum(1 << i for i in range(32) if pred[i]))
+    assert (out[:32] == bits).all()
+    assert (out[32:] == int(pred.any()) + 2 * int(pred.all())).all()
+
+
+def test_atomic_add(k):
+    x = np.random.default_rng(4).integers(0, 10, size=1000).astype(np.int32)
+    bins = np.zeros(10, np.int32)
+    k.launch("histogram", (4,), (256,), (bins, x, np.int32(1000)))
+    np.testing.assert_array_equal(bins, np.bincount(x, minlength=10))
 
 
 def test_denormals_flushed_like_ftz(k):

@@ -139,9 +139,10 @@ inline void context_init(Context& c, char* stack, size_t size, void (*entry)()) 
 #endif
 
 enum State { READY, AT_BARRIER, AT_WARP, DONE };
-enum Collective { SHFL_XOR, SHFL_IDX, SHFL_DOWN, SHFL_UP, MMA_M16N8K16_BF16 };
+enum Collective { SHFL_XOR, SHFL_IDX, SHFL_DOWN, SHFL_UP, MMA_M16N8K16_BF16, SYNCWARP, BALLOT };
 static const char* const COLLECTIVE_NAMES[] = {"__shfl_xor_sync", "__shfl_sync", "__shfl_down_sync",
-                                               "__shfl_up_sync", "mma.sync.m16n8k16"};
+                                               "__shfl_up_sync", "mma.sync.m16n8k16", "__syncwarp",
+                                               "__ballot_sync/__any_sync/__all_sync"};
 
 struct Fiber {               // one CUDA thread
     Context ctx;
@@ -325,6 +326,14 @@ inline void warp_collective(int kind, unsigned mask, int param, int line) {
         if (kind == MMA_M16N8K16_BF16) {
             if (mask != 0xffffffffu) fault("mma.sync needs all 32 lanes, mask %#x", mask);
             mma_m16n8k16_bf16(lanes);
+        } else if (kind == SYNCWARP) {
+            // nothing to exchange: arriving together is the point
+        } else if (kind == BALLOT) {             // bit l of the result: lane l's predicate
+            uint32_t bits = 0;
+            for (int l = 0; l < 32; l++)
+                if (lanes[l] && lanes[l]->in[0]) bits |= 1u << l;
+            for (int l = 0; l < 32; l++)
+                if (lanes[l]) lanes[l]->out[0] = bits;
         } else {
             for (int l = 0; l < 32; l++) {
                 if (!lanes[l]) continue;
@@ -353,6 +362,15 @@ T shuffle(int kind, unsigned mask, T v, int param, int line) {
     T r;
     memcpy(&r, f->out, sizeof(T));
     return r;
+}
+
+inline void syncwarp(int line, unsigned mask = 0xffffffffu) { warp_collective(SYNCWARP, mask, 0, line); }
+
+inline unsigned ballot(unsigned mask, int predicate, int line) {
+    Fiber* f = M().cur;
+    f->in[0] = predicate != 0;
+    warp_collective(BALLOT, mask, 0, line);
+    return f->out[0];
 }
 
 // ------------------------------------------------------------------------------- checked pointers
@@ -783,6 +801,18 @@ extern "C" const char* emu_error() { return emu::M().error.c_str(); }
 #define __shfl_sync(mask, v, src) emu::shuffle(emu::SHFL_IDX, (mask), (v), (src), __LINE__)
 #define __shfl_down_sync(mask, v, d) emu::shuffle(emu::SHFL_DOWN, (mask), (v), (d), __LINE__)
 #define __shfl_up_sync(mask, v, d) emu::shuffle(emu::SHFL_UP, (mask), (v), (d), __LINE__)
+#define __syncwarp(...) emu::syncwarp(__LINE__, ##__VA_ARGS__)
+#define __ballot_sync(mask, p) emu::ballot((mask), (p), __LINE__)
+#define __any_sync(mask, p) (emu::ballot((mask), (p), __LINE__) != 0u)
+#define __all_sync(mask, p) (emu::ballot((mask), (p), __LINE__) == (mask))
+
+// Atomics: the threads of a launch take turns on one CPU thread and never switch inside a call, so a plain
+// read-modify-write is atomic here. (`&out[i]` was bounds-checked when out[i] was formed.)
+template <class T> using same_t = typename std::enable_if<true, T>::type;   // v converts to *p's type, as in CUDA
+template <class T> T atomicAdd(T* p, same_t<T> v) { T old = *p; *p = old + v; return old; }
+template <class T> T atomicAdd(emu::ptr<T> p, same_t<T> v) { return atomicAdd(&*p, v); }
+template <class T> T atomicMax(T* p, same_t<T> v) { T old = *p; *p = old > v ? old : v; return old; }
+template <class T> T atomicMin(T* p, same_t<T> v) { T old = *p; *p = old < v ? old : v; return old; }
 
 // ------------------------------------------------------------------------------- math intrinsics
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
