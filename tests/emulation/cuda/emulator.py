@@ -130,6 +130,8 @@ class Module:
             cargs[i] = _argument(where, i, p, a, keep)
         if schedule is None:
             schedule = os.environ.get("NANOGPT_EMU_SCHEDULE") or SCHEDULES[self.launches % len(SCHEDULES)]
+        if schedule not in SCHEDULES:
+            raise EmulatorError(f"unknown schedule {schedule!r}: one of {SCHEDULES}")
         if seed is None:
             seed = self.launches
         self.launches += 1
@@ -196,9 +198,8 @@ def _argument(where, i, p, a, keep):
     if type(a) is not want:
         raise EmulatorError(f"{what}: pass {np.dtype(want).name} (np.{np.dtype(want).name}), got "
                             f"{type(a).__module__}.{type(a).__name__} {a!r}")
-    raw = np.zeros(1, np.uint64)
-    raw.view(np.uint8)[:np.dtype(want).itemsize] = np.frombuffer(np.asarray(a, want).tobytes(), np.uint8)
-    return _Arg(int(raw[0]), 0, 0)
+    value = int.from_bytes(np.asarray(a, want).tobytes(), "little")   # the scalar's bytes, as the C type holds them
+    return _Arg(value, 0, 0)
 
 
 def load(module_name, source=None):
