@@ -4,8 +4,9 @@
 // What a GPU does in hardware is modelled here in software, one launch at a time:
 //
 //   * Every CUDA thread is a *fiber*: a function with its own small stack that can be paused and resumed
-//     (ucontext: makecontext / swapcontext). All fibers of a block run on one OS thread; the scheduler picks
-//     one, runs it until it must wait, then picks another. Blocks run one after another.
+//     (ucontext's makecontext / swapcontext, or on x86-64 the same idea in 14 instructions). All fibers of a
+//     block run on one OS thread; the scheduler picks one, runs it until it must wait, then picks another.
+//     Blocks run one after another.
 //   * __syncthreads() pauses the fiber until every thread of the block has arrived (a barrier). Warp
 //     collectives (__shfl_*_sync, mma.sync) pause it until every lane named in the mask has arrived, then
 //     exchange the values and resume them all. Every barrier and collective is a switch point, so the order in
@@ -16,7 +17,8 @@
 //     when the block starts; indexing them is checked too.
 //   * Anything a GPU would hide (an out-of-bounds access, a barrier some threads never reach, a shuffle with
 //     a lane that has exited, a deadlock) throws emu::Fault inside the fiber; the launch stops and Python
-//     raises it as an exception naming the kernel, the block and the thread.
+//     raises it as an exception naming the kernel, the block and the thread. A crash in a fiber (stack
+//     overflow, wild local pointer) is caught by a signal handler and reported the same way.
 #pragma once
 
 #include <ucontext.h>
@@ -291,7 +293,7 @@ inline void syncthreads(int line) {
 }
 
 // ------------------------------------------------------------------------------- warp collectives
-void mma_m16n8k16_bf16(Fiber* lanes[32]);
+inline void mma_m16n8k16_bf16(Fiber* lanes[32]);   // in ptx_models.h
 
 // This lane arrives at a warp collective; returns when all lanes of `mask` have arrived and exchanged.
 inline void warp_collective(int kind, unsigned mask, int param, int line) {
