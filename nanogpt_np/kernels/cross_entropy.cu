@@ -1,42 +1,57 @@
 // Softmax cross-entropy, forward and backward fused in one kernel, one block per row of logits.
 //
-//   m_n     = max_j z_nj,   s_n = sum_j exp(z_nj - m_n)   (one pass, the running-max trick)
-//   loss_n  = (m_n - z_n[y_n]) + log(s_n)   for kept rows (y_n != ignore_index), 0 for masked rows
-//   dz_nj   = (exp(z_nj - lse_n) - [j == y_n]) / n_kept for kept rows, 0 for masked rows (lse_n = m_n + log s_n)
-// The loss is not computed as lse_n - z_n[y_n]: when the loss is small next to the logits (z ~ 100, loss ~ 0.01)
-// that difference cancels and loses digits; m_n - z_n[y_n] is exact-ish (both are logits) and log(s_n) small.
+//   m_n     = max_j z_nj,   s_n = sum_j exp(z_nj - m_n) = 1 + r_n   (one pass, the running-max trick)
+//   loss_n  = (m_n - z_n[y_n]) + log1p(r_n)   for kept rows (y_n != ignore_index), 0 for masked rows
+//   dz_nj   = (exp(z_nj - lse_n) - [j == y_n]) / n_kept for kept rows, 0 for masked rows (lse_n = m_n + log1p r_n)
+// Two things keep a small loss accurate to float32's relative precision:
+//  * the loss is not lse_n - z_n[y_n]: when the loss is small next to the logits (z ~ 100, loss ~ 0.01) that
+//    difference cancels; m_n - z_n[y_n] is a difference of two logits (exact when the target is the max);
+//  * the sum is kept as r = s - 1, the terms other than the max's own exp(0) = 1: s itself sits next to 1, where
+//    a float has only ~1e-7 of resolution, so log(s) of a loss of 1e-5 would be wrong in the third digit, while
+//    log1p(r) is accurate to the last bit of r.
 // A target outside [0, V) that is not ignore_index gives a NaN loss and a NaN gradient row (the kernel never
 // reads outside the row; the CPU op raises instead, which would need a host sync here). -inf logits are fine.
 //
 // The gradient is that of the mean loss with d loss = 1 (the usual case: the loss is the root of the graph).
 // No probability matrix is stored: pass 1 reads the row once (from DRAM) keeping a running max m and a running
-// sum s of exp(z - m) per thread; the block merges the (m, s) pairs; pass 2 reads the row again (it was just
-// read: 200 KB at V=50257, mostly still in L2) and writes dz. dlogits may alias logits: each element is read
-// and then written by the same thread, and pass 1 finished before (block barrier) - the gradient is written in
-// place over the logits when the caller allows it. dlogits may be NULL (evaluation: loss only).
+// r per thread; the block merges the (m, r) pairs; pass 2 reads the row again (it was just read: 200 KB at
+// V=50257, mostly still in L2) and writes dz. dlogits may alias logits: each element is read and then written
+// by the same thread, and pass 1 finished before (block barrier) - the gradient is written in place over the
+// logits when the caller allows it. dlogits may be NULL (evaluation: loss only).
 // Memory traffic per row: read V floats (+ a second read mostly from L2), write V floats.
 
 #ifndef INFINITY                                 // NVRTC compiles without <math.h>
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
-// add one logit v to a running (max m, sum s of exp(z - m)); a -inf logit adds nothing (exp(-inf - -inf) is NaN)
-__device__ __forceinline__ void online_add(float& m, float& s, float v) {
-    if (v > m) { s = s * expf(m - v) + 1.0f; m = v; }
-    else if (v > -INFINITY) { s += expf(v - m); }
+// A running pair (m, r) stands for the sum s = 1 + r of exp(z - m) over the logits seen so far, m their max;
+// m = -inf means none seen yet (s = 0; r is then 0 and unused).
+
+// add one logit v; a -inf logit adds nothing (exp(-inf - -inf) would be NaN)
+__device__ __forceinline__ void online_add(float& m, float& r, float v) {
+    if (v > m) {                                 // a new max: the old terms rescale, the old max's 1 joins r
+        r = (m == -INFINITY) ? 0.0f : (1.0f + r) * expf(m - v);
+        m = v;
+    } else if (v > -INFINITY) {
+        r += expf(v - m);
+    }
 }
 
-// the loss of one row from its (max, sum) and the target's logit zy, without cancellation
-__device__ __forceinline__ float row_loss(float m, float s, float zy) {
-    return (m - zy) + logf(s);
+// the loss of one row from its (max, r) and the target's logit zy, without cancellation
+__device__ __forceinline__ float row_loss(float m, float r, float zy) {
+    return (m - zy) + log1pf(r);
 }
 
-__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
-    // combine two (max, sum of exp(z - max)) pairs into one
-    float mn = fmaxf(m, m2);
-    if (mn == -INFINITY) return;                 // both empty
-    s = s * expf(m - mn) + s2 * expf(m2 - mn);
-    m = mn;
+// combine two (m, r) pairs into one: the pair with the larger max keeps its 1, the other's 1 + r rescales
+__device__ __forceinline__ void merge(float& m, float& r, float m2, float r2) {
+    if (m2 == -INFINITY) return;                 // the other is empty
+    if (m == -INFINITY) { m = m2; r = r2; return; }
+    if (m >= m2) {
+        r += (1.0f + r2) * expf(m2 - m);
+    } else {
+        r = r2 + (1.0f + r) * expf(m - m2);
+        m = m2;
+    }
 }
 
 extern "C" __global__ void cross_entropy_fused(float* __restrict__ losses,     // (N,) out
@@ -45,38 +60,38 @@ extern "C" __global__ void cross_entropy_fused(float* __restrict__ losses,     /
                                                const long long* __restrict__ targets,  // (N,)
                                                const float* __restrict__ n_kept,       // device scalar
                                                int V, long long ignore_index) {
-    __shared__ float sm[32], ss[32];
+    __shared__ float sm[32], sr[32];
     int row = blockIdx.x;
     const float* z = logits + (long long)row * V;
     // pass 1: per-thread running max and sum over a strided slice of the row (coalesced across the block)
-    float m = -INFINITY, s = 0.0f;
+    float m = -INFINITY, r = 0.0f;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        online_add(m, s, z[j]);
+        online_add(m, r, z[j]);
     }
     // warp merge (butterfly), then one pair per warp through shared memory, then warp 0 merges those
     for (int off = 16; off > 0; off >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
-        merge(m, s, m2, s2);
+        float m2 = __shfl_xor_sync(0xffffffffu, m, off), r2 = __shfl_xor_sync(0xffffffffu, r, off);
+        merge(m, r, m2, r2);
     }
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
-    if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+    if (lane == 0) { sm[warp] = m; sr[warp] = r; }
     __syncthreads();
     if (warp == 0) {
         m = lane < nwarps ? sm[lane] : -INFINITY;
-        s = lane < nwarps ? ss[lane] : 0.0f;
+        r = lane < nwarps ? sr[lane] : 0.0f;
         for (int off = 16; off > 0; off >>= 1) {
-            float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
-            merge(m, s, m2, s2);
+            float m2 = __shfl_xor_sync(0xffffffffu, m, off), r2 = __shfl_xor_sync(0xffffffffu, r, off);
+            merge(m, r, m2, r2);
         }
-        if (lane == 0) { sm[0] = m; ss[0] = s; }
+        if (lane == 0) { sm[0] = m; sr[0] = r; }
     }
     __syncthreads();
-    float lse = sm[0] + logf(ss[0]);
+    float lse = sm[0] + log1pf(sr[0]);
     long long y = targets[row];
     bool kept = (y != ignore_index);
     bool valid = kept && y >= 0 && y < V;        // an out-of-range target: NaN, and no read outside the row
     const float nan = __int_as_float(0x7fffffff);
-    if (threadIdx.x == 0) losses[row] = !kept ? 0.0f : (valid ? row_loss(sm[0], ss[0], z[y]) : nan);
+    if (threadIdx.x == 0) losses[row] = !kept ? 0.0f : (valid ? row_loss(sm[0], sr[0], z[y]) : nan);
     if (dlogits == nullptr) return;
     __syncthreads();                             // z[y] is read above before any thread overwrites it in place
     // pass 2: the gradient

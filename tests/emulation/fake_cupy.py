@@ -696,9 +696,16 @@ def _linalg_module():
     return linalg
 
 
-def install(monkeypatch):
-    """Replace cupy with this module for the duration of a test (pytest monkeypatch)."""
+def install(monkeypatch, kernels="numpy", sms=None):
+    """Replace cupy with this module for the duration of a test (pytest monkeypatch).
+
+    kernels="numpy": launches run the NumPy emulations in KERNELS above (fast, our reading of each kernel).
+    kernels="cuda": launches run the real .cu code on the CPU (emulation/cuda: needs g++; slower).
+    sms: the device's multiprocessor count, which sizes some grids (default 5; an H100/H200 has 132).
+    """
     from nanogpt_np.kernels import compile as kc
+    if kernels not in ("numpy", "cuda"):
+        raise ValueError(f"kernels must be 'numpy' or 'cuda', got {kernels!r}")
     this = sys.modules[__name__]
     monkeypatch.setitem(sys.modules, "cupy", this)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
@@ -720,5 +727,11 @@ def install(monkeypatch):
     monkeypatch.setattr(this, "_core", core, raising=False)
     monkeypatch.setitem(sys.modules, "cupy._core", core)
     monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
-    monkeypatch.setattr(kc, "emulator", emulate)
+    if sms is not None:
+        monkeypatch.setitem(_device, "sms", int(sms))
+    if kernels == "cuda":
+        from emulation.cuda.emulator import emulator as cuda_emulator
+        monkeypatch.setattr(kc, "emulator", cuda_emulator)
+    else:
+        monkeypatch.setattr(kc, "emulator", emulate)
     return this

@@ -1,0 +1,143 @@
+"""Negative controls for the CUDA emulator: break a kernel's source on purpose (the kind of slip a GPU would
+run without complaint) and check that running the mutated kernel through the wrappers, on the emulator, is
+caught: an emulator error, a non-finite output, or a result off the NumPy reference, in at least one of
+the schedules. The unmutated source must pass in every schedule (so a detection is the mutation's doing)."""
+import importlib
+
+import numpy as np
+import pytest
+
+from emulation.cuda import emulator as emu
+
+pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no C++ compiler (g++) for the CUDA emulator")
+
+
+def _rel(got, ref):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    if not np.isfinite(got).all():
+        return np.inf
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def run_flash(cp):
+    """Flash attention forward + backward, 3 tiles of 64 with a partial last one; max relative error."""
+    from nanogpt_np.kernels import registry
+    from nanogpt_np.kernels.bf16 import round_to_bf16
+    att = importlib.import_module("nanogpt_np.ops.attention")
+    rng = np.random.default_rng(5)
+    B, T, C, NH = 1, 130, 128, 2
+    qkv = round_to_bf16(rng.standard_normal((B, T, 3 * C)).astype(np.float32))
+    fwd, bwd = registry.lookup("attention_flash")
+    out, saved = fwd(cp.asarray(qkv), NH)
+    rout, rsaved = att.attention_forward(qkv.astype(np.float64), NH)
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    (dqkv,) = bwd(cp.asarray(dout), saved)
+    (rd,) = att.attention_backward(dout.astype(np.float64), rsaved)
+    errs = [_rel(cp.asnumpy(out), rout)]
+    errs += [_rel(cp.asnumpy(dqkv)[..., i * C:(i + 1) * C], rd[..., i * C:(i + 1) * C]) for i in range(3)]
+    return max(errs) / 2e-2                     # > 1: outside the GPU test's tolerance
+
+
+def run_layernorm(cp):
+    from nanogpt_np.kernels import registry
+    ln = importlib.import_module("nanogpt_np.ops.layernorm")
+    rng = np.random.default_rng(6)
+    N, C = 37, 100
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((N, C), (C,), (C,)))
+    fwd, bwd = registry.lookup("layernorm")
+    y, saved = fwd(cp.asarray(x), cp.asarray(w), cp.asarray(b), 1e-5)
+    ry, rsaved = ln.layernorm_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), 1e-5)
+    dy = rng.standard_normal((N, C)).astype(np.float32)
+    got = bwd(cp.asarray(dy), saved)
+    want = ln.layernorm_backward(dy.astype(np.float64), rsaved)
+    return max([_rel(cp.asnumpy(y), ry)] + [_rel(cp.asnumpy(g), r) for g, r in zip(got, want)]) / 1e-5
+
+
+def run_cross_entropy_inplace(cp):
+    from nanogpt_np.kernels import cross_entropy as ce
+    from nanogpt_np.kernels import registry
+    ops = importlib.import_module("nanogpt_np.ops.cross_entropy")
+    rng = np.random.default_rng(7)
+    N, V = 4, 300
+    logits = (rng.standard_normal((N, V)) * 3).astype(np.float32)
+    targets = np.array([17, 280, 5, 99])
+    fwd, bwd = registry.lookup("cross_entropy")
+    ce.set_inplace(True)
+    try:
+        loss, saved = fwd(cp.asarray(logits), cp.asarray(targets), -1)
+        (d,) = bwd(cp.ones((), dtype=cp.float32), saved)
+    finally:
+        ce.set_inplace(False)
+    rloss, rsaved = ops.cross_entropy_forward(logits.astype(np.float64), targets, -1)
+    (rd,) = ops.cross_entropy_backward(np.float64(1.0), rsaved)
+    return max(abs(float(loss) - float(rloss)) / abs(float(rloss)), _rel(cp.asnumpy(d), rd)) / 1e-5
+
+
+# (name, source, text to replace, replacement, runner)
+MUTATIONS = [
+    ("flash: no barrier before the next K/V tile overwrites shared memory", "flash_attention",
+     "        __syncthreads();                               // the previous tiles are no longer read\n", "",
+     run_flash),
+    ("flash: no barrier between loading a tile and reading it", "flash_attention",
+     "        load_tile_t(Vt, V + head + (long long)kt * TILE * HS);\n        __syncthreads();\n",
+     "        load_tile_t(Vt, V + head + (long long)kt * TILE * HS);\n", run_flash),
+    ("flash: mma A and B operands swapped", "flash_attention",
+     "{%4,%5,%6,%7}, {%8,%9}", "{%8,%9,%6,%7}, {%4,%5}", run_flash),
+    ("flash: rows g and g+8 of the A fragment swapped", "flash_attention",
+     "    a[0] = *(const unsigned*)(p + g * ld + 2 * t);\n    a[1] = *(const unsigned*)(p + (g + 8) * ld + 2 * t);\n",
+     "    a[0] = *(const unsigned*)(p + (g + 8) * ld + 2 * t);\n    a[1] = *(const unsigned*)(p + g * ld + 2 * t);\n",
+     run_flash),
+    ("flash: causal mask off by one (sees the next key)", "flash_attention",
+     "s[j][e] = (key <= row) ?", "s[j][e] = (key <= row + 1) ?", run_flash),
+    ("flash: quad_sum shuffles with offset 4 instead of 2", "flash_attention",
+     "return v + __shfl_xor_sync(0xffffffffu, v, 2);", "return v + __shfl_xor_sync(0xffffffffu, v, 4);", run_flash),
+    ("layernorm: warp_sum starts at offset 8 (half the warp)", "layernorm",
+     "for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync", "for (int off = 8; off > 0; off >>= 1) v += "
+     "__shfl_xor_sync", run_layernorm),
+    ("layernorm backward: no barrier before adding the warps' dw/db slices", "layernorm",
+     "    __syncthreads();\n    // block sum of the warp slices", "    // block sum of the warp slices", run_layernorm),
+    ("cross-entropy in place: no barrier between reading z[y] and overwriting the logits", "cross_entropy",
+     "    __syncthreads();                             // z[y] is read above", "    //", run_cross_entropy_inplace),
+]
+
+
+@pytest.fixture
+def cuda_cp(monkeypatch):
+    from emulation import fake_cupy
+    return fake_cupy.install(monkeypatch, kernels="cuda")
+
+
+def _outcomes(monkeypatch, cp, runner, stop_when_caught=False):
+    """{schedule: error ratio (> 1 is a failure) or the emulator's message}."""
+    out = {}
+    for s in emu.SCHEDULES:
+        monkeypatch.setenv("NANOGPT_EMU_SCHEDULE", s)
+        try:
+            out[s] = runner(cp)
+        except emu.CompileError:
+            raise                                   # a mutation that does not compile proves nothing
+        except emu.EmulatorError as e:
+            out[s] = str(e)
+        if stop_when_caught and (isinstance(out[s], str) or out[s] > 1):
+            break
+    return out
+
+
+@pytest.mark.parametrize("runner", [run_flash, run_layernorm, run_cross_entropy_inplace])
+def test_unmutated_kernels_pass_in_every_schedule(monkeypatch, cuda_cp, runner):
+    for s, r in _outcomes(monkeypatch, cuda_cp, runner).items():
+        assert not isinstance(r, str) and r < 1, f"schedule {s}: {r}"
+
+
+@pytest.mark.parametrize("name,module,old,new,runner", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_mutation_is_caught(monkeypatch, cuda_cp, name, module, old, new, runner):
+    from nanogpt_np.kernels import compile as kc
+    original = kc.source(module)
+    assert original.count(old) == 1, f"the mutation's target text is not (once) in {module}.cu"
+    mutated = original.replace(old, new)
+    real_source = kc.source
+    monkeypatch.setattr(kc, "source", lambda m: mutated if m == module else real_source(m))
+    outcomes = _outcomes(monkeypatch, cuda_cp, runner, stop_when_caught=True)
+    caught = {s: r for s, r in outcomes.items() if isinstance(r, str) or r > 1}
+    assert caught, f"{name}: not detected in any schedule: {outcomes}"
+    print(f"{name}: caught by schedule {list(caught)[0]}: {list(caught.values())[0]}")
