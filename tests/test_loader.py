@@ -140,7 +140,7 @@ def test_iter_spread_samples_the_whole_data_the_same_way_every_time(rng):
               for k in range(int(rng.integers(1, 4)))]
     loader = BatchLoader(shards, batch_size=B, block_size=T, seed=int(rng.integers(1000)))
     state = loader.state_dict()
-    n_batches = int(rng.integers(1, 6))
+    n_batches = int(rng.integers(2, 6))                             # two windows at least: a gap to measure
     batches = list(loader.iter_spread(n_batches))
     assert len(batches) == n_batches and all(x.shape == (B, T) for x, _ in batches)
     starts = np.concatenate([x[:, 0] for x, _ in batches])

@@ -8,7 +8,9 @@
 //    difference cancels; m_n - z_n[y_n] is a difference of two logits (exact when the target is the max);
 //  * the sum is kept as r = s - 1, the terms other than the max's own exp(0) = 1: s itself sits next to 1, where
 //    a float has only ~1e-7 of resolution, so log(s) of a loss of 1e-5 would be wrong in the third digit, while
-//    log1p(r) is accurate to the last bit of r.
+//    log1p(r) is accurate to the last bit of r. For the same reason the target's gradient p_y - 1 is computed as
+//    expm1((z_y - m) - log1p(r)), not exp(...) - 1, and every exponent as (z - m) - log1p(r), never z - lse
+//    (m + log1p(r) would round the small log1p(r) away).
 // A target outside [0, V) that is not ignore_index gives a NaN loss and a NaN gradient row (the kernel never
 // reads outside the row; the CPU op raises instead, which would need a host sync here). -inf logits are fine.
 //
@@ -86,20 +88,20 @@ extern "C" __global__ void cross_entropy_fused(float* __restrict__ losses,     /
         if (lane == 0) { sm[0] = m; sr[0] = r; }
     }
     __syncthreads();
-    float lse = sm[0] + log1pf(sr[0]);
+    float m_row = sm[0], log1p_r = log1pf(sr[0]);     // lse = m_row + log1p_r, kept apart (see the top)
     long long y = targets[row];
     bool kept = (y != ignore_index);
     bool valid = kept && y >= 0 && y < V;        // an out-of-range target: NaN, and no read outside the row
     const float nan = __int_as_float(0x7fffffff);
-    if (threadIdx.x == 0) losses[row] = !kept ? 0.0f : (valid ? row_loss(sm[0], sr[0], z[y]) : nan);
+    if (threadIdx.x == 0) losses[row] = !kept ? 0.0f : (valid ? row_loss(m_row, sr[0], z[y]) : nan);
     if (dlogits == nullptr) return;
     __syncthreads();                             // z[y] is read above before any thread overwrites it in place
     // pass 2: the gradient
     float scale = kept ? 1.0f / *n_kept : 0.0f;
     float* d = dlogits + (long long)row * V;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        float p = expf(z[j] - lse);
-        d[j] = (kept && !valid) ? nan : scale * (p - (j == y ? 1.0f : 0.0f));
+        float e = (z[j] - m_row) - log1p_r;           // log p_j
+        d[j] = (kept && !valid) ? nan : scale * (j == y ? expm1f(e) : expf(e));     // p_j - [j == y]
     }
 }
 
