@@ -12,9 +12,10 @@
 # $OUT defaults to ./gpu_check_out. Exit status: non-zero when a GPU test failed (or the tests could not run).
 #
 #   bash benchmarks/gpu_check.sh
-#   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh     # rehearsal on the CPU: the fake CuPy (NumPy emulation
-#                                                        # of every kernel), tiny shapes, a full summary; times
-#                                                        # printed are not GPU times
+#   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh     # rehearsal on the CPU: the fake CuPy running the real
+#                                                        # .cu kernels on the CUDA emulator (with g++; without
+#                                                        # one, NumPy emulations of the kernels), tiny shapes, a
+#                                                        # full summary; times printed are not GPU times
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -52,7 +53,10 @@ SUMMARY="$OUT/summary.md"
 
 {
   echo "# GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-  [ "$DRY" = "1" ] && echo "DRY RUN on the CPU through the fake CuPy: no GPU was used; times are not GPU times"
+  if [ "$DRY" = "1" ]; then
+    echo "DRY RUN on the CPU through the fake CuPy: no GPU was used; times are not GPU times"
+    "$PY" -c "import sys; sys.path.insert(0, 'tests'); from emulation.run_on_fake import choose_kernels; print('kernels: %s (%s)' % choose_kernels())" 2>&1 | tail -1
+  fi
   if command -v nvidia-smi > /dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
   else

@@ -75,6 +75,17 @@ def pytest_collection_modifyitems(config, items):
                                                         "runs it; a GPU runs it always)"))
 
 
+def _where_cupy_runs():
+    """'on the GPU', or what the fake CuPy a launcher installed runs (tests/emulation/run_on_fake.py)."""
+    import cupy
+    if not str(getattr(cupy, "__version__", "")).startswith("fake"):
+        return "on the GPU"
+    from nanogpt_np.kernels import compile as kc
+    real = getattr(kc.emulator, "__module__", "").endswith("cuda.emulator")
+    return "on the fake CuPy, no GPU (" + ("the real kernels on the CPU CUDA emulator)" if real
+                                          else "NumPy emulations of the kernels)")
+
+
 def pytest_terminal_summary(terminalreporter):
     """One line: how many GPU tests ran, and where (so a summary with all of them skipped stands out)."""
     counts = {}
@@ -84,7 +95,7 @@ def pytest_terminal_summary(terminalreporter):
                 if outcome == "skipped" or rep.when == "call" or outcome == "error":
                     counts[outcome] = counts.get(outcome, 0) + 1
     if counts:
-        where = "on the CPU CUDA emulator (no GPU)" if EMULATED else ("skipped" if _REASON else "on the GPU")
+        where = "on the CPU CUDA emulator (no GPU)" if EMULATED else ("skipped" if _REASON else _where_cupy_runs())
         ran = sum(v for k, v in counts.items() if k != "skipped")
         detail = ", ".join(f"{v} {k}" for k, v in counts.items())
         terminalreporter.write_line(f"tests/gpu: {ran} executed {where} ({detail})")
