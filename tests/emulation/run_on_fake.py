@@ -48,7 +48,8 @@ def main(argv):
     kernels, why = choose_kernels()
     print(f"run_on_fake: fake CuPy, kernels={kernels} ({why})", file=sys.stderr, flush=True)
     fake_cupy.install(pytest.MonkeyPatch(), kernels=kernels)      # kept for the life of the process
-    fake_cupy.set_device(dict(fake_cupy.H200, name=f"NVIDIA H200 (fake, {'emulated .cu' if kernels == 'cuda' else 'NumPy'})"))
+    what = "emulated .cu" if kernels == "cuda" else "NumPy"
+    fake_cupy.set_device(dict(fake_cupy.H200, name=f"NVIDIA H200 (fake, {what})"))
     if argv[0] == "-c":
         sys.argv = ["-c"] + argv[2:]
         exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
