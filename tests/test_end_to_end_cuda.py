@@ -6,7 +6,7 @@ Everything runs in-process: the fake `cupy` is put into sys.modules (fake_cupy.i
 H200's 132 SMs so grids are sized as on the device), then the same entry points the command lines call
 (trainer.train, sample.main, eval.evaluate.run_evaluation, serve.make_server) run with device "cuda".
 The model is tiny but real for the kernels: n_embd=128, n_head=2 (head size 64, which flash attention needs),
-one layer, block 16, batch 2, a few steps; the whole module takes ~30 s.
+one layer, block 16, batch 2, a few steps; the whole module takes ~22 s (2 cores).
 
 What is compared, and how closely:
 - float32 (matmul attention; cuBLAS is NumPy float32 matmuls in the fake, so TF32 on or off gives the same
@@ -15,10 +15,15 @@ What is compared, and how closely:
 - bf16 matmuls, and flash attention in either dtype (flash's matmuls are bf16 mma on tensor cores): 2e-4
   relative. This cannot be held to 1e-4 against a float32 CPU run for a principled reason: bf16 operands carry
   8 significant bits (unit roundoff u = 2^-8 = 3.9e-3), so every logit is perturbed by ~u of its size, in
-  effect independently per token. The loss is a mean over N = B*T = 32 targets of such terms, so its relative
-  error is of order u * rms(logit) / (loss * sqrt(N)): ~1e-4 at this size (measured: up to 1.1e-4 at N = 32,
-  4e-5 at N = 128, the 1/sqrt(N) of independent rounding). 2e-4 is that noise floor with a factor ~2 of
-  room; a kernel bug (a wrong index, a missing mask, a dropped tile) moves the loss by 1e-2 or more.
+  effect independently per target. The loss is a mean over the N targets of a step (32 here, 64 with two
+  micro-batches), so its relative error is of order u * rms(logit) / (loss * sqrt(N)), ~1e-4 at this size, and
+  the weights of later steps differ by as much again. Measured: up to 1.04e-4 (bf16, two micro-batches),
+  5.7e-5 (flash, float32); with 4x the targets per step (B=4, T=32) 4e-5, as 1/sqrt(N) says. 2e-4 is that
+  noise floor with a factor 2 of room; the float32 runs (1.2e-7 here) show that the rest of the path adds
+  nothing. A gross kernel bug still stands out: flash's causal mask off by one (each query sees the next key)
+  moves the loss by 4.8e-3. Small numeric slips hide under 2e-4 and are for the float32 runs (GELU's 0.5 as
+  0.49: 1.3e-4 in the evaluation loss; its 0.044715 as 0.05: 4.5e-5 in training; both caught at 1e-6) and for
+  the kernel tests in tests/gpu.
 - --resume on the fake: an interrupted run continued with --resume logs the same losses, bit for bit, and
   ends with the same weights as the uninterrupted run (bf16, flash, gradient accumulation and dropout, whose
   masks come from the fake's cuRAND stand-in).
