@@ -28,7 +28,7 @@ What is compared, and how closely:
   ends with the same weights as the uninterrupted run (bf16, flash, gradient accumulation and dropout, whose
   masks come from the fake's cuRAND stand-in).
 - sample.py, evaluate and the server: loading a float32 checkpoint on "cuda": the same text as on the CPU
-  (seeded sampling and greedy decoding), the same evaluation loss to 1e-6.
+  (seeded sampling and greedy decoding), the same evaluation and task losses to 1e-6.
 
 Skipped without a C++ compiler (the emulator needs g++), like tests/gpu.
 """
@@ -178,13 +178,20 @@ def test_evaluate_on_cuda_matches_cpu(fake_gpu, cpu_runs, tmp_path):
     run_dir = cpu_runs[1][0]
     text_file = tmp_path / "held_out.txt"
     text_file.write_text(default_corpus_text()[-300:], encoding="utf-8")
-    results = {device: _on(device, lambda: run_evaluation(run_dir, file=str(text_file), batch_size=4,
+    task_file = tmp_path / "task.jsonl"                     # generation (batched, KV cache) and the task loss
+    task_file.write_text("".join(json.dumps(dict(prompt=p, completion=c)) + "\n" for p, c in
+                                 [("def f", " yes"), ("class A", " no"), ("import", " yes"), ("x = ", " no")]))
+    results = {device: _on(device, lambda: run_evaluation(run_dir, file=str(text_file), task=str(task_file),
+                                                          metric="text", max_new_tokens=4, batch_size=4,
                                                           out=str(tmp_path / f"{device}.json"), device=device,
                                                           log=lambda *a: None))
                for device in ("cpu", "cuda")}
     cpu, gpu = results["cpu"]["file"], results["cuda"]["file"]
     assert gpu["tokens"] == cpu["tokens"] > 100
     assert abs(gpu["loss"] - cpu["loss"]) / cpu["loss"] < F32_RTOL
+    cpu, gpu = results["cpu"]["task"], results["cuda"]["task"]
+    assert gpu["samples"] == cpu["samples"] and gpu["task_tokens"] == cpu["task_tokens"] > 0
+    assert abs(gpu["task_loss"] - cpu["task_loss"]) / cpu["task_loss"] < F32_RTOL
 
 
 def _serve(run_dir, device, jobs):
