@@ -4,7 +4,8 @@ with --device=cpu.
 
 Everything runs in-process: the fake `cupy` is put into sys.modules (fake_cupy.install(kernels="cuda"), an
 H200's 132 SMs so grids are sized as on the device), then the same entry points the command lines call
-(trainer.train, sample.main, eval.evaluate.run_evaluation, serve.make_server) run with device "cuda".
+(trainer.train, sample.main, eval.evaluate.run_evaluation, serve.make_server) run with device "cuda". One
+test runs the command lines `train.py` and `sample.py` themselves in a fresh process (run_on_fake.py).
 The model is tiny but real for the kernels: n_embd=128, n_head=2 (head size 64, which flash attention needs),
 one layer, block 16, batch 2, a few steps; the whole module takes ~22 s (2 cores).
 
@@ -34,7 +35,11 @@ Skipped without a C++ compiler (the emulator needs g++), like tests/gpu.
 """
 import http.client
 import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +50,7 @@ from nanogpt_np.kernels import cross_entropy as ce_kernel
 from nanogpt_np.kernels import registry
 from nanogpt_np.trainer import train
 
+REPO = Path(__file__).resolve().parents[1]
 F32_RTOL = 1e-6
 BF16_RTOL = 2e-4
 
@@ -229,3 +235,24 @@ def test_server_on_cuda_matches_cpu(fake_gpu, cpu_runs):
     jobs = [dict(prompt="def ", max_tokens=10, temperature=0),
             dict(prompt=["class ", "import "], max_tokens=8, temperature=1.0, seed=5)]   # two decoded together
     assert _serve(run_dir, "cuda", jobs) == _serve(run_dir, "cpu", jobs)
+
+
+def test_train_py_and_sample_py_command_lines_on_cuda(fake_gpu, cpu_runs, tmp_path):
+    """The command lines themselves, `python train.py --device=cuda` and `python sample.py --device=cuda`, in
+    a fresh process on the fake CuPy with the emulated kernels (tests/emulation/run_on_fake.py): the same
+    losses as the in-process CPU run, and the trainer says which GPU kernels it chose."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), NANOGPT_FAKE_KERNELS="cuda")
+    env.pop("NANOGPT_ATTENTION", None)
+    launcher = [sys.executable, str(REPO / "tests" / "emulation" / "run_on_fake.py")]
+    out = tmp_path / "cli"
+    proc = subprocess.run(launcher + [str(REPO / "train.py"), *TINY, "--device=cuda", f"--out_dir={out}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "kernels=cuda" in proc.stderr and "GPU kernels: attention matmul" in proc.stdout
+    with open(out / "log.jsonl") as f:
+        _assert_close(_losses([json.loads(line) for line in f]), cpu_runs[1][1], F32_RTOL)
+    proc = subprocess.run(launcher + [str(REPO / "sample.py"), f"--out_dir={out}", "--device=cuda", "--prompt=def ",
+                                      "--max_new_tokens=8", "--temperature=0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.rstrip().endswith(", cuda") and proc.stdout.startswith("def ") and len(proc.stdout) == 13
