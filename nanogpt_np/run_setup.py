@@ -85,10 +85,11 @@ def setup_device(cfg: TrainConfig, world=distributed.SINGLE) -> str:
         raise ConfigError("--dtype=bfloat16 (mixed precision) needs the GPU (--device=cuda); use float32 on the CPU")
     if device == "cuda":
         # Fused kernels: bf16 matmuls when asked (float32 master weights and optimizer state stay float32);
-        # the loss gradient is exactly 1 without accumulation, so cross-entropy can skip a scaling pass.
+        # the loss gradient is exactly 1 with one micro-batch on one rank, so cross-entropy can skip a scaling
+        # pass (with accumulation or ranks it is that micro-batch's share of the step's targets).
         from .kernels import registry
         registry.configure(dtype="bfloat16" if cfg.dtype == "bfloat16" else "float32",
-                           loss_is_root=cfg.grad_accum_steps == 1, logits_reusable=False)
+                           loss_is_root=cfg.grad_accum_steps == 1 and world.world_size == 1, logits_reusable=False)
     return device
 
 

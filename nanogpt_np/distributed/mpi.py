@@ -49,7 +49,8 @@ class MPIWorld:
             self.name += f", GPU {self.gpu.device_id} (NCCL)"
 
     def allreduce_sum_(self, flat_buffer) -> None:
-        if self.gpu is not None and not isinstance(flat_buffer, np.ndarray):
+        from .. import backend
+        if self.gpu is not None and backend.is_gpu_array(flat_buffer):
             self.gpu.allreduce_sum_(flat_buffer)             # device memory: NCCL
         else:
             self.comm.Allreduce(self.MPI.IN_PLACE, flat_buffer, op=self.MPI.SUM)

@@ -9,6 +9,9 @@ passes arguments in the wrong order, sizes a grid too small, or forgets a conver
 Arrays are a NumPy subclass with CuPy's `.data.ptr`; `empty` fills floats with NaN (and integers with all ones),
 so an output element no kernel writes shows up, like the GPU tests' poisoned memory pool. What this cannot
 check is the CUDA code itself (flash_emulator.py does that for flash attention; the GPU tests for the rest).
+
+`cuda.nccl` is a fake NCCL communicator for data-parallel tests: ranks started by mpiexec sum their fake-device
+buffers through MPI, and `devices_used` records which GPU each rank selected.
 """
 import ctypes
 import math
@@ -115,6 +118,8 @@ random = types.SimpleNamespace(default_rng=_Generator)
 
 
 class _Stream:
+    ptr = 0
+
     def synchronize(self):
         pass
 
@@ -139,8 +144,48 @@ class OutOfMemoryError(MemoryError):
     pass
 
 
+devices_used = []          # the ids passed to Device(i).use(), in order (which GPU a rank chose)
+
+
+def _device(i=0):
+    return types.SimpleNamespace(attributes={"MultiProcessorCount": 5}, compute_capability="90", id=i,
+                                 use=lambda: devices_used.append(i))
+
+
+class _NcclCommunicator:
+    """cupy.cuda.nccl.NcclCommunicator for fake-device arrays. The test's ranks are real processes started by
+    mpiexec, so the sum goes through MPI (mpi4py); like a kernel emulation, allReduce takes raw pointers and
+    checks its arguments: the count, the NCCL data type against the buffer's, SUM, and the unique id that
+    rank 0 made and every rank must have received."""
+    NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = 7, 8, 0
+    all_reduces = 0
+
+    def __init__(self, ndev, unique_id, rank):
+        from mpi4py import MPI
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        assert (ndev, rank) == (self.comm.Get_size(), self.comm.Get_rank()), "NCCL rank / size differ from MPI's"
+        assert self.comm.allgather(unique_id) == [unique_id] * ndev, "the ranks hold different NCCL unique ids"
+
+    def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
+        send, recv = _resolve(sendbuf), _resolve(recvbuf)
+        assert 0 < count <= min(send.size, recv.size) and op == self.NCCL_SUM and isinstance(stream, int)
+        expected = {np.dtype(np.float32): self.NCCL_FLOAT32, np.dtype(np.float64): self.NCCL_FLOAT64}[send.dtype]
+        assert datatype == expected, f"NCCL data type {datatype} for a {send.dtype} buffer"
+        total = np.empty(count, send.dtype)
+        self.comm.Allreduce(np.ascontiguousarray(send[:count]), total, op=self.MPI.SUM)
+        recv[:count] = total
+        _NcclCommunicator.all_reduces += 1
+
+
+nccl = types.SimpleNamespace(
+    available=True, NcclCommunicator=_NcclCommunicator, get_unique_id=lambda: tuple(np.random.bytes(128)),
+    NCCL_FLOAT32=_NcclCommunicator.NCCL_FLOAT32, NCCL_FLOAT64=_NcclCommunicator.NCCL_FLOAT64,
+    NCCL_SUM=_NcclCommunicator.NCCL_SUM)
+
+
 cuda = types.SimpleNamespace(
-    Device=lambda *a: types.SimpleNamespace(attributes={"MultiProcessorCount": 5}, compute_capability="90", id=0),
+    Device=_device,
+    nccl=nccl,
     get_current_stream=lambda: _Stream(),
     device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"fake GPU (NumPy)"},
@@ -562,6 +607,8 @@ def install(monkeypatch):
     from nanogpt_np.kernels import compile as kc
     this = sys.modules[__name__]
     monkeypatch.setitem(sys.modules, "cupy", this)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", this.cuda)              # for `from cupy.cuda import nccl`
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", this.cuda.nccl)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
     cublas.gemmEx = _gemm_ex
     cublas.getPointerMode = lambda h: 0
