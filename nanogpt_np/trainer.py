@@ -316,14 +316,11 @@ def main(argv=None) -> int:
         summary = train(cfg)
     except (ValueError, OSError, BackendError, DistributedError, FloatingPointError) as e:
         # ConfigError, DataError, CheckpointError, TokenizerError, TaskDataError are all ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return distributed.fail(2)          # with ranks: ends them all (MPI_Abort) instead of leaving them waiting
+        return distributed.fail(2, f"error: {e}")   # prints; with ranks, ends them all instead of leaving them waiting
     except MemoryError:
-        print("error: out of memory: try a smaller --batch_size, --block_size or model", file=sys.stderr)
-        return distributed.fail(2)
+        return distributed.fail(2, "error: out of memory: try a smaller --batch_size, --block_size or model")
     except KeyboardInterrupt:
-        print("stopped without saving: the last checkpoint in the run directory is intact", file=sys.stderr)
-        return distributed.fail(130)
+        return distributed.fail(130, "stopped without saving: the last checkpoint in the run directory is intact")
     if summary["interrupted"]:
         return 130
     if distributed.connect().is_main:

@@ -25,6 +25,7 @@ aborts the whole MPI job (MPI_Abort) instead of leaving the others waiting in th
 that dies is noticed by the launcher (mpiexec), which ends the others.
 """
 import os
+import sys
 
 # Environment variables that MPI launchers set in the processes they start: MPICH / Intel MPI (hydra),
 # Open MPI, and PMIx-based launchers. Their presence, not their value, means "started by mpiexec".
@@ -70,8 +71,11 @@ class SingleProcess:
     def assert_identical(self, flat_buffer, what: str) -> None:
         """Raise when the ranks hold different contents in `flat_buffer` (they must never drift apart)."""
 
-    def fail(self, exit_code: int) -> int:
-        """A rank has failed: end every rank now (with ranks; never returns) or return the exit code."""
+    def fail(self, exit_code: int, message: str) -> int:
+        """A rank has failed: print `message` and end every rank (with ranks; never returns), or return the
+        exit code. Alone: print it (before connect() under mpiexec: on rank 0 only, see fail() below)."""
+        if not launched_by_mpi() or _launcher_rank() == 0:
+            print(message, file=sys.stderr)
         return exit_code
 
 
@@ -89,9 +93,16 @@ def connect():
     return _world
 
 
-def fail(exit_code: int) -> int:
-    """For the command line's error paths: with ranks, end them all (never returns); alone, the exit code."""
-    return _world.fail(exit_code)
+def fail(exit_code: int, message: str) -> int:
+    """The command line's error paths: report `message` once and end every rank (never returns), or, alone,
+    return the exit code. Every rank usually meets the same user mistake at the same moment, so rank 0
+    reports it; another rank reports its own failure if rank 0 has not ended the job within a few seconds.
+    (Before connect(), only settings can fail, and they are the same everywhere: rank 0 alone prints.)"""
+    return _world.fail(exit_code, message)
+
+
+def _launcher_rank() -> int:
+    return int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", 0))))
 
 
 def check_batch_split(batch_size: int, world) -> int:

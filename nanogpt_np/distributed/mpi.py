@@ -6,6 +6,7 @@ replaces `buf` on every rank by the element-wise sum over all ranks, without a c
 gradient buffer is reduced by NCCL instead (nccl.py); MPI still carries the small values and the NCCL id.
 """
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -77,11 +78,14 @@ class MPIWorld:
             raise DistributedError(f"the ranks hold different {what} (CRC32 per rank: {checksums}); "
                                    f"data-parallel training has lost its synchronisation")
 
-    def fail(self, exit_code: int) -> int:
-        """MPI_Abort: the launcher ends every rank of the job with this exit code. Without it the other ranks
-        would wait forever in their next reduction (and MPI_Finalize at exit would wait for them too)."""
+    def fail(self, exit_code: int, message: str) -> int:
+        """Report, then MPI_Abort: the launcher ends every rank of the job with this exit code. Without it the
+        other ranks would wait forever in their next reduction (and MPI_Finalize at exit would wait too)."""
         sys.stdout.flush()
-        sys.stderr.flush()
+        if not self.is_main:
+            time.sleep(3)             # rank 0, failing the same way, ends the job first and reports it once
+            message = f"{message} (rank {self.rank})"
+        print(message, file=sys.stderr, flush=True)
         self.comm.Abort(exit_code)
         return exit_code              # not reached
 
@@ -91,5 +95,6 @@ class MPIWorld:
 
         def hook(*exc_info):
             previous(*exc_info)
-            self.fail(1)
+            sys.stderr.flush()
+            self.comm.Abort(1)
         sys.excepthook = hook
