@@ -4,6 +4,8 @@
 #   1. the GPU tests (tests/gpu: every kernel against its NumPy reference, a training step against the CPU)
 #   2. the kernel benchmarks (benchmarks/kernels.py: fused vs unfused CuPy vs PyTorch, % of copy bandwidth)
 #   3. a short training-throughput run (benchmarks/train_gpu.py --quick: ours vs PyTorch eager/compile)
+#   4. a 1-rank data-parallel run through NCCL (mpiexec -n 1 python train.py --device=cuda; skipped
+#      without mpi4py / mpiexec: pip install -e '.[dist-gpu]')
 # Everything is tee'd to $OUT (default ./gpu_check_out); the summary table is printed last.
 # Exit status: non-zero when a GPU test failed (or the tests could not run).
 #
@@ -41,11 +43,22 @@ timeout 110 "$PY" benchmarks/kernels.py --B 8 --iters 10 --json "$OUT/kernels.js
 rc_kernels=${PIPESTATUS[0]}
 echo "(kernels: exit $rc_kernels, $(elapsed) s so far)"
 
-LEFT=$(( 465 - $(elapsed) ))
+LEFT=$(( 420 - $(elapsed) ))
 [ "$LEFT" -lt 60 ] && LEFT=60
 echo "== 3. training throughput (--quick, $LEFT s budget)"
 timeout "$LEFT" "$PY" benchmarks/train_gpu.py --quick --graph --budget-s "$LEFT" --json "$OUT/train.json" 2>&1 | tee "$OUT/train.txt"
 rc_train=${PIPESTATUS[0]}
+
+echo "== 4. one data-parallel rank through NCCL"
+MPIEXEC=$(dirname "$PY")/mpiexec; [ -x "$MPIEXEC" ] || MPIEXEC=$(command -v mpiexec || true)
+if [ -n "$MPIEXEC" ] && "$PY" -c "import mpi4py" 2>/dev/null; then
+  timeout 45 "$MPIEXEC" -n 1 "$PY" train.py --device=cuda --model=tiny --block_size=32 --batch_size=8 \
+    --max_iters=3 --eval_interval=3 --eval_iters=1 --log_interval=1 --out_dir="$OUT/nccl_run" 2>&1 | tee "$OUT/nccl.txt"
+  rc_nccl=${PIPESTATUS[0]}
+else
+  echo "skipped: no mpi4py / mpiexec (pip install -e '.[dist-gpu]')" | tee "$OUT/nccl.txt"
+  rc_nccl=skipped
+fi
 
 {
   echo
@@ -60,6 +73,8 @@ rc_train=${PIPESTATUS[0]}
   echo
   sed -n '/^Training throughput on /,$p' "$OUT/train.txt"
   [ "$rc_train" -ne 0 ] && echo "training benchmark exit $rc_train (see train.txt)"
+  echo
+  echo "1-rank NCCL training run: exit $rc_nccl; $(grep -E '^(data parallel|done|error)' "$OUT/nccl.txt" | tr '\n' ' ')"
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"
 [ "$rc_tests" -eq 0 ] || exit 1

@@ -71,9 +71,9 @@ def setup_run(cfg: TrainConfig, echo=print, world=distributed.SINGLE) -> Run:
     c, n_params = model.config, model.num_params()
     echo(f"model: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, block {c.block_size}, "
          f"vocab {c.vocab_size}: {n_params:,} parameters ({n_params / 1e6:.2f}M) on {device}, {cfg.dtype}")
-    if world.world_size > 1:
-        echo(f"data parallel: {world.world_size} ranks, each trains on {cfg.batch_size // world.world_size} of "
-             f"the {cfg.batch_size} rows of every batch")
+    if world is not distributed.SINGLE:
+        echo(f"data parallel: {world.world_size} rank(s), each trains on {cfg.batch_size // world.world_size} of "
+             f"the {cfg.batch_size} rows of every batch; logging from {world.name}")
     return run
 
 

@@ -177,7 +177,7 @@ def test_two_ranks_take_the_steps_of_one_rank(tmp_path, data, dtype, rtol, steps
     train_here(tmp_path / "one", *args)
     r = mpirun(2, *TINY, *args, f"--out_dir={tmp_path / 'two'}")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("done:") == 1 and "data parallel: 2 ranks" in r.stdout      # rank 0 speaks alone
+    assert r.stdout.count("done:") == 1 and "data parallel: 2 rank(s)" in r.stdout      # rank 0 speaks alone
     assert_same_run(tmp_path / "two", tmp_path / "one", rtol, steps, elementwise=dtype == "float64")
     state = json.loads((tmp_path / "two" / "state.json").read_text())
     assert state["ranks"] == 2
