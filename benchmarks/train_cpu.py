@@ -12,7 +12,8 @@ Ranks (needs mpi4py: pip install 'nanogpt_np[dist]'): `--ranks 2` also times nan
 `mpiexec -n 2` with one BLAS thread per rank, each rank computing 6 of the 12 rows and the gradients summed by
 one MPI allreduce per step (the trainer's own accumulate_gradients and distributed/ code), against PyTorch
 eager with as many threads as there are ranks: the same cores either way. The step time is rank 0's.
-The header names the CPU and the OpenBLAS kernel (threadpoolctl) that ran.
+The header names the CPU and the OpenBLAS kernel (threadpoolctl) that ran. `--zero` adds, for each rank
+count, ZeRO-1 (distributed/zero.py: reduce-scatter, AdamW on 1/N of the buffer, allgather) beside the plain form.
 """
 import argparse
 import json
@@ -46,7 +47,7 @@ def batches(data_path, n, seed=0):
     return len(chars), out
 
 
-def run_numpy(vocab, data, steps, warmup):
+def run_numpy(vocab, data, steps, warmup, zero=False):
     """One process, or this rank of `mpiexec -n N` (rows [rank * B/N, (rank+1) * B/N) of each batch)."""
     from nanogpt_np import distributed
     from nanogpt_np.model import GPT, GPTConfig
@@ -58,13 +59,18 @@ def run_numpy(vocab, data, steps, warmup):
     cfg = GPTConfig(vocab_size=vocab, block_size=RECIPE["block_size"], n_layer=RECIPE["n_layer"],
                     n_head=RECIPE["n_head"], n_embd=RECIPE["n_embd"])
     model = GPT(cfg, seed=0)
-    opt = AdamW(model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    if zero:                                         # ZeRO-1: reduce-scatter, AdamW on 1/N, allgather
+        from nanogpt_np.distributed.zero import ZeroAdamW
+        opt = ZeroAdamW(model, world, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    else:
+        opt = AdamW(model, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
     times, first_loss = [], None
     for i, (x, y) in enumerate(data[: warmup + steps]):
         t0 = time.perf_counter()
         model.zero_grad()
         loss = accumulate_gradients(model, [(x[rows], y[rows])], world)    # forward + backward of this rank's rows
-        world.allreduce_sum_(model.flat_grads)      # with ranks: the one gradient allreduce of the step
+        if not zero:
+            world.allreduce_sum_(model.flat_grads)  # with ranks: the one gradient allreduce of the step
         opt.step(grad_clip=1.0)                      # clips by the global norm, then AdamW
         times.append(time.perf_counter() - t0)
         first_loss = loss if first_loss is None else first_loss
@@ -100,7 +106,7 @@ def run_torch(vocab, data, steps, warmup, threads):
 def worker(args):
     vocab, data = batches(args.data, args.warmup + args.steps)
     if args.impl == "numpy":
-        times, loss = run_numpy(vocab, data, args.steps, args.warmup)
+        times, loss = run_numpy(vocab, data, args.steps, args.warmup, zero=args.zero)
     else:
         times, loss = run_torch(vocab, data, args.steps, args.warmup, args.threads)
     times.sort()
@@ -129,14 +135,14 @@ def cpu_model():
         return platform.processor() or "unknown CPU"
 
 
-def measure(impl, threads, ranks, args):
+def measure(impl, threads, ranks, args, zero=False):
     """Run one worker (under mpiexec when ranks > 1) with `threads` BLAS / torch threads per process."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, __file__, "--impl", impl, "--threads", str(threads), "--data", args.data,
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if ranks > 1:
-        cmd = [MPIEXEC, "-n", str(ranks)] + cmd
+        cmd = [MPIEXEC, "-n", str(ranks)] + cmd + (["--zero"] if zero else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -149,6 +155,7 @@ def main():
     ap.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated thread counts to try")
     ap.add_argument("--ranks", default="2", help="comma-separated rank counts for nanogpt_np under mpiexec, one "
                                                  "thread each, vs PyTorch with that many threads ('' for none)")
+    ap.add_argument("--zero", action="store_true", help="also time ZeRO-1 for each rank count")
     ap.add_argument("--impl", choices=["numpy", "torch"], help=argparse.SUPPRESS)   # worker mode
     args = ap.parse_args()
     if not Path(args.data).exists():
@@ -168,24 +175,26 @@ def main():
     tokens = RECIPE["batch_size"] * RECIPE["block_size"]
     print(f"CPU: {cpu_model()}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
     print(f"recipe {RECIPE}, {args.steps} timed steps after {args.warmup} warm-up, median step time")
-    print(f"{'cores':>5} | {'ranks':>5} | {'threads':>7} | {'implementation':<15} | {'ms/step':>8} | {'tokens/s':>9} | "
+    print(f"{'cores':>5} | {'ranks':>5} | {'threads':>7} | {'implementation':<17} | {'ms/step':>8} | {'tokens/s':>9} | "
           f"{'first loss':>10} | vs torch")
     # (cores, ranks, threads per rank): each thread count alone, then each rank count with one thread per rank
-    layouts = [(t, 1, int(t)) for t in map(int, args.threads.split(","))] + [(r, r, 1) for r in rank_counts]
+    layouts = [(t, 1, int(t), False) for t in map(int, args.threads.split(","))]
+    layouts += [(r, r, 1, zero) for r in rank_counts for zero in ([False, True] if args.zero else [False])]
     torch_rows, torch_printed, results = {}, set(), []
-    for cores, ranks, threads in layouts:
-        r = measure("numpy", threads, ranks, args)
+    for cores, ranks, threads, zero in layouts:
+        r = measure("numpy", threads, ranks, args, zero)
         if "torch" in impls and cores not in torch_rows:
             torch_rows[cores] = measure("torch", cores, 1, args)
         t = torch_rows.get(cores)
         ratio = f"{t['median_ms'] / r['median_ms']:.2f}x" if t else "-"
-        print(f"{cores:>5} | {ranks:>5} | {threads:>7} | {'nanogpt_np':<15} | {r['median_ms']:8.2f} | "
+        name = "nanogpt_np ZeRO-1" if zero else "nanogpt_np"
+        print(f"{cores:>5} | {ranks:>5} | {threads:>7} | {name:<17} | {r['median_ms']:8.2f} | "
               f"{tokens / r['median_ms'] * 1000:9,.0f} | {r['first_loss']:10.5f} | {ratio}")
         if t and cores not in torch_printed:
-            print(f"{cores:>5} | {1:>5} | {cores:>7} | {'pytorch eager':<15} | {t['median_ms']:8.2f} | "
+            print(f"{cores:>5} | {1:>5} | {cores:>7} | {'pytorch eager':<17} | {t['median_ms']:8.2f} | "
                   f"{tokens / t['median_ms'] * 1000:9,.0f} | {t['first_loss']:10.5f} |")
             torch_printed.add(cores)
-        results.append(((cores, ranks, threads), r))
+        results.append(((cores, ranks, threads, zero), r))
     print(f"BLAS: {r['blas']}")
     return results
 

@@ -276,3 +276,41 @@ def test_gpu_path_on_the_fake_cupy_uses_nccl_one_gpu_per_rank(tmp_path):
                      key=lambda d: d["rank"])
     assert [(d["devices_used"], d["nccl_allreduces"]) for d in reports] == [([0], 4), ([1], 4)]
     assert_same_run(tmp_path / "two", tmp_path / "one", 1e-6, steps=4, elementwise=False)
+
+
+ZERO_CHECK = """
+import numpy as np
+from nanogpt_np import distributed
+from nanogpt_np.distributed.zero import ZeroAdamW
+from nanogpt_np.model import GPT, GPTConfig
+from nanogpt_np.optim import AdamW
+from nanogpt_np.trainer import accumulate_gradients
+world = distributed.connect()
+config = GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=8)
+plain, zero = GPT(config, seed=0, dtype="float64"), GPT(config, seed=0, dtype="float64")
+opt_plain = AdamW(plain, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+opt_zero = ZeroAdamW(zero, world, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+assert opt_zero.m.size < plain.flat_params.size                     # each rank holds part of the state
+rng = np.random.default_rng(0)
+for step in range(4):
+    x, y = rng.integers(0, 11, size=(2, 4, 8))                       # (4, 8) global batch; 2 rows per rank
+    rows = slice(2 * world.rank, 2 * world.rank + 2)
+    for model in (plain, zero):
+        model.zero_grad()
+        accumulate_gradients(model, [(x[rows], y[rows])], world)
+    world.allreduce_sum_(plain.flat_grads)
+    norms = opt_plain.step(grad_clip=0.5), opt_zero.step(grad_clip=0.5)
+    assert abs(norms[0] - norms[1]) <= 1e-12 * norms[0], norms
+err = np.abs(zero.flat_params - plain.flat_params).max() / np.abs(plain.flat_params).max()
+assert err < 1e-12, err
+world.assert_identical(zero.flat_params, "ZeRO-1 weights")
+print("ok", err, flush=True)
+"""
+
+
+@needs_mpi
+def test_zero1_equals_the_plain_step():
+    """ZeRO-1 (each rank updates its slice of the buffer) takes the plain data-parallel steps (float64)."""
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", ZERO_CHECK], env=ENV, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.count("ok") == 2, r.stdout + r.stderr
