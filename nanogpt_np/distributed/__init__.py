@@ -27,15 +27,11 @@ that dies is noticed by the launcher (mpiexec), which ends the others.
 import os
 import sys
 
+from .errors import INSTALL_HINT, DistributedError  # noqa: F401  (part of this package's API)
+
 # Environment variables that MPI launchers set in the processes they start: MPICH / Intel MPI (hydra),
 # Open MPI, and PMIx-based launchers. Their presence, not their value, means "started by mpiexec".
 LAUNCHER_VARIABLES = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
-
-INSTALL_HINT = "pip install 'nanogpt_np[dist]'  (mpi4py and the mpich MPI library)"
-
-
-class DistributedError(RuntimeError):
-    """Data-parallel training cannot start (missing MPI / NCCL, a batch that does not split); one line."""
 
 
 def launched_by_mpi() -> bool:

@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 
-from . import INSTALL_HINT, DistributedError
+from .errors import INSTALL_HINT, DistributedError
 
 
 def _import_mpi():

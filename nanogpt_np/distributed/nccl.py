@@ -11,7 +11,7 @@ being its place among the ranks on that machine. Two ranks on one GPU work but s
 """
 import warnings
 
-from . import DistributedError
+from .errors import DistributedError
 
 NCCL_HINT = "pip install 'nvidia-nccl-cu13>=2.27.7,<3' (CuPy loads it from there)"
 
