@@ -20,9 +20,9 @@ This module is the rank/world API the trainer uses. `connect()` returns one of t
     MPIWorld        launched by mpiexec (mpi.py): mpi4py on host (NumPy) buffers; on the GPU the big reduction
                     goes through NCCL on the device buffers (nccl.py), everything small through MPI
 
-Failure rules, because a collective call waits for every rank: a rank that fails calls `fail(code)`, which
-aborts the whole MPI job (MPI_Abort) instead of leaving the others waiting in their next reduction; a rank
-that dies is noticed by the launcher (mpiexec), which ends the others.
+Failure rules, because a collective call waits for every rank: a rank that fails calls `fail(code, message)`,
+which reports once and aborts the whole MPI job (MPI_Abort) instead of leaving the others waiting in their next
+reduction; a rank that dies is noticed by the launcher (mpiexec), which ends the others.
 """
 import os
 import sys
