@@ -8,7 +8,11 @@
 #   2. the kernel benchmarks (benchmarks/kernels.py: fused vs unfused CuPy vs PyTorch, % of copy bandwidth),
 #      one row per kernel as it is measured                                          (GPU_CHECK_KERNELS_S, 55 s)
 #   3. training throughput (benchmarks/train_gpu.py --quick: ours in three configurations, PyTorch eager, a
-#      CUDA-graph step), one row per configuration as it is measured                 (GPU_CHECK_TRAIN_S, 80 s)
+#      CUDA-graph step), one row per configuration as it is measured                 (GPU_CHECK_TRAIN_S, 70 s)
+#   4. one data-parallel rank through NCCL (mpiexec -n 1 python train.py --device=cuda; skipped without mpi4py
+#      and mpiexec: pip install -e '.[dist-gpu]')                                     (GPU_CHECK_NCCL_S, 30 s)
+#   5. measured against predicted (benchmarks/gpu_model_compare.py: the traced model of benchmarks/gpu_model.py
+#      beside parts 2 and 3, per configuration and per kernel category)              (GPU_CHECK_MODEL_S, 20 s)
 # $OUT defaults to ./gpu_check_out. Exit status: non-zero when a GPU test failed (or the tests could not run).
 #
 #   bash benchmarks/gpu_check.sh
@@ -44,11 +48,12 @@ if [ "$DRY" = "1" ]; then
   TRAIN_ARGS=(--small --quick --steps 1 --batch 2 --no-torch --graph)
 else
   RUN=("$PY")
-  TESTS_S=${GPU_CHECK_TESTS_S:-130}; KERNELS_S=${GPU_CHECK_KERNELS_S:-55}; TRAIN_S=${GPU_CHECK_TRAIN_S:-80}
+  TESTS_S=${GPU_CHECK_TESTS_S:-125}; KERNELS_S=${GPU_CHECK_KERNELS_S:-55}; TRAIN_S=${GPU_CHECK_TRAIN_S:-70}
   TEST_ARGS=(tests/gpu tests/test_kernels_compile.py)
   KERNEL_ARGS=(--B 8 --iters 5 --warmup 2)
   TRAIN_ARGS=(--quick --graph)
 fi
+NCCL_S=${GPU_CHECK_NCCL_S:-30}; MODEL_S=${GPU_CHECK_MODEL_S:-20}
 SUMMARY="$OUT/summary.md"
 
 {
@@ -114,6 +119,46 @@ rc_train=${PIPESTATUS[0]}
   echo "## 3. training throughput (exit $rc_train$([ "$rc_train" -eq 124 ] && echo ": cut at the $TRAIN_S s limit"), $(elapsed) s so far)"
   last=$(grep -n '^Training throughput on ' "$OUT/train.txt" | tail -1 | cut -d: -f1)
   if [ -n "$last" ]; then tail -n "+$last" "$OUT/train.txt"; else tail -5 "$OUT/train.txt"; fi
+  echo
+} >> "$SUMMARY"
+
+# ------------------------------------------------------------------------------- 4. one data-parallel rank
+echo "== 4. one data-parallel rank through NCCL ($NCCL_S s limit)"
+MPIEXEC=$(dirname "$PY")/mpiexec; [ -x "$MPIEXEC" ] || MPIEXEC=$(command -v mpiexec || true)
+if [ "$DRY" = "1" ]; then
+  echo "skipped in the dry run (the NCCL path runs on the fake CuPy in tests/test_distributed.py)" | tee "$OUT/nccl.txt"
+  rc_nccl=skipped
+elif [ -n "$MPIEXEC" ] && "$PY" -c "import mpi4py" 2>/dev/null; then
+  timeout "$NCCL_S" "$MPIEXEC" -n 1 "$PY" train.py --device=cuda --model=tiny --block_size=32 --batch_size=8 \
+    --max_iters=3 --eval_interval=3 --eval_iters=1 --log_interval=1 --out_dir="$OUT/nccl_run" --overwrite 2>&1 \
+    | tee "$OUT/nccl.txt"
+  rc_nccl=${PIPESTATUS[0]}
+else
+  echo "skipped: no mpi4py / mpiexec (pip install -e '.[dist-gpu]')" | tee "$OUT/nccl.txt"
+  rc_nccl=skipped
+fi
+{
+  echo "## 4. one data-parallel rank through NCCL (exit $rc_nccl, $(elapsed) s so far)"
+  grep -E '^(data parallel|done|error|skipped)' "$OUT/nccl.txt" | head -5
+  echo
+} >> "$SUMMARY"
+
+# ------------------------------------------------------------------------------ 5. measured vs predicted
+echo "== 5. measured against the traced model's prediction ($MODEL_S s limit)"
+if [ -s "$OUT/train.jsonl" ] || [ -s "$OUT/kernels.json" ]; then
+  CMP_ARGS=()
+  [ -s "$OUT/train.jsonl" ] && CMP_ARGS+=(--measured "$OUT/train.jsonl")
+  [ -s "$OUT/kernels.json" ] && CMP_ARGS+=(--kernels "$OUT/kernels.json")
+  timeout "$MODEL_S" "$PY" benchmarks/gpu_model_compare.py "${CMP_ARGS[@]}" --out "$OUT/model_vs_measured.json" 2>&1 \
+    | tee "$OUT/model_vs_measured.txt"
+  rc_model=${PIPESTATUS[0]}
+else
+  echo "nothing measured to compare" | tee "$OUT/model_vs_measured.txt"
+  rc_model=skipped
+fi
+{
+  echo "## 5. measured / predicted (exit $rc_model, $(elapsed) s so far; predictions are the model's, not measurements)"
+  grep -E 'per category, measured / predicted|^nanogpt_np' "$OUT/model_vs_measured.txt" | head -10
   echo
   echo "total: $(elapsed) s"
 } >> "$SUMMARY"

@@ -1,6 +1,6 @@
 """Measured (a device run) beside predicted (benchmarks/gpu_model.py): per configuration and per category.
 
-    python benchmarks/gpu_model_compare.py --measured OUT/train.json --kernels OUT/kernels.json --out OUT/model_vs_measured.json
+    python benchmarks/gpu_model_compare.py --measured OUT/train.jsonl --kernels OUT/kernels.json --out OUT/model_vs_measured.json
 
 --measured (benchmarks/train_gpu.py --json): for every nanogpt_np row (precision, attention, B, T) the model
 traces the same configuration and the table puts the measured step time and tokens/s beside the predicted
@@ -28,6 +28,20 @@ def device_key(name):
         if key in str(name).lower():
             return key
     return "h100"
+
+
+def read_measured(path) -> dict:
+    """train_gpu.py --json output: JSON Lines (one row per line as it was measured, a last line with the
+    device) or, from older runs, one JSON object with "device" and "rows"."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    objects = [json.loads(line) for line in text.splitlines() if line.strip()]
+    device = next((o["device"] for o in objects if "device" in o and "impl" not in o), "")
+    return {"device": device, "rows": [o for o in objects if "impl" in o]}
 
 
 def compare(measured: dict):
@@ -213,7 +227,7 @@ def category_ratios(krows, cfg=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Put a device run (train_gpu.py and kernels.py JSON) beside the "
                                              "traced model's predictions, per configuration and per category.")
-    ap.add_argument("--measured", help="train_gpu.py --json output")
+    ap.add_argument("--measured", help="train_gpu.py --json output (JSON Lines)")
     ap.add_argument("--kernels", help="kernels.py --json output")
     ap.add_argument("--out", help="write the comparison as JSON")
     a = ap.parse_args(argv)
@@ -222,8 +236,7 @@ def main(argv=None):
     result = {"predicted_by": "benchmarks/gpu_model.py"}
     rows = []
     if a.measured:
-        with open(a.measured, encoding="utf-8") as f:
-            rows = compare(json.load(f))
+        rows = compare(read_measured(a.measured))
     print(f"{'configuration':<48}{'meas ms':>9}{'pred ms':>9}{'pred GPU':>9}{'pred host':>10}{'meas tok/s':>12}"
           f"{'pred tok/s':>12}{'meas/pred':>10}")
     for r in rows:

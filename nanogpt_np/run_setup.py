@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backend
+from . import backend, distributed
 from .config import ConfigError, TrainConfig, model_sizes
 from .data.loader import BatchLoader
 from .io import run_dir
@@ -46,39 +46,48 @@ class Run:
     best_val: float = math.inf
     bad_evals: int = 0             # evaluations in a row without a better validation loss (early stopping)
     saved_step: int = -1           # the step of the newest checkpoint (a step is saved once)
+    world: object = distributed.SINGLE     # the data-parallel ranks (distributed/); one process by default
 
 
-def setup_run(cfg: TrainConfig, echo=print) -> Run:
-    """Device, tokenizer, data, model, optimizer and (on --resume) the saved state, ready for the first step."""
+def setup_run(cfg: TrainConfig, echo=print, world=distributed.SINGLE) -> Run:
+    """Device, tokenizer, data, model, optimizer and (on --resume) the saved state, ready for the first step.
+    With data-parallel ranks (`world`), every rank sets up the same run; only rank 0 writes files."""
     if cfg.resume and cfg.init_from:
         raise ConfigError("--resume and --init_from exclude each other: resume continues a run, "
                           "init_from starts a new one from existing weights")
-    check_out_dir(cfg)
-    device = setup_device(cfg, echo)
+    distributed.check_batch_split(cfg.batch_size, world)
+    check_out_dir(cfg, world)
+    device = setup_device(cfg, echo, world)
     tokenizer = inherited_tokenizer(cfg)
     if cfg.init_from:                           # before the data is read: a mistake should cost nothing
         _check_init_from_settings(cfg, read_model_config(cfg.init_from), tokenizer)
-    loader, val_tokens, val_loader, tokenizer = load_training_data(cfg, tokenizer, echo)
+    loader, val_tokens, val_loader, tokenizer = load_training_data(cfg, tokenizer, echo, world)
     model = build_model(cfg, tokenizer)
     optimizer = AdamW(model, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    run = Run(cfg, device, tokenizer, model, optimizer, loader, val_tokens, val_loader)
+    run = Run(cfg, device, tokenizer, model, optimizer, loader, val_tokens, val_loader, world=world)
     if cfg.resume:
         restore_training_state(run)
         echo(f"resuming from step {run.step} in {cfg.out_dir}")
-    else:
+    world.barrier()                 # every rank has read and checked the run directory before rank 0 writes
+    if not cfg.resume and world.is_main:
         if cfg.overwrite:
             run_dir.remove_run(cfg.out_dir)       # only now: a setting or data error above leaves the old run be
         os.makedirs(cfg.out_dir, exist_ok=True)
         tokenizer.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+    world.assert_identical(model.flat_params, "initial weights")
     c, n_params = model.config, model.num_params()
     echo(f"model: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} channels, block {c.block_size}, "
          f"vocab {c.vocab_size}: {n_params:,} parameters ({n_params / 1e6:.2f}M) on {device}, {cfg.dtype}")
+    if world is not distributed.SINGLE:
+        echo(f"data parallel: {world.world_size} rank(s), each trains on {cfg.batch_size // world.world_size} of "
+             f"the {cfg.batch_size} rows of every batch; logging from {world.name}")
     return run
 
 
-def check_out_dir(cfg: TrainConfig) -> None:
+def check_out_dir(cfg: TrainConfig, world=distributed.SINGLE) -> None:
     """A new run never writes over the work of another: a folder holding a checkpoint or a log is refused
-    unless --resume continues it or --overwrite replaces it. Leftovers of a killed save are removed here."""
+    unless --resume continues it or --overwrite replaces it. Leftovers of a killed save are removed here
+    (by rank 0 alone when there are data-parallel ranks)."""
     out_dir = cfg.out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"--out_dir={out_dir} is a file, not a folder")
@@ -92,20 +101,24 @@ def check_out_dir(cfg: TrainConfig) -> None:
             what = "the log of a run"
         raise ConfigError(f"{out_dir} already holds {what}: continue it with --resume, start over with "
                           f"--overwrite (deletes it), or choose another --out_dir")
-    run_dir.remove_leftovers(out_dir)
+    if world.is_main:
+        run_dir.remove_leftovers(out_dir)
 
 
-def setup_device(cfg: TrainConfig, echo=print) -> str:
-    """Select numpy or cupy; on the GPU, configure the fused kernels for this run (and say which)."""
+def setup_device(cfg: TrainConfig, echo=print, world=distributed.SINGLE) -> str:
+    """Select numpy or cupy; on the GPU, this rank's GPU and the fused kernels' settings for this run (and say
+    which kernels)."""
     device = backend.use_device(cfg.device)
+    world.bind_device(device)          # with ranks on GPUs: one GPU per rank, and NCCL between them
     if cfg.dtype == "bfloat16" and device != "cuda":
         raise ConfigError("--dtype=bfloat16 (mixed precision) needs the GPU (--device=cuda); use float32 on the CPU")
     if device == "cuda":
         # Fused kernels: bf16 matmuls when asked (float32 master weights and optimizer state stay float32);
-        # the loss gradient is exactly 1 without accumulation, so cross-entropy can skip a scaling pass.
+        # the loss gradient is exactly 1 with one micro-batch on one rank, so cross-entropy can skip a scaling
+        # pass (with accumulation or ranks it is that micro-batch's share of the step's targets).
         from .kernels import registry
         registry.configure(dtype="bfloat16" if cfg.dtype == "bfloat16" else "float32",
-                           loss_is_root=cfg.grad_accum_steps == 1, logits_reusable=False)
+                           loss_is_root=cfg.grad_accum_steps == 1 and world.world_size == 1, logits_reusable=False)
         echo(registry.describe())
     return device
 
@@ -123,7 +136,7 @@ def inherited_tokenizer(cfg: TrainConfig):
     return None
 
 
-def load_training_data(cfg: TrainConfig, tokenizer, echo=print):
+def load_training_data(cfg: TrainConfig, tokenizer, echo=print, world=distributed.SINGLE):
     """(train loader, val tokens, val loader, tokenizer). Task data (JSONL prompt/completion pairs, loss on the
     completions only) has a val loader; everything else a flat array of validation tokens."""
     from .data import task_data
@@ -132,14 +145,17 @@ def load_training_data(cfg: TrainConfig, tokenizer, echo=print):
             text = task_data.task_text(task_data.read_task_file(cfg.dataset))
             tokenizer = build_tokenizer(cfg.tokenizer, text, cfg.vocab_size, log=echo)
         loader, val_loader = task_data.task_loaders(cfg.dataset, tokenizer, cfg.block_size, cfg.batch_size,
-                                                    cfg.val_fraction, cfg.seed)
+                                                    cfg.val_fraction, cfg.seed, rank=world.rank,
+                                                    world_size=world.world_size)
         echo(f"data: task {cfg.dataset}: {len(loader.data.x):,} train and {len(val_loader.data.x):,} val rows, "
              f"{loader.data.n_truncated + val_loader.data.n_truncated} truncated")
         return loader, None, val_loader, tokenizer
     train_tokens, val_tokens, tokenizer = load_data(cfg, tokenizer, log=echo)
     _check_long_enough(train_tokens, cfg.block_size, "train")
     _check_long_enough(val_tokens, cfg.block_size, "validation")
-    return BatchLoader(train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed), val_tokens, None, tokenizer
+    loader = BatchLoader(train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed,
+                         rank=world.rank, world_size=world.world_size)          # this rank's rows of each batch
+    return loader, val_tokens, None, tokenizer
 
 
 def build_model(cfg: TrainConfig, tokenizer) -> GPT:
@@ -174,6 +190,7 @@ def build_model(cfg: TrainConfig, tokenizer) -> GPT:
 def restore_training_state(run: Run) -> None:
     """--resume: weights, AdamW moments, step, early-stopping counters and the loader's position."""
     state = load_training_state(run.cfg.out_dir, run.model, run.optimizer)
+    distributed.check_resumed_rank_count(state.get("ranks", 1), run.world, run.cfg.dropout)
     run.step, run.bad_evals = state["step"], state.get("bad_evals", 0)
     run.saved_step = run.step
     run.best_val = math.inf if state.get("best_val_loss") is None else state["best_val_loss"]   # None: no eval yet

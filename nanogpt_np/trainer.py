@@ -12,6 +12,10 @@ resumed with --resume produces the same losses, bit for bit, as one that never s
 
 What happens before the first step (device, tokenizer, data, model, --resume / --init_from) is in run_setup.py;
 this file is the loop itself, then its helpers: logging and evaluation, checkpoints, Ctrl-C handling.
+
+With `mpiexec -n N` every rank runs this same loop on its rows of each batch (distributed/__init__.py): the
+gradients are summed over the ranks once per step, rank 0 logs and writes checkpoints, and a stop request
+on any rank stops them all at the same step boundary.
 """
 import json
 import math
@@ -23,7 +27,7 @@ import time
 
 import numpy as np
 
-from . import backend
+from . import backend, distributed
 from .config import TrainConfig
 from .data.loader import BatchLoader
 from .io.checkpoint import read_best_weights, save_checkpoint
@@ -38,8 +42,10 @@ from .tensor import backward
 
 def train(cfg: TrainConfig, echo=print) -> dict:
     """Run training as configured. Returns a summary: final step, last train loss, best val loss."""
-    run = setup_run(cfg, echo)                  # device, tokenizer, data, model, optimizer, resumed state
-    log = RunLog(cfg.out_dir, echo=echo)
+    world = distributed.connect()               # one process, or this rank of `mpiexec -n N`
+    echo = echo if world.is_main else _quiet    # rank 0 speaks (and writes) for every rank
+    run = setup_run(cfg, echo, world)           # device, tokenizer, data, model, optimizer, resumed state
+    log = RunLog(cfg.out_dir, write_file=world.is_main, echo=echo)
     if cfg.resume:
         log.forget_after(run.step)
     stopper = StopAtStepBoundary(echo)
@@ -67,7 +73,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
                     break
                 save(run, stopper, best)
                 timer.restart()                   # evaluation and saving do not count as step time
-            if stopper.requested:
+            if world.any_rank(stopper.requested):      # a signal to any rank stops every rank here
                 if run.step < cfg.max_iters:
                     save(run, stopper, best)
                     echo(f"stopped at step {run.step}; " + (f"checkpoint saved in {cfg.out_dir} (continue with "
@@ -83,22 +89,27 @@ def train_step(run: Run, lr: float):
     micro-batches, clip the global gradient norm, AdamW. Returns (mean loss, gradient norm before clipping)."""
     cfg, model = run.cfg, run.model
     # Dropout masks come from a generator seeded by (seed, step): nothing to save for an exact resume.
-    model.reseed_dropout(int(np.random.SeedSequence([cfg.seed, run.step]).generate_state(1)[0]))
+    # With several ranks, by (seed, step, rank): each rank's rows get their own masks.
+    words = [cfg.seed, run.step] + ([run.world.rank] if run.world.world_size > 1 else [])
+    model.reseed_dropout(int(np.random.SeedSequence(words).generate_state(1)[0]))
     model.zero_grad()
-    loss = accumulate_gradients(model, [run.loader.next_batch() for _ in range(cfg.grad_accum_steps)])
+    loss = accumulate_gradients(model, [run.loader.next_batch() for _ in range(cfg.grad_accum_steps)], run.world)
+    run.world.allreduce_sum_(model.flat_grads)     # the step's one gradient reduction: every rank gets the sum
     grad_norm = run.optimizer.step(lr, cfg.grad_clip)                 # clips, then updates
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss} at step {run.step + 1}; try a lower --learning_rate")
     return loss, grad_norm
 
 
-def accumulate_gradients(model, batches) -> float:
+def accumulate_gradients(model, batches, world=distributed.SINGLE) -> float:
     """Forward and backward over micro-batches, summing gradients into model.flat_grads as if they were one
     batch. Each micro-batch's mean loss is weighted by its share of the targets that count (task data masks
     prompt positions, so micro-batches differ), which makes k micro-batches equal one k-times larger batch.
-    Returns the mean loss per counted target."""
+    With ranks, the share is of the targets of all ranks together, so that summing the ranks' gradients gives
+    the gradient of the whole global batch. Returns the mean loss per counted target (over all ranks)."""
     counts = [int((y != -1).sum()) for _, y in batches]
-    total = sum(counts)
+    (total,) = world.sum_values(sum(counts))                          # every rank's targets of this step
+    total = int(total)
     if total == 0:
         raise DataError("a training batch has no target to learn from (every position is masked)")
     loss_sum = 0.0
@@ -108,6 +119,7 @@ def accumulate_gradients(model, batches) -> float:
         _, loss = model(backend.to_device(x), backend.to_device(y))        # x, y: (B, T) integer ids
         backward(loss, grad=backend.xp_of(loss.data).full((), n / total, loss.dtype))
         loss_sum += loss.item() * n
+    (loss_sum,) = world.sum_values(loss_sum)
     return loss_sum / total
 
 
@@ -166,6 +178,7 @@ def evaluate_and_log(run: Run, log: RunLog) -> bool:
         val_loss = task_val_loss(run.model, run.val_loader, cfg.eval_iters)
     else:
         val_loss = evaluate(run.model, run.val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_iters)
+    val_loss = run.world.from_main(val_loss)     # ranks measure the same weights; rank 0's value decides for all
     if not math.isfinite(val_loss):
         raise FloatingPointError(f"validation loss became {val_loss} at step {run.step}; try a lower --learning_rate")
     improved = val_loss < run.best_val
@@ -214,7 +227,12 @@ def save(run: Run, stopper, best=None, finished=None):
     cfg = run.cfg
     if not cfg.save_checkpoints or run.step == run.saved_step:
         return
-    state = {"step": run.step, "loader": run.loader.state_dict(),
+    run.world.assert_identical(run.model.flat_params, "weights")     # cheap proof that the ranks stay in step
+    if not run.world.is_main:                     # rank 0 writes; the others wait below until it is written
+        run.world.barrier()
+        run.saved_step = run.step                 # on every rank, so all skip (or all join) the next save alike
+        return
+    state = {"step": run.step, "loader": run.loader.state_dict(), "ranks": run.world.world_size,
              "best_val_loss": run.best_val if math.isfinite(run.best_val) else None, "bad_evals": run.bad_evals}
     if finished:
         state["finished"] = finished
@@ -225,6 +243,7 @@ def save(run: Run, stopper, best=None, finished=None):
         run.saved_step = run.step
     finally:
         stopper.saving = False
+    run.world.barrier()
 
 
 class BestWeights:
@@ -251,6 +270,10 @@ class BestWeights:
         if self.params is not None:
             self.run.model.load_params(self.params, source=f"the best weights (step {self.step})")
         return self.step
+
+
+def _quiet(*args, **kwargs):
+    """The echo of ranks other than 0."""
 
 
 class StopAtStepBoundary:
@@ -294,6 +317,7 @@ def main(argv=None) -> int:
     """Command-line entry point: one clear line and a non-zero exit for user mistakes."""
     from .config import help_text, parse_args
     from .backend import BackendError
+    from .distributed import DistributedError
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(help_text())
@@ -301,17 +325,15 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         summary = train(cfg)
-    except (ValueError, OSError, BackendError, FloatingPointError) as e:
+    except (ValueError, OSError, BackendError, DistributedError, FloatingPointError) as e:
         # ConfigError, DataError, CheckpointError, TokenizerError, TaskDataError are all ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return distributed.fail(2, f"error: {e}")   # prints; with ranks, ends them all instead of leaving them waiting
     except MemoryError:
-        print("error: out of memory: try a smaller --batch_size, --block_size or model", file=sys.stderr)
-        return 2
+        return distributed.fail(2, "error: out of memory: try a smaller --batch_size, --block_size or model")
     except KeyboardInterrupt:
-        print("stopped without saving: the last checkpoint in the run directory is intact", file=sys.stderr)
-        return 130
+        return distributed.fail(130, "stopped without saving: the last checkpoint in the run directory is intact")
     if summary["interrupted"]:
         return 130
-    print(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}, run in {summary['out_dir']}")
+    if distributed.connect().is_main:
+        print(f"done: step {summary['step']}, best val loss {summary['best_val_loss']:.4f}, run in {summary['out_dir']}")
     return 0

@@ -208,6 +208,22 @@ def test_compare_script_puts_measured_beside_predicted(tmp_path, capsys):
     assert "calibrated by the kernel rows" in capsys.readouterr().out
 
 
+def test_compare_script_reads_train_gpu_json_lines(tmp_path):
+    """train_gpu.py --json writes JSON Lines (each row as it is measured, the device last): the same comparison."""
+    import json
+    import gpu_model_compare as cmp
+    rows = [{"impl": "nanogpt_np (bf16 matmuls, flash attention)", "B": 1, "T": 64, "step_ms": 10.0,
+             "tokens_per_s": 6400.0, "peak_mem_GiB": 2.0, "precision": "bf16"},
+            {"impl": "PyTorch eager", "B": 1, "T": 64, "step_ms": 5.0, "tokens_per_s": 12800.0}]
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows)
+                   + json.dumps({"device": "NVIDIA H100 80GB HBM3", "table": "..."}) + "\n")
+    measured = cmp.read_measured(src)
+    assert measured["device"] == "NVIDIA H100 80GB HBM3" and measured["rows"] == rows
+    (row,) = cmp.compare(measured)
+    assert row["device"] == "H100 SXM" and row["ratio_step"] == pytest.approx(10.0 / row["predicted_step_ms"])
+
+
 def _step_values(backend):
     """Loss, gradients and updated weights of one step of the tiny model on whatever backend is selected."""
     from nanogpt_np.model import GPT, GPTConfig

@@ -14,6 +14,9 @@ What it handles:
     resumed run continues with exactly the batches the interrupted run would have drawn.
   * iter_sequential(): non-overlapping windows in order (deterministic, no RNG); iter_spread(n): n batches
     of windows spread evenly over all the data, for a validation loss that samples the whole split.
+  * data-parallel ranks (rank, world_size): every rank draws the same B window starts of the global
+    batch and reads only its rows, [rank * B/N, (rank+1) * B/N). The generator, and so the saved state,
+    is that of the global batch stream: the same on every rank, whatever the number of ranks.
 
 What it does not handle: windows never cross a shard boundary (a shard shorter than T+1 tokens
 contributes nothing), and there is no shuffling "without replacement" (random batches may repeat
@@ -59,12 +62,22 @@ def _as_shards(tokens) -> List[np.ndarray]:
     return shards
 
 
+def rank_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """The rows of a global batch that data-parallel rank `rank` of `world_size` trains on."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} does not split evenly over {world_size} ranks")
+    share = batch_size // world_size
+    return slice(rank * share, (rank + 1) * share)
+
+
 class BatchLoader:
     """Random (B, T+1) windows from a 1-D token array, reproducible from a saved state."""
 
-    def __init__(self, tokens: ArrayLike, batch_size: int, block_size: int, seed: int = 0):
+    def __init__(self, tokens: ArrayLike, batch_size: int, block_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
         if batch_size < 1 or block_size < 1:
             raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size}, {block_size}")
+        self.rows = rank_rows(batch_size, rank, world_size)      # this rank's rows of every global batch
         self.shards = _as_shards(tokens)
         self.batch_size = int(batch_size)
         self.block_size = int(block_size)
@@ -97,9 +110,10 @@ class BatchLoader:
         return out
 
     def next_batch(self) -> Tuple[np.ndarray, np.ndarray]:
-        """Return x, y: int64 arrays of shape (B, T); y[:, t] is the token after x[:, t]."""
+        """Return x, y: int64 arrays of shape (B/N, T) (N ranks); y[:, t] is the token after x[:, t]."""
         total = int(self._ends[-1])
-        g = self.rng.integers(0, total, size=self.batch_size)  # (B,) global window index
+        g = self.rng.integers(0, total, size=self.batch_size)  # (B,) global window index, whole global batch
+        g = g[self.rows]  # (B/N,) this rank's share (all B with one rank)
         shard_ids = np.searchsorted(self._ends, g, side="right")  # (B,)
         offsets = g - self._starts[shard_ids]  # (B,) start inside the shard
         win = self._gather(shard_ids, offsets)  # (B, T+1)

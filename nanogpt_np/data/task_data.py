@@ -36,6 +36,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .loader import rank_rows
+
 __all__ = ["TaskDataError", "Example", "read_task_file", "encode_example", "make_rows", "TaskData",
            "load_task_data", "split_examples", "TaskLoader"]
 
@@ -232,9 +234,10 @@ class TaskLoader:
     block_size columns, which GPT.forward accepts.
     """
 
-    def __init__(self, data: TaskData, batch_size: int, seed: int = 0):
+    def __init__(self, data: TaskData, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.rows = rank_rows(batch_size, rank, world_size)     # this rank's rows of every global batch
         self.data = data
         self.batch_size = int(batch_size)
         self.block_size = int(data.x.shape[1])
@@ -247,7 +250,8 @@ class TaskLoader:
         return self.data.x[rows, :L], self.data.y[rows, :L]        # (b, L), (b, L)
 
     def next_batch(self) -> Tuple[np.ndarray, np.ndarray]:
-        rows = self.rng.integers(0, len(self.data.x), size=self.batch_size)
+        rows = self.rng.integers(0, len(self.data.x), size=self.batch_size)   # (B,) the whole global batch
+        rows = rows[self.rows]                                                 # (B/N,) this rank's share
         self.batches_drawn += 1
         return self._rows(rows)
 
@@ -299,7 +303,7 @@ def task_text(examples: Sequence[Example]) -> str:
 
 
 def task_loaders(path, tokenizer, block_size: int, batch_size: int, val_fraction: float = 0.1,
-                 seed: int = 0, val_path=None) -> Tuple["TaskLoader", "TaskLoader"]:
+                 seed: int = 0, val_path=None, rank: int = 0, world_size: int = 1) -> Tuple["TaskLoader", "TaskLoader"]:
     """(train loader, validation loader) for a task file: the examples are split by `split_examples`
     (or the validation examples come from `val_path`). Both loaders have the BatchLoader interface."""
     examples = read_task_file(path)
@@ -311,7 +315,8 @@ def task_loaders(path, tokenizer, block_size: int, batch_size: int, val_fraction
             raise TaskDataError(f"{path}: {len(examples)} example(s) is too few to hold some out for validation")
     train_data = load_task_data(train, tokenizer, block_size)
     val_data = load_task_data(val, tokenizer, block_size)
-    return TaskLoader(train_data, batch_size, seed=seed), TaskLoader(val_data, batch_size, seed=seed + 1)
+    return (TaskLoader(train_data, batch_size, seed=seed, rank=rank, world_size=world_size),
+            TaskLoader(val_data, batch_size, seed=seed + 1))
 
 
 def task_val_loss(model, loader: "TaskLoader", max_batches: Optional[int] = None) -> float:

@@ -9,6 +9,9 @@ passes arguments in the wrong order, sizes a grid too small, or forgets a conver
 Arrays are a NumPy subclass with CuPy's `.data.ptr`; `empty` fills floats with NaN (and integers with all ones),
 so an output element no kernel writes shows up, like the GPU tests' poisoned memory pool. What this cannot
 check is the CUDA code itself (flash_emulator.py does that for flash attention; the GPU tests for the rest).
+
+`cuda.nccl` is a fake NCCL communicator for data-parallel tests: ranks started by mpiexec sum their fake-device
+buffers through MPI, and `devices_used` records which GPU each rank selected.
 """
 import ctypes
 import math
@@ -139,6 +142,8 @@ class _Stream:
     def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
         pass
 
+    ptr = 0                  # the raw stream handle NCCL calls take (0: the default stream)
+
     def synchronize(self):
         pass
 
@@ -181,6 +186,7 @@ class OutOfMemoryError(MemoryError):
 SMALL = dict(name="fake GPU (NumPy)", sms=5, cc="90")
 H200 = dict(name="NVIDIA H200 (fake, NumPy)", sms=132, cc="90")
 _device = dict(SMALL)
+devices_used = []          # the ids passed to Device(i).use(), in order (which GPU a rank chose)
 
 
 def set_device(props):
@@ -196,6 +202,9 @@ class _Device:
     def __init__(self, device=None):
         self.id = 0 if device is None else int(device)
 
+    def use(self):
+        devices_used.append(self.id)
+
     @property
     def compute_capability(self):
         return _device["cc"]
@@ -206,8 +215,40 @@ class _Device:
                 "MaxSharedMemoryPerBlock": 48 * 1024}
 
 
+class _NcclCommunicator:
+    """cupy.cuda.nccl.NcclCommunicator for fake-device arrays. The test's ranks are real processes started by
+    mpiexec, so the sum goes through MPI (mpi4py); like a kernel emulation, allReduce takes raw pointers and
+    checks its arguments: the count, the NCCL data type against the buffer's, SUM, and the unique id that
+    rank 0 made and every rank must have received."""
+    NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = 7, 8, 0
+    all_reduces = 0
+
+    def __init__(self, ndev, unique_id, rank):
+        from mpi4py import MPI
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        assert (ndev, rank) == (self.comm.Get_size(), self.comm.Get_rank()), "NCCL rank / size differ from MPI's"
+        assert self.comm.allgather(unique_id) == [unique_id] * ndev, "the ranks hold different NCCL unique ids"
+
+    def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
+        send, recv = _resolve(sendbuf), _resolve(recvbuf)
+        assert 0 < count <= min(send.size, recv.size) and op == self.NCCL_SUM and isinstance(stream, int)
+        expected = {np.dtype(np.float32): self.NCCL_FLOAT32, np.dtype(np.float64): self.NCCL_FLOAT64}[send.dtype]
+        assert datatype == expected, f"NCCL data type {datatype} for a {send.dtype} buffer"
+        total = np.empty(count, send.dtype)
+        self.comm.Allreduce(np.ascontiguousarray(send[:count]), total, op=self.MPI.SUM)
+        recv[:count] = total
+        _NcclCommunicator.all_reduces += 1
+
+
+nccl = types.SimpleNamespace(
+    available=True, NcclCommunicator=_NcclCommunicator, get_unique_id=lambda: tuple(np.random.bytes(128)),
+    NCCL_FLOAT32=_NcclCommunicator.NCCL_FLOAT32, NCCL_FLOAT64=_NcclCommunicator.NCCL_FLOAT64,
+    NCCL_SUM=_NcclCommunicator.NCCL_SUM)
+
+
 cuda = types.SimpleNamespace(
     Device=_Device,
+    nccl=nccl,
     get_current_stream=lambda: _Stream(),
     Stream=_Stream,
     device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
@@ -708,6 +749,8 @@ def install(monkeypatch, kernels="numpy", sms=None):
         raise ValueError(f"kernels must be 'numpy' or 'cuda', got {kernels!r}")
     this = sys.modules[__name__]
     monkeypatch.setitem(sys.modules, "cupy", this)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", this.cuda)              # for `from cupy.cuda import nccl`
+    monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", this.cuda.nccl)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
     cublas.gemmEx = _gemm_ex
     cublas.getPointerMode = lambda handle: 0
