@@ -137,7 +137,7 @@ def trace_step(cfg: StepConfig, n_layer=None, device="h100", shape_only=True, st
     runs = []
     try:
         with trace_cupy.Tracer(shape_only=shape_only, sms=dev["sms"], compute_capability=dev["cc"]) as tr:
-            from nanogpt_np import run_setup
+            from nanogpt_np import distributed, run_setup
             tcfg = TrainConfig(device="cuda", dtype=cfg.dtype, batch_size=cfg.batch_size, block_size=cfg.block_size,
                                grad_accum_steps=cfg.grad_accum_steps, dropout=0.0, grad_clip=1.0)
             run_setup.setup_device(tcfg, echo=lambda line: None)   # the trainer's own GPU configuration (quietly)
@@ -160,7 +160,7 @@ def trace_step(cfg: StepConfig, n_layer=None, device="h100", shape_only=True, st
             rng = np.random.default_rng(0)
             batch = (rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size)),
                      rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size)))
-            run = types.SimpleNamespace(cfg=tcfg, model=model, optimizer=opt, step=0,
+            run = types.SimpleNamespace(cfg=tcfg, model=model, optimizer=opt, step=0, world=distributed.SINGLE,
                                         loader=types.SimpleNamespace(next_batch=lambda: batch))
             for _ in range(steps):
                 tr.phase = ("step", None)
