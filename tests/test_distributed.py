@@ -22,6 +22,7 @@ from nanogpt_np.config import parse_args
 from nanogpt_np.data.loader import BatchLoader
 from nanogpt_np.distributed import DistributedError
 from nanogpt_np.io import safetensors
+from nanogpt_np.io.run_dir import latest_checkpoint
 from nanogpt_np.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,8 +73,13 @@ def train_log(out_dir):
     return {e["step"]: e for e in map(json.loads, open(Path(out_dir) / "log.jsonl")) if e["type"] == "train"}
 
 
+def checkpoint_dir(out_dir) -> Path:
+    """The folder of the run's newest checkpoint (checkpoints/step_NNNNNN/)."""
+    return Path(latest_checkpoint(out_dir))
+
+
 def weights(out_dir):
-    return safetensors.load_file(str(Path(out_dir) / "model.safetensors"))
+    return safetensors.load_file(str(checkpoint_dir(out_dir) / "model.safetensors"))
 
 
 def assert_same_run(a, b, rtol, steps, elementwise=True):
@@ -180,7 +186,7 @@ def test_two_ranks_take_the_steps_of_one_rank(tmp_path, data, dtype, rtol, steps
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("done:") == 1 and "data parallel: 2 rank(s)" in r.stdout      # rank 0 speaks alone
     assert_same_run(tmp_path / "two", tmp_path / "one", rtol, steps, elementwise=dtype == "float64")
-    state = json.loads((tmp_path / "two" / "state.json").read_text())
+    state = json.loads((checkpoint_dir(tmp_path / "two") / "state.json").read_text())
     assert state["ranks"] == 2
 
 
@@ -224,7 +230,7 @@ def test_a_signal_to_one_rank_stops_all_at_one_step_and_resumes_bit_for_bit(tmp_
         proc.kill()
     assert proc.returncode == 130, err
     assert out.count("stopped at step") == 1
-    stopped_at = json.loads((cut / "state.json").read_text())["step"]
+    stopped_at = json.loads((checkpoint_dir(cut) / "state.json").read_text())["step"]
     assert 5 <= stopped_at < 150
     r = mpirun(2, *TINY, *args, f"--out_dir={cut}", "--resume")
     assert r.returncode == 0, r.stderr
