@@ -83,7 +83,8 @@ class MPIWorld:
         other ranks would wait forever in their next reduction (and MPI_Finalize at exit would wait too)."""
         sys.stdout.flush()
         if not self.is_main:
-            time.sleep(3)             # rank 0, failing the same way, ends the job first and reports it once
+            time.sleep(10)            # rank 0, failing the same way, ends the job first and reports it once
+                                      # (10 s leaves room for a slow rank 0 on a loaded machine)
             message = f"{message} (rank {self.rank})"
         print(message, file=sys.stderr, flush=True)
         self.comm.Abort(exit_code)
