@@ -57,6 +57,7 @@ class TrainConfig:
     # system
     device: str = "auto"            # "cpu", "cuda" or "auto"
     dtype: str = "float32"          # "float32", "float64" (checks) or "bfloat16" (GPU mixed precision)
+    tf32: bool = True               # GPU float32 matmuls on TF32 tensor cores (as PyTorch/nanoGPT train)
     seed: int = 1337
 
     # Not a setting: the names of the settings given explicitly (command line or JSON file; a preset does not
@@ -275,6 +276,8 @@ HELP = {
     "early_stopping_patience": "stop after this many evaluations without a better validation loss (0 = off)",
     "device": '"cpu", "cuda" or "auto"',
     "dtype": '"float32", "float64" (checks) or "bfloat16" (GPU mixed precision)',
+    "tf32": "on the GPU, float32 matmuls use TF32 tensor cores (inputs rounded to 10 mantissa bits, float32 "
+            "sums; several times faster); false: exact float32",
 }
 
 

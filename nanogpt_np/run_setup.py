@@ -117,7 +117,7 @@ def setup_device(cfg: TrainConfig, echo=print, world=distributed.SINGLE) -> str:
         # the loss gradient is exactly 1 with one micro-batch on one rank, so cross-entropy can skip a scaling
         # pass (with accumulation or ranks it is that micro-batch's share of the step's targets).
         from .kernels import registry
-        registry.configure(dtype="bfloat16" if cfg.dtype == "bfloat16" else "float32",
+        registry.configure(dtype="bfloat16" if cfg.dtype == "bfloat16" else "float32", tf32=cfg.tf32,
                            loss_is_root=cfg.grad_accum_steps == 1 and world.world_size == 1, logits_reusable=False)
         echo(registry.describe())
     return device

@@ -91,6 +91,20 @@ def test_bfloat16_configuration_chooses_flash_and_says_so(fake_gpu, monkeypatch)
     assert registry.describe().startswith("GPU kernels: attention matmul")
 
 
+@pytest.mark.parametrize("given, expected", [([], "COMPUTE_TYPE_TF32"), (["--tf32=false"], "COMPUTE_TYPE_DEFAULT")])
+def test_trainer_turns_tf32_on_for_float32_matmuls_unless_told(fake_gpu, given, expected):
+    """issue 15 item 5: the trainer left CuPy's float32 matmuls in exact FP32 (a third of TF32's speed on an
+    H100); now --tf32 (default true) chooses, and the trainer's line says which."""
+    from nanogpt_np.config import parse_args
+    from nanogpt_np.run_setup import setup_device
+    lines = []
+    fake_gpu._core._routines_linalg.compute_types.clear()
+    assert setup_device(parse_args(["--device=cuda", *given]), echo=lines.append) == "cuda"
+    linalg = fake_gpu._core._routines_linalg
+    assert linalg.compute_types[np.dtype(np.float32).char] == getattr(linalg, expected)
+    assert ("TF32" in lines[-1]) == (expected == "COMPUTE_TYPE_TF32")
+
+
 def test_train_gpu_quick_skips_torch_compile_and_reports_rows_as_measured(fake_gpu, monkeypatch, capsys, tmp_path):
     """--quick (the device check) must not spend minutes in torch.compile, and each row is printed and appended
     to --json the moment it is measured, so a run cut short keeps its rows."""

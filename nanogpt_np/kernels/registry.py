@@ -50,6 +50,7 @@ _TABLE = {
 # The default until a GPU benchmark says otherwise: the matmul form is exact float32 (TF32 if enabled);
 # flash runs its matmuls in bf16 (set_attention("flash") or NANOGPT_ATTENTION=flash).
 _attention = os.environ.get("NANOGPT_ATTENTION", "matmul")
+_tf32 = False                 # float32 matmuls on TF32 tensor cores (configure(tf32=...); CuPy's default is off)
 _precision = "float32"        # "bfloat16": linear and lm_head use bf16 cuBLAS matmuls (linear_bf16.py)
 _disabled = set()
 _cache = {}
@@ -84,8 +85,10 @@ def configure(*, attention=None, dtype=None, tf32=None, loss_is_root=None, logit
     if dtype is not None:
         set_precision(dtype)
     if tf32 is not None:
+        global _tf32
         from .precision import set_tf32
         set_tf32(tf32)
+        _tf32 = bool(tf32)
     if loss_is_root is not None or logits_reusable is not None:
         from . import cross_entropy
         if loss_is_root is not None:
@@ -98,7 +101,7 @@ def describe() -> str:
     """One line saying which GPU kernels are in use (the trainer prints it)."""
     att = ("flash (bf16 tensor cores, head size 64; other head sizes fall back to matmul)"
            if _attention == "flash" else "matmul (cuBLAS + fused softmax)")
-    mm = "bf16 (fp32 accumulation)" if _precision == "bfloat16" else "float32 (cuBLAS)"
+    mm = "bf16 (fp32 accumulation)" if _precision == "bfloat16" else f"float32 (cuBLAS{', TF32' if _tf32 else ''})"
     off = f", disabled: {', '.join(sorted(_disabled))}" if _disabled else ""
     return f"GPU kernels: attention {att}; linear/lm_head matmuls {mm}{off}"
 
