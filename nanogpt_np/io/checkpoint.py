@@ -99,19 +99,15 @@ def load_model(out_dir, dtype="float32", seed=0) -> GPT:
     """A GPT with the weights of the run in out_dir (for sampling, serving, evaluation, fine-tuning).
     A Hugging Face GPT-2 directory works too (imported by hf_gpt2, no torch)."""
     if has_gpt2_config(out_dir):
-        config, params, _ = import_gpt2_dir(out_dir, require_tokenizer=False)
-        model = GPT(config, seed=seed, dtype=dtype)
-        try:
-            model.load_params(params, source=out_dir)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-        return model
-    config = read_model_config(out_dir)
-    path = os.path.join(_checkpoint(out_dir), "model.safetensors")
-    tensors, _ = _load_tensors(path, "model weights")
+        config, tensors, _ = import_gpt2_dir(out_dir, require_tokenizer=False)
+        source = out_dir
+    else:
+        config = read_model_config(out_dir)
+        source = os.path.join(_checkpoint(out_dir), "model.safetensors")
+        tensors, _ = _load_tensors(source, "model weights")
     model = GPT(config, seed=seed, dtype=dtype)
     try:
-        model.load_params(tensors, source=path)
+        model.load_params(tensors, source=source)      # names, shapes, dtypes and finite values checked
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     return model
