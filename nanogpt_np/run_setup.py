@@ -19,6 +19,7 @@ import numpy as np
 
 from . import backend, distributed
 from .config import ConfigError, TrainConfig, model_sizes
+from .data.datasets import count_tokens
 from .data.loader import BatchLoader
 from .io import run_dir
 from .io.checkpoint import (CheckpointError, load_model, load_tokenizer_of_run, load_training_state,
@@ -298,12 +299,8 @@ def _tokenizer_identity(tokenizer):
     return json.dumps(to_dict(), sort_keys=True) if to_dict else tokenizer.vocab_size
 
 
-def _count(tokens):
-    return sum(len(t) for t in tokens) if isinstance(tokens, (list, tuple)) else len(tokens)
-
-
 def _check_long_enough(tokens, block_size, split):
-    n = _count(tokens)
+    n = count_tokens(tokens)
     if n < block_size + 1:
         raise DataError(f"the {split} split has {n} tokens, fewer than block_size + 1 = {block_size + 1}; "
                         f"use more data or a smaller --block_size")

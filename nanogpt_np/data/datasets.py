@@ -45,15 +45,16 @@ class PreparedData:
 
     @property
     def train_tokens(self) -> int:
-        return _count(self.train)
+        return count_tokens(self.train)
 
     @property
     def val_tokens(self) -> int:
-        return _count(self.val)
+        return count_tokens(self.val)
 
 
-def _count(t: Tokens) -> int:
-    return sum(len(s) for s in t) if isinstance(t, list) else len(t)
+def count_tokens(t: Tokens) -> int:
+    """Tokens in one array or a list (or tuple) of shards."""
+    return sum(len(s) for s in t) if isinstance(t, (list, tuple)) else len(t)
 
 
 def prepare_command(name: str, data_root: str = "data") -> str:
