@@ -13,7 +13,7 @@ from . import precision
 
 def linear_forward(x, w, b):
     import cupy as cp
-    xb, wb = precision.to_bf16(x), precision.to_bf16(w)
+    xb, wb = precision.as_bf16(x), precision.as_bf16(w)
     y = precision.matmul_bf16(xb, wb)                        # (N, Cout) float32
     if b is not None:
         y += b
@@ -22,7 +22,7 @@ def linear_forward(x, w, b):
 
 def linear_backward(dy, saved):
     xb, wb, has_bias = saved
-    dyb = precision.to_bf16(dy)
+    dyb = precision.as_bf16(dy)
     dx = precision.matmul_bf16(dyb, wb, trans_b=True)        # (N, Cout) @ (Cout, Cin)
     dw = precision.matmul_bf16(xb, dyb, trans_a=True)        # (Cin, N) @ (N, Cout)
     db = dy.sum(axis=0) if has_bias else None
@@ -30,13 +30,13 @@ def linear_backward(dy, saved):
 
 
 def lm_head_forward(x, wte):
-    xb, wteb = precision.to_bf16(x), precision.to_bf16(wte)
+    xb, wteb = precision.as_bf16(x), precision.as_bf16(wte)
     return precision.matmul_bf16(xb, wteb, trans_b=True), (xb, wteb)   # (N, C) @ (C, V)
 
 
 def lm_head_backward(dlogits, saved):
     xb, wteb = saved
-    db = precision.to_bf16(dlogits)
+    db = precision.as_bf16(dlogits)
     dx = precision.matmul_bf16(db, wteb)                     # (N, V) @ (V, C)
     dwte = precision.matmul_bf16(db, xb, trans_a=True)       # (V, N) @ (N, C)
     return dx, dwte

@@ -33,6 +33,13 @@ def to_bf16(x, out=None):
     return out
 
 
+def as_bf16(x):
+    """x as bf16 bits: a uint16 array (already bf16, made by a kernel that writes bf16) is returned as it is,
+    a float32 array is rounded by to_bf16. Matmul inputs go through this, so producers may write either."""
+    import cupy as cp
+    return x if x.dtype == cp.uint16 else to_bf16(x)
+
+
 def to_float32(h, out=None):
     """uint16 cupy array of bf16 bits -> float32 cupy array (exact)."""
     import cupy as cp
