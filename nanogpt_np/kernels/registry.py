@@ -18,6 +18,8 @@ NANOGPT_ATTENTION changes it. `disable(name)` / `enable(name)` switch single ker
 import importlib
 import os
 
+import numpy as np
+
 # The NumPy-generic reference of each kernel: used instead when an array is not float32 (the float64
 # gradient checks run on the GPU too) - the guard below keeps the kernels from misreading other dtypes.
 _REFERENCE = {
@@ -160,13 +162,18 @@ def _is_float32(a) -> bool:
     return getattr(a, "dtype", None) is not None and a.dtype.itemsize == 4 and a.dtype.kind == "f"
 
 
+def _is_kernel_input(a) -> bool:
+    """float32, or bf16 bits (uint16: an activation a kernel wrote in bf16 for the next matmul)."""
+    return _is_float32(a) or (getattr(a, "dtype", None) is not None and a.dtype == np.uint16)
+
+
 def _guarded(key, pair):
     """Wrap a kernel pair so that a non-float32 first input goes to the NumPy-generic reference instead.
     The saved state is tagged, so the backward follows the forward's choice."""
     kernel_fwd, kernel_bwd = pair
 
     def forward(*args, **kwargs):
-        if _is_float32(args[0]):
+        if _is_kernel_input(args[0]):
             out, saved = kernel_fwd(*args, **kwargs)
             return out, (True, saved)
         mod_name, f, _ = _REFERENCE[key]
