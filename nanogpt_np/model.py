@@ -1,6 +1,7 @@
 """GPT-2, built from the ops in ops/.
 
     idx (B, T) -> token + position embedding -> n_layer x Block -> ln_f -> logits (B, T, V) via wte^T
+    (with targets, the loss comes from ln_f's output directly, a chunk of logits at a time: ops/lm_head_loss.py)
     Block (pre-LN):  x = x + c_proj(attention(c_attn(ln_1(x))))
                      x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))
     (the first residual add and ln_2 are one op, residual_layernorm, and c_fc's bias is added inside the GELU
@@ -193,7 +194,9 @@ class GPT:
     # ----- forward -----
     def forward(self, idx, targets=None, ignore_index: int = -1, kv_cache=None):
         """idx (B, T) integer token ids; targets (B, T) or None.
-        Returns (logits Tensor (B, T, V), loss Tensor (0-d) or None).
+        Returns (logits Tensor (B, T, V), None) without targets, and (None, loss Tensor (0-d)) with targets:
+        the loss is computed without materialising the logits (ops/lm_head_loss.py); for logits and a loss
+        together, call without targets and apply ops.cross_entropy to the logits.
 
         With a kv_cache (generate.KVCache), idx holds only the new tokens of each sequence: they are placed
         after the positions the cache already holds, attend to everything before them, and are added to the
@@ -213,10 +216,11 @@ class GPT:
             x = self._block(i, x, kv_cache, positions)
         if kv_cache is not None:
             kv_cache.lengths += T
-        x = ops.layernorm(x, p["ln_f.weight"], self._bias("ln_f"), cfg.layer_norm_eps)
-        logits = ops.lm_head(x, p["wte.weight"])                           # (B, T, V)
-        loss = None if targets is None else ops.cross_entropy(logits, targets, ignore_index)
-        return logits, loss
+        x = ops.layernorm(x, p["ln_f.weight"], self._bias("ln_f"), cfg.layer_norm_eps)   # (B, T, C)
+        if targets is None:
+            return ops.lm_head(x, p["wte.weight"]), None                   # logits (B, T, V)
+        # the loss without the (B, T, V) logits: the output layer and cross-entropy, a chunk of rows at a time
+        return None, ops.lm_head_cross_entropy(x, p["wte.weight"], targets, ignore_index)
 
     __call__ = forward
 

@@ -21,6 +21,8 @@
 // by the same thread, and pass 1 finished before (block barrier) - the gradient is written in place over the
 // logits when the caller allows it. dlogits may be NULL (evaluation: loss only).
 // Memory traffic per row: read V floats (+ a second read mostly from L2), write V floats.
+// cross_entropy_fused_bf16 writes the gradient as bf16 bits instead (V * 2 bytes; rounded once, from the float32
+// value computed as above): the input of the bf16 matmuls of the chunked output layer (kernels/lm_head_loss.py).
 
 #ifndef INFINITY                                 // NVRTC compiles without <math.h>
 #define INFINITY __int_as_float(0x7f800000)
@@ -56,13 +58,21 @@ __device__ __forceinline__ void merge(float& m, float& r, float m2, float r2) {
     }
 }
 
-extern "C" __global__ void cross_entropy_fused(float* __restrict__ losses,     // (N,) out
-                                               float* dlogits,                 // (N, V) out, may alias logits, or NULL
-                                               const float* logits,            // (N, V)
-                                               const long long* __restrict__ targets,  // (N,)
-                                               const float* __restrict__ n_kept,       // device scalar
-                                               int V, long long ignore_index) {
-    __shared__ float sm[32], sr[32];
+// bf16 bits of a float32, round to nearest even (the same function as bf16.cu's; each .cu compiles on its own)
+__device__ __forceinline__ unsigned short f32_to_bf16_rne(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;     // NaN -> canonical NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+
+// One row (block) of the fused loss + gradient. The gradient goes to d32 (float32) or d16 (bf16 bits, for the
+// bf16 matmuls that read it next: half the bytes written and no separate cast pass), or nowhere when both are
+// NULL. sm, sr: 32 floats of shared memory each, declared by the kernel.
+__device__ __forceinline__ void cross_entropy_row(float* __restrict__ losses, float* d32, unsigned short* d16,
+                                                  const float* logits, const long long* __restrict__ targets,
+                                                  const float* __restrict__ n_kept, int V, long long ignore_index,
+                                                  float* sm, float* sr) {
     int row = blockIdx.x;
     const float* z = logits + (long long)row * V;
     // pass 1: per-thread running max and sum over a strided slice of the row (coalesced across the block)
@@ -94,15 +104,39 @@ extern "C" __global__ void cross_entropy_fused(float* __restrict__ losses,     /
     bool valid = kept && y >= 0 && y < V;        // an out-of-range target: NaN, and no read outside the row
     const float nan = __int_as_float(0x7fffffff);
     if (threadIdx.x == 0) losses[row] = !kept ? 0.0f : (valid ? row_loss(m_row, sr[0], z[y]) : nan);
-    if (dlogits == nullptr) return;
+    if (d32 == nullptr && d16 == nullptr) return;
     __syncthreads();                             // z[y] is read above before any thread overwrites it in place
     // pass 2: the gradient
     float scale = kept ? 1.0f / *n_kept : 0.0f;
-    float* d = dlogits + (long long)row * V;
+    long long base = (long long)row * V;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
         float e = (z[j] - m_row) - log1p_r;           // log p_j
-        d[j] = (kept && !valid) ? nan : scale * (j == y ? expm1f(e) : expf(e));     // p_j - [j == y]
+        float g = (kept && !valid) ? nan : scale * (j == y ? expm1f(e) : expf(e));     // p_j - [j == y]
+        if (d16 != nullptr) d16[base + j] = f32_to_bf16_rne(g);
+        else d32[base + j] = g;
     }
+}
+
+extern "C" __global__ void cross_entropy_fused(float* __restrict__ losses,     // (N,) out
+                                               float* dlogits,                 // (N, V) out, may alias logits, or NULL
+                                               const float* logits,            // (N, V)
+                                               const long long* __restrict__ targets,  // (N,)
+                                               const float* __restrict__ n_kept,       // device scalar
+                                               int V, long long ignore_index) {
+    __shared__ float sm[32], sr[32];
+    cross_entropy_row(losses, dlogits, nullptr, logits, targets, n_kept, V, ignore_index, sm, sr);
+}
+
+// The same with the gradient written as bf16 bits (round to nearest even), for the bf16 matmuls of the output
+// layer (kernels/lm_head_loss.py); the logits are float32 as above.
+extern "C" __global__ void cross_entropy_fused_bf16(float* __restrict__ losses,          // (N,) out
+                                                    unsigned short* __restrict__ dlogits, // (N, V) bf16 out, or NULL
+                                                    const float* __restrict__ logits,     // (N, V)
+                                                    const long long* __restrict__ targets,  // (N,)
+                                                    const float* __restrict__ n_kept,       // device scalar
+                                                    int V, long long ignore_index) {
+    __shared__ float sm[32], sr[32];
+    cross_entropy_row(losses, nullptr, dlogits, logits, targets, n_kept, V, ignore_index, sm, sr);
 }
 
 // x *= *s for an n-element array (applies a d loss that is not 1, read from the device: no host sync).

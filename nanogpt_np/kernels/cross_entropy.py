@@ -31,6 +31,11 @@ def set_assume_unit_dloss(flag: bool) -> None:
     _assume_unit_dloss = bool(flag)
 
 
+def assume_unit_dloss() -> bool:
+    """Whether backward passes may take d loss = 1 (also read by kernels/lm_head_loss.py)."""
+    return _assume_unit_dloss
+
+
 def cross_entropy_forward(logits, targets, ignore_index=-1, *, with_grad=None):
     """logits (N, V), targets (N,) -> mean loss over kept rows (0-d float32 cupy array).
 

@@ -7,6 +7,7 @@ Importing a wrapper module is cheap; its CUDA module is compiled on the first la
 cached for the process (and on disk by CuPy). Names:
 
   contract ops (ops/*.py):   embedding, layernorm, gelu, cross_entropy, attention
+                             lm_head_cross_entropy (chunked output layer + loss; bf16 or float32 gemms by precision)
   fused extras:              residual_layernorm, bias_gelu (meaning: kernels/references.py)
   attention variants:        attention_matmul (cuBLAS + fused softmax), attention_flash (bf16 tensor cores)
   optimizer:                 adamw -> (adamw_step, global_grad_norm), not a forward/backward pair
@@ -29,6 +30,8 @@ _REFERENCE = {
     "gelu": ("nanogpt_np.ops.gelu", "gelu_forward", "gelu_backward"),
     "bias_gelu": ("nanogpt_np.kernels.references", "bias_gelu_forward", "bias_gelu_backward"),
     "cross_entropy": ("nanogpt_np.ops.cross_entropy", "cross_entropy_forward", "cross_entropy_backward"),
+    "lm_head_cross_entropy": ("nanogpt_np.ops.lm_head_loss", "lm_head_cross_entropy_forward",
+                              "lm_head_cross_entropy_backward"),
     "attention_matmul": ("nanogpt_np.ops.attention", "attention_forward", "attention_backward"),
     "attention_flash": ("nanogpt_np.ops.attention", "attention_forward", "attention_backward"),
     "linear_bf16": ("nanogpt_np.ops.linear", "linear_forward", "linear_backward"),
@@ -42,6 +45,7 @@ _TABLE = {
     "gelu": ("gelu", "gelu_forward", "gelu_backward"),
     "bias_gelu": ("gelu", "bias_gelu_forward", "bias_gelu_backward"),
     "cross_entropy": ("cross_entropy", "cross_entropy_forward", "cross_entropy_backward"),
+    "lm_head_cross_entropy": ("lm_head_loss", "lm_head_cross_entropy_forward", "lm_head_cross_entropy_backward"),
     "attention_matmul": ("softmax_attention", "attention_forward", "attention_backward"),
     "attention_flash": ("flash_attention", "attention_forward", "attention_backward"),
     "adamw": ("adamw", "adamw_step", "global_grad_norm"),
@@ -78,7 +82,7 @@ def configure(*, attention=None, dtype=None, tf32=None, loss_is_root=None, logit
     attention "matmul" | "flash" (None with dtype="bfloat16": flash, unless NANOGPT_ATTENTION says otherwise);
     dtype "float32" | "bfloat16" (matmul precision of linear/lm_head);
     tf32 (CuPy's float32 matmuls on TF32 tensor cores); loss_is_root (the loss's incoming gradient is 1, so the
-    cross-entropy backward skips its scaling pass; false with gradient accumulation that scales the seed);
+    cross-entropy backwards (cross_entropy, lm_head_cross_entropy) skip their scaling pass; false with gradient accumulation that scales the seed);
     logits_reusable=False lets the cross-entropy gradient overwrite the logits buffer (training steps)."""
     if attention is None and dtype == "bfloat16" and "NANOGPT_ATTENTION" not in os.environ:
         attention = "flash"          # bf16 training: flash attention, as precision.py's policy says

@@ -12,5 +12,6 @@ from .attention import attention
 from .residual import add
 from .dropout import dropout
 from .cross_entropy import cross_entropy
+from .lm_head_loss import lm_head_cross_entropy
 
-__all__ = ["embedding", "linear", "lm_head", "layernorm", "residual_layernorm", "gelu", "bias_gelu", "attention", "add", "dropout", "cross_entropy"]
+__all__ = ["embedding", "linear", "lm_head", "layernorm", "residual_layernorm", "gelu", "bias_gelu", "attention", "add", "dropout", "cross_entropy", "lm_head_cross_entropy"]

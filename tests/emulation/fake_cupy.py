@@ -471,7 +471,7 @@ def _column_sum_finish(grid, block, smem, out, partial, nchunks, C):
     _f32(_arr(out), C)[...] = _f32(_arr(partial), nchunks * C).reshape(nchunks, C).sum(0)
 
 
-def _cross_entropy(grid, block, smem, losses, dlogits, logits, targets, n_kept, V, ignore):
+def _cross_entropy(grid, block, smem, losses, dlogits, logits, targets, n_kept, V, ignore, bf16=False):
     V, ignore = _int(V, np.int32), _int(ignore, np.int64)
     N = grid[0]
     assert block[0] % 32 == 0 and block[0] <= 1024
@@ -493,7 +493,15 @@ def _cross_entropy(grid, block, smem, losses, dlogits, logits, targets, n_kept, 
         g[np.arange(N), ys] -= valid
         g = g * (kept / nk)[:, None]
         g[kept & ~valid] = np.nan
-        _f32(d, N * V).reshape(N, V)[...] = g
+        if bf16:                                         # cross_entropy_fused_bf16: rounded once from float32
+            assert d.dtype == np.uint16
+            d.reshape(-1)[:N * V] = float32_to_bf16(g.astype(np.float32)).ravel()
+        else:
+            _f32(d, N * V).reshape(N, V)[...] = g
+
+
+def _cross_entropy_bf16(grid, block, smem, *args):
+    _cross_entropy(grid, block, smem, *args, bf16=True)
 
 
 def _scale(grid, block, smem, x, s, n):
@@ -666,6 +674,7 @@ KERNELS = {
     ("gelu", "bias_gelu_backward"): _bias_gelu_backward,
     ("gelu", "column_sum_finish"): _column_sum_finish,
     ("cross_entropy", "cross_entropy_fused"): _cross_entropy,
+    ("cross_entropy", "cross_entropy_fused_bf16"): _cross_entropy_bf16,
     ("cross_entropy", "scale_by_device_scalar"): _scale,
     ("adamw", "sumsq_partial"): _sumsq_partial,
     ("adamw", "norm_and_scale"): _norm_and_scale,
