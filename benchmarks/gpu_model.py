@@ -275,6 +275,8 @@ def category_of(op):
         return "allocations"
     if op.kind == "cast" or op.family == "casts" or (op.kind == "kernel" and op.args.get("module") == "bf16"):
         return "casts"
+    if op.kind == "gemm":              # every cuBLAS call is matmul work (also those of the chunked lm_head + loss)
+        return "matmul"
     if op.family == "matmul":          # linear layers: the bias add and bias-gradient sum are elementwise work
         return "elementwise/copies" if op.kind in ("elementwise", "reduction", "copy", "fill") else "matmul"
     return FAMILY_CATEGORY.get(op.family, "elementwise/copies")
@@ -309,7 +311,8 @@ def op_cost(op, dev) -> Cost:
         flops = 2.0 * a["m"] * a["n"] * a["k"]
         nb = a["m"] * a["k"] * size[a["Atype"]] + a["k"] * a["n"] * size[a["Btype"]] + a["m"] * a["n"] * size[a["Ctype"]]
         nb += a["m"] * a["n"] * size[a["Ctype"]] if a["beta"] != 0 else 0
-        peak = dev["bf16"] if a["Atype"] == 14 else dev["fp32"]
+        tf32 = a.get("compute") == 77                 # CUBLAS_COMPUTE_32F_FAST_TF32 (kernels/lm_head_loss.py)
+        peak = dev["bf16"] if a["Atype"] == 14 else (dev["tf32"] if tf32 else dev["fp32"])
         c.gpu_ops, c.flops, c.bytes_min, c.bytes_written = 1, flops, nb, nb
         c.t_compute, c.t_memory = flops / (peak * MATMUL_EFF), nb / (dev["bw"] * MEM_EFF)
     elif op.kind == "kernel":
@@ -401,6 +404,11 @@ def kernel_traffic(op):
         grad = not null[1]
         bmin = N * V * f4 * (1 + grad) + N * (8 + 4)
         return 4 * N * V, bmin, bmin + N * V * f4 * grad, "memory"   # the gradient pass reads the row again
+    if k == "cross_entropy_fused_bf16":                              # the same, the gradient written as bf16
+        V, N = s[5], grid[0]
+        grad = not null[1]
+        bmin = N * V * (f4 + 2 * grad) + N * (8 + 4)
+        return 4 * N * V, bmin, bmin + N * V * f4 * grad, "memory"
     if k == "scale_by_device_scalar":
         n = s[2]
         return n, 2 * n * f4, 2 * n * f4, "memory"

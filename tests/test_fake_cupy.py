@@ -226,6 +226,7 @@ def test_fake_matches_real_cupy(monkeypatch):
         import cupy as real
         from cupy._core import _routines_linalg as real_lin
         from cupy_backends.cuda.api import runtime as real_runtime
+        from cupy_backends.cuda.libs import cublas as real_cublas
     except Exception as e:                           # not installed, or broken
         pytest.skip(f"real CuPy not importable ({type(e).__name__}): the fake cannot be compared with it")
     from emulation import fake_cupy
@@ -280,6 +281,12 @@ def test_fake_matches_real_cupy(monkeypatch):
             problems.append(f"_routines_linalg.{n}: CuPy {getattr(real_lin, n, None)}, fake {v}")
     if _params(real_lin.set_compute_type) != ["dtype", "compute_type"]:
         problems.append(f"set_compute_type: CuPy's parameters are {_params(real_lin.set_compute_type)}")
+    if not callable(getattr(real_lin, "get_compute_type", None)):       # kernels/lm_head_loss.py reads it
+        problems.append("_routines_linalg.get_compute_type: not in CuPy")
+    # kernels/lm_head_loss.py's float32 gemms on TF32: cuBLAS's CUBLAS_COMPUTE_32F_FAST_TF32, as CuPy has it
+    from nanogpt_np.kernels import lm_head_loss
+    if getattr(real_cublas, "CUBLAS_COMPUTE_32F_FAST_TF32", 77) != lm_head_loss.CUBLAS_COMPUTE_32F_FAST_TF32:
+        problems.append(f"CUBLAS_COMPUTE_32F_FAST_TF32: CuPy {real_cublas.CUBLAS_COMPUTE_32F_FAST_TF32}")
     # precision.py's CUDA enums: CuPy's runtime module has them too
     for n in ("CUDA_R_32F", "CUDA_R_16BF"):
         if getattr(real_runtime, n) != getattr(precision, n):

@@ -111,6 +111,58 @@ def test_cross_entropy_all_masked_is_an_error():
         ops.cross_entropy(Tensor(np.zeros((2, 3))), np.array([-1, -1]))
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 3, 4, 16])      # 3 does not divide N = 8; 16 > N: one chunk
+@pytest.mark.parametrize("masked", [False, True])
+def test_lm_head_cross_entropy(rng, chunk_rows, masked):
+    """The chunked output layer + loss: gradients of x and wte against finite differences (R scales the loss,
+    so the backward's d loss != 1 path is checked; the finite differences run the no-gradient forward)."""
+    B, T, C, V = 2, 4, 6, 9
+    targets = rng.integers(0, V, size=(B, T))
+    if masked:
+        targets[0, [1, 2]] = -1
+        targets[1, 3] = -1
+    check_op(lambda x, w: ops.lm_head_cross_entropy(x, w, targets, chunk_rows=chunk_rows),
+             [rng.standard_normal((B, T, C)), rng.standard_normal((V, C))], rng)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 7, 64])
+def test_lm_head_cross_entropy_equals_lm_head_then_cross_entropy(rng, chunk_rows):
+    """Same loss, dx and dwte as ops.lm_head followed by ops.cross_entropy (float64), ignored rows included."""
+    from nanogpt_np.tensor import backward
+    N, C, V = 13, 5, 17
+    x, w = rng.standard_normal((N, C)) * 2, rng.standard_normal((V, C))
+    y = rng.integers(0, V, size=N)
+    y[[0, 6, 7, 12]] = -1                         # ignored rows at chunk edges
+    xs, ws = Tensor(x.copy(), requires_grad=True), Tensor(w.copy(), requires_grad=True)
+    ref = ops.cross_entropy(ops.lm_head(xs, ws), y)
+    backward(ref)
+    xc, wc = Tensor(x.copy(), requires_grad=True), Tensor(w.copy(), requires_grad=True)
+    got = ops.lm_head_cross_entropy(xc, wc, y, chunk_rows=chunk_rows)
+    backward(got)
+    assert abs(got.item() - ref.item()) < 1e-13 * abs(ref.item())
+    np.testing.assert_allclose(xc.grad, xs.grad, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(wc.grad, ws.grad, rtol=0, atol=1e-14)
+    assert np.all(xc.grad[[0, 6, 7, 12]] == 0.0)  # an ignored row's x gets no gradient
+
+
+def test_lm_head_cross_entropy_without_gradients_and_errors(rng):
+    """Under no_grad only the loss is computed (nothing recorded); the edge cases are cross_entropy's."""
+    from nanogpt_np import tensor
+    x, w = Tensor(rng.standard_normal((4, 3)), requires_grad=True), Tensor(rng.standard_normal((5, 3)))
+    y = np.array([0, 4, -1, 2])
+    with tensor.no_grad():
+        loss = ops.lm_head_cross_entropy(x, w, y, chunk_rows=3)
+    assert not tensor._tape and not loss.requires_grad
+    assert abs(loss.item() - ops.cross_entropy(ops.lm_head(x, w), y).item()) < 1e-14
+    tensor.clear_tape()
+    with pytest.raises(ValueError, match="masked"):
+        ops.lm_head_cross_entropy(x, w, np.array([-1, -1, -1, -1]))
+    with pytest.raises(ValueError, match="targets"):
+        ops.lm_head_cross_entropy(x, w, np.array([1, 5, 0, 0]))
+    with pytest.raises(ValueError, match="chunk_rows"):
+        ops.lm_head_cross_entropy(x, w, y, chunk_rows=0)
+
+
 def test_residual_layernorm_both_outputs(rng):
     """Two outputs: h feeds a linear map, y is added on top, so both gradient paths are exercised."""
     C = 6

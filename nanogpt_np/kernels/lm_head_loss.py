@@ -1,6 +1,6 @@
 """GPU output layer + cross-entropy, chunked (the `lm_head_cross_entropy` op contract, ops/lm_head_loss.py).
 
-Per chunk of rows (ops/lm_head_loss.CHUNK_ROWS, 1024 by default):
+Per chunk of rows (ops/lm_head_loss.CHUNK_ROWS, 2048 by default):
     logits_c  = x_c @ wte.T           cuBLAS gemm -> one float32 (rows, V) buffer, reused by every chunk
     loss_c, dlogits_c                 cross_entropy.cu in one pass: the row losses, and the gradient for
                                       d loss = 1 (bf16 bits in bf16 precision, else float32 over the logits)

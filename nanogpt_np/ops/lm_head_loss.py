@@ -20,10 +20,12 @@ from .. import backend
 from ..tensor import Tensor, grad_enabled, record
 from .dispatch import implementation
 
-# Rows per chunk. At GPT-2 sizes a chunk of float32 logits is 1024 * 50257 * 4 bytes = 206 MB (the GPU path
-# adds a bf16 copy of the chunk's gradient: 103 MB): small next to the 1.65 GB of the whole (8*1024, V) batch,
-# and still large enough that each chunk's matmuls keep the GPU busy (a (1024, 768) x (768, 50257) product).
-CHUNK_ROWS = 1024
+# Rows per chunk. At GPT-2 sizes a chunk of float32 logits is 2048 * 50257 * 4 bytes = 412 MB (the GPU path in
+# bf16 adds the chunk's gradient as bf16: 206 MB), against 1.65 GB of logits (+ their gradient) for the whole
+# (8*1024, V) batch. Each chunk re-reads wte and reads and writes the (V, C) float32 dwte once (~0.4 GB), so
+# smaller chunks cost traffic: benchmarks/gpu_model.py (bf16, B=8, T=1024) predicts 1024 rows: 64.6 GB/step,
+# 10.24 GB peak; 2048: 62.8 GB, 10.55 GB; 4096: 61.8 GB, 11.2 GB.
+CHUNK_ROWS = 2048
 
 
 def chunks(n_rows, chunk_rows):

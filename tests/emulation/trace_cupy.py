@@ -78,6 +78,8 @@ FAMILIES = {
     "nanogpt_np.ops.gelu": "gelu",
     "nanogpt_np.kernels.cross_entropy": "cross-entropy",
     "nanogpt_np.ops.cross_entropy": "cross-entropy",
+    "nanogpt_np.kernels.lm_head_loss": "cross-entropy",     # its gemms are costed as matmuls (gpu_model.category_of)
+    "nanogpt_np.ops.lm_head_loss": "cross-entropy",
     "nanogpt_np.kernels.encoder": "embedding",
     "nanogpt_np.ops.embedding": "embedding",
     "nanogpt_np.kernels.adamw": "adamw",
@@ -301,6 +303,7 @@ class Tracer:
         p.setattr(cublas, "getPointerMode", lambda h: self._host_call("cublasGetPointerMode", 0))
         p.setattr(cublas, "setPointerMode", lambda h, m: self._host_call("cublasSetPointerMode"))
         linalg = sys.modules["cupy._core._routines_linalg"]
+        self._fake_set_compute_type = linalg.set_compute_type
         p.setattr(linalg, "set_compute_type", self._set_compute_type)
         self._linalg = linalg
         _tracer = self
@@ -495,6 +498,7 @@ class Tracer:
 
     def _set_compute_type(self, dtype, compute_type):
         self.tf32 = compute_type == self._linalg.COMPUTE_TYPE_TF32
+        self._fake_set_compute_type(dtype, compute_type)        # get_compute_type answers as CuPy would
         self._host_call("set_compute_type")
 
     # ----- the fake's module functions, wrapped
@@ -574,7 +578,8 @@ class Tracer:
                                         Ctype, ldc, compute, algo)
         with self.hook():
             b = ctypes.c_float.from_address(beta).value
-            self.record("gemm", "cublasGemmEx", m=m, n=n, k=k, Atype=Atype, Btype=Btype, Ctype=Ctype, beta=b)
+            self.record("gemm", "cublasGemmEx", m=m, n=n, k=k, Atype=Atype, Btype=Btype, Ctype=Ctype, beta=b,
+                        compute=compute)
             if not self.shape_only:
                 self._gemm_emulation(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C,
                                      Ctype, ldc, compute, algo)

@@ -381,3 +381,103 @@ def test_lm_head_bf16(cp):
     dx, dwte = linear_bf16.lm_head_backward(cp.asarray(d), saved)
     rdx, rdwte = lin.lm_head_backward(d.astype(np.float64), rsaved)
     assert rel_err(to_np(dx), rdx) < 1e-5 and rel_err(to_np(dwte), rdwte) < 1e-5
+
+
+# ---------------------------------------------------------------------------- chunked output layer + cross-entropy
+
+lmce_ops = importlib.import_module("nanogpt_np.ops.lm_head_loss")
+
+# Tolerances against the float64 reference, norm-wise (rel_err). The inputs x, wte are rounded to bf16 first, so
+# both precisions multiply the same numbers and only the kernels' own rounding is measured:
+#  * float32: float32 gemms (exact float32 here: the fixture turns TF32 off) and the float32 loss/gradient of
+#    cross_entropy.cu: ~1e-7 per element, sums of up to V products -> TOL (1e-5), as the other float32 kernels;
+#  * bf16: the loss and the logits stay float32 (bf16 operands, float32 accumulation: TOL); the gradient dlogits is
+#    rounded once to bf16 (relative error <= 2^-9 = 2e-3 per element) before the dx and dwte gemms. Those sums mix
+#    terms of both signs (a softmax row minus its one-hot sums to 0), so the error relative to the largest result
+#    can exceed 2^-9 (measured on these shapes: 1.9e-3 .. 3.5e-3); BF16_GRAD_TOL = 1e-2 leaves room for that and
+#    is still far below what a wrong row, chunk or scale gives (the negative control below: ~0.7).
+BF16_GRAD_TOL = 1e-2
+LMCE_SHAPES = [(37, 64, 1001, 16), (5, 8, 11, 2), (20, 32, 8193, 7), (33, 16, 300, 64)]   # N, C, V, chunk_rows
+
+
+def _lmce_case(N, C, V):
+    x, wte = round_to_bf16(randn(N, C)), round_to_bf16(randn(V, C, scale=0.5))
+    targets = rng.integers(0, V, size=N)
+    if N > 2:
+        targets[rng.random(N) < 0.25] = -1                      # ignored rows, some at chunk edges
+        targets[[0, N - 1]] = [-1, V - 1]
+    return x, wte, targets
+
+
+def _lmce_errors(cp, poison, dtype, N, C, V, chunk_rows, dloss=None, kernel_chunks=None):
+    """Run the registry's lm_head_cross_entropy (the kernel path) at `dtype` precision; return the relative
+    errors (loss, dx, dwte) against the float64 reference. kernel_chunks replaces ops.lm_head_loss.chunks
+    for the kernel run only (negative control)."""
+    x, wte, targets = _lmce_case(N, C, V)
+    fwd, bwd = registry.lookup("lm_head_cross_entropy")
+    registry.set_precision(dtype)
+    good_chunks = lmce_ops.chunks
+    lmce_ops.chunks = kernel_chunks or good_chunks
+    try:
+        poison()
+        loss, saved = fwd(cp.asarray(x), cp.asarray(wte), cp.asarray(targets), -1, with_grad=True,
+                          chunk_rows=chunk_rows)
+        assert saved[0] is True                                  # the kernel path, not the fallback
+        dx, dwte = bwd(1.0 if dloss is None else dloss, saved)
+    finally:
+        registry.set_precision("float32")
+        lmce_ops.chunks = good_chunks
+    rloss, rsaved = lmce_ops.lm_head_cross_entropy_forward(x.astype(np.float64), wte.astype(np.float64), targets,
+                                                           chunk_rows=5)
+    rdx, rdwte = lmce_ops.lm_head_cross_entropy_backward(np.float64(1.0 if dloss is None else float(dloss)), rsaved)
+    return abs(float(loss) - float(rloss)) / abs(float(rloss)), rel_err(to_np(dx), rdx), rel_err(to_np(dwte), rdwte)
+
+
+@pytest.mark.parametrize("N,C,V,chunk_rows", LMCE_SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lm_head_cross_entropy(cp, poison, dtype, N, C, V, chunk_rows):
+    e_loss, e_dx, e_dwte = _lmce_errors(cp, poison, dtype, N, C, V, chunk_rows)
+    grad_tol = TOL if dtype == "float32" else BF16_GRAD_TOL
+    assert e_loss < TOL and e_dx < grad_tol and e_dwte < grad_tol, (e_loss, e_dx, e_dwte)
+
+
+def test_lm_head_cross_entropy_wrong_chunk_offset_fails(cp, poison):
+    """Negative control: the last (shorter) chunk starts one row early, so that row is counted twice in dwte
+    (a wrong chunk offset); the comparison above must catch it, in bf16 too."""
+    good = lmce_ops.chunks
+
+    def overlapping(n_rows, rows):
+        spans = good(n_rows, rows)
+        r0, r1 = spans[-1]
+        return spans[:-1] + [(r0 - 1, r1)]
+    for dtype in ("float32", "bfloat16"):
+        e_loss, e_dx, e_dwte = _lmce_errors(cp, poison, dtype, 37, 64, 1001, 16, kernel_chunks=overlapping)
+        assert e_dwte > 5 * BF16_GRAD_TOL, (dtype, e_dwte)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lm_head_cross_entropy_dloss_and_no_grad(cp, poison, dtype):
+    """A d loss that is not 1 (on the device, and as a Python number) scales dx and dwte; with_grad=False gives
+    the same loss and saves nothing; float64 inputs go to the NumPy reference."""
+    N, C, V, rows = 21, 32, 517, 8
+    e = _lmce_errors(cp, poison, dtype, N, C, V, rows, dloss=cp.asarray(2.5, dtype=cp.float32))
+    grad_tol = TOL if dtype == "float32" else BF16_GRAD_TOL
+    assert e[0] < TOL and e[1] < grad_tol and e[2] < grad_tol, e
+    e = _lmce_errors(cp, poison, dtype, N, C, V, rows, dloss=0.5)
+    assert e[0] < TOL and e[1] < grad_tol and e[2] < grad_tol, e
+    x, wte, targets = _lmce_case(N, C, V)
+    fwd, bwd = registry.lookup("lm_head_cross_entropy")
+    registry.set_precision(dtype)
+    try:
+        loss, saved = fwd(cp.asarray(x), cp.asarray(wte), cp.asarray(targets), -1, with_grad=False, chunk_rows=rows)
+        assert saved == (True, (None, None))
+        with pytest.raises(RuntimeError, match="with_grad=False"):
+            bwd(1.0, saved)
+        loss64, saved64 = fwd(cp.asarray(x, dtype=cp.float64), cp.asarray(wte, dtype=cp.float64),
+                              cp.asarray(targets), -1, with_grad=True, chunk_rows=rows)
+        assert saved64[0] is False and loss64.dtype == cp.float64
+    finally:
+        registry.set_precision("float32")
+    rloss, _ = lmce_ops.lm_head_cross_entropy_forward(*f64(x, wte), targets, with_grad=False)
+    assert abs(float(loss) - float(rloss)) < TOL * abs(float(rloss))
+    assert abs(float(loss64) - float(rloss)) < 1e-12 * abs(float(rloss))
