@@ -73,6 +73,25 @@ def run_cross_entropy_inplace(cp):
     return max(abs(float(loss) - float(rloss)) / abs(float(rloss)), _rel(cp.asnumpy(d), rd)) / 1e-5
 
 
+def run_cross_entropy_bf16(cp):
+    """cross_entropy_fused_bf16's gradient must be exactly the float32 kernel's, rounded to nearest even."""
+    from nanogpt_np.kernels.bf16 import float32_to_bf16
+    from nanogpt_np.kernels.compile import launch
+    rng = np.random.default_rng(8)
+    N, V = 3, 300
+    logits = cp.asarray((rng.standard_normal((N, V)) * 3).astype(np.float32))
+    targets = cp.asarray(np.array([17, -1, 299]))
+    n_kept = cp.asarray(np.float32(2.0))
+    outs = []
+    for kernel, dtype in (("cross_entropy_fused", cp.float32), ("cross_entropy_fused_bf16", cp.uint16)):
+        losses, d = cp.empty((N,), dtype=cp.float32), cp.empty((N, V), dtype=dtype)
+        launch("cross_entropy", kernel, (N,), (256,), (losses, d, logits, targets, n_kept, np.int32(V), np.int64(-1)))
+        outs.append((cp.asnumpy(losses), cp.asnumpy(d)))
+    (l32, d32), (l16, d16) = outs
+    same = np.array_equal(l32, l16) and np.array_equal(float32_to_bf16(d32), d16)
+    return 0.0 if same else 10.0
+
+
 # (name, source, text to replace, replacement, runner)
 MUTATIONS = [
     ("flash: no barrier before the next K/V tile overwrites shared memory", "flash_attention",
@@ -98,6 +117,8 @@ MUTATIONS = [
      "    __syncthreads();\n    // block sum of the warp slices", "    // block sum of the warp slices", run_layernorm),
     ("cross-entropy in place: no barrier between reading z[y] and overwriting the logits", "cross_entropy",
      "    __syncthreads();                             // z[y] is read above", "    //", run_cross_entropy_inplace),
+    ("cross-entropy bf16: the gradient truncated to bf16 instead of rounded", "cross_entropy",
+     "    u += 0x7fffu + ((u >> 16) & 1u);\n", "\n", run_cross_entropy_bf16),
 ]
 
 
@@ -123,7 +144,7 @@ def _outcomes(monkeypatch, cp, runner, stop_when_caught=False):
     return out
 
 
-@pytest.mark.parametrize("runner", [run_flash, run_layernorm, run_cross_entropy_inplace])
+@pytest.mark.parametrize("runner", [run_flash, run_layernorm, run_cross_entropy_inplace, run_cross_entropy_bf16])
 def test_unmutated_kernels_pass_in_every_schedule(monkeypatch, cuda_cp, runner):
     for s, r in _outcomes(monkeypatch, cuda_cp, runner).items():
         assert not isinstance(r, str) and r < 1, f"schedule {s}: {r}"

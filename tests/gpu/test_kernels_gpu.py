@@ -405,7 +405,7 @@ def _lmce_case(N, C, V):
     targets = rng.integers(0, V, size=N)
     if N > 2:
         targets[rng.random(N) < 0.25] = -1                      # ignored rows, some at chunk edges
-        targets[[0, N - 1]] = [-1, V - 1]
+        targets[[0, N - 2, N - 1]] = [-1, 0, V - 1]                # (N - 2 kept: the negative control needs it)
     return x, wte, targets
 
 
@@ -442,8 +442,8 @@ def test_lm_head_cross_entropy(cp, poison, dtype, N, C, V, chunk_rows):
 
 
 def test_lm_head_cross_entropy_wrong_chunk_offset_fails(cp, poison):
-    """Negative control: the last (shorter) chunk starts one row early, so that row is counted twice in dwte
-    (a wrong chunk offset); the comparison above must catch it, in bf16 too."""
+    """Negative control: the last (shorter) chunk starts one row early, so that row (N - 2 = 31, a kept one) is
+    counted twice in dwte (a wrong chunk offset); the comparison above must catch it, in bf16 too."""
     good = lmce_ops.chunks
 
     def overlapping(n_rows, rows):
@@ -451,7 +451,7 @@ def test_lm_head_cross_entropy_wrong_chunk_offset_fails(cp, poison):
         r0, r1 = spans[-1]
         return spans[:-1] + [(r0 - 1, r1)]
     for dtype in ("float32", "bfloat16"):
-        e_loss, e_dx, e_dwte = _lmce_errors(cp, poison, dtype, 37, 64, 1001, 16, kernel_chunks=overlapping)
+        e_loss, e_dx, e_dwte = _lmce_errors(cp, poison, dtype, 33, 64, 1001, 16, kernel_chunks=overlapping)
         assert e_dwte > 5 * BF16_GRAD_TOL, (dtype, e_dwte)
 
 
