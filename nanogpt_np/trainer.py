@@ -106,19 +106,28 @@ def accumulate_gradients(model, batches, world=distributed.SINGLE) -> float:
     batch. Each micro-batch's mean loss is weighted by its share of the targets that count (task data masks
     prompt positions, so micro-batches differ), which makes k micro-batches equal one k-times larger batch.
     With ranks, the share is of the targets of all ranks together, so that summing the ranks' gradients gives
-    the gradient of the whole global batch. Returns the mean loss per counted target (over all ranks)."""
+    the gradient of the whole global batch. Returns the mean loss per counted target (over all ranks).
+
+    The micro-batches' losses stay on the device until the end: one transfer per step, not one sync per
+    micro-batch (on the GPU a sync would stall the host until the GPU caught up, every micro-batch)."""
     counts = [int((y != -1).sum()) for _, y in batches]
     (total,) = world.sum_values(sum(counts))                          # every rank's targets of this step
     total = int(total)
     if total == 0:
         raise DataError("a training batch has no target to learn from (every position is masked)")
-    loss_sum = 0.0
+    losses, weights = [], []                      # each counted micro-batch's mean loss (a 0-d device array)
     for (x, y), n in zip(batches, counts):
         if n == 0:
             continue
         _, loss = model(backend.to_device(x), backend.to_device(y))        # x, y: (B, T) integer ids
-        backward(loss, grad=backend.xp_of(loss.data).full((), n / total, loss.dtype))
-        loss_sum += loss.item() * n
+        xp = backend.xp_of(loss.data)
+        backward(loss, grad=xp.full((), n / total, loss.dtype))
+        losses.append(loss.data)
+        weights.append(n)
+    values = backend.to_numpy(xp.stack(losses)).tolist() if losses else []    # the step's one transfer
+    loss_sum = 0.0
+    for value, n in zip(values, weights):
+        loss_sum += value * n                     # in float64 on the host, in order: the sum it always was
     (loss_sum,) = world.sum_values(loss_sum)
     return loss_sum / total
 

@@ -144,6 +144,14 @@ class TracedArray(fake_cupy.ndarray):
         plain = lambda: np.ndarray.transpose(self, *axes)
         return _call(lambda: _tracer.view_op("transpose", self, plain), plain)
 
+    @property
+    def data(self):
+        return _TracedMemoryPointer(self)
+
+    def set(self, arr, stream=None):
+        plain = lambda: fake_cupy.ndarray.set(self, arr, stream)
+        return _call(lambda: _tracer.inplace("h2d", "ndarray.set", (arr,), self, plain), plain)
+
     def item(self, *args):
         plain = lambda: np.ndarray.item(self, *args)
         return _call(lambda: _tracer.to_host("item", self, plain), plain)
@@ -151,6 +159,19 @@ class TracedArray(fake_cupy.ndarray):
     def __float__(self):
         plain = lambda: float(np.ndarray.item(self))
         return _call(lambda: _tracer.to_host("float", self, plain), plain)
+
+
+class _TracedMemoryPointer(fake_cupy.MemoryPointer):
+    """The `.data` of a traced array: memset_async is reported as a memset of the array it came from (the
+    project memsets whole arrays)."""
+
+    def __init__(self, array):
+        super().__init__(array.__array_interface__["data"][0])
+        self.array = array
+
+    def memset_async(self, value, size, stream=None):
+        plain = lambda: fake_cupy.MemoryPointer.memset_async(self, value, size, stream)
+        return _call(lambda: _tracer.inplace("memset", "memset_async", (), self.array, plain), plain)
 
 
 def _call(traced, plain):
