@@ -5,6 +5,7 @@ GPU against the references here (tests/gpu); these tests pin the references them
 finite differences and with the plain ops they compose.
 """
 import importlib
+import json
 import math
 import sys
 
@@ -535,6 +536,11 @@ def test_benchmark_scripts_run_on_fake_gpu(fake_cp, monkeypatch, capsys):
     assert train_gpu.main(["--small", "--quick", "--steps", "1", "--no-torch", "--graph"]) == 0
     out = capsys.readouterr().out
     assert "Training throughput on fake GPU" in out and "bf16 matmuls, flash attention" in out
+    # --graph: the graph row runs the configuration it names (bf16 + flash here, whatever the previous row
+    # left in the registry), and gets as far as the capture, which the fake refuses
+    graph = json.loads(out.split("CUDA graph of a whole step: ")[1].split("\n")[0])
+    assert graph["captured"] is False and "cannot capture" in graph["reason"], graph
+    assert (graph["attention"], graph["dtype"], graph["tf32"]) == ("flash", "bfloat16", True)
     backend.use_device("cpu")
 
 

@@ -13,6 +13,7 @@ check is the CUDA code itself (flash_emulator.py does that for flash attention; 
 `cuda.nccl` is a fake NCCL communicator for data-parallel tests: ranks started by mpiexec sum their fake-device
 buffers through MPI, and `devices_used` records which GPU each rank selected.
 """
+import contextlib
 import ctypes
 import math
 import sys
@@ -198,6 +199,11 @@ class _Event:
 
 
 class _Pool:
+    """cupy.cuda.MemoryPool (and the default pool): the fake allocates with NumPy, so there is nothing to count."""
+
+    def malloc(self, size):
+        raise NotImplementedError("the fake CuPy allocates with NumPy, not through a pool")
+
     def total_bytes(self):
         return 0
 
@@ -275,8 +281,29 @@ nccl = types.SimpleNamespace(
     NCCL_SUM=_NcclCommunicator.NCCL_SUM)
 
 
+class _Graph:
+    """cupy.cuda.Graph: made only by Stream.end_capture (which the fake refuses), never by the user."""
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError("currently this class cannot be initiated by the user and must be created via "
+                                  "stream capture")
+
+    def launch(self, stream=None):
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _using_allocator(allocator=None):
+    """cupy.cuda.using_allocator: the fake's arrays come from NumPy whatever the allocator."""
+    yield
+
+
 cuda = types.SimpleNamespace(
     Device=_Device,
+    Graph=_Graph,
+    MemoryPool=_Pool,
+    MemoryPointer=MemoryPointer,
+    using_allocator=_using_allocator,
     nccl=nccl,
     get_current_stream=lambda: _Stream(),
     Stream=_Stream,
