@@ -539,8 +539,8 @@ def assumptions(cfg: StepConfig, device):
         "(assumed, us): " + ", ".join(f"{k} {v:g}" for k, v in HOST_US.items()),
         "  CuPy copies non-contiguous operands of batched matmuls (cupy/_core/_routines_linalg.pyx: matmul -> "
         "ascontiguousarray); 2-D transposes go to cuBLAS as flags",
-        "  step time = max(GPU, host) (host enqueues ahead of the GPU; a sync per micro-step is counted, not "
-        "modelled); tokens/s = B * T * grad_accum / step time",
+        "  step time = max(GPU, host) (host enqueues ahead of the GPU; host syncs (device->host copies: the "
+        "trainer's one loss transfer per step) are counted, not modelled); tokens/s = B * T * grad_accum / step time",
         f"  step: trainer.train_step, configured by run_setup.setup_device; {cfg.dtype}, attention={cfg.attention}, "
         f"TF32={cfg.tf32}, B={cfg.batch_size}, T={cfg.block_size}, grad_accum={cfg.grad_accum_steps}",
     ]

@@ -39,7 +39,7 @@ class ndarray(np.ndarray):
 
     def set(self, arr, stream=None):
         """cupy.ndarray.set (cupy/_core/core.pyx): a numpy array of the same dtype and shape, copied in."""
-        if not isinstance(arr, np.ndarray) or isinstance(arr, ndarray):
+        if not isinstance(arr, np.ndarray) or isinstance(arr, DeviceArray):
             raise TypeError("Only numpy.ndarray can be set to cupy.ndarray")
         if arr.dtype != self.dtype:
             raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")

@@ -149,7 +149,7 @@ class TracedArray(fake_cupy.ndarray):
         return _TracedMemoryPointer(self)
 
     def set(self, arr, stream=None):
-        plain = lambda: fake_cupy.ndarray.set(self, arr, stream)
+        plain = lambda: fake_cupy.DeviceArray.set(self, arr, stream)
         return _call(lambda: _tracer.inplace("h2d", "ndarray.set", (arr,), self, plain), plain)
 
     def item(self, *args):
