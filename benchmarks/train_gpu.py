@@ -236,7 +236,8 @@ def try_cuda_graph(B, T, log, attention="flash", dtype="bfloat16", tf32=True, st
       replays reuse those addresses, and nothing else allocates from that pool (the default pool's
       free_all_blocks, which runs on any out-of-memory retry, cannot free them).
     Check: `steps` replays and `steps` eager steps from the same weights and optimizer state must give the same
-    weights (a replay that froze the captured step's scalars or inputs would differ)."""
+    weights, bit for bit when the eager steps repeat bit for bit (eager_repeat_max_diff 0: our reductions have
+    fixed orders); a replay that froze the captured step's scalars or inputs would differ."""
     import cupy as cp
     from nanogpt_np import backend
     from nanogpt_np.kernels import adamw as k_adamw
@@ -294,6 +295,10 @@ def try_cuda_graph(B, T, log, attention="flash", dtype="bfloat16", tf32=True, st
             eager_losses = [float(eager(i)) for i in range(1, 1 + steps)]
             expected = state()
             restore(start)
+            for i in range(1, 1 + steps):                  # the eager steps again: are they deterministic?
+                eager(i)
+            repeat = state()
+            restore(start)
             graph_losses = []
             for i in range(1, 1 + steps):
                 k_adamw.step_scalars(lr(i), 0.9, 0.95, i + 1)       # this step's scalars, then the replay
@@ -301,6 +306,7 @@ def try_cuda_graph(B, T, log, attention="flash", dtype="bfloat16", tf32=True, st
                 graph_losses.append(float(loss_out))
             got = state()
         diff = max(float(cp.abs(a - b).max()) for a, b in zip(got, expected))
+        eager_diff = max(float(cp.abs(a - b).max()) for a, b in zip(repeat, expected))
         a, b = cp.cuda.Event(), cp.cuda.Event()
         with s:
             for _ in range(2):
@@ -319,7 +325,8 @@ def try_cuda_graph(B, T, log, attention="flash", dtype="bfloat16", tf32=True, st
         b.synchronize()
         e_ms = cp.cuda.get_elapsed_time(a, b) / steps
         return dict(captured=True, **config, graph_step_ms=g_ms, eager_step_ms=e_ms,
-                    replay_matches_eager=diff == 0.0, max_weight_diff=diff, eager_losses=eager_losses,
+                    replay_matches_eager=diff == 0.0, max_weight_diff=diff, eager_repeat_max_diff=eager_diff,
+                    eager_losses=eager_losses,
                     graph_losses=graph_losses, graph_pool_GiB=graph_pool.total_bytes() / 2 ** 30)
     except Exception as e:
         return dict(captured=False, **config, reason=f"{type(e).__name__}: {str(e)[:200]}")
