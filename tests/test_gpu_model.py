@@ -296,3 +296,15 @@ def test_one_host_transfer_per_step_and_zero_grad_is_one_memset():
     assert len(shape) == 1 and shape[0] >= trace.params and np.dtype(dtype) == np.float32
     assert [op.name for op in trace.ops if op.kind == "h2d" and op.name == "ndarray.set"] == ["ndarray.set"]
     assert not [op for op in trace.ops if op.kind == "fill" and op.outputs == memsets[0].outputs]
+
+
+def test_cuda_graph_mode_predicts_the_host_work_outside_the_graph():
+    """--cuda_graph: the traced last step is one graph launch plus the batch and AdamW-scalar uploads and the
+    loss transfer; the GPU time is the eager step's, the host time far below the eager step's."""
+    cfg = gm.StepConfig(**TINY, attention="flash", dtype="bfloat16")
+    summary = gm.summarize(gm.trace_step(cfg, shape_only=True, steps=2))
+    lines, d = gm.graph_mode(summary, cfg, "h100")
+    assert d["ops_outside_graph"] == {"d2h": 1, "graph": 1, "h2d": 3}, d
+    assert d["gpu_ms"] == summary.total().gpu_s * 1e3
+    assert d["host_ms"] < summary.total().host_s * 1e3 / 5
+    assert any("PREDICTED with --cuda_graph" in line for line in lines)
