@@ -70,6 +70,16 @@ def test_graph_replays_train_exactly_like_eager_steps(tmp_path, monkeypatch, ext
     assert len(set(losses)) == len(losses)                  # every step's loss is its own (weights move)
 
 
+def test_resume_with_cuda_graph_continues_exactly(tmp_path):
+    """A --cuda_graph run stopped at step 3 and resumed (a new graph: eager step, capture, replays) ends like
+    the uninterrupted eager run: the same losses after the resume, the same weights."""
+    eager_log, eager_w = _train(tmp_path / "eager")
+    _train(tmp_path / "graph", "--cuda_graph=true", "--max_iters=3")
+    resumed_log, resumed_w = _train(tmp_path / "graph", "--cuda_graph=true", "--max_iters=5", "--resume")
+    assert _numbers(resumed_log) == _numbers(eager_log)
+    np.testing.assert_array_equal(resumed_w, eager_w)
+
+
 def test_a_replay_that_does_not_recompute_or_freezes_the_scalars_is_caught(tmp_path, monkeypatch):
     """Negative controls: (1) Graph.launch doing nothing (a replay returning the captured step's outputs), (2)
     AdamW's scalars written once and never again (the old kernel's frozen lr and bias corrections)."""

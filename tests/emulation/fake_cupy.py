@@ -167,7 +167,8 @@ random = types.SimpleNamespace(default_rng=_Generator, RandomState=_RandomState)
 
 
 class _Stream:
-    """cupy.cuda.Stream: work is synchronous here. CUDA-graph capture is refused (nothing could be replayed)."""
+    """cupy.cuda.Stream: work is synchronous here. CUDA-graph capture is refused: plain NumPy arrays cannot
+    record what they compute (trace_cupy.Tracer's arrays can: its Stream captures and replays)."""
 
     def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
         pass
