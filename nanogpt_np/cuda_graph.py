@@ -74,6 +74,7 @@ class GraphedStep:
                 self.losses, self.norm = self._body(run, scalars)
             else:
                 if self.graph is None:                        # the second: captured (nothing runs), then replayed
+                    cp.get_default_memory_pool().free_all_blocks()    # step 1's cached temporaries: to the graph
                     with cp.cuda.using_allocator(self.pool.malloc):
                         self.stream.begin_capture()
                         self.losses, self.norm = self._body(run, scalars)
