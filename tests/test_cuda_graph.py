@@ -48,16 +48,22 @@ def _weights(out_dir):
     return np.asarray(load_model(str(out_dir)).flat_params).copy()       # (on the CPU: the test resets it)
 
 
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory):
+    """The eager float32 run the graph runs are compared with: (log, final weights)."""
+    return _train(tmp_path_factory.mktemp("eager"))
+
+
 def _numbers(log):
     return [(e["type"], e["step"], e.get("loss"), e.get("grad_norm"), e.get("val_loss")) for e in log]
 
 
 @pytest.mark.parametrize("extra", [[], ["--dtype=bfloat16", "--grad_accum_steps=2"]])
-def test_graph_replays_train_exactly_like_eager_steps(tmp_path, monkeypatch, extra):
+def test_graph_replays_train_exactly_like_eager_steps(tmp_path, monkeypatch, eager_run, extra):
     """Step 1 eager, step 2 captured and replayed, steps 3-5 replayed: the same logged losses, gradient norms
     and validation losses, and the same final weights, bit for bit, as the eager run."""
     from emulation import trace_cupy
-    eager_log, eager_w = _train(tmp_path / "eager", *extra)
+    eager_log, eager_w = _train(tmp_path / "eager", *extra) if extra else eager_run
     replays, launch = [], trace_cupy._Graph.launch
     monkeypatch.setattr(trace_cupy._Graph, "launch", lambda g, stream=None: (replays.append(len(g.closures)),
                                                                             launch(g, stream))[1])
@@ -70,22 +76,22 @@ def test_graph_replays_train_exactly_like_eager_steps(tmp_path, monkeypatch, ext
     assert len(set(losses)) == len(losses)                  # every step's loss is its own (weights move)
 
 
-def test_resume_with_cuda_graph_continues_exactly(tmp_path):
+def test_resume_with_cuda_graph_continues_exactly(tmp_path, eager_run):
     """A --cuda_graph run stopped at step 3 and resumed (a new graph: eager step, capture, replays) ends like
     the uninterrupted eager run: the same losses after the resume, the same weights."""
-    eager_log, eager_w = _train(tmp_path / "eager")
+    eager_log, eager_w = eager_run
     _train(tmp_path / "graph", "--cuda_graph=true", "--max_iters=3")
     resumed_log, resumed_w = _train(tmp_path / "graph", "--cuda_graph=true", "--max_iters=5", "--resume")
     assert _numbers(resumed_log) == _numbers(eager_log)
     np.testing.assert_array_equal(resumed_w, eager_w)
 
 
-def test_a_replay_that_does_not_recompute_or_freezes_the_scalars_is_caught(tmp_path, monkeypatch):
+def test_a_replay_that_does_not_recompute_or_freezes_the_scalars_is_caught(tmp_path, monkeypatch, eager_run):
     """Negative controls: (1) Graph.launch doing nothing (a replay returning the captured step's outputs), (2)
     AdamW's scalars written once and never again (the old kernel's frozen lr and bias corrections)."""
     from emulation import trace_cupy
     from nanogpt_np.kernels import adamw
-    eager_log, _ = _train(tmp_path / "eager")
+    eager_log, _ = eager_run
     with monkeypatch.context() as m:
         m.setattr(trace_cupy._Graph, "launch", lambda self, stream=None: None)
         with pytest.raises(FloatingPointError):              # the captured outputs were never computed: NaN
