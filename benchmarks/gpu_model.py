@@ -71,7 +71,9 @@ PCIE_BPS = 25e9          # host <-> device copies (pageable memory)
 # (cupy/cupy#3298: ~11 us CPU time per elementwise ufunc call before that PR's speed-up) and
 # cupy/cupy#8191 (matmul's CPU launch overhead above PyTorch's):
 HOST_US = dict(elementwise=7.0, reduction=9.0, matmul=20.0, kernel=5.0, gemm=3.0, alloc=1.5, view=1.0,
-               host=0.5, memset=4.0, h2d=10.0, d2h=15.0)
+               host=0.5, memset=4.0, h2d=10.0, d2h=15.0, graph=20.0)
+# graph: one cudaGraphLaunch of the whole captured step (--cuda_graph), assumed; its kernels' GPU time is the
+# eager step's (the model's launch floor is on the GPU side and stays).
 
 CATEGORIES = ("matmul", "attention", "layernorm", "gelu", "cross-entropy", "embedding", "adamw", "casts",
               "elementwise/copies", "allocations")
@@ -93,6 +95,7 @@ class StepConfig:
     dtype: str = "float32"
     attention: str = "matmul"
     tf32: str = "trainer"            # "trainer" (what setup_device leaves), "on" or "off"
+    cuda_graph: bool = False         # trace the trainer's --cuda_graph step (host work outside the graph)
 
     @property
     def tokens(self):
@@ -139,7 +142,8 @@ def trace_step(cfg: StepConfig, n_layer=None, device="h100", shape_only=True, st
         with trace_cupy.Tracer(shape_only=shape_only, sms=dev["sms"], compute_capability=dev["cc"]) as tr:
             from nanogpt_np import distributed, run_setup
             tcfg = TrainConfig(device="cuda", dtype=cfg.dtype, batch_size=cfg.batch_size, block_size=cfg.block_size,
-                               grad_accum_steps=cfg.grad_accum_steps, dropout=0.0, grad_clip=1.0)
+                               grad_accum_steps=cfg.grad_accum_steps, dropout=0.0, grad_clip=1.0,
+                               cuda_graph=cfg.cuda_graph)
             run_setup.setup_device(tcfg, echo=lambda line: None)   # the trainer's own GPU configuration (quietly)
             registry.set_attention(cfg.attention)
             if cfg.tf32 != "trainer":
@@ -161,7 +165,10 @@ def trace_step(cfg: StepConfig, n_layer=None, device="h100", shape_only=True, st
             batch = (rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size)),
                      rng.integers(0, cfg.vocab_size, (cfg.batch_size, cfg.block_size)))
             run = types.SimpleNamespace(cfg=tcfg, model=model, optimizer=opt, step=0, world=distributed.SINGLE,
-                                        loader=types.SimpleNamespace(next_batch=lambda: batch))
+                                        loader=types.SimpleNamespace(next_batch=lambda: batch), graphed_step=None)
+            if cfg.cuda_graph:        # step 1 eager, 2 captured and replayed, then replays: the last is one
+                from nanogpt_np.cuda_graph import GraphedStep
+                run.graphed_step = GraphedStep(run)
             for _ in range(steps):
                 tr.phase = ("step", None)
                 tr.start()
@@ -296,7 +303,7 @@ def op_cost(op, dev) -> Cost:
     c.host_ops, c.host_s = 1, lib * 1e-6
     if op.kind == "alloc":
         c.alloc = op.alloc
-    elif op.kind in ("view", "host"):
+    elif op.kind in ("view", "host", "graph"):
         pass
     elif op.kind in ("h2d", "d2h"):
         n = _nb(op.inputs)
@@ -547,8 +554,8 @@ def assumptions(cfg: StepConfig, device):
         "(assumed, us): " + ", ".join(f"{k} {v:g}" for k, v in HOST_US.items()),
         "  CuPy copies non-contiguous operands of batched matmuls (cupy/_core/_routines_linalg.pyx: matmul -> "
         "ascontiguousarray); 2-D transposes go to cuBLAS as flags",
-        "  step time = max(GPU, host) (host enqueues ahead of the GPU; a sync per micro-step is counted, not "
-        "modelled); tokens/s = B * T * grad_accum / step time",
+        "  step time = max(GPU, host) (host enqueues ahead of the GPU; host syncs (device->host copies: the "
+        "trainer's one loss transfer per step) are counted, not modelled); tokens/s = B * T * grad_accum / step time",
         f"  step: trainer.train_step, configured by run_setup.setup_device; {cfg.dtype}, attention={cfg.attention}, "
         f"TF32={cfg.tf32}, B={cfg.batch_size}, T={cfg.block_size}, grad_accum={cfg.grad_accum_steps}",
     ]
@@ -634,8 +641,41 @@ def parse_args(argv):
     p.add_argument("--full", action="store_true", help="trace every layer instead of extrapolating from 1 and 2")
     p.add_argument("--arithmetic", action="store_true",
                    help="compute for real while tracing (slow: small configs only; checks shape-only mode)")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="also predict the trainer's --cuda_graph mode: the same GPU work, and as host time per "
+                        "step the graph launch plus the host work outside the graph (traced)")
     p.add_argument("--json", help="also write the totals to this JSON file")
     return p.parse_args(argv)
+
+
+def graph_mode(summary: Summary, cfg: StepConfig, device, shape_only=True):
+    """The --cuda_graph prediction: GPU time as the eager step's (`summary`); host time from a trace of the
+    trainer's GraphedStep at one layer (its host work outside the graph does not depend on the depth).
+    Returns (lines, dict)."""
+    gcfg = StepConfig(**{**cfg.__dict__, "cuda_graph": True})
+    trace = trace_step(gcfg, 1, device=device, shape_only=shape_only)
+    g = summarize(trace, device)
+    host = g.total()
+    kinds = {}
+    for op in trace.ops:
+        kinds[op.kind] = kinds.get(op.kind, 0) + 1
+    gpu = summary.total().gpu_s
+    step = max(gpu, host.host_s)
+    d = {"host_ms": host.host_s * 1e3, "host_ops": host.host_ops, "python_ms": host.py_s * 1e3,
+         "gpu_ms": gpu * 1e3, "tokens_per_s": cfg.tokens / step, "ops_outside_graph": kinds}
+    lines = [
+        "",
+        "PREDICTED with --cuda_graph (the step captured once, then one graph launch per step):",
+        f"  host work per step outside the graph: {host.host_ops:.0f} calls "
+        f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}); graph launch assumed {HOST_US['graph']:g} us",
+        f"predicted GPU time per step   {gpu * 1e3:9.2f} ms  (the eager step's kernels)",
+        f"predicted host time per step  {host.host_s * 1e3:9.2f} ms  (project Python measured here "
+        f"{host.py_s * 1e3:.2f} ms + CuPy calls assumed {(host.host_s - host.py_s) * 1e3:.2f} ms; "
+        f"{g.syncs} host sync(s) per step)",
+        f"predicted step                {step * 1e3:9.2f} ms  ({'host-bound' if host.host_s > gpu else 'GPU-bound'})",
+        f"predicted tokens/s            {cfg.tokens / step:9,.0f}",
+    ]
+    return lines, d
 
 
 def main(argv=None):
@@ -652,12 +692,16 @@ def main(argv=None):
            f"1 and 2 layers, extrapolated to {cfg.n_layer}") + \
           f" ({'with arithmetic' if a.arithmetic else 'shape-only'}, {time.perf_counter() - t0:.1f} s on this CPU)"
     print(report(summary, cfg, a.device, how))
+    graph = None
+    if a.cuda_graph:
+        lines, graph = graph_mode(summary, cfg, a.device, shape_only=not a.arithmetic)
+        print("\n".join(lines))
     if a.ops:
         print()
         print("\n".join(op_lines(summary)))
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
-            json.dump(as_json(summary, cfg, a.device), f, indent=1)
+            json.dump({**as_json(summary, cfg, a.device), **({"cuda_graph": graph} if graph else {})}, f, indent=1)
     return 0
 
 

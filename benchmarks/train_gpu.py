@@ -223,67 +223,117 @@ def torch_throughput(B, T, steps, warmup, compile_, log):
 
 # ----------------------------------------------------------------------------------------------- CUDA graphs
 
-def try_cuda_graph(B, T, log):
-    """Capture one training step (forward, backward, AdamW) in a CUDA graph and replay it. CuPy allows
-    capture when nothing in the step synchronises with the host; report whether it worked and the speed-up."""
+def try_cuda_graph(B, T, log, attention="flash", dtype="bfloat16", tf32=True, steps=5):
+    """Capture one training step (zero_grad, forward, backward, AdamW) in a CUDA graph and replay it; report
+    whether it worked, whether the replays train exactly like eager steps, and the speed-up.
+
+    What makes a replay correct (nanogpt_np/kernels/README.md, "CUDA graphs", has CuPy's side with references):
+    - the configuration is set here (attention, precision, TF32), not inherited from the previous benchmark row;
+    - AdamW's per-step scalars (lr, bias corrections) live in a device array (kernels/adamw.step_scalars),
+      written by a host->device copy before each replay: the captured kernel reads this step's values;
+    - the batch is read from fixed device buffers (a real loop would .set() the next batch into them);
+    - every allocation made during the capture comes from a dedicated memory pool kept alive with the graph: the
+      replays reuse those addresses, and nothing else allocates from that pool (the default pool's
+      free_all_blocks, which runs on any out-of-memory retry, cannot free them).
+    Check: `steps` replays and `steps` eager steps from the same weights and optimizer state must give the same
+    weights, bit for bit when the eager steps repeat bit for bit (eager_repeat_max_diff 0: our reductions have
+    fixed orders); a replay that froze the captured step's scalars or inputs would differ."""
     import cupy as cp
     from nanogpt_np import backend
     from nanogpt_np.kernels import adamw as k_adamw
     from nanogpt_np.kernels import cross_entropy as k_ce
+    from nanogpt_np.kernels import precision, registry
     from nanogpt_np.model import GPT, GPTConfig
-    from nanogpt_np.optim import AdamW
+    from nanogpt_np.optim import AdamW, lr_at
     from nanogpt_np.tensor import backward
     backend.use_device("cuda")
+    precision.set_tf32(tf32)
+    registry.set_attention(attention)
+    registry.set_precision(dtype)
     k_ce.set_inplace(True)
     k_ce.set_assume_unit_dloss(True)
+    config = dict(attention=attention, dtype=dtype, tf32=tf32, B=B, T=T)
+    graph_pool = cp.cuda.MemoryPool()            # the graph's own memory: alive as long as this function runs
     try:
         cfg = GPTConfig(block_size=T, **SIZE)
         model = GPT(cfg, seed=0)
         opt = AdamW(model)
+        hp = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0, n_decay=model.n_decay)
+        lr = lambda i: lr_at(i, lr=6e-4, min_lr=6e-5, warmup_iters=3, decay_iters=20)    # changes every step
         x = cp.random.default_rng(0).integers(0, cfg.vocab_size, size=(B, T)).astype(cp.int64)
         y = cp.random.default_rng(1).integers(0, cfg.vocab_size, size=(B, T)).astype(cp.int64)
-        holder = {}
 
-        def step():
+        def body(scalars):
+            """One step; AdamW reads lr and the bias corrections from `scalars` (device). Returns the loss."""
             model.zero_grad()
             _, loss = model(x, y)
             backward(loss)
-            k_adamw.adamw_step(model.flat_params, model.flat_grads, opt.m, opt.v, n_decay=model.n_decay,
-                               lr=6e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=1, grad_clip=1.0)
-            holder["loss"] = loss
+            k_adamw.adamw_step(model.flat_params, model.flat_grads, opt.m, opt.v, scalars=scalars, **hp)
+            return loss.data
 
-        step()
+        def eager(i):
+            return body(k_adamw.step_scalars(lr(i), 0.9, 0.95, i + 1))
+
+        def state():
+            return [a.copy() for a in (model.flat_params, opt.m, opt.v)]
+
+        def restore(saved):
+            for a, b in zip((model.flat_params, opt.m, opt.v), saved):
+                a[...] = b
+
         s = cp.cuda.Stream(non_blocking=True)
         with s:
-            step()                                   # warm-up on the capture stream (allocations settle)
+            eager(0)                                       # warm-up: kernels compiled, caches filled
             s.synchronize()
-            s.begin_capture()
-            step()
-            graph = s.end_capture()
-        s.synchronize()
+            scalars = k_adamw.step_scalars(lr(1), 0.9, 0.95, 2)
+            with cp.cuda.using_allocator(graph_pool.malloc):
+                s.begin_capture()
+                loss_out = body(scalars)                   # lives in graph_pool: the replays write it
+                graph = s.end_capture()
+            s.synchronize()
+            start = state()                                # after step 1 (the capture ran nothing)
+            eager_losses = [float(eager(i)) for i in range(1, 1 + steps)]
+            expected = state()
+            restore(start)
+            for i in range(1, 1 + steps):                  # the eager steps again: are they deterministic?
+                eager(i)
+            repeat = state()
+            restore(start)
+            graph_losses = []
+            for i in range(1, 1 + steps):
+                k_adamw.step_scalars(lr(i), 0.9, 0.95, i + 1)       # this step's scalars, then the replay
+                graph.launch(stream=s)
+                graph_losses.append(float(loss_out))
+            got = state()
+        diff = max(float(cp.abs(a - b).max()) for a, b in zip(got, expected))
+        eager_diff = max(float(cp.abs(a - b).max()) for a, b in zip(repeat, expected))
         a, b = cp.cuda.Event(), cp.cuda.Event()
         with s:
             for _ in range(2):
                 graph.launch(stream=s)
             a.record(s)
-            for _ in range(5):
+            for _ in range(steps):
                 graph.launch(stream=s)
             b.record(s)
         b.synchronize()
-        g_ms = cp.cuda.get_elapsed_time(a, b) / 5
+        g_ms = cp.cuda.get_elapsed_time(a, b) / steps
         with s:
             a.record(s)
-            for _ in range(5):
-                step()
+            for i in range(steps):
+                eager(i)
             b.record(s)
         b.synchronize()
-        e_ms = cp.cuda.get_elapsed_time(a, b) / 5
-        return dict(captured=True, graph_step_ms=g_ms, eager_step_ms=e_ms)
+        e_ms = cp.cuda.get_elapsed_time(a, b) / steps
+        return dict(captured=True, **config, graph_step_ms=g_ms, eager_step_ms=e_ms,
+                    replay_matches_eager=diff == 0.0, max_weight_diff=diff, eager_repeat_max_diff=eager_diff,
+                    eager_losses=eager_losses,
+                    graph_losses=graph_losses, graph_pool_GiB=graph_pool.total_bytes() / 2 ** 30)
     except Exception as e:
-        return dict(captured=False, reason=f"{type(e).__name__}: {str(e)[:200]}")
+        return dict(captured=False, **config, reason=f"{type(e).__name__}: {str(e)[:200]}")
     finally:
         k_ce.set_inplace(False)
         k_ce.set_assume_unit_dloss(False)
+        registry.set_precision("float32")
         cp.get_default_memory_pool().free_all_blocks()
 
 
@@ -469,7 +519,8 @@ def main(argv=None):
                         log(f"PyTorch {'compile' if comp else 'eager'} failed: {type(e).__name__}: {str(e)[:200]}")
         except ImportError:
             log("PyTorch not installed: no comparison")
-    graph = try_cuda_graph(args.batch or 8, T, log) if args.graph else None
+    g_att, g_dt = configs[-1]          # the last configuration asked for: bf16 + flash when it is among them
+    graph = try_cuda_graph(args.batch or 8, T, log, g_att, g_dt, tf32) if args.graph else None
     if graph is not None:
         log(f"CUDA graph of a whole step: {json.dumps(graph)}")
         emit(dict(graph=graph))

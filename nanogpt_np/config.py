@@ -58,6 +58,7 @@ class TrainConfig:
     device: str = "auto"            # "cpu", "cuda" or "auto"
     dtype: str = "float32"          # "float32", "float64" (checks) or "bfloat16" (GPU mixed precision)
     tf32: bool = True               # GPU float32 matmuls on TF32 tensor cores (as PyTorch/nanoGPT train)
+    cuda_graph: bool = False        # GPU: capture the training step once as a CUDA graph and replay it
     seed: int = 1337
 
     # Not a setting: the names of the settings given explicitly (command line or JSON file; a preset does not
@@ -278,6 +279,8 @@ HELP = {
     "dtype": '"float32", "float64" (checks) or "bfloat16" (GPU mixed precision)',
     "tf32": "on the GPU, float32 matmuls use TF32 tensor cores (inputs rounded to 10 mantissa bits, float32 "
             "sums; several times faster); false: exact float32",
+    "cuda_graph": "on the GPU, capture the training step once as a CUDA graph and replay it every step (less "
+                  "host time; one GPU, --dropout=0, data without masked targets)",
 }
 
 

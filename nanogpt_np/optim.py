@@ -58,7 +58,7 @@ class AdamW:
         """Clip the gradients by their global norm (when grad_clip > 0), then update every parameter from
         model.flat_grads. `lr` overrides the base rate (schedules). Returns the norm before clipping: a float
         on the CPU; on the GPU a device array, computed by the fused kernel without a host round trip
-        (float() it only when logging)."""
+        (float() it only when logging, before the next step: the next step overwrites it)."""
         self.step_count += 1
         args = dict(lr=self.lr if lr is None else lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                     weight_decay=self.weight_decay, step=self.step_count, n_decay=self.model.n_decay,

@@ -48,6 +48,7 @@ class Run:
     bad_evals: int = 0             # evaluations in a row without a better validation loss (early stopping)
     saved_step: int = -1           # the step of the newest checkpoint (a step is saved once)
     world: object = distributed.SINGLE     # the data-parallel ranks (distributed/); one process by default
+    graphed_step: object = None    # --cuda_graph: cuda_graph.GraphedStep, which replaces train_step's body
 
 
 def setup_run(cfg: TrainConfig, echo=print, world=distributed.SINGLE) -> Run:

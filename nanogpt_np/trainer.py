@@ -45,6 +45,10 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     world = distributed.connect()               # one process, or this rank of `mpiexec -n N`
     echo = echo if world.is_main else _quiet    # rank 0 speaks (and writes) for every rank
     run = setup_run(cfg, echo, world)           # device, tokenizer, data, model, optimizer, resumed state
+    if cfg.cuda_graph:                          # the step as one CUDA-graph replay (cuda_graph.py)
+        from .cuda_graph import GraphedStep, check_supported
+        check_supported(cfg, world.world_size)
+        run.graphed_step = GraphedStep(run)
     log = RunLog(cfg.out_dir, write_file=world.is_main, echo=echo)
     if cfg.resume:
         log.forget_after(run.step)
@@ -88,14 +92,18 @@ def train_step(run: Run, lr: float):
     """One optimizer step: zero the flat gradient buffer, forward and backward over grad_accum_steps
     micro-batches, clip the global gradient norm, AdamW. Returns (mean loss, gradient norm before clipping)."""
     cfg, model = run.cfg, run.model
-    # Dropout masks come from a generator seeded by (seed, step): nothing to save for an exact resume.
-    # With several ranks, by (seed, step, rank): each rank's rows get their own masks.
-    words = [cfg.seed, run.step] + ([run.world.rank] if run.world.world_size > 1 else [])
-    model.reseed_dropout(int(np.random.SeedSequence(words).generate_state(1)[0]))
-    model.zero_grad()
-    loss = accumulate_gradients(model, [run.loader.next_batch() for _ in range(cfg.grad_accum_steps)], run.world)
-    run.world.allreduce_sum_(model.flat_grads)     # the step's one gradient reduction: every rank gets the sum
-    grad_norm = run.optimizer.step(lr, cfg.grad_clip)                 # clips, then updates
+    if run.graphed_step is not None:            # --cuda_graph: the same arithmetic, as one graph replay
+        loss, grad_norm = run.graphed_step(run, lr)
+    else:
+        # Dropout masks come from a generator seeded by (seed, step): nothing to save for an exact resume.
+        # With several ranks, by (seed, step, rank): each rank's rows get their own masks.
+        words = [cfg.seed, run.step] + ([run.world.rank] if run.world.world_size > 1 else [])
+        model.reseed_dropout(int(np.random.SeedSequence(words).generate_state(1)[0]))
+        model.zero_grad()
+        batches = [run.loader.next_batch() for _ in range(cfg.grad_accum_steps)]
+        loss = accumulate_gradients(model, batches, run.world)
+        run.world.allreduce_sum_(model.flat_grads)     # the step's one gradient reduction: every rank gets the sum
+        grad_norm = run.optimizer.step(lr, cfg.grad_clip)                 # clips, then updates
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss} at step {run.step + 1}; try a lower --learning_rate")
     return loss, grad_norm
@@ -106,19 +114,28 @@ def accumulate_gradients(model, batches, world=distributed.SINGLE) -> float:
     batch. Each micro-batch's mean loss is weighted by its share of the targets that count (task data masks
     prompt positions, so micro-batches differ), which makes k micro-batches equal one k-times larger batch.
     With ranks, the share is of the targets of all ranks together, so that summing the ranks' gradients gives
-    the gradient of the whole global batch. Returns the mean loss per counted target (over all ranks)."""
+    the gradient of the whole global batch. Returns the mean loss per counted target (over all ranks).
+
+    The micro-batches' losses stay on the device until the end: one transfer per step, not one sync per
+    micro-batch (on the GPU a sync would stall the host until the GPU caught up, every micro-batch)."""
     counts = [int((y != -1).sum()) for _, y in batches]
     (total,) = world.sum_values(sum(counts))                          # every rank's targets of this step
     total = int(total)
     if total == 0:
         raise DataError("a training batch has no target to learn from (every position is masked)")
-    loss_sum = 0.0
+    losses, weights = [], []                      # each counted micro-batch's mean loss (a 0-d device array)
     for (x, y), n in zip(batches, counts):
         if n == 0:
             continue
         _, loss = model(backend.to_device(x), backend.to_device(y))        # x, y: (B, T) integer ids
-        backward(loss, grad=backend.xp_of(loss.data).full((), n / total, loss.dtype))
-        loss_sum += loss.item() * n
+        xp = backend.xp_of(loss.data)
+        backward(loss, grad=xp.full((), n / total, loss.dtype))
+        losses.append(loss.data)
+        weights.append(n)
+    values = backend.to_numpy(xp.stack(losses)).tolist() if losses else []    # the step's one transfer
+    loss_sum = 0.0
+    for value, n in zip(values, weights):
+        loss_sum += value * n                     # in float64 on the host, in order: the sum it always was
     (loss_sum,) = world.sum_values(loss_sum)
     return loss_sum / total
 

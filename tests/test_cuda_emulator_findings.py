@@ -78,6 +78,6 @@ def test_adamw_bf16_copy_of_nan_matches_the_reference():
     p_bf16 = np.zeros(n, np.uint16)
     f = np.float32
     emu.load("adamw").launch("adamw_update", (1,), (32,),
-                             (p, g, m, v, p_bf16, emu.NULL, np.int64(n), np.int64(0), f(0), f(0.9), f(0.95), f(1e-8),
-                              f(0), f(1), f(1)))
+                             (p, g, m, v, p_bf16, emu.NULL, np.int64(n), np.int64(0),
+                              np.array([0, 1, 1], np.float32), f(0.9), f(0.95), f(1e-8), f(0)))   # [lr, bc1, bc2]
     np.testing.assert_array_equal(p_bf16, float32_to_bf16(p))

@@ -117,6 +117,8 @@ RETURNED = {
     ("cuda", "Device"): ["attributes", "compute_capability", "id"],
     ("cuda", "Event"): ["record", "synchronize"],
     ("cuda", "Stream"): ["synchronize", "begin_capture", "end_capture", "__enter__", "__exit__"],
+    ("cuda", "MemoryPointer"): ["ptr", "memset_async"],               # ndarray.data (model.zero_grad)
+    ("cuda", "Graph"): ["launch"],                                    # Stream.end_capture's result
     ("random", "Generator"): ["integers", "standard_normal", "random"],
     ("random", "RandomState"): ["seed", "random_sample"],          # model.py's dropout generator
 }
@@ -259,6 +261,7 @@ def test_fake_matches_real_cupy(monkeypatch):
         if not callable(r) and not isinstance(r, type(real)) and r != f:
             problems.append(f"cupy.{chain}: CuPy has {r!r}, the fake {f!r}")
     fake_objs = {"Device": fake.cuda.Device(), "Event": fake.cuda.Event(), "Stream": fake.cuda.Stream(),
+                 "MemoryPointer": fake.empty((4,), np.float32).data, "Graph": fake.cuda.Graph,
                  "Generator": fake.random.default_rng(0), "RandomState": fake.random.RandomState(0, method=161)}
     if _params(real_classes[("random", "RandomState")]) != ["seed", "method"]:
         problems.append(f"RandomState: CuPy's parameters are {_params(real_classes[('random', 'RandomState')])}")
@@ -268,6 +271,15 @@ def test_fake_matches_real_cupy(monkeypatch):
                 problems.append(f"cupy.{sub}.{cls}.{a}: used by the project, not in CuPy")
             if not hasattr(fake_objs[cls], a):
                 problems.append(f"cupy.{sub}.{cls}.{a}: in CuPy, missing from the fake")
+    # methods of the arrays themselves: ndarray.set (adamw.step_scalars), MemoryPointer.memset_async's parameters
+    if not hasattr(real.ndarray, "set"):
+        problems.append("cupy.ndarray.set: used by the project, not in CuPy")
+    for name, f_fn, r_fn in (("ndarray.set", fake.ndarray.set, getattr(real.ndarray, "set", None)),
+                             ("MemoryPointer.memset_async", fake_cupy.MemoryPointer.memset_async,
+                              getattr(real.cuda.MemoryPointer, "memset_async", None))):
+        ok = _fake_params_fit(f_fn, r_fn) if r_fn is not None else True
+        if ok is not True and not ok[0]:
+            problems.append(f"cupy.{name}: fake parameters {ok[1][0]} are not a prefix of CuPy's {ok[1][1]}")
     # Device().attributes keys are CUDA's cudaDevAttr* names without the prefix (CuPy's documented rule)
     for key in fake.cuda.Device().attributes:
         if not hasattr(real_runtime, "cudaDevAttr" + key):
@@ -317,3 +329,24 @@ def test_fake_matches_real_cupy(monkeypatch):
             if real_params != fake_params:
                 problems.append(f"cublas.{n}: CuPy ({', '.join(real_params)}), fake ({', '.join(fake_params)})")
     assert not problems, "\n".join(problems)
+
+
+def test_fake_memset_async_and_set_behave_like_cupys(fake_cp):
+    """MemoryPointer.memset_async(value, size) fills `size` bytes from the pointer (never past the allocation);
+    ndarray.set copies a host numpy array of the same dtype and shape, and refuses anything else (as
+    cupy/_core/core.pyx's set does)."""
+    a = fake_cp.asarray(np.arange(1, 9, dtype=np.float32))
+    a[2:].data.memset_async(0, 4 * 3)                       # 3 floats from element 2: bytes 0 are 0.0f
+    assert np.asarray(a).tolist() == [1, 2, 0, 0, 0, 6, 7, 8]
+    with pytest.raises(AssertionError, match="past the allocation"):
+        a[6:].data.memset_async(0, 4 * 3)
+    host = np.array([0.5, 0.25, 2.0], np.float32)
+    b = fake_cp.empty((3,), fake_cp.float32)
+    b.set(host)
+    assert np.asarray(b).tolist() == host.tolist()
+    with pytest.raises(TypeError):
+        b.set(host.astype(np.float64))
+    with pytest.raises(ValueError):
+        b.set(host[:2])
+    with pytest.raises(TypeError):
+        b.set(b)                                            # a device array: CuPy's set takes host arrays only

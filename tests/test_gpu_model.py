@@ -279,3 +279,32 @@ def test_reshape_copy_detection(monkeypatch, old_numpy):
     assert trace_cupy._reshape_without_copy(a, (24,)).base is a
     with pytest.raises(ValueError):
         trace_cupy._reshape_without_copy(a.T, (24,))
+
+
+def test_one_host_transfer_per_step_and_zero_grad_is_one_memset():
+    """The host side of a GPU step (issue 15): the micro-batches' losses come back in one transfer per step
+    (not one sync per micro-batch), the gradient buffer is zeroed by one memset, and AdamW's per-step scalars
+    go to the device in one small copy (ndarray.set)."""
+    cfg = gm.StepConfig(**TINY, grad_accum_steps=3)
+    trace = gm.trace_step(cfg, shape_only=True, steps=2)
+    d2h = [op for op in trace.ops if op.kind == "d2h"]
+    assert len(d2h) == 1, [op.name for op in d2h]
+    assert gm.summarize(trace).syncs == 1
+    memsets = [op for op in trace.ops if op.name == "memset_async"]
+    assert len(memsets) == 1 and memsets[0].phase == ("step", None)
+    (shape, dtype, nbytes), = memsets[0].outputs
+    assert len(shape) == 1 and shape[0] >= trace.params and np.dtype(dtype) == np.float32
+    assert [op.name for op in trace.ops if op.kind == "h2d" and op.name == "ndarray.set"] == ["ndarray.set"]
+    assert not [op for op in trace.ops if op.kind == "fill" and op.outputs == memsets[0].outputs]
+
+
+def test_cuda_graph_mode_predicts_the_host_work_outside_the_graph():
+    """--cuda_graph: the traced last step is one graph launch plus the batch and AdamW-scalar uploads and the
+    loss transfer; the GPU time is the eager step's, the host time far below the eager step's."""
+    cfg = gm.StepConfig(**TINY, attention="flash", dtype="bfloat16")
+    summary = gm.summarize(gm.trace_step(cfg, shape_only=True, steps=2))
+    lines, d = gm.graph_mode(summary, cfg, "h100")
+    assert d["ops_outside_graph"] == {"d2h": 1, "graph": 1, "h2d": 3}, d
+    assert d["gpu_ms"] == summary.total().gpu_s * 1e3
+    assert d["host_ms"] < summary.total().host_s * 1e3 / 5
+    assert any("PREDICTED with --cuda_graph" in line for line in lines)

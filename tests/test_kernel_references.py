@@ -5,6 +5,7 @@ GPU against the references here (tests/gpu); these tests pin the references them
 finite differences and with the plain ops they compose.
 """
 import importlib
+import json
 import math
 import sys
 
@@ -387,6 +388,45 @@ def test_fake_adamw(fake_cp, clip):
     np.testing.assert_array_equal(np.asarray(bf), float32_to_bf16_np(np.asarray(P)))
 
 
+def test_fake_adamw_launch_is_the_same_every_step(fake_cp, monkeypatch):
+    """lr and the bias corrections reach the kernel through a device array (kernels/adamw.step_scalars): over
+    steps with a changing lr and step, every launch argument of the update (pointers and scalars) is the same,
+    which is what a captured CUDA graph needs, and each step still matches the float64 reference. Negative
+    control: a launch that froze the first step's scalars (a replayed graph of the old kernel) fails it."""
+    from nanogpt_np.kernels import adamw
+    from nanogpt_np.kernels import compile as kc
+    n = 3000
+    p, m, v = _f32(n), _f32(n, s=0.01), np.abs(_f32(n, s=0.01))
+    P, M, Vv = (fake_cp.asarray(a.copy()) for a in (p, m, v))
+    G = fake_cp.empty((n,), fake_cp.float32)                       # the model's flat gradient buffer
+    rp, rm, rv = (a.astype(np.float64) for a in (p, m, v))
+    launches, real_launch = [], kc.launch
+
+    def recording(module, kernel, grid, block, args, **kw):
+        if kernel == "adamw_update":
+            launches.append(tuple(a.data.ptr if isinstance(a, fake_cp.ndarray) else (type(a), a.item())
+                                  for a in args) + (grid, block))
+        return real_launch(module, kernel, grid, block, args, **kw)
+    monkeypatch.setattr(adamw, "launch", recording)
+    for step, lr in [(1, 1e-4), (2, 3e-4), (7, 6e-4)]:
+        g = _f32(n)
+        kw = dict(lr=lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=step)
+        G.set(g)
+        adamw.adamw_step(P, G, M, Vv, n_decay=1000, grad_clip=1.0, **kw)
+        references.adamw_flat_reference(rp, g.astype(np.float64), rm, rv, n_decay=1000, grad_clip=1.0, **kw)
+        assert _rel(P, rp) < 1e-6 and _rel(M, rm) < 1e-6 and _rel(Vv, rv) < 1e-6, step
+    assert len(launches) == 3 and launches[0] == launches[1] == launches[2]
+    # negative control: replaying the first step's scalars (no step_scalars refresh) gives the wrong update
+    frozen = P.copy()
+    monkeypatch.setattr(adamw, "step_scalars", lambda lr, b1, b2, step: adamw._scratch["step_scalars"])
+    adamw._scratch["step_scalars"].set(np.array([1e-4, 0.1, 0.05], np.float32))      # step 1's values
+    g = _f32(n)
+    kw = dict(lr=6e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=8)
+    adamw.adamw_step(frozen, fake_cp.asarray(g), M.copy(), Vv.copy(), n_decay=1000, grad_clip=1.0, **kw)
+    references.adamw_flat_reference(rp, g.astype(np.float64), rm, rv, n_decay=1000, grad_clip=1.0, **kw)
+    assert _rel(frozen, rp) > 1e-5
+
+
 def float32_to_bf16_np(x):
     from nanogpt_np.kernels.bf16 import float32_to_bf16
     return float32_to_bf16(np.asarray(x).view(np.ndarray))
@@ -497,6 +537,11 @@ def test_benchmark_scripts_run_on_fake_gpu(fake_cp, monkeypatch, capsys):
     assert train_gpu.main(["--small", "--quick", "--steps", "1", "--no-torch", "--graph"]) == 0
     out = capsys.readouterr().out
     assert "Training throughput on fake GPU" in out and "bf16 matmuls, flash attention" in out
+    # --graph: the graph row runs the configuration it names (bf16 + flash here, whatever the previous row
+    # left in the registry), and gets as far as the capture, which the fake refuses
+    graph = json.loads(out.split("CUDA graph of a whole step: ")[1].split("\n")[0])
+    assert graph["captured"] is False and "cannot capture" in graph["reason"], graph
+    assert (graph["attention"], graph["dtype"], graph["tf32"]) == ("flash", "bfloat16", True)
     backend.use_device("cpu")
 
 

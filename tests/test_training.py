@@ -230,6 +230,41 @@ def test_gradient_accumulation_weights_micro_batches_by_counted_targets(rng):
     assert abs(one - two) < 1e-12
 
 
+def test_accumulation_with_ranks_sums_losses_once_and_allows_a_rank_without_targets(rng):
+    """With ranks, the targets and the loss sum go through world.sum_values once each per step. A rank whose
+    micro-batches are all masked contributes nothing (no loss to bring back) and still gets the global mean.
+    The other rank is played by a world that adds its numbers (its count and loss sum, known beforehand)."""
+    from nanogpt_np.model import GPT, GPTConfig
+    from nanogpt_np.trainer import accumulate_gradients
+    model = GPT(GPTConfig(block_size=8, vocab_size=7, n_layer=1, n_head=1, n_embd=8), seed=1, dtype="float64")
+    x = rng.integers(0, 7, size=(2, 8))
+    y = rng.integers(0, 7, size=(2, 8))
+    y[0, :5] = -1                                            # 3 + 8 = 11 counted targets here
+    model.zero_grad()
+    mine = accumulate_gradients(model, [(x[:1], y[:1]), (x[1:], y[1:])])    # this rank alone: mean over 11
+
+    class OtherRank:
+        calls = []
+
+        def __init__(self, count, loss_sum):
+            self.other = [count, loss_sum]
+
+        def sum_values(self, value):
+            self.calls.append(value)
+            return (value + self.other[len(self.calls) - 1],)
+
+    world = OtherRank(count=5, loss_sum=5 * 1.25)
+    model.zero_grad()
+    both = accumulate_gradients(model, [(x[:1], y[:1]), (x[1:], y[1:])], world)
+    assert len(world.calls) == 2 and world.calls[0] == 11
+    assert abs(both - (mine * 11 + 5 * 1.25) / 16) < 1e-12
+    masked = np.full_like(y, -1)
+    world, OtherRank.calls = OtherRank(count=5, loss_sum=5 * 1.25), []
+    model.zero_grad()
+    assert abs(accumulate_gradients(model, [(x, masked)], world) - 1.25) < 1e-12      # no targets on this rank
+    assert not model.flat_grads.any()
+
+
 def test_task_data_respects_the_tokenizer_setting(tmp_path):
     task = tmp_path / "t.jsonl"
     task.write_text("".join(json.dumps({"prompt": f"say {w}: ", "completion": w}) + "\n"

@@ -8,7 +8,9 @@
 //        g = g * scale
 //        m = beta1*m + (1-beta1)*g,  v = beta2*v + (1-beta2)*g^2
 //        p = p - lr * ( (m/bc1) / (sqrt(v/bc2) + eps) + wd_i * p )   wd_i = weight_decay for i < n_decay, else 0
-//      bc1 = 1 - beta1^step, bc2 = 1 - beta2^step are computed on the host (plain Python floats).
+//      lr, bc1 = 1 - beta1^step and bc2 = 1 - beta2^step change every step: they are read from a small device
+//      array (step_scalars = [lr, bc1, bc2], written by one 12-byte host->device copy before the launch), so the
+//      launch arguments are the same every step and a captured CUDA graph replays the right values.
 //      Optionally also writes a bf16 copy of the new p (the weights the bf16 forward pass reads).
 // Memory traffic of the update: read p, g, m, v and write p, m, v: 28 bytes per parameter (+2 with bf16 copy).
 
@@ -61,9 +63,11 @@ extern "C" __global__ void adamw_update(float* __restrict__ p, const float* __re
                                         float* __restrict__ m, float* __restrict__ v,
                                         unsigned short* __restrict__ p_bf16,   // (n,) or NULL
                                         const float* __restrict__ clip,        // &out[1] of norm_and_scale, or NULL
-                                        long long n, long long n_decay, float lr, float beta1, float beta2,
-                                        float eps, float weight_decay, float bc1, float bc2) {
+                                        long long n, long long n_decay,
+                                        const float* __restrict__ step_scalars,   // (3,) [lr, bc1, bc2]
+                                        float beta1, float beta2, float eps, float weight_decay) {
     float scale = clip ? *clip : 1.0f;
+    float lr = step_scalars[0], bc1 = step_scalars[1], bc2 = step_scalars[2];
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         float gi = g[i] * scale;
         float mi = beta1 * m[i] + (1.0f - beta1) * gi;

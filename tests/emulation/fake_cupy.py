@@ -13,6 +13,7 @@ check is the CUDA code itself (flash_emulator.py does that for flash attention; 
 `cuda.nccl` is a fake NCCL communicator for data-parallel tests: ranks started by mpiexec sum their fake-device
 buffers through MPI, and `devices_used` records which GPU each rank selected.
 """
+import contextlib
 import ctypes
 import math
 import sys
@@ -29,11 +30,40 @@ ALLOCATIONS_POISONED = True          # empty() fills with NaN / all ones: tests/
 
 
 class ndarray(np.ndarray):
-    """numpy.ndarray with CuPy's `.data.ptr` (the address of the first element)."""
+    """numpy.ndarray with CuPy's `.data` (a MemoryPointer: `.ptr`, the address of the first element, and
+    `memset_async`) and `.set(host_array)` (CuPy's host->device copy into an existing array)."""
 
     @property
     def data(self):
-        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+        return MemoryPointer(self.__array_interface__["data"][0])
+
+    def set(self, arr, stream=None):
+        """cupy.ndarray.set (cupy/_core/core.pyx): a numpy array of the same dtype and shape, copied in."""
+        if not isinstance(arr, np.ndarray) or isinstance(arr, DeviceArray):
+            raise TypeError("Only numpy.ndarray can be set to cupy.ndarray")
+        if arr.dtype != self.dtype:
+            raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
+        if arr.shape != self.shape:
+            raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
+        if not (self.flags.c_contiguous or self.flags.f_contiguous):
+            raise RuntimeError("Cannot set to non-contiguous array")
+        np.copyto(self.view(np.ndarray), arr)
+
+
+class MemoryPointer:
+    """cupy.cuda.MemoryPointer: an address into device memory (`ptr`) and the byte-wise fill CuPy offers on it.
+    memset_async(value, size) sets `size` bytes from ptr to `value` (cudaMemsetAsync on the current stream);
+    the bytes must lie inside one live allocation."""
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def memset_async(self, value, size, stream=None):
+        if size <= 0:
+            return
+        mem = _resolve(np.uint64(self.ptr)).view(np.ndarray).view(np.uint8)      # from ptr to the allocation's end
+        assert size <= mem.size, f"memset_async of {size} bytes runs past the allocation ({mem.size} bytes left)"
+        mem[:size] = value & 0xFF
 
 
 DeviceArray = ndarray      # every fake device array is one (a tracer may swap `ndarray` for a subclass of it)
@@ -137,7 +167,8 @@ random = types.SimpleNamespace(default_rng=_Generator, RandomState=_RandomState)
 
 
 class _Stream:
-    """cupy.cuda.Stream: work is synchronous here. CUDA-graph capture is refused (nothing could be replayed)."""
+    """cupy.cuda.Stream: work is synchronous here. CUDA-graph capture is refused: plain NumPy arrays cannot
+    record what they compute (trace_cupy.Tracer's arrays can: its Stream captures and replays)."""
 
     def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
         pass
@@ -169,6 +200,11 @@ class _Event:
 
 
 class _Pool:
+    """cupy.cuda.MemoryPool (and the default pool): the fake allocates with NumPy, so there is nothing to count."""
+
+    def malloc(self, size):
+        raise NotImplementedError("the fake CuPy allocates with NumPy, not through a pool")
+
     def total_bytes(self):
         return 0
 
@@ -246,8 +282,29 @@ nccl = types.SimpleNamespace(
     NCCL_SUM=_NcclCommunicator.NCCL_SUM)
 
 
+class _Graph:
+    """cupy.cuda.Graph: made only by Stream.end_capture (which the fake refuses), never by the user."""
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError("currently this class cannot be initiated by the user and must be created via "
+                                  "stream capture")
+
+    def launch(self, stream=None):
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _using_allocator(allocator=None):
+    """cupy.cuda.using_allocator: the fake's arrays come from NumPy whatever the allocator."""
+    yield
+
+
 cuda = types.SimpleNamespace(
     Device=_Device,
+    Graph=_Graph,
+    MemoryPool=_Pool,
+    MemoryPointer=MemoryPointer,
+    using_allocator=_using_allocator,
     nccl=nccl,
     get_current_stream=lambda: _Stream(),
     Stream=_Stream,
@@ -526,9 +583,10 @@ def _norm_and_scale(grid, block, smem, out, partial, nparts, max_norm):
     o[1] = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
 
 
-def _adamw_update(grid, block, smem, p, g, m, v, p_bf16, clip, n, n_decay, lr, b1, b2, eps, wd, bc1, bc2):
+def _adamw_update(grid, block, smem, p, g, m, v, p_bf16, clip, n, n_decay, step_scalars, b1, b2, eps, wd):
     n, n_decay = _int(n, np.int64), _int(n_decay, np.int64)
-    lr, b1, b2, eps, wd, bc1, bc2 = (_flt(a) for a in (lr, b1, b2, eps, wd, bc1, bc2))
+    b1, b2, eps, wd = (_flt(a) for a in (b1, b2, eps, wd))
+    lr, bc1, bc2 = (float(x) for x in _f32(_arr(step_scalars), 3))        # read from device memory at launch
     c = _arr(clip)
     scale = 1.0 if c is None else float(_f32(c)[0])
     pv, gv, mv, vv = (_f32(_arr(a), n) for a in (p, g, m, v))

@@ -146,6 +146,14 @@ class TracedArray(fake_cupy.ndarray):
         plain = lambda: np.ndarray.transpose(self, *axes)
         return _call(lambda: _tracer.view_op("transpose", self, plain), plain)
 
+    @property
+    def data(self):
+        return _TracedMemoryPointer(self)
+
+    def set(self, arr, stream=None):
+        plain = lambda: fake_cupy.DeviceArray.set(self, arr, stream)
+        return _call(lambda: _tracer.inplace("h2d", "ndarray.set", (arr,), self, plain), plain)
+
     def item(self, *args):
         plain = lambda: np.ndarray.item(self, *args)
         return _call(lambda: _tracer.to_host("item", self, plain), plain)
@@ -153,6 +161,19 @@ class TracedArray(fake_cupy.ndarray):
     def __float__(self):
         plain = lambda: float(np.ndarray.item(self))
         return _call(lambda: _tracer.to_host("float", self, plain), plain)
+
+
+class _TracedMemoryPointer(fake_cupy.MemoryPointer):
+    """The `.data` of a traced array: memset_async is reported as a memset of the array it came from (the
+    project memsets whole arrays)."""
+
+    def __init__(self, array):
+        super().__init__(array.__array_interface__["data"][0])
+        self.array = array
+
+    def memset_async(self, value, size, stream=None):
+        plain = lambda: fake_cupy.MemoryPointer.memset_async(self, value, size, stream)
+        return _call(lambda: _tracer.inplace("memset", "memset_async", (), self.array, plain), plain)
 
 
 def _call(traced, plain):
@@ -282,6 +303,7 @@ class Tracer:
         self.peak = 0
         self._resumed = None
         self._py = 0.0
+        self.capture = None        # while a stream captures: [the replay closures, the arrays allocated]
 
     # ----- install / uninstall
     def __enter__(self):
@@ -292,7 +314,8 @@ class Tracer:
         self._patches = p = _Patches()
         fc = fake_cupy.install(p)
         p.setattr(fc, "ndarray", TracedArray)
-        p.setattr(fc, "cuda", types.SimpleNamespace(**{**vars(fc.cuda), "Device": self._device}))
+        p.setattr(fc, "cuda", types.SimpleNamespace(**{**vars(fc.cuda), "Device": self._device,
+                                                       "Stream": self._stream_class()}))
         for name in ("empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "full", "asarray",
                      "ascontiguousarray", "asnumpy", "argsort"):
             p.setattr(fc, name, self._creation(name, getattr(fc, name)))
@@ -333,6 +356,46 @@ class Tracer:
     def hook(self):
         return _Hook(self)
 
+    # ----- CUDA-graph capture (Stream.begin_capture / end_capture / Graph.launch)
+    def _do(self, compute):
+        """An op's arithmetic: run now (arithmetic mode), skipped (shape-only), or, while a stream captures, kept
+        for the graph's replays and NOT run now (as CUDA records work without executing it)."""
+        if self.capture is not None:
+            if not self.shape_only:                        # shape-only: nothing to replay either
+                self.capture[0].append(compute)
+            return None
+        if not self.shape_only:
+            return compute()
+        return None
+
+    def _refuse_in_capture(self, what):
+        if self.capture is not None:
+            raise RuntimeError(f"the current stream is capturing, so {what} are disallowed")   # CuPy's words
+
+    def _stream_class(self):
+        tracer = self
+
+        class Stream(fake_cupy._Stream):
+            """cupy.cuda.Stream whose capture records the traced ops; end_capture returns a replayable Graph."""
+
+            def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
+                self.null = null
+
+            def begin_capture(self, mode=None):
+                if self.null:
+                    raise RuntimeError("cannot capture on the default (legacy) stream")
+                if tracer.capture is not None:
+                    raise RuntimeError("a capture is already under way")
+                tracer.capture = ([], [])
+                self.recorded = len(tracer.ops)
+
+            def end_capture(self):
+                closures, keep = tracer.capture
+                tracer.capture = None
+                return _Graph(tracer, closures, keep, nodes=len(tracer.ops) - self.recorded)
+
+        return Stream
+
     def record(self, kind, name, inputs=(), outputs=(), alloc=0, **args):
         if not self.recording:
             return None
@@ -344,9 +407,15 @@ class Tracer:
 
     # ----- device memory: allocations and their lifetime
     def new_array(self, shape, dtype, compute=None):
-        """A fresh device array: computed by `compute()` (arithmetic mode) or untouched zero pages."""
+        """A fresh device array: computed by `compute()` (arithmetic mode) or untouched zero pages; while a stream
+        captures, NaN (integers all ones) until a replay of the graph computes it."""
         dtype = np.dtype(dtype)
-        if compute is not None and not self.shape_only:
+        if self.capture is not None and not self.shape_only:
+            a = fake_cupy._poisoned(shape, dtype).view(TracedArray)
+            if compute is not None:
+                target = a.view(np.ndarray)
+                self.capture[0].append(lambda: np.copyto(target, np.asarray(compute()).view(np.ndarray)))
+        elif compute is not None and not self.shape_only:
             a = compute()
             if not isinstance(a, TracedArray):
                 a = fake_cupy._wrap(np.asarray(a).view(np.ndarray))
@@ -365,6 +434,8 @@ class Tracer:
         self.live += nbytes
         self.peak = max(self.peak, self.live)
         weakref.finalize(a, self._freed, nbytes)
+        if self.capture is not None:
+            self.capture[1].append(a)          # the graph's memory pool keeps its allocations for the replays
         if self.recording:
             self.record("alloc", "pool", outputs=(a,), alloc=nbytes)
 
@@ -379,10 +450,10 @@ class Tracer:
         return out
 
     def inplace(self, kind, name, inputs, target, compute, **args):
+        if kind == "h2d":
+            self._refuse_in_capture("H2D transfers")
         self.record(kind, name, inputs=[x for x in inputs if isinstance(x, np.ndarray)], outputs=(target,), **args)
-        if not self.shape_only:
-            return compute()
-        return None
+        return self._do(compute)
 
     def ufunc(self, ufunc, method, inputs, kwargs):
         compute = lambda: _plain_ufunc(ufunc, method, inputs, kwargs)
@@ -403,8 +474,9 @@ class Tracer:
         if out is not None:
             self.record(kind, ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}",
                         inputs=arrays, outputs=tuple(out), **extra)
-            if not self.shape_only:
+            if self.capture is None and not self.shape_only:
                 return compute()
+            self._do(compute)
             return out[0] if len(out) == 1 else out
         shape, dtype = self._ufunc_result(ufunc, method, inputs, kwargs)
         name = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
@@ -437,6 +509,11 @@ class Tracer:
         r = func(*[_plain(a) for a in args], **kwargs)                # anything else: computed, then recorded
         r = fake_cupy._wrap_all(np.asarray(r) if isinstance(r, np.generic) else r)
         if isinstance(r, np.ndarray):
+            if self.capture is not None and not self.shape_only:       # and recomputed by every replay
+                r = r.view(TracedArray)
+                target = r.view(np.ndarray)
+                self.capture[0].append(lambda: np.copyto(target, np.asarray(
+                    func(*[_plain(a) for a in args], **kwargs))))
             self._allocated(r)
             self.record("elementwise", func.__name__, inputs=arrays, outputs=(r,))
         return r
@@ -457,8 +534,9 @@ class Tracer:
             self.record("h2d", "setitem from host", inputs=(value,), outputs=(region,))
         else:
             self.record("fill", "setitem scalar", outputs=(region,))
-        if not self.shape_only:
-            compute()
+        if isinstance(value, np.ndarray) and not isinstance(value, TracedArray) and value.size > 1:
+            self._refuse_in_capture("H2D transfers")
+        self._do(compute)
 
     def getitem(self, a, key, compute):
         if not _is_advanced(key):
@@ -486,6 +564,7 @@ class Tracer:
         return compute()
 
     def to_host(self, name, a, compute):
+        self._refuse_in_capture("D2H transfers")
         self.record("d2h", name, inputs=(a,))
         return compute()
 
@@ -543,6 +622,7 @@ class Tracer:
                 kind = "cast" if dtype != a.dtype else "copy"
                 return self.produce(kind, f"{name} {a.dtype}->{dtype}" if kind == "cast" else f"{name} copy",
                                     (a,), a.shape, dtype, compute)
+            self._refuse_in_capture("H2D transfers")
             host = np.ascontiguousarray(a, dtype=dtype)               # from the host: always computed
             out = self.new_array(host.shape, host.dtype, lambda: host.copy())
             if self.shape_only and host.nbytes < _MMAP_FROM:
@@ -550,6 +630,7 @@ class Tracer:
             self.record("h2d", name, inputs=(host,), outputs=(out,))
             return out
         if name == "asnumpy":
+            self._refuse_in_capture("D2H transfers")
             self.record("d2h", "asnumpy", inputs=(args[0],))
             return fn(*args, **kwargs)
         if name == "argsort":
@@ -568,8 +649,7 @@ class Tracer:
             self.record("kernel", kernel, inputs=arrays, module=module, grid=tuple(grid), block=tuple(block),
                         smem=shared_mem, scalars=[scalars[f"a{i}"] for i in range(len(args))],
                         null=[isinstance(a, np.uint64) and int(a) == 0 for a in args])
-            if not self.shape_only:
-                fake_cupy.emulate(module, kernel, grid, block, args, shared_mem)
+            self._do(lambda: fake_cupy.emulate(module, kernel, grid, block, args, shared_mem))
 
     def _gemm(self, handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, compute, algo):
         import ctypes
@@ -580,9 +660,28 @@ class Tracer:
             b = ctypes.c_float.from_address(beta).value
             self.record("gemm", "cublasGemmEx", m=m, n=n, k=k, Atype=Atype, Btype=Btype, Ctype=Ctype, beta=b,
                         compute=compute)
-            if not self.shape_only:
-                self._gemm_emulation(handle, opa, opb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C,
-                                     Ctype, ldc, compute, algo)
+            # host pointer mode: cuBLAS reads alpha and beta when the call is made (a capture keeps the values)
+            ab = (ctypes.c_float(ctypes.c_float.from_address(alpha).value), ctypes.c_float(b))
+            self._do(lambda: self._gemm_emulation(handle, opa, opb, m, n, k, ctypes.addressof(ab[0]), A, Atype, lda,
+                                                  B, Btype, ldb, ctypes.addressof(ab[1]), C, Ctype, ldc, compute,
+                                                  algo))
+
+
+class _Graph:
+    """cupy.cuda.Graph from a traced capture: launch() replays the captured ops in order, recomputing each from
+    the arrays' current contents (kernels, cuBLAS, CuPy array ops, memsets), with the arguments and scalars of
+    the capture. The arrays allocated during the capture stay alive with the graph (CuPy: its memory pool)."""
+
+    def __init__(self, tracer, closures, keep, nodes=0):
+        self.tracer, self.closures, self.keep = tracer, closures, keep
+        self.nodes = nodes                     # the ops recorded during the capture (when the tracer recorded)
+
+    def launch(self, stream=None):
+        with self.tracer.hook():
+            if self.tracer.depth == 1:
+                self.tracer.record("graph", "cudaGraphLaunch", nodes=self.nodes)
+            for op in self.closures:
+                op()
 
 
 class _Hook:

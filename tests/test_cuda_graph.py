@@ -1,0 +1,137 @@
+"""--cuda_graph (nanogpt_np/cuda_graph.py) on the fake CuPy: the captured-and-replayed step trains exactly like
+the eager step.
+
+The fake's capture (tests/emulation/trace_cupy.py, Tracer with arithmetic) behaves as CUDA's does where it
+matters here: between begin_capture and end_capture nothing is computed, only recorded (arrays made during the
+capture hold NaN until a replay fills them); host<->device copies raise as CuPy's do; Graph.launch recomputes
+every recorded op (our kernels, cuBLAS, CuPy array ops, memsets) from the arrays' current contents with the
+arguments and scalars of the capture (cuBLAS's alpha/beta as read at capture). So a replay that froze a
+per-step value (lr, bias corrections, the batch) gives different numbers, and one that did not recompute
+gives NaN: the negative controls below show both are caught.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from nanogpt_np import backend
+from nanogpt_np.config import ConfigError, parse_args
+from nanogpt_np.kernels import cross_entropy as ce_kernel
+from nanogpt_np.kernels import registry
+from nanogpt_np.trainer import train
+
+TINY = ["--model=tiny", "--n_layer=1", "--n_head=2", "--n_embd=128", "--block_size=16", "--batch_size=2",
+        "--eval_iters=1", "--log_interval=1", "--max_iters=5", "--lr_decay_iters=6", "--warmup_iters=2",
+        "--eval_interval=3", "--device=cuda"]
+
+
+def _train(out_dir, *extra):
+    """Train TINY + extra on the fake GPU (under a Tracer with arithmetic); returns (log records, weights)."""
+    from emulation import trace_cupy
+    try:
+        with trace_cupy.Tracer(shape_only=False, sms=5):
+            cfg = parse_args(TINY + [f"--out_dir={out_dir}", *extra])
+            train(cfg, echo=lambda *a: None)
+    finally:
+        backend.use_device("cpu")
+        registry.set_attention("matmul")
+        registry.set_precision("float32")
+        ce_kernel.set_inplace(False)
+        ce_kernel.set_assume_unit_dloss(False)
+    with open(out_dir / "log.jsonl") as f:
+        log = [json.loads(line) for line in f]
+    return log, _weights(out_dir)
+
+
+def _weights(out_dir):
+    from nanogpt_np.io.checkpoint import load_model
+    return np.asarray(load_model(str(out_dir)).flat_params).copy()       # (on the CPU: the test resets it)
+
+
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory):
+    """The eager float32 run the graph runs are compared with: (log, final weights)."""
+    return _train(tmp_path_factory.mktemp("eager"))
+
+
+def _numbers(log):
+    return [(e["type"], e["step"], e.get("loss"), e.get("grad_norm"), e.get("val_loss")) for e in log]
+
+
+@pytest.mark.parametrize("extra", [[], ["--dtype=bfloat16", "--grad_accum_steps=2"]])
+def test_graph_replays_train_exactly_like_eager_steps(tmp_path, monkeypatch, eager_run, extra):
+    """Step 1 eager, step 2 captured and replayed, steps 3-5 replayed: the same logged losses, gradient norms
+    and validation losses, and the same final weights, bit for bit, as the eager run."""
+    from emulation import trace_cupy
+    eager_log, eager_w = _train(tmp_path / "eager", *extra) if extra else eager_run
+    replays, launch = [], trace_cupy._Graph.launch
+    monkeypatch.setattr(trace_cupy._Graph, "launch", lambda g, stream=None: (replays.append(len(g.closures)),
+                                                                            launch(g, stream))[1])
+    graph_log, graph_w = _train(tmp_path / "graph", "--cuda_graph=true", *extra)
+    assert len(replays) == 4 and min(replays) > 50, replays       # steps 2-5, each the whole step's ops
+    assert len([e for e in eager_log if e["type"] == "train"]) == 5
+    assert _numbers(graph_log) == _numbers(eager_log)
+    np.testing.assert_array_equal(graph_w, eager_w)
+    losses = [e["loss"] for e in graph_log if e["type"] == "train"]
+    assert len(set(losses)) == len(losses)                  # every step's loss is its own (weights move)
+
+
+def test_resume_with_cuda_graph_continues_exactly(tmp_path, eager_run):
+    """A --cuda_graph run stopped at step 3 and resumed (a new graph: eager step, capture, replays) ends like
+    the uninterrupted eager run: the same losses after the resume, the same weights."""
+    eager_log, eager_w = eager_run
+    _train(tmp_path / "graph", "--cuda_graph=true", "--max_iters=3")
+    resumed_log, resumed_w = _train(tmp_path / "graph", "--cuda_graph=true", "--max_iters=5", "--resume")
+    assert _numbers(resumed_log) == _numbers(eager_log)
+    np.testing.assert_array_equal(resumed_w, eager_w)
+
+
+def test_a_replay_that_does_not_recompute_or_freezes_the_scalars_is_caught(tmp_path, monkeypatch, eager_run):
+    """Negative controls: (1) Graph.launch doing nothing (a replay returning the captured step's outputs), (2)
+    AdamW's scalars written once and never again (the old kernel's frozen lr and bias corrections)."""
+    from emulation import trace_cupy
+    from nanogpt_np.kernels import adamw
+    eager_log, _ = eager_run
+    with monkeypatch.context() as m:
+        m.setattr(trace_cupy._Graph, "launch", lambda self, stream=None: None)
+        with pytest.raises(FloatingPointError):              # the captured outputs were never computed: NaN
+            _train(tmp_path / "no_replay", "--cuda_graph=true")
+    real, written = adamw.step_scalars, []
+
+    def write_once(lr, beta1, beta2, step):
+        if not written:
+            written.append(real(lr, beta1, beta2, step))
+        return written[0]
+    monkeypatch.setattr(adamw, "step_scalars", write_once)
+    frozen_log, _ = _train(tmp_path / "frozen", "--cuda_graph=true")
+    assert _numbers(frozen_log) != _numbers(eager_log)
+
+
+def test_capture_refuses_host_transfers_as_cupy_does():
+    """Inside a capture the fake refuses .item() and host->device copies, as CuPy does (cupy/cuda/memory.pyx),
+    so a step that syncs or uploads inside would fail here too."""
+    from emulation import trace_cupy
+    with trace_cupy.Tracer(shape_only=False, sms=5):
+        import cupy as cp
+        a = cp.zeros((3,), dtype=cp.float32)
+        s = cp.cuda.Stream(non_blocking=True)
+        s.begin_capture()
+        b = a + 1.0
+        with pytest.raises(RuntimeError, match="capturing"):
+            b.item(0)
+        with pytest.raises(RuntimeError, match="capturing"):
+            cp.asarray(np.ones(3, np.float32))
+        with pytest.raises(RuntimeError, match="capturing"):
+            a.set(np.ones(3, np.float32))
+        g = s.end_capture()
+        assert np.isnan(np.asarray(b)).all()                 # captured, not run
+        g.launch(stream=s)
+        a[...] = 2.0
+        g.launch(stream=s)
+        assert np.asarray(b).tolist() == [3.0, 3.0, 3.0]      # recomputed from a's current contents
+
+
+@pytest.mark.parametrize("bad,message", [(["--dropout=0.1"], "dropout"), (["--device=cpu"], "GPU")])
+def test_unsupported_runs_are_refused(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        _train(tmp_path / "r", "--cuda_graph=true", *bad)
