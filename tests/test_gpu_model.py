@@ -36,10 +36,12 @@ def test_shape_only_trace_is_the_arithmetic_trace(attention, dtype):
 # nanogpt_np/kernels/*.py and ops/linear.py); the number of calls per block comes from running a block.
 def _per_call(attention, dtype):
     ln = {"fwd": ["layernorm_forward"], "bwd": ["layernorm_backward", "layernorm_param_reduce"]}
-    if dtype == "bfloat16":      # linear_bf16: to_bf16(x), to_bf16(w), one gemm; backward to_bf16(dy), two gemms
-        linear = {"fwd": ["f32_to_bf16", "f32_to_bf16", "gemm"], "bwd": ["f32_to_bf16", "gemm", "gemm"]}
-    else:                        # CuPy matmul; the bias gradient is a matrix-vector product (ops/reductions.py)
-        linear = {"fwd": ["matmul"], "bwd": ["matmul", "matmul", "matmul?bias"]}
+    # kernels/linear.py: one gemm forward, two backward (dw added into the gradient buffer), and the bias
+    # gradient as a one-row gemm; bf16 rounds x and dy (the weight's bf16 copy is the model's, made per step)
+    if dtype == "bfloat16":
+        linear = {"fwd": ["f32_to_bf16", "gemm"], "bwd": ["f32_to_bf16", "gemm", "gemm", "gemm?bias"]}
+    else:
+        linear = {"fwd": ["gemm"], "bwd": ["gemm", "gemm", "gemm?bias"]}
     att = ({"fwd": ["causal_softmax_forward", "matmul", "matmul"],
             "bwd": ["causal_softmax_backward", "matmul", "matmul", "matmul", "matmul"]} if attention == "matmul" else
            {"fwd": ["qkv_to_heads_bf16", "flash_attention_forward"],
@@ -86,9 +88,9 @@ def test_launches_per_layer_follow_the_model_structure(attention, dtype):
             expected = Counter()
             for name, has_bias in calls:
                 for k in table[name][stage]:
-                    if k == "matmul?bias":
+                    if k == "gemm?bias":
                         if has_bias:
-                            expected["matmul"] += 1
+                            expected["gemm"] += 1
                     else:
                         expected[k] += 1
             got = Counter(o.name if o.kind == "kernel" else o.kind for o in trace.ops
