@@ -281,3 +281,19 @@ def test_reshape_copy_detection(monkeypatch, old_numpy):
     assert trace_cupy._reshape_without_copy(a, (24,)).base is a
     with pytest.raises(ValueError):
         trace_cupy._reshape_without_copy(a.T, (24,))
+
+
+@pytest.mark.parametrize("attention,dtype", MODES)
+def test_gemms_make_no_other_cublas_host_calls(attention, dtype, monkeypatch):
+    """precision.gemm runs on the project's own cuBLAS handle, whose pointer mode is set once, when it is made:
+    a step makes no cuBLAS host calls besides the gemms (it used to make three per gemm: get the pointer mode,
+    set it, set it back). On a thread without a handle yet, the first step makes one, once."""
+    import threading
+    from nanogpt_np.kernels import precision
+    cfg = gm.StepConfig(**TINY, attention=attention, dtype=dtype)
+    trace = gm.trace_step(cfg, shape_only=True, steps=2)
+    assert sum(o.kind == "gemm" for o in trace.ops) >= 4 * cfg.n_layer * 3
+    assert [o.name for o in trace.ops if o.kind == "host"] == []
+    monkeypatch.setattr(precision, "_local", threading.local())          # no handle yet: the step makes one
+    first = gm.trace_step(cfg, shape_only=True, steps=1)
+    assert [o.name for o in first.ops if o.kind == "host"] == ["cublasCreate", "cublasSetPointerMode"]

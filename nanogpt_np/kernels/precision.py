@@ -83,20 +83,29 @@ def cublas_handle():
     stream before every gemm. One handle per thread, like CuPy's own, because a cuBLAS handle must not be used
     by two threads at once (a server thread may sample while another trains)."""
     import cupy as cp
-    from cupy_backends.cuda.libs import cublas
+    device = cp.cuda.runtime.getDevice()
     handles = getattr(_local, "handles", None)
     if handles is None:
         handles = _local.handles = {}
-    device = cp.cuda.runtime.getDevice()
     handle = handles.get(device)
     if handle is None:
-        handle = cublas.create()
+        from cupy_backends.cuda.libs import cublas
+        handle = handles[device] = cublas.create()
         cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
-        handles[device] = handle
     return handle
 
 
 _CUDA_TYPE = {np.dtype(np.float32): CUDA_R_32F, np.dtype(np.uint16): CUDA_R_16BF}     # uint16 holds bf16 bits
+_scalars = {}            # (alpha, beta) -> (host float32 array [alpha, beta], its address): made once each
+
+
+def _host_scalars(alpha, beta):
+    """Addresses of alpha and beta as host float32 values (pointer mode HOST: cuBLAS reads them at the call)."""
+    entry = _scalars.get((alpha, beta))
+    if entry is None:
+        values = np.array([alpha, beta], dtype=np.float32)
+        entry = _scalars[(alpha, beta)] = (values, values.ctypes.data)
+    return entry[1], entry[1] + 4
 
 
 def gemm(a, b, trans_a=False, trans_b=False, out=None, *, alpha=1.0, beta=0.0, out_dtype=None, tf32=None):
@@ -110,12 +119,12 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, *, alpha=1.0, beta=0.0, o
     """
     import cupy as cp
     from cupy_backends.cuda.libs import cublas
-    M = a.shape[1] if trans_a else a.shape[0]
-    K = a.shape[0] if trans_a else a.shape[1]
-    N = b.shape[0] if trans_b else b.shape[1]
-    if (b.shape[1] if trans_b else b.shape[0]) != K:
+    M, K = a.shape[::-1] if trans_a else a.shape
+    Kb, N = b.shape[::-1] if trans_b else b.shape
+    in_type = _CUDA_TYPE.get(a.dtype)
+    if Kb != K:
         raise ValueError(f"gemm: inner sizes differ: {a.shape} x {b.shape}")
-    if a.dtype != b.dtype or a.dtype not in _CUDA_TYPE:
+    if in_type is None or b.dtype != a.dtype:
         raise TypeError(f"gemm: operands must both be float32 or both bf16 (uint16), got {a.dtype} and {b.dtype}")
     a = cp.ascontiguousarray(a)
     b = cp.ascontiguousarray(b)
@@ -123,16 +132,15 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, *, alpha=1.0, beta=0.0, o
         if beta != 0:
             raise ValueError("gemm: beta != 0 adds into C, so C must be given (out=...)")
         out = cp.empty((M, N), dtype=np.float32 if out_dtype is None else out_dtype)
-    if out.shape != (M, N) or out.dtype not in _CUDA_TYPE or not out.flags.c_contiguous:
+    out_type = _CUDA_TYPE.get(out.dtype)
+    if out_type is None or out.shape != (M, N) or not out.flags.c_contiguous:
         raise ValueError(f"gemm: out must be a contiguous float32 or uint16 ({M}, {N}) array, got {out.dtype} {out.shape}")
-    in_type, out_type = _CUDA_TYPE[a.dtype], _CUDA_TYPE[out.dtype]
     fast = _tf32 if tf32 is None else tf32
-    compute = CUBLAS_COMPUTE_32F_FAST_TF32 if (in_type == CUDA_R_32F and fast) else CUBLAS_COMPUTE_32F
+    compute = CUBLAS_COMPUTE_32F_FAST_TF32 if (fast and in_type == CUDA_R_32F) else CUBLAS_COMPUTE_32F
     opb, opa, m, n, k, ldb, lda, ldc = gemm_args(M, K, N, trans_a, trans_b)
-    scalars = np.array([alpha, beta], dtype=np.float32)          # host memory: pointer mode HOST
-    cublas.gemmEx(cublas_handle(), opb, opa, m, n, k, scalars.ctypes.data, b.data.ptr, in_type, ldb,
-                  a.data.ptr, in_type, lda, scalars.ctypes.data + 4, out.data.ptr, out_type, ldc, compute,
-                  CUBLAS_GEMM_DEFAULT)
+    p_alpha, p_beta = _host_scalars(alpha, beta)
+    cublas.gemmEx(cublas_handle(), opb, opa, m, n, k, p_alpha, b.data.ptr, in_type, ldb,
+                  a.data.ptr, in_type, lda, p_beta, out.data.ptr, out_type, ldc, compute, CUBLAS_GEMM_DEFAULT)
     return out
 
 

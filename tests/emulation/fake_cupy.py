@@ -33,17 +33,16 @@ class ndarray(np.ndarray):
 
     @property
     def data(self):
-        """CuPy's MemoryPointer, reduced to .ptr. Taking it registers the allocation behind the array, so that
-        the raw address resolves (_resolve) whatever made the array (a kernel, a ufunc, a view)."""
-        owner = self
-        while isinstance(owner.base, np.ndarray):
-            owner = owner.base
-        base = owner.__array_interface__["data"][0]
-        known = _live.get(base)
-        if owner.size and (owner.flags.c_contiguous or owner.flags.f_contiguous) and \
-                (known is None or known.nbytes < owner.nbytes):
-            _live[base] = owner
-        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+        """CuPy's MemoryPointer, reduced to .ptr: the address, which also remembers the array (for cuBLAS)."""
+        ptr = _DevicePointer(self.__array_interface__["data"][0])
+        ptr.array = self
+        return types.SimpleNamespace(ptr=ptr)
+
+
+class _DevicePointer(int):
+    """A device address as CuPy's `.data.ptr` gives it (an int), plus the array it points into, so that the fake
+    cuBLAS finds the memory of any array (one made by a ufunc or a view, which no allocation call registered).
+    Arithmetic on it (ptr + offset) gives a plain int, resolved through the registered allocations."""
 
 
 DeviceArray = ndarray      # every fake device array is one (a tracer may swap `ndarray` for a subclass of it)
@@ -277,6 +276,13 @@ def get_default_memory_pool():
 
 
 # ----------------------------------------------------------------------------------------------- arguments
+
+def _memory_at(ptr):
+    """What a library call sees at the address `ptr`: the array's memory from there on (see _DevicePointer)."""
+    if isinstance(ptr, _DevicePointer):
+        return _device_memory(ptr.array)
+    return _resolve(np.uint64(ptr))
+
 
 def _resolve(ptr):
     """A raw address (np.uint64) -> (the allocation holding it, element offset), or None for NULL."""
@@ -740,7 +746,7 @@ def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ld
     assert not (Atype == 14 and computeType == 77), "bf16 inputs with a TF32 compute type"
 
     def mat(ptr, dtype, rows, cols, ld, op):
-        buf = _resolve(np.uint64(ptr))
+        buf = _memory_at(ptr)
         assert buf.dtype == (np.uint16 if dtype == 14 else np.float32), (buf.dtype, dtype)
         sr, sc = (rows, cols) if op == 0 else (cols, rows)
         assert ld >= max(1, sr) and buf.size >= ld * (sc - 1) + sr, "matrix runs past its allocation"
@@ -751,7 +757,7 @@ def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ld
         return X if op == 0 else X.T
     a_, b_ = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
     prod = mat(A, Atype, m, k, lda, transa) @ mat(B, Btype, k, n, ldb, transb)
-    cbuf = _resolve(np.uint64(C))
+    cbuf = _memory_at(C)
     assert cbuf.dtype == (np.uint16 if Ctype == 14 else np.float32) and ldc >= m
     assert cbuf.size >= ldc * (n - 1) + m, "C runs past its allocation"
     flat = cbuf[:ldc * (n - 1) + m]
