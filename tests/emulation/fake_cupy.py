@@ -53,7 +53,7 @@ def _wrap(a):
     if isinstance(a, np.ndarray) and not isinstance(a, ndarray):
         a = a.view(ndarray)
     if isinstance(a, ndarray) and a.flags.c_contiguous and a.size:
-        _live.setdefault(a.data.ptr, a)       # resolves raw pointers into this memory
+        _live.setdefault(a.__array_interface__["data"][0], a)       # resolves raw pointers into this memory
     return a
 
 
@@ -73,7 +73,7 @@ def _poisoned(shape, dtype):
     elif dtype.kind in "iu":
         a.fill(-1 if dtype.kind == "i" else np.iinfo(dtype).max)
     b = a.view(ndarray)
-    _live[b.data.ptr] = b
+    _live[b.__array_interface__["data"][0]] = b
     return b
 
 
