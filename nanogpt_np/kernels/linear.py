@@ -35,7 +35,9 @@ def _like_operands(d, operand):
 
 def _bias_grad(dy, db_into):
     """db = sum over the rows of dy (N, Cout) = ones(1, N) @ dy, added into db_into when given (then None)."""
-    ones_row = ones(dy.shape[0], dy).reshape(1, -1)         # (1, N), cached
+    if dy.dtype == np.uint16:                                # a gradient a kernel wrote as bf16: sum it in float32
+        dy = precision.to_float32(dy)
+    ones_row = ones(dy.shape[0], dy).reshape(1, -1)         # (1, N) float32, cached
     if db_into is None:
         return precision.gemm(ones_row, dy, tf32=False).reshape(-1)
     precision.gemm(ones_row, dy, out=db_into.reshape(1, -1), beta=1.0, tf32=False)

@@ -824,6 +824,8 @@ def install(monkeypatch, kernels="numpy", sms=None):
     sys.modules["cupy_backends"].cuda = sys.modules["cupy_backends.cuda"]
     sys.modules["cupy_backends.cuda"].libs = libs
     linalg = _linalg_module()
+    from nanogpt_np.kernels import precision
+    monkeypatch.setattr(precision, "_tf32", False)      # a fresh CuPy multiplies float32 exactly; gemm() mirrors it
     core = types.ModuleType("cupy._core")
     core._routines_linalg = linalg
     monkeypatch.setattr(this, "_core", core, raising=False)

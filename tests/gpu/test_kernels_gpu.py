@@ -351,7 +351,7 @@ def tf32_round(x):
 
 
 @pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("kind", ["float32", "tf32", "bf16", "bf16->bf16"])
+@pytest.mark.parametrize("kind", ["float32", "tf32", "bf16", "bf16_out"])
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (1.0, 1.0), (0.5, -2.0)])
 def test_gemm(cp, poison, ta, tb, kind, alpha, beta):
     """precision.gemm: C = alpha op(A) op(B) + beta C, every transpose, float32 (exact, TF32) and bf16 inputs,
@@ -366,7 +366,7 @@ def test_gemm(cp, poison, ta, tb, kind, alpha, beta):
     else:
         A, B = (cp.asarray(x) for x in (a.T.copy() if ta else a, b.T.copy() if tb else b))
         reads = (tf32_round(a), tf32_round(b)) if kind == "tf32" else (a, b)
-    out_bf16 = kind == "bf16->bf16"
+    out_bf16 = kind == "bf16_out"
     if out_bf16:
         c = round_to_bf16(c)
     poison()
