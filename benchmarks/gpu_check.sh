@@ -42,7 +42,8 @@ if [ "$DRY" = "1" ]; then
              "$G::test_attention_flash[1-1-64-1]" "$G::test_attention_flash[2-100-128-2]"
              "$G::test_attention_flash_falls_back_for_other_head_sizes" "$G::test_bf16_conversion_matches_the_hardware_instruction"
              "$G::test_matmul_bf16[False-True-7-33-5]" "$G::test_registry_falls_back_for_float64"
-             "$G::test_linear_bf16[5-7-3-True]" "$G::test_lm_head_bf16"
+             "$G::test_gemm[1.0-1.0-tf32-True-True]" "$G::test_gemm[1.0-1.0-bf16_out-False-True]"
+             "$G::test_linear[bfloat16-True-5-7-3-True]" "$G::test_lm_head[bfloat16-True]"
              "tests/gpu/test_train_step_gpu.py::test_training_step_matches_cpu[flash-bfloat16-0.05]")
   KERNEL_ARGS=(--small --iters 1 --warmup 1 --no-torch)
   TRAIN_ARGS=(--small --quick --steps 1 --batch 2 --no-torch --graph)

@@ -318,8 +318,7 @@ def op_cost(op, dev) -> Cost:
         flops = 2.0 * a["m"] * a["n"] * a["k"]
         nb = a["m"] * a["k"] * size[a["Atype"]] + a["k"] * a["n"] * size[a["Btype"]] + a["m"] * a["n"] * size[a["Ctype"]]
         nb += a["m"] * a["n"] * size[a["Ctype"]] if a["beta"] != 0 else 0
-        tf32 = a.get("compute") == 77                 # CUBLAS_COMPUTE_32F_FAST_TF32 (kernels/lm_head_loss.py)
-        peak = dev["bf16"] if a["Atype"] == 14 else (dev["tf32"] if tf32 else dev["fp32"])
+        peak = dev["bf16"] if a["Atype"] == 14 else dev["tf32"] if a.get("compute") == 77 else dev["fp32"]
         c.gpu_ops, c.flops, c.bytes_min, c.bytes_written = 1, flops, nb, nb
         c.t_compute, c.t_memory = flops / (peak * MATMUL_EFF), nb / (dev["bw"] * MEM_EFF)
     elif op.kind == "kernel":

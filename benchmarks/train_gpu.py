@@ -64,10 +64,18 @@ def flops_per_token(n_params_no_wpe, n_layer, n_embd, T):
 SIZE = dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768)     # GPT-2 124M (--small shrinks it)
 
 
+def fused_adamw(model, opt, **hyper):
+    """The fused AdamW kernel on the model's flat buffers, as optim.AdamW.step calls it: the bf16 copy of the
+    weights (bf16 matmuls) is updated in the same pass, and the model is told its weights changed."""
+    from nanogpt_np.kernels import adamw as k_adamw
+    k_adamw.adamw_step(model.flat_params, model.flat_grads, opt.m, opt.v, n_decay=model.n_decay,
+                       params_bf16=model.flat_params_bf16, **hyper)
+    model.params_written(bf16_copy_refreshed=model.flat_params_bf16 is not None)
+
+
 def ours_throughput(B, T, steps, warmup, attention, tf32, log, dtype="float32"):
     import cupy as cp
     from nanogpt_np import backend
-    from nanogpt_np.kernels import adamw as k_adamw
     from nanogpt_np.kernels import compile as kc
     from nanogpt_np.kernels import cross_entropy as k_ce
     from nanogpt_np.kernels import precision, registry
@@ -93,8 +101,8 @@ def ours_throughput(B, T, steps, warmup, attention, tf32, log, dtype="float32"):
         model.zero_grad()
         _, loss = model(x, y)
         backward(loss)
-        k_adamw.adamw_step(model.flat_params, model.flat_grads, opt.m, opt.v, n_decay=model.n_decay, lr=6e-4,
-                           beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=i + 1, grad_clip=1.0)
+        fused_adamw(model, opt, lr=6e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=i + 1,
+                    grad_clip=1.0)
         return loss
 
     try:
@@ -268,7 +276,9 @@ def try_cuda_graph(B, T, log, attention="flash", dtype="bfloat16", tf32=True, st
             model.zero_grad()
             _, loss = model(x, y)
             backward(loss)
-            k_adamw.adamw_step(model.flat_params, model.flat_grads, opt.m, opt.v, scalars=scalars, **hp)
+            k_adamw.adamw_step(model.flat_params, model.flat_grads, opt.m, opt.v, scalars=scalars,
+                               params_bf16=model.flat_params_bf16, **hp)     # the bf16 weights' copy too
+            model.params_written(bf16_copy_refreshed=model.flat_params_bf16 is not None)
             return loss.data
 
         def eager(i):
@@ -402,8 +412,8 @@ def shakespeare(path, iters, attention, tf32, log):
             model.zero_grad()
             _, loss = model(*batch("train"))
             backward(loss)
-            k_adamw.adamw_step(model.flat_params, model.flat_grads, opt.m, opt.v, n_decay=model.n_decay, lr=lr,
-                               beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=it + 1, grad_clip=1.0)
+            fused_adamw(model, opt, lr=lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, step=it + 1,
+                        grad_clip=1.0)
     finally:
         k_ce.set_assume_unit_dloss(False)
     return dict(mode="shakespeare-char", iters=iters, seconds=time.perf_counter() - t0, best_val_loss=best,

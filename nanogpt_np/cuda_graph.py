@@ -103,5 +103,7 @@ class GraphedStep:
             losses.append(loss.data)
         norm = self.fused(model.flat_params, model.flat_grads, opt.m, opt.v, n_decay=model.n_decay,
                           beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps, weight_decay=opt.weight_decay,
-                          grad_clip=cfg.grad_clip, scratch=opt.scratch, scalars=scalars)
+                          grad_clip=cfg.grad_clip, scratch=opt.scratch, scalars=scalars,
+                          params_bf16=model.flat_params_bf16)          # bf16 matmuls: their weights' copy too
+        model.params_written(bf16_copy_refreshed=model.flat_params_bf16 is not None)
         return cp.stack(losses), norm

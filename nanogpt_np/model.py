@@ -14,6 +14,12 @@ All parameters live as views into one flat buffer (`flat_params`), and all their
 (`flat_grads`). The optimizer then updates everything with a handful of whole-buffer operations (one fused
 kernel on the GPU), and zeroing or clipping gradients is one operation too. Parameters that get weight decay
 (the 2-D matrices) come first in the buffer: `flat_params[:n_decay]`.
+
+With bf16 matmuls on the GPU (--dtype=bfloat16) the linear layers read a bf16 copy of the weights,
+`flat_params_bf16` (one uint16 buffer like flat_params; each parameter's `data_bf16` is a view into it). It can
+never be read stale: every writer of flat_params calls `params_written()` (init, load_params, the optimizer),
+which marks the copy out of date unless the writer refreshed it too (the fused AdamW kernel writes both), and
+every forward starts by rebuilding an out-of-date copy (`_refresh_bf16_copy`, one conversion pass).
 """
 import dataclasses
 import math
@@ -134,15 +140,42 @@ class GPT:
             self._offsets[name] = (offset, size)
             offset += size
         self.params = {name: self.params[name] for name in shapes}     # GPT-2 order for iteration and files
+        self.flat_params_bf16 = None     # the bf16 copy of flat_params, made by the first forward that needs it
+        self._bf16_current = False
         rng = np.random.default_rng(seed)
         for name, t in self.params.items():
             t.data[...] = backend.to_device(gpt2_init(name, t.shape, config, rng).astype(self.dtype))
+        self.params_written()
         self.dropout_rng = _device_rng(seed + 1)
 
     # ----- parameters -----
     def num_params(self, include_position=True) -> int:
         n = int(self.flat_params.size)
         return n if include_position else n - math.prod(self.params["wpe.weight"].shape)
+
+    def params_written(self, bf16_copy_refreshed=False) -> None:
+        """Every writer of flat_params calls this afterwards. The bf16 copy of the weights is then out of date
+        (the next forward rebuilds it), unless the writer also wrote the copy (bf16_copy_refreshed=True: the
+        fused AdamW kernel with params_bf16=flat_params_bf16)."""
+        self._bf16_current = bf16_copy_refreshed and self.flat_params_bf16 is not None
+
+    def _refresh_bf16_copy(self) -> None:
+        """At the start of every forward: with bf16 matmuls on the GPU, make the bf16 copy of the weights if
+        there is none yet (and point each parameter's data_bf16 at its part), and rebuild it when out of date."""
+        if not backend.is_gpu_array(self.flat_params) or self.dtype != np.float32:
+            return
+        from .kernels import precision, registry          # GPU only
+        if registry.precision() != "bfloat16":
+            return
+        if self.flat_params_bf16 is None:
+            self.flat_params_bf16 = backend.xp().empty(self.flat_params.shape, dtype=np.uint16)
+            for name, t in self.params.items():
+                offset, size = self._offsets[name]
+                t.data_bf16 = self.flat_params_bf16[offset:offset + size].reshape(t.shape)
+            self._bf16_current = False
+        if not self._bf16_current:
+            precision.to_bf16(self.flat_params, out=self.flat_params_bf16)
+            self._bf16_current = True
 
     def zero_grad(self) -> None:
         """Zero the flat gradient buffer. On the GPU, one cudaMemsetAsync over its bytes (all-zero bytes are
@@ -180,6 +213,7 @@ class GPT:
         check_finite({name: tensors[name] for name in expected}, source)
         for name, t in self.params.items():
             t.data[...] = backend.to_device(np.asarray(tensors[name]).astype(self.dtype, copy=False))
+        self.params_written()
 
     def reseed_dropout(self, seed: int) -> None:
         """Reseed the dropout generator (the trainer does it every step from (seed, step), so resuming needs no
@@ -208,6 +242,7 @@ class GPT:
         cache (inference only; nothing is recorded for backward)."""
         cfg, p = self.config, self.params
         B, T = idx.shape
+        self._refresh_bf16_copy()
         positions = None
         if kv_cache is not None:
             if int(kv_cache.lengths.max()) + T > cfg.block_size:

@@ -65,9 +65,14 @@ class AdamW:
                     scratch=self.scratch)
         fused = _fused_adamw(self.model.flat_params)
         if fused is not None:     # one kernel clips on the fly and updates everything: returns [norm, scale]
-            return fused(self.model.flat_params, self.model.flat_grads, self.m, self.v, grad_clip=grad_clip, **args)[0]
+            bf16 = self.model.flat_params_bf16       # the weights' bf16 copy (bf16 matmuls) or None: written too
+            norm = fused(self.model.flat_params, self.model.flat_grads, self.m, self.v, grad_clip=grad_clip,
+                         params_bf16=bf16, **args)[0]
+            self.model.params_written(bf16_copy_refreshed=bf16 is not None)
+            return norm
         norm = clip_grad_norm(self.model.flat_grads, grad_clip)
         adamw_update(self.model.flat_params, self.model.flat_grads, self.m, self.v, **args)
+        self.model.params_written()
         return norm
 
     def state_arrays(self) -> dict:

@@ -5,7 +5,8 @@ How autograd works here, in four lines:
      (output tensor, input tensors, a backward function `dout -> (d_input_0, d_input_1, ...)`).
   2. The tape is a plain Python list, so it is already in the order the ops ran (a topological order).
   3. `backward(loss)` seeds d(loss)/d(loss) = 1 and walks the tape in reverse: each entry turns the gradient
-     of its output into gradients of its inputs, which are summed into the inputs' `.grad`.
+     of its output into gradients of its inputs, which are summed into the inputs' `.grad` (an op may sum
+     one into a parameter's gradient buffer itself: see Tensor).
   4. Gradients of intermediate tensors are freed as soon as they have been used.
 
 Ops are coarse (a whole layernorm, a whole attention), so a step records about ten tape entries per block
@@ -26,8 +27,17 @@ class Tensor:
     `data` is a numpy or cupy array. `grad` is None until backward() reaches this tensor. A parameter's
     `grad` may be preset to a view into a larger buffer (see model.py); gradients are then summed into
     that buffer in place, which is how gradient accumulation over micro-batches works.
+
+    Gradient buffers and the ops: an op's backward_fn may add an input's gradient into that input's buffer
+    itself (`grad_buffer()`; ops/linear.py does, a gemm with beta = 1 on the GPU) and return None for it: the
+    tape then adds nothing for that input. Same sum, one pass less, no temporary array. It must not do so for a
+    tensor without a buffer (grad_buffer() is None): its gradient is returned as usual. The incoming gradient
+    already carries any loss scale (backward(loss, grad=...)), so both ways add exactly the same thing.
+
+    `data_bf16`: a bf16 copy of `data` (uint16 bits) that the tensor's owner keeps current, or None. model.py
+    keeps one for every parameter while matmuls run in bf16 on the GPU; the linear ops hand it to their kernel.
     """
-    __slots__ = ("data", "grad", "requires_grad", "name", "_grad_is_buffer")
+    __slots__ = ("data", "grad", "requires_grad", "name", "_grad_is_buffer", "data_bf16")
 
     def __init__(self, data, requires_grad=False, name=None):
         self.data = data
@@ -35,6 +45,7 @@ class Tensor:
         self.requires_grad = requires_grad
         self.name = name
         self._grad_is_buffer = False
+        self.data_bf16 = None
 
     @property
     def shape(self):
@@ -49,6 +60,11 @@ class Tensor:
         assert buffer.shape == self.data.shape, (buffer.shape, self.data.shape)
         self.grad = buffer
         self._grad_is_buffer = True
+
+    def grad_buffer(self):
+        """The buffer this tensor's gradients are summed into, or None (no buffer, or no gradient wanted).
+        An op may add the gradient into it directly and return None for this input (see the class docstring)."""
+        return self.grad if (self._grad_is_buffer and self.requires_grad) else None
 
     def accumulate_grad(self, g):
         """grad += g. Buffers are updated in place; other tensors get a new array (so no aliasing bugs)."""

@@ -36,10 +36,12 @@ def test_shape_only_trace_is_the_arithmetic_trace(attention, dtype):
 # nanogpt_np/kernels/*.py and ops/linear.py); the number of calls per block comes from running a block.
 def _per_call(attention, dtype):
     ln = {"fwd": ["layernorm_forward"], "bwd": ["layernorm_backward", "layernorm_param_reduce"]}
-    if dtype == "bfloat16":      # linear_bf16: to_bf16(x), to_bf16(w), one gemm; backward to_bf16(dy), two gemms
-        linear = {"fwd": ["f32_to_bf16", "f32_to_bf16", "gemm"], "bwd": ["f32_to_bf16", "gemm", "gemm"]}
-    else:                        # CuPy matmul; the bias gradient is a matrix-vector product (ops/reductions.py)
-        linear = {"fwd": ["matmul"], "bwd": ["matmul", "matmul", "matmul?bias"]}
+    # kernels/linear.py: one gemm forward, two backward (dw added into the gradient buffer), and the bias
+    # gradient as a one-row gemm; bf16 rounds x and dy (the weight's bf16 copy is the model's, made per step)
+    if dtype == "bfloat16":
+        linear = {"fwd": ["f32_to_bf16", "gemm"], "bwd": ["f32_to_bf16", "gemm", "gemm", "gemm?bias"]}
+    else:
+        linear = {"fwd": ["gemm"], "bwd": ["gemm", "gemm", "gemm?bias"]}
     att = ({"fwd": ["causal_softmax_forward", "matmul", "matmul"],
             "bwd": ["causal_softmax_backward", "matmul", "matmul", "matmul", "matmul"]} if attention == "matmul" else
            {"fwd": ["qkv_to_heads_bf16", "flash_attention_forward"],
@@ -86,9 +88,9 @@ def test_launches_per_layer_follow_the_model_structure(attention, dtype):
             expected = Counter()
             for name, has_bias in calls:
                 for k in table[name][stage]:
-                    if k == "matmul?bias":
+                    if k == "gemm?bias":
                         if has_bias:
-                            expected["matmul"] += 1
+                            expected["gemm"] += 1
                     else:
                         expected[k] += 1
             got = Counter(o.name if o.kind == "kernel" else o.kind for o in trace.ops
@@ -308,3 +310,17 @@ def test_cuda_graph_mode_predicts_the_host_work_outside_the_graph():
     assert d["gpu_ms"] == summary.total().gpu_s * 1e3
     assert d["host_ms"] < summary.total().host_s * 1e3 / 5
     assert any("PREDICTED with --cuda_graph" in line for line in lines)
+@pytest.mark.parametrize("attention,dtype", MODES)
+def test_gemms_make_no_other_cublas_host_calls(attention, dtype, monkeypatch):
+    """precision.gemm runs on the project's own cuBLAS handle, whose pointer mode is set once, when it is made:
+    a step makes no cuBLAS host calls besides the gemms (it used to make three per gemm: get the pointer mode,
+    set it, set it back). On a thread without a handle yet, the first step makes one, once."""
+    import threading
+    from nanogpt_np.kernels import precision
+    cfg = gm.StepConfig(**TINY, attention=attention, dtype=dtype)
+    trace = gm.trace_step(cfg, shape_only=True, steps=2)
+    assert sum(o.kind == "gemm" for o in trace.ops) >= 4 * cfg.n_layer * 3
+    assert [o.name for o in trace.ops if o.kind == "host"] == []
+    monkeypatch.setattr(precision, "_local", threading.local())          # no handle yet: the step makes one
+    first = gm.trace_step(cfg, shape_only=True, steps=1)
+    assert [o.name for o in first.ops if o.kind == "host"] == ["cublasCreate", "cublasSetPointerMode"]

@@ -167,10 +167,10 @@ def test_elementwise_and_misc():
 def test_registry_names_and_cpu_import():
     had_cupy = "cupy" in sys.modules
     for name in ["embedding", "layernorm", "residual_layernorm", "gelu", "bias_gelu", "cross_entropy",
-                 "attention", "attention_matmul", "attention_flash", "adamw"]:
+                 "attention", "attention_matmul", "attention_flash", "adamw", "linear", "lm_head"]:
         pair = registry.lookup(name)
         assert pair is not None and all(callable(f) for f in pair), name
-    assert registry.lookup("linear") is None and registry.lookup("dropout") is None
+    assert registry.lookup("dropout") is None
     if not had_cupy:
         assert "cupy" not in sys.modules, "wrapper modules must import cupy lazily"
 
@@ -193,21 +193,23 @@ def test_registry_attention_switch_and_disable():
 
 
 def test_registry_precision_switch():
-    assert registry.lookup("linear") is None and registry.lookup("lm_head") is None
+    """linear and lm_head have one kernel pair for both precisions (kernels/linear.py reads the setting)."""
+    pair = registry.lookup("linear")
+    assert pair is not None and registry.lookup("lm_head") is not None
     try:
         registry.set_precision("bfloat16")
-        assert registry.resolve("linear") == "linear_bf16" and registry.resolve("lm_head") == "lm_head_bf16"
-        assert registry.lookup("linear") is not None
+        assert registry.resolve("linear") == "linear" and registry.resolve("lm_head") == "lm_head"
+        assert registry.lookup("linear") == pair and registry.precision() == "bfloat16"
         with pytest.raises(ValueError):
             registry.set_precision("float16")
     finally:
         registry.set_precision("float32")
-    assert registry.lookup("linear") is None
+    assert registry.precision() == "float32"
 
 
 def test_wrapper_modules_import_without_gpu():
     for mod in ["encoder", "layernorm", "gelu", "cross_entropy", "adamw", "softmax_attention", "flash_attention",
-                "precision", "linear_bf16"]:
+                "precision", "linear"]:
         importlib.import_module(f"nanogpt_np.kernels.{mod}")
 
 
@@ -450,24 +452,26 @@ def test_fake_attention(fake_cp, kind, B, T, C, NH):
     assert _rel(dq, ref.attention_backward(d.astype(np.float64), rs)[0]) < tol
 
 
-def test_fake_bf16_linear_and_head(fake_cp):
-    from nanogpt_np.kernels import linear_bf16
+def test_fake_bf16_linear_and_head(fake_cp, monkeypatch):
+    from nanogpt_np.kernels import linear as klin
     from nanogpt_np.kernels.bf16 import round_to_bf16
+    monkeypatch.setattr(registry, "_precision", "bfloat16")
     ref = importlib.import_module("nanogpt_np.ops.linear")
     x, w, b = round_to_bf16(_f32(6, 10)), round_to_bf16(_f32(10, 4)), _f32(4)
-    y, saved = linear_bf16.linear_forward(fake_cp.asarray(x), fake_cp.asarray(w), fake_cp.asarray(b))
+    y, saved = klin.linear_forward(fake_cp.asarray(x), fake_cp.asarray(w), fake_cp.asarray(b))
     ry, rs = ref.linear_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))
+    assert saved[0].dtype == np.uint16 and saved[1].dtype == np.uint16        # bf16 copies saved
     assert _rel(y, ry) < 1e-6
     dy = round_to_bf16(_f32(6, 4))
-    got = linear_bf16.linear_backward(fake_cp.asarray(dy), saved)
+    got = klin.linear_backward(fake_cp.asarray(dy), saved)
     want = ref.linear_backward(dy.astype(np.float64), rs)
     assert all(_rel(g_, w_) < 1e-6 for g_, w_ in zip(got, want))
     wte = round_to_bf16(_f32(9, 10))
-    lg, saved = linear_bf16.lm_head_forward(fake_cp.asarray(x), fake_cp.asarray(wte))
+    lg, saved = klin.lm_head_forward(fake_cp.asarray(x), fake_cp.asarray(wte))
     rlg, rs = ref.lm_head_forward(x.astype(np.float64), wte.astype(np.float64))
     assert _rel(lg, rlg) < 1e-6
     d = round_to_bf16(_f32(6, 9))
-    got = linear_bf16.lm_head_backward(fake_cp.asarray(d), saved)
+    got = klin.lm_head_backward(fake_cp.asarray(d), saved)
     want = ref.lm_head_backward(d.astype(np.float64), rs)
     assert all(_rel(g_, w_) < 1e-6 for g_, w_ in zip(got, want))
 

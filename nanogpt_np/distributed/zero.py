@@ -55,4 +55,5 @@ class ZeroAdamW:
                      beta1=self.beta1, beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay,
                      step=self.step_count, n_decay=self.n_decay, scratch=self.scratch)
         comm.Allgatherv(MPI.IN_PLACE, [params, self.counts, self.displacements, mpi_type])
+        self.model.params_written()
         return norm

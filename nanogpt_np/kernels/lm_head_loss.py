@@ -10,8 +10,8 @@ Per chunk of rows (ops/lm_head_loss.CHUNK_ROWS, 2048 by default):
 The loss is summed on the device (no host sync): mean = sum of the row losses / n_kept (counted on the device).
 
 Precision follows registry.precision(): "bfloat16" multiplies bf16 copies of x and wte (made once per call, not
-per chunk) with float32 accumulation (precision.matmul_bf16); "float32" multiplies float32 operands through
-cublasGemmEx, on TF32 tensor cores when CuPy's float32 matmuls are (precision.set_tf32, the trainer's default).
+per chunk) with float32 accumulation (precision.gemm); "float32" multiplies float32 operands through
+precision.gemm, on TF32 tensor cores when precision.set_tf32 is on (the trainer's default).
 
 dx and dwte are new arrays per call (the memory pool hands the same blocks back every step). A module-level
 (V, C) buffer would save nothing on the GPU and would be unsafe: a Tensor without a gradient buffer keeps the
@@ -24,47 +24,11 @@ from . import precision
 from .compile import device_array, launch
 from .launch import NULL, elementwise
 
-CUBLAS_COMPUTE_32F_FAST_TF32 = 77          # cublas_api.h: float32 operands on TF32 tensor cores
-
-
-def _tf32_on() -> bool:
-    """Whether CuPy's float32 matmuls run on TF32 (precision.set_tf32): the float32 gemms here do the same."""
-    from cupy._core import _routines_linalg as lin
-    return lin.get_compute_type(np.dtype(np.float32)) == lin.COMPUTE_TYPE_TF32
-
-
-def matmul_f32(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
-    """C = op(a) @ op(b) (or C += with accumulate) for float32 2-D cupy arrays through cublasGemmEx: the float32
-    twin of precision.matmul_bf16 (CuPy's own matmul cannot add into an existing array)."""
-    import cupy as cp
-    from cupy_backends.cuda.libs import cublas
-    M = a.shape[1] if trans_a else a.shape[0]
-    K = a.shape[0] if trans_a else a.shape[1]
-    N = b.shape[0] if trans_b else b.shape[1]
-    if (b.shape[1] if trans_b else b.shape[0]) != K:
-        raise ValueError(f"matmul_f32: inner sizes differ: {a.shape} x {b.shape}")
-    a, b = cp.ascontiguousarray(a), cp.ascontiguousarray(b)
-    if out is None:
-        out = cp.zeros((M, N), dtype=cp.float32) if accumulate else cp.empty((M, N), dtype=cp.float32)
-    opb, opa, m, n, k, ldb, lda, ldc = precision.gemm_args(M, K, N, trans_a, trans_b)
-    one = np.array(1.0, dtype=np.float32)
-    beta = np.array(1.0 if accumulate else 0.0, dtype=np.float32)
-    compute = CUBLAS_COMPUTE_32F_FAST_TF32 if _tf32_on() else precision.CUBLAS_COMPUTE_32F
-    handle = cp.cuda.device.get_cublas_handle()
-    mode = cublas.getPointerMode(handle)
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    try:
-        cublas.gemmEx(handle, opb, opa, m, n, k, one.ctypes.data, b.data.ptr, precision.CUDA_R_32F, ldb,
-                      a.data.ptr, precision.CUDA_R_32F, lda, beta.ctypes.data, out.data.ptr, precision.CUDA_R_32F,
-                      ldc, compute, precision.CUBLAS_GEMM_DEFAULT)
-    finally:
-        cublas.setPointerMode(handle, mode)
-    return out
-
-
-def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad=None, chunk_rows=None):
+def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad=None, chunk_rows=None,
+                                  wte_bf16=None):
     """x (N, C) float32 (or bf16 bits), wte (V, C) float32, targets (N,) -> mean loss over kept rows (0-d float32
-    cupy array), saved (dx (N, C), dwte (V, C)) for d loss = 1, or (None, None) without gradients."""
+    cupy array), saved (dx (N, C), dwte (V, C)) for d loss = 1, or (None, None) without gradients.
+    wte_bf16: the model's bf16 copy of wte (bf16 precision), used instead of rounding wte here."""
     import cupy as cp
     from ..ops.lm_head_loss import CHUNK_ROWS, chunks
     from . import registry
@@ -74,10 +38,11 @@ def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad
     N, C = x.shape
     V = wte.shape[0]
     bf16 = registry.precision() == "bfloat16"
-    if bf16:
-        xm, wm, gemm = precision.as_bf16(x), precision.as_bf16(wte), precision.matmul_bf16   # once per call
+    if bf16:                                                          # bf16 operands, once per call
+        xm, wm = precision.as_bf16(x), precision.as_bf16(wte if wte_bf16 is None else wte_bf16)
     else:
-        xm, wm, gemm = cp.ascontiguousarray(x), cp.ascontiguousarray(wte), matmul_f32
+        xm, wm = cp.ascontiguousarray(x), cp.ascontiguousarray(wte)
+    gemm = precision.gemm                                             # TF32 for float32 when set_tf32 is on
     targets = device_array(targets, cp.int64)
     n_kept = (targets != ignore_index).sum(dtype=cp.float32)         # stays on the device
     losses = cp.empty((N,), dtype=cp.float32)
@@ -99,7 +64,7 @@ def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad
                 np.int64(ignore_index)))
         if with_grad:
             gemm(d, wm, out=dx[r0:r1])                                # (n, V) @ (V, C)
-            gemm(d, xm[r0:r1], trans_a=True, out=dwte, accumulate=i > 0)   # (V, n) @ (n, C), summed
+            gemm(d, xm[r0:r1], trans_a=True, out=dwte, beta=1.0 if i > 0 else 0.0)   # (V, n) @ (n, C), summed
     loss = losses.sum() / n_kept
     return loss, (dx, dwte)
 

@@ -1,26 +1,38 @@
-"""bf16 mixed precision on the GPU: device conversions (bf16.cu) and a bf16 matmul through cuBLAS.
+"""Matmul precision on the GPU: bf16 conversions (bf16.cu) and the one cuBLAS gemm of the linear layers.
+
+gemm(a, b, ...) below multiplies float32 or bf16 matrices with cublasGemmEx on the project's own cuBLAS handle:
+    float32 inputs:  exact float32, or TF32 tensor cores after set_tf32(True) (the trainer's default)
+    bf16 inputs:     bf16 tensor cores, float32 accumulation
+    result:          float32, or bf16 (out_dtype=uint16); beta = 1 adds the product into `out` in place
 
 Policy for --dtype=bfloat16 (for the model/trainer to follow):
-  * master weights, gradients and AdamW state stay float32 in the flat buffers; adamw_step(params_bf16=...)
-    refreshes a bf16 copy of the weights in the same pass that updates them;
+  * master weights, gradients and AdamW state stay float32 in the flat buffers; the model keeps a bf16 copy of
+    the weights (model.flat_params_bf16), which adamw_step(params_bf16=...) refreshes in the pass that updates them;
   * matmul inputs (activations, weights) are bf16 (uint16 arrays: CuPy has no bfloat16 dtype), cuBLAS
-    multiplies them with float32 accumulation and returns float32 (matmul_bf16 below);
+    multiplies them with float32 accumulation and returns float32;
   * layernorm, softmax, cross-entropy and the other kernels read and write float32 and reduce in float32;
   * attention uses the flash kernel, which already runs its matmuls in bf16.
 
 bf16 values are stored as uint16 with the bit layout of kernels/bf16.py (round to nearest even).
 """
+import threading
+
 import numpy as np
 
 from .compile import launch
 from .launch import elementwise
 
-# cuBLAS / CUDA enum values (cublas_api.h, library_types.h)
+# cuBLAS / CUDA enum values (cublas_api.h, library_types.h; CuPy's cublas module has the same numbers)
 CUDA_R_32F = 0
 CUDA_R_16BF = 14
-CUBLAS_COMPUTE_32F = 68
+CUBLAS_COMPUTE_32F = 68               # float32 arithmetic (exact float32 for float32 inputs)
+CUBLAS_COMPUTE_32F_FAST_TF32 = 77     # float32 inputs rounded to TF32 on the tensor cores, float32 accumulation
 CUBLAS_GEMM_DEFAULT = -1
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+CUBLAS_POINTER_MODE_HOST = 0          # alpha and beta are read from host memory
+
+_tf32 = False            # float32 gemms on TF32 tensor cores (set_tf32: the same switch as CuPy's matmuls)
+_local = threading.local()            # per thread: {device id: the project's cuBLAS handle}
 
 
 def to_bf16(x, out=None):
@@ -63,41 +75,93 @@ def gemm_args(M, K, N, trans_a=False, trans_b=False):
             N, M, K, ldb, lda, N)
 
 
-def matmul_bf16(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
-    """C = op(a) @ op(b) for bf16 (uint16) 2-D cupy arrays, float32 accumulation and float32 result.
+def cublas_handle():
+    """The project's own cuBLAS handle for the current device and thread, created on first use.
 
-    With accumulate=True, C += op(a) @ op(b) into `out` (a gradient buffer, say).
+    Its pointer mode is set once, to HOST (alpha and beta are host floats), so no call reads or changes CuPy's
+    handle and its pointer mode. The stream needs no bookkeeping: CuPy's gemmEx binds the handle to the current
+    stream before every gemm. One handle per thread, like CuPy's own, because a cuBLAS handle must not be used
+    by two threads at once (a server thread may sample while another trains)."""
+    import cupy as cp
+    device = cp.cuda.runtime.getDevice()
+    handles = getattr(_local, "handles", None)
+    if handles is None:
+        handles = _local.handles = {}
+    handle = handles.get(device)
+    if handle is None:
+        from cupy_backends.cuda.libs import cublas
+        handle = handles[device] = cublas.create()
+        cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
+    return handle
+
+
+_CUDA_TYPE = {np.dtype(np.float32): CUDA_R_32F, np.dtype(np.uint16): CUDA_R_16BF}     # uint16 holds bf16 bits
+_scalars = {}            # (alpha, beta) -> (host float32 array [alpha, beta], its address): made once each
+
+
+def _host_scalars(alpha, beta):
+    """Addresses of alpha and beta as host float32 values (pointer mode HOST: cuBLAS reads them at the call)."""
+    entry = _scalars.get((alpha, beta))
+    if entry is None:
+        values = np.array([alpha, beta], dtype=np.float32)
+        entry = _scalars[(alpha, beta)] = (values, values.ctypes.data)
+    return entry[1], entry[1] + 4
+
+
+def gemm(a, b, trans_a=False, trans_b=False, out=None, *, alpha=1.0, beta=0.0, out_dtype=None, tf32=None):
+    """C = alpha * op(a) @ op(b) + beta * C, for 2-D cupy arrays, with one cuBLAS call (cublasGemmEx).
+
+    a, b: both float32, or both bf16 (uint16 bits). op(x) is x.T when trans_x, read by cuBLAS in place.
+    Arithmetic: bf16 inputs are multiplied with float32 accumulation; float32 inputs in exact float32, or on TF32
+    tensor cores when set_tf32(True) is on (tf32=False forces exact float32, say for a sum that must not round).
+    C: `out` when given (beta = 1 adds into it: a gradient buffer), else a new (M, N) array of out_dtype:
+    float32 (default), or uint16 for a bf16 result (cuBLAS rounds the float32 accumulator to bf16).
     """
     import cupy as cp
     from cupy_backends.cuda.libs import cublas
-    M = a.shape[1] if trans_a else a.shape[0]
-    K = a.shape[0] if trans_a else a.shape[1]
-    N = b.shape[0] if trans_b else b.shape[1]
-    if (b.shape[1] if trans_b else b.shape[0]) != K:
-        raise ValueError(f"matmul_bf16: inner sizes differ: {a.shape} x {b.shape}")
+    M, K = a.shape[::-1] if trans_a else a.shape
+    Kb, N = b.shape[::-1] if trans_b else b.shape
+    in_type = _CUDA_TYPE.get(a.dtype)
+    if Kb != K:
+        raise ValueError(f"gemm: inner sizes differ: {a.shape} x {b.shape}")
+    if in_type is None or b.dtype != a.dtype:
+        raise TypeError(f"gemm: operands must both be float32 or both bf16 (uint16), got {a.dtype} and {b.dtype}")
     a = cp.ascontiguousarray(a)
     b = cp.ascontiguousarray(b)
     if out is None:
-        out = cp.zeros((M, N), dtype=cp.float32) if accumulate else cp.empty((M, N), dtype=cp.float32)
+        if beta != 0:
+            raise ValueError("gemm: beta != 0 adds into C, so C must be given (out=...)")
+        out = cp.empty((M, N), dtype=np.float32 if out_dtype is None else out_dtype)
+    out_type = _CUDA_TYPE.get(out.dtype)
+    if out_type is None or out.shape != (M, N) or not out.flags.c_contiguous:
+        raise ValueError(f"gemm: out must be a contiguous float32 or uint16 ({M}, {N}) array, got {out.dtype} {out.shape}")
+    fast = _tf32 if tf32 is None else tf32
+    compute = CUBLAS_COMPUTE_32F_FAST_TF32 if (fast and in_type == CUDA_R_32F) else CUBLAS_COMPUTE_32F
     opb, opa, m, n, k, ldb, lda, ldc = gemm_args(M, K, N, trans_a, trans_b)
-    one = np.array(1.0, dtype=np.float32)
-    beta = np.array(1.0 if accumulate else 0.0, dtype=np.float32)
-    handle = cp.cuda.device.get_cublas_handle()
-    mode = cublas.getPointerMode(handle)
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    try:
-        cublas.gemmEx(handle, opb, opa, m, n, k, one.ctypes.data, b.data.ptr, CUDA_R_16BF, ldb,
-                      a.data.ptr, CUDA_R_16BF, lda, beta.ctypes.data, out.data.ptr, CUDA_R_32F, ldc,
-                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
-    finally:
-        cublas.setPointerMode(handle, mode)
+    p_alpha, p_beta = _host_scalars(alpha, beta)
+    cublas.gemmEx(cublas_handle(), opb, opa, m, n, k, p_alpha, b.data.ptr, in_type, ldb,
+                  a.data.ptr, in_type, lda, p_beta, out.data.ptr, out_type, ldc, compute, CUBLAS_GEMM_DEFAULT)
     return out
 
 
+def matmul_bf16(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
+    """C = op(a) @ op(b) for bf16 (uint16) 2-D cupy arrays, float32 accumulation and float32 result.
+
+    With accumulate=True, C += op(a) @ op(b) into `out` (a gradient buffer, say; zeros when not given)."""
+    import cupy as cp
+    if accumulate and out is None:
+        M = a.shape[1] if trans_a else a.shape[0]
+        N = b.shape[0] if trans_b else b.shape[1]
+        out = cp.zeros((M, N), dtype=cp.float32)
+    return gemm(a, b, trans_a, trans_b, out, beta=1.0 if accumulate else 0.0)
+
+
 def set_tf32(flag: bool) -> None:
-    """Allow TF32 tensor cores for CuPy's float32 matmuls (cuBLAS), or go back to exact float32.
+    """Allow TF32 tensor cores for float32 matmuls (CuPy's and gemm's), or go back to exact float32.
 
     CuPy keeps one compute type per dtype: set_compute_type(dtype, compute_type) (CuPy 11-14; the constants
     are CuPy's own, not cuBLAS's: COMPUTE_TYPE_DEFAULT = 1, COMPUTE_TYPE_TF32 = 7 in CuPy 14)."""
+    global _tf32
     from cupy._core import _routines_linalg as lin
+    _tf32 = bool(flag)                   # gemm() below follows the same switch
     lin.set_compute_type(np.dtype(np.float32), lin.COMPUTE_TYPE_TF32 if flag else lin.COMPUTE_TYPE_DEFAULT)

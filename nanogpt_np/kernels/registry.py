@@ -1,17 +1,18 @@
 """Op name -> GPU (forward, backward) pair, or None when the reference composition (CuPy + cuBLAS) is used.
 
     from nanogpt_np.kernels import registry
-    pair = registry.lookup("layernorm")      # None on a name without a kernel (linear: cuBLAS via CuPy matmul)
+    pair = registry.lookup("layernorm")      # None on a name without a kernel
 
 Importing a wrapper module is cheap; its CUDA module is compiled on the first launch (compile.module) and
 cached for the process (and on disk by CuPy). Names:
 
-  contract ops (ops/*.py):   embedding, layernorm, gelu, cross_entropy, attention
+  contract ops (ops/*.py):   embedding, layernorm, gelu, cross_entropy, attention, linear, lm_head
                              lm_head_cross_entropy (chunked output layer + loss; bf16 or float32 gemms by precision)
   fused extras:              residual_layernorm, bias_gelu (meaning: kernels/references.py)
   attention variants:        attention_matmul (cuBLAS + fused softmax), attention_flash (bf16 tensor cores)
   optimizer:                 adamw -> (adamw_step, global_grad_norm), not a forward/backward pair
-  bf16 matmuls:              linear, lm_head -> linear_bf16 / lm_head_bf16, only after set_precision("bfloat16")
+  linear, lm_head:           one cuBLAS gemm per product (kernels/linear.py), float32/TF32 by default,
+                             bf16 with float32 accumulation after set_precision("bfloat16")
 
 `attention` resolves to the default variant, set_attention("matmul" | "flash") or the environment variable
 NANOGPT_ATTENTION changes it. `disable(name)` / `enable(name)` switch single kernels off for A/B checks.
@@ -34,8 +35,8 @@ _REFERENCE = {
                               "lm_head_cross_entropy_backward"),
     "attention_matmul": ("nanogpt_np.ops.attention", "attention_forward", "attention_backward"),
     "attention_flash": ("nanogpt_np.ops.attention", "attention_forward", "attention_backward"),
-    "linear_bf16": ("nanogpt_np.ops.linear", "linear_forward", "linear_backward"),
-    "lm_head_bf16": ("nanogpt_np.ops.linear", "lm_head_forward", "lm_head_backward"),
+    "linear": ("nanogpt_np.ops.linear", "linear_forward", "linear_backward"),
+    "lm_head": ("nanogpt_np.ops.linear", "lm_head_forward", "lm_head_backward"),
 }
 
 _TABLE = {
@@ -49,15 +50,15 @@ _TABLE = {
     "attention_matmul": ("softmax_attention", "attention_forward", "attention_backward"),
     "attention_flash": ("flash_attention", "attention_forward", "attention_backward"),
     "adamw": ("adamw", "adamw_step", "global_grad_norm"),
-    "linear_bf16": ("linear_bf16", "linear_forward", "linear_backward"),
-    "lm_head_bf16": ("linear_bf16", "lm_head_forward", "lm_head_backward"),
+    "linear": ("linear", "linear_forward", "linear_backward"),
+    "lm_head": ("linear", "lm_head_forward", "lm_head_backward"),
 }
 
 # The default until a GPU benchmark says otherwise: the matmul form is exact float32 (TF32 if enabled);
 # flash runs its matmuls in bf16 (set_attention("flash") or NANOGPT_ATTENTION=flash).
 _attention = os.environ.get("NANOGPT_ATTENTION", "matmul")
 _tf32 = False                 # float32 matmuls on TF32 tensor cores (configure(tf32=...); CuPy's default is off)
-_precision = "float32"        # "bfloat16": linear and lm_head use bf16 cuBLAS matmuls (linear_bf16.py)
+_precision = "float32"        # "bfloat16": linear and lm_head multiply in bf16 (kernels/linear.py)
 _disabled = set()
 _cache = {}
 
@@ -137,10 +138,6 @@ def resolve(name: str):
     """The table key an op name maps to (attention -> attention_<kind>), or None."""
     if name == "attention":
         name = "attention_" + _attention
-    elif name in ("linear", "lm_head"):
-        if _precision != "bfloat16":
-            return None                  # float32: CuPy's matmul (cuBLAS, TF32 if allowed) is the kernel
-        name += "_bf16"
     return name if name in _TABLE else None
 
 
@@ -184,12 +181,12 @@ def _guarded(key, pair):
         out, saved = getattr(importlib.import_module(mod_name), f)(*args, **kwargs)
         return out, (False, saved)
 
-    def backward(dout, saved):
+    def backward(dout, saved, **kwargs):
         used_kernel, saved = saved
         if used_kernel:
-            return kernel_bwd(dout, saved)
+            return kernel_bwd(dout, saved, **kwargs)
         mod_name, _, b = _REFERENCE[key]
-        return getattr(importlib.import_module(mod_name), b)(dout, saved)
+        return getattr(importlib.import_module(mod_name), b)(dout, saved, **kwargs)
 
     forward.__name__, backward.__name__ = f"{key}_forward", f"{key}_backward"
     forward.kernel, backward.kernel = kernel_fwd, kernel_bwd          # the raw kernel pair (benchmarks)

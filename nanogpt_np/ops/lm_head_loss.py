@@ -35,9 +35,10 @@ def chunks(n_rows, chunk_rows):
     return [(r0, min(n_rows, r0 + chunk_rows)) for r0 in range(0, n_rows, chunk_rows)]
 
 
-def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad=True, chunk_rows=CHUNK_ROWS):
+def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad=True, chunk_rows=CHUNK_ROWS,
+                                  wte_bf16=None):
     """x (N, C), wte (V, C), targets (N,) -> mean loss over kept rows (0-d), saved (dx, dwte) for d loss = 1
-    (both None when with_grad is false)."""
+    (both None when with_grad is false). wte_bf16 (the model's bf16 copy, for the GPU kernel) is not used here."""
     xp = backend.xp_of(x)
     N = x.shape[0]
     kept = targets != ignore_index                                    # (N,) bool
@@ -88,7 +89,8 @@ def lm_head_cross_entropy(x: Tensor, wte: Tensor, targets, ignore_index: int = -
     forward, backward = implementation("lm_head_cross_entropy", x.data, lm_head_cross_entropy_forward,
                                        lm_head_cross_entropy_backward)
     loss, saved = forward(x.data.reshape(-1, C), wte.data, targets.reshape(-1), ignore_index,
-                          with_grad=with_grad, chunk_rows=CHUNK_ROWS if chunk_rows is None else chunk_rows)
+                          with_grad=with_grad, chunk_rows=CHUNK_ROWS if chunk_rows is None else chunk_rows,
+                          wte_bf16=wte.data_bf16)
 
     def backward_fn(dloss):
         dx, dwte = backward(dloss, saved)

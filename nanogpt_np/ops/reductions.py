@@ -12,7 +12,8 @@ from .. import backend
 _ones_cache = {}
 
 
-def _ones(n, like):
+def ones(n, like):
+    """A cached vector of n ones of like's dtype, on like's device (do not write into it)."""
     xp = backend.xp_of(like)
     key = (n, str(like.dtype), xp.__name__)
     if key not in _ones_cache:
@@ -22,12 +23,12 @@ def _ones(n, like):
 
 def sum_rows(x):
     """(N, C) -> (C,): the sum over the rows (axis 0), e.g. a bias gradient."""
-    return _ones(x.shape[0], x) @ x
+    return ones(x.shape[0], x) @ x
 
 
 def sum_last(x, keepdims=True):
     """(..., C) -> (..., 1): the sum over the last axis."""
-    s = x @ _ones(x.shape[-1], x)
+    s = x @ ones(x.shape[-1], x)
     return s[..., None] if keepdims else s
 
 

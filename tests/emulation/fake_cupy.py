@@ -35,7 +35,10 @@ class ndarray(np.ndarray):
 
     @property
     def data(self):
-        return MemoryPointer(self.__array_interface__["data"][0])
+        """CuPy's MemoryPointer: .ptr, the address (which also remembers the array, for cuBLAS), memset_async."""
+        ptr = _DevicePointer(self.__array_interface__["data"][0])
+        ptr.array = self
+        return MemoryPointer(ptr)
 
     def set(self, arr, stream=None):
         """cupy.ndarray.set (cupy/_core/core.pyx): a numpy array of the same dtype and shape, copied in."""
@@ -66,6 +69,12 @@ class MemoryPointer:
         mem[:size] = value & 0xFF
 
 
+class _DevicePointer(int):
+    """A device address as CuPy's `.data.ptr` gives it (an int), plus the array it points into, so that the fake
+    cuBLAS finds the memory of any array (one made by a ufunc or a view, which no allocation call registered).
+    Arithmetic on it (ptr + offset) gives a plain int, resolved through the registered allocations."""
+
+
 DeviceArray = ndarray      # every fake device array is one (a tracer may swap `ndarray` for a subclass of it)
 _live = weakref.WeakValueDictionary()      # address of an allocation -> the array (resolves raw pointers)
 
@@ -74,7 +83,7 @@ def _wrap(a):
     if isinstance(a, np.ndarray) and not isinstance(a, ndarray):
         a = a.view(ndarray)
     if isinstance(a, ndarray) and a.flags.c_contiguous and a.size:
-        _live.setdefault(a.data.ptr, a)       # resolves raw pointers into this memory
+        _live.setdefault(a.__array_interface__["data"][0], a)       # resolves raw pointers into this memory
     return a
 
 
@@ -94,7 +103,7 @@ def _poisoned(shape, dtype):
     elif dtype.kind in "iu":
         a.fill(-1 if dtype.kind == "i" else np.iinfo(dtype).max)
     b = a.view(ndarray)
-    _live[b.data.ptr] = b
+    _live[b.__array_interface__["data"][0]] = b
     return b
 
 
@@ -309,7 +318,7 @@ cuda = types.SimpleNamespace(
     get_current_stream=lambda: _Stream(),
     Stream=_Stream,
     device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
-    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1,
+    runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0,
                                   getDeviceProperties=lambda device: {"name": _device["name"].encode(),
                                                                  "multiProcessorCount": _device["sms"]},
                                   runtimeGetVersion=lambda: 13000),
@@ -324,6 +333,13 @@ def get_default_memory_pool():
 
 
 # ----------------------------------------------------------------------------------------------- arguments
+
+def _memory_at(ptr):
+    """What a library call sees at the address `ptr`: the array's memory from there on (see _DevicePointer)."""
+    if isinstance(ptr, _DevicePointer):
+        return _device_memory(ptr.array)
+    return _resolve(np.uint64(ptr))
+
 
 def _resolve(ptr):
     """A raw address (np.uint64) -> (the allocation holding it, element offset), or None for NULL."""
@@ -759,23 +775,64 @@ def emulate(module, kernel, grid, block, args, shared_mem):
 
 # ------------------------------------------------------------------------------------------------- cuBLAS
 
+CUBLAS_COMPUTE = {68: "32F", 69: "32F_PEDANTIC", 77: "32F_FAST_TF32"}      # the compute types the fake knows
+_pointer_modes = {0: 0}         # cuBLAS handle -> pointer mode (0 = HOST); handle 0 is CuPy's (get_cublas_handle)
+
+
+def _create():
+    """cublasCreate: a new handle, in pointer mode HOST as cuBLAS makes it."""
+    handle = max(_pointer_modes) + 1
+    _pointer_modes[handle] = 0
+    return handle
+
+
+def _get_pointer_mode(handle):
+    return _pointer_modes[handle]
+
+
+def _set_pointer_mode(handle, mode):
+    assert mode in (0, 1), f"pointer mode {mode}"
+    _pointer_modes[handle] = mode
+
+
+def _tf32(x):
+    """float32 values rounded to TF32 (10 mantissa bits, round to nearest even), as the tensor cores read them."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0xFFF + ((u >> 13) & 1)) & ~np.uint64(0x1FFF)
+    return (u & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+
+
 def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc, computeType,
              algo):
-    """cublasGemmEx on fake-device buffers (column-major), bf16 (14) or float32 (0) operands."""
+    """cublasGemmEx on fake-device buffers (column-major): bf16 (14) or float32 (0) operands, a float32 or bf16
+    result, compute type 32F (exact float32; bf16 inputs are exact in it) or 32F_FAST_TF32 (float32 inputs
+    rounded to TF32). alpha and beta are read from host memory: the handle must be in pointer mode HOST."""
+    assert _pointer_modes[handle] == 0, "alpha/beta are host pointers but the handle is in pointer mode DEVICE"
+    assert Atype == Btype and Atype in (0, 14) and Ctype in (0, 14), (Atype, Btype, Ctype)
+    assert computeType in CUBLAS_COMPUTE and algo == -1, (computeType, algo)
+    assert not (Atype == 14 and computeType == 77), "bf16 inputs with a TF32 compute type"
+
     def mat(ptr, dtype, rows, cols, ld, op):
-        buf = _resolve(np.uint64(ptr))
-        vals = bf16_to_float32(buf) if dtype == 14 else buf
+        buf = _memory_at(ptr)
+        assert buf.dtype == (np.uint16 if dtype == 14 else np.float32), (buf.dtype, dtype)
         sr, sc = (rows, cols) if op == 0 else (cols, rows)
-        assert ld >= max(1, sr)
-        X = np.asarray(vals[:ld * sc], dtype=np.float64).reshape(sc, ld).T[:sr]
+        assert ld >= max(1, sr) and buf.size >= ld * (sc - 1) + sr, "matrix runs past its allocation"
+        vals = buf[:ld * (sc - 1) + sr]
+        vals = bf16_to_float32(vals) if dtype == 14 else (_tf32(vals) if computeType == 77 else vals)
+        vals = np.concatenate([vals, np.zeros(ld * sc - vals.size, vals.dtype)])
+        X = np.asarray(vals, dtype=np.float64).reshape(sc, ld).T[:sr]
         return X if op == 0 else X.T
     a_, b_ = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
     prod = mat(A, Atype, m, k, lda, transa) @ mat(B, Btype, k, n, ldb, transb)
-    cbuf = _resolve(np.uint64(C))
-    assert Ctype == 0 and cbuf.dtype == np.float32 and ldc >= m
-    cm = cbuf[:ldc * n].reshape(n, ldc).T
-    old = np.nan_to_num(cm[:m].astype(np.float64)) if b_ == 0 else cm[:m].astype(np.float64)
-    cm[:m] = a_ * prod + b_ * old
+    cbuf = _memory_at(C)
+    assert cbuf.dtype == (np.uint16 if Ctype == 14 else np.float32) and ldc >= m
+    assert cbuf.size >= ldc * (n - 1) + m, "C runs past its allocation"
+    flat = cbuf[:ldc * (n - 1) + m]
+    idx = (np.arange(n)[:, None] * ldc + np.arange(m)[None, :]).T          # (m, n) column-major positions
+    cur = bf16_to_float32(flat[idx]) if Ctype == 14 else flat[idx]
+    old = np.nan_to_num(cur.astype(np.float64)) if b_ == 0 else cur.astype(np.float64)
+    res = (a_ * prod + b_ * old).astype(np.float32)     # float32 accumulator, rounded to C's type
+    flat[idx] = float32_to_bf16(res) if Ctype == 14 else res
 
 
 # cupy._core._routines_linalg as CuPy 14 has it: the constants are CuPy's own (not cuBLAS's), and the compute
@@ -820,9 +877,11 @@ def install(monkeypatch, kernels="numpy", sms=None):
     monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", this.cuda.nccl)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
     cublas.gemmEx = _gemm_ex
-    cublas.getPointerMode = lambda handle: 0
-    cublas.setPointerMode = lambda handle, mode: None
+    cublas.create = _create
+    cublas.getPointerMode = _get_pointer_mode
+    cublas.setPointerMode = _set_pointer_mode
     cublas.CUBLAS_POINTER_MODE_HOST = 0
+    cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
     libs = types.ModuleType("cupy_backends.cuda.libs")
     libs.cublas = cublas
     for name, mod in (("cupy_backends", types.ModuleType("cupy_backends")),
@@ -832,6 +891,8 @@ def install(monkeypatch, kernels="numpy", sms=None):
     sys.modules["cupy_backends"].cuda = sys.modules["cupy_backends.cuda"]
     sys.modules["cupy_backends.cuda"].libs = libs
     linalg = _linalg_module()
+    from nanogpt_np.kernels import precision
+    monkeypatch.setattr(precision, "_tf32", False)      # a fresh CuPy multiplies float32 exactly; gemm() mirrors it
     core = types.ModuleType("cupy._core")
     core._routines_linalg = linalg
     monkeypatch.setattr(this, "_core", core, raising=False)

@@ -8,7 +8,7 @@
 What is recorded (one `Op` each), only for calls made by the project's code (what the fake does inside an
 emulation is not recorded):
   kernel   a launch of one of our CUDA kernels (compile.launch), with its grid, block and scalar arguments
-  gemm     a cuBLAS gemmEx call (precision.matmul_bf16), with m, n, k, the operand types and beta
+  gemm     a cuBLAS gemmEx call (precision.gemm), with m, n, k, the operand types, beta and compute type
   matmul   cupy.matmul / `@` (cuBLAS through CuPy), with the operands' shapes and whether CuPy must copy them
   elementwise, reduction, copy, cast, gather, scatter, fill, memset
            a CuPy elementwise or reduction kernel: a ufunc, a method such as astype/copy/fill, x[...] = y,
@@ -16,7 +16,7 @@ emulation is not recorded):
   alloc    a new array from the memory pool (bytes), with the live total after it (for the peak)
   h2d, d2h host <-> device copies (d2h also waits for the device: a sync)
   view     a reshape/transpose/slice that CuPy does without touching memory (a host-side cost only)
-  host     other host-side library calls (cuBLAS pointer mode)
+  host     other host-side library calls (cuBLAS handle creation and pointer mode)
 
 With shape_only=True nothing is computed: new arrays are zero pages that are never touched (mmap), kernel
 emulations and cuBLAS calls are skipped, and every op returns an output of the right shape and dtype. A GPT-2
@@ -67,7 +67,9 @@ FAMILIES = {
     ("nanogpt_np.kernels.precision", "to_bf16"): "casts",
     ("nanogpt_np.kernels.precision", "to_float32"): "casts",
     ("nanogpt_np.kernels.precision", "matmul_bf16"): None,
-    "nanogpt_np.kernels.linear_bf16": "matmul",
+    ("nanogpt_np.kernels.precision", "gemm"): None,
+    ("nanogpt_np.kernels.precision", "cublas_handle"): None,
+    "nanogpt_np.kernels.linear": "matmul",
     "nanogpt_np.ops.linear": "matmul",
     "nanogpt_np.kernels.softmax_attention": "attention",
     "nanogpt_np.kernels.flash_attention": "attention",
@@ -323,8 +325,10 @@ class Tracer:
         cublas = sys.modules["cupy_backends.cuda.libs.cublas"]
         self._gemm_emulation = cublas.gemmEx
         p.setattr(cublas, "gemmEx", self._gemm)
+        create, set_mode = cublas.create, cublas.setPointerMode
+        p.setattr(cublas, "create", lambda: self._host_call("cublasCreate", create()))
         p.setattr(cublas, "getPointerMode", lambda h: self._host_call("cublasGetPointerMode", 0))
-        p.setattr(cublas, "setPointerMode", lambda h, m: self._host_call("cublasSetPointerMode"))
+        p.setattr(cublas, "setPointerMode", lambda h, m: self._host_call("cublasSetPointerMode", set_mode(h, m)))
         linalg = sys.modules["cupy._core._routines_linalg"]
         self._fake_set_compute_type = linalg.set_compute_type
         p.setattr(linalg, "set_compute_type", self._set_compute_type)

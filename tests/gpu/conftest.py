@@ -51,7 +51,7 @@ _COST = {
     "test_attention_flash": lambda p: p["B"] * p["C"] // 64 * math.ceil(p["T"] / 64) ** 2 * 4000,
     "test_bf16_device_conversions_match_numpy": lambda p: 1_000_003,
     "test_matmul_bf16": lambda p: p["M"] * p["K"] + p["K"] * p["N"],
-    "test_linear_bf16": lambda p: p["N"] * p["Cin"] + p["Cin"] * p["Cout"] + p["N"] * p["Cout"],
+    "test_linear": lambda p: p["N"] * p["Cin"] + p["Cin"] * p["Cout"] + p["N"] * p["Cout"],
 }
 
 def pytest_collection_modifyitems(config, items):

@@ -343,6 +343,66 @@ def test_matmul_bf16(cp, M, K, N, ta, tb):
     assert rel_err(to_np(out), a.astype(np.float64) @ b.astype(np.float64)) < 1e-5
 
 
+def tf32_round(x):
+    """float32 -> the nearest TF32 value (10 mantissa bits, ties to even), as the tensor cores read float32."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0xFFF + ((u >> 13) & 1)) & ~np.uint64(0x1FFF)
+    return (u & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("kind", ["float32", "tf32", "bf16", "bf16_out"])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (1.0, 1.0), (0.5, -2.0)])
+def test_gemm(cp, poison, ta, tb, kind, alpha, beta):
+    """precision.gemm: C = alpha op(A) op(B) + beta C, every transpose, float32 (exact, TF32) and bf16 inputs,
+    float32 or bf16 results, against float64 NumPy on the values the hardware reads."""
+    from nanogpt_np.kernels import precision
+    M, K, N = 37, 70, 29
+    a, b, c = randn(M, K), randn(K, N), randn(M, N)
+    if kind.startswith("bf16"):
+        a, b = round_to_bf16(a), round_to_bf16(b)
+        A, B = (precision.to_bf16(cp.asarray(x)) for x in (a.T.copy() if ta else a, b.T.copy() if tb else b))
+        reads = a, b
+    else:
+        A, B = (cp.asarray(x) for x in (a.T.copy() if ta else a, b.T.copy() if tb else b))
+        reads = (tf32_round(a), tf32_round(b)) if kind == "tf32" else (a, b)
+    out_bf16 = kind == "bf16_out"
+    if out_bf16:
+        c = round_to_bf16(c)
+    poison()
+    C = None
+    if beta != 0:
+        C = precision.to_bf16(cp.asarray(c)) if out_bf16 else cp.asarray(c.copy())
+    got = precision.gemm(A, B, ta, tb, C, alpha=alpha, beta=beta, tf32=(kind == "tf32"),
+                         out_dtype=np.uint16 if out_bf16 else None)
+    assert got.shape == (M, N) and got.dtype == (np.uint16 if out_bf16 else np.float32)
+    if C is not None:
+        assert got is C                                           # written in place
+    want = alpha * (f64(reads[0])[0] @ f64(reads[1])[0]) + (beta * c.astype(np.float64) if beta else 0.0)
+    got = bf16_to_float32(to_np(got)) if out_bf16 else to_np(got)
+    if kind != "tf32":
+        assert rel_err(got, want) < (2 ** -8 if out_bf16 else 1e-5)
+        return
+    exact = alpha * (f64(a)[0] @ f64(b)[0]) + (beta * c.astype(np.float64) if beta else 0.0)
+    assert rel_err(got, exact) < 5e-3                  # TF32: 10 mantissa bits per input, float32 accumulation
+    if str(getattr(cp, "__version__", "")).startswith("fake"):
+        # the fake's cuBLAS rounds inputs to nearest TF32 for compute type 32F_FAST_TF32 (and only for it): the
+        # wrapper passed that compute type, and the exact one otherwise (the other kinds above)
+        assert rel_err(got, want) < 1e-5 and rel_err(got, exact) > 1e-5
+    # (on a GPU, cuBLAS may round or truncate to TF32, or pick a non-tensor-core kernel for so small a product)
+
+
+def test_gemm_refuses_mixed_operands_and_a_missing_c(cp):
+    from nanogpt_np.kernels import precision
+    a, b = cp.asarray(randn(4, 5)), cp.asarray(randn(5, 3))
+    with pytest.raises(TypeError):
+        precision.gemm(a, precision.to_bf16(b))
+    with pytest.raises(ValueError):
+        precision.gemm(a, b, beta=1.0)                            # beta != 0 needs the C to add into
+    with pytest.raises(ValueError):
+        precision.gemm(a, a)
+
+
 def test_registry_falls_back_for_float64(cp):
     """float64 arrays (the gradient checks) go to the reference, not to a float32 kernel."""
     x, w, b = (cp.asarray(a, dtype=cp.float64) for a in (randn(4, 8), randn(8), randn(8)))
@@ -353,34 +413,63 @@ def test_registry_falls_back_for_float64(cp):
     assert rel_err(to_np(y), ry) < 1e-12
 
 
+@pytest.fixture(params=["float32", "bfloat16"])
+def precision_mode(request):
+    old = registry.precision()
+    registry.set_precision(request.param)
+    yield request.param
+    registry.set_precision(old)
+
+
 @pytest.mark.parametrize("N,Cin,Cout,bias", [(5, 7, 3, True), (300, 768, 2304, True), (1000, 3072, 768, False)])
-def test_linear_bf16(cp, N, Cin, Cout, bias):
-    """bf16 operands, float32 accumulation: against float64 on the same bf16-rounded operands."""
-    from nanogpt_np.kernels import linear_bf16
+@pytest.mark.parametrize("into", [False, True])
+def test_linear(cp, precision_mode, N, Cin, Cout, bias, into):
+    """kernels/linear.py in both precisions (bf16: operands rounded to bf16, float32 accumulation; compared on
+    the same bf16-rounded operands), with the weight gradients returned or added into given buffers."""
+    from nanogpt_np.kernels import linear as klin
     lin = importlib.import_module("nanogpt_np.ops.linear")
     x, w = round_to_bf16(randn(N, Cin)), round_to_bf16(randn(Cin, Cout))
     b = randn(Cout) if bias else None
-    y, saved = linear_bf16.linear_forward(cp.asarray(x), cp.asarray(w), None if b is None else cp.asarray(b))
+    y, saved = klin.linear_forward(cp.asarray(x), cp.asarray(w), None if b is None else cp.asarray(b))
     ry, rsaved = lin.linear_forward(x.astype(np.float64), w.astype(np.float64), None if b is None else b.astype(np.float64))
     assert rel_err(to_np(y), ry) < 1e-5
     dy = round_to_bf16(randn(N, Cout))
-    dx, dw, db = linear_bf16.linear_backward(cp.asarray(dy), saved)
+    dw0, db0 = randn(Cin, Cout), randn(Cout)                     # what the buffers held before
+    dw_into, db_into = (cp.asarray(dw0.copy()), cp.asarray(db0.copy())) if into else (None, None)
+    dx, dw, db = klin.linear_backward(cp.asarray(dy), saved, dw_into=dw_into, db_into=db_into if bias else None)
     rdx, rdw, rdb = lin.linear_backward(dy.astype(np.float64), rsaved)
-    assert rel_err(to_np(dx), rdx) < 1e-5 and rel_err(to_np(dw), rdw) < 1e-5
-    assert (db is None) == (not bias) and (db is None or rel_err(to_np(db), rdb) < 1e-5)
+    assert rel_err(to_np(dx), rdx) < 1e-5
+    if into:
+        assert dw is None and db is None                         # added into the buffers instead
+        assert rel_err(to_np(dw_into), dw0 + rdw) < 1e-5
+        assert rel_err(to_np(db_into), db0 + rdb if bias else db0) < 1e-5
+    else:
+        assert rel_err(to_np(dw), rdw) < 1e-5
+        assert (db is None) == (not bias) and (db is None or rel_err(to_np(db), rdb) < 1e-5)
 
 
-def test_lm_head_bf16(cp):
-    from nanogpt_np.kernels import linear_bf16
+@pytest.mark.parametrize("into", [False, True])
+def test_lm_head(cp, precision_mode, into):
+    from nanogpt_np.kernels import linear as klin
     lin = importlib.import_module("nanogpt_np.ops.linear")
     x, wte = round_to_bf16(randn(77, 64)), round_to_bf16(randn(1001, 64))
-    y, saved = linear_bf16.lm_head_forward(cp.asarray(x), cp.asarray(wte))
+    wte_bf16 = None
+    if precision_mode == "bfloat16":            # a bf16 copy of the weight (the model keeps one) is multiplied
+        from nanogpt_np.kernels import precision
+        wte_bf16 = precision.to_bf16(cp.asarray(wte))
+    y, saved = klin.lm_head_forward(cp.asarray(x), cp.asarray(wte), wte_bf16=wte_bf16)
     ry, rsaved = lin.lm_head_forward(x.astype(np.float64), wte.astype(np.float64))
     assert rel_err(to_np(y), ry) < 1e-5
     d = round_to_bf16(randn(77, 1001))
-    dx, dwte = linear_bf16.lm_head_backward(cp.asarray(d), saved)
+    g0 = randn(1001, 64)
+    into_buf = cp.asarray(g0.copy()) if into else None
+    dx, dwte = klin.lm_head_backward(cp.asarray(d), saved, dwte_into=into_buf)
     rdx, rdwte = lin.lm_head_backward(d.astype(np.float64), rsaved)
-    assert rel_err(to_np(dx), rdx) < 1e-5 and rel_err(to_np(dwte), rdwte) < 1e-5
+    assert rel_err(to_np(dx), rdx) < 1e-5
+    if into:
+        assert dwte is None and rel_err(to_np(into_buf), g0 + rdwte) < 1e-5
+    else:
+        assert rel_err(to_np(dwte), rdwte) < 1e-5
 
 
 # ---------------------------------------------------------------------------- chunked output layer + cross-entropy

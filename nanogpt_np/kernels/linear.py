@@ -1,0 +1,82 @@
+"""The linear layers and the tied output head on the GPU: one cuBLAS gemm per product (precision.gemm).
+
+Registered as "linear" and "lm_head" for both precisions; same contracts as ops/linear.py:
+    linear:  forward(x (N, Cin), w (Cin, Cout), b or None, w_bf16=None) -> y (N, Cout)
+             backward(dy, saved, dw_into=None, db_into=None) -> dx, dw, db
+    lm_head: forward(x (N, C), wte (V, C), wte_bf16=None) -> logits (N, V)
+             backward(dlogits, saved, dwte_into=None) -> dx, dwte
+Weight gradients: given `dw_into` (the parameter's slice of the flat gradient buffer), the gemm adds x.T @ dy
+into it with beta = 1 and the backward returns None for dw, so nothing else touches the buffer. Bias gradients
+likewise, as ones(N) @ dy (a gemm with one row, exact float32).
+
+float32 (registry.precision() == "float32"): the gemms read the float32 arrays, TF32 or exact (set_tf32).
+bfloat16: the gemms read bf16 copies and accumulate in float32. The weight's copy is `w_bf16`, a view into the
+model's bf16 copy of all weights (kept current by model.py, refreshed by the optimizer); without one the weight
+is rounded here. Activations are rounded unless a kernel already wrote them as bf16 (uint16). The saved
+activation is the bf16 copy of x: half the memory of the float32 one. Bias add and bias gradient stay float32.
+"""
+import numpy as np
+
+from . import precision, registry
+from ..ops.reductions import ones
+
+
+def _matmul_operands(x, w, w_bf16):
+    """(x, w) as the gemm reads them in the current precision."""
+    if registry.precision() == "bfloat16":
+        return precision.as_bf16(x), (w_bf16 if w_bf16 is not None else precision.to_bf16(w))
+    return (precision.to_float32(x) if x.dtype == np.uint16 else x), w
+
+
+def _like_operands(d, operand):
+    """An incoming gradient in the precision of the saved operands (bf16 when they are)."""
+    return precision.as_bf16(d) if operand.dtype == np.uint16 else d
+
+
+def _bias_grad(dy, db_into):
+    """db = sum over the rows of dy (N, Cout) = ones(1, N) @ dy, added into db_into when given (then None)."""
+    if dy.dtype == np.uint16:                                # a gradient a kernel wrote as bf16: sum it in float32
+        dy = precision.to_float32(dy)
+    ones_row = ones(dy.shape[0], dy).reshape(1, -1)         # (1, N) float32, cached
+    if db_into is None:
+        return precision.gemm(ones_row, dy, tf32=False).reshape(-1)
+    precision.gemm(ones_row, dy, out=db_into.reshape(1, -1), beta=1.0, tf32=False)
+    return None
+
+
+def linear_forward(x, w, b, w_bf16=None):
+    xm, wm = _matmul_operands(x, w, w_bf16)
+    y = precision.gemm(xm, wm)                               # (N, Cin) @ (Cin, Cout) -> (N, Cout) float32
+    if b is not None:
+        y += b
+    return y, (xm, wm, b is not None)
+
+
+def linear_backward(dy, saved, dw_into=None, db_into=None):
+    xm, wm, has_bias = saved
+    dym = _like_operands(dy, wm)
+    dx = precision.gemm(dym, wm, trans_b=True)               # (N, Cout) @ (Cout, Cin)
+    if dw_into is None:
+        dw = precision.gemm(xm, dym, trans_a=True)           # (Cin, N) @ (N, Cout)
+    else:
+        precision.gemm(xm, dym, trans_a=True, out=dw_into, beta=1.0)    # dw_into += x.T @ dy, in place
+        dw = None                                            # already in the buffer: nothing for the tape to add
+    db = _bias_grad(dy, db_into) if has_bias else None     # float32 dy, also with bf16 matmuls
+    return dx, dw, db
+
+
+def lm_head_forward(x, wte, wte_bf16=None):
+    xm, wm = _matmul_operands(x, wte, wte_bf16)
+    return precision.gemm(xm, wm, trans_b=True), (xm, wm)   # (N, C) @ (C, V) -> (N, V)
+
+
+def lm_head_backward(dlogits, saved, dwte_into=None):
+    xm, wm = saved
+    dm = _like_operands(dlogits, wm)
+    dx = precision.gemm(dm, wm)                              # (N, V) @ (V, C)
+    if dwte_into is None:
+        dwte = precision.gemm(dm, xm, trans_a=True)          # (V, N) @ (N, C)
+    else:
+        precision.gemm(dm, xm, trans_a=True, out=dwte_into, beta=1.0)   # dwte_into += dlogits.T @ x, in place
+        dwte = None
+    return dx, dwte

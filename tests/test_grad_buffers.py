@@ -1,0 +1,177 @@
+"""Weight gradients summed straight into the flat gradient buffer, and the model's bf16 copy of its weights.
+
+1. ops/linear.py hands a parameter's gradient buffer to the backward (dw_into), which adds into it (a gemm with
+   beta = 1 on the GPU) and returns None. The gradients must be those of the other branch of the same contract,
+   where the backward returns dw and the tape adds it: parameters without buffers. Checked on the CPU and on the
+   fake GPU (float32 and bf16), over 2 micro-batches weighted as the trainer weights them, with the tied wte
+   (its gradient comes from the embedding, added by the tape, and from the head, added by the gemm).
+2. model.flat_params_bf16: after anything writes the weights (load_params, the optimizer, fused or not), the
+   next forward equals that of a fresh model holding the same weights.
+"""
+import numpy as np
+import pytest
+
+from nanogpt_np import backend
+from nanogpt_np.kernels import registry
+from nanogpt_np.model import GPT, GPTConfig
+from nanogpt_np.optim import AdamW
+from nanogpt_np.tensor import backward
+
+CFG = GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+
+
+@pytest.fixture(params=["cpu", "gpu-float32", "gpu-bfloat16"])
+def device(request, monkeypatch):
+    """The CPU, or the fake GPU (tests/emulation/fake_cupy.py, NumPy kernel emulations) in one precision."""
+    if request.param != "cpu":
+        from emulation import fake_cupy
+        fake = fake_cupy.install(monkeypatch)
+        monkeypatch.setattr(backend, "_cupy", fake)
+        monkeypatch.setattr(backend, "_device", "cuda")
+        monkeypatch.setattr(registry, "_precision", request.param.split("-")[1])
+    return request.param
+
+
+def _batches(seed):
+    r = np.random.default_rng(seed)
+    out = []
+    for n_masked in (0, 5):                               # micro-batches with different numbers of targets
+        x, y = r.integers(0, CFG.vocab_size, (2, 16)), r.integers(0, CFG.vocab_size, (2, 16))
+        y[0, :n_masked] = -1
+        out.append((x, y))
+    return out
+
+
+def _gradients(model, batches, use_buffers=True):
+    """{name: gradient} summed over the micro-batches, each weighted by its share of the targets (trainer)."""
+    if not use_buffers:                                    # the other branch: the tape sums returned gradients
+        for t in model.params.values():
+            t.grad, t._grad_is_buffer = None, False
+    model.zero_grad()
+    counts = [int((y != -1).sum()) for _, y in batches]
+    for (x, y), n in zip(batches, counts):
+        _, loss = model(backend.to_device(x), backend.to_device(y))
+        backward(loss, grad=backend.xp_of(loss.data).full((), n / sum(counts), loss.dtype))
+    return {name: backend.to_numpy(t.grad).astype(np.float64) for name, t in model.params.items()}
+
+
+def _compare(got, want, tol=1e-6):
+    worst = max(np.abs(got[n] - want[n]).max() / max(np.abs(want[n]).max(), 1e-30) for n in want)
+    assert worst < tol, worst
+
+
+def test_buffer_gradients_equal_returned_gradients(device):
+    batches = _batches(1)
+    got = _gradients(GPT(CFG, seed=4), batches)
+    want = _gradients(GPT(CFG, seed=4), batches, use_buffers=False)
+    _compare(got, want)
+    assert np.abs(got["wte.weight"]).max() > 0 and np.abs(got["h.0.attn.c_attn.weight"]).max() > 0
+
+
+def test_linear_weight_gradients_go_into_the_buffer_not_through_the_tape(device, monkeypatch):
+    """The tape adds nothing for a linear weight that has a buffer: the op did (and a second add would double)."""
+    from nanogpt_np.tensor import Tensor
+    added = []
+    original = Tensor.accumulate_grad
+    monkeypatch.setattr(Tensor, "accumulate_grad", lambda t, g: (added.append(t.name), original(t, g))[1])
+    model = GPT(CFG, seed=4)
+    x, y = _batches(1)[0]
+    model.zero_grad()
+    _, loss = model(backend.to_device(x), backend.to_device(y))
+    backward(loss)
+    assert not any(n and (n.endswith("attn.weight") or n.endswith("proj.weight") or n.endswith("c_fc.weight"))
+                   for n in added), added
+    assert added.count("wte.weight") == 1                 # the embedding's part; the head's went in directly
+
+
+def test_negative_control_overwriting_instead_of_adding_is_caught(device, monkeypatch):
+    """If the backward wrote its gradient into the buffer instead of adding to it (beta = 0), the wte and the
+    second micro-batch would lose what was there: the comparison above must fail."""
+    lin = __import__("nanogpt_np.ops.linear", fromlist=["_add_into"])
+
+    def overwrite(buffer, g):
+        if buffer is None:
+            return g
+        buffer[...] = g
+        return None
+    monkeypatch.setattr(lin, "_add_into", overwrite)
+    if device != "cpu":
+        from nanogpt_np.kernels import precision
+        gemm = precision.gemm
+        monkeypatch.setattr(precision, "gemm", lambda *a, **k: gemm(*a, **{**k, "beta": 0.0}))
+    batches = _batches(1)
+    got = _gradients(GPT(CFG, seed=4), batches)
+    want = _gradients(GPT(CFG, seed=4), batches, use_buffers=False)
+    with pytest.raises(AssertionError):
+        _compare(got, want)
+
+
+# ---------------------------------------------------------------------------------- the bf16 copy of the weights
+
+def _logits(model, x):
+    logits, _ = model(backend.to_device(x))
+    return backend.to_numpy(logits.data).astype(np.float64)
+
+
+def _fresh(weights):
+    fresh = GPT(CFG, seed=99)
+    fresh.load_params(weights)
+    return fresh
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_forward_after_writes_equals_a_fresh_model(device, fused):
+    """load_params, then optimizer steps (the fused kernel writes the copy; the array-code AdamW does not): each
+    time the next forward equals that of a fresh model loaded with the same weights."""
+    if not fused:
+        registry.disable("adamw")
+    try:
+        x, _ = _batches(2)[0]
+        model = GPT(CFG, seed=4)
+        _logits(model, x)                                             # makes the bf16 copy (bf16 on the GPU)
+        weights = GPT(CFG, seed=5).state_dict()
+        model.load_params(weights)
+        np.testing.assert_array_equal(_logits(model, x), _logits(_fresh(weights), x))
+        opt = AdamW(model, lr=1e-2)
+        for batches in (_batches(3), _batches(4)):
+            _gradients(model, batches)
+            opt.step()
+            np.testing.assert_array_equal(_logits(model, x), _logits(_fresh(model.state_dict()), x))
+    finally:
+        registry.enable("adamw")
+    if device == "gpu-bfloat16":
+        assert model.flat_params_bf16 is not None and model.params["wte.weight"].data_bf16 is not None
+    else:
+        assert model.flat_params_bf16 is None
+
+
+def test_fused_step_refreshes_the_copy_without_a_conversion_pass(device, monkeypatch):
+    if device != "gpu-bfloat16":
+        pytest.skip("the bf16 copy exists with bf16 matmuls on the GPU only")
+    from nanogpt_np.kernels import precision
+    model = GPT(CFG, seed=4)
+    opt = AdamW(model, lr=1e-2)
+    x, _ = _batches(2)[0]
+    _gradients(model, _batches(3))                     # first forward: one conversion of the whole buffer
+    conversions = []
+    to_bf16 = precision.to_bf16
+    monkeypatch.setattr(precision, "to_bf16", lambda a, out=None: (conversions.append(a.size), to_bf16(a, out))[1])
+    opt.step()
+    _logits(model, x)
+    assert model.flat_params.size not in conversions   # the AdamW kernel wrote the copy as it updated
+
+
+def test_negative_control_a_write_without_params_written_is_stale(device):
+    """Writing flat_params behind the model's back (no params_written()) leaves the bf16 copy stale: the check
+    above would see it. (With float32 matmuls there is no copy, and nothing can be stale.)"""
+    if device != "gpu-bfloat16":
+        pytest.skip("the bf16 copy exists with bf16 matmuls on the GPU only")
+    x, _ = _batches(2)[0]
+    model = GPT(CFG, seed=4)
+    _logits(model, x)
+    weights = GPT(CFG, seed=5).state_dict()
+    for name, t in model.params.items():
+        t.data[...] = backend.to_device(weights[name])          # no params_written()
+    assert not np.array_equal(_logits(model, x), _logits(_fresh(weights), x))
+    model.params_written()
+    np.testing.assert_array_equal(_logits(model, x), _logits(_fresh(weights), x))
