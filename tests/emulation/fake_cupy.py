@@ -893,6 +893,8 @@ def install(monkeypatch, kernels="numpy", sms=None):
     linalg = _linalg_module()
     from nanogpt_np.kernels import precision
     monkeypatch.setattr(precision, "_tf32", False)      # a fresh CuPy multiplies float32 exactly; gemm() mirrors it
+    from nanogpt_np.ops import reductions
+    monkeypatch.setattr(reductions, "_ones_cache", {})  # cached device arrays belong to the fake they were made on
     core = types.ModuleType("cupy._core")
     core._routines_linalg = linalg
     monkeypatch.setattr(this, "_core", core, raising=False)
