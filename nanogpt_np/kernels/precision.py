@@ -50,6 +50,21 @@ def to_float32(h, out=None):
     return out
 
 
+def column_sum_bf16(x):
+    """(N, C) bf16 bits -> (C,) float32 column sums (a bias gradient from a gradient written in bf16).
+    bf16.cu sums row chunks in parallel; the (nchunks, C) partials are added by a matrix-vector product."""
+    import cupy as cp
+    from ..ops.reductions import sum_rows
+    from .compile import num_sms
+    from .launch import column_chunks
+    N, C = x.shape
+    grid, block, rows_per_chunk = column_chunks(N, C, num_sms())
+    partial = cp.empty((grid[1], C), dtype=cp.float32)
+    launch("bf16", "bf16_column_sum_partial", grid, block,
+           (partial, cp.ascontiguousarray(x), np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
+    return sum_rows(partial)
+
+
 def gemm_args(M, K, N, trans_a=False, trans_b=False):
     """cuBLAS (column-major) arguments for the row-major product C (M, N) = op(A) @ op(B).
 

@@ -6,9 +6,11 @@
 Importing a wrapper module is cheap; its CUDA module is compiled on the first launch (compile.module) and
 cached for the process (and on disk by CuPy). Names:
 
-  contract ops (ops/*.py):   embedding, layernorm, gelu, cross_entropy, attention
+  contract ops (ops/*.py):   embedding, layernorm, gelu, cross_entropy, attention, bias_attention,
+                             residual_add
   fused extras:              residual_layernorm, bias_gelu (meaning: kernels/references.py)
-  attention variants:        attention_matmul (cuBLAS + fused softmax), attention_flash (bf16 tensor cores)
+  attention variants:        attention_matmul (cuBLAS + fused softmax), attention_flash (bf16 tensor cores),
+                             and bias_attention_matmul / bias_attention_flash (the qkv bias added inside)
   optimizer:                 adamw -> (adamw_step, global_grad_norm), not a forward/backward pair
   bf16 matmuls:              linear, lm_head -> linear_bf16 / lm_head_bf16, only after set_precision("bfloat16")
 
@@ -26,11 +28,14 @@ _REFERENCE = {
     "embedding": ("nanogpt_np.ops.embedding", "embedding_forward", "embedding_backward"),
     "layernorm": ("nanogpt_np.ops.layernorm", "layernorm_forward", "layernorm_backward"),
     "residual_layernorm": ("nanogpt_np.kernels.references", "residual_layernorm_forward", "residual_layernorm_backward"),
+    "residual_add": ("nanogpt_np.ops.residual", "residual_add_forward", "residual_add_backward"),
     "gelu": ("nanogpt_np.ops.gelu", "gelu_forward", "gelu_backward"),
     "bias_gelu": ("nanogpt_np.kernels.references", "bias_gelu_forward", "bias_gelu_backward"),
     "cross_entropy": ("nanogpt_np.ops.cross_entropy", "cross_entropy_forward", "cross_entropy_backward"),
     "attention_matmul": ("nanogpt_np.ops.attention", "attention_forward", "attention_backward"),
     "attention_flash": ("nanogpt_np.ops.attention", "attention_forward", "attention_backward"),
+    "bias_attention_matmul": ("nanogpt_np.ops.attention", "bias_attention_forward", "bias_attention_backward"),
+    "bias_attention_flash": ("nanogpt_np.ops.attention", "bias_attention_forward", "bias_attention_backward"),
     "linear_bf16": ("nanogpt_np.ops.linear", "linear_forward", "linear_backward"),
     "lm_head_bf16": ("nanogpt_np.ops.linear", "lm_head_forward", "lm_head_backward"),
 }
@@ -39,11 +44,14 @@ _TABLE = {
     "embedding": ("encoder", "embedding_forward", "embedding_backward"),
     "layernorm": ("layernorm", "layernorm_forward", "layernorm_backward"),
     "residual_layernorm": ("layernorm", "residual_layernorm_forward", "residual_layernorm_backward"),
+    "residual_add": ("layernorm", "residual_add_forward", "residual_add_backward"),
     "gelu": ("gelu", "gelu_forward", "gelu_backward"),
     "bias_gelu": ("gelu", "bias_gelu_forward", "bias_gelu_backward"),
     "cross_entropy": ("cross_entropy", "cross_entropy_forward", "cross_entropy_backward"),
     "attention_matmul": ("softmax_attention", "attention_forward", "attention_backward"),
     "attention_flash": ("flash_attention", "attention_forward", "attention_backward"),
+    "bias_attention_matmul": ("softmax_attention", "bias_attention_forward", "bias_attention_backward"),
+    "bias_attention_flash": ("flash_attention", "bias_attention_forward", "bias_attention_backward"),
     "adamw": ("adamw", "adamw_step", "global_grad_norm"),
     "linear_bf16": ("linear_bf16", "linear_forward", "linear_backward"),
     "lm_head_bf16": ("linear_bf16", "lm_head_forward", "lm_head_backward"),
@@ -59,7 +67,7 @@ _cache = {}
 
 
 def names():
-    return sorted(set(_TABLE) | {"attention"})
+    return sorted(set(_TABLE) | {"attention", "bias_attention"})
 
 
 def set_attention(kind: str) -> None:
@@ -121,6 +129,14 @@ def precision() -> str:
     return _precision
 
 
+def bf16_activations() -> bool:
+    """True when the matmuls of linear and lm_head read bf16 (precision "bfloat16" and their kernels on). The
+    kernels whose output only feeds such a matmul (layernorm, GELU, flash attention; in the backward the GELU
+    and attention input gradients) then write bf16 bits (uint16) themselves, so no separate float32 -> bf16
+    conversion pass is needed; precision.as_bf16 passes them through unchanged."""
+    return _precision == "bfloat16" and not _disabled & {"linear", "lm_head", "linear_bf16", "lm_head_bf16"}
+
+
 def disable(name: str) -> None:
     _disabled.add(name)
 
@@ -131,8 +147,8 @@ def enable(name: str) -> None:
 
 def resolve(name: str):
     """The table key an op name maps to (attention -> attention_<kind>), or None."""
-    if name == "attention":
-        name = "attention_" + _attention
+    if name in ("attention", "bias_attention"):
+        name += "_" + _attention
     elif name in ("linear", "lm_head"):
         if _precision != "bfloat16":
             return None                  # float32: CuPy's matmul (cuBLAS, TF32 if allowed) is the kernel
