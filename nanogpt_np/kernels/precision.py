@@ -5,7 +5,9 @@ Policy for --dtype=bfloat16 (for the model/trainer to follow):
     refreshes a bf16 copy of the weights in the same pass that updates them;
   * matmul inputs (activations, weights) are bf16 (uint16 arrays: CuPy has no bfloat16 dtype), cuBLAS
     multiplies them with float32 accumulation and returns float32 (matmul_bf16 below);
-  * layernorm, softmax, cross-entropy and the other kernels read and write float32 and reduce in float32;
+  * layernorm, softmax, cross-entropy and the other kernels read float32 and reduce in float32; an output that
+    only feeds a bf16 matmul (layernorm's y, GELU's out, flash attention's out, and the GELU / attention input
+    gradients) is written as bf16 by its kernel (registry.bf16_activations()), so as_bf16 finds it converted;
   * attention uses the flash kernel, which already runs its matmuls in bf16.
 
 bf16 values are stored as uint16 with the bit layout of kernels/bf16.py (round to nearest even).

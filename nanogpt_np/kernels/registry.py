@@ -111,7 +111,8 @@ def describe() -> str:
     """One line saying which GPU kernels are in use (the trainer prints it)."""
     att = ("flash (bf16 tensor cores, head size 64; other head sizes fall back to matmul)"
            if _attention == "flash" else "matmul (cuBLAS + fused softmax)")
-    mm = "bf16 (fp32 accumulation)" if _precision == "bfloat16" else f"float32 (cuBLAS{', TF32' if _tf32 else ''})"
+    mm = ("bf16 (fp32 accumulation; inputs written in bf16 by the kernels before them)" if bf16_activations()
+          else "bf16 (fp32 accumulation)") if _precision == "bfloat16" else f"float32 (cuBLAS{', TF32' if _tf32 else ''})"
     off = f", disabled: {', '.join(sorted(_disabled))}" if _disabled else ""
     return f"GPU kernels: attention {att}; linear/lm_head matmuls {mm}{off}"
 
