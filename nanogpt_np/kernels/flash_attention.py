@@ -100,7 +100,8 @@ def bias_attention_backward(dout, saved):
     if kind == "matmul":
         from . import softmax_attention
         return softmax_attention.bias_attention_backward(dout, saved)
-    dqkv = _backward(dout, saved, bf16=registry.bf16_activations())
+    out = saved[3]
+    dqkv = _backward(dout, saved, bf16=out.dtype == np.uint16)      # as the forward chose (bf16 activations)
     rows = dqkv.reshape(-1, dqkv.shape[-1])
     if dqkv.dtype == np.uint16:
         return dqkv, precision.column_sum_bf16(rows)

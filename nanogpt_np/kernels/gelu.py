@@ -54,16 +54,15 @@ def gelu_backward(dy, saved):
 def bias_gelu_forward(x, b):
     """x (N, C), b (C,) -> gelu(x + b) (N, C)."""
     out, x = _fwd(x, b)
-    return out, (x, b)
+    return out, (x, b, out.dtype == np.uint16)      # the backward writes dx in the same dtype as the forward
 
 
 def bias_gelu_backward(dy, saved):
     """dy (N, C) -> (dx (N, C), db (C,))."""
     import cupy as cp
-    x, b = saved
+    x, b, bf16 = saved
     N, C = x.shape
     dy = cp.ascontiguousarray(dy, dtype=cp.float32)
-    bf16 = registry.bf16_activations()
     dx = cp.empty(x.shape, dtype=cp.uint16 if bf16 else cp.float32)
     grid, block, rows_per_chunk = column_chunks(N, C, num_sms())
     partial = cp.empty((grid[1], C), dtype=cp.float32)
