@@ -111,7 +111,7 @@ def test_layernorm(cp, poison, act_dtype, N, C):
 
 
 @pytest.mark.parametrize("N,C", LN_SHAPES)
-@pytest.mark.parametrize("with_dh,with_rb", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("with_dh,with_rb", [(True, True), (False, False)])
 def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb):
     x, r, w, b = randn(N, C), randn(N, C), randn(C), randn(C)
     rb = randn(C) if with_rb else None                      # the bias of the matmul that made r
@@ -362,7 +362,7 @@ def test_attention_flash(cp, poison, act_dtype, B, T, C, NH):
         assert e < 2e-2, f"d{part}: relative error {e}"
 
 
-@pytest.mark.parametrize("B,T,C,NH", [(1, 1, 64, 1), (2, 100, 128, 2), (1, 257, 768, 12)])
+@pytest.mark.parametrize("B,T,C,NH", [(1, 1, 64, 1), (2, 100, 128, 2), (1, 130, 768, 12)])
 def test_bias_attention_flash(cp, poison, act_dtype, B, T, C, NH):
     """attention(x + b) with the bias added while the heads are made; with bf16 activations out and dx are
     bf16 bits and db is summed (float32) from those bits. x + b is exactly a bf16 value, so the reference sees
