@@ -36,10 +36,12 @@ if [ "$DRY" = "1" ]; then
   RUN=("$PY" tests/emulation/run_on_fake.py)
   TESTS_S=${GPU_CHECK_TESTS_S:-60}; KERNELS_S=${GPU_CHECK_KERNELS_S:-30}; TRAIN_S=${GPU_CHECK_TRAIN_S:-60}
   G=tests/gpu/test_kernels_gpu.py
-  TEST_ARGS=("$G::test_embedding[2-7-11-33-9]" "$G::test_layernorm[7-33]" "$G::test_residual_layernorm[True-7-33]"
-             "$G::test_gelu[shape1]" "$G::test_bias_gelu[5-7]" "$G::test_cross_entropy[True-5-11]"
+  TEST_ARGS=("$G::test_embedding[2-7-11-33-9]" "$G::test_layernorm[bfloat16-7-33]"
+             "$G::test_residual_layernorm[bfloat16-True-True-7-33]" "$G::test_residual_add[7-33]"
+             "$G::test_gelu[bfloat16-shape1]" "$G::test_bias_gelu[bfloat16-5-7]" "$G::test_cross_entropy[True-5-11]"
              "$G::test_cross_entropy_edge_cases" "$G::test_adamw[1.0-1000-999]" "$G::test_attention_matmul[2-17-48-3]"
-             "$G::test_attention_flash[1-1-64-1]" "$G::test_attention_flash[2-100-128-2]"
+             "$G::test_attention_flash[bfloat16-1-1-64-1]" "$G::test_attention_flash[float32-2-100-128-2]"
+             "$G::test_bias_attention_flash[bfloat16-2-100-128-2]"
              "$G::test_attention_flash_falls_back_for_other_head_sizes" "$G::test_bf16_conversion_matches_the_hardware_instruction"
              "$G::test_matmul_bf16[False-True-7-33-5]" "$G::test_registry_falls_back_for_float64"
              "$G::test_gemm[1.0-1.0-tf32-True-True]" "$G::test_gemm[1.0-1.0-bf16_out-False-True]"

@@ -280,7 +280,7 @@ def _gpu_time(c):
 def category_of(op):
     if op.kind == "alloc":
         return "allocations"
-    if op.kind == "cast" or op.family == "casts" or (op.kind == "kernel" and op.args.get("module") == "bf16"):
+    if op.kind == "cast" or op.family == "casts" or (op.kind == "kernel" and op.name in ("f32_to_bf16", "bf16_to_f32")):
         return "casts"
     if op.kind == "gemm":              # every cuBLAS call is matmul work (also those of the chunked lm_head + loss)
         return "matmul"
@@ -381,9 +381,10 @@ def kernel_traffic(op):
         nb = 2 * BT * C * f4 + 2 * BT * 4
         return BT * C, nb, nb, "memory"
     if k == "layernorm_forward":
-        N, C = s[8], s[9]
-        res = not null[5]
-        nb = N * C * f4 * (2 + 2 * res) + 2 * N * f4 + 2 * C * f4
+        N, C = s[10], s[11]
+        res = not null[6]
+        out = 2 if null[0] else f4                                  # float32 out, or bf16 out_bf16
+        nb = N * C * (f4 * (1 + 2 * res) + out) + 2 * N * f4 + 2 * C * f4
         return 8 * N * C, nb, nb, "memory"
     if k == "layernorm_backward":
         N, C = s[9], s[10]
@@ -393,14 +394,15 @@ def kernel_traffic(op):
         nblocks, C = s[4], s[5]
         return 2 * nblocks * C, 2 * nblocks * C * f4 + 2 * C * f4, 2 * nblocks * C * f4 + 2 * C * f4, "memory"
     if k in ("gelu_forward", "gelu_forward_f4"):
-        n = s[3] * (4 if k.endswith("f4") else 1)
-        return 15 * n, 2 * n * f4, 2 * n * f4, "memory"
+        n = s[4] * (4 if k.endswith("f4") else 1)
+        nb = n * (f4 + (2 if null[0] else f4))                      # reads x, writes float32 or bf16
+        return 15 * n, nb, nb, "memory"
     if k == "gelu_backward":
         n = s[3]
         return 20 * n, 3 * n * f4, 3 * n * f4, "memory"
     if k == "bias_gelu_backward":
-        N, C = s[5], s[6]
-        nb = 3 * N * C * f4 + grid[1] * C * f4
+        N, C = s[6], s[7]
+        nb = N * C * (2 * f4 + (2 if null[0] else f4)) + grid[1] * C * f4
         return 20 * N * C, nb, nb, "memory"
     if k == "column_sum_finish":
         nchunks, C = s[2], s[3]
@@ -433,11 +435,12 @@ def kernel_traffic(op):
         reads = 1 if k.endswith("forward") else 2
         return 5 * half // f4, (reads + 1) * half, reads * half + BH * T * T * f4, "memory"   # writes full rows
     if k == "qkv_to_heads_bf16":
-        B, T, Tp, NH = s[4:8]
-        nb = B * T * 3 * NH * 64 * f4 + 3 * B * NH * Tp * 64 * 2
+        B, T, Tp, NH = s[5:9]
+        nb = B * T * 3 * NH * 64 * f4 + 3 * B * NH * Tp * 64 * 2 + (0 if null[4] else 3 * NH * 64 * f4)
         return 0, nb, nb, "memory"
     if k.startswith("flash_attention_") and k != "flash_attention_backward_prep":
-        T, Tp, NH = s[5:8] if k == "flash_attention_forward" else s[7:10]
+        T, Tp, NH = s[6:9] if k == "flash_attention_forward" else s[8:11]
+        o4 = 2 if null[0] else f4                                   # out / dqkv written as float32 or bf16
         BH = grid[1]
         nt = Tp // 64
         tiles = nt * (nt + 1) // 2                                  # causal: key tiles at or below the diagonal
@@ -448,19 +451,26 @@ def kernel_traffic(op):
                    "flash_attention_backward_dq": 3}[k]
         flops = 2.0 * 64 * 64 * 64 * tiles * BH * matmuls
         if k == "flash_attention_forward":
-            bmin = 3 * head + B * T * C * f4 + BH * Tp * f4
-            bw = head + B * T * C * f4 + BH * Tp * f4 + 2 * head * tiles / nt   # K, V tiles re-read per query tile
+            bmin = 3 * head + B * T * C * o4 + BH * Tp * f4
+            bw = head + B * T * C * o4 + BH * Tp * f4 + 2 * head * tiles / nt   # K, V tiles re-read per query tile
         elif k == "flash_attention_backward_dkdv":
-            bmin = 4 * head + 2 * BH * Tp * f4 + 2 * B * T * C * f4
-            bw = 2 * head + 2 * B * T * C * f4 + (2 * head + 2 * BH * Tp * f4) * tiles / nt
+            bmin = 4 * head + 2 * BH * Tp * f4 + 2 * B * T * C * o4
+            bw = 2 * head + 2 * B * T * C * o4 + (2 * head + 2 * BH * Tp * f4) * tiles / nt
         else:
-            bmin = 4 * head + 2 * BH * Tp * f4 + B * T * C * f4
-            bw = 2 * head + B * T * C * f4 + BH * Tp * f4 * 2 + 2 * head * tiles / nt
+            bmin = 4 * head + 2 * BH * Tp * f4 + B * T * C * o4
+            bw = 2 * head + B * T * C * o4 + BH * Tp * f4 * 2 + 2 * head * tiles / nt
         return flops, bmin, bw, "flash"
     if k == "flash_attention_backward_prep":
-        B, T, Tp, NH = s[4:8]
-        nb = 2 * B * T * NH * 64 * f4 + B * NH * Tp * (64 * 2 + f4)
+        B, T, Tp, NH = s[5:9]
+        o4 = 2 if null[3] else f4                                   # O read as float32 or bf16
+        nb = B * T * NH * 64 * (f4 + o4) + B * NH * Tp * (64 * 2 + f4)
         return 2 * B * T * NH * 64, nb, nb, "memory"
+    if k == "bf16_column_sum_partial":
+        N, C = s[2], s[3]
+        return N * C, N * C * 2 + grid[1] * C * f4, N * C * 2 + grid[1] * C * f4, "memory"
+    if k == "residual_bias_add":
+        n = s[4]
+        return 2 * n, 3 * n * f4, 3 * n * f4, "memory"
     if k in ("f32_to_bf16", "bf16_to_f32"):
         n = s[2]
         return 0, 6 * n, 6 * n, "memory"

@@ -92,8 +92,8 @@ def _layernorm(z, kind):
     if kind == "fwd":
         return lambda: k.layernorm_forward(x, w, b)
     if kind == "res":
-        return lambda: k.residual_layernorm_forward(x, res, w, b)
-    _, saved = k.residual_layernorm_forward(x, res, w, b)
+        return lambda: k.residual_layernorm_forward(x, res, None, w, b)
+    _, saved = k.residual_layernorm_forward(x, res, None, w, b)
     dy, dh = _f32(z.N, z.C), _f32(z.N, z.C)
     return lambda: k.residual_layernorm_backward((dh, dy), saved)
 

@@ -166,14 +166,14 @@ def main(argv=None):
         tx, tw, tb_ = (torch.as_tensor(a, device="cuda") for a in (x, w, b))
         tt = timed_torch(lambda: torch.nn.functional.layer_norm(tx, (C,), tw, tb_))
     row("layernorm forward", tf, 4 * 2 * N * C, tr, tt)
-    tf = timed(lambda: k_ln.residual_layernorm_forward(x, res, w, b))
+    tf = timed(lambda: k_ln.residual_layernorm_forward(x, res, None, w, b))
     tr = timed(lambda: r_ln.layernorm_forward(x + res, w, b))
     tt = None
     if torch:
         tres = torch.as_tensor(res, device="cuda")
         tt = timed_torch(lambda: torch.nn.functional.layer_norm(tx + tres, (C,), tw, tb_))
     row("residual + layernorm forward", tf, 4 * 4 * N * C, tr, tt)
-    (h, y), saved = k_ln.residual_layernorm_forward(x, res, w, b)
+    (h, y), saved = k_ln.residual_layernorm_forward(x, res, None, w, b)
     dy, dh = rand(N, C), rand(N, C)
     tbk = timed(lambda: k_ln.residual_layernorm_backward((dh, dy), saved))
     _, rsaved = r_ln.layernorm_forward(h, w, b)

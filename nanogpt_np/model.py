@@ -4,8 +4,10 @@
     (with targets, the loss comes from ln_f's output directly, a chunk of logits at a time: ops/lm_head_loss.py)
     Block (pre-LN):  x = x + c_proj(attention(c_attn(ln_1(x))))
                      x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))
-    (the first residual add and ln_2 are one op, residual_layernorm, and c_fc's bias is added inside the GELU
-    op, bias_gelu: the same math, in fewer passes over memory where a fused GPU kernel exists)
+    (the first residual add and ln_2 are one op, residual_layernorm, and each linear layer's bias is added
+    inside the op that follows it: c_attn's in bias_attention, attn c_proj's in residual_layernorm, c_fc's in
+    bias_gelu, mlp c_proj's in residual_add: the same math, in fewer passes over memory where a fused GPU
+    kernel exists; see _block)
 
 Parameter names and shapes are those of GPT-2's published checkpoints (without the "transformer." prefix), and
 linear weights are stored (in, out) like GPT-2's Conv1D, so weights move to and from GPT-2 files unrenamed.
@@ -269,20 +271,35 @@ class GPT:
 
     def _block(self, i, x, kv_cache=None, positions=None):
         cfg, p, h = self.config, self.params, f"h.{i}."
+        # Where the linear layers' biases are added (the same sums, each inside an op that reads the data anyway):
+        #   attn.c_attn -> bias_attention (the GPU adds it while it reads q, k, v into heads)
+        #   attn.c_proj -> residual_layernorm (x + a + bias);  mlp.c_proj -> residual_add (x + m + bias)
+        #   mlp.c_fc    -> bias_gelu (gelu(m + bias))
+        # Active dropout sits between a c_proj and its residual add, so then the c_proj biases stay in linear;
+        # with a KV cache (inference) attention_with_cache reads the biased qkv from linear.
+        fuse_proj = cfg.bias and not (self.training and cfg.dropout > 0)
         a = ops.layernorm(x, p[h + "ln_1.weight"], self._bias(h + "ln_1"), cfg.layer_norm_eps)
-        a = ops.linear(a, p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"))     # (B, T, 3C)
-        if kv_cache is None:
-            a = ops.attention(a, cfg.n_head)                                               # (B, T, C)
+        if kv_cache is None and cfg.bias:
+            a = ops.linear(a, p[h + "attn.c_attn.weight"])                                # (B, T, 3C)
+            a = ops.bias_attention(a, p[h + "attn.c_attn.bias"], cfg.n_head)              # (B, T, C)
+        elif kv_cache is None:
+            a = ops.attention(ops.linear(a, p[h + "attn.c_attn.weight"]), cfg.n_head)
         else:
+            a = ops.linear(a, p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"))
             a = Tensor(attention_with_cache(a.data, cfg.n_head, kv_cache.k[i], kv_cache.v[i], kv_cache.lengths,
                                             positions))
-        a = ops.linear(a, p[h + "attn.c_proj.weight"], p.get(h + "attn.c_proj.bias"))
+        proj_bias = p.get(h + "attn.c_proj.bias")
+        a = ops.linear(a, p[h + "attn.c_proj.weight"], None if fuse_proj else proj_bias)
         a = ops.dropout(a, cfg.dropout, self.dropout_rng, self.training)
-        # x = x + a and m = ln_2(x) in one op (one pass over memory on the GPU)
-        x, m = ops.residual_layernorm(x, a, p[h + "ln_2.weight"], self._bias(h + "ln_2"), cfg.layer_norm_eps)
+        # x = x + a (+ c_proj's bias) and m = ln_2(x) in one op (one pass over memory on the GPU)
+        x, m = ops.residual_layernorm(x, a, p[h + "ln_2.weight"], self._bias(h + "ln_2"), cfg.layer_norm_eps,
+                                      r_bias=proj_bias if fuse_proj else None)
         m = ops.linear(m, p[h + "mlp.c_fc.weight"])                                        # (B, T, 4C)
         m = ops.bias_gelu(m, p[h + "mlp.c_fc.bias"]) if cfg.bias else ops.gelu(m)          # gelu(m + bias)
-        m = ops.linear(m, p[h + "mlp.c_proj.weight"], p.get(h + "mlp.c_proj.bias"))        # (B, T, C)
+        if fuse_proj:
+            m = ops.linear(m, p[h + "mlp.c_proj.weight"])                                  # (B, T, C)
+            return ops.residual_add(x, m, p[h + "mlp.c_proj.bias"])                        # x + m + bias
+        m = ops.linear(m, p[h + "mlp.c_proj.weight"], p.get(h + "mlp.c_proj.bias"))
         return ops.add(x, ops.dropout(m, cfg.dropout, self.dropout_rng, self.training))
 
     def loss_on(self, idx, targets) -> float:

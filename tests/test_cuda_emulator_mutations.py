@@ -90,6 +90,45 @@ def run_cross_entropy_bf16(cp):
     (l32, d32), (l16, d16) = outs
     same = np.array_equal(l32, l16) and np.array_equal(float32_to_bf16(d32), d16)
     return 0.0 if same else 10.0
+def run_bf16_outputs(cp):
+    """With bf16 activations: bias_attention on flash (qkv bias in qkv_to_heads, bf16 out and dqkv, db from the
+    bf16 dqkv), residual_layernorm with a residual bias and bf16 y, bias_gelu with bf16 y and dx."""
+    from nanogpt_np.kernels import references, registry
+    from nanogpt_np.kernels.bf16 import bf16_to_float32, round_to_bf16
+    att = importlib.import_module("nanogpt_np.ops.attention")
+    rng = np.random.default_rng(8)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    bf = lambda a: bf16_to_float32(cp.asnumpy(a))
+    old = registry._precision
+    registry._precision = "bfloat16"
+    try:
+        B, T, C, NH = 1, 130, 128, 2
+        b = round_to_bf16(f32(3 * C))
+        x = (round_to_bf16(f32(B, T, 3 * C) + b) - b).astype(np.float32)
+        fwd, bwd = registry.lookup("bias_attention_flash")
+        out, saved = fwd(cp.asarray(x), cp.asarray(b), NH)
+        dout = f32(B, T, C)
+        dx, db = bwd(cp.asarray(dout), saved)
+        rout, rs = att.bias_attention_forward(x.astype(np.float64), b.astype(np.float64), NH)
+        rdx, rdb = att.bias_attention_backward(dout.astype(np.float64), rs)
+        errs = [_rel(bf(out), rout) / 2e-2, _rel(bf(dx), rdx) / 2e-2, _rel(cp.asnumpy(db), rdb) / 2e-2]
+        N, C = 37, 100
+        h0, r, rb, w, lb = f32(N, C), f32(N, C), f32(C), f32(C), f32(C)
+        fwd, bwd = registry.lookup("residual_layernorm")
+        (h, y), _ = fwd(*(cp.asarray(a) for a in (h0, r, rb, w, lb)), 1e-5)
+        (rh, ry), _ = references.residual_layernorm_forward(*(a.astype(np.float64) for a in (h0, r, rb, w, lb)))
+        errs += [_rel(cp.asnumpy(h), rh) / 1e-5, _rel(bf(y), ry) / 2 ** -8]
+        N, C = 9, 64
+        xg, bg, dyg = f32(N, C), f32(C), f32(N, C)
+        fwd, bwd = registry.lookup("bias_gelu")
+        y, saved = fwd(cp.asarray(xg), cp.asarray(bg))
+        dxg, dbg = bwd(cp.asarray(dyg), saved)
+        ry, rs = references.bias_gelu_forward(xg.astype(np.float64), bg.astype(np.float64))
+        rdx, rdb = references.bias_gelu_backward(dyg.astype(np.float64), rs)
+        errs += [_rel(bf(y), ry) / 2 ** -8, _rel(bf(dxg), rdx) / 2 ** -8, _rel(cp.asnumpy(dbg), rdb) / 1e-5]
+    finally:
+        registry._precision = old
+    return max(errs)
 
 
 # (name, source, text to replace, replacement, runner)
@@ -119,6 +158,26 @@ MUTATIONS = [
      "    __syncthreads();                             // z[y] is read above", "    //", run_cross_entropy_inplace),
     ("cross-entropy bf16: the gradient truncated to bf16 instead of rounded", "cross_entropy",
      "    u += 0x7fffu + ((u >> 16) & 1u);\n", "\n", run_cross_entropy_bf16),
+    ("flash bf16 outputs: the two values of a pair packed in the wrong order", "flash_attention",
+     "*(unsigned*)(out_bf16 + i) = pack_bf16x2(a, b);", "*(unsigned*)(out_bf16 + i) = pack_bf16x2(b, a);",
+     run_bf16_outputs),
+    ("qkv_to_heads: v gets k's bias (k's own bias cannot be seen: softmax ignores a shift of a row)",
+     "flash_attention", "e.x += bs[2 * C]; e.y += bs[2 * C + 1];", "e.x += bs[C]; e.y += bs[C + 1];",
+     run_bf16_outputs),
+    ("flash backward prep: bf16 O read with its halves swapped", "flash_attention",
+     "o = make_float2(__uint_as_float(ob << 16), __uint_as_float(ob & 0xffff0000u));",
+     "o = make_float2(__uint_as_float(ob & 0xffff0000u), __uint_as_float(ob << 16));", run_bf16_outputs),
+    ("layernorm: the residual bias left out", "layernorm",
+     "(residual_bias ? rr[c] + residual_bias[c] : rr[c])", "rr[c]", run_bf16_outputs),
+    ("gelu f4: bf16 output words with their halves swapped", "gelu",
+     "o[0] = f32_to_bf16_rne(y.x) | ((unsigned)f32_to_bf16_rne(y.y) << 16);",
+     "o[0] = f32_to_bf16_rne(y.y) | ((unsigned)f32_to_bf16_rne(y.x) << 16);", run_bf16_outputs),
+    ("bias_gelu backward: d left out of the dbias sum", "gelu",
+     "            store(dx, dx_bf16, i, d);\n            s += d;", "            store(dx, dx_bf16, i, d);",
+     run_bf16_outputs),
+    ("bf16 column sum: the bits not shifted into the high half", "bf16",
+     "s += __uint_as_float(((unsigned int)x[(long long)r * C + c]) << 16);",
+     "s += __uint_as_float((unsigned int)x[(long long)r * C + c]);", run_bf16_outputs),
 ]
 
 
@@ -144,7 +203,8 @@ def _outcomes(monkeypatch, cp, runner, stop_when_caught=False):
     return out
 
 
-@pytest.mark.parametrize("runner", [run_flash, run_layernorm, run_cross_entropy_inplace, run_cross_entropy_bf16])
+@pytest.mark.parametrize("runner", [run_flash, run_layernorm, run_cross_entropy_inplace, run_cross_entropy_bf16,
+                                    run_bf16_outputs])
 def test_unmutated_kernels_pass_in_every_schedule(monkeypatch, cuda_cp, runner):
     for s, r in _outcomes(monkeypatch, cuda_cp, runner).items():
         assert not isinstance(r, str) and r < 1, f"schedule {s}: {r}"

@@ -37,18 +37,30 @@ def test_shape_only_trace_is_the_arithmetic_trace(attention, dtype):
 def _per_call(attention, dtype):
     ln = {"fwd": ["layernorm_forward"], "bwd": ["layernorm_backward", "layernorm_param_reduce"]}
     # kernels/linear.py: one gemm forward, two backward (dw added into the gradient buffer), and the bias
-    # gradient as a one-row gemm; bf16 rounds x and dy (the weight's bf16 copy is the model's, made per step)
-    if dtype == "bfloat16":
-        linear = {"fwd": ["f32_to_bf16", "gemm"], "bwd": ["f32_to_bf16", "gemm", "gemm", "gemm?bias"]}
-    else:
-        linear = {"fwd": ["gemm"], "bwd": ["gemm", "gemm", "gemm?bias"]}
+    # gradient as a one-row gemm; in bf16 the weight's bf16 copy is the model's, and x and dy are rounded only
+    # when they arrive as float32 (_activation_casts below)
+    linear = {"fwd": ["gemm"], "bwd": ["gemm", "gemm", "gemm?bias"]}
     att = ({"fwd": ["causal_softmax_forward", "matmul", "matmul"],
             "bwd": ["causal_softmax_backward", "matmul", "matmul", "matmul", "matmul"]} if attention == "matmul" else
            {"fwd": ["qkv_to_heads_bf16", "flash_attention_forward"],
             "bwd": ["flash_attention_backward_prep", "flash_attention_backward_dkdv", "flash_attention_backward_dq"]})
-    return {"layernorm": ln, "residual_layernorm": ln, "linear": linear, "attention": att,
+    # bias gradients: matrix-vector products, of a bf16 dqkv's partial column sums with flash in bf16
+    att_bias = ["bf16_column_sum_partial", "matmul"] if (attention, dtype) == ("flash", "bfloat16") else ["matmul"]
+    return {"layernorm": ln, "residual_layernorm": {"fwd": ln["fwd"], "bwd": ln["bwd"] + ["matmul?bias"]},
+            "linear": linear, "attention": att, "bias_attention": {"fwd": att["fwd"], "bwd": att["bwd"] + att_bias},
             "bias_gelu": {"fwd": ["gelu_forward_f4"], "bwd": ["bias_gelu_backward", "column_sum_finish"]},
+            "residual_add": {"fwd": ["residual_bias_add"], "bwd": ["matmul"]},
             "add": {"fwd": [], "bwd": []}, "dropout": {"fwd": [], "bwd": []}}
+
+
+def _activation_casts(attention, dtype):
+    """f32_to_bf16 launches per block for matmul inputs that arrive as float32 (the others are written in bf16
+    by their producers): the matmul attention's output (forward) and dqkv (backward), and the gradients
+    entering the two c_proj matmuls from the residual stream (backward)."""
+    if dtype != "bfloat16":
+        return {"fwd": 0, "bwd": 0}
+    m = int(attention == "matmul")
+    return {"fwd": m, "bwd": 2 + m}
 
 
 def _calls_per_block():
@@ -64,7 +76,8 @@ def _calls_per_block():
     try:
         for name, fn in saved.items():
             def counting(*a, _n=name, _fn=fn, **k):
-                calls.append((_n, _n == "linear" and len(a) > 2 and a[2] is not None))
+                calls.append((_n, (_n == "linear" and len(a) > 2 and a[2] is not None)
+                              or (_n == "residual_layernorm" and k.get("r_bias") is not None)))
                 return _fn(*a, **k)
             setattr(model_mod.ops, name, counting)
         m._block(0, Tensor(np.zeros((1, 8, cfg.n_embd), np.float32)))
@@ -81,11 +94,13 @@ def test_launches_per_layer_follow_the_model_structure(attention, dtype):
     trace = gm.trace_step(cfg, shape_only=True, steps=2)
     table = _per_call(attention, dtype)
     calls = _calls_per_block()
-    assert Counter(n for n, _ in calls) == Counter(layernorm=1, residual_layernorm=1, linear=4, attention=1,
-                                                   bias_gelu=1, add=1, dropout=2)
+    assert Counter(n for n, _ in calls) == Counter(layernorm=1, residual_layernorm=1, linear=4, bias_attention=1,
+                                                   bias_gelu=1, residual_add=1, dropout=1)
+    assert not any(has_bias for n, has_bias in calls if n == "linear")      # every bias is added in a fused op
     for layer in range(cfg.n_layer):
         for stage in ("fwd", "bwd"):
             expected = Counter()
+            expected["f32_to_bf16"] += _activation_casts(attention, dtype)[stage]
             for name, has_bias in calls:
                 for k in table[name][stage]:
                     if k == "gemm?bias":
@@ -142,6 +157,7 @@ def test_matmul_flops_are_six_times_parameters_times_tokens(attention, dtype):
     # attention's own matmuls: QK^T and PV forward, four products backward, 2*T*T*HS FLOPs each per head
     if attention == "matmul":
         att = 6 * 2 * cfg.batch_size * cfg.n_head * cfg.block_size ** 2 * (C // cfg.n_head) * L
+        att += 2 * cfg.tokens * 3 * C * L             # c_attn's bias gradient (a matrix-vector product) is here now
         got = sum(c.flops for op, c in s.ops if c.category == "attention" and op.kind == "matmul")
         assert got == pytest.approx(att, rel=1e-9)
 

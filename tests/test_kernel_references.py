@@ -24,30 +24,37 @@ def num_grad(f, x, eps=1e-6):
     return values.reshape(x.shape)
 
 
-def test_residual_layernorm_matches_composition_and_finite_differences():
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_residual_layernorm_matches_composition_and_finite_differences(with_bias):
     from nanogpt_np.ops.layernorm import layernorm_backward, layernorm_forward
     N, C = 5, 7
     x, r = rng.standard_normal((N, C)), rng.standard_normal((N, C))
     w, b = rng.standard_normal(C), rng.standard_normal(C)
-    (h, y), saved = references.residual_layernorm_forward(x, r, w, b)
-    np.testing.assert_allclose(h, x + r)
-    np.testing.assert_allclose(y, layernorm_forward(x + r, w, b)[0])
+    rb = rng.standard_normal(C) if with_bias else None
+    (h, y), saved = references.residual_layernorm_forward(x, r, rb, w, b)
+    want_h = x + r + (rb if with_bias else 0.0)
+    np.testing.assert_allclose(h, want_h)
+    np.testing.assert_allclose(y, layernorm_forward(want_h, w, b)[0])
     # loss = sum(dh_up * h) + sum(dy_up * y): h feeds the residual stream and y the next sublayer
     dh_up, dy_up = rng.standard_normal((N, C)), rng.standard_normal((N, C))
 
     def loss():
-        (hh, yy), _ = references.residual_layernorm_forward(x, r, w, b)
+        (hh, yy), _ = references.residual_layernorm_forward(x, r, rb, w, b)
         return float((dh_up * hh).sum() + (dy_up * yy).sum())
 
-    dx, dres, dw, db = references.residual_layernorm_backward((dh_up, dy_up), saved)
+    dx, dres, drb, dw, db = references.residual_layernorm_backward((dh_up, dy_up), saved)
     assert dx is dres
     np.testing.assert_allclose(dx, num_grad(loss, x), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(dres, num_grad(loss, r), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(dw, num_grad(loss, w), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(db, num_grad(loss, b), rtol=1e-5, atol=1e-7)
+    if with_bias:
+        np.testing.assert_allclose(drb, num_grad(loss, rb), rtol=1e-5, atol=1e-7)
+    else:
+        assert drb is None
     # without an incoming residual gradient it is the plain layernorm backward
-    dx0, _, dw0, db0 = references.residual_layernorm_backward((None, dy_up), saved)
-    np.testing.assert_allclose(dx0, layernorm_backward(dy_up, saved)[0])
+    dx0, _, _, dw0, db0 = references.residual_layernorm_backward((None, dy_up), saved)
+    np.testing.assert_allclose(dx0, layernorm_backward(dy_up, saved[0])[0])
 
 
 def test_bias_gelu_finite_differences():
@@ -318,13 +325,16 @@ def test_fake_layernorm_and_residual(fake_cp, N, C):
     want = ref.layernorm_backward(dy.astype(np.float64), rs)
     assert all(_rel(g, w_) < 1e-5 for g, w_ in zip(got, want))
     fwd, bwd = registry.lookup("residual_layernorm")
-    (h, y), saved = fwd(fake_cp.asarray(x), fake_cp.asarray(r), fake_cp.asarray(w), fake_cp.asarray(b), 1e-5)
-    (rh, ry), rs = references.residual_layernorm_forward(*(a.astype(np.float64) for a in (x, r, w, b)))
+    rb = _f32(C)
+    (h, y), saved = fwd(fake_cp.asarray(x), fake_cp.asarray(r), fake_cp.asarray(rb), fake_cp.asarray(w),
+                        fake_cp.asarray(b), 1e-5)
+    (rh, ry), rs = references.residual_layernorm_forward(*(a.astype(np.float64) for a in (x, r, rb, w, b)))
     assert _rel(h, rh) < 1e-6 and _rel(y, ry) < 1e-5
     dh = _f32(N, C)
-    dx, dres, dw, db = bwd((fake_cp.asarray(dh), fake_cp.asarray(dy)), saved)
-    rdx, _, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)), rs)
+    dx, dres, drb, dw, db = bwd((fake_cp.asarray(dh), fake_cp.asarray(dy)), saved)
+    rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)), rs)
     assert dx is dres and _rel(dx, rdx) < 1e-5 and _rel(dw, rdw) < 1e-5 and _rel(db, rdb) < 1e-5
+    assert _rel(drb, rdrb) < 1e-5
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (4, 8), (1,)])

@@ -36,6 +36,28 @@ def test_attention(rng, B, T, n_head, hs):
     check_op(lambda q: ops.attention(q, n_head), [qkv], rng)
 
 
+@pytest.mark.parametrize("B,T,n_head,hs", [(2, 5, 2, 3), (1, 1, 1, 4)])
+def test_bias_attention(rng, B, T, n_head, hs):
+    """attention(x + b): the qkv bias moved into the attention op (its gradient is dx summed over rows)."""
+    C3 = 3 * n_head * hs
+    check_op(lambda x, b: ops.bias_attention(x, b, n_head), [rng.standard_normal((B, T, C3)), rng.standard_normal(C3)],
+             rng)
+
+
+def test_bias_attention_values(rng):
+    x, b = rng.standard_normal((2, 4, 12)), rng.standard_normal(12)
+    np.testing.assert_array_equal(ops.bias_attention(Tensor(x), Tensor(b), 2).data,
+                                  ops.attention(Tensor(x + b), 2).data)
+
+
+def test_residual_add_with_bias(rng):
+    C = 5
+    check_op(ops.residual_add, [rng.standard_normal((2, 3, C)), rng.standard_normal((2, 3, C)), rng.standard_normal(C)],
+             rng)
+    x, r, b = rng.standard_normal((3, C)), rng.standard_normal((3, C)), rng.standard_normal(C)
+    np.testing.assert_array_equal(ops.residual_add(Tensor(x), Tensor(r), Tensor(b)).data, x + (r + b))
+
+
 def test_attention_is_causal(rng):
     """Changing a later token must not change earlier outputs."""
     qkv = rng.standard_normal((1, 6, 12))
@@ -174,6 +196,22 @@ def test_residual_layernorm_both_outputs(rng):
 
     arrays = [rng.standard_normal((2, 3, C)), rng.standard_normal((2, 3, C)), rng.standard_normal(C), rng.standard_normal(C)]
     check_op(op, arrays, rng)
+
+
+def test_residual_layernorm_with_bias_both_outputs(rng):
+    """The bias of the matmul that made r, added inside: h = x + r + rb."""
+    C = 6
+    M = Tensor(rng.standard_normal((C, C)))
+
+    def op(x, r, rb, w, b):
+        h, y = ops.residual_layernorm(x, r, w, b, r_bias=rb)
+        return ops.add(ops.linear(h, M), y)
+
+    arrays = [rng.standard_normal((2, 3, C)), rng.standard_normal((2, 3, C)), rng.standard_normal(C),
+              rng.standard_normal(C), rng.standard_normal(C)]
+    check_op(op, arrays, rng)
+    w, b = Tensor(rng.standard_normal(C)), Tensor(rng.standard_normal(C))
+    check_op(lambda x, r, rb: ops.residual_layernorm(x, r, w, b, r_bias=rb)[0], arrays[:3], rng)   # only h used
 
 
 def test_residual_layernorm_values(rng):

@@ -19,3 +19,26 @@ extern "C" __global__ void bf16_to_f32(float* __restrict__ out, const unsigned s
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = __uint_as_float(((unsigned int)in[i]) << 16);
 }
+
+// Column sums of a bf16 (N, C) matrix, in float32: the bias gradient when the gradient was written in bf16
+// for its matmul (flash attention's dqkv). Block (32, 8), grid (ceil(C/32), nchunks): thread (tx, ty) sums
+// column 32*blockIdx.x + tx over rows ty, ty+8, ... of its row chunk; the 8 partial sums are added in ty order
+// in shared memory and written to partial[chunk, c] (the caller adds the chunks: a deterministic order).
+#define RY 8
+extern "C" __global__ void bf16_column_sum_partial(float* __restrict__ partial, const unsigned short* __restrict__ x,
+                                                   int N, int C, int rows_per_chunk) {
+    __shared__ float acc[RY][32];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    int c = blockIdx.x * 32 + tx;
+    int r0 = blockIdx.y * rows_per_chunk, r1 = min(N, r0 + rows_per_chunk);
+    float s = 0.0f;
+    if (c < C)
+        for (int r = r0 + ty; r < r1; r += RY) s += __uint_as_float(((unsigned int)x[(long long)r * C + c]) << 16);
+    acc[ty][tx] = s;
+    __syncthreads();
+    if (ty == 0 && c < C) {
+        float t = 0.0f;
+        for (int k = 0; k < RY; k++) t += acc[k][tx];
+        partial[(long long)blockIdx.y * C + c] = t;
+    }
+}

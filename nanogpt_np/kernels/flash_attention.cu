@@ -21,7 +21,9 @@
 // go from accumulator registers straight into the next mma without shared memory.
 //
 // Layouts: q, k, v, dO are bf16 (stored as unsigned short) of shape (B*NH, Tp, 64), Tp = T rounded up to 64,
-// rows t >= T zero. out and dqkv are float32 in the model's layout, (B, T, C) and (B, T, 3C).
+// rows t >= T zero. out and dqkv are in the model's layout, (B, T, C) and (B, T, 3C): float32, or bf16 when the
+// matmul that reads them runs in bf16 (the kernels take a float32 and a bf16 pointer and write the one that is
+// not NULL: store2 below). The bias of the qkv matmul is added when the heads are made (qkv_to_heads_bf16).
 // Memory traffic (forward): Q, K, V read once per query tile that needs them (K/V tiles are reused by 4 warps),
 // out written once. Shared memory: K tile + V^T tile = 18 KB (forward), 37 KB (dkdv), 28 KB (dq).
 
@@ -37,6 +39,12 @@ __device__ __forceinline__ unsigned pack_bf16x2(float lo, float hi) {
     unsigned r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+}
+
+// two adjacent elements i, i+1 of an output that is float32 (out) or bf16 (out_bf16), whichever is not NULL
+__device__ __forceinline__ void store2(float* out, bf16_t* out_bf16, long long i, float a, float b) {
+    if (out_bf16) *(unsigned*)(out_bf16 + i) = pack_bf16x2(a, b);
+    else *(float2*)(out + i) = make_float2(a, b);
 }
 
 // c (16x8 f32) += a (16x16 bf16) * b (16x8 bf16)
@@ -99,9 +107,11 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // ------------------------------------------------------------------------------------------ layout conversion
-// qkv (B, T, 3C) float32 -> q, k, v (B*NH, Tp, 64) bf16, zero rows for t >= T. One thread per pair of channels.
+// qkv (B, T, 3C) float32 (+ bias (3C,), or NULL) -> q, k, v (B*NH, Tp, 64) bf16, zero rows for t >= T.
+// One thread per pair of channels.
 extern "C" __global__ void qkv_to_heads_bf16(bf16_t* __restrict__ q, bf16_t* __restrict__ k, bf16_t* __restrict__ v,
-                                             const float* __restrict__ qkv, int B, int T, int Tp, int NH) {
+                                             const float* __restrict__ qkv, const float* __restrict__ bias,
+                                             int B, int T, int Tp, int NH) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;       // pair index in (B*NH, Tp, 32)
     if (i >= (long long)B * NH * Tp * (HS / 2)) return;
     int dp = (int)(i % (HS / 2));
@@ -113,16 +123,20 @@ extern "C" __global__ void qkv_to_heads_bf16(bf16_t* __restrict__ q, bf16_t* __r
     if (t < T) {
         const float* src = qkv + ((long long)b * T + t) * 3 * C + h * HS + 2 * dp;
         float2 a = *(const float2*)src, c = *(const float2*)(src + C), e = *(const float2*)(src + 2 * C);
+        if (bias) {
+            const float* bs = bias + h * HS + 2 * dp;
+            a.x += bs[0]; a.y += bs[1]; c.x += bs[C]; c.y += bs[C + 1]; e.x += bs[2 * C]; e.y += bs[2 * C + 1];
+        }
         pq = pack_bf16x2(a.x, a.y); pk = pack_bf16x2(c.x, c.y); pv = pack_bf16x2(e.x, e.y);
     }
     ((unsigned*)q)[i] = pq; ((unsigned*)k)[i] = pk; ((unsigned*)v)[i] = pv;
 }
 
 // ----------------------------------------------------------------------------------------------------- forward
-// grid (Tp/64, B*NH), block 128. Writes out (B, T, C) and L2 (B*NH, Tp) = log2 of each row's softmax sum
+// grid (Tp/64, B*NH), block 128. Writes out (B, T, C) (float32 out or bf16 out_bf16) and L2 (B*NH, Tp) = log2 of each row's softmax sum
 // (rows t >= T included: the backward reads them, and they are finite since key 0 is always visible).
 extern "C" __global__ void __launch_bounds__(128)
-flash_attention_forward(float* __restrict__ out, float* __restrict__ L2,
+flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, float* __restrict__ L2,
                         const bf16_t* __restrict__ Q, const bf16_t* __restrict__ K, const bf16_t* __restrict__ V,
                         int T, int Tp, int NH, float scale_log2) {
     __shared__ __align__(16) bf16_t Ks[TILE * LDS];    // K tile, [key][d]
@@ -203,9 +217,9 @@ flash_attention_forward(float* __restrict__ out, float* __restrict__ L2,
         int row = q0 + g + 8 * r;
         float inv = 1.0f / l[r];
         if (row < T) {
-            float* dst = out + ((long long)b * T + row) * C + h * HS + 2 * t;
+            long long dst = ((long long)b * T + row) * C + h * HS + 2 * t;
 #pragma unroll
-            for (int jd = 0; jd < 8; jd++) *(float2*)(dst + 8 * jd) = make_float2(o[jd][2 * r] * inv, o[jd][2 * r + 1] * inv);
+            for (int jd = 0; jd < 8; jd++) store2(out, out_bf16, dst + 8 * jd, o[jd][2 * r] * inv, o[jd][2 * r + 1] * inv);
         }
         if (t == 0) L2[(long long)bh * Tp + row] = m[r] + log2f(l[r]);
     }
@@ -213,8 +227,10 @@ flash_attention_forward(float* __restrict__ out, float* __restrict__ L2,
 
 // ---------------------------------------------------------------------------------------------------- backward
 // One warp per (bh, t) row: dO (B, T, C) float32 -> bf16 heads (B*NH, Tp, 64), and D = sum_d bf16(dO) * O (float32).
+// O is the forward's output: float32 out, or bf16 out_bf16 (the other pointer is NULL).
 extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO, float* __restrict__ D,
                                                          const float* __restrict__ dout, const float* __restrict__ out,
+                                                         const bf16_t* __restrict__ out_bf16,
                                                          int B, int T, int Tp, int NH) {
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     int lane = threadIdx.x % 32;
@@ -224,7 +240,13 @@ extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO
     unsigned p = 0;
     if (t < T) {
         long long off = ((long long)b * T + t) * C + h * HS + 2 * lane;
-        float2 a = *(const float2*)(dout + off), o = *(const float2*)(out + off);
+        float2 a = *(const float2*)(dout + off), o;
+        if (out_bf16) {
+            unsigned ob = *(const unsigned*)(out_bf16 + off);
+            o = make_float2(__uint_as_float(ob << 16), __uint_as_float(ob & 0xffff0000u));
+        } else {
+            o = *(const float2*)(out + off);
+        }
         p = pack_bf16x2(a.x, a.y);
         // D from the bf16 dO that dP = dO V^T will use, so that D = rowsum(P * dP) holds for the values the
         // kernels multiply (with the float32 dO, dS = P (dP - D) would carry a bias of bf16 size)
@@ -238,7 +260,7 @@ extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO
 // dK and dV. grid (Tp/64, B*NH), block 128: block = one 64-key tile, warp = 16 keys; loops over the query
 // tiles at or after its keys (the causal ones). Works on transposed scores S^T (keys x queries).
 extern "C" __global__ void __launch_bounds__(128)
-flash_attention_backward_dkdv(float* __restrict__ dqkv,
+flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_bf16,
                               const bf16_t* __restrict__ Q, const bf16_t* __restrict__ K, const bf16_t* __restrict__ V,
                               const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
                               int T, int Tp, int NH, float scale_log2, float scale) {
@@ -320,18 +342,18 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv,
     for (int r = 0; r < 2; r++) {
         int row = k0 + g + 8 * r;
         if (row >= T) continue;
-        float* dst = dqkv + ((long long)b * T + row) * 3 * C + h * HS + 2 * t;
+        long long dst = ((long long)b * T + row) * 3 * C + h * HS + 2 * t;
 #pragma unroll
         for (int jd = 0; jd < 8; jd++) {
-            *(float2*)(dst + C + 8 * jd) = make_float2(dk[jd][2 * r] * scale, dk[jd][2 * r + 1] * scale);
-            *(float2*)(dst + 2 * C + 8 * jd) = make_float2(dv[jd][2 * r], dv[jd][2 * r + 1]);
+            store2(dqkv, dqkv_bf16, dst + C + 8 * jd, dk[jd][2 * r] * scale, dk[jd][2 * r + 1] * scale);
+            store2(dqkv, dqkv_bf16, dst + 2 * C + 8 * jd, dv[jd][2 * r], dv[jd][2 * r + 1]);
         }
     }
 }
 
 // dQ. grid (Tp/64, B*NH), block 128: block = one 64-query tile, warp = 16 queries; loops over key tiles <= its own.
 extern "C" __global__ void __launch_bounds__(128)
-flash_attention_backward_dq(float* __restrict__ dqkv,
+flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_bf16,
                             const bf16_t* __restrict__ Q, const bf16_t* __restrict__ K, const bf16_t* __restrict__ V,
                             const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
                             int T, int Tp, int NH, float scale_log2, float scale) {
@@ -405,8 +427,8 @@ flash_attention_backward_dq(float* __restrict__ dqkv,
     for (int r = 0; r < 2; r++) {
         int row = q0 + g + 8 * r;
         if (row >= T) continue;
-        float* dst = dqkv + ((long long)b * T + row) * 3 * C + h * HS + 2 * t;
+        long long dst = ((long long)b * T + row) * 3 * C + h * HS + 2 * t;
 #pragma unroll
-        for (int jd = 0; jd < 8; jd++) *(float2*)(dst + 8 * jd) = make_float2(dq[jd][2 * r] * scale, dq[jd][2 * r + 1] * scale);
+        for (int jd = 0; jd < 8; jd++) store2(dqkv, dqkv_bf16, dst + 8 * jd, dq[jd][2 * r] * scale, dq[jd][2 * r + 1] * scale);
     }
 }

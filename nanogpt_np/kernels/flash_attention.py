@@ -5,13 +5,22 @@ Inputs and outputs are float32 in the model's layouts; inside, q, k, v (and dO) 
 (B*NH, Tp, 64) head layout with Tp = T rounded up to 64. Matmuls run in bf16 with float32 accumulation, so
 results match the float32 reference to about 1e-2 relative, not 1e-5. Head size must be 64; other head sizes
 fall back to the cuBLAS form (softmax_attention), with one logged warning per model shape.
+
+bias_attention (ops/attention.py gives the NumPy meaning): attention(x + b) for the qkv matmul's output x and
+its bias b (3C,): the bias is added while the bf16 heads are made (no pass of its own), and the backward also
+returns db, the column sums of dqkv.
+With bf16 activations (registry.bf16_activations(): the matmuls read bf16) out is written as bf16 bits for the
+c_proj matmul, and bias_attention's dqkv as bf16 for the qkv matmul's backward (db is then summed from the
+bf16 values, in float32). Plain attention's dqkv stays float32: a matmul before it may add its own bias.
 """
 import logging
 import math
 
 import numpy as np
 
+from . import precision, registry
 from .compile import launch
+from .launch import NULL
 from .launch import elementwise, flash_padded_T, rows_per_warp
 
 HEAD_SIZE = 64
@@ -34,14 +43,26 @@ def supported(n_embd: int, n_head: int) -> bool:
 
 
 def attention_forward(qkv, n_head):
-    """qkv (B, T, 3C) float32 -> out (B, T, C) float32."""
+    """qkv (B, T, 3C) float32 -> out (B, T, C) float32 (or bf16 bits, see above)."""
+    return _forward(qkv, None, n_head)
+
+
+def bias_attention_forward(x, b, n_head):
+    """attention(x + b): x (B, T, 3C) float32, b (3C,) -> out (B, T, C)."""
+    return _forward(x, b, n_head)
+
+
+def _forward(qkv, bias, n_head):
     import cupy as cp
     B, T, C3 = qkv.shape
     C = C3 // 3
     if not supported(C, n_head):
         _log_fallback(C, n_head)
         from . import softmax_attention
-        out, saved = softmax_attention.attention_forward(qkv, n_head)
+        if bias is None:
+            out, saved = softmax_attention.attention_forward(qkv, n_head)
+        else:
+            out, saved = softmax_attention.bias_attention_forward(qkv, bias, n_head)
         return out, ("matmul", saved)
     NH = n_head
     Tp = flash_padded_T(T)
@@ -49,22 +70,47 @@ def attention_forward(qkv, n_head):
     q, k, v = (cp.empty((B * NH, Tp, HEAD_SIZE), dtype=cp.uint16) for _ in range(3))
     grid, block = elementwise(B * NH * Tp * HEAD_SIZE // 2)
     launch("flash_attention", "qkv_to_heads_bf16", grid, block,
-           (q, k, v, qkv, np.int32(B), np.int32(T), np.int32(Tp), np.int32(NH)))
-    out = cp.empty((B, T, C), dtype=cp.float32)
+           (q, k, v, qkv, NULL if bias is None else bias, np.int32(B), np.int32(T), np.int32(Tp), np.int32(NH)))
+    bf16 = registry.bf16_activations()
+    out = cp.empty((B, T, C), dtype=cp.uint16 if bf16 else cp.float32)
     L2 = cp.empty((B * NH, Tp), dtype=cp.float32)
     scale = 1.0 / math.sqrt(HEAD_SIZE)
     launch("flash_attention", "flash_attention_forward", (Tp // 64, B * NH), (128,),
-           (out, L2, q, k, v, np.int32(T), np.int32(Tp), np.int32(NH), np.float32(scale * LOG2E)))
+           (*_pair(out), L2, q, k, v, np.int32(T), np.int32(Tp), np.int32(NH), np.float32(scale * LOG2E)))
     return out, ("flash", (q, k, v, out, L2, B, T, NH))
 
 
+def _pair(a):
+    """(float32 pointer, bf16 pointer) for a kernel output or input that may be either: one of them NULL."""
+    return (NULL, a) if a.dtype == np.uint16 else (a, NULL)
+
+
 def attention_backward(dout, saved):
-    """dout (B, T, C) -> (dqkv (B, T, 3C),)."""
-    import cupy as cp
+    """dout (B, T, C) -> (dqkv (B, T, 3C),) float32."""
     kind, saved = saved
     if kind == "matmul":
         from . import softmax_attention
         return softmax_attention.attention_backward(dout, saved)
+    return (_backward(dout, saved, bf16=False),)
+
+
+def bias_attention_backward(dout, saved):
+    """dout (B, T, C) -> (dx (B, T, 3C), db (3C,)); dx is bf16 bits with bf16 activations."""
+    kind, saved = saved
+    if kind == "matmul":
+        from . import softmax_attention
+        return softmax_attention.bias_attention_backward(dout, saved)
+    out = saved[3]
+    dqkv = _backward(dout, saved, bf16=out.dtype == np.uint16)      # as the forward chose (bf16 activations)
+    rows = dqkv.reshape(-1, dqkv.shape[-1])
+    if dqkv.dtype == np.uint16:
+        return dqkv, precision.column_sum_bf16(rows)
+    from ..ops.reductions import sum_rows
+    return dqkv, sum_rows(rows)
+
+
+def _backward(dout, saved, bf16):
+    import cupy as cp
     q, k, v, out, L2, B, T, NH = saved
     Tp = q.shape[1]
     C = NH * HEAD_SIZE
@@ -73,11 +119,11 @@ def attention_backward(dout, saved):
     D = cp.empty((B * NH, Tp), dtype=cp.float32)
     grid, block = rows_per_warp(B * NH * Tp, 8)
     launch("flash_attention", "flash_attention_backward_prep", grid, block,
-           (dO, D, dout, out, np.int32(B), np.int32(T), np.int32(Tp), np.int32(NH)))
-    dqkv = cp.empty((B, T, 3 * C), dtype=cp.float32)
+           (dO, D, dout, *_pair(out), np.int32(B), np.int32(T), np.int32(Tp), np.int32(NH)))
+    dqkv = cp.empty((B, T, 3 * C), dtype=cp.uint16 if bf16 else cp.float32)
     scale = 1.0 / math.sqrt(HEAD_SIZE)
-    args = (dqkv, q, k, v, dO, L2, D, np.int32(T), np.int32(Tp), np.int32(NH),
+    args = (*_pair(dqkv), q, k, v, dO, L2, D, np.int32(T), np.int32(Tp), np.int32(NH),
             np.float32(scale * LOG2E), np.float32(scale))
     launch("flash_attention", "flash_attention_backward_dkdv", (Tp // 64, B * NH), (128,), args)
     launch("flash_attention", "flash_attention_backward_dq", (Tp // 64, B * NH), (128,), args)
-    return (dqkv,)
+    return dqkv

@@ -8,9 +8,28 @@
 // Only x (the pre-bias input) is kept for the backward: tanh is recomputed, which is cheaper than storing
 // and re-reading a second N*C array. Memory traffic: forward reads x, writes out (bias stays in L1/L2);
 // backward reads dout and x, writes dx (+ a small partial row per row-chunk for dbias).
+//
+// bf16 outputs: out (forward) and dx (biased backward) each feed a bf16 matmul (the MLP's c_proj, and c_fc's
+// backward). The kernels take two output pointers, a float32 one and a bf16 one, and write whichever is not
+// NULL; the dbias sum is always taken from the float32 values, before rounding.
 
 #define GELU_S 0.7978845608028654f   // sqrt(2/pi)
 #define GELU_K 0.044715f
+
+typedef unsigned short bf16_t;
+
+// float32 -> bf16 bits, round to nearest even, NaN -> 0x7FFF (the same conversion as bf16.cu)
+__device__ __forceinline__ bf16_t f32_to_bf16_rne(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+// element i of an output that is float32 (out) or bf16 (out_bf16), whichever is not NULL
+__device__ __forceinline__ void store(float* out, bf16_t* out_bf16, long long i, float v) {
+    if (out_bf16) out_bf16[i] = f32_to_bf16_rne(v); else out[i] = v;
+}
 
 __device__ __forceinline__ float gelu_fwd(float a) {
     float u = GELU_S * (a + GELU_K * a * a * a);
@@ -22,24 +41,32 @@ __device__ __forceinline__ float gelu_grad(float a) {
     return 0.5f * (1.0f + th) + 0.5f * a * (1.0f - th * th) * GELU_S * (1.0f + 3.0f * GELU_K * a * a);
 }
 
-// One thread per element. n = N*C; bias (C,) or NULL. out may alias x.
-extern "C" __global__ void gelu_forward(float* out, const float* x, const float* __restrict__ bias,
-                                        long long n, int C) {
+// One thread per element. n = N*C; bias (C,) or NULL. out may alias x. Writes out or out_bf16.
+extern "C" __global__ void gelu_forward(float* out, bf16_t* __restrict__ out_bf16, const float* x,
+                                        const float* __restrict__ bias, long long n, int C) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float a = x[i];
     if (bias) a += bias[i % C];
-    out[i] = gelu_fwd(a);
+    store(out, out_bf16, i, gelu_fwd(a));
 }
 
-// Same with float4 loads/stores: one thread per 4 elements; needs n % 4 == 0 and C % 4 == 0 (when biased).
-extern "C" __global__ void gelu_forward_f4(float4* out, const float4* x, const float4* __restrict__ bias,
-                                           long long n4, int C4) {
+// Same with float4 loads: one thread per 4 elements; needs n % 4 == 0 and C % 4 == 0 (when biased).
+// Stores a float4, or 4 bf16 as two 32-bit words (low half = lower address).
+extern "C" __global__ void gelu_forward_f4(float4* out, bf16_t* __restrict__ out_bf16, const float4* x,
+                                           const float4* __restrict__ bias, long long n4, int C4) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n4) return;
     float4 a = x[i];
     if (bias) { float4 bb = bias[i % C4]; a.x += bb.x; a.y += bb.y; a.z += bb.z; a.w += bb.w; }
-    out[i] = make_float4(gelu_fwd(a.x), gelu_fwd(a.y), gelu_fwd(a.z), gelu_fwd(a.w));
+    float4 y = make_float4(gelu_fwd(a.x), gelu_fwd(a.y), gelu_fwd(a.z), gelu_fwd(a.w));
+    if (out_bf16) {
+        unsigned* o = (unsigned*)out_bf16 + 2 * i;
+        o[0] = f32_to_bf16_rne(y.x) | ((unsigned)f32_to_bf16_rne(y.y) << 16);
+        o[1] = f32_to_bf16_rne(y.z) | ((unsigned)f32_to_bf16_rne(y.w) << 16);
+    } else {
+        out[i] = y;
+    }
 }
 
 // Unbiased backward, one thread per element (any shape). dx may alias dout.
@@ -49,13 +76,13 @@ extern "C" __global__ void gelu_backward(float* dx, const float* dout, const flo
     dx[i] = dout[i] * gelu_grad(x[i]);
 }
 
-// Biased backward with the dbias column sum fused in.
+// Biased backward with the dbias column sum fused in. Writes dx (float32) or dx_bf16; dbias from the float32 d.
 // Block = 32 x RY threads, grid = (ceil(C/32), nchunks). Thread (tx, ty) owns column c = 32*blockIdx.x + tx and
 // walks the rows ty, ty+RY, ... of its row chunk: a warp reads 32 consecutive floats of one row (coalesced).
 // Its running dbias sum stays in a register; the RY partials of a column are added in ty order in shared
 // memory and written to partial[chunk, c]; column_sum_finish adds the chunks in order (deterministic).
 #define RY 8
-extern "C" __global__ void bias_gelu_backward(float* dx, float* __restrict__ partial,
+extern "C" __global__ void bias_gelu_backward(float* dx, bf16_t* __restrict__ dx_bf16, float* __restrict__ partial,
                                               const float* dout, const float* __restrict__ x,
                                               const float* __restrict__ bias, int N, int C, int rows_per_chunk) {
     __shared__ float acc[RY][32];
@@ -68,7 +95,7 @@ extern "C" __global__ void bias_gelu_backward(float* dx, float* __restrict__ par
         for (int r = r0 + ty; r < r1; r += RY) {
             long long i = (long long)r * C + c;
             float d = dout[i] * gelu_grad(x[i] + bc);
-            dx[i] = d;
+            store(dx, dx_bf16, i, d);
             s += d;
         }
     }

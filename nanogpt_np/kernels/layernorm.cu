@@ -1,8 +1,12 @@
 // LayerNorm over the last dimension C of an (N, C) float32 matrix, with the residual add fused in.
 //
-//   forward:  h = x + residual            (only when residual != NULL; h is written out: the new residual stream)
+//   forward:  h = x + residual (+ residual_bias[c])   (only when residual != NULL; h is written out: the new
+//                                                     residual stream; residual_bias is the bias of the matmul
+//                                                     that made `residual`, added here instead of in its own pass)
 //             mean = sum(h)/C,  rstd = 1/sqrt(sum((h-mean)^2)/C + eps)
 //             out = (h - mean) * rstd * w + b            mean, rstd (N,) are saved for the backward
+//             out is float32, or bf16 bits when out_bf16 is given instead (the next matmul reads bf16: no
+//             separate conversion pass)
 //   backward: xhat = (h - mean) * rstd,  g = dout * w
 //             dh = rstd * (g - mean(g) - xhat * mean(g * xhat))   (+ dres: the gradient already flowing in the
 //                  residual stream is added here, so the model needs no separate add kernel)
@@ -11,23 +15,36 @@
 // Work split: one warp per row. A lane handles channels lane, lane+32, ... The three passes over a row
 // (sum, centered sum of squares, write) read the row from DRAM once; the second and third reads hit L1/L2
 // (a row is C*4 = 3 KB at C=768). Row reductions are warp shuffles (butterfly), no shared memory.
-// Memory traffic: forward reads x (+ residual), writes out (+ h); backward reads dout, h (+ dres), writes dh.
+// Memory traffic: forward reads x (+ residual), writes out (4 or 2 bytes) (+ h); backward reads dout, h
+// (+ dres), writes dh.
 //
 // Deterministic dw/db: a block owns a fixed range of rows. Each warp accumulates its rows into its own slice
 // of shared memory (no atomics: a lane only touches its own channels), the block then adds the warp slices in
 // warp order and writes one partial row per block; layernorm_param_reduce adds the partials in block order.
+
+typedef unsigned short bf16_t;
+
+// float32 -> bf16 bits, round to nearest even, NaN -> 0x7FFF (the same conversion as bf16.cu)
+__device__ __forceinline__ bf16_t f32_to_bf16_rne(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
     return v;   // every lane holds the total
 }
 
-extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // (N, C)
+extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // (N, C) float32, or NULL and:
+                                             bf16_t* __restrict__ out_bf16,  // (N, C) bf16 bits, or NULL
                                              float* __restrict__ mean,       // (N,)
                                              float* __restrict__ rstd,       // (N,)
                                              float* h_out,                   // (N, C) x + residual, or NULL
                                              const float* x,                 // (N, C)
                                              const float* __restrict__ residual,  // (N, C) or NULL
+                                             const float* __restrict__ residual_bias,  // (C,) or NULL
                                              const float* __restrict__ w, const float* __restrict__ b,
                                              int N, int C, float eps) {
     int lane = threadIdx.x % 32;
@@ -39,7 +56,10 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
     if (residual != nullptr) {
         const float* rr = residual + (long long)row * C;
         float* hr = h_out + (long long)row * C;
-        for (int c = lane; c < C; c += 32) { float v = xr[c] + rr[c]; hr[c] = v; s += v; }
+        for (int c = lane; c < C; c += 32) {
+            float v = xr[c] + (residual_bias ? rr[c] + residual_bias[c] : rr[c]);
+            hr[c] = v; s += v;
+        }
         src = hr;                                // this lane re-reads only what it wrote itself
     } else {
         for (int c = lane; c < C; c += 32) s += xr[c];
@@ -48,8 +68,11 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
     float ss = 0.0f;
     for (int c = lane; c < C; c += 32) { float d = src[c] - m; ss += d * d; }
     float r = rsqrtf(warp_sum(ss) / C + eps);
-    float* o = out + (long long)row * C;
-    for (int c = lane; c < C; c += 32) o[c] = (src[c] - m) * r * w[c] + b[c];
+    long long o = (long long)row * C;
+    for (int c = lane; c < C; c += 32) {
+        float y = (src[c] - m) * r * w[c] + b[c];
+        if (out_bf16) out_bf16[o + c] = f32_to_bf16_rne(y); else out[o + c] = y;
+    }
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
 
@@ -111,4 +134,15 @@ extern "C" __global__ void layernorm_param_reduce(float* __restrict__ dw, float*
     float aw = 0.0f, ab = 0.0f;
     for (int k = 0; k < nblocks; k++) { aw += dw_partial[(long long)k * C + c]; ab += db_partial[(long long)k * C + c]; }
     dw[c] = aw; db[c] = ab;
+}
+
+// The residual add that ends a block, with the bias of the matmul that made r: h = x + (r + bias[c]).
+// (The block's first residual add is fused into layernorm_forward above; after the MLP no layernorm follows
+// within the block, so this add runs on its own, but it still saves the bias its own pass.)
+// One thread per element; reads x and r, writes h. n = N*C, bias (C,).
+extern "C" __global__ void residual_bias_add(float* __restrict__ h, const float* __restrict__ x,
+                                             const float* __restrict__ r, const float* __restrict__ bias,
+                                             long long n, int C) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) h[i] = x[i] + (r[i] + bias[i % C]);
 }

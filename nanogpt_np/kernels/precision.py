@@ -9,8 +9,10 @@ Policy for --dtype=bfloat16 (for the model/trainer to follow):
   * master weights, gradients and AdamW state stay float32 in the flat buffers; the model keeps a bf16 copy of
     the weights (model.flat_params_bf16), which adamw_step(params_bf16=...) refreshes in the pass that updates them;
   * matmul inputs (activations, weights) are bf16 (uint16 arrays: CuPy has no bfloat16 dtype), cuBLAS
-    multiplies them with float32 accumulation and returns float32;
-  * layernorm, softmax, cross-entropy and the other kernels read and write float32 and reduce in float32;
+    multiplies them with float32 accumulation and returns float32 (gemm above);
+  * layernorm, softmax, cross-entropy and the other kernels read float32 and reduce in float32; an output that
+    only feeds a bf16 matmul (layernorm's y, GELU's out, flash attention's out, and the GELU / attention input
+    gradients) is written as bf16 by its kernel (registry.bf16_activations()), so as_bf16 finds it converted;
   * attention uses the flash kernel, which already runs its matmuls in bf16.
 
 bf16 values are stored as uint16 with the bit layout of kernels/bf16.py (round to nearest even).
@@ -60,6 +62,21 @@ def to_float32(h, out=None):
     grid, block = elementwise(h.size)
     launch("bf16", "bf16_to_f32", grid, block, (out, h, np.int64(h.size)))
     return out
+
+
+def column_sum_bf16(x):
+    """(N, C) bf16 bits -> (C,) float32 column sums (a bias gradient from a gradient written in bf16).
+    bf16.cu sums row chunks in parallel; the (nchunks, C) partials are added by a matrix-vector product."""
+    import cupy as cp
+    from ..ops.reductions import sum_rows
+    from .compile import num_sms
+    from .launch import column_chunks
+    N, C = x.shape
+    grid, block, rows_per_chunk = column_chunks(N, C, num_sms())
+    partial = cp.empty((grid[1], C), dtype=cp.float32)
+    launch("bf16", "bf16_column_sum_partial", grid, block,
+           (partial, cp.ascontiguousarray(x), np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
+    return sum_rows(partial)
 
 
 def gemm_args(M, K, N, trans_a=False, trans_b=False):

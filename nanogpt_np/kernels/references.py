@@ -6,22 +6,25 @@ independent meaning to be tested against. They run on numpy and on cupy arrays a
 from .. import backend
 
 
-def residual_layernorm_forward(x, residual, w, b, eps=1e-5):
-    """h = x + residual (the new residual stream), y = layernorm(h). -> ((h, y), saved)."""
+def residual_layernorm_forward(x, residual, residual_bias, w, b, eps=1e-5):
+    """h = x + residual + residual_bias (the new residual stream; the bias (C,) of the matmul that made
+    `residual`, or None), y = layernorm(h). -> ((h, y), saved)."""
     from ..ops.layernorm import layernorm_forward
-    h = x + residual
+    h = x + residual if residual_bias is None else x + (residual + residual_bias)
     y, saved = layernorm_forward(h, w, b, eps)
-    return (h, y), saved
+    return (h, y), (saved, residual_bias is not None)
 
 
 def residual_layernorm_backward(douts, saved):
-    """(dh or None, dy) -> (dx, dresidual, dw, db): both summands of h get dh + d layernorm(dy)."""
+    """(dh or None, dy) -> (dx, dresidual, dresidual_bias, dw, db): both summands of h get dh + d layernorm(dy);
+    the bias, added to every row, gets that summed over the rows (None without a bias)."""
     from ..ops.layernorm import layernorm_backward
+    saved, has_bias = saved
     dh, dy = douts
     dx, dw, db = layernorm_backward(dy, saved)
     if dh is not None:
         dx = dx + dh
-    return dx, dx, dw, db
+    return dx, dx, (dx.sum(axis=0) if has_bias else None), dw, db
 
 
 def bias_gelu_forward(x, b):

@@ -6,10 +6,12 @@
 Importing a wrapper module is cheap; its CUDA module is compiled on the first launch (compile.module) and
 cached for the process (and on disk by CuPy). Names:
 
-  contract ops (ops/*.py):   embedding, layernorm, gelu, cross_entropy, attention, linear, lm_head
+  contract ops (ops/*.py):   embedding, layernorm, gelu, cross_entropy, attention, bias_attention,
+                             residual_add, linear, lm_head,
                              lm_head_cross_entropy (chunked output layer + loss; bf16 or float32 gemms by precision)
   fused extras:              residual_layernorm, bias_gelu (meaning: kernels/references.py)
-  attention variants:        attention_matmul (cuBLAS + fused softmax), attention_flash (bf16 tensor cores)
+  attention variants:        attention_matmul (cuBLAS + fused softmax), attention_flash (bf16 tensor cores),
+                             and bias_attention_matmul / bias_attention_flash (the qkv bias added inside)
   optimizer:                 adamw -> (adamw_step, global_grad_norm), not a forward/backward pair
   linear, lm_head:           one cuBLAS gemm per product (kernels/linear.py), float32/TF32 by default,
                              bf16 with float32 accumulation after set_precision("bfloat16")
@@ -28,6 +30,7 @@ _REFERENCE = {
     "embedding": ("nanogpt_np.ops.embedding", "embedding_forward", "embedding_backward"),
     "layernorm": ("nanogpt_np.ops.layernorm", "layernorm_forward", "layernorm_backward"),
     "residual_layernorm": ("nanogpt_np.kernels.references", "residual_layernorm_forward", "residual_layernorm_backward"),
+    "residual_add": ("nanogpt_np.ops.residual", "residual_add_forward", "residual_add_backward"),
     "gelu": ("nanogpt_np.ops.gelu", "gelu_forward", "gelu_backward"),
     "bias_gelu": ("nanogpt_np.kernels.references", "bias_gelu_forward", "bias_gelu_backward"),
     "cross_entropy": ("nanogpt_np.ops.cross_entropy", "cross_entropy_forward", "cross_entropy_backward"),
@@ -35,6 +38,8 @@ _REFERENCE = {
                               "lm_head_cross_entropy_backward"),
     "attention_matmul": ("nanogpt_np.ops.attention", "attention_forward", "attention_backward"),
     "attention_flash": ("nanogpt_np.ops.attention", "attention_forward", "attention_backward"),
+    "bias_attention_matmul": ("nanogpt_np.ops.attention", "bias_attention_forward", "bias_attention_backward"),
+    "bias_attention_flash": ("nanogpt_np.ops.attention", "bias_attention_forward", "bias_attention_backward"),
     "linear": ("nanogpt_np.ops.linear", "linear_forward", "linear_backward"),
     "lm_head": ("nanogpt_np.ops.linear", "lm_head_forward", "lm_head_backward"),
 }
@@ -43,12 +48,15 @@ _TABLE = {
     "embedding": ("encoder", "embedding_forward", "embedding_backward"),
     "layernorm": ("layernorm", "layernorm_forward", "layernorm_backward"),
     "residual_layernorm": ("layernorm", "residual_layernorm_forward", "residual_layernorm_backward"),
+    "residual_add": ("layernorm", "residual_add_forward", "residual_add_backward"),
     "gelu": ("gelu", "gelu_forward", "gelu_backward"),
     "bias_gelu": ("gelu", "bias_gelu_forward", "bias_gelu_backward"),
     "cross_entropy": ("cross_entropy", "cross_entropy_forward", "cross_entropy_backward"),
     "lm_head_cross_entropy": ("lm_head_loss", "lm_head_cross_entropy_forward", "lm_head_cross_entropy_backward"),
     "attention_matmul": ("softmax_attention", "attention_forward", "attention_backward"),
     "attention_flash": ("flash_attention", "attention_forward", "attention_backward"),
+    "bias_attention_matmul": ("softmax_attention", "bias_attention_forward", "bias_attention_backward"),
+    "bias_attention_flash": ("flash_attention", "bias_attention_forward", "bias_attention_backward"),
     "adamw": ("adamw", "adamw_step", "global_grad_norm"),
     "linear": ("linear", "linear_forward", "linear_backward"),
     "lm_head": ("linear", "lm_head_forward", "lm_head_backward"),
@@ -64,7 +72,7 @@ _cache = {}
 
 
 def names():
-    return sorted(set(_TABLE) | {"attention"})
+    return sorted(set(_TABLE) | {"attention", "bias_attention"})
 
 
 def set_attention(kind: str) -> None:
@@ -108,7 +116,8 @@ def describe() -> str:
     """One line saying which GPU kernels are in use (the trainer prints it)."""
     att = ("flash (bf16 tensor cores, head size 64; other head sizes fall back to matmul)"
            if _attention == "flash" else "matmul (cuBLAS + fused softmax)")
-    mm = "bf16 (fp32 accumulation)" if _precision == "bfloat16" else f"float32 (cuBLAS{', TF32' if _tf32 else ''})"
+    mm = ("bf16 (fp32 accumulation; inputs written in bf16 by the kernels before them)" if bf16_activations()
+          else "bf16 (fp32 accumulation)") if _precision == "bfloat16" else f"float32 (cuBLAS{', TF32' if _tf32 else ''})"
     off = f", disabled: {', '.join(sorted(_disabled))}" if _disabled else ""
     return f"GPU kernels: attention {att}; linear/lm_head matmuls {mm}{off}"
 
@@ -126,6 +135,15 @@ def precision() -> str:
     return _precision
 
 
+def bf16_activations() -> bool:
+    """True when the matmuls of linear and lm_head (and lm_head_cross_entropy) read bf16 (precision "bfloat16" and
+    their kernels on). The
+    kernels whose output only feeds such a matmul (layernorm, GELU, flash attention; in the backward the GELU
+    and attention input gradients) then write bf16 bits (uint16) themselves, so no separate float32 -> bf16
+    conversion pass is needed; precision.as_bf16 passes them through unchanged."""
+    return _precision == "bfloat16" and not _disabled & {"linear", "lm_head", "lm_head_cross_entropy"}
+
+
 def disable(name: str) -> None:
     _disabled.add(name)
 
@@ -136,8 +154,8 @@ def enable(name: str) -> None:
 
 def resolve(name: str):
     """The table key an op name maps to (attention -> attention_<kind>), or None."""
-    if name == "attention":
-        name = "attention_" + _attention
+    if name in ("attention", "bias_attention"):
+        name += "_" + _attention
     return name if name in _TABLE else None
 
 

@@ -1,6 +1,8 @@
 """GPU causal attention, cuBLAS form: batched matmuls (CuPy -> cuBLAS) around the fused softmax in
 softmax_attention.cu. Same contract as ops/attention.py: forward(qkv, n_head) -> (out, saved),
 backward(dout, saved) -> (dqkv,). Stores the (B, NH, T, T) probability matrix, like the reference.
+bias_attention (attention(x + b), ops/attention.py) adds the bias with CuPy first: this form reads the
+heads through CuPy copies anyway; everything it returns is float32.
 """
 import math
 
@@ -50,3 +52,15 @@ def attention_backward(dout, saved):
     for i, d in enumerate((dq, dk, dv)):
         dqkv[..., i * C:(i + 1) * C] = d.transpose(0, 2, 1, 3).reshape(B, T, C)
     return (dqkv,)
+
+
+def bias_attention_forward(x, b, n_head):
+    """attention(x + b): x (B, T, 3C), b (3C,) -> out (B, T, C)."""
+    return attention_forward(x + b, n_head)
+
+
+def bias_attention_backward(dout, saved):
+    """dout (B, T, C) -> (dx (B, T, 3C), db (3C,) = dx summed over all rows)."""
+    from ..ops.reductions import sum_rows
+    (dqkv,) = attention_backward(dout, saved)
+    return dqkv, sum_rows(dqkv.reshape(-1, dqkv.shape[-1]))

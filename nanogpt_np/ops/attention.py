@@ -16,6 +16,10 @@ Backward (from the bottom up):
     dq   = ds @ k / sqrt(HS),  dk = ds^T @ q / sqrt(HS)
     dqkv = concat(merge(dq), merge(dk), merge(dv))
 (Dropout on the attention weights is not applied: this GPT drops out after c_proj only.)
+
+Bias + attention: out = attention(x + b) for the qkv matmul's output x (B, T, 3C) and its bias b (3C,), so the
+GPU adds the bias while it reads qkv into heads instead of in a pass of its own:
+    dx = dqkv (an add passes its gradient through),  db = dqkv summed over all (b, t) rows
 """
 import math
 
@@ -24,7 +28,7 @@ import numpy as np
 from .. import backend
 from ..tensor import Tensor, record
 from .dispatch import implementation
-from .reductions import sum_last
+from .reductions import sum_last, sum_rows
 
 
 def split_heads(x, n_head):
@@ -99,6 +103,26 @@ def attention(qkv: Tensor, n_head: int) -> Tensor:
     forward, backward = implementation("attention", qkv.data, attention_forward, attention_backward)
     out, saved = forward(qkv.data, n_head)
     return record(Tensor(out), (qkv,), lambda dout: backward(dout, saved))
+
+
+def bias_attention_forward(x, b, n_head):
+    """x (B, T, 3C), b (3C,) -> attention(x + b) (B, T, C)."""
+    return attention_forward(x + b, n_head)
+
+
+def bias_attention_backward(dout, saved):
+    """dout (B, T, C) -> dx (B, T, 3C), db (3C,)."""
+    (dqkv,) = attention_backward(dout, saved)
+    return dqkv, sum_rows(dqkv.reshape(-1, dqkv.shape[-1]))
+
+
+def bias_attention(x: Tensor, b: Tensor, n_head: int) -> Tensor:
+    """Causal self-attention over x + b: x (B, T, 3C) the qkv matmul's output, b (3C,) its bias -> (B, T, C)."""
+    if x.shape[-1] % (3 * n_head):
+        raise ValueError(f"qkv width {x.shape[-1]} is not 3 * n_head * head_size for n_head={n_head}")
+    forward, backward = implementation("bias_attention", x.data, bias_attention_forward, bias_attention_backward)
+    out, saved = forward(x.data, b.data, n_head)
+    return record(Tensor(out), (x, b), lambda dout: backward(dout, saved))
 
 
 def attention_with_cache(qkv, n_head, k_cache, v_cache, lengths, positions=None):

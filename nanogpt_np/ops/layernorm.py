@@ -11,8 +11,10 @@ Backward: dw = sum over rows of dy * xhat,  db = sum over rows of dy.  For dx, w
     so dx_j = sum_i g_i * d xhat_i / d x_j = rstd * (g_j - mean(g) - xhat_j * mean(g * xhat)).
 
 Residual + layernorm (one op with two outputs, so the GPU can do both in one pass over memory):
-    h = x + r (the residual stream goes on),  y = layernorm(h)
+    h = x + r + rb (the residual stream goes on; rb (C,) is the bias of the matmul that made r, or none),
+    y = layernorm(h)
     dh_total = dh + (layernorm backward of dy),  dx = dr = dh_total   (an add passes its gradient through)
+    drb = dh_total summed over the rows            (rb[c] is added to every row n: d h[n, c] / d rb[c] = 1)
 """
 from .. import backend
 from ..tensor import Tensor, record
@@ -63,40 +65,44 @@ def layernorm(x: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
     return record(Tensor(y.reshape(x.shape)), (x, w, b), backward_fn)
 
 
-def residual_layernorm_forward(x, r, w, b, eps=1e-5):
-    """x, r (N, C) -> ((h = x + r, y = layernorm(h)), saved)."""
-    h = x + r
+def residual_layernorm_forward(x, r, rb, w, b, eps=1e-5):
+    """x, r (N, C), rb (C,) or None -> ((h = x + r + rb, y = layernorm(h)), saved)."""
+    h = x + (r if rb is None else r + rb)               # r + rb first: the order of linear's y += b, then x +
     y, saved = layernorm_forward(h, w, b, eps)
-    return (h, y), saved
+    return (h, y), (saved, rb is not None)
 
 
 def residual_layernorm_backward(douts, saved):
-    """(dh or None, dy) -> (dx, dr, dw, db); dx and dr are the same array (safe: the tape never writes
-    into an intermediate gradient)."""
+    """(dh or None, dy) -> (dx, dr, drb or None, dw, db); dx and dr are the same array (safe: the tape never
+    writes into an intermediate gradient)."""
+    saved, has_rb = saved
     dh, dy = douts
     dx, dw, db = layernorm_backward(dy, saved)
     if dh is not None:
         dx += dh
-    return dx, dx, dw, db
+    return dx, dx, (sum_rows(dx) if has_rb else None), dw, db
 
 
-def residual_layernorm(x: Tensor, r: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5):
-    """(h, y) = (x + r, layernorm(x + r)) for x, r (..., C): the residual add that ends an attention branch
-    and the layernorm that starts the MLP branch, fused."""
+def residual_layernorm(x: Tensor, r: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5, r_bias: Tensor = None):
+    """(h, y) = (x + r + r_bias, layernorm(h)) for x, r (..., C): the residual add that ends an attention branch
+    (with the bias of its last matmul, r_bias (C,) or None) and the layernorm that starts the MLP branch, fused."""
     if x.shape != r.shape:
         raise ValueError(f"residual_layernorm needs equal shapes, got {x.shape} and {r.shape}")
     C = x.shape[-1]
     forward, backward = implementation("residual_layernorm", x.data, residual_layernorm_forward,
                                        residual_layernorm_backward)
-    (h, y), saved = forward(x.data.reshape(-1, C), r.data.reshape(-1, C), w.data, b.data, eps)
+    (h, y), saved = forward(x.data.reshape(-1, C), r.data.reshape(-1, C), None if r_bias is None else r_bias.data,
+                            w.data, b.data, eps)
     h, y = Tensor(h.reshape(x.shape)), Tensor(y.reshape(x.shape))
 
     def backward_fn(douts):
         dh, dy = douts
         if dy is None:                          # only h led to the loss: a plain residual add
-            return dh, dh, None, None
-        dx, dr, dw, db = backward((None if dh is None else dh.reshape(-1, C), dy.reshape(-1, C)), saved)
-        return dx.reshape(x.shape), dr.reshape(x.shape), dw, db
+            drb = None if r_bias is None else sum_rows(dh.reshape(-1, C))
+            return (dh, dh) + ((drb,) if r_bias is not None else ()) + (None, None)
+        dx, dr, drb, dw, db = backward((None if dh is None else dh.reshape(-1, C), dy.reshape(-1, C)), saved)
+        return (dx.reshape(x.shape), dr.reshape(x.shape)) + ((drb,) if r_bias is not None else ()) + (dw, db)
 
-    record((h, y), (x, r, w, b), backward_fn)
+    inputs = (x, r, w, b) if r_bias is None else (x, r, r_bias, w, b)
+    record((h, y), inputs, backward_fn)
     return h, y

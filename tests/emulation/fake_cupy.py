@@ -455,17 +455,29 @@ def _encoder_backward_wte(grid, block, smem, dwte, dout, sorted_pos, sorted_tok,
         s = e
 
 
-def _layernorm_forward(grid, block, smem, out, mean, rstd, h_out, x, residual, w, b, N, C, eps):
+def _store(out, out_bf16, n, values):
+    """A kernel output written as float32 into `out` or as bf16 bits into `out_bf16` (the other one is NULL)."""
+    if _arr(out_bf16) is not None:
+        assert _arr(out) is None and _arr(out_bf16).dtype == np.uint16
+        _arr(out_bf16).reshape(-1)[:n] = float32_to_bf16(np.asarray(values, dtype=np.float32).reshape(-1))
+    else:
+        _f32(_arr(out), n)[...] = np.asarray(values).reshape(-1)
+
+
+def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, x, residual, rbias, w, b, N, C, eps):
     N, C, eps = _int(N, np.int32), _int(C, np.int32), _flt(eps)
     assert grid[0] * block[0] // 32 >= N and block[0] % 32 == 0
     xv = _f32(_arr(x), N * C).reshape(N, C).astype(np.float64)
     r = _arr(residual)
     if r is not None:
-        xv = xv + _f32(r, N * C).reshape(N, C)
+        rv = _f32(r, N * C).reshape(N, C)
+        if _arr(rbias) is not None:
+            rv = rv + _f32(_arr(rbias), C)
+        xv = xv + rv
         _f32(_arr(h_out), N * C).reshape(N, C)[...] = xv
     m = xv.mean(1)
     rs = 1 / np.sqrt(((xv - m[:, None]) ** 2).mean(1) + eps)
-    _f32(_arr(out), N * C).reshape(N, C)[...] = (xv - m[:, None]) * rs[:, None] * _f32(_arr(w), C) + _f32(_arr(b), C)
+    _store(out, out_bf16, N * C, (xv - m[:, None]) * rs[:, None] * _f32(_arr(w), C) + _f32(_arr(b), C))
     _f32(_arr(mean), N)[...] = m
     _f32(_arr(rstd), N)[...] = rs
 
@@ -509,14 +521,14 @@ def _gelu_grad(a):
 
 
 def _gelu_forward(vec):
-    def k(grid, block, smem, out, x, bias, n, C):
+    def k(grid, block, smem, out, out_bf16, x, bias, n, C):
         n, C = _int(n, np.int64) * vec, _int(C, np.int32) * vec
         assert _threads(grid, block) * vec >= n
         a = _f32(_arr(x), n).astype(np.float64)
         b = _arr(bias)
         if b is not None:
             a = a + np.tile(_f32(b, C), n // C)
-        _f32(_arr(out), n)[...] = _gelu(a)
+        _store(out, out_bf16, n, _gelu(a))
     return k
 
 
@@ -526,13 +538,13 @@ def _gelu_backward(grid, block, smem, dx, dout, x, n):
     _f32(_arr(dx), n)[...] = _f32(_arr(dout), n) * _gelu_grad(_f32(_arr(x), n).astype(np.float64))
 
 
-def _bias_gelu_backward(grid, block, smem, dx, partial, dout, x, bias, N, C, rpc):
+def _bias_gelu_backward(grid, block, smem, dx, dx_bf16, partial, dout, x, bias, N, C, rpc):
     N, C, rpc = _int(N, np.int32), _int(C, np.int32), _int(rpc, np.int32)
     assert block == (32, 8, 1) or block == (32, 8), block
     assert grid[0] * 32 >= C and grid[1] * rpc >= N and grid[1] < 65536
     a = _f32(_arr(x), N * C).reshape(N, C) + _f32(_arr(bias), C)
     d = _f32(_arr(dout), N * C).reshape(N, C) * _gelu_grad(a.astype(np.float64))
-    _f32(_arr(dx), N * C).reshape(N, C)[...] = d
+    _store(dx, dx_bf16, N * C, d)
     p = _rows(_f32(_arr(partial)), C)
     for k in range(grid[1]):
         p[k] = d[k * rpc:min(N, (k + 1) * rpc)].sum(0)
@@ -647,10 +659,12 @@ def _heads_in(qkv, B, T, Tp, NH, part):
     return x
 
 
-def _qkv_to_heads(grid, block, smem, q, k, v, qkv, B, T, Tp, NH):
+def _qkv_to_heads(grid, block, smem, q, k, v, qkv, bias, B, T, Tp, NH):
     B, T, Tp, NH = (_int(a, np.int32) for a in (B, T, Tp, NH))
     assert _threads(grid, block) >= B * NH * Tp * 32 and Tp % 64 == 0 and Tp >= T
     src = _f32(_arr(qkv), B * T * 3 * NH * 64)
+    if _arr(bias) is not None:
+        src = (src.reshape(B * T, 3 * NH * 64) + _f32(_arr(bias), 3 * NH * 64)).reshape(-1)
     for part, dst in enumerate((q, k, v)):
         d = _arr(dst)
         assert d.dtype == np.uint16 and d.size >= B * NH * Tp * 64
@@ -661,7 +675,7 @@ def _bf(a, shape):
     return bf16_to_float32(_arr(a).reshape(-1)[:math.prod(shape)]).reshape(shape).astype(np.float64)
 
 
-def _flash_forward(grid, block, smem, out, L2, Q, K, V, T, Tp, NH, scale_log2):
+def _flash_forward(grid, block, smem, out, out_bf16, L2, Q, K, V, T, Tp, NH, scale_log2):
     T, Tp, NH, sl2 = _int(T, np.int32), _int(Tp, np.int32), _int(NH, np.int32), _flt(scale_log2)
     BH = grid[1]
     assert grid[0] == Tp // 64 and block[0] == 128
@@ -672,15 +686,19 @@ def _flash_forward(grid, block, smem, out, L2, Q, K, V, T, Tp, NH, scale_log2):
     o = (np.exp2(s2 - m) / l) @ v                                     # (BH, Tp, 64)
     _f32(_arr(L2), BH * Tp).reshape(BH, Tp)[...] = (m + np.log2(l))[..., 0]
     B = BH // NH
-    _f32(_arr(out), B * T * NH * 64).reshape(B, T, NH, 64)[...] = o.reshape(B, NH, Tp, 64)[:, :, :T].transpose(0, 2, 1, 3)
+    _store(out, out_bf16, B * T * NH * 64, o.reshape(B, NH, Tp, 64)[:, :, :T].transpose(0, 2, 1, 3))
 
 
-def _flash_prep(grid, block, smem, dO, D, dout, out, B, T, Tp, NH):
+def _flash_prep(grid, block, smem, dO, D, dout, out, out_bf16, B, T, Tp, NH):
     B, T, Tp, NH = (_int(a, np.int32) for a in (B, T, Tp, NH))
     assert grid[0] * block[0] // 32 >= B * NH * Tp
     C = NH * 64
     do = _f32(_arr(dout), B * T * C).astype(np.float64)
-    o = _f32(_arr(out), B * T * C).astype(np.float64)
+    if _arr(out_bf16) is not None:
+        assert _arr(out) is None
+        o = _bf(out_bf16, (B * T * C,))
+    else:
+        o = _f32(_arr(out), B * T * C).astype(np.float64)
     dh = np.zeros((B * NH, Tp, 64))
     oh = np.zeros((B * NH, Tp, 64))
     dh[:, :T] = do.reshape(B, T, NH, 64).transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
@@ -690,7 +708,7 @@ def _flash_prep(grid, block, smem, dO, D, dout, out, B, T, Tp, NH):
     _f32(_arr(D), B * NH * Tp)[...] = (bf16_to_float32(dh16) * oh).sum(-1).ravel()     # from the bf16 dO
 
 
-def _flash_grads(grid, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
+def _flash_grads(grid, dqkv, dqkv_bf16, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
     T, Tp, NH = _int(T, np.int32), _int(Tp, np.int32), _int(NH, np.int32)
     sl2, sc = _flt(scale_log2), _flt(scale)
     BH = grid[1]
@@ -702,23 +720,29 @@ def _flash_grads(grid, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
     ds = p * (do @ v.transpose(0, 2, 1) - Dv)
     B = BH // NH
     C = NH * 64
-    dst = _f32(_arr(dqkv), B * T * 3 * C).reshape(B, T, 3, NH, 64)
+    if _arr(dqkv_bf16) is not None:
+        assert _arr(dqkv) is None and _arr(dqkv_bf16).dtype == np.uint16
+        dst = _arr(dqkv_bf16).reshape(-1)[:B * T * 3 * C].reshape(B, T, 3, NH, 64)
+        convert = float32_to_bf16
+    else:
+        dst = _f32(_arr(dqkv), B * T * 3 * C).reshape(B, T, 3, NH, 64)
+        convert = np.asarray
 
     def put(part, x):
-        dst[:, :, part] = x.reshape(B, NH, Tp, 64)[:, :, :T].transpose(0, 2, 1, 3)
+        dst[:, :, part] = convert(x.reshape(B, NH, Tp, 64)[:, :, :T].transpose(0, 2, 1, 3).astype(np.float32))
     return p, ds, q, k, do, sc, put
 
 
-def _flash_dkdv(grid, block, smem, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
+def _flash_dkdv(grid, block, smem, dqkv, dqkv_bf16, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
     assert block[0] == 128
-    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale)
+    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale)
     put(1, sc * ds.transpose(0, 2, 1) @ q)
     put(2, p.transpose(0, 2, 1) @ do)
 
 
-def _flash_dq(grid, block, smem, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
+def _flash_dq(grid, block, smem, dqkv, dqkv_bf16, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
     assert block[0] == 128
-    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale)
+    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale)
     put(0, sc * ds @ k)
 
 
@@ -726,6 +750,23 @@ def _to_bf16(grid, block, smem, out, inp, n):
     n = _int(n, np.int64)
     assert _threads(grid, block) >= n and _arr(out).dtype == np.uint16
     _arr(out).reshape(-1)[:n] = float32_to_bf16(_f32(_arr(inp), n))
+
+
+def _bf16_column_sum_partial(grid, block, smem, partial, x, N, C, rpc):
+    N, C, rpc = _int(N, np.int32), _int(C, np.int32), _int(rpc, np.int32)
+    assert tuple(block[:2]) == (32, 8) and grid[0] * 32 >= C and grid[1] * rpc >= N
+    assert _arr(x).dtype == np.uint16
+    xv = bf16_to_float32(_arr(x).reshape(-1)[:N * C]).reshape(N, C).astype(np.float64)
+    p = _rows(_f32(_arr(partial)), C)
+    for k in range(grid[1]):
+        p[k] = xv[k * rpc:min(N, (k + 1) * rpc)].sum(0)
+
+
+def _residual_bias_add(grid, block, smem, h, x, r, bias, n, C):
+    n, C = _int(n, np.int64), _int(C, np.int32)
+    assert _threads(grid, block) >= n
+    rb = (_f32(_arr(r), n).reshape(-1, C) + _f32(_arr(bias), C)).reshape(-1)
+    _f32(_arr(h), n)[...] = _f32(_arr(x), n) + rb
 
 
 def _to_f32(grid, block, smem, out, inp, n):
@@ -742,6 +783,7 @@ KERNELS = {
     ("layernorm", "layernorm_forward"): _layernorm_forward,
     ("layernorm", "layernorm_backward"): _layernorm_backward,
     ("layernorm", "layernorm_param_reduce"): _param_reduce,
+    ("layernorm", "residual_bias_add"): _residual_bias_add,
     ("gelu", "gelu_forward"): _gelu_forward(1),
     ("gelu", "gelu_forward_f4"): _gelu_forward(4),
     ("gelu", "gelu_backward"): _gelu_backward,
@@ -762,6 +804,7 @@ KERNELS = {
     ("flash_attention", "flash_attention_backward_dq"): _flash_dq,
     ("bf16", "f32_to_bf16"): _to_bf16,
     ("bf16", "bf16_to_f32"): _to_f32,
+    ("bf16", "bf16_column_sum_partial"): _bf16_column_sum_partial,
 }
 
 

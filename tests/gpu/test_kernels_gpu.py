@@ -3,6 +3,9 @@
 Shapes include sizes that are not multiples of any block or tile size; outputs come from NaN-poisoned memory
 (an element a kernel never writes fails the finiteness check). float32 kernels must match the float64
 reference to a norm-wise relative error below 1e-5; the bf16 flash attention to below 2e-2.
+Kernels whose output feeds a matmul write bf16 bits when the matmuls run in bf16 (registry.bf16_activations());
+they are run in both output dtypes (the act_dtype fixture), and a bf16 output must be the float64 reference
+rounded to bf16: within half a bf16 ulp (2^-8 relative) of it, element by element (check_act).
 """
 import importlib
 
@@ -32,6 +35,38 @@ def to_np(x):
     return cupy.asnumpy(x)
 
 
+@pytest.fixture(params=["float32", "bfloat16"])
+def act_dtype(request, monkeypatch):
+    """Run a kernel test with float32 matmuls, then with bf16 ones (the producers then write bf16)."""
+    monkeypatch.setattr(registry, "_precision", request.param)
+    assert registry.bf16_activations() == (request.param == "bfloat16")
+    return request.param
+
+
+def check_act(got, ref, act_dtype, tol=TOL, scale=None):
+    """An output that feeds a matmul against its float64 reference: float32 to a norm-wise `tol`; bf16 bits
+    (uint16) element by element within half a bf16 ulp of the reference (2^-8 of |ref|, plus `tol` of its
+    largest value for the kernel's own float32 rounding). A negative control goes with every bf16 check: the
+    same bits put in the wrong half of a float32 (a bf16 array read as if it were float32 data) must fail.
+    scale: what errors are measured against (rel_err's scale), max |ref| unless given."""
+    got = to_np(got)
+    if scale is None:
+        scale = np.abs(ref).max() if ref.size else 0.0
+    if act_dtype == "float32":
+        assert got.dtype == np.float32
+        assert rel_err(got, ref, scale=scale) < tol
+        return
+    assert got.dtype == np.uint16, got.dtype
+    val = bf16_to_float32(got).astype(np.float64)
+    assert np.isfinite(val).all(), "NaN/inf in the kernel output (an element was not written?)"
+    bound = 2.0 ** -8 * np.abs(ref) + tol * scale
+    assert (np.abs(val - ref) <= bound).all(), f"max excess {np.max(np.abs(val - ref) - bound)}"
+    assert rel_err(val, ref, scale=scale) < 2.0 ** -8 + tol
+    misread = got.astype(np.uint32).view(np.float32)            # bits in the low half: tiny denormals
+    if np.abs(ref).max() > 0:
+        assert rel_err(misread, ref) > 0.5
+
+
 # ---------------------------------------------------------------------------------------------------- embedding
 
 @pytest.mark.parametrize("B,T,V,C,Tmax", [(1, 1, 5, 4, 1), (2, 7, 11, 33, 9), (3, 65, 300, 768, 128), (8, 1024, 50257, 768, 1024)])
@@ -59,13 +94,13 @@ LN_SHAPES = [(1, 1), (7, 33), (64, 768), (1000, 1600), (4097, 768), (3, 6144)]
 
 
 @pytest.mark.parametrize("N,C", LN_SHAPES)
-def test_layernorm(cp, poison, N, C):
+def test_layernorm(cp, poison, act_dtype, N, C):
     x, w, b = randn(N, C, scale=3) + 1.0, randn(C), randn(C)
     fwd, bwd = registry.lookup("layernorm")
     poison()
     y, saved = fwd(cp.asarray(x), cp.asarray(w), cp.asarray(b), 1e-5)
     ry, rsaved = ln_ops.layernorm_forward(*f64(x, w, b), 1e-5)
-    assert rel_err(to_np(y), ry) < TOL
+    check_act(y, ry, act_dtype)
     dy = randn(N, C)
     poison()
     dx, dw, db = bwd(cp.asarray(dy), saved)
@@ -76,53 +111,84 @@ def test_layernorm(cp, poison, N, C):
 
 
 @pytest.mark.parametrize("N,C", LN_SHAPES)
-@pytest.mark.parametrize("with_dh", [True, False])
-def test_residual_layernorm(cp, poison, N, C, with_dh):
+@pytest.mark.parametrize("with_dh,with_rb", [(True, True), (False, False)])
+def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb):
     x, r, w, b = randn(N, C), randn(N, C), randn(C), randn(C)
+    rb = randn(C) if with_rb else None                      # the bias of the matmul that made r
     fwd, bwd = registry.lookup("residual_layernorm")
     poison()
-    (h, y), saved = fwd(cp.asarray(x), cp.asarray(r), cp.asarray(w), cp.asarray(b), 1e-5)
-    (rh, ry), rsaved = references.residual_layernorm_forward(*f64(x, r, w, b), 1e-5)
-    assert rel_err(to_np(h), rh) < TOL and rel_err(to_np(y), ry) < TOL
+    (h, y), saved = fwd(cp.asarray(x), cp.asarray(r), None if rb is None else cp.asarray(rb), cp.asarray(w),
+                        cp.asarray(b), 1e-5)
+    (rh, ry), rsaved = references.residual_layernorm_forward(*f64(x, r), None if rb is None else f64(rb)[0],
+                                                             *f64(w, b), 1e-5)
+    assert to_np(h).dtype == np.float32 and rel_err(to_np(h), rh) < TOL    # the residual stream stays float32
+    check_act(y, ry, act_dtype)
     dh, dy = (randn(N, C) if with_dh else None), randn(N, C)
     poison()
-    dx, dres, dw, db = bwd((None if dh is None else cp.asarray(dh), cp.asarray(dy)), saved)
-    rdx, _, rdw, rdb = references.residual_layernorm_backward(
+    dx, dres, drb, dw, db = bwd((None if dh is None else cp.asarray(dh), cp.asarray(dy)), saved)
+    rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward(
         (None if dh is None else dh.astype(np.float64), dy.astype(np.float64)), rsaved)
     assert dx is dres
     assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(dw), rdw) < TOL and rel_err(to_np(db), rdb) < TOL
+    assert (drb is None) == (rb is None)
+    if rb is not None:
+        assert rel_err(to_np(drb), rdrb) < TOL
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (4097, 768)])
+def test_residual_add(cp, poison, N, C):
+    res_ops = importlib.import_module("nanogpt_np.ops.residual")
+    x, r, bias = randn(N, C), randn(N, C), randn(C)
+    fwd, bwd = registry.lookup("residual_add")
+    poison()
+    h, saved = fwd(cp.asarray(x), cp.asarray(r), cp.asarray(bias))
+    rh, rsaved = res_ops.residual_add_forward(*f64(x, r, bias))
+    assert rel_err(to_np(h), rh) < TOL
+    dout = randn(N, C)
+    dx, dr, db = bwd(cp.asarray(dout), saved)
+    rdx, _, rdb = res_ops.residual_add_backward(dout.astype(np.float64), rsaved)
+    assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(dr), rdx) < TOL and rel_err(to_np(db), rdb) < TOL
 
 
 # --------------------------------------------------------------------------------------------------------- gelu
 
+def _gelu_scale(ref, dy=None):
+    """GELU's float32 form 0.5 a (1 + tanh u) cancels where tanh u -> -1 (a << 0, y -> -0), and so does its
+    derivative: there the kernel is accurate to ~1e-7 absolute (times |dy| backward) but not relative, which
+    decides a test of a few elements. So errors are measured against max(|ref|, 1) forward and max(|ref|, |dy|)
+    backward."""
+    return max(float(np.abs(ref).max()), 1.0 if dy is None else float(np.abs(dy).max()))
+
+
 @pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (17, 30), (1000, 3072), (8, 1024, 3072)])
-def test_gelu(cp, poison, shape):
+def test_gelu(cp, poison, act_dtype, shape):
     x = randn(*shape, scale=3)
     fwd, bwd = registry.lookup("gelu")
     poison()
     y, saved = fwd(cp.asarray(x))
     ry, rsaved = gelu_ops.gelu_forward(x.astype(np.float64))
-    assert rel_err(to_np(y), ry) < TOL
+    check_act(y, ry, act_dtype, scale=_gelu_scale(ry))
     dy = randn(*shape)
     poison()
     (dx,) = bwd(cp.asarray(dy), saved)
     (rdx,) = gelu_ops.gelu_backward(dy.astype(np.float64), rsaved)
-    assert rel_err(to_np(dx), rdx) < TOL
+    assert rel_err(to_np(dx), rdx, scale=_gelu_scale(rdx, dy)) < TOL
 
 
 @pytest.mark.parametrize("N,C", [(1, 1), (5, 7), (17, 30), (1000, 3072), (8193, 3072)])
-def test_bias_gelu(cp, poison, N, C):
+def test_bias_gelu(cp, poison, act_dtype, N, C):
     x, b = randn(N, C, scale=2), randn(C)
     fwd, bwd = registry.lookup("bias_gelu")
     poison()
     y, saved = fwd(cp.asarray(x), cp.asarray(b))
     ry, rsaved = references.bias_gelu_forward(*f64(x, b))
-    assert rel_err(to_np(y), ry) < TOL
+    check_act(y, ry, act_dtype, scale=_gelu_scale(ry))
     dy = randn(N, C)
     poison()
     dx, db = bwd(cp.asarray(dy), saved)
     rdx, rdb = references.bias_gelu_backward(dy.astype(np.float64), rsaved)
-    assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(db), rdb) < TOL
+    check_act(dx, rdx, act_dtype, scale=_gelu_scale(rdx, dy))   # dx feeds c_fc's backward matmul
+    assert rel_err(to_np(db), rdb, scale=_gelu_scale(rdb, dy)) < TOL   # db: summed in float32, before rounding
 
 
 # -------------------------------------------------------------------------------------------------- cross-entropy
@@ -263,19 +329,30 @@ def test_attention_matmul(cp, poison, B, T, C, NH):
 FLASH_SHAPES = [(1, 1, 64, 1), (2, 100, 128, 2), (1, 64, 64, 1), (1, 257, 768, 12), (2, 1024, 768, 12)]
 
 
+def _as_f32(a, act_dtype):
+    """A kernel output as float32 values: bf16 bits (uint16) with bf16 activations, float32 otherwise."""
+    a = to_np(a)
+    assert a.dtype == (np.uint16 if act_dtype == "bfloat16" else np.float32), a.dtype
+    return bf16_to_float32(a) if a.dtype == np.uint16 else a
+
+
 @pytest.mark.parametrize("B,T,C,NH", FLASH_SHAPES)
-def test_attention_flash(cp, poison, B, T, C, NH):
-    """bf16 tensor cores: compared with the float64 reference on the same bf16-rounded inputs."""
+def test_attention_flash(cp, poison, act_dtype, B, T, C, NH):
+    """bf16 tensor cores: compared with the float64 reference on the same bf16-rounded inputs. The output
+    is bf16 with bf16 activations (the backward then reads that bf16 O); dqkv stays float32 in this op."""
     qkv = round_to_bf16(randn(B, T, 3 * C))
     fwd, bwd = registry.lookup("attention_flash")
     poison()
     out, saved = fwd(cp.asarray(qkv), NH)
     assert saved[0] is True and saved[1][0] == "flash"          # (kernel used, (variant, state))
     rout, rsaved = attention_ops.attention_forward(qkv.astype(np.float64), NH)
-    assert rel_err(to_np(out), rout) < 2e-2
+    assert rel_err(_as_f32(out, act_dtype), rout) < 2e-2
+    if act_dtype == "bfloat16":                                 # negative control: bf16 bits misread
+        assert rel_err(to_np(out).astype(np.uint32).view(np.float32), rout) > 0.5
     dout = randn(B, T, C)
     poison()
     (dqkv,) = bwd(cp.asarray(dout), saved)
+    assert to_np(dqkv).dtype == np.float32
     (rdqkv,) = attention_ops.attention_backward(dout.astype(np.float64), rsaved)
     C_ = C
     overall = np.abs(rdqkv).max()                               # dq, dk are exactly 0 when T = 1
@@ -283,6 +360,51 @@ def test_attention_flash(cp, poison, B, T, C, NH):
         r = rdqkv[..., i * C_:(i + 1) * C_]
         e = rel_err(to_np(dqkv)[..., i * C_:(i + 1) * C_], r, scale=np.abs(r).max() or overall)
         assert e < 2e-2, f"d{part}: relative error {e}"
+
+
+@pytest.mark.parametrize("B,T,C,NH", [(1, 1, 64, 1), (2, 100, 128, 2), (1, 130, 768, 12)])
+def test_bias_attention_flash(cp, poison, act_dtype, B, T, C, NH):
+    """attention(x + b) with the bias added while the heads are made; with bf16 activations out and dx are
+    bf16 bits and db is summed (float32) from those bits. x + b is exactly a bf16 value, so the reference sees
+    what the kernel's heads hold."""
+    b = round_to_bf16(randn(3 * C))
+    x = (round_to_bf16(randn(B, T, 3 * C) + b) - b).astype(np.float32)     # x + b exact in float32 and bf16
+    fwd, bwd = registry.lookup("bias_attention_flash")
+    poison()
+    out, saved = fwd(cp.asarray(x), cp.asarray(b), NH)
+    assert saved[1][0] == "flash"
+    rout, rsaved = attention_ops.bias_attention_forward(*f64(x, b), NH)
+    assert rel_err(_as_f32(out, act_dtype), rout) < 2e-2
+    dout = randn(B, T, C)
+    poison()
+    dx, db = bwd(cp.asarray(dout), saved)
+    rdx, rdb = attention_ops.bias_attention_backward(dout.astype(np.float64), rsaved)
+    got = _as_f32(dx, act_dtype)
+    overall = np.abs(rdx).max()
+    for i, part in enumerate("qkv"):
+        r = rdx[..., i * C:(i + 1) * C]
+        e = rel_err(got[..., i * C:(i + 1) * C], r, scale=np.abs(r).max() or overall)
+        assert e < 2e-2, f"d{part}: relative error {e}"
+    assert to_np(db).dtype == np.float32
+    assert rel_err(to_np(db), rdb, scale=np.abs(rdb).max() or overall) < 2e-2
+    # db is the column sum of the dx the kernels wrote (bf16 or float32), to float32 rounding
+    assert rel_err(to_np(db), got.reshape(-1, 3 * C).astype(np.float64).sum(0), scale=overall) < 1e-5
+    if act_dtype == "bfloat16":                                 # negative control: bf16 bits misread
+        assert rel_err(to_np(dx).astype(np.uint32).view(np.float32), rdx) > 0.5
+
+
+def test_bias_attention_matmul(cp, poison):
+    B, T, C, NH = 2, 37, 96, 3
+    x, b = randn(B, T, 3 * C), randn(3 * C)
+    fwd, bwd = registry.lookup("bias_attention_matmul")
+    poison()
+    out, saved = fwd(cp.asarray(x), cp.asarray(b), NH)
+    rout, rsaved = attention_ops.bias_attention_forward(*f64(x, b), NH)
+    assert rel_err(to_np(out), rout) < TOL
+    dout = randn(B, T, C)
+    dx, db = bwd(cp.asarray(dout), saved)
+    rdx, rdb = attention_ops.bias_attention_backward(dout.astype(np.float64), rsaved)
+    assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(db), rdb) < TOL
 
 
 def test_attention_flash_falls_back_for_other_head_sizes(cp):

@@ -2,7 +2,8 @@
 
     from emulation.cuda import emulator
     mod = emulator.load("gelu")                        # rewrite + g++ once, cached by source hash
-    mod.launch("gelu_forward", grid=(4,), block=(256,), args=(out, x, emulator.NULL, np.int64(n), np.int32(C)))
+    mod.launch("gelu_forward", grid=(4,), block=(256,), args=(out, emulator.NULL, x, emulator.NULL,
+                                                                  np.int64(n), np.int32(C)))
 
 How it works (details in cuda_emu.h): rewrite.py turns the .cu text into C++ with checked pointers and
 __shared__ arrays in a per-block arena; g++ builds a shared library; a launch runs every block of the grid,
