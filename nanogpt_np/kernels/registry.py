@@ -136,11 +136,10 @@ def precision() -> str:
 
 
 def bf16_activations() -> bool:
-    """True when the matmuls of linear and lm_head (and lm_head_cross_entropy) read bf16 (precision "bfloat16" and
-    their kernels on). The
-    kernels whose output only feeds such a matmul (layernorm, GELU, flash attention; in the backward the GELU
-    and attention input gradients) then write bf16 bits (uint16) themselves, so no separate float32 -> bf16
-    conversion pass is needed; precision.as_bf16 passes them through unchanged."""
+    """True when the matmuls of linear, lm_head and lm_head_cross_entropy read bf16 (precision "bfloat16" and
+    their kernels on). The kernels whose output only feeds such a matmul (layernorm, GELU, flash attention; in
+    the backward the GELU and attention input gradients) then write bf16 bits (uint16) themselves, so no separate
+    float32 -> bf16 conversion pass is needed; precision.as_bf16 passes them through unchanged."""
     return _precision == "bfloat16" and not _disabled & {"linear", "lm_head", "lm_head_cross_entropy"}
 
 
