@@ -69,7 +69,6 @@ def column_sum_bf16(x):
     """(N, C) bf16 bits -> (C,) float32 column sums (a bias gradient from a gradient written in bf16).
     bf16.cu sums row chunks in parallel; the (nchunks, C) partials are added by a matrix-vector product."""
     import cupy as cp
-    from ..ops.reductions import sum_rows
     from .compile import num_sms
     from .launch import column_chunks
     N, C = x.shape
@@ -78,6 +77,20 @@ def column_sum_bf16(x):
     launch("bf16", "bf16_column_sum_partial", grid, block,
            (partial, cp.ascontiguousarray(x), np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
     return sum_rows(partial)
+
+
+_ones = {}               # n -> a cached (1, n) float32 row of ones on the GPU (do not write into it)
+
+
+def sum_rows(x):
+    """(N, C) float32 -> (C,) float32: the column sums as one exact-float32 gemm, (1, N) ones @ (N, C)
+    (ops/reductions.sum_rows on the GPU: bias gradients). The project's gemm, not CuPy's matmul, so that a CUDA
+    graph can capture it (cublas_ctypes.py)."""
+    import cupy as cp
+    n = x.shape[0]
+    if n not in _ones:
+        _ones[n] = cp.ones((1, n), dtype=cp.float32)
+    return gemm(_ones[n], x, tf32=False).reshape(-1)
 
 
 def gemm_args(M, K, N, trans_a=False, trans_b=False):

@@ -983,6 +983,7 @@ def install(monkeypatch, kernels="numpy", sms=None):
     from nanogpt_np.kernels import precision
     monkeypatch.setattr(precision, "_tf32", False)      # a fresh CuPy multiplies float32 exactly; gemm() mirrors it
     monkeypatch.setattr(precision, "_local", threading.local())     # cuBLAS handles belong to the fake that made them
+    monkeypatch.setattr(precision, "_ones", {})                     # so do cached device arrays
     _ctypes_binding(monkeypatch)
     from nanogpt_np.ops import reductions
     monkeypatch.setattr(reductions, "_ones_cache", {})  # cached device arrays belong to the fake they were made on
