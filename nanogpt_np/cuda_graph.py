@@ -12,8 +12,10 @@ arguments, so everything that changes from step to step must already live in dev
 
 What cannot change between replays, and is therefore refused: the micro-batches' loss weights (n / total is a
 Python float frozen at capture: every target must count, so no masked task data), dropout (its generator is
-reseeded on the host: a replay would repeat the captured masks), and several ranks (the gradient all-reduce
-and host collectives). The first step runs eagerly (kernels compile, caches fill; CuPy's capture forbids
+reseeded on the host: a replay would repeat the captured masks), several ranks (the gradient all-reduce
+and host collectives), and the matmul attention (CuPy's matmul: CuPy refuses cuBLAS during a capture; the gemms
+of kernels/precision.py call cuBLAS through kernels/cublas_ctypes.py, which can be captured). A capture that is
+refused anyway is ended and dropped, with one line saying why, and the run goes on eagerly. The first step runs eagerly (kernels compile, caches fill; CuPy's capture forbids
 host<->device copies), the second is captured and replayed, and from then on each step is one replay. The
 arithmetic is the eager step's, op for op: the losses and weights are the same (tests/test_cuda_graph.py).
 nanogpt_np/kernels/README.md ("CUDA graphs") has what CuPy allows during a capture, with source references.
@@ -34,13 +36,19 @@ def check_supported(cfg, world_size: int) -> None:
         raise ConfigError("--cuda_graph needs --dropout=0 (a replay would repeat the captured dropout masks)")
     if world_size > 1:
         raise ConfigError("--cuda_graph runs on one GPU (no ranks)")
+    from .kernels import registry
+    if registry.attention_kind() != "flash" or cfg.n_embd // cfg.n_head != 64:
+        raise ConfigError("--cuda_graph needs flash attention (head size 64; --dtype=bfloat16 or "
+                          "NANOGPT_ATTENTION=flash): the matmul attention multiplies with CuPy's matmul, whose "
+                          "cuBLAS calls CuPy refuses during a capture")
 
 
 class GraphedStep:
     """train_step for --cuda_graph: the same arithmetic as trainer.train_step, run as one graph replay."""
 
-    def __init__(self, run):
+    def __init__(self, run, echo=print):
         import cupy as cp
+        self.echo = echo                                      # says once why a capture was refused
         from .optim import _fused_adamw
         self.fused = _fused_adamw(run.model.flat_params)
         if self.fused is None:
@@ -57,7 +65,6 @@ class GraphedStep:
 
     def __call__(self, run, lr: float):
         """One optimizer step. Returns (mean loss, gradient norm before clipping (device array))."""
-        import cupy as cp
         from .kernels.adamw import step_scalars
         cfg, opt = run.cfg, run.optimizer
         batches = [run.loader.next_batch() for _ in range(cfg.grad_accum_steps)]
@@ -74,12 +81,11 @@ class GraphedStep:
                 self.losses, self.norm = self._body(run, scalars)
             else:
                 if self.graph is None:                        # the second: captured (nothing runs), then replayed
-                    cp.get_default_memory_pool().free_all_blocks()    # step 1's cached temporaries: to the graph
-                    with cp.cuda.using_allocator(self.pool.malloc):
-                        self.stream.begin_capture()
-                        self.losses, self.norm = self._body(run, scalars)
-                        self.graph = self.stream.end_capture()
-                self.graph.launch(stream=self.stream)
+                    self.graph = self._capture(run, scalars)
+                if self.graph is False:                       # capture refused: every step eager, as without
+                    self.losses, self.norm = self._body(run, scalars)
+                else:
+                    self.graph.launch(stream=self.stream)
             values = backend.to_numpy(self.losses).tolist()    # the step's one transfer (waits for the step)
         n = cfg.batch_size * cfg.block_size                   # every target counts: the weights are equal
         total = n * len(values)
@@ -87,6 +93,28 @@ class GraphedStep:
         for value in values:
             loss_sum += value * n                             # as trainer.accumulate_gradients sums
         return loss_sum / total, self.norm[0]
+
+    def _capture(self, run, scalars):
+        """Capture _body into a graph (nothing runs). Returns the graph, or False when CUDA or CuPy refuses a call
+        of the step during the capture (CuPy's cuBLAS wrapper raises NotImplementedError, the runtime raises
+        CUDARuntimeError): the capture is ended and dropped, one line says why, and the run goes on eagerly."""
+        import cupy as cp
+        from .kernels import precision
+        precision.bind_stream()                       # the gemms' handle on this stream: no cuBLAS setting
+        cp.get_default_memory_pool().free_all_blocks()    # changes during the capture; step 1's temporaries:
+        with cp.cuda.using_allocator(self.pool.malloc):   # to the graph's own pool
+            self.stream.begin_capture()
+            try:
+                self.losses, self.norm = self._body(run, scalars)
+            except (NotImplementedError, cp.cuda.runtime.CUDARuntimeError) as e:
+                try:
+                    self.stream.end_capture()         # leaves the stream out of capture mode; the graph is dropped
+                except Exception:                     # (CUDA may report the capture as invalidated)
+                    pass
+                self.echo(f"--cuda_graph: the step could not be captured ({type(e).__name__}: {e}); "
+                      "running every step eagerly instead")
+                return False
+            return self.stream.end_capture()
 
     def _body(self, run, scalars):
         """What the graph holds: zero the gradients, forward and backward over the k micro-batches, AdamW with

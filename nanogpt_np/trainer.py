@@ -48,7 +48,7 @@ def train(cfg: TrainConfig, echo=print) -> dict:
     if cfg.cuda_graph:                          # the step as one CUDA-graph replay (cuda_graph.py)
         from .cuda_graph import GraphedStep, check_supported
         check_supported(cfg, world.world_size)
-        run.graphed_step = GraphedStep(run)
+        run.graphed_step = GraphedStep(run, echo)
     log = RunLog(cfg.out_dir, write_file=world.is_main, echo=echo)
     if cfg.resume:
         log.forget_after(run.step)

@@ -25,13 +25,15 @@ TINY = ["--model=tiny", "--n_layer=1", "--n_head=2", "--n_embd=128", "--block_si
         "--eval_interval=3", "--device=cuda"]
 
 
-def _train(out_dir, *extra):
-    """Train TINY + extra on the fake GPU (under a Tracer with arithmetic); returns (log records, weights)."""
+def _train(out_dir, *extra, attention="flash", said=None):
+    """Train TINY + extra on the fake GPU (under a Tracer with arithmetic) with the given attention (--cuda_graph
+    needs flash); returns (log records, weights). `said`: a list that collects what the run printed."""
     from emulation import trace_cupy
     try:
         with trace_cupy.Tracer(shape_only=False, sms=5):
+            registry.set_attention(attention)          # float32 keeps it; bfloat16 picks flash anyway
             cfg = parse_args(TINY + [f"--out_dir={out_dir}", *extra])
-            train(cfg, echo=lambda *a: None)
+            train(cfg, echo=lambda *a: said.append(" ".join(map(str, a))) if said is not None else None)
     finally:
         backend.use_device("cpu")
         registry.set_attention("matmul")
@@ -135,3 +137,101 @@ def test_capture_refuses_host_transfers_as_cupy_does():
 def test_unsupported_runs_are_refused(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         _train(tmp_path / "r", "--cuda_graph=true", *bad)
+
+
+def test_matmul_attention_is_refused_up_front(tmp_path):
+    """The matmul attention multiplies with CuPy's matmul, whose cuBLAS calls CuPy refuses in a capture."""
+    with pytest.raises(ConfigError, match="flash attention"):
+        _train(tmp_path / "r", "--cuda_graph=true", attention="matmul")
+
+
+def test_cupys_cublas_refuses_a_capture_and_the_project_gemm_does_not():
+    """As in CuPy 14 (cupy_backends/cuda/libs/cublas.pyx, setStream): CuPy's gemmEx and matmul raise
+    NotImplementedError while the stream captures; precision.gemm (kernels/cublas_ctypes.py) is captured."""
+    from emulation import fake_cupy, trace_cupy
+    from nanogpt_np.kernels import precision
+    with trace_cupy.Tracer(shape_only=False, sms=5):
+        import cupy as cp
+        from cupy_backends.cuda.libs import cublas
+        backend.use_device("cuda")
+        try:
+            a = cp.asarray(np.random.default_rng().standard_normal((4, 3)).astype(np.float32))
+            b = cp.asarray(np.random.default_rng().standard_normal((3, 5)).astype(np.float32))
+            out = cp.zeros((4, 5), dtype=cp.float32)
+            s = cp.cuda.Stream(non_blocking=True)
+            precision.bind_stream()
+            s.begin_capture()
+            with pytest.raises(NotImplementedError, match=fake_cupy.CAPTURE_REFUSED):
+                a @ b
+            args = (0, 0, 5, 4, 3) + (precision._host_scalars(1.0, 0.0)[0], b.data.ptr, 0, 5, a.data.ptr, 0, 3,
+                                      precision._host_scalars(1.0, 0.0)[1], out.data.ptr, 0, 5, 68, -1)
+            with pytest.raises(NotImplementedError, match=fake_cupy.CAPTURE_REFUSED):
+                cublas.gemmEx(precision.cublas_handle().ptr, *args)
+            c = precision.gemm(a, b, out=out)
+            g = s.end_capture()
+            assert np.isnan(np.asarray(c)).all() or not np.asarray(c).any()      # captured, not run
+            g.launch(stream=s)
+            np.testing.assert_allclose(np.asarray(c), np.asarray(a).astype(np.float64) @ np.asarray(b), rtol=1e-6)
+        finally:
+            backend.use_device("cpu")
+
+
+def test_a_refused_capture_falls_back_to_eager_steps(tmp_path, monkeypatch, eager_run):
+    """With precision.gemm on CuPy's wrapper (no cuBLAS library loaded), the capture is refused: the run says so
+    once, ends the capture, and goes on eagerly with the eager run's numbers and weights (no graph replayed)."""
+    from emulation import trace_cupy
+    from nanogpt_np.kernels import cublas_ctypes
+    replays = []
+    monkeypatch.setattr(trace_cupy._Graph, "launch", lambda g, stream=None: replays.append(1))
+    real_install = trace_cupy.fake_cupy.install
+
+    def install_without_library(p, *a, **k):
+        fc = real_install(p, *a, **k)
+        p.setattr(cublas_ctypes, "load", lambda: None)        # as if no libcublas.so.* loaded
+        return fc
+    monkeypatch.setattr(trace_cupy.fake_cupy, "install", install_without_library)
+    said = []
+    log, w = _train(tmp_path / "refused", "--cuda_graph=true", said=said)
+    eager_log, eager_w = eager_run
+    refusals = [line for line in said if "could not be captured" in line]
+    assert len(refusals) == 1 and "NotImplementedError" in refusals[0], said
+    assert replays == []
+    assert _numbers(log) == _numbers(eager_log)
+    np.testing.assert_array_equal(w, eager_w)
+
+
+def test_cublas_ctypes_binding_tries_the_sonames_in_order_and_checks_statuses(monkeypatch):
+    """kernels/cublas_ctypes.py on a stand-in library: the first soname that loads is used, every function gets
+    its declared argument types, the arguments arrive in CuPy's gemmEx order, and a failing status raises."""
+    import ctypes
+    import inspect
+    from nanogpt_np.kernels import cublas_ctypes
+
+    class Lib:
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):
+            def fn(*args):
+                self.calls.append((name, args))
+                return 13 if name == "cublasSetStream_v2" else 0          # 13: CUBLAS_STATUS_EXECUTION_FAILED
+            self.__dict__[name] = fn
+            return fn
+    lib, tried = Lib(), []
+
+    def cdll(name):
+        tried.append(name)
+        if name != "libcublas.so.12":
+            raise OSError(name)
+        return lib
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setattr(cublas_ctypes, "_lib", None)
+    assert cublas_ctypes.load() is lib and tried == ["libcublas.so.13", "libcublas.so.12"]
+    assert len(lib.cublasGemmEx.argtypes) == len(inspect.signature(cublas_ctypes.gemm_ex).parameters) == 19
+    cublas_ctypes.gemm_ex(*range(19))
+    assert lib.calls[-1] == ("cublasGemmEx", tuple(range(19)))
+    with pytest.raises(RuntimeError, match="cublasSetStream_v2 failed: cuBLAS status 13"):
+        cublas_ctypes.set_stream(1, 2)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    monkeypatch.setattr(cublas_ctypes, "_lib", None)
+    assert cublas_ctypes.load() is None

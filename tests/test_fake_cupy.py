@@ -205,7 +205,9 @@ names = ["CUBLAS_POINTER_MODE_HOST", "CUBLAS_OP_N", "CUBLAS_OP_T", "CUBLAS_COMPU
 print(json.dumps(dict(constants={n: getattr(cublas, n) for n in names},
                       curand_philox=curand.CURAND_RNG_PSEUDO_PHILOX4_32_10,
                       docs={n: getattr(cublas, n).__doc__.strip().split("\n")[0]
-                            for n in ("gemmEx", "create", "getPointerMode", "setPointerMode")})))
+                            for n in ("gemmEx", "create", "getPointerMode", "setPointerMode", "setStream")},
+                      capture_refused=open(cublas.__file__, "rb").read().find(
+                          sys.argv[1].encode()) >= 0)))
 """
 
 
@@ -216,7 +218,8 @@ def _real_cuda_libs():
     import shutil
     if not (shutil.which("gcc") and shutil.which("nm")):
         return None
-    proc = subprocess.run([sys.executable, "-c", _LIBS_PROBE], capture_output=True, text=True, timeout=120)
+    from emulation import fake_cupy
+    proc = subprocess.run([sys.executable, "-c", _LIBS_PROBE, fake_cupy.CAPTURE_REFUSED], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -281,6 +284,9 @@ def test_fake_matches_real_cupy(monkeypatch):
         ok = _fake_params_fit(f_fn, r_fn) if r_fn is not None else True
         if ok is not True and not ok[0]:
             problems.append(f"cupy.{name}: fake parameters {ok[1][0]} are not a prefix of CuPy's {ok[1][1]}")
+    # the capture check of CuPy's cuBLAS wrapper asks the runtime (fake_cupy._set_stream mirrors it)
+    if not hasattr(real_runtime, "streamIsCapturing") or not hasattr(fake.cuda.runtime, "streamIsCapturing"):
+        problems.append("runtime.streamIsCapturing: missing on one side")
     # Device().attributes keys are CUDA's cudaDevAttr* names without the prefix (CuPy's documented rule)
     for key in fake.cuda.Device().attributes:
         if not hasattr(real_runtime, "cudaDevAttr" + key):
@@ -313,6 +319,10 @@ def test_fake_matches_real_cupy(monkeypatch):
             problems.append(f"CURAND_RNG_PSEUDO_PHILOX4_32_10: CuPy {cb['curand_philox']}, model.py "
                             f"{model.CURAND_PHILOX4_32_10}")
         fake_cublas = sys.modules["cupy_backends.cuda.libs.cublas"]
+        # CuPy's setStream (run by every cuBLAS wrapper, gemmEx included) refuses a capturing stream with this
+        # message; the fake's does too (fake_cupy.CAPTURE_REFUSED). When CuPy drops it, --cuda_graph may too.
+        if not cb.get("capture_refused"):
+            problems.append("CuPy's cublas module no longer holds the capture refusal: update fake_cupy's setStream")
         for n, v in cb["constants"].items():          # the fake's and precision.py's copies of the enums
             mine = [getattr(m, n) for m in (fake_cublas, precision) if hasattr(m, n)]
             if not mine or any(x != v for x in mine):

@@ -18,6 +18,7 @@ Policy for --dtype=bfloat16 (for the model/trainer to follow):
 bf16 values are stored as uint16 with the bit layout of kernels/bf16.py (round to nearest even).
 """
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -68,7 +69,6 @@ def column_sum_bf16(x):
     """(N, C) bf16 bits -> (C,) float32 column sums (a bias gradient from a gradient written in bf16).
     bf16.cu sums row chunks in parallel; the (nchunks, C) partials are added by a matrix-vector product."""
     import cupy as cp
-    from ..ops.reductions import sum_rows
     from .compile import num_sms
     from .launch import column_chunks
     N, C = x.shape
@@ -77,6 +77,20 @@ def column_sum_bf16(x):
     launch("bf16", "bf16_column_sum_partial", grid, block,
            (partial, cp.ascontiguousarray(x), np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
     return sum_rows(partial)
+
+
+_ones = {}               # n -> a cached (1, n) float32 row of ones on the GPU (do not write into it)
+
+
+def sum_rows(x):
+    """(N, C) float32 -> (C,) float32: the column sums as one exact-float32 gemm, (1, N) ones @ (N, C)
+    (ops/reductions.sum_rows on the GPU: bias gradients). The project's gemm, not CuPy's matmul, so that a CUDA
+    graph can capture it (cublas_ctypes.py)."""
+    import cupy as cp
+    n = x.shape[0]
+    if n not in _ones:
+        _ones[n] = cp.ones((1, n), dtype=cp.float32)
+    return gemm(_ones[n], x, tf32=False).reshape(-1)
 
 
 def gemm_args(M, K, N, trans_a=False, trans_b=False):
@@ -92,24 +106,58 @@ def gemm_args(M, K, N, trans_a=False, trans_b=False):
             N, M, K, ldb, lda, N)
 
 
+WORKSPACE_BYTES = 32 << 20           # the handle's cuBLAS workspace (cuBLAS's own default on Hopper is 32 MiB)
+_wrapper_noted = []                  # the one-time note that gemm uses CuPy's wrapper (no cuBLAS library loaded)
+
+
 def cublas_handle():
-    """The project's own cuBLAS handle for the current device and thread, created on first use.
+    """The project's own cuBLAS handle for the current device and thread, created on first use: a namespace
+    with .ptr (the cublasHandle_t), .blas (kernels/cublas_ctypes, or None: CuPy's wrapper), .stream (the
+    stream it is bound to) and .workspace (the device buffer it works in, kept alive with it).
 
     Its pointer mode is set once, to HOST (alpha and beta are host floats), so no call reads or changes CuPy's
-    handle and its pointer mode. The stream needs no bookkeeping: CuPy's gemmEx binds the handle to the current
-    stream before every gemm. One handle per thread, like CuPy's own, because a cuBLAS handle must not be used
+    handle and its pointer mode. gemm goes through cublas_ctypes, which CUDA-graph capture does not stop (CuPy's
+    wrapper refuses every call during a capture: cublas_ctypes' docstring); if no cuBLAS library loads, through
+    CuPy's wrapper, noted once. One handle per thread, like CuPy's own, because a cuBLAS handle must not be used
     by two threads at once (a server thread may sample while another trains)."""
     import cupy as cp
+    from . import cublas_ctypes
     device = cp.cuda.runtime.getDevice()
     handles = getattr(_local, "handles", None)
     if handles is None:
         handles = _local.handles = {}
-    handle = handles.get(device)
-    if handle is None:
-        from cupy_backends.cuda.libs import cublas
-        handle = handles[device] = cublas.create()
-        cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
-    return handle
+    h = handles.get(device)
+    if h is None:
+        blas = cublas_ctypes if cublas_ctypes.load() is not None else None
+        if blas is None:
+            from cupy_backends.cuda.libs import cublas as blas_wrapper
+            if not _wrapper_noted:
+                _wrapper_noted.append(True)
+                print(f"note: none of {', '.join(cublas_ctypes.SONAMES)} loads; matmuls use CuPy's cuBLAS "
+                      "wrapper, which refuses CUDA-graph capture")
+            ptr = blas_wrapper.create()
+            blas_wrapper.setPointerMode(ptr, CUBLAS_POINTER_MODE_HOST)
+            workspace = None
+        else:
+            ptr = blas.create()
+            blas.set_pointer_mode(ptr, CUBLAS_POINTER_MODE_HOST)
+            workspace = cp.empty((WORKSPACE_BYTES,), dtype=cp.uint8)    # from CuPy's pool, alive with the handle
+        h = handles[device] = SimpleNamespace(ptr=ptr, blas=blas, stream=None, workspace=workspace)
+    return h
+
+
+def bind_stream(h=None):
+    """Bind the handle to the current stream when it is bound to another one (cublasSetStream, then the
+    workspace again: cublasSetStream resets it to cuBLAS's own). cuda_graph.py calls this before a capture,
+    so that no cuBLAS setting changes while the stream captures."""
+    import cupy as cp
+    h = cublas_handle() if h is None else h
+    stream = cp.cuda.get_current_stream().ptr
+    if h.blas is not None and h.stream != stream:
+        h.blas.set_stream(h.ptr, stream)
+        h.blas.set_workspace(h.ptr, h.workspace.data.ptr, WORKSPACE_BYTES)
+        h.stream = stream
+    return h
 
 
 _CUDA_TYPE = {np.dtype(np.float32): CUDA_R_32F, np.dtype(np.uint16): CUDA_R_16BF}     # uint16 holds bf16 bits
@@ -135,7 +183,6 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, *, alpha=1.0, beta=0.0, o
     float32 (default), or uint16 for a bf16 result (cuBLAS rounds the float32 accumulator to bf16).
     """
     import cupy as cp
-    from cupy_backends.cuda.libs import cublas
     M, K = a.shape[::-1] if trans_a else a.shape
     Kb, N = b.shape[::-1] if trans_b else b.shape
     in_type = _CUDA_TYPE.get(a.dtype)
@@ -156,8 +203,14 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, *, alpha=1.0, beta=0.0, o
     compute = CUBLAS_COMPUTE_32F_FAST_TF32 if (fast and in_type == CUDA_R_32F) else CUBLAS_COMPUTE_32F
     opb, opa, m, n, k, ldb, lda, ldc = gemm_args(M, K, N, trans_a, trans_b)
     p_alpha, p_beta = _host_scalars(alpha, beta)
-    cublas.gemmEx(cublas_handle(), opb, opa, m, n, k, p_alpha, b.data.ptr, in_type, ldb,
-                  a.data.ptr, in_type, lda, p_beta, out.data.ptr, out_type, ldc, compute, CUBLAS_GEMM_DEFAULT)
+    args = (opb, opa, m, n, k, p_alpha, b.data.ptr, in_type, ldb, a.data.ptr, in_type, lda, p_beta, out.data.ptr,
+            out_type, ldc, compute, CUBLAS_GEMM_DEFAULT)
+    h = bind_stream()
+    if h.blas is not None:
+        h.blas.gemm_ex(h.ptr, *args)                   # cuBLAS itself (capturable)
+    else:
+        from cupy_backends.cuda.libs import cublas     # CuPy's wrapper: sets the stream itself, refuses capture
+        cublas.gemmEx(h.ptr, *args)
     return out
 
 

@@ -22,7 +22,12 @@ def ones(n, like):
 
 
 def sum_rows(x):
-    """(N, C) -> (C,): the sum over the rows (axis 0), e.g. a bias gradient."""
+    """(N, C) -> (C,): the sum over the rows (axis 0), e.g. a bias gradient. On the GPU a float32 x goes through
+    precision.gemm (exact float32: tf32=False), the project's own cuBLAS call, which a CUDA graph can capture
+    (CuPy's `@` cannot: kernels/cublas_ctypes.py)."""
+    if backend.is_gpu_array(x) and x.dtype == "float32" and x.ndim == 2:
+        from ..kernels import precision
+        return precision.sum_rows(x)                  # (1, N) ones @ (N, C) -> (C,), one gemm
     return ones(x.shape[0], x) @ x
 
 

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import math
 import sys
+import threading
 import types
 import weakref
 
@@ -225,6 +226,10 @@ class OutOfMemoryError(MemoryError):
     pass
 
 
+class CUDARuntimeError(RuntimeError):
+    """cupy.cuda.runtime.CUDARuntimeError: a CUDA runtime call that did not return cudaSuccess."""
+
+
 # The device the fake reports. Small by default (5 SMs: small grids, quick tests); set_device(H200) gives an
 # H100/H200's 132 SMs, so the launch arithmetic that depends on the SM count (layernorm backward's blocks and
 # partial rows, bias+GELU's column chunks, AdamW's grid) runs at the sizes of the real card.
@@ -319,6 +324,8 @@ cuda = types.SimpleNamespace(
     Stream=_Stream,
     device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
     runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0,
+                                  streamIsCapturing=lambda stream: False,     # the tracer's capture says True
+                                  CUDARuntimeError=CUDARuntimeError,
                                   getDeviceProperties=lambda device: {"name": _device["name"].encode(),
                                                                  "multiProcessorCount": _device["sms"]},
                                   runtimeGetVersion=lambda: 13000),
@@ -878,6 +885,44 @@ def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ld
     flat[idx] = float32_to_bf16(res) if Ctype == 14 else res
 
 
+# CuPy's cuBLAS wrapper (cupy_backends/cuda/libs/cublas.pyx, CuPy 14): every function first binds the handle to
+# the current stream with setStream, which refuses while that stream captures a CUDA graph. So gemmEx and
+# CuPy's own matmul (tensordot_core / matmul -> cuBLAS) cannot be captured through CuPy; precision.gemm calls
+# cuBLAS itself (kernels/cublas_ctypes.py, faked by _ctypes_binding below: no such check).
+CAPTURE_REFUSED = "calling cuBLAS API during stream capture is currently unsupported"       # CuPy's words
+
+
+def _set_stream(handle, stream):
+    """cublas.setStream: refused (NotImplementedError) while `stream` captures, as in CuPy."""
+    if sys.modules[__name__].cuda.runtime.streamIsCapturing(stream):
+        raise NotImplementedError(CAPTURE_REFUSED)
+
+
+def _cupy_gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
+                  computeType, algo):
+    """CuPy's cublas.gemmEx: _setStream(handle) (the current stream: refused during a capture), then cublasGemmEx."""
+    _set_stream(handle, sys.modules[__name__].cuda.get_current_stream().ptr)
+    _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
+             computeType, algo)
+
+
+def _set_workspace(handle, ptr, nbytes):
+    """cublasSetWorkspace_v2: the buffer must be live device memory of at least nbytes."""
+    assert handle in _pointer_modes and _memory_at(ptr).nbytes >= nbytes, "workspace outside a live allocation"
+
+
+def _ctypes_binding(monkeypatch):
+    """Point nanogpt_np/kernels/cublas_ctypes at the fake cuBLAS: the same handles and gemm emulation as the fake
+    CuPy wrapper, without the wrapper's capture check (cuBLAS itself has none)."""
+    from nanogpt_np.kernels import cublas_ctypes
+    monkeypatch.setattr(cublas_ctypes, "load", lambda: cublas_ctypes)
+    monkeypatch.setattr(cublas_ctypes, "create", _create)
+    monkeypatch.setattr(cublas_ctypes, "set_pointer_mode", _set_pointer_mode)
+    monkeypatch.setattr(cublas_ctypes, "set_stream", lambda handle, stream: None)
+    monkeypatch.setattr(cublas_ctypes, "set_workspace", _set_workspace)
+    monkeypatch.setattr(cublas_ctypes, "gemm_ex", _gemm_ex)
+
+
 # cupy._core._routines_linalg as CuPy 14 has it: the constants are CuPy's own (not cuBLAS's), and the compute
 # type is kept per dtype: set_compute_type(dtype, compute_type), two positional arguments.
 LINALG_CONSTANTS = dict(COMPUTE_TYPE_TBD=0, COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_PEDANTIC=2, COMPUTE_TYPE_FP16=3,
@@ -919,7 +964,8 @@ def install(monkeypatch, kernels="numpy", sms=None):
     monkeypatch.setitem(sys.modules, "cupy.cuda", this.cuda)              # for `from cupy.cuda import nccl`
     monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", this.cuda.nccl)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
-    cublas.gemmEx = _gemm_ex
+    cublas.gemmEx = _cupy_gemm_ex
+    cublas.setStream = _set_stream
     cublas.create = _create
     cublas.getPointerMode = _get_pointer_mode
     cublas.setPointerMode = _set_pointer_mode
@@ -936,6 +982,9 @@ def install(monkeypatch, kernels="numpy", sms=None):
     linalg = _linalg_module()
     from nanogpt_np.kernels import precision
     monkeypatch.setattr(precision, "_tf32", False)      # a fresh CuPy multiplies float32 exactly; gemm() mirrors it
+    monkeypatch.setattr(precision, "_local", threading.local())     # cuBLAS handles belong to the fake that made them
+    monkeypatch.setattr(precision, "_ones", {})                     # so do cached device arrays
+    _ctypes_binding(monkeypatch)
     from nanogpt_np.ops import reductions
     monkeypatch.setattr(reductions, "_ones_cache", {})  # cached device arrays belong to the fake they were made on
     core = types.ModuleType("cupy._core")

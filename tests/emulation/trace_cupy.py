@@ -322,13 +322,22 @@ class Tracer:
                      "ascontiguousarray", "asnumpy", "argsort"):
             p.setattr(fc, name, self._creation(name, getattr(fc, name)))
         p.setattr(kc, "emulator", self._launch)
-        cublas = sys.modules["cupy_backends.cuda.libs.cublas"]
-        self._gemm_emulation = cublas.gemmEx
-        p.setattr(cublas, "gemmEx", self._gemm)
+        cublas = sys.modules["cupy_backends.cuda.libs.cublas"]      # CuPy's wrapper: refuses capture
+        self._gemm_emulation = fake_cupy._gemm_ex
+        p.setattr(cublas, "gemmEx", lambda h, *args: (cublas.setStream(h, 0), self._gemm(h, *args))[1])
         create, set_mode = cublas.create, cublas.setPointerMode
         p.setattr(cublas, "create", lambda: self._host_call("cublasCreate", create()))
         p.setattr(cublas, "getPointerMode", lambda h: self._host_call("cublasGetPointerMode", 0))
         p.setattr(cublas, "setPointerMode", lambda h, m: self._host_call("cublasSetPointerMode", set_mode(h, m)))
+        from nanogpt_np.kernels import cublas_ctypes                # cuBLAS itself (faked by fake_cupy): no check
+        binding = {name: getattr(cublas_ctypes, name) for name in ("create", "set_pointer_mode", "set_stream",
+                                                                    "set_workspace")}
+        p.setattr(cublas_ctypes, "gemm_ex", self._gemm)
+        p.setattr(cublas_ctypes, "create", lambda: self._host_call("cublasCreate", binding["create"]()))
+        for name, call in (("set_pointer_mode", "cublasSetPointerMode"), ("set_stream", "cublasSetStream"),
+                           ("set_workspace", "cublasSetWorkspace")):
+            p.setattr(cublas_ctypes, name, lambda *a, fn=binding[name], call=call: self._host_call(call, fn(*a)))
+        p.setattr(fc.cuda.runtime, "streamIsCapturing", lambda stream: self.capture is not None)
         linalg = sys.modules["cupy._core._routines_linalg"]
         self._fake_set_compute_type = linalg.set_compute_type
         p.setattr(linalg, "set_compute_type", self._set_compute_type)
@@ -468,7 +477,8 @@ class Tracer:
         out = kwargs.get("out")
         kind, extra = ("elementwise", {})
         if ufunc is np.matmul:
-            kind = "matmul"
+            fake_cupy._set_stream(0, 0)                 # CuPy's matmul goes through its cuBLAS wrapper: refused
+            kind = "matmul"                             # while the stream captures
             batched = max(x.ndim for x in arrays) > 2
             extra = dict(copies=[_needs_copy_for_cublas(x, batched) for x in arrays], tf32=self.tf32)
         elif method == "reduce":
