@@ -282,8 +282,8 @@ def category_of(op):
         return "allocations"
     if op.kind == "cast" or op.family == "casts" or (op.kind == "kernel" and op.name in ("f32_to_bf16", "bf16_to_f32")):
         return "casts"
-    if op.kind == "gemm":              # every cuBLAS call is matmul work (also those of the chunked lm_head + loss)
-        return "matmul"
+    if op.kind == "gemm":              # cuBLAS calls are matmul work (also those of the chunked lm_head + loss),
+        return "attention" if op.family == "attention" else "matmul"    # except attention's own products
     if op.family == "matmul":          # linear layers: the bias add and bias-gradient sum are elementwise work
         return "elementwise/copies" if op.kind in ("elementwise", "reduction", "copy", "fill") else "matmul"
     return FAMILY_CATEGORY.get(op.family, "elementwise/copies")
@@ -312,12 +312,14 @@ def op_cost(op, dev) -> Cost:
         c.note = "sync" if op.kind == "d2h" else ""
     elif op.kind == "matmul":
         _matmul_cost(op, dev, c)
-    elif op.kind == "gemm":
+    elif op.kind == "gemm":           # gemmEx, or gemmStridedBatchedEx: `batch` products of that size, one launch
         a = op.args
         size = {14: 2, 0: 4}
-        flops = 2.0 * a["m"] * a["n"] * a["k"]
+        batch = a.get("batch", 1)
+        flops = 2.0 * a["m"] * a["n"] * a["k"] * batch
         nb = a["m"] * a["k"] * size[a["Atype"]] + a["k"] * a["n"] * size[a["Btype"]] + a["m"] * a["n"] * size[a["Ctype"]]
         nb += a["m"] * a["n"] * size[a["Ctype"]] if a["beta"] != 0 else 0
+        nb *= batch
         peak = dev["bf16"] if a["Atype"] == 14 else dev["tf32"] if a.get("compute") == 77 else dev["fp32"]
         c.gpu_ops, c.flops, c.bytes_min, c.bytes_written = 1, flops, nb, nb
         c.t_compute, c.t_memory = flops / (peak * MATMUL_EFF), nb / (dev["bw"] * MEM_EFF)
@@ -614,7 +616,7 @@ def op_lines(summary: Summary):
             shapes = f"grid {op.args['grid']} block {op.args['block']}"
         elif op.kind == "gemm":
             a = op.args
-            shapes = f"m={a['m']} n={a['n']} k={a['k']} beta={a['beta']:g}"
+            shapes = f"m={a['m']} n={a['n']} k={a['k']} beta={a['beta']:g}" + (f" batch={a['batch']}" if "batch" in a else "")
         if op.outputs and op.kind not in ("kernel", "gemm"):
             shapes += " -> " + " ".join(f"{s}{np.dtype(d).name}" for s, d, _ in op.outputs[:1])
         out.append(f"{i:>5} {phase:<12}{c.category:<20}{op.kind:<12}{op.name[:31]:<32}{c.gpu_s * 1e6:>9.1f}"

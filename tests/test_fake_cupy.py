@@ -205,7 +205,8 @@ names = ["CUBLAS_POINTER_MODE_HOST", "CUBLAS_OP_N", "CUBLAS_OP_T", "CUBLAS_COMPU
 print(json.dumps(dict(constants={n: getattr(cublas, n) for n in names},
                       curand_philox=curand.CURAND_RNG_PSEUDO_PHILOX4_32_10,
                       docs={n: getattr(cublas, n).__doc__.strip().split("\n")[0]
-                            for n in ("gemmEx", "create", "getPointerMode", "setPointerMode", "setStream")},
+                            for n in ("gemmEx", "gemmStridedBatchedEx", "create", "getPointerMode", "setPointerMode",
+                                      "setStream")},
                       capture_refused=open(cublas.__file__, "rb").read().find(
                           sys.argv[1].encode()) >= 0)))
 """

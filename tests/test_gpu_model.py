@@ -40,8 +40,12 @@ def _per_call(attention, dtype):
     # gradient as a one-row gemm; in bf16 the weight's bf16 copy is the model's, and x and dy are rounded only
     # when they arrive as float32 (_activation_casts below)
     linear = {"fwd": ["gemm"], "bwd": ["gemm", "gemm", "gemm?bias"]}
-    att = ({"fwd": ["causal_softmax_forward", "matmul", "matmul"],
-            "bwd": ["causal_softmax_backward", "matmul", "matmul", "matmul", "matmul"]} if attention == "matmul" else
+    # the matmul attention's products (kernels/softmax_attention.py -> batched_gemm.py): one strided batched gemm
+    # per batch row b (q, k, v are read in place from qkv, where the batch rows are not one stride apart), two
+    # products forward (S = Q K^T, Y = P V) and four backward (dP, dV, dQ, dK)
+    B = TINY["batch_size"]
+    att = ({"fwd": ["causal_softmax_forward"] + ["gemm"] * 2 * B,
+            "bwd": ["causal_softmax_backward"] + ["gemm"] * 4 * B} if attention == "matmul" else
            {"fwd": ["qkv_to_heads_bf16", "flash_attention_forward"],
             "bwd": ["flash_attention_backward_prep", "flash_attention_backward_dkdv", "flash_attention_backward_dq"]})
     # bias gradients: one-row gemms (ops/reductions.sum_rows, not CuPy's matmul: a CUDA graph can capture them),
@@ -158,8 +162,8 @@ def test_matmul_flops_are_six_times_parameters_times_tokens(attention, dtype):
     # attention's own matmuls: QK^T and PV forward, four products backward, 2*T*T*HS FLOPs each per head
     if attention == "matmul":
         att = 6 * 2 * cfg.batch_size * cfg.n_head * cfg.block_size ** 2 * (C // cfg.n_head) * L
-        # (c_attn's bias gradient is a one-row gemm now: costed as matmul work, not here)
-        got = sum(c.flops for op, c in s.ops if c.category == "attention" and op.kind == "matmul")
+        att += 2 * cfg.tokens * 3 * C * L             # c_attn's bias gradient (a matrix-vector product) is here now
+        got = sum(c.flops for op, c in s.ops if c.category == "attention" and op.kind in ("matmul", "gemm"))
         assert got == pytest.approx(att, rel=1e-9)
 
 
@@ -342,3 +346,19 @@ def test_gemms_make_no_other_cublas_host_calls(attention, dtype, monkeypatch):
     first = gm.trace_step(cfg, shape_only=True, steps=1)
     assert [o.name for o in first.ops if o.kind == "host"] == ["cublasCreate", "cublasSetPointerMode",
                                                                "cublasSetStream", "cublasSetWorkspace"]
+
+
+def test_a_strided_batched_gemm_costs_its_batch():
+    """A gemmStridedBatchedEx of `batch` products costs batch times one product's FLOPs and bytes, in one launch;
+    attention's products stay in the attention row, the linear layers' in the matmul row."""
+    from emulation.trace_cupy import Op
+    dev = gm.DEVICES["h100"]
+    args = dict(m=64, n=1024, k=1024, Atype=0, Btype=0, Ctype=0, beta=0.0, compute=77)
+    one = gm.op_cost(Op("gemm", "cublasGemmEx", "matmul", ("fwd", 0), args=args), dev)
+    many = gm.op_cost(Op("gemm", "cublasGemmStridedBatchedEx", "attention", ("fwd", 0), args=dict(args, batch=12)),
+                      dev)
+    assert one.category == "matmul" and many.category == "attention"
+    assert many.gpu_ops == one.gpu_ops == 1
+    assert many.flops == 12 * one.flops == 12 * 2.0 * 64 * 1024 * 1024
+    assert many.bytes_written == 12 * one.bytes_written == 12 * 4 * (64 * 1024 + 1024 * 1024 + 64 * 1024)
+    assert many.gpu_s > 5 * one.gpu_s                  # one launch floor, not twelve: a little less than 12x

@@ -1,56 +1,71 @@
-"""GPU causal attention, cuBLAS form: batched matmuls (CuPy -> cuBLAS) around the fused softmax in
+"""GPU causal attention, cuBLAS form: batched matmuls (cuBLAS, batched_gemm.py) around the fused softmax in
 softmax_attention.cu. Same contract as ops/attention.py: forward(qkv, n_head) -> (out, saved),
 backward(dout, saved) -> (dqkv,). Stores the (B, NH, T, T) probability matrix, like the reference.
-bias_attention (attention(x + b), ops/attention.py) adds the bias with CuPy first: this form reads the
-heads through CuPy copies anyway; everything it returns is float32.
+bias_attention (attention(x + b), ops/attention.py) adds the bias with CuPy first; everything it returns is float32.
+
+Nothing is copied into a head-major layout: the matmuls read q, k, v straight out of the (B, T, 3C) qkv buffer
+and write the output (and dq, dk, dv) straight into their places in (B, T, C) / (B, T, 3C) arrays. _heads()
+makes the (B, NH, T, HS) *views* that say where head h of batch b lies (row t at x[b, t, h*HS:(h+1)*HS]: rows
+one x row apart, heads HS apart); transposed operands (K^T, P^T, dS^T, V^T) are cuBLAS flags, not copies.
+The heads of one batch row are a uniform stride apart but the batch rows are not (T*3C vs NH*HS), so
+batched_gemm issues one cuBLAS call per batch row b, each a batch of NH products.
 """
 import math
 
 import numpy as np
 
+from .batched_gemm import batched_gemm
 from .compile import launch
 from .launch import rows_per_warp
 
 
-def _heads(x, B, T, NH, HS):
-    import cupy as cp
-    return cp.ascontiguousarray(x.reshape(B, T, NH, HS).transpose(0, 2, 1, 3))     # (B, NH, T, HS)
+def _heads(x, NH, C, part=0):
+    """Columns [part*C, (part+1)*C) of x (B, T, W) as a (B, NH, T, HS) view (no copy): part 0, 1, 2 of qkv
+    (W = 3C) are q, k, v; part 0 of a (B, T, C) array is the whole of it."""
+    B, T, _ = x.shape
+    return x[..., part * C:(part + 1) * C].reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)    # (B, NH, T, HS)
 
 
 def attention_forward(qkv, n_head):
-    """qkv (B, T, 3C) -> out (B, T, C)."""
+    """qkv (B, T, 3C) float32 -> out (B, T, C)."""
     import cupy as cp
+    qkv = cp.ascontiguousarray(qkv)
     B, T, C3 = qkv.shape
     C = C3 // 3
     NH, HS = n_head, C // n_head
-    q, k, v = (_heads(qkv[..., i * C:(i + 1) * C], B, T, NH, HS) for i in range(3))
+    q, k, v = (_heads(qkv, NH, C, i) for i in range(3))                         # (B, NH, T, HS) views of qkv
     scale = 1.0 / math.sqrt(HS)
-    att = cp.matmul(q, k.transpose(0, 1, 3, 2))                                   # (B, NH, T, T) raw scores
+    att = cp.empty((B, NH, T, T), dtype=cp.float32)
+    batched_gemm(q, k, att, trans_b=True)                                       # S = Q K^T (raw scores)
     grid, block = rows_per_warp(B * NH * T, 8)
     launch("softmax_attention", "causal_softmax_forward", grid, block,
-           (att, att, np.int32(B * NH), np.int32(T), np.float32(scale)))           # in place -> probabilities
-    y = cp.matmul(att, v)                                                         # (B, NH, T, HS)
-    out = cp.ascontiguousarray(y.transpose(0, 2, 1, 3)).reshape(B, T, C)
-    return out, (q, k, v, att, scale)
+           (att, att, np.int32(B * NH), np.int32(T), np.float32(scale)))           # in place -> probabilities P
+    out = cp.empty((B, T, C), dtype=cp.float32)
+    batched_gemm(att, v, _heads(out, NH, C))                                    # Y = P V, into out's head slots
+    return out, (qkv, att, scale, NH)
 
 
 def attention_backward(dout, saved):
-    """dout (B, T, C) -> (dqkv (B, T, 3C),)."""
+    """dout (B, T, C) float32 -> (dqkv (B, T, 3C),).
+
+    Y = P V gives dP = dY V^T and dV = P^T dY; the softmax backward turns dP into dS (scaled by 1/sqrt(HS),
+    in place); S = Q K^T gives dQ = dS K and dK = dS^T Q."""
     import cupy as cp
-    q, k, v, att, scale = saved
-    B, NH, T, HS = q.shape
-    C = NH * HS
-    dy = _heads(dout, B, T, NH, HS)
-    datt = cp.matmul(dy, v.transpose(0, 1, 3, 2))                                 # (B, NH, T, T)
-    dv = cp.matmul(att.transpose(0, 1, 3, 2), dy)
+    qkv, att, scale, NH = saved
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (_heads(qkv, NH, C, i) for i in range(3))                         # (B, NH, T, HS) views of qkv
+    dy = _heads(cp.ascontiguousarray(dout), NH, C)                              # (B, NH, T, HS) view of dout
+    dqkv = cp.empty((B, T, 3 * C), dtype=cp.float32)
+    dq, dk, dv = (_heads(dqkv, NH, C, i) for i in range(3))                     # where the results go
+    datt = cp.empty((B, NH, T, T), dtype=cp.float32)
+    batched_gemm(dy, v, datt, trans_b=True)                                     # dP = dY V^T
+    batched_gemm(att, dy, dv, trans_a=True)                                     # dV = P^T dY
     grid, block = rows_per_warp(B * NH * T, 8)
     launch("softmax_attention", "causal_softmax_backward", grid, block,
            (datt, att, datt, np.int32(B * NH), np.int32(T), np.float32(scale)))   # in place -> scaled dS
-    dq = cp.matmul(datt, k)
-    dk = cp.matmul(datt.transpose(0, 1, 3, 2), q)
-    dqkv = cp.empty((B, T, 3 * C), dtype=cp.float32)
-    for i, d in enumerate((dq, dk, dv)):
-        dqkv[..., i * C:(i + 1) * C] = d.transpose(0, 2, 1, 3).reshape(B, T, C)
+    batched_gemm(datt, k, dq)                                                   # dQ = dS K
+    batched_gemm(datt, q, dk, trans_a=True)                                     # dK = dS^T Q
     return (dqkv,)
 
 

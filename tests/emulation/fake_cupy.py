@@ -73,7 +73,21 @@ class MemoryPointer:
 class _DevicePointer(int):
     """A device address as CuPy's `.data.ptr` gives it (an int), plus the array it points into, so that the fake
     cuBLAS finds the memory of any array (one made by a ufunc or a view, which no allocation call registered).
-    Arithmetic on it (ptr + offset) gives a plain int, resolved through the registered allocations."""
+    ptr + offset (bytes, a whole number of elements, inside the allocation) is again such a pointer (cuBLAS
+    calls that walk a buffer, batched_gemm.py); other arithmetic gives a plain int, resolved through the
+    registered allocations."""
+
+    skip = 0                # elements from the first element of `array` to this address
+
+    def __add__(self, offset):
+        item = self.array.dtype.itemsize
+        if isinstance(offset, (int, np.integer)) and offset >= 0 and offset % item == 0:
+            p = _DevicePointer(int(self) + int(offset))
+            p.array, p.skip = self.array, self.skip + int(offset) // item     # resolved when a library reads it
+            return p
+        return int(self) + offset
+
+    __radd__ = __add__
 
 
 DeviceArray = ndarray      # every fake device array is one (a tracer may swap `ndarray` for a subclass of it)
@@ -344,7 +358,9 @@ def get_default_memory_pool():
 def _memory_at(ptr):
     """What a library call sees at the address `ptr`: the array's memory from there on (see _DevicePointer)."""
     if isinstance(ptr, _DevicePointer):
-        return _device_memory(ptr.array)
+        mem = _device_memory(ptr.array)
+        assert ptr.skip < mem.size or ptr.skip == 0, "pointer past the end of its allocation"
+        return mem[ptr.skip:]
     return _resolve(np.uint64(ptr))
 
 
@@ -923,6 +939,36 @@ def _ctypes_binding(monkeypatch):
     monkeypatch.setattr(cublas_ctypes, "gemm_ex", _gemm_ex)
 
 
+def _gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb,
+                             strideB, beta, C, Ctype, ldc, strideC, batchCount, computeType, algo):
+    """cublasGemmStridedBatchedEx: batchCount independent gemmEx products (same rules as _gemm_ex above), the
+    i-th reading A + i * strideA, B + i * strideB and writing C + i * strideC (strides in elements). The
+    outputs of the batch must not overlap (cuBLAS leaves that undefined); inputs may (a stride of 0 is fine)."""
+    assert batchCount >= 1 and min(strideA, strideB, strideC) >= 0, (batchCount, strideA, strideB, strideC)
+    if batchCount > 1 and strideC < ldc * (n - 1) + m:     # interleaved outputs (heads side by side): disjoint?
+        cells = (np.arange(n)[:, None] * ldc + np.arange(m)[None, :]).ravel()
+        written = (np.arange(batchCount, dtype=np.int64)[:, None] * strideC + cells[None, :]).ravel()
+        assert np.unique(written).size == written.size, "the batch's C matrices overlap"
+
+    def at(ptr, i, stride):                     # the i-th matrix's first element
+        if i * stride == 0:
+            return ptr
+        mem = _memory_at(ptr)                   # the allocation from ptr on (a view's memory too)
+        assert i * stride < mem.size, "batch runs past its allocation"
+        p = _DevicePointer(int(ptr) + i * stride * mem.itemsize)
+        p.array = mem[i * stride:]
+        return p
+    for i in range(batchCount):
+        _gemm_ex(handle, transa, transb, m, n, k, alpha, at(A, i, strideA), Atype, lda, at(B, i, strideB), Btype,
+                 ldb, beta, at(C, i, strideC), Ctype, ldc, computeType, algo)
+
+
+def _cupy_gemm_strided_batched_ex(handle, *args):
+    """CuPy's cublas.gemmStridedBatchedEx: refused during a capture like every CuPy cuBLAS call (_set_stream)."""
+    _set_stream(handle, sys.modules[__name__].cuda.get_current_stream().ptr)
+    _gemm_strided_batched_ex(handle, *args)
+
+
 # cupy._core._routines_linalg as CuPy 14 has it: the constants are CuPy's own (not cuBLAS's), and the compute
 # type is kept per dtype: set_compute_type(dtype, compute_type), two positional arguments.
 LINALG_CONSTANTS = dict(COMPUTE_TYPE_TBD=0, COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_PEDANTIC=2, COMPUTE_TYPE_FP16=3,
@@ -966,6 +1012,7 @@ def install(monkeypatch, kernels="numpy", sms=None):
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
     cublas.gemmEx = _cupy_gemm_ex
     cublas.setStream = _set_stream
+    cublas.gemmStridedBatchedEx = _cupy_gemm_strided_batched_ex
     cublas.create = _create
     cublas.getPointerMode = _get_pointer_mode
     cublas.setPointerMode = _set_pointer_mode

@@ -8,7 +8,8 @@
 What is recorded (one `Op` each), only for calls made by the project's code (what the fake does inside an
 emulation is not recorded):
   kernel   a launch of one of our CUDA kernels (compile.launch), with its grid, block and scalar arguments
-  gemm     a cuBLAS gemmEx call (precision.gemm), with m, n, k, the operand types, beta and compute type
+  gemm     a cuBLAS gemmEx call (precision.gemm), with m, n, k, the operand types, beta and compute type; or a
+           gemmStridedBatchedEx call (kernels/batched_gemm.py), the same plus batch (the number of products)
   matmul   cupy.matmul / `@` (cuBLAS through CuPy), with the operands' shapes and whether CuPy must copy them
   elementwise, reduction, copy, cast, gather, scatter, fill, memset
            a CuPy elementwise or reduction kernel: a ufunc, a method such as astype/copy/fill, x[...] = y,
@@ -325,6 +326,9 @@ class Tracer:
         cublas = sys.modules["cupy_backends.cuda.libs.cublas"]      # CuPy's wrapper: refuses capture
         self._gemm_emulation = fake_cupy._gemm_ex
         p.setattr(cublas, "gemmEx", lambda h, *args: (cublas.setStream(h, 0), self._gemm(h, *args))[1])
+        self._gemm_batched_emulation = fake_cupy._gemm_strided_batched_ex
+        p.setattr(cublas, "gemmStridedBatchedEx",
+                  lambda h, *args: (cublas.setStream(h, 0), self._gemm_batched(h, *args))[1])
         create, set_mode = cublas.create, cublas.setPointerMode
         p.setattr(cublas, "create", lambda: self._host_call("cublasCreate", create()))
         p.setattr(cublas, "getPointerMode", lambda h: self._host_call("cublasGetPointerMode", 0))
@@ -679,6 +683,22 @@ class Tracer:
             self._do(lambda: self._gemm_emulation(handle, opa, opb, m, n, k, ctypes.addressof(ab[0]), A, Atype, lda,
                                                   B, Btype, ldb, ctypes.addressof(ab[1]), C, Ctype, ldc, compute,
                                                   algo))
+
+
+    def _gemm_batched(self, handle, opa, opb, m, n, k, alpha, A, Atype, lda, sA, B, Btype, ldb, sB, beta, C, Ctype,
+                      ldc, sC, count, compute, algo):
+        import ctypes
+        if self.depth:
+            return self._gemm_batched_emulation(handle, opa, opb, m, n, k, alpha, A, Atype, lda, sA, B, Btype, ldb,
+                                                sB, beta, C, Ctype, ldc, sC, count, compute, algo)
+        with self.hook():
+            b = ctypes.c_float.from_address(beta).value
+            self.record("gemm", "cublasGemmStridedBatchedEx", m=m, n=n, k=k, Atype=Atype, Btype=Btype, Ctype=Ctype,
+                        beta=b, compute=compute, batch=count)
+            ab = (ctypes.c_float(ctypes.c_float.from_address(alpha).value), ctypes.c_float(b))
+            self._do(lambda: self._gemm_batched_emulation(handle, opa, opb, m, n, k, ctypes.addressof(ab[0]), A,
+                                                          Atype, lda, sA, B, Btype, ldb, sB, ctypes.addressof(ab[1]),
+                                                          C, Ctype, ldc, sC, count, compute, algo))
 
 
 class _Graph:

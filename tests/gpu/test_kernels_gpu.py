@@ -514,6 +514,105 @@ def test_gemm(cp, poison, ta, tb, kind, alpha, beta):
     # (on a GPU, cuBLAS may round or truncate to TF32, or pick a non-tensor-core kernel for so small a product)
 
 
+
+# ------------------------------------------------------------------------------------- strided batched gemm
+
+BG_B, BG_NH = 2, 3                       # batch axes (B, NH), as attention uses them
+
+
+def _bg_operand(cp, rows, cols, layout):
+    """A (B, NH, rows, cols) float32 operand and its host values: layout "heads" is a view into a wider
+    (B, rows, NH*cols + 3) buffer, starting one element in (heads side by side in each row, as in qkv: no one
+    batch stride); "contiguous" is a plain array (one cuBLAS call covers the batch)."""
+    if layout == "contiguous":
+        vals = randn(BG_B, BG_NH, rows, cols)
+        return cp.asarray(vals), vals, None
+    buf = randn(BG_B, rows, BG_NH * cols + 3)
+    dev = cp.asarray(buf)
+    view = dev[..., 1:1 + BG_NH * cols].reshape(BG_B, rows, BG_NH, cols).transpose(0, 2, 1, 3)
+    vals = buf[..., 1:1 + BG_NH * cols].reshape(BG_B, rows, BG_NH, cols).transpose(0, 2, 1, 3)
+    return view, vals, (dev, buf)
+
+
+def _run_batched_gemm(cp, ta, tb, layout, kind="float32", alpha=1.0, beta=0.0):
+    """batched_gemm on (B, NH) batches of odd-sized operands: returns (relative error against float64 NumPy on
+    the values the hardware reads, relative error against the exact product, cuBLAS calls made)."""
+    from cupy_backends.cuda.libs import cublas
+    from nanogpt_np.kernels.batched_gemm import batched_gemm
+    M, K, N = 17, 9, 13
+    a, av, _ = _bg_operand(cp, *((K, M) if ta else (M, K)), layout)
+    b, bv, _ = _bg_operand(cp, *((N, K) if tb else (K, N)), layout)
+    out, ov, whole = _bg_operand(cp, M, N, layout)
+    before = ov.astype(np.float64)
+    calls = []
+    real = cublas.gemmStridedBatchedEx
+    cublas.gemmStridedBatchedEx = lambda *args: calls.append(args[-3]) or real(*args)
+    try:
+        batched_gemm(a, b, out, ta, tb, alpha=alpha, beta=beta, tf32=(kind == "tf32"))
+    finally:
+        cublas.gemmStridedBatchedEx = real
+    opa = (lambda x: x.swapaxes(-1, -2)) if ta else (lambda x: x)
+    opb = (lambda x: x.swapaxes(-1, -2)) if tb else (lambda x: x)
+    read = tf32_round if kind == "tf32" else (lambda x: x)
+    want = alpha * (opa(read(av).astype(np.float64)) @ opb(read(bv).astype(np.float64))) + beta * before
+    exact = alpha * (opa(av.astype(np.float64)) @ opb(bv.astype(np.float64))) + beta * before
+    got = to_np(out)
+    if whole is not None:                    # nothing outside the output's head slots was written
+        dev, buf = whole
+        rest = to_np(dev).copy()
+        rest[..., 1:1 + BG_NH * N] = 0
+        keep = buf.copy()
+        keep[..., 1:1 + BG_NH * N] = 0
+        np.testing.assert_array_equal(rest, keep)
+    return rel_err(got, want), rel_err(got, exact), calls
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("layout", ["heads", "contiguous"])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, -2.0)])
+def test_batched_gemm(cp, ta, tb, layout, alpha, beta):
+    """batched_gemm.batched_gemm: out[b, h] = alpha op(a[b, h]) op(b[b, h]) + beta out[b, h] for every transpose,
+    with operands read in place from strided views (heads side by side, as in qkv) or contiguous arrays."""
+    err, _, calls = _run_batched_gemm(cp, ta, tb, layout, alpha=alpha, beta=beta)
+    assert err < 1e-5
+    # heads: one call per batch row b, NH products each; contiguous: one call for all B * NH
+    assert calls == ([BG_NH] * BG_B if layout == "heads" else [BG_B * BG_NH])
+
+
+def test_batched_gemm_tf32(cp):
+    """tf32=True (what precision.set_tf32(True) gives by default) asks cuBLAS for TF32 tensor cores."""
+    err, exact, _ = _run_batched_gemm(cp, False, True, "heads", kind="tf32")
+    assert exact < 5e-3
+    if str(getattr(cp, "__version__", "")).startswith("fake"):       # the fake rounds inputs only for TF32
+        assert err < 1e-5 and exact > 1e-5
+
+
+def test_batched_gemm_wrong_stride_fails(cp, monkeypatch):
+    """Negative control: a's batch stride one element short (the heads read shifted by one column per head,
+    still inside the buffer) must give a wrong product, for both layouts."""
+    from nanogpt_np.kernels import batched_gemm as bg
+    real = bg._layout
+
+    def short_stride(x, name):
+        ld, strides = real(x, name)
+        return ld, (strides[:-1] + [strides[-1] - 1]) if name == "a" else strides
+    monkeypatch.setattr(bg, "_layout", short_stride)
+    for layout in ("heads", "contiguous"):
+        err, _, _ = _run_batched_gemm(cp, False, True, layout)
+        assert err > 0.1, layout
+
+
+def test_batched_gemm_refuses_what_cublas_cannot_read(cp):
+    from nanogpt_np.kernels.batched_gemm import batched_gemm
+    a, b = cp.asarray(randn(2, 4, 5)), cp.asarray(randn(2, 5, 3))
+    with pytest.raises(ValueError):
+        batched_gemm(a, b, cp.empty((2, 4, 4), dtype=cp.float32))                  # wrong output shape
+    with pytest.raises(ValueError):
+        bt = cp.asarray(randn(2, 3, 5)).transpose(0, 2, 1)                           # (2, 5, 3), columns strided
+        batched_gemm(a, bt, cp.empty((2, 4, 3), dtype=cp.float32))
+    with pytest.raises(TypeError):
+        batched_gemm(a.astype(cp.float64), b, cp.empty((2, 4, 3), dtype=cp.float32))
+
 def test_gemm_refuses_mixed_operands_and_a_missing_c(cp):
     from nanogpt_np.kernels import precision
     a, b = cp.asarray(randn(4, 5)), cp.asarray(randn(5, 3))
