@@ -85,7 +85,7 @@ def batched_gemm(a, b, out, trans_a=False, trans_b=False, *, alpha=1.0, beta=0.0
     compute = precision.CUBLAS_COMPUTE_32F_FAST_TF32 if fast else precision.CUBLAS_COMPUTE_32F
     opb, opa, m, n, k = precision.gemm_args(M, K, N, trans_a, trans_b)[:5]   # out^T = op(b)^T op(a)^T
     p_alpha, p_beta = precision._host_scalars(alpha, beta)
-    handle = precision.cublas_handle()
+    handle = precision.cublas_handle().ptr        # the project's handle (pointer mode HOST); CuPy binds its stream
     pa, pb, pc = a.data.ptr, b.data.ptr, out.data.ptr
     stride_a, stride_b, stride_c = merged
     ja, jb, jc = (4 * s for s in outer)                    # bytes from one index of the first axis to the next
