@@ -18,7 +18,6 @@ activation is the bf16 copy of x: half the memory of the float32 one. Bias add a
 import numpy as np
 
 from . import precision, registry
-from ..ops.reductions import ones
 
 
 def _matmul_operands(x, w, w_bf16):
@@ -37,11 +36,7 @@ def _bias_grad(dy, db_into):
     """db = sum over the rows of dy (N, Cout) = ones(1, N) @ dy, added into db_into when given (then None)."""
     if dy.dtype == np.uint16:                                # a gradient a kernel wrote as bf16: sum it in float32
         dy = precision.to_float32(dy)
-    ones_row = ones(dy.shape[0], dy).reshape(1, -1)         # (1, N) float32, cached
-    if db_into is None:
-        return precision.gemm(ones_row, dy, tf32=False).reshape(-1)
-    precision.gemm(ones_row, dy, out=db_into.reshape(1, -1), beta=1.0, tf32=False)
-    return None
+    return precision.sum_rows(dy, into=db_into)             # ones(1, N) @ dy, one exact-float32 gemm
 
 
 def linear_forward(x, w, b, w_bf16=None):

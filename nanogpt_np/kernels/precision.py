@@ -82,15 +82,18 @@ def column_sum_bf16(x):
 _ones = {}               # n -> a cached (1, n) float32 row of ones on the GPU (do not write into it)
 
 
-def sum_rows(x):
+def sum_rows(x, into=None):
     """(N, C) float32 -> (C,) float32: the column sums as one exact-float32 gemm, (1, N) ones @ (N, C)
     (ops/reductions.sum_rows on the GPU: bias gradients). The project's gemm, not CuPy's matmul, so that a CUDA
-    graph can capture it (cublas_ctypes.py)."""
+    graph can capture it (cublas_ctypes.py). With `into` (C,), the sums are added into it (beta = 1): None."""
     import cupy as cp
     n = x.shape[0]
     if n not in _ones:
         _ones[n] = cp.ones((1, n), dtype=cp.float32)
-    return gemm(_ones[n], x, tf32=False).reshape(-1)
+    if into is None:
+        return gemm(_ones[n], x, tf32=False).reshape(-1)
+    gemm(_ones[n], x, out=into.reshape(1, -1), beta=1.0, tf32=False)
+    return None
 
 
 def gemm_args(M, K, N, trans_a=False, trans_b=False):
