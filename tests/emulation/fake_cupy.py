@@ -15,6 +15,7 @@ buffers through MPI, and `devices_used` records which GPU each rank selected.
 """
 import contextlib
 import ctypes
+import functools
 import math
 import sys
 import threading
@@ -914,12 +915,14 @@ def _set_stream(handle, stream):
         raise NotImplementedError(CAPTURE_REFUSED)
 
 
-def _cupy_gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
-                  computeType, algo):
-    """CuPy's cublas.gemmEx: _setStream(handle) (the current stream: refused during a capture), then cublasGemmEx."""
-    _set_stream(handle, sys.modules[__name__].cuda.get_current_stream().ptr)
-    _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
-             computeType, algo)
+def _through_cupy(library_call):
+    """CuPy's cuBLAS wrapper around a library call: _setStream(handle) first (the current stream: refused during a
+    capture), then the call. functools.wraps keeps the call's parameters (tests/test_fake_cupy.py compares them)."""
+    @functools.wraps(library_call)
+    def wrapper(handle, *args):
+        _set_stream(handle, sys.modules[__name__].cuda.get_current_stream().ptr)
+        return library_call(handle, *args)
+    return wrapper
 
 
 def _set_workspace(handle, ptr, nbytes):
@@ -963,12 +966,6 @@ def _gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, A, Atype, l
                  ldb, beta, at(C, i, strideC), Ctype, ldc, computeType, algo)
 
 
-def _cupy_gemm_strided_batched_ex(handle, *args):
-    """CuPy's cublas.gemmStridedBatchedEx: refused during a capture like every CuPy cuBLAS call (_set_stream)."""
-    _set_stream(handle, sys.modules[__name__].cuda.get_current_stream().ptr)
-    _gemm_strided_batched_ex(handle, *args)
-
-
 # cupy._core._routines_linalg as CuPy 14 has it: the constants are CuPy's own (not cuBLAS's), and the compute
 # type is kept per dtype: set_compute_type(dtype, compute_type), two positional arguments.
 LINALG_CONSTANTS = dict(COMPUTE_TYPE_TBD=0, COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_PEDANTIC=2, COMPUTE_TYPE_FP16=3,
@@ -1010,9 +1007,9 @@ def install(monkeypatch, kernels="numpy", sms=None):
     monkeypatch.setitem(sys.modules, "cupy.cuda", this.cuda)              # for `from cupy.cuda import nccl`
     monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", this.cuda.nccl)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
-    cublas.gemmEx = _cupy_gemm_ex
+    cublas.gemmEx = _through_cupy(_gemm_ex)
     cublas.setStream = _set_stream
-    cublas.gemmStridedBatchedEx = _cupy_gemm_strided_batched_ex
+    cublas.gemmStridedBatchedEx = _through_cupy(_gemm_strided_batched_ex)
     cublas.create = _create
     cublas.getPointerMode = _get_pointer_mode
     cublas.setPointerMode = _set_pointer_mode
