@@ -67,7 +67,11 @@ class Tensor:
         return self.grad if (self._grad_is_buffer and self.requires_grad) else None
 
     def accumulate_grad(self, g):
-        """grad += g. Buffers are updated in place; other tensors get a new array (so no aliasing bugs)."""
+        """grad += g. Buffers are updated in place; other tensors get a new array (so no aliasing bugs).
+        A bf16 gradient (uint16 bits, written by a GPU kernel for a bf16 reader) cannot be summed as integers:
+        it may only reach a tensor that receives one gradient (ops/linear.py's bf16_dx)."""
+        if getattr(g, "dtype", None) == "uint16" and (self._grad_is_buffer or self.grad is not None):
+            raise TypeError(f"a bf16 gradient cannot be added to another gradient of {self!r}")
         if self._grad_is_buffer:
             self.grad += g
         elif self.grad is None:

@@ -182,3 +182,19 @@ def test_negative_control_a_write_without_params_written_is_stale(device):
     assert not np.array_equal(_logits(model, x), _logits(_fresh(weights), x))
     model.params_written()
     np.testing.assert_array_equal(_logits(model, x), _logits(_fresh(weights), x))
+
+
+def test_a_bf16_gradient_is_never_summed_as_integers():
+    """A bf16 gradient (uint16 bits, ops/linear.py's bf16_dx) may only reach a tensor that gets one gradient:
+    summing bit patterns as integers would be silently wrong, so accumulate_grad refuses; a first one is kept."""
+    from nanogpt_np.tensor import Tensor
+    t = Tensor(np.zeros(3, np.float32), requires_grad=True)
+    bits = np.array([0x3F80, 0x4000, 0x4040], np.uint16)           # 1, 2, 3 in bf16
+    t.accumulate_grad(bits)
+    assert t.grad is bits
+    with pytest.raises(TypeError, match="bf16 gradient"):
+        t.accumulate_grad(bits)
+    p = Tensor(np.zeros(3, np.float32), requires_grad=True)
+    p.use_grad_buffer(np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="bf16 gradient"):
+        p.accumulate_grad(bits)

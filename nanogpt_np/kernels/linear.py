@@ -1,8 +1,8 @@
 """The linear layers and the tied output head on the GPU: one cuBLAS gemm per product (precision.gemm).
 
 Registered as "linear" and "lm_head" for both precisions; same contracts as ops/linear.py:
-    linear:  forward(x (N, Cin), w (Cin, Cout), b or None, w_bf16=None) -> y (N, Cout)
-             backward(dy, saved, dw_into=None, db_into=None) -> dx, dw, db
+    linear:  forward(x (N, Cin), w (Cin, Cout), b or None, w_bf16=None, bf16_out=False) -> y (N, Cout)
+             backward(dy, saved, dw_into=None, db_into=None, bf16_dx=False) -> dx, dw, db
     lm_head: forward(x (N, C), wte (V, C), wte_bf16=None) -> logits (N, V)
              backward(dlogits, saved, dwte_into=None) -> dx, dwte
 Weight gradients: given `dw_into` (the parameter's slice of the flat gradient buffer), the gemm adds x.T @ dy
@@ -14,6 +14,11 @@ bfloat16: the gemms read bf16 copies and accumulate in float32. The weight's cop
 model's bf16 copy of all weights (kept current by model.py, refreshed by the optimizer); without one the weight
 is rounded here. Activations are rounded unless a kernel already wrote them as bf16 (uint16). The saved
 activation is the bf16 copy of x: half the memory of the float32 one. Bias add and bias gradient stay float32.
+
+bf16 results (bfloat16 precision only, hints from the model, ignored in float32): `bf16_out` asks the forward
+gemm to write y as bf16 (cuBLAS rounds its float32 accumulator once), for a layer without a bias whose output
+goes to a kernel that reads bf16 (c_attn -> flash attention, c_fc -> GELU): half the bytes written and read.
+`bf16_dx` does the same for the input gradient dx, when the op that made x reads a bf16 gradient.
 """
 import numpy as np
 
@@ -39,18 +44,25 @@ def _bias_grad(dy, db_into):
     return precision.sum_rows(dy, into=db_into)             # ones(1, N) @ dy, one exact-float32 gemm
 
 
-def linear_forward(x, w, b, w_bf16=None):
+def _result_dtype(bf16_wanted):
+    """uint16 (bf16 bits) when a bf16 result was asked for and the matmuls run in bf16, else float32."""
+    return np.uint16 if (bf16_wanted and registry.precision() == "bfloat16") else np.float32
+
+
+def linear_forward(x, w, b, w_bf16=None, bf16_out=False):
     xm, wm = _matmul_operands(x, w, w_bf16)
-    y = precision.gemm(xm, wm)                               # (N, Cin) @ (Cin, Cout) -> (N, Cout) float32
+    if b is not None and bf16_out:
+        raise ValueError("linear: bf16_out is for a layer whose bias is added by the next op (b=None)")
+    y = precision.gemm(xm, wm, out_dtype=_result_dtype(bf16_out))     # (N, Cin) @ (Cin, Cout) -> (N, Cout)
     if b is not None:
         y += b
     return y, (xm, wm, b is not None)
 
 
-def linear_backward(dy, saved, dw_into=None, db_into=None):
+def linear_backward(dy, saved, dw_into=None, db_into=None, bf16_dx=False):
     xm, wm, has_bias = saved
     dym = _like_operands(dy, wm)
-    dx = precision.gemm(dym, wm, trans_b=True)               # (N, Cout) @ (Cout, Cin)
+    dx = precision.gemm(dym, wm, trans_b=True, out_dtype=_result_dtype(bf16_dx))    # (N, Cout) @ (Cout, Cin)
     if dw_into is None:
         dw = precision.gemm(xm, dym, trans_a=True)           # (Cin, N) @ (N, Cout)
     else:

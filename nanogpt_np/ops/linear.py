@@ -16,13 +16,15 @@ Weight gradients go straight into the parameters' gradient buffers: when a weigh
 there (`dw_into += x.T @ dy`; on the GPU one gemm with beta = 1, no temporary), and returns None for that input,
 so the tape has nothing left to add. Without a buffer (a plain Tensor) the gradient is returned as usual.
 `w_bf16` is a bf16 copy of w for kernels that multiply in bf16 (model.py keeps one); the reference ignores it.
+`bf16_out` / `bf16_dx` let a GPU kernel that multiplies in bf16 write y / dx as bf16 (uint16 bits), for a next
+op that reads bf16 (kernels/linear.py); they are hints about storage, not math, and the reference ignores them.
 """
 from ..tensor import Tensor, record
 from .dispatch import implementation
 from .reductions import sum_rows
 
 
-def linear_forward(x, w, b, w_bf16=None):
+def linear_forward(x, w, b, w_bf16=None, bf16_out=False):
     """x (N, Cin), w (Cin, Cout), b (Cout,) or None -> y (N, Cout)."""
     y = x @ w
     if b is not None:
@@ -30,7 +32,7 @@ def linear_forward(x, w, b, w_bf16=None):
     return y, (x, w, b is not None)
 
 
-def linear_backward(dy, saved, dw_into=None, db_into=None):
+def linear_backward(dy, saved, dw_into=None, db_into=None, bf16_dx=False):
     """dy (N, Cout) -> dx (N, Cin), dw (Cin, Cout), db (Cout,) or None.
     dw_into / db_into: buffers to add dw / db into; the gradient is then returned as None."""
     x, w, has_bias = saved
@@ -48,16 +50,18 @@ def _add_into(buffer, g):
     return None
 
 
-def linear(x: Tensor, w: Tensor, b: Tensor = None) -> Tensor:
-    """x (..., Cin) @ w (Cin, Cout) + b -> (..., Cout). Leading dimensions are flattened for the matmul."""
+def linear(x: Tensor, w: Tensor, b: Tensor = None, *, bf16_out=False, bf16_dx=False) -> Tensor:
+    """x (..., Cin) @ w (Cin, Cout) + b -> (..., Cout). Leading dimensions are flattened for the matmul.
+    bf16_out / bf16_dx: the next op reads y / the previous op reads dx as bf16 (a hint for bf16 kernels)."""
     lead, c_in = x.shape[:-1], x.shape[-1]
     forward, backward = implementation("linear", x.data, linear_forward, linear_backward)
-    y, saved = forward(x.data.reshape(-1, c_in), w.data, None if b is None else b.data, w_bf16=w.data_bf16)
+    y, saved = forward(x.data.reshape(-1, c_in), w.data, None if b is None else b.data, w_bf16=w.data_bf16,
+                       bf16_out=bf16_out)
     out = Tensor(y.reshape(*lead, w.shape[1]))
 
     def backward_fn(dout):
         dx, dw, db = backward(dout.reshape(-1, w.shape[1]), saved, dw_into=w.grad_buffer(),
-                              db_into=None if b is None else b.grad_buffer())
+                              db_into=None if b is None else b.grad_buffer(), bf16_dx=bf16_dx)
         return (dx.reshape(x.shape), dw) + ((db,) if b is not None else ())      # None: already in the buffer
 
     inputs = (x, w) if b is None else (x, w, b)

@@ -669,6 +669,31 @@ def test_linear(cp, precision_mode, N, Cin, Cout, bias, into):
         assert (db is None) == (not bias) and (db is None or rel_err(to_np(db), rdb) < 1e-5)
 
 
+def test_linear_bf16_results(cp, precision_mode):
+    """bf16_out / bf16_dx: in bf16 precision y and dx come back as bf16 (uint16), each the float32 result rounded
+    once (so within bf16's half-ulp of the float64 product of the same operands); in float32 the hints change
+    nothing. A layer with a bias refuses bf16_out (the bias add needs the float32 result)."""
+    from nanogpt_np.kernels import linear as klin
+    lin = importlib.import_module("nanogpt_np.ops.linear")
+    x, w = round_to_bf16(randn(200, 96)), round_to_bf16(randn(96, 160))
+    y, saved = klin.linear_forward(cp.asarray(x), cp.asarray(w), None, bf16_out=True)
+    ry, rsaved = lin.linear_forward(x.astype(np.float64), w.astype(np.float64), None)
+    dy = round_to_bf16(randn(200, 160))
+    dx, _, _ = klin.linear_backward(cp.asarray(dy), saved, bf16_dx=True)
+    rdx, _, _ = lin.linear_backward(dy.astype(np.float64), rsaved)
+    for got, want in ((y, ry), (dx, rdx)):
+        got = to_np(got)
+        if precision_mode == "bfloat16":
+            assert got.dtype == np.uint16
+            got = bf16_to_float32(got).astype(np.float64)
+            assert np.all(np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-6)     # one rounding, no more
+            assert rel_err(got, want) > 1e-4                                         # and it did round
+        else:
+            assert got.dtype == np.float32 and rel_err(got, want) < 1e-5
+    with pytest.raises(ValueError, match="bf16_out"):
+        klin.linear_forward(cp.asarray(x), cp.asarray(w), cp.asarray(randn(160)), bf16_out=True)
+
+
 @pytest.mark.parametrize("into", [False, True])
 def test_lm_head(cp, precision_mode, into):
     from nanogpt_np.kernels import linear as klin
