@@ -376,11 +376,12 @@ def kernel_traffic(op):
         nb = BT * C * f4 + BT * 4 + BT * C * f4 + T * C * f4
         return BT * C, nb, nb + (BT - T) * C * f4, "memory"          # wpe rows are re-read for every sequence
     if k == "encoder_backward_wpe":
-        B, T, Tmax, C = s[2:6]
-        return B * T * C, B * T * C * f4 + Tmax * C * f4, B * T * C * f4 + Tmax * C * f4, "memory"
+        B, T, Tmax, C, acc = s[2:7]                                  # acc: added into a buffer (reads its T rows)
+        nb = B * T * C * f4 + (T if acc else Tmax) * C * f4 + acc * T * C * f4
+        return B * T * C, nb, nb, "memory"
     if k == "encoder_backward_wte":
-        BT, C = s[4], s[5]
-        nb = 2 * BT * C * f4 + 2 * BT * 4
+        BT, C, acc = s[4], s[5], s[6]                                # acc: each touched row read before the add
+        nb = 2 * BT * C * f4 + 2 * BT * 4 + acc * BT * C * f4        # (at most BT distinct rows)
         return BT * C, nb, nb, "memory"
     if k == "layernorm_forward":
         N, C = s[10], s[11]

@@ -131,8 +131,30 @@ def run_bf16_outputs(cp):
     return max(errs)
 
 
+def run_embedding_into(cp):
+    """The embedding backward adding into gradient buffers that already hold something (the model's case)."""
+    from nanogpt_np.kernels import registry
+    emb = importlib.import_module("nanogpt_np.ops.embedding")
+    rng = np.random.default_rng(9)
+    B, T, V, C, Tmax = 2, 9, 7, 36, 12
+    wte, wpe = rng.standard_normal((V, C)).astype(np.float32), rng.standard_normal((Tmax, C)).astype(np.float32)
+    idx = rng.integers(0, V, size=(B, T))
+    dout = rng.standard_normal((B, T, C)).astype(np.float32)
+    held_wte, held_wpe = rng.standard_normal((V, C)), rng.standard_normal((Tmax, C))
+    _, saved = registry.lookup("embedding")[0](cp.asarray(wte), cp.asarray(wpe), cp.asarray(idx))
+    into_wte, into_wpe = cp.asarray(held_wte.astype(np.float32)), cp.asarray(held_wpe.astype(np.float32))
+    registry.lookup("embedding")[1](cp.asarray(dout), saved, dwte_into=into_wte, dwpe_into=into_wpe)
+    _, rsaved = emb.embedding_forward(wte.astype(np.float64), wpe.astype(np.float64), idx)
+    rdwte, rdwpe = emb.embedding_backward(dout.astype(np.float64), rsaved)
+    return max(_rel(cp.asnumpy(into_wte), held_wte + rdwte), _rel(cp.asnumpy(into_wpe), held_wpe + rdwpe)) / 1e-5
+
+
 # (name, source, text to replace, replacement, runner)
 MUTATIONS = [
+    ("embedding backward: a run's sum written over the buffer instead of added", "encoder",
+     "dwte[o] = accumulate ? dwte[o] + acc : acc;", "dwte[o] = acc;", run_embedding_into),
+    ("embedding backward: the wpe column sums written over the buffer instead of added", "encoder",
+     "dwpe[i] = accumulate ? dwpe[i] + acc : acc;", "dwpe[i] = acc;", run_embedding_into),
     ("flash: no barrier before the next K/V tile overwrites shared memory", "flash_attention",
      "        __syncthreads();                               // the previous tiles are no longer read\n", "",
      run_flash),
@@ -203,7 +225,7 @@ def _outcomes(monkeypatch, cp, runner, stop_when_caught=False):
     return out
 
 
-@pytest.mark.parametrize("runner", [run_flash, run_layernorm, run_cross_entropy_inplace, run_cross_entropy_bf16,
+@pytest.mark.parametrize("runner", [run_embedding_into, run_flash, run_layernorm, run_cross_entropy_inplace, run_cross_entropy_bf16,
                                     run_bf16_outputs])
 def test_unmutated_kernels_pass_in_every_schedule(monkeypatch, cuda_cp, runner):
     for s, r in _outcomes(monkeypatch, cuda_cp, runner).items():

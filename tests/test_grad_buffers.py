@@ -81,14 +81,14 @@ def test_linear_weight_gradients_go_into_the_buffer_not_through_the_tape(device,
     backward(loss)
     assert not any(n and (n.endswith("attn.weight") or n.endswith("proj.weight") or n.endswith("c_fc.weight"))
                    for n in added), added
-    # wte: the embedding's part, and the chunked head + loss's (ops/lm_head_loss.py computes it in the forward,
-    # before d loss is known, so the tape adds it scaled); a plain lm_head adds its part directly (below)
-    assert added.count("wte.weight") == 2
+    # wte: the embedding adds its part directly (so does wpe); the chunked head + loss computes its part in the
+    # forward, before d loss is known, so the tape adds that one scaled; a plain lm_head adds its part directly
+    assert added.count("wte.weight") == 1 and added.count("wpe.weight") == 0
     added.clear()
     model.zero_grad()
     logits, _ = model(backend.to_device(x))
     backward(logits, grad=backend.xp_of(logits.data).ones_like(logits.data))
-    assert added.count("wte.weight") == 1                 # the embedding's part; the head's went in directly
+    assert added.count("wte.weight") == 0 and added.count("wpe.weight") == 0
 
 
 def test_negative_control_overwriting_instead_of_adding_is_caught(device, monkeypatch):

@@ -39,27 +39,31 @@ extern "C" __global__ void encoder_forward(float* __restrict__ out, const int* _
 }
 
 // ---- backward for wpe: one thread per (t, c); it walks b = 0..B-1 in order (coalesced across c) ----
-// dwpe must be (Tmax, C); rows t >= T are written with zeros so the caller needs no memset.
+// accumulate = 0: dwpe (Tmax, C) is written, rows t >= T with zeros, so the caller needs no memset.
+// accumulate = 1: the sum is added into dwpe (a gradient buffer); rows t >= T are left as they are.
 extern "C" __global__ void encoder_backward_wpe(float* __restrict__ dwpe, const float* __restrict__ dout,
-                                                int B, int T, int Tmax, int C) {
+                                                int B, int T, int Tmax, int C, int accumulate) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;   // index into dwpe
     if (i >= (long long)Tmax * C) return;
     int t = (int)(i / C);
+    if (t >= T && accumulate) return;
     float acc = 0.0f;
     if (t < T) {
         for (int b = 0; b < B; b++) acc += dout[(long long)b * T * C + i];
     }
-    dwpe[i] = acc;
+    dwpe[i] = accumulate ? dwpe[i] + acc : acc;
 }
 
 // ---- backward for wte: one block per sorted position; only the first position of a run of equal ids works ----
 // sorted_pos: the B*T positions (b*T + t) sorted by token id (stable), sorted_tok: the ids in that order.
 // The owning block's threads stride over the C channels; each thread adds the run's rows in sorted order,
-// so the sum order is fixed. dwte must be zeroed beforehand (rows of ids that never occur stay 0).
+// so the sum order is fixed, and writes (accumulate = 0) or adds (accumulate = 1: a gradient buffer that already
+// holds the tied output head's part) the run's sum once. Rows of ids that never occur are not touched: with
+// accumulate = 0 dwte must be zeroed beforehand.
 // Load balance: a frequent token makes one long run (one busy block), fine at GPT-2 sizes.
 extern "C" __global__ void encoder_backward_wte(float* __restrict__ dwte, const float* __restrict__ dout,
                                                 const int* __restrict__ sorted_pos,
-                                                const int* __restrict__ sorted_tok, int BT, int C) {
+                                                const int* __restrict__ sorted_tok, int BT, int C, int accumulate) {
     int s = blockIdx.x;
     int tok = sorted_tok[s];
     if (s > 0 && sorted_tok[s - 1] == tok) return;        // not the head of its run: the head block does it
@@ -68,6 +72,7 @@ extern "C" __global__ void encoder_backward_wte(float* __restrict__ dwte, const 
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         float acc = 0.0f;
         for (int j = s; j < end; j++) acc += dout[(long long)sorted_pos[j] * C + c];
-        dwte[(long long)tok * C + c] = acc;
+        long long o = (long long)tok * C + c;
+        dwte[o] = accumulate ? dwte[o] + acc : acc;
     }
 }

@@ -21,8 +21,9 @@ def embedding_forward(wte, wpe, idx):
     return out, (idx32, wte.shape, wpe.shape)
 
 
-def embedding_backward(dout, saved):
-    """dout (B, T, C) -> dwte (V, C), dwpe (Tmax, C); deterministic (no atomics)."""
+def embedding_backward(dout, saved, dwte_into=None, dwpe_into=None):
+    """dout (B, T, C) -> dwte (V, C), dwpe (Tmax, C); deterministic (no atomics).
+    dwte_into / dwpe_into: float32 gradient buffers the sums are added into (then None is returned for them)."""
     import cupy as cp
     idx32, wte_shape, wpe_shape = saved
     B, T, C = dout.shape
@@ -30,11 +31,18 @@ def embedding_backward(dout, saved):
     flat = idx32.reshape(-1)
     order = cp.argsort(flat).astype(cp.int32)     # CuPy sorts with a (stable, deterministic) radix sort
     sorted_tok = flat[order]
-    dwte = cp.zeros(wte_shape, dtype=cp.float32)
+    dwte = cp.zeros(wte_shape, dtype=cp.float32) if dwte_into is None else _buffer(dwte_into, wte_shape)
     launch("encoder", "encoder_backward_wte", (B * T,), (min(256, 32 * (-(-C // 32))),),
-           (dwte, dout, order, sorted_tok, np.int32(B * T), np.int32(C)))
-    dwpe = cp.empty(wpe_shape, dtype=cp.float32)
+           (dwte, dout, order, sorted_tok, np.int32(B * T), np.int32(C), np.int32(dwte_into is not None)))
+    dwpe = cp.empty(wpe_shape, dtype=cp.float32) if dwpe_into is None else _buffer(dwpe_into, wpe_shape)
     grid, block = elementwise(wpe_shape[0] * C)
     launch("encoder", "encoder_backward_wpe", grid, block,
-           (dwpe, dout, np.int32(B), np.int32(T), np.int32(wpe_shape[0]), np.int32(C)))
-    return dwte, dwpe
+           (dwpe, dout, np.int32(B), np.int32(T), np.int32(wpe_shape[0]), np.int32(C), np.int32(dwpe_into is not None)))
+    return (None if dwte_into is not None else dwte), (None if dwpe_into is not None else dwpe)
+
+
+def _buffer(into, shape):
+    """A gradient buffer the kernel adds into: it must be exactly the table's float32, C-contiguous layout."""
+    assert into.shape == tuple(shape) and into.dtype == np.float32 and into.flags.c_contiguous, \
+        (into.shape, into.dtype, shape)
+    return into

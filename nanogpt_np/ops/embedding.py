@@ -5,6 +5,10 @@ Forward:   out[b, t, :] = wte[idx[b, t], :] + wpe[t, :]                       # 
 Backward:  out is a sum, so d(out) flows unchanged to both tables, each row to where it was read from:
            dwte[v, :] = sum over all (b, t) with idx[b, t] == v of dout[b, t, :]  (a scatter-add)
            dwpe[t, :] = sum over b of dout[b, t, :]                               (rows t >= T stay zero)
+
+Both tables usually have gradient buffers (model.py's flat_grads; wte's also receives the tied output head's
+part): the backward then adds its sums into them (`dwte_into`, `dwpe_into`, see tensor.py) and returns None for
+them, instead of a fresh (V, C) array of mostly zeros that the tape would add in a second pass.
 """
 from .. import backend
 from ..tensor import Tensor, record
@@ -18,16 +22,16 @@ def embedding_forward(wte, wpe, idx):
     return out, (idx, wte.shape, wpe.shape)
 
 
-def embedding_backward(dout, saved):
-    """dout (B, T, C) -> dwte (V, C), dwpe (Tmax, C)."""
+def embedding_backward(dout, saved, dwte_into=None, dwpe_into=None):
+    """dout (B, T, C) -> dwte (V, C), dwpe (Tmax, C); each None when it was added into its `*_into` buffer."""
     idx, wte_shape, wpe_shape = saved
     xp = backend.xp_of(dout)
     B, T, C = dout.shape
-    dwte = xp.zeros(wte_shape, dtype=dout.dtype)
+    dwte = xp.zeros(wte_shape, dtype=dout.dtype) if dwte_into is None else dwte_into
     xp.add.at(dwte, idx.reshape(-1), dout.reshape(B * T, C))   # repeated ids add up, unlike dwte[idx] += ...
-    dwpe = xp.zeros(wpe_shape, dtype=dout.dtype)
-    dwpe[:T] = dout.sum(axis=0)
-    return dwte, dwpe
+    dwpe = xp.zeros(wpe_shape, dtype=dout.dtype) if dwpe_into is None else dwpe_into
+    dwpe[:T] += dout.sum(axis=0)
+    return (None if dwte_into is not None else dwte), (None if dwpe_into is not None else dwpe)
 
 
 def embedding_at_positions(wte, wpe, idx, positions):
@@ -48,4 +52,5 @@ def embedding(wte: Tensor, wpe: Tensor, idx, positions=None) -> Tensor:
         # ids would silently wrap around to the last rows; the check is skipped on the GPU to avoid a sync)
     forward, backward = implementation("embedding", wte.data, embedding_forward, embedding_backward)
     out, saved = forward(wte.data, wpe.data, idx)
-    return record(Tensor(out), (wte, wpe), lambda dout: backward(dout, saved))
+    return record(Tensor(out), (wte, wpe),
+                  lambda dout: backward(dout, saved, dwte_into=wte.grad_buffer(), dwpe_into=wpe.grad_buffer()))

@@ -455,16 +455,20 @@ def _encoder_forward(vec):
     return k
 
 
-def _encoder_backward_wpe(grid, block, smem, dwpe, dout, B, T, Tmax, C):
-    B, T, Tmax, C = (_int(v, np.int32) for v in (B, T, Tmax, C))
+def _encoder_backward_wpe(grid, block, smem, dwpe, dout, B, T, Tmax, C, accumulate):
+    B, T, Tmax, C, accumulate = (_int(v, np.int32) for v in (B, T, Tmax, C, accumulate))
     assert _threads(grid, block) >= Tmax * C
     d = _f32(_arr(dwpe), Tmax * C).reshape(Tmax, C)
-    d[...] = 0
-    d[:T] = _f32(_arr(dout), B * T * C).reshape(B, T, C).sum(0)
+    s = _f32(_arr(dout), B * T * C).reshape(B, T, C).sum(0)
+    if accumulate:
+        d[:T] += s
+    else:
+        d[...] = 0
+        d[:T] = s
 
 
-def _encoder_backward_wte(grid, block, smem, dwte, dout, sorted_pos, sorted_tok, BT, C):
-    BT, C = _int(BT, np.int32), _int(C, np.int32)
+def _encoder_backward_wte(grid, block, smem, dwte, dout, sorted_pos, sorted_tok, BT, C, accumulate):
+    BT, C, accumulate = _int(BT, np.int32), _int(C, np.int32), _int(accumulate, np.int32)
     assert grid[0] == BT and block[0] <= 1024
     pos, tok = _arr(sorted_pos)[:BT], _arr(sorted_tok)[:BT]
     assert pos.dtype == np.int32 and tok.dtype == np.int32 and np.all(np.diff(tok) >= 0), "ids must be sorted"
@@ -475,7 +479,8 @@ def _encoder_backward_wte(grid, block, smem, dwte, dout, sorted_pos, sorted_tok,
         e = s
         while e < BT and tok[e] == tok[s]:
             e += 1
-        dw[tok[s]] = do[pos[s:e]].sum(0)
+        run = do[pos[s:e]].sum(0)
+        dw[tok[s]] = dw[tok[s]] + run if accumulate else run
         s = e
 
 

@@ -86,6 +86,14 @@ def test_embedding(cp, poison, B, T, V, C, Tmax):
     assert rel_err(to_np(dwpe), rdwpe) < TOL
     dwte2, dwpe2 = bwd(cp.asarray(dout), saved)                 # deterministic: bit-identical on a rerun
     assert (to_np(dwte2) == to_np(dwte)).all() and (to_np(dwpe2) == to_np(dwpe)).all()
+    # into gradient buffers (the model's case; wte's already holds the output head's part): added, not written;
+    # wpe's rows t >= T keep what they held
+    held_wte, held_wpe = randn(V, C), randn(Tmax, C)
+    into_wte, into_wpe = cp.asarray(held_wte), cp.asarray(held_wpe)
+    assert bwd(cp.asarray(dout), saved, dwte_into=into_wte, dwpe_into=into_wpe) == (None, None)
+    assert rel_err(to_np(into_wte), held_wte + rdwte) < TOL
+    assert rel_err(to_np(into_wpe), held_wpe + rdwpe) < TOL
+    assert (to_np(into_wpe)[T:] == held_wpe[T:]).all()
 
 
 # ---------------------------------------------------------------------------------------------------- layernorm
