@@ -23,8 +23,8 @@ from .dispatch import implementation
 # Rows per chunk. At GPT-2 sizes a chunk of float32 logits is 2048 * 50257 * 4 bytes = 412 MB (the GPU path in
 # bf16 keeps them, and then their gradient in their place, as bf16: 206 MB), against 1.65 GB of logits (+ their
 # gradient) for the whole (8*1024, V) batch. Each chunk re-reads wte and reads and writes the (V, C) float32 dwte once (~0.4 GB), so
-# smaller chunks cost traffic: benchmarks/gpu_model.py (bf16, B=8, T=1024) predicts 1024 rows: 64.6 GB/step,
-# 10.24 GB peak; 2048: 62.8 GB, 10.55 GB; 4096: 61.8 GB, 11.2 GB.
+# smaller chunks cost traffic: benchmarks/gpu_model.py (bf16 + flash, B=8, T=1024) predicts 1024 rows: 48.8 GB per
+# step, 8.03 GB peak, 21.60 ms; 2048: 47.0 GB, 8.03 GB, 21.32 ms; 4096: 46.1 GB, 8.24 GB, 21.32 ms.
 CHUNK_ROWS = 2048
 
 
