@@ -173,7 +173,7 @@ MUTATIONS = [
      "    __syncthreads();                             // z[y] is read above", "    //", run_cross_entropy_inplace),
     ("cross-entropy bf16: the gradient truncated to bf16 instead of rounded", "cross_entropy",
      "    u += 0x7fffu + ((u >> 16) & 1u);\n", "\n", run_cross_entropy_bf16),
-    ("cross-entropy bf16: the logits' bits converted as an integer instead of widened to a float32", "cross_entropy",
+    ("cross-entropy bf16: the logits' bits converted as an integer, not widened to a float32", "cross_entropy",
      "return __uint_as_float((unsigned int)z[j] << 16);", "return (float)z[j];", run_cross_entropy_bf16),
     ("cross-entropy: the gradient pass leaves out the max subtraction", "cross_entropy",
      "float e = (logit_at(z, j) - m_row) - log1p_r;", "float e = logit_at(z, j) - log1p_r;",

@@ -141,7 +141,7 @@ extern "C" __global__ void cross_entropy_fused(float* __restrict__ losses,     /
 // The same on bf16 logits, the gradient written as bf16 bits (round to nearest even), for the bf16 matmuls of
 // the output layer (kernels/lm_head_loss.py, which passes the logits buffer as dlogits: in place).
 extern "C" __global__ void cross_entropy_fused_bf16(float* __restrict__ losses,          // (N,) out
-                                                    unsigned short* dlogits,              // (N, V) bf16 out, may alias logits, or NULL
+                                                    unsigned short* dlogits,  // (N, V) bf16, may alias logits, or NULL
                                                     const unsigned short* logits,         // (N, V) bf16
                                                     const long long* __restrict__ targets,  // (N,)
                                                     const float* __restrict__ n_kept,       // device scalar
