@@ -415,11 +415,11 @@ def kernel_traffic(op):
         grad = not null[1]
         bmin = N * V * f4 * (1 + grad) + N * (8 + 4)
         return 4 * N * V, bmin, bmin + N * V * f4 * grad, "memory"   # the gradient pass reads the row again
-    if k == "cross_entropy_fused_bf16":                              # the same, the gradient written as bf16
+    if k == "cross_entropy_fused_bf16":                              # the same on bf16 logits, bf16 gradient
         V, N = s[5], grid[0]
         grad = not null[1]
-        bmin = N * V * (f4 + 2 * grad) + N * (8 + 4)
-        return 4 * N * V, bmin, bmin + N * V * f4 * grad, "memory"
+        bmin = N * V * 2 * (1 + grad) + N * (8 + 4)
+        return 4 * N * V, bmin, bmin + N * V * 2 * grad, "memory"   # the gradient pass reads the row again
     if k == "scale_by_device_scalar":
         n = s[2]
         return n, 2 * n * f4, 2 * n * f4, "memory"

@@ -74,22 +74,37 @@ def run_cross_entropy_inplace(cp):
 
 
 def run_cross_entropy_bf16(cp):
-    """cross_entropy_fused_bf16's gradient must be exactly the float32 kernel's, rounded to nearest even."""
-    from nanogpt_np.kernels.bf16 import float32_to_bf16
+    """cross_entropy_fused_bf16 on bf16 logits, in place as kernels/lm_head_loss.py runs it: its losses must be
+    exactly the float32 kernel's on the same values (widening bf16 is exact, the math is the same) and its
+    gradient exactly the float32 kernel's rounded to nearest even; and both within the GPU test's tolerances of
+    float64 (losses 1e-5, the bf16 gradient half a bf16 ulp + 1e-5 of its largest element)."""
+    from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16
     from nanogpt_np.kernels.compile import launch
     rng = np.random.default_rng(8)
-    N, V = 3, 300
-    logits = cp.asarray((rng.standard_normal((N, V)) * 3).astype(np.float32))
-    targets = cp.asarray(np.array([17, -1, 299]))
-    n_kept = cp.asarray(np.float32(2.0))
-    outs = []
-    for kernel, dtype in (("cross_entropy_fused", cp.float32), ("cross_entropy_fused_bf16", cp.uint16)):
-        losses, d = cp.empty((N,), dtype=cp.float32), cp.empty((N, V), dtype=dtype)
-        launch("cross_entropy", kernel, (N,), (256,), (losses, d, logits, targets, n_kept, np.int32(V), np.int64(-1)))
-        outs.append((cp.asnumpy(losses), cp.asnumpy(d)))
-    (l32, d32), (l16, d16) = outs
+    N, V = 3, 301
+    bits = float32_to_bf16((rng.standard_normal((N, V)) * 3).astype(np.float32))       # (N, V) bf16
+    z = bf16_to_float32(bits)                                                           # the same values, float32
+    y = np.array([17, -1, 300])
+    targets, n_kept = cp.asarray(y), cp.asarray(np.float32(2.0))
+    l32, d32 = cp.empty((N,), dtype=cp.float32), cp.empty((N, V), dtype=cp.float32)
+    launch("cross_entropy", "cross_entropy_fused", (N,), (256,), (l32, d32, cp.asarray(z), targets, n_kept,
+                                                                  np.int32(V), np.int64(-1)))
+    l16, d16 = cp.empty((N,), dtype=cp.float32), cp.asarray(bits)
+    launch("cross_entropy", "cross_entropy_fused_bf16", (N,), (256,), (l16, d16, d16, targets, n_kept,
+                                                                       np.int32(V), np.int64(-1)))
+    l32, d32, l16, d16 = (cp.asnumpy(a) for a in (l32, d32, l16, d16))
     same = np.array_equal(l32, l16) and np.array_equal(float32_to_bf16(d32), d16)
-    return 0.0 if same else 10.0
+    z64 = z.astype(np.float64)
+    lse = np.log(np.exp(z64 - z64.max(1, keepdims=True)).sum(1)) + z64.max(1)
+    kept = y != -1
+    ref_losses = np.where(kept, lse - z64[np.arange(N), np.where(kept, y, 0)], 0.0)
+    ref_d = np.exp(z64 - lse[:, None])
+    ref_d[np.arange(N)[kept], y[kept]] -= 1.0
+    ref_d *= (kept / 2.0)[:, None]
+    err = max(_rel(l16, ref_losses) / 1e-5, _rel(bf16_to_float32(d16), ref_d) / (2.0 ** -8 + 1e-5))
+    return max(err, 0.0 if same else 10.0)
+
+
 def run_bf16_outputs(cp):
     """With bf16 activations: bias_attention on flash (qkv bias in qkv_to_heads, bf16 out and dqkv, db from the
     bf16 dqkv), residual_layernorm with a residual bias and bf16 y, bias_gelu with bf16 y and dx."""
@@ -180,6 +195,11 @@ MUTATIONS = [
      "    __syncthreads();                             // z[y] is read above", "    //", run_cross_entropy_inplace),
     ("cross-entropy bf16: the gradient truncated to bf16 instead of rounded", "cross_entropy",
      "    u += 0x7fffu + ((u >> 16) & 1u);\n", "\n", run_cross_entropy_bf16),
+    ("cross-entropy bf16: the logits' bits converted as an integer, not widened to a float32", "cross_entropy",
+     "return __uint_as_float((unsigned int)z[j] << 16);", "return (float)z[j];", run_cross_entropy_bf16),
+    ("cross-entropy: the gradient pass leaves out the max subtraction", "cross_entropy",
+     "float e = (logit_at(z, j) - m_row) - log1p_r;", "float e = logit_at(z, j) - log1p_r;",
+     run_cross_entropy_bf16),
     ("flash bf16 outputs: the two values of a pair packed in the wrong order", "flash_attention",
      "*(unsigned*)(out_bf16 + i) = pack_bf16x2(a, b);", "*(unsigned*)(out_bf16 + i) = pack_bf16x2(b, a);",
      run_bf16_outputs),

@@ -1,4 +1,6 @@
 """Every op's hand-written backward against central finite differences, float64, fresh random inputs."""
+import importlib
+
 import numpy as np
 import pytest
 
@@ -165,6 +167,28 @@ def test_lm_head_cross_entropy_equals_lm_head_then_cross_entropy(rng, chunk_rows
     np.testing.assert_allclose(xc.grad, xs.grad, rtol=0, atol=1e-14)
     np.testing.assert_allclose(wc.grad, ws.grad, rtol=0, atol=1e-14)
     assert np.all(xc.grad[[0, 6, 7, 12]] == 0.0)  # an ignored row's x gets no gradient
+
+
+def test_lm_head_cross_entropy_round_logits(rng):
+    """round_logits (the reference of the GPU's bf16 path) is the cross-entropy of the rounded logits: loss and
+    dlogits from round_to_bf16(x @ wte.T), in float64 from there, turned into dx, dwte by the exact weights; and
+    the rounding is real (a different loss than without it)."""
+    from nanogpt_np.kernels.bf16 import round_to_bf16
+    lmce = importlib.import_module("nanogpt_np.ops.lm_head_loss")
+    ce = importlib.import_module("nanogpt_np.ops.cross_entropy")
+    N, C, V = 11, 7, 23
+    x, w = rng.standard_normal((N, C)) * 2, rng.standard_normal((V, C))
+    y = rng.integers(0, V, size=N)
+    y[[0, 5]] = -1
+    loss, (dx, dwte) = lmce.lm_head_cross_entropy_forward(x, w, y, chunk_rows=4, round_logits=round_to_bf16)
+    z = round_to_bf16(x @ w.T).astype(np.float64)                  # (N, V), bf16 values held in float64
+    rloss, saved = ce.cross_entropy_forward(z, y, -1)
+    (dz,) = ce.cross_entropy_backward(np.float64(1.0), saved)
+    assert loss.dtype == np.float64 and abs(loss - rloss) < 1e-13 * abs(rloss)
+    np.testing.assert_allclose(dx, dz @ w, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(dwte, dz.T @ x, rtol=0, atol=1e-14)
+    plain, _ = lmce.lm_head_cross_entropy_forward(x, w, y, chunk_rows=4, with_grad=False)
+    assert abs(plain - loss) > 1e-6 * abs(loss)
 
 
 def test_lm_head_cross_entropy_without_gradients_and_errors(rng):

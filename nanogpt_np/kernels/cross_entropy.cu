@@ -21,8 +21,10 @@
 // by the same thread, and pass 1 finished before (block barrier) - the gradient is written in place over the
 // logits when the caller allows it. dlogits may be NULL (evaluation: loss only).
 // Memory traffic per row: read V floats (+ a second read mostly from L2), write V floats.
-// cross_entropy_fused_bf16 writes the gradient as bf16 bits instead (V * 2 bytes; rounded once, from the float32
-// value computed as above): the input of the bf16 matmuls of the chunked output layer (kernels/lm_head_loss.py).
+// cross_entropy_fused_bf16 is the same on bf16 logits (bf16 bits, as the bf16 gemm of the chunked output layer
+// writes them: kernels/lm_head_loss.py): each logit is widened to float32 exactly as it is read, all the math
+// above is float32, and the gradient is rounded once to bf16 (round to nearest even) and written as bf16 bits,
+// in place over the logits (the input of the next bf16 matmuls). Per row: read 2V bytes (twice), write 2V bytes.
 
 #ifndef INFINITY                                 // NVRTC compiles without <math.h>
 #define INFINITY __int_as_float(0x7f800000)
@@ -66,19 +68,28 @@ __device__ __forceinline__ unsigned short f32_to_bf16_rne(float f) {
     return (unsigned short)(u >> 16);
 }
 
-// One row (block) of the fused loss + gradient. The gradient goes to d32 (float32) or d16 (bf16 bits, for the
-// bf16 matmuls that read it next: half the bytes written and no separate cast pass), or nowhere when both are
-// NULL. sm, sr: 32 floats of shared memory each, declared by the kernel.
+// logit j of a row as a float32: float32 logits as they are; bf16 logits (bits: the high half of a float32)
+// widened, which is exact. The row function below is written once for both (Logits: a pointer to either).
+__device__ __forceinline__ float logit_at(const float* z, long long j) { return z[j]; }
+__device__ __forceinline__ float logit_at(const unsigned short* z, long long j) {
+    return __uint_as_float((unsigned int)z[j] << 16);
+}
+
+// One row (block) of the fused loss + gradient. The logits are float32 or bf16 bits (Logits: const float* or
+// const unsigned short*). The gradient goes to d32 (float32) or d16 (bf16 bits, for the bf16 matmuls that read
+// it next: half the bytes written and no separate cast pass), or nowhere when both are NULL; either may alias
+// the logits of its own width. sm, sr: 32 floats of shared memory each, declared by the kernel.
+template <typename Logits>
 __device__ __forceinline__ void cross_entropy_row(float* __restrict__ losses, float* d32, unsigned short* d16,
-                                                  const float* logits, const long long* __restrict__ targets,
+                                                  Logits logits, const long long* __restrict__ targets,
                                                   const float* __restrict__ n_kept, int V, long long ignore_index,
                                                   float* sm, float* sr) {
     int row = blockIdx.x;
-    const float* z = logits + (long long)row * V;
+    Logits z = logits + (long long)row * V;
     // pass 1: per-thread running max and sum over a strided slice of the row (coalesced across the block)
     float m = -INFINITY, r = 0.0f;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        online_add(m, r, z[j]);
+        online_add(m, r, logit_at(z, j));
     }
     // warp merge (butterfly), then one pair per warp through shared memory, then warp 0 merges those
     for (int off = 16; off > 0; off >>= 1) {
@@ -103,14 +114,14 @@ __device__ __forceinline__ void cross_entropy_row(float* __restrict__ losses, fl
     bool kept = (y != ignore_index);
     bool valid = kept && y >= 0 && y < V;        // an out-of-range target: NaN, and no read outside the row
     const float nan = __int_as_float(0x7fffffff);
-    if (threadIdx.x == 0) losses[row] = !kept ? 0.0f : (valid ? row_loss(m_row, sr[0], z[y]) : nan);
+    if (threadIdx.x == 0) losses[row] = !kept ? 0.0f : (valid ? row_loss(m_row, sr[0], logit_at(z, y)) : nan);
     if (d32 == nullptr && d16 == nullptr) return;
     __syncthreads();                             // z[y] is read above before any thread overwrites it in place
     // pass 2: the gradient
     float scale = kept ? 1.0f / *n_kept : 0.0f;
     long long base = (long long)row * V;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        float e = (z[j] - m_row) - log1p_r;           // log p_j
+        float e = (logit_at(z, j) - m_row) - log1p_r;     // log p_j
         float g = (kept && !valid) ? nan : scale * (j == y ? expm1f(e) : expf(e));     // p_j - [j == y]
         if (d16 != nullptr) d16[base + j] = f32_to_bf16_rne(g);
         else d32[base + j] = g;
@@ -127,11 +138,11 @@ extern "C" __global__ void cross_entropy_fused(float* __restrict__ losses,     /
     cross_entropy_row(losses, dlogits, nullptr, logits, targets, n_kept, V, ignore_index, sm, sr);
 }
 
-// The same with the gradient written as bf16 bits (round to nearest even), for the bf16 matmuls of the output
-// layer (kernels/lm_head_loss.py); the logits are float32 as above.
+// The same on bf16 logits, the gradient written as bf16 bits (round to nearest even), for the bf16 matmuls of
+// the output layer (kernels/lm_head_loss.py, which passes the logits buffer as dlogits: in place).
 extern "C" __global__ void cross_entropy_fused_bf16(float* __restrict__ losses,          // (N,) out
-                                                    unsigned short* __restrict__ dlogits, // (N, V) bf16 out, or NULL
-                                                    const float* __restrict__ logits,     // (N, V)
+                                                    unsigned short* dlogits,  // (N, V) bf16, may alias logits, or NULL
+                                                    const unsigned short* logits,         // (N, V) bf16
                                                     const long long* __restrict__ targets,  // (N,)
                                                     const float* __restrict__ n_kept,       // device scalar
                                                     int V, long long ignore_index) {

@@ -1,17 +1,22 @@
 """GPU output layer + cross-entropy, chunked (the `lm_head_cross_entropy` op contract, ops/lm_head_loss.py).
 
 Per chunk of rows (ops/lm_head_loss.CHUNK_ROWS, 2048 by default):
-    logits_c  = x_c @ wte.T           cuBLAS gemm -> one float32 (rows, V) buffer, reused by every chunk
-    loss_c, dlogits_c                 cross_entropy.cu in one pass: the row losses, and the gradient for
-                                      d loss = 1 (bf16 bits in bf16 precision, else float32 over the logits)
+    logits_c  = x_c @ wte.T           cuBLAS gemm -> one (rows, V) buffer, reused by every chunk: float32, or in
+                                      bf16 precision bf16 (the float32 accumulator rounded once by cuBLAS)
+    loss_c, dlogits_c                 cross_entropy.cu in one pass: the row losses (float32 math, also on bf16
+                                      logits), and the gradient for d loss = 1, written in place over the
+                                      logits at their width (bf16 bits in bf16 precision, else float32)
     dx[rows]  = dlogits_c @ wte       gemm straight into the chunk's rows of dx (N, C)
     dwte     += dlogits_c.T @ x_c     gemm with beta = 1 into one (V, C) float32 array (beta = 0 for the first
                                       chunk, so it needs no zeroing): no per-chunk (V, C) partial is ever made
 The loss is summed on the device (no host sync): mean = sum of the row losses / n_kept (counted on the device).
 
 Precision follows registry.precision(): "bfloat16" multiplies bf16 copies of x and wte (made once per call, not
-per chunk) with float32 accumulation (precision.gemm); "float32" multiplies float32 operands through
-precision.gemm, on TF32 tensor cores when precision.set_tf32 is on (the trainer's default).
+per chunk) with float32 accumulation (precision.gemm) and keeps a chunk's logits and their gradient as bf16 (no
+float32 (rows, V) array at all: 2 bytes per logit instead of 4 + 2); "float32" multiplies float32 operands through
+precision.gemm, on TF32 tensor cores when precision.set_tf32 is on (the trainer's default). The NumPy meaning of
+the bf16 path is ops/lm_head_loss.py's reference with round_logits=bf16.round_to_bf16 (the logits rounded once),
+plus the gradient rounded once to bf16 before the two gemms that read it.
 
 dx and dwte are new arrays per call (the memory pool hands the same blocks back every step). A module-level
 (V, C) buffer would save nothing on the GPU and would be unsafe: a Tensor without a gradient buffer keeps the
@@ -47,18 +52,17 @@ def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad
     n_kept = (targets != ignore_index).sum(dtype=cp.float32)         # stays on the device
     losses = cp.empty((N,), dtype=cp.float32)
     rows = min(N, CHUNK_ROWS if chunk_rows is None else chunk_rows)
-    logits = cp.empty((rows, V), dtype=cp.float32)                    # one chunk, reused
-    dx = dwte = dlogits = None
+    logits = cp.empty((rows, V), dtype=cp.uint16 if bf16 else cp.float32)    # one chunk, reused; bf16 as bits
+    dx = dwte = None
     if with_grad:
         dx = cp.empty((N, C), dtype=cp.float32)
         dwte = cp.empty((V, C), dtype=cp.float32)                     # the first chunk writes it (beta = 0)
-        dlogits = cp.empty((rows, V), dtype=cp.uint16) if bf16 else logits    # float32: in place over the logits
     block = 1024 if V >= 8192 else 256
     kernel = "cross_entropy_fused_bf16" if bf16 else "cross_entropy_fused"
     for i, (r0, r1) in enumerate(chunks(N, rows)):
-        z = logits[:r1 - r0]                                          # (n, V) float32
-        gemm(xm[r0:r1], wm, trans_b=True, out=z)                      # (n, C) @ (C, V)
-        d = None if dlogits is None else dlogits[:r1 - r0]            # (n, V)
+        z = logits[:r1 - r0]                                          # (n, V) float32 or bf16
+        gemm(xm[r0:r1], wm, trans_b=True, out=z)                      # (n, C) @ (C, V), rounded to z's type
+        d = z if with_grad else None                                  # the gradient overwrites the logits
         launch("cross_entropy", kernel, (r1 - r0,), (block,),
                (losses[r0:r1], NULL if d is None else d, z, targets[r0:r1], n_kept, np.int32(V),
                 np.int64(ignore_index)))

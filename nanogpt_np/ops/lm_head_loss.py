@@ -21,10 +21,11 @@ from ..tensor import Tensor, grad_enabled, record
 from .dispatch import implementation
 
 # Rows per chunk. At GPT-2 sizes a chunk of float32 logits is 2048 * 50257 * 4 bytes = 412 MB (the GPU path in
-# bf16 adds the chunk's gradient as bf16: 206 MB), against 1.65 GB of logits (+ their gradient) for the whole
-# (8*1024, V) batch. Each chunk re-reads wte and reads and writes the (V, C) float32 dwte once (~0.4 GB), so
-# smaller chunks cost traffic: benchmarks/gpu_model.py (bf16, B=8, T=1024) predicts 1024 rows: 64.6 GB/step,
-# 10.24 GB peak; 2048: 62.8 GB, 10.55 GB; 4096: 61.8 GB, 11.2 GB.
+# bf16 keeps them, and then their gradient in their place, as bf16: 206 MB), against 1.65 GB of logits (+ their
+# gradient) for the whole (8*1024, V) batch. Each chunk re-reads wte and reads and writes the (V, C) float32 dwte
+# once (~0.4 GB), so smaller chunks cost traffic: benchmarks/gpu_model.py (bf16 + flash, B=8, T=1024) predicts
+# 1024 rows: 48.8 GB per step, 8.03 GB peak, 21.60 ms; 2048: 47.0 GB, 8.03 GB, 21.32 ms; 4096: 46.1 GB, 8.24 GB,
+# 21.32 ms.
 CHUNK_ROWS = 2048
 
 
@@ -36,9 +37,15 @@ def chunks(n_rows, chunk_rows):
 
 
 def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad=True, chunk_rows=CHUNK_ROWS,
-                                  wte_bf16=None):
+                                  wte_bf16=None, round_logits=None):
     """x (N, C), wte (V, C), targets (N,) -> mean loss over kept rows (0-d), saved (dx, dwte) for d loss = 1
-    (both None when with_grad is false). wte_bf16 (the model's bf16 copy, for the GPU kernel) is not used here."""
+    (both None when with_grad is false). wte_bf16 (the model's bf16 copy, for the GPU kernel) is not used here.
+
+    round_logits: None (everything at x's precision), or a function applied once to each chunk's logits right
+    after the matmul; everything after it stays at x's precision. It models a path that stores the logits in a
+    narrower type: the GPU's bf16 path rounds its float32 accumulator to bf16, which is round_logits=
+    kernels.bf16.round_to_bf16 (it goes through float32 too). That path also rounds the gradient dlogits to bf16
+    before the two matmuls that read it; that rounding is not modelled here (the GPU tests allow for it)."""
     xp = backend.xp_of(x)
     N = x.shape[0]
     kept = targets != ignore_index                                    # (N,) bool
@@ -53,6 +60,8 @@ def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad
         yc = xp.where(kc, targets[r0:r1], 0)                          # any valid index for ignored rows
         rows = xp.arange(r1 - r0)
         logits = xc @ wte.T                                           # (n, V)
+        if round_logits is not None:
+            logits = round_logits(logits).astype(logits.dtype)        # e.g. to bf16 values, kept at x's dtype
         shifted = logits - logits.max(axis=-1, keepdims=True)         # max 0 per row: exp cannot overflow
         e = xp.exp(shifted)
         sum_e = e.sum(axis=-1)                                        # (n,)

@@ -589,7 +589,12 @@ def _cross_entropy(grid, block, smem, losses, dlogits, logits, targets, n_kept, 
     V, ignore = _int(V, np.int32), _int(ignore, np.int64)
     N = grid[0]
     assert block[0] % 32 == 0 and block[0] <= 1024
-    z = _f32(_arr(logits), N * V).reshape(N, V).astype(np.float64)
+    if bf16:                                             # cross_entropy_fused_bf16: bf16 logits, widened exactly
+        assert _arr(logits).dtype == np.uint16, f"kernel expects bf16 (uint16) logits, got {_arr(logits).dtype}"
+        assert _arr(logits).size >= N * V, "the kernel would read past the logits"
+        z = _bf(logits, (N, V))
+    else:
+        z = _f32(_arr(logits), N * V).reshape(N, V).astype(np.float64)
     y = _arr(targets)[:N]
     assert y.dtype == np.int64
     nk = float(_f32(_arr(n_kept))[0])
@@ -607,8 +612,8 @@ def _cross_entropy(grid, block, smem, losses, dlogits, logits, targets, n_kept, 
         g[np.arange(N), ys] -= valid
         g = g * (kept / nk)[:, None]
         g[kept & ~valid] = np.nan
-        if bf16:                                         # cross_entropy_fused_bf16: rounded once from float32
-            assert d.dtype == np.uint16
+        if bf16:                                         # the gradient rounded once from float32 to bf16 bits
+            assert d.dtype == np.uint16                  # (may be the logits buffer itself: read in full above)
             d.reshape(-1)[:N * V] = float32_to_bf16(g.astype(np.float32)).ravel()
         else:
             _f32(d, N * V).reshape(N, V)[...] = g

@@ -284,6 +284,43 @@ def test_cross_entropy_edge_cases(cp, poison):
     assert np.isnan(d[2]).all() and np.isfinite(np.delete(d, 2, axis=0)).all()
 
 
+@pytest.mark.parametrize("N,V", [(1, 3), (7, 31), (37, 1001), (5, 8193)])    # 8193: the 1024-thread blocks
+@pytest.mark.parametrize("inplace", [True, False])
+def test_cross_entropy_fused_bf16(cp, poison, N, V, inplace):
+    """The bf16 kernel of the chunked output layer, launched as kernels/lm_head_loss.py launches it: bf16 logits
+    (as the bf16 gemm writes them) in, float32 row losses and the bf16 gradient out, over the logits in place (as
+    lm_head_loss runs it) or into a buffer of its own; ignored rows (ignore_index) and a rows * V that no block
+    size divides. Widening bf16 is exact, so the float64 reference on the same values is the whole meaning: the
+    losses within TOL, the gradient rounded once (check_act: within half a bf16 ulp of each element)."""
+    from nanogpt_np.kernels.compile import launch
+    ignore = -100
+    bits = float32_to_bf16(randn(N, V, scale=3))                       # (N, V) bf16 logits
+    targets = rng.integers(0, V, size=N)
+    targets[rng.random(N) < 0.3] = ignore
+    targets[0] = V - 1                                                 # at least one kept row
+    kept = targets != ignore
+    n_kept = kept.sum()
+    z = bf16_to_float32(bits).astype(np.float64)
+    lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
+    rows, ys = np.arange(N), np.where(kept, targets, 0)
+    ref_losses = np.where(kept, lse - z[rows, ys], 0.0)                  # (N,)
+    ref_d = np.exp(z - lse[:, None])
+    ref_d[rows, ys] -= 1.0
+    ref_d *= (kept / n_kept)[:, None]                                   # 0 for ignored rows
+    poison()
+    logits = cp.asarray(bits)
+    losses = cp.empty((N,), dtype=cp.float32)
+    d = logits if inplace else cp.empty((N, V), dtype=cp.uint16)
+    launch("cross_entropy", "cross_entropy_fused_bf16", (N,), (1024 if V >= 8192 else 256,),
+           (losses, d, logits, cp.asarray(targets), cp.asarray(np.float32(n_kept)), np.int32(V), np.int64(ignore)))
+    assert rel_err(to_np(losses), ref_losses) < TOL
+    assert (to_np(losses)[~kept] == 0).all()
+    check_act(d, ref_d, "bfloat16")
+    assert (to_np(d)[~kept] == 0).all()                                # +0.0 bits: nothing left of the logits
+    if not inplace:
+        assert (to_np(logits) == bits).all()                           # the logits only read
+
+
 # --------------------------------------------------------------------------------------------------------- AdamW
 
 @pytest.mark.parametrize("n,n_decay", [(1, 1), (1000, 0), (1000, 999), (1_000_003, 700_001)])
@@ -730,21 +767,31 @@ def test_lm_head(cp, precision_mode, into):
 
 lmce_ops = importlib.import_module("nanogpt_np.ops.lm_head_loss")
 
-# Tolerances against the float64 reference, norm-wise (rel_err). The inputs x, wte are rounded to bf16 first, so
-# both precisions multiply the same numbers and only the kernels' own rounding is measured:
-#  * float32: float32 gemms (exact float32 here: the fixture turns TF32 off) and the float32 loss/gradient of
-#    cross_entropy.cu: ~1e-7 per element, sums of up to V products -> TOL (1e-5), as the other float32 kernels;
-#  * bf16: the loss and the logits stay float32 (bf16 operands, float32 accumulation: TOL); the gradient dlogits is
-#    rounded once to bf16 (relative error <= 2^-9 = 2e-3 per element) before the dx and dwte gemms. Those sums mix
-#    terms of both signs (a softmax row minus its one-hot sums to 0), so the error relative to the largest result
-#    can exceed 2^-9 (measured on these shapes: 1.9e-3 .. 3.5e-3); BF16_GRAD_TOL = 1e-2 leaves room for that and
-#    is still far below what a wrong row, chunk or scale gives (the negative control below: ~0.7).
+# Tolerances against the float64 reference, norm-wise (rel_err). The inputs lie on a fixed-point grid (x: multiples
+# of 2^-6 below 4, wte: multiples of 2^-7 below 2, both exact in bf16 and in TF32), so every logit, a sum of at
+# most 64 products that are multiples of 2^-13, is below 2^9 and exact in float32 whatever order cuBLAS sums in:
+# both precisions multiply the same numbers, and the kernels' own rounding is all that is measured:
+#  * float32: exact float32 logits and the float32 loss/gradient of cross_entropy.cu: ~1e-7 per element, sums of up
+#    to V products -> TOL (1e-5), as the other float32 kernels;
+#  * bf16: the gemm rounds each (exact) logit to bf16 once; the reference does the same (round_logits, float64 from
+#    there on), so the loss, float32 math on those bf16 values, is held to TOL as well (against a reference without
+#    that rounding it is off by ~1e-6 .. 3e-4 with random targets, ~2e-3 in the negative control below). The
+#    gradient dlogits is rounded once to bf16 (relative error <= 2^-9 = 2e-3 per element) before the dx and dwte
+#    gemms. Those sums mix terms of both signs (a softmax row minus its one-hot sums to 0), so the error relative
+#    to the largest result can exceed 2^-9 (measured on these shapes: 1e-3 .. 3.5e-3); BF16_GRAD_TOL = 1e-2 leaves
+#    room for that and is still far below what a wrong row, chunk or scale gives (the negative control: ~0.7).
 BF16_GRAD_TOL = 1e-2
 LMCE_SHAPES = [(37, 64, 1001, 16), (5, 8, 11, 2), (20, 32, 8193, 7), (33, 16, 300, 64)]   # N, C, V, chunk_rows
 
 
+def _on_grid(shape, step):
+    """Normal values (std 64 steps) rounded to multiples of `step`, fewer than 256 steps from 0 (8 bits)."""
+    return (np.clip(np.rint(rng.standard_normal(shape) * 64), -255, 255) * step).astype(np.float32)
+
+
 def _lmce_case(N, C, V):
-    x, wte = round_to_bf16(randn(N, C)), round_to_bf16(randn(V, C, scale=0.5))
+    assert C <= 64                                              # (the logits are exact in float32: above)
+    x, wte = _on_grid((N, C), 2.0 ** -6), _on_grid((V, C), 2.0 ** -7)
     targets = rng.integers(0, V, size=N)
     if N > 2:
         targets[rng.random(N) < 0.25] = -1                      # ignored rows, some at chunk edges
@@ -752,11 +799,15 @@ def _lmce_case(N, C, V):
     return x, wte, targets
 
 
-def _lmce_errors(cp, poison, dtype, N, C, V, chunk_rows, dloss=None, kernel_chunks=None):
+def _lmce_errors(cp, poison, dtype, N, C, V, chunk_rows, dloss=None, kernel_chunks=None, ref_rounds=True,
+                 targets_for=None):
     """Run the registry's lm_head_cross_entropy (the kernel path) at `dtype` precision; return the relative
-    errors (loss, dx, dwte) against the float64 reference. kernel_chunks replaces ops.lm_head_loss.chunks
-    for the kernel run only (negative control)."""
+    errors (loss, dx, dwte) against the float64 reference, whose logits are rounded to bf16 for the bf16 run
+    (ref_rounds=False: not rounded, a negative control). kernel_chunks replaces ops.lm_head_loss.chunks for the
+    kernel run only (negative control); targets_for(x, wte) picks the targets instead of the random ones."""
     x, wte, targets = _lmce_case(N, C, V)
+    if targets_for is not None:
+        targets = targets_for(x, wte)
     fwd, bwd = registry.lookup("lm_head_cross_entropy")
     registry.set_precision(dtype)
     good_chunks = lmce_ops.chunks
@@ -770,8 +821,9 @@ def _lmce_errors(cp, poison, dtype, N, C, V, chunk_rows, dloss=None, kernel_chun
     finally:
         registry.set_precision("float32")
         lmce_ops.chunks = good_chunks
+    rounding = round_to_bf16 if dtype == "bfloat16" and ref_rounds else None
     rloss, rsaved = lmce_ops.lm_head_cross_entropy_forward(x.astype(np.float64), wte.astype(np.float64), targets,
-                                                           chunk_rows=5)
+                                                           chunk_rows=5, round_logits=rounding)
     rdx, rdwte = lmce_ops.lm_head_cross_entropy_backward(np.float64(1.0 if dloss is None else float(dloss)), rsaved)
     return abs(float(loss) - float(rloss)) / abs(float(rloss)), rel_err(to_np(dx), rdx), rel_err(to_np(dwte), rdwte)
 
@@ -798,6 +850,19 @@ def test_lm_head_cross_entropy_wrong_chunk_offset_fails(cp, poison):
         assert e_dwte > 5 * BF16_GRAD_TOL, (dtype, e_dwte)
 
 
+def test_lm_head_cross_entropy_bf16_loss_needs_the_rounded_reference(cp, poison):
+    """Negative control for the bf16 loss: against the reference without the logits' rounding to bf16, the
+    kernel's loss is far outside TOL (the rounding is real, and the reference must model it). Each row's target is
+    the logit that the rounding lowered most, so every row's loss rises (by up to a bf16 ulp of that logit, ~2e-3
+    of the loss here) and the mean cannot cancel by chance, as it can with random targets (1e-6 .. 3e-4)."""
+    def lowered_most(x, wte):
+        z = x.astype(np.float64) @ wte.T.astype(np.float64)    # exact (the grid), so exactly the kernel's logits
+        return np.argmin(round_to_bf16(z) - z, axis=1)
+    e_rounded = _lmce_errors(cp, poison, "bfloat16", 37, 64, 1001, 16, targets_for=lowered_most)[0]
+    e_plain = _lmce_errors(cp, poison, "bfloat16", 37, 64, 1001, 16, targets_for=lowered_most, ref_rounds=False)[0]
+    assert e_rounded < TOL < 10 * TOL < e_plain, (e_rounded, e_plain)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_lm_head_cross_entropy_dloss_and_no_grad(cp, poison, dtype):
     """A d loss that is not 1 (on the device, and as a Python number) scales dx and dwte; with_grad=False gives
@@ -821,6 +886,8 @@ def test_lm_head_cross_entropy_dloss_and_no_grad(cp, poison, dtype):
         assert saved64[0] is False and loss64.dtype == cp.float64
     finally:
         registry.set_precision("float32")
-    rloss, _ = lmce_ops.lm_head_cross_entropy_forward(*f64(x, wte), targets, with_grad=False)
+    rounding = round_to_bf16 if dtype == "bfloat16" else None
+    rloss, _ = lmce_ops.lm_head_cross_entropy_forward(*f64(x, wte), targets, with_grad=False, round_logits=rounding)
     assert abs(float(loss) - float(rloss)) < TOL * abs(float(rloss))
-    assert abs(float(loss64) - float(rloss)) < 1e-12 * abs(float(rloss))
+    rloss64, _ = lmce_ops.lm_head_cross_entropy_forward(*f64(x, wte), targets, with_grad=False)   # no rounding
+    assert abs(float(loss64) - float(rloss64)) < 1e-12 * abs(float(rloss64))
