@@ -113,6 +113,44 @@ def test_negative_control_overwriting_instead_of_adding_is_caught(device, monkey
         _compare(got, want)
 
 
+def _summed_loss_gradients(model, batches):
+    """{name: gradient} of the plain sum of the micro-batches' losses (each backward seeded with d loss = 1)."""
+    model.zero_grad()
+    for x, y in batches:
+        _, loss = model(backend.to_device(x), backend.to_device(y))
+        backward(loss)
+    return {name: backend.to_numpy(t.grad).astype(np.float64) for name, t in model.params.items()}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_head_gradient_added_in_the_forward_when_d_loss_is_one(device, monkeypatch, overwrite):
+    """The trainer declares d loss = 1 (registry.configure(loss_is_root=True)); the GPU's chunked head + loss then
+    adds its part of dwte into wte's buffer already in the forward (kernels/lm_head_loss.py: dwte_into) and the
+    tape adds nothing for it. The gradients must equal those computed the other way; over two micro-batches, so
+    that a first chunk that overwrote the buffer (beta = 0, the negative control) would lose the first one's part."""
+    from nanogpt_np.kernels import cross_entropy, lm_head_loss
+    from nanogpt_np.tensor import Tensor
+    batches = _batches(2)
+    want = _summed_loss_gradients(GPT(CFG, seed=4), batches)
+    monkeypatch.setattr(cross_entropy, "_assume_unit_dloss", True)
+    if overwrite:
+        if device == "cpu":
+            pytest.skip("the CPU reference never adds in the forward")
+        gemm = lm_head_loss.precision.gemm
+        monkeypatch.setattr(lm_head_loss.precision, "gemm",
+                            lambda a, b, **k: gemm(a, b, **{**k, "beta": 0.0} if k.get("trans_a") else k))
+    added = []
+    original = Tensor.accumulate_grad
+    monkeypatch.setattr(Tensor, "accumulate_grad", lambda t, g: (added.append(t.name), original(t, g))[1])
+    got = _summed_loss_gradients(GPT(CFG, seed=4), batches)
+    if overwrite:
+        with pytest.raises(AssertionError):
+            _compare(got, want)
+        return
+    _compare(got, want)
+    assert added.count("wte.weight") == (2 if device == "cpu" else 0)      # the CPU's tape adds the head's part
+
+
 # ---------------------------------------------------------------------------------- the bf16 copy of the weights
 
 def _logits(model, x):

@@ -8,7 +8,9 @@ Per chunk of rows (ops/lm_head_loss.CHUNK_ROWS, 2048 by default):
                                       logits at their width (bf16 bits in bf16 precision, else float32)
     dx[rows]  = dlogits_c @ wte       gemm straight into the chunk's rows of dx (N, C)
     dwte     += dlogits_c.T @ x_c     gemm with beta = 1 into one (V, C) float32 array (beta = 0 for the first
-                                      chunk, so it needs no zeroing): no per-chunk (V, C) partial is ever made
+                                      chunk, so it needs no zeroing): no per-chunk (V, C) partial is ever made;
+                                      when the trainer has declared d loss = 1 (the loss is the root) that
+                                      array is wte's gradient buffer itself (dwte_into, beta = 1 throughout)
 The loss is summed on the device (no host sync): mean = sum of the row losses / n_kept (counted on the device).
 
 Precision follows registry.precision(): "bfloat16" multiplies bf16 copies of x and wte (made once per call, not
@@ -18,7 +20,7 @@ precision.gemm, on TF32 tensor cores when precision.set_tf32 is on (the trainer'
 the bf16 path is ops/lm_head_loss.py's reference with round_logits=bf16.round_to_bf16 (the logits rounded once),
 plus the gradient rounded once to bf16 before the two gemms that read it.
 
-dx and dwte are new arrays per call (the memory pool hands the same blocks back every step). A module-level
+dx and dwte (unless added into the buffer) are new arrays per call (the memory pool hands the same blocks back every step). A module-level
 (V, C) buffer would save nothing on the GPU and would be unsafe: a Tensor without a gradient buffer keeps the
 returned dwte itself, which the next call would overwrite.
 Same edge cases as kernels/cross_entropy.py: every target masked or one out of range -> NaN loss (no sync).
@@ -30,10 +32,14 @@ from .compile import device_array, launch
 from .launch import NULL, elementwise
 
 def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad=None, chunk_rows=None,
-                                  wte_bf16=None):
+                                  wte_bf16=None, dwte_into=None):
     """x (N, C) float32 (or bf16 bits), wte (V, C) float32, targets (N,) -> mean loss over kept rows (0-d float32
     cupy array), saved (dx (N, C), dwte (V, C)) for d loss = 1, or (None, None) without gradients.
-    wte_bf16: the model's bf16 copy of wte (bf16 precision), used instead of rounding wte here."""
+    wte_bf16: the model's bf16 copy of wte (bf16 precision), used instead of rounding wte here.
+    dwte_into: wte's gradient buffer. When the trainer has declared d loss = 1 (cross_entropy.assume_unit_dloss:
+    the loss is the root and a backward follows), dwte is already the final gradient, so the chunks add it
+    straight into the buffer (beta = 1 from the first chunk) and saved holds None for it: no (V, C) array and no
+    add pass in the backward. Otherwise it is ignored (a d loss still to come must scale dwte first)."""
     import cupy as cp
     from ..ops.lm_head_loss import CHUNK_ROWS, chunks
     from . import registry
@@ -53,10 +59,16 @@ def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad
     losses = cp.empty((N,), dtype=cp.float32)
     rows = min(N, CHUNK_ROWS if chunk_rows is None else chunk_rows)
     logits = cp.empty((rows, V), dtype=cp.uint16 if bf16 else cp.float32)    # one chunk, reused; bf16 as bits
+    from .cross_entropy import assume_unit_dloss
     dx = dwte = None
+    into = with_grad and dwte_into is not None and assume_unit_dloss()
     if with_grad:
         dx = cp.empty((N, C), dtype=cp.float32)
-        dwte = cp.empty((V, C), dtype=cp.float32)                     # the first chunk writes it (beta = 0)
+        if into:                                                      # every chunk adds (beta = 1)
+            assert dwte_into.shape == (V, C) and dwte_into.dtype == cp.float32 and dwte_into.flags.c_contiguous
+            dwte = dwte_into
+        else:                                                         # the first chunk writes it (beta = 0)
+            dwte = cp.empty((V, C), dtype=cp.float32)
     block = 1024 if V >= 8192 else 256
     kernel = "cross_entropy_fused_bf16" if bf16 else "cross_entropy_fused"
     for i, (r0, r1) in enumerate(chunks(N, rows)):
@@ -68,13 +80,14 @@ def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad
                 np.int64(ignore_index)))
         if with_grad:
             gemm(d, wm, out=dx[r0:r1])                                # (n, V) @ (V, C)
-            gemm(d, xm[r0:r1], trans_a=True, out=dwte, beta=1.0 if i > 0 else 0.0)   # (V, n) @ (n, C), summed
+            gemm(d, xm[r0:r1], trans_a=True, out=dwte, beta=1.0 if (i > 0 or into) else 0.0)   # (V, n) @ (n, C)
     loss = losses.sum() / n_kept
-    return loss, (dx, dwte)
+    return loss, (dx, None if into else dwte)
 
 
 def lm_head_cross_entropy_backward(dloss, saved):
-    """dloss (0-d, Python number or device array) -> (dx (N, C), dwte (V, C)), scaled in place by dloss."""
+    """dloss (0-d, Python number or device array) -> (dx (N, C), dwte (V, C)), scaled in place by dloss.
+    dwte is None when the forward added it into wte's gradient buffer already (only under d loss = 1)."""
     import cupy as cp
     from . import cross_entropy
     dx, dwte = saved
@@ -82,6 +95,9 @@ def lm_head_cross_entropy_backward(dloss, saved):
         raise RuntimeError("lm_head_cross_entropy: the forward ran with with_grad=False")
     if dloss is None or cross_entropy.assume_unit_dloss():   # the loss is the root: d loss = 1, nothing to do
         return dx, dwte
+    if dwte is None:
+        raise RuntimeError("lm_head_cross_entropy: dwte was added into its buffer for d loss = 1, but d loss is "
+                           "not taken as 1 any more (set_assume_unit_dloss changed between forward and backward)")
     if isinstance(dloss, (int, float, np.floating, np.integer)):
         if float(dloss) != 1.0:
             dx *= np.float32(dloss)

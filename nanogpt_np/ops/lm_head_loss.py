@@ -37,9 +37,11 @@ def chunks(n_rows, chunk_rows):
 
 
 def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad=True, chunk_rows=CHUNK_ROWS,
-                                  wte_bf16=None, round_logits=None):
+                                  wte_bf16=None, round_logits=None, dwte_into=None):
     """x (N, C), wte (V, C), targets (N,) -> mean loss over kept rows (0-d), saved (dx, dwte) for d loss = 1
-    (both None when with_grad is false). wte_bf16 (the model's bf16 copy, for the GPU kernel) is not used here.
+    (both None when with_grad is false). wte_bf16 (the model's bf16 copy, for the GPU kernel) and dwte_into (wte's
+    gradient buffer: the GPU kernel adds dwte into it already in the forward when the trainer has declared
+    d loss = 1, and then saves None for it) are not used here.
 
     round_logits: None (everything at x's precision), or a function applied once to each chunk's logits right
     after the matmul; everything after it stays at x's precision. It models a path that stores the logits in a
@@ -99,10 +101,10 @@ def lm_head_cross_entropy(x: Tensor, wte: Tensor, targets, ignore_index: int = -
                                        lm_head_cross_entropy_backward)
     loss, saved = forward(x.data.reshape(-1, C), wte.data, targets.reshape(-1), ignore_index,
                           with_grad=with_grad, chunk_rows=CHUNK_ROWS if chunk_rows is None else chunk_rows,
-                          wte_bf16=wte.data_bf16)
+                          wte_bf16=wte.data_bf16, dwte_into=wte.grad_buffer() if with_grad else None)
 
     def backward_fn(dloss):
-        dx, dwte = backward(dloss, saved)
+        dx, dwte = backward(dloss, saved)                 # dwte None: the kernel added it into wte's buffer
         return dx.reshape(x.shape), dwte
 
     return record(Tensor(loss), (x, wte), backward_fn)
