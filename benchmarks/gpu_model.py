@@ -389,12 +389,15 @@ def kernel_traffic(op):
         nb = N * C * (f4 * (1 + 2 * res) + out) + 2 * N * f4 + 2 * C * f4
         return 8 * N * C, nb, nb, "memory"
     if k == "layernorm_backward":
-        N, C = s[9], s[10]
-        nb = N * C * f4 * (3 + (not null[8])) + 2 * N * f4 + 2 * grid[0] * C * f4
+        n_sums, N, C = s[9], s[10], s[11]
+        bf16_copy = not null[1]                                     # dh also written as bf16 bits
+        nb = N * C * (f4 * (3 + (not null[8])) + 2 * bf16_copy) + 2 * N * f4 + n_sums * grid[0] * C * f4
         return 10 * N * C, nb, nb, "memory"
     if k == "layernorm_param_reduce":
         nblocks, C = s[4], s[5]
-        return 2 * nblocks * C, 2 * nblocks * C * f4 + 2 * C * f4, 2 * nblocks * C * f4 + 2 * C * f4, "memory"
+        n_sums = 2 + (not null[2])                                  # dw, db (and the residual bias's sum)
+        nb = n_sums * nblocks * C * f4 + 2 * n_sums * C * f4        # partials read; each total added into its buffer
+        return n_sums * nblocks * C, nb, nb, "memory"
     if k in ("gelu_forward", "gelu_forward_f4"):
         n = s[4] * (4 if k.endswith("f4") else 1)
         nb = n * (f4 + (2 if null[0] else f4))                      # reads x, writes float32 or bf16
@@ -514,8 +517,9 @@ def summarize(trace: Trace, device="h100") -> Summary:
 
 
 def extrapolate(s1: Summary, s2: Summary, n_layer: int) -> Summary:
-    """An n_layer model from the 1- and 2-layer traces: the blocks' ops of the 2-layer trace (layer 0 once,
-    layer 1 n_layer - 1 times), and every other op (embedding, head, loss, flat-buffer ops such as AdamW) with
+    """An n_layer model from the 1- and 2-layer traces: the blocks' ops of the 2-layer trace (layer 0, a block
+    whose output feeds another block, n_layer - 1 times; layer 1, the last block, whose output feeds only ln_f
+    (model.py fuses each block's last residual add with the layernorm after it), once), and every other op (embedding, head, loss, flat-buffer ops such as AdamW) with
     its bytes, FLOPs and times extrapolated linearly, op by op: c1 + (n_layer - 1) * (c2 - c1)."""
     k = n_layer - 1
     rest1 = [(op, c) for op, c in s1.ops if op.phase[1] is None]
@@ -525,7 +529,7 @@ def extrapolate(s1: Summary, s2: Summary, n_layer: int) -> Summary:
     rows = {cat: Cost(cat) for cat in CATEGORIES}
     for op, c in s2.ops:
         if op.phase[1] is not None:
-            rows[c.category].add(c, 1 if op.phase[1] == 0 else k)
+            rows[c.category].add(c, k if op.phase[1] == 0 else 1)
     for (_, c1), (_, c2) in zip(rest1, rest2):
         c = Cost(c1.category)
         for f in Cost.ADDITIVE + ("t_compute", "t_memory", "t_extra"):

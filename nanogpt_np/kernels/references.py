@@ -15,16 +15,18 @@ def residual_layernorm_forward(x, residual, residual_bias, w, b, eps=1e-5):
     return (h, y), (saved, residual_bias is not None)
 
 
-def residual_layernorm_backward(douts, saved):
+def residual_layernorm_backward(douts, saved, dw_into=None, db_into=None, drb_into=None, bf16_dr=False):
     """(dh or None, dy) -> (dx, dresidual, dresidual_bias, dw, db): both summands of h get dh + d layernorm(dy);
-    the bias, added to every row, gets that summed over the rows (None without a bias)."""
+    the bias, added to every row, gets that summed over the rows (None without a bias). dw, db, dresidual_bias
+    are added into the *_into buffers when given (then None); bf16_dr (a storage hint) is ignored here."""
     from ..ops.layernorm import layernorm_backward
+    from ..ops.linear import _add_into
     saved, has_bias = saved
     dh, dy = douts
-    dx, dw, db = layernorm_backward(dy, saved)
+    dx, dw, db = layernorm_backward(dy, saved, dw_into, db_into)
     if dh is not None:
         dx = dx + dh
-    return dx, dx, (dx.sum(axis=0) if has_bias else None), dw, db
+    return dx, dx, (_add_into(drb_into, dx.sum(axis=0)) if has_bias else None), dw, db
 
 
 def bias_gelu_forward(x, b):

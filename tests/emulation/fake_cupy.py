@@ -506,10 +506,11 @@ def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, x, r
     _f32(_arr(rstd), N)[...] = rs
 
 
-def _layernorm_backward(grid, block, smem, dh, dwp, dbp, dout, h, mean, rstd, w, dres, N, C, rpb):
-    N, C, rpb = _int(N, np.int32), _int(C, np.int32), _int(rpb, np.int32)
+def _layernorm_backward(grid, block, smem, dh, dh_bf16, partial, dout, h, mean, rstd, w, dres, n_sums, N, C, rpb):
+    n_sums, N, C, rpb = _int(n_sums, np.int32), _int(N, np.int32), _int(C, np.int32), _int(rpb, np.int32)
     nw = block[0] // 32
-    assert block[0] % 32 == 0 and smem == 2 * nw * C * 4 <= 48 * 1024, "dynamic shared memory must be 2*NW*C floats"
+    assert n_sums in (2, 3) and block[0] % 32 == 0
+    assert smem == n_sums * nw * C * 4 <= 48 * 1024, "dynamic shared memory must be n_sums*NW*C floats"
     assert grid[0] * rpb >= N, "blocks do not cover the rows"
     hv = _f32(_arr(h), N * C).reshape(N, C).astype(np.float64)
     dy = _f32(_arr(dout), N * C).reshape(N, C).astype(np.float64)
@@ -520,19 +521,25 @@ def _layernorm_backward(grid, block, smem, dh, dwp, dbp, dout, h, mean, rstd, w,
     if r is not None:
         dx = dx + _f32(r, N * C).reshape(N, C)
     _f32(_arr(dh), N * C).reshape(N, C)[...] = dx
-    pw, pb = _rows(_f32(_arr(dwp)), C), _rows(_f32(_arr(dbp)), C)
-    assert pw.shape[0] >= grid[0]
+    if _arr(dh_bf16) is not None:                   # the bf16 copy rounds the float32 value the kernel wrote
+        assert _arr(dh_bf16).dtype == np.uint16
+        _arr(dh_bf16).reshape(-1)[:N * C] = float32_to_bf16(_f32(_arr(dh), N * C).copy())
+    p = _f32(_arr(partial), n_sums * grid[0] * C).reshape(n_sums, grid[0], C)
     for k in range(grid[0]):
         rows = slice(k * rpb, min(N, (k + 1) * rpb))
-        pw[k] = (dy[rows] * xhat[rows]).sum(0)
-        pb[k] = dy[rows].sum(0)
+        p[0, k] = (dy[rows] * xhat[rows]).sum(0)
+        p[1, k] = dy[rows].sum(0)
+        if n_sums == 3:
+            p[2, k] = dx[rows].sum(0)
 
 
-def _param_reduce(grid, block, smem, dw, db, dwp, dbp, nblocks, C):
+def _param_reduce(grid, block, smem, dw, db, dsum, partial, nblocks, C):
     nblocks, C = _int(nblocks, np.int32), _int(C, np.int32)
     assert _threads(grid, block) >= C
-    _f32(_arr(dw), C)[...] = _f32(_arr(dwp), nblocks * C).reshape(nblocks, C).sum(0)
-    _f32(_arr(db), C)[...] = _f32(_arr(dbp), nblocks * C).reshape(nblocks, C).sum(0)
+    outs = [dw, db] + ([dsum] if _arr(dsum) is not None else [])
+    p = _f32(_arr(partial), len(outs) * nblocks * C).reshape(len(outs), nblocks, C)
+    for s, out in enumerate(outs):                  # the kernel ADDS into its outputs
+        _f32(_arr(out), C)[...] += p[s].sum(0)
 
 
 def _gelu(a):

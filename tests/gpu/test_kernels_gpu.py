@@ -108,11 +108,21 @@ def test_layernorm(cp, poison, act_dtype, N, C):
     assert rel_err(to_np(dx), rdx) < TOL
     assert rel_err(to_np(dw), rdw) < TOL
     assert rel_err(to_np(db), rdb) < TOL
+    # the *_into contract: dw, db added into buffers that already hold something (docs/CONTRACTS.md)
+    held_w, held_b = randn(C), randn(C)
+    dw_into, db_into = cp.asarray(held_w), cp.asarray(held_b)
+    dx2, dw2, db2 = bwd(cp.asarray(dy), saved, dw_into=dw_into, db_into=db_into)
+    assert dw2 is None and db2 is None
+    assert (to_np(dx2) == to_np(dx)).all()
+    assert rel_err(to_np(dw_into), held_w + rdw) < TOL and rel_err(to_np(db_into), held_b + rdb) < TOL
 
 
 @pytest.mark.parametrize("N,C", LN_SHAPES)
-@pytest.mark.parametrize("with_dh,with_rb", [(True, True), (False, False)])
-def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb):
+@pytest.mark.parametrize("with_dh,with_rb,into", [(True, True, True), (True, True, False), (False, False, False)])
+def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb, into):
+    """into: dw, db, drb are added into buffers that already hold something (the model's flat gradient buffer),
+    and dresidual is asked for in bf16 (bf16_dr, as the model asks for c_proj): bf16 bits when the matmuls run
+    in bf16, exactly dx rounded to nearest even; the float32 dx itself otherwise."""
     x, r, w, b = randn(N, C), randn(N, C), randn(C), randn(C)
     rb = randn(C) if with_rb else None                      # the bias of the matmul that made r
     fwd, bwd = registry.lookup("residual_layernorm")
@@ -124,15 +134,27 @@ def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb):
     assert to_np(h).dtype == np.float32 and rel_err(to_np(h), rh) < TOL    # the residual stream stays float32
     check_act(y, ry, act_dtype)
     dh, dy = (randn(N, C) if with_dh else None), randn(N, C)
+    held = [randn(C) for _ in range(3)] if into else [0.0] * 3
+    intos = dict(dw_into=cp.asarray(held[0]), db_into=cp.asarray(held[1]),
+                 drb_into=cp.asarray(held[2]) if with_rb else None, bf16_dr=True) if into else {}
     poison()
-    dx, dres, drb, dw, db = bwd((None if dh is None else cp.asarray(dh), cp.asarray(dy)), saved)
+    dx, dres, drb, dw, db = bwd((None if dh is None else cp.asarray(dh), cp.asarray(dy)), saved, **intos)
     rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward(
         (None if dh is None else dh.astype(np.float64), dy.astype(np.float64)), rsaved)
-    assert dx is dres
-    assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(dw), rdw) < TOL and rel_err(to_np(db), rdb) < TOL
-    assert (drb is None) == (rb is None)
+    assert to_np(dx).dtype == np.float32 and rel_err(to_np(dx), rdx) < TOL
+    if into:
+        assert dw is None and db is None and (drb is None)
+        dw, db, drb = intos["dw_into"], intos["db_into"], intos["drb_into"]
+    assert rel_err(to_np(dw) - held[0], rdw) < TOL and rel_err(to_np(db) - held[1], rdb) < TOL
     if rb is not None:
-        assert rel_err(to_np(drb), rdrb) < TOL
+        assert rel_err(to_np(drb) - held[2], rdrb) < TOL
+    else:
+        assert drb is None
+    if into and act_dtype == "bfloat16":                    # the bf16 copy: dx's own float32 values, rounded
+        assert dres is not dx and (to_np(dres) == float32_to_bf16(to_np(dx))).all()
+        check_act(dres, rdx, act_dtype)
+    else:
+        assert dres is dx
 
 
 @pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (4097, 768)])
