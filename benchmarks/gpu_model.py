@@ -473,9 +473,6 @@ def kernel_traffic(op):
     if k == "bf16_column_sum_partial":
         N, C = s[2], s[3]
         return N * C, N * C * 2 + grid[1] * C * f4, N * C * 2 + grid[1] * C * f4, "memory"
-    if k == "residual_bias_add":
-        n = s[4]
-        return 2 * n, 3 * n * f4, 3 * n * f4, "memory"
     if k in ("f32_to_bf16", "bf16_to_f32"):
         n = s[2]
         return 0, 6 * n, 6 * n, "memory"

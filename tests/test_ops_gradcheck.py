@@ -50,14 +50,6 @@ def test_bias_attention_values(rng):
                                   ops.attention(Tensor(x + b), 2).data)
 
 
-def test_residual_add_with_bias(rng):
-    C = 5
-    check_op(ops.residual_add, [rng.standard_normal((2, 3, C)), rng.standard_normal((2, 3, C)), rng.standard_normal(C)],
-             rng)
-    x, r, b = rng.standard_normal((3, C)), rng.standard_normal((3, C)), rng.standard_normal(C)
-    np.testing.assert_array_equal(ops.residual_add(Tensor(x), Tensor(r), Tensor(b)).data, x + (r + b))
-
-
 def test_attention_is_causal(rng):
     """Changing a later token must not change earlier outputs."""
     qkv = rng.standard_normal((1, 6, 12))

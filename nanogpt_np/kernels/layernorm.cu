@@ -155,14 +155,3 @@ extern "C" __global__ void layernorm_param_reduce(float* __restrict__ dw, float*
     db[c] += partial_total(partial, 1, nblocks, C, c);
     if (dsum) dsum[c] += partial_total(partial, 2, nblocks, C, c);
 }
-
-// The residual add that ends a block, with the bias of the matmul that made r: h = x + (r + bias[c]).
-// (The block's first residual add is fused into layernorm_forward above; after the MLP no layernorm follows
-// within the block, so this add runs on its own, but it still saves the bias its own pass.)
-// One thread per element; reads x and r, writes h. n = N*C, bias (C,).
-extern "C" __global__ void residual_bias_add(float* __restrict__ h, const float* __restrict__ x,
-                                             const float* __restrict__ r, const float* __restrict__ bias,
-                                             long long n, int C) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) h[i] = x[i] + (r[i] + bias[i % C]);
-}

@@ -13,9 +13,6 @@ residual_layernorm (references.residual_layernorm_forward/backward give the NumP
         bf16_dr (a hint, like linear's bf16_dx): when the matmuls run in bf16, dresidual is a bf16 copy of dx
         (uint16 bits, written in the same pass) for the c_proj gemm that made the residual and reads it as dy
 
-residual_add (ops/residual.py gives the NumPy meaning): forward(x, r, bias) -> (x + r + bias, saved) in one
-pass; backward(dout, saved) -> (dout, dout, dbias = dout summed over rows).
-
 With bf16 activations (registry.bf16_activations(): the matmuls read bf16) y is written as bf16 bits (uint16)
 for the next matmul; h, the saved statistics and the backward's float32 results stay float32 (the bf16 dresidual
 is an extra copy).
@@ -107,20 +104,3 @@ def residual_layernorm_backward(douts, saved, dw_into=None, db_into=None, drb_in
                                   bf16_copy=bf16_dr and registry.bf16_activations())
     dw, db, drb = sums if has_bias else sums + [None]
     return dx, (dx if dx_bf16 is None else dx_bf16), drb, dw, db
-
-
-def residual_add_forward(x, r, bias):
-    """x, r (N, C) float32, bias (C,) -> h = x + (r + bias) (N, C), one pass."""
-    import cupy as cp
-    x = cp.ascontiguousarray(x, dtype=cp.float32)
-    r = cp.ascontiguousarray(r, dtype=cp.float32)
-    h = cp.empty_like(x)
-    grid, block = elementwise(x.size)
-    launch("layernorm", "residual_bias_add", grid, block, (h, x, r, bias, np.int64(x.size), np.int32(x.shape[-1])))
-    return h, None
-
-
-def residual_add_backward(dout, saved):
-    """dout (N, C) -> (dx, dr, dbias): an add passes dout to both summands; the bias gets its column sums."""
-    from ..ops.reductions import sum_rows
-    return dout, dout, sum_rows(dout)

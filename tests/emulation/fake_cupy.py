@@ -793,13 +793,6 @@ def _bf16_column_sum_partial(grid, block, smem, partial, x, N, C, rpc):
         p[k] = xv[k * rpc:min(N, (k + 1) * rpc)].sum(0)
 
 
-def _residual_bias_add(grid, block, smem, h, x, r, bias, n, C):
-    n, C = _int(n, np.int64), _int(C, np.int32)
-    assert _threads(grid, block) >= n
-    rb = (_f32(_arr(r), n).reshape(-1, C) + _f32(_arr(bias), C)).reshape(-1)
-    _f32(_arr(h), n)[...] = _f32(_arr(x), n) + rb
-
-
 def _to_f32(grid, block, smem, out, inp, n):
     n = _int(n, np.int64)
     assert _threads(grid, block) >= n and _arr(inp).dtype == np.uint16
@@ -814,7 +807,6 @@ KERNELS = {
     ("layernorm", "layernorm_forward"): _layernorm_forward,
     ("layernorm", "layernorm_backward"): _layernorm_backward,
     ("layernorm", "layernorm_param_reduce"): _param_reduce,
-    ("layernorm", "residual_bias_add"): _residual_bias_add,
     ("gelu", "gelu_forward"): _gelu_forward(1),
     ("gelu", "gelu_forward_f4"): _gelu_forward(4),
     ("gelu", "gelu_backward"): _gelu_backward,

@@ -157,21 +157,6 @@ def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb, into)
         assert dres is dx
 
 
-@pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (4097, 768)])
-def test_residual_add(cp, poison, N, C):
-    res_ops = importlib.import_module("nanogpt_np.ops.residual")
-    x, r, bias = randn(N, C), randn(N, C), randn(C)
-    fwd, bwd = registry.lookup("residual_add")
-    poison()
-    h, saved = fwd(cp.asarray(x), cp.asarray(r), cp.asarray(bias))
-    rh, rsaved = res_ops.residual_add_forward(*f64(x, r, bias))
-    assert rel_err(to_np(h), rh) < TOL
-    dout = randn(N, C)
-    dx, dr, db = bwd(cp.asarray(dout), saved)
-    rdx, _, rdb = res_ops.residual_add_backward(dout.astype(np.float64), rsaved)
-    assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(dr), rdx) < TOL and rel_err(to_np(db), rdb) < TOL
-
-
 # --------------------------------------------------------------------------------------------------------- gelu
 
 def _gelu_scale(ref, dy=None):
