@@ -389,9 +389,10 @@ def kernel_traffic(op):
         nb = N * C * (f4 * (1 + 2 * res) + out) + 2 * N * f4 + 2 * C * f4
         return 8 * N * C, nb, nb, "memory"
     if k == "layernorm_backward":
-        n_sums, N, C = s[9], s[10], s[11]
+        n_sums, N, C = s[10], s[11], s[12]
         bf16_copy = not null[1]                                     # dh also written as bf16 bits
-        nb = N * C * (f4 * (3 + (not null[8])) + 2 * bf16_copy) + 2 * N * f4 + n_sums * grid[0] * C * f4
+        dy = 2 if null[3] else f4                                   # dy read as float32 or bf16 bits
+        nb = N * C * (f4 * (2 + (not null[9])) + dy + 2 * bf16_copy) + 2 * N * f4 + n_sums * grid[0] * C * f4
         return 10 * N * C, nb, nb, "memory"
     if k == "layernorm_param_reduce":
         nblocks, C = s[4], s[5]

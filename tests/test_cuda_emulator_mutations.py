@@ -133,14 +133,16 @@ def run_bf16_outputs(cp):
 
 def run_residual_layernorm_backward(cp):
     """residual_layernorm's backward as the model calls it with bf16 matmuls: dw, db and the residual bias's drb
-    added into buffers that already hold something, dresidual asked for as bf16 (bf16_dr). Errors against the
-    float64 reference; the bf16 copy must be exactly the float32 dx rounded to nearest even."""
+    added into buffers that already hold something, dresidual asked for as bf16 (bf16_dr), dy arriving as bf16
+    bits (a bf16 matmul's bf16_dx). Errors against the float64 reference; the bf16 copy must be exactly the
+    float32 dx rounded to nearest even."""
     from nanogpt_np.kernels import references, registry
-    from nanogpt_np.kernels.bf16 import float32_to_bf16
+    from nanogpt_np.kernels.bf16 import float32_to_bf16, round_to_bf16
     rng = np.random.default_rng(9)
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
     N, C = 37, 100
     x, r, rb, w, b, dh, dy = f32(N, C), f32(N, C), f32(C), f32(C), f32(C), f32(N, C), f32(N, C)
+    dy = round_to_bf16(dy)
     held = [f32(C) for _ in range(3)]
     old = registry._precision
     registry._precision = "bfloat16"
@@ -148,7 +150,8 @@ def run_residual_layernorm_backward(cp):
         fwd, bwd = registry.lookup("residual_layernorm")
         _, saved = fwd(*(cp.asarray(a) for a in (x, r, rb, w, b)), 1e-5)
         into = [cp.asarray(a) for a in held]
-        dx, dres, drb, dw, db = bwd((cp.asarray(dh), cp.asarray(dy)), saved, dw_into=into[0], db_into=into[1],
+        dx, dres, drb, dw, db = bwd((cp.asarray(dh), cp.asarray(float32_to_bf16(dy))), saved, dw_into=into[0],
+                                    db_into=into[1],
                                     drb_into=into[2], bf16_dr=True)
     finally:
         registry._precision = old
@@ -216,6 +219,9 @@ MUTATIONS = [
      run_residual_layernorm_backward),
     ("layernorm param reduce: dw overwrites the gradient buffer instead of adding into it", "layernorm",
      "dw[c] += partial_total(partial, 0, nblocks, C, c);", "dw[c] = partial_total(partial, 0, nblocks, C, c);",
+     run_residual_layernorm_backward),
+    ("layernorm backward: a bf16 dy read with its bits one place too low", "layernorm",
+     "return __uint_as_float(((unsigned int)b) << 16);", "return __uint_as_float(((unsigned int)b) << 15);",
      run_residual_layernorm_backward),
     ("layernorm backward: the third partial row (drb) written over the second (db)", "layernorm",
      "partial[((long long)s * gridDim.x + blockIdx.x) * C + c] = a;",

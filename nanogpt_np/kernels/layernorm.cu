@@ -19,8 +19,8 @@
 // Work split: one warp per row. A lane handles channels lane, lane+32, ... The three passes over a row
 // (sum, centered sum of squares, write) read the row from DRAM once; the second and third reads hit L1/L2
 // (a row is C*4 = 3 KB at C=768). Row reductions are warp shuffles (butterfly), no shared memory.
-// Memory traffic: forward reads x (+ residual), writes out (4 or 2 bytes) (+ h); backward reads dout, h
-// (+ dres), writes dh (+ its 2-byte bf16 copy).
+// Memory traffic: forward reads x (+ residual), writes out (4 or 2 bytes) (+ h); backward reads dout (4 or 2
+// bytes: a bf16 matmul may write it as bf16), h (+ dres), writes dh (+ its 2-byte bf16 copy).
 //
 // Deterministic column sums (dw, db, dresidual_bias): a block owns a fixed range of rows. Each warp
 // accumulates its rows into its own slice of shared memory (no atomics: a lane only touches its own channels),
@@ -37,6 +37,8 @@ __device__ __forceinline__ bf16_t f32_to_bf16_rne(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (bf16_t)(u >> 16);
 }
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t b) { return __uint_as_float(((unsigned int)b) << 16); }
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -87,7 +89,8 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
 extern "C" __global__ void layernorm_backward(float* dh,                         // (N, C) out
                                               bf16_t* __restrict__ dh_bf16,      // (N, C) out, or NULL
                                               float* __restrict__ partial,       // (n_sums, gridDim.x, C) out
-                                              const float* __restrict__ dout,    // (N, C)
+                                              const float* __restrict__ dout,    // (N, C), or NULL and:
+                                              const bf16_t* __restrict__ dout_bf16,  // (N, C) bf16 bits, or NULL
                                               const float* __restrict__ h,       // (N, C) the LN input
                                               const float* __restrict__ mean, const float* __restrict__ rstd,
                                               const float* __restrict__ w,
@@ -103,21 +106,22 @@ extern "C" __global__ void layernorm_backward(float* dh,                        
 
     int row_end = min(N, (blockIdx.x + 1) * rows_per_block);
     for (int row = blockIdx.x * rows_per_block + warp; row < row_end; row += NW) {
-        const float* dr = dout + (long long)row * C;
-        const float* hr = h + (long long)row * C;
+        long long o = (long long)row * C;
+        const float* hr = h + o;
         float m = mean[row], r = rstd[row];
         // pass 1: the two row sums the dx formula needs, and the dw/db contributions
         float sg = 0.0f, sgx = 0.0f;
         for (int c = lane; c < C; c += 32) {
-            float xhat = (hr[c] - m) * r, d = dr[c], g = d * w[c];
+            float d = dout_bf16 ? bf16_to_f32(dout_bf16[o + c]) : dout[o + c];
+            float xhat = (hr[c] - m) * r, g = d * w[c];
             sg += g; sgx += g * xhat;
             sdw[c] += d * xhat; sdb[c] += d;
         }
         sg = warp_sum(sg) / C; sgx = warp_sum(sgx) / C;
         // pass 2: dx (re-reads dout and h from cache), plus the incoming residual gradient
-        long long o = (long long)row * C;
         for (int c = lane; c < C; c += 32) {
-            float xhat = (hr[c] - m) * r, g = dr[c] * w[c];
+            float d = dout_bf16 ? bf16_to_f32(dout_bf16[o + c]) : dout[o + c];
+            float xhat = (hr[c] - m) * r, g = d * w[c];
             float v = r * (g - sg - xhat * sgx);
             if (dres) v += dres[o + c];          // same thread reads dres then writes dh: aliasing is safe
             dh[o + c] = v;

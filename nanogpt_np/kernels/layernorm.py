@@ -15,7 +15,7 @@ residual_layernorm (references.residual_layernorm_forward/backward give the NumP
 
 With bf16 activations (registry.bf16_activations(): the matmuls read bf16) y is written as bf16 bits (uint16)
 for the next matmul; h, the saved statistics and the backward's float32 results stay float32 (the bf16 dresidual
-is an extra copy).
+is an extra copy). The backward reads dy as float32 or as bf16 bits (uint16, from a bf16 matmul's bf16_dx).
 """
 import numpy as np
 
@@ -47,7 +47,10 @@ def _backward(dout, saved, dres, dw_into=None, db_into=None, column_sum=False, d
     import cupy as cp
     h, w, mean, rstd = saved
     N, C = h.shape
-    dout = cp.ascontiguousarray(dout, dtype=cp.float32)
+    dout = cp.ascontiguousarray(dout)                  # float32, or bf16 bits a bf16 matmul wrote
+    bf16_dout = dout.dtype == cp.uint16
+    if not bf16_dout:
+        dout = dout.astype(cp.float32, copy=False)
     # the column sum of dh in the same pass needs a third shared-memory row per warp: up to C = 4096 in 48 KB;
     # above that it is one gemm afterwards
     fused_sum = column_sum and 4 * 3 * C <= SMEM_DEFAULT
@@ -57,7 +60,8 @@ def _backward(dout, saved, dres, dw_into=None, db_into=None, column_sum=False, d
     dh = cp.empty((N, C), dtype=cp.float32)
     dh_bf16 = cp.empty((N, C), dtype=cp.uint16) if bf16_copy else None
     launch("layernorm", "layernorm_backward", (nblocks,), (32 * nw,),
-           (dh, NULL if dh_bf16 is None else dh_bf16, partial, dout, h, mean, rstd, w,
+           (dh, NULL if dh_bf16 is None else dh_bf16, partial, NULL if bf16_dout else dout,
+            dout if bf16_dout else NULL, h, mean, rstd, w,
             NULL if dres is None else cp.ascontiguousarray(dres, dtype=cp.float32),
             np.int32(n_sums), np.int32(N), np.int32(C), np.int32(rows_per_block)), shared_mem=smem)
     intos = [dw_into, db_into] + ([dsum_into] if fused_sum else [])

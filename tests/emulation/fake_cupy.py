@@ -506,14 +506,19 @@ def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, x, r
     _f32(_arr(rstd), N)[...] = rs
 
 
-def _layernorm_backward(grid, block, smem, dh, dh_bf16, partial, dout, h, mean, rstd, w, dres, n_sums, N, C, rpb):
+def _layernorm_backward(grid, block, smem, dh, dh_bf16, partial, dout, dout_bf16, h, mean, rstd, w, dres, n_sums, N,
+                        C, rpb):
     n_sums, N, C, rpb = _int(n_sums, np.int32), _int(N, np.int32), _int(C, np.int32), _int(rpb, np.int32)
     nw = block[0] // 32
     assert n_sums in (2, 3) and block[0] % 32 == 0
     assert smem == n_sums * nw * C * 4 <= 48 * 1024, "dynamic shared memory must be n_sums*NW*C floats"
     assert grid[0] * rpb >= N, "blocks do not cover the rows"
     hv = _f32(_arr(h), N * C).reshape(N, C).astype(np.float64)
-    dy = _f32(_arr(dout), N * C).reshape(N, C).astype(np.float64)
+    if _arr(dout_bf16) is not None:                 # dy as bf16 bits
+        assert _arr(dout) is None and _arr(dout_bf16).dtype == np.uint16
+        dy = bf16_to_float32(_arr(dout_bf16).reshape(-1)[:N * C]).reshape(N, C).astype(np.float64)
+    else:
+        dy = _f32(_arr(dout), N * C).reshape(N, C).astype(np.float64)
     xhat = (hv - _f32(_arr(mean), N)[:, None]) * _f32(_arr(rstd), N)[:, None]
     g = dy * _f32(_arr(w), C)
     dx = _f32(_arr(rstd), N)[:, None] * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))

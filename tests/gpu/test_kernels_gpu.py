@@ -115,6 +115,13 @@ def test_layernorm(cp, poison, act_dtype, N, C):
     assert dw2 is None and db2 is None
     assert (to_np(dx2) == to_np(dx)).all()
     assert rel_err(to_np(dw_into), held_w + rdw) < TOL and rel_err(to_np(db_into), held_b + rdb) < TOL
+    # dy as bf16 bits (a bf16 matmul's bf16_dx): the same results as for that dy in float32
+    dy16 = round_to_bf16(dy)
+    poison()
+    dx3, dw3, db3 = bwd(cp.asarray(float32_to_bf16(dy16)), saved)
+    rdx, rdw, rdb = ln_ops.layernorm_backward(dy16.astype(np.float64), rsaved)
+    assert to_np(dx3).dtype == np.float32
+    assert rel_err(to_np(dx3), rdx) < TOL and rel_err(to_np(dw3), rdw) < TOL and rel_err(to_np(db3), rdb) < TOL
 
 
 @pytest.mark.parametrize("N,C", LN_SHAPES)
