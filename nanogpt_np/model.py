@@ -255,8 +255,10 @@ class GPT:
         x = ops.embedding(p["wte.weight"], p["wpe.weight"], idx, positions)  # (B, T, C)
         x = ops.dropout(x, cfg.dropout, self.dropout_rng, self.training)
         # Every block ends with a residual add, and a layernorm follows it (the next block's ln_1, or ln_f): the
-        # two are one op, done by the block (one pass over the residual stream). Only the first ln_1 stands alone.
-        xn = ops.layernorm(x, p["h.0.ln_1.weight"], self._bias("h.0.ln_1"), cfg.layer_norm_eps)    # (B, T, C)
+        # two are one op, done by the block (one pass over the residual stream). The first ln_1 has no add before
+        # it: the same op with r=None passes x through (h is x), so that in the backward x's two gradients (from
+        # ln_1 and from the residual stream) are summed in the layernorm's own pass.
+        x, xn = ops.residual_layernorm(x, None, p["h.0.ln_1.weight"], self._bias("h.0.ln_1"), cfg.layer_norm_eps)
         for i in range(cfg.n_layer):
             next_ln = f"h.{i + 1}.ln_1" if i + 1 < cfg.n_layer else "ln_f"
             x, xn = self._block(i, x, xn, next_ln, kv_cache, positions)

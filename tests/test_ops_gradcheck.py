@@ -237,6 +237,25 @@ def test_layernorms_add_into_gradient_buffers(rng, op_name):
         np.testing.assert_allclose(t.grad, p_.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_residual_layernorm_without_r_passes_x_through(rng):
+    """r=None (the first block's ln_1): h is x itself, y = layernorm(x); both outputs used, so x's gradient is
+    dh + layernorm's dx (summed by the op itself)."""
+    C = 6
+    M = Tensor(rng.standard_normal((C, C)))
+
+    def op(x, w, b):
+        h, y = ops.residual_layernorm(x, None, w, b)
+        return ops.add(ops.linear(h, M), y)
+
+    check_op(op, [rng.standard_normal((2, 3, C)), rng.standard_normal(C), rng.standard_normal(C)], rng)
+    x, w, b = (Tensor(rng.standard_normal(s)) for s in ((3, C), C, C))
+    h, y = ops.residual_layernorm(x, None, w, b)
+    assert np.shares_memory(h.data, x.data) and np.array_equal(h.data, x.data)      # x itself, not a copy
+    np.testing.assert_array_equal(y.data, ops.layernorm(x, w, b).data)
+    with pytest.raises(ValueError, match="r_bias without r"):
+        ops.residual_layernorm(x, None, w, b, r_bias=b)
+
+
 def test_residual_layernorm_values(rng):
     x, r = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
     w, b = rng.standard_normal(5), rng.standard_normal(5)

@@ -90,10 +90,13 @@ def layernorm_backward(dy, saved, dw_into=None, db_into=None):
 
 def residual_layernorm_forward(x, residual, residual_bias, w, b, eps=1e-5):
     """x, residual (N, C), residual_bias (C,) or None -> ((h = x + residual + bias, y = layernorm(h)), saved),
-    one pass."""
+    one pass. residual None: h is x (not copied), y = layernorm(x)."""
     import cupy as cp
-    out, h, saved = _forward(cp.ascontiguousarray(x, dtype=cp.float32),
-                             cp.ascontiguousarray(residual, dtype=cp.float32), residual_bias, w, b, eps)
+    x = cp.ascontiguousarray(x, dtype=cp.float32)
+    if residual is None:
+        out, _, saved = _forward(x, None, None, w, b, eps)
+        return (x, out), (saved, False)
+    out, h, saved = _forward(x, cp.ascontiguousarray(residual, dtype=cp.float32), residual_bias, w, b, eps)
     return (h, out), (saved, residual_bias is not None)
 
 

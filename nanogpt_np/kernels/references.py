@@ -8,9 +8,12 @@ from .. import backend
 
 def residual_layernorm_forward(x, residual, residual_bias, w, b, eps=1e-5):
     """h = x + residual + residual_bias (the new residual stream; the bias (C,) of the matmul that made
-    `residual`, or None), y = layernorm(h). -> ((h, y), saved)."""
+    `residual`, or None), y = layernorm(h); residual None: h is x. -> ((h, y), saved)."""
     from ..ops.layernorm import layernorm_forward
-    h = x + residual if residual_bias is None else x + (residual + residual_bias)
+    if residual is None:
+        h = x
+    else:
+        h = x + residual if residual_bias is None else x + (residual + residual_bias)
     y, saved = layernorm_forward(h, w, b, eps)
     return (h, y), (saved, residual_bias is not None)
 

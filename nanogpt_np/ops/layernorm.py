@@ -72,8 +72,8 @@ def layernorm(x: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def residual_layernorm_forward(x, r, rb, w, b, eps=1e-5):
-    """x, r (N, C), rb (C,) or None -> ((h = x + r + rb, y = layernorm(h)), saved)."""
-    h = x + (r if rb is None else r + rb)               # r + rb first: the order of linear's y += b, then x +
+    """x, r (N, C) (or r None: h is x), rb (C,) or None -> ((h = x + r + rb, y = layernorm(h)), saved)."""
+    h = x if r is None else x + (r if rb is None else r + rb)   # r + rb first: the order of linear's y += b
     y, saved = layernorm_forward(h, w, b, eps)
     return (h, y), (saved, rb is not None)
 
@@ -95,26 +95,33 @@ def residual_layernorm(x: Tensor, r: Tensor, w: Tensor, b: Tensor, eps: float = 
     """(h, y) = (x + r + r_bias, layernorm(h)) for x, r (..., C): the residual add that ends a branch (with the
     bias of its last matmul, r_bias (C,) or None) and the layernorm that comes next (ln_2, the next block's ln_1,
     or ln_f), fused. bf16_dr: r comes straight from a matmul that may read its gradient as bf16 (a hint for bf16
-    kernels, like linear's bf16_dx: r must then have no other consumer)."""
-    if x.shape != r.shape:
+    kernels, like linear's bf16_dx: r must then have no other consumer).
+    r=None: no branch to add, h is x (the same data) and y = layernorm(x); the stream passes through, so the
+    gradients of h and of y reach x summed in the backward's own pass (the first block's ln_1)."""
+    if r is None and r_bias is not None:
+        raise ValueError("residual_layernorm: r_bias without r")
+    if r is not None and x.shape != r.shape:
         raise ValueError(f"residual_layernorm needs equal shapes, got {x.shape} and {r.shape}")
     C = x.shape[-1]
     forward, backward = implementation("residual_layernorm", x.data, residual_layernorm_forward,
                                        residual_layernorm_backward)
-    (h, y), saved = forward(x.data.reshape(-1, C), r.data.reshape(-1, C), None if r_bias is None else r_bias.data,
-                            w.data, b.data, eps)
+    (h, y), saved = forward(x.data.reshape(-1, C), None if r is None else r.data.reshape(-1, C),
+                            None if r_bias is None else r_bias.data, w.data, b.data, eps)
     h, y = Tensor(h.reshape(x.shape)), Tensor(y.reshape(x.shape))
+
+    def in_input_order(dx, dr, drb, dw, db):    # one gradient per input: x, r, r_bias, w, b (those given)
+        return ((dx,) + (() if r is None else (dr,)) + (() if r_bias is None else (drb,)) + (dw, db))
 
     def backward_fn(douts):
         dh, dy = douts
         if dy is None:                          # only h led to the loss: a plain residual add
             drb = None if r_bias is None else sum_rows(dh.reshape(-1, C))
-            return (dh, dh) + ((drb,) if r_bias is not None else ()) + (None, None)
+            return in_input_order(dh, dh, drb, None, None)
         dx, dr, drb, dw, db = backward((None if dh is None else dh.reshape(-1, C), dy.reshape(-1, C)), saved,
                                        dw_into=w.grad_buffer(), db_into=b.grad_buffer(),
                                        drb_into=None if r_bias is None else r_bias.grad_buffer(), bf16_dr=bf16_dr)
-        return (dx.reshape(x.shape), dr.reshape(x.shape)) + ((drb,) if r_bias is not None else ()) + (dw, db)
+        return in_input_order(dx.reshape(x.shape), dr.reshape(x.shape), drb, dw, db)
 
-    inputs = (x, r, w, b) if r_bias is None else (x, r, r_bias, w, b)
+    inputs = in_input_order(x, r, r_bias, w, b)
     record((h, y), inputs, backward_fn)
     return h, y

@@ -42,6 +42,7 @@ _COST = {
     "test_embedding": lambda p: p["B"] * p["T"] * p["C"] + p["V"] * p["C"],
     "test_layernorm": lambda p: p["N"] * p["C"],
     "test_residual_layernorm": lambda p: p["N"] * p["C"],
+    "test_residual_layernorm_without_residual": lambda p: p["N"] * p["C"],
     "test_gelu": lambda p: math.prod(p["shape"]),
     "test_bias_gelu": lambda p: p["N"] * p["C"],
     "test_cross_entropy": lambda p: p["N"] * p["V"],

@@ -164,6 +164,25 @@ def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb, into)
         assert dres is dx
 
 
+@pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (4097, 768)])
+def test_residual_layernorm_without_residual(cp, poison, act_dtype, N, C):
+    """residual None (the first block's ln_1): h is x itself, y = layernorm(x); the backward adds dh."""
+    x, w, b, dh, dy = randn(N, C), randn(C), randn(C), randn(N, C), randn(N, C)
+    fwd, bwd = registry.lookup("residual_layernorm")
+    xd = cp.asarray(x)
+    poison()
+    (h, y), saved = fwd(xd, None, None, cp.asarray(w), cp.asarray(b), 1e-5)
+    (_, ry), rsaved = references.residual_layernorm_forward(f64(x)[0], None, None, *f64(w, b), 1e-5)
+    assert h is xd
+    check_act(y, ry, act_dtype)
+    poison()
+    dx, dres, drb, dw, db = bwd((cp.asarray(dh), cp.asarray(dy)), saved)
+    rdx, _, _, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)),
+                                                                 rsaved)
+    assert dres is dx and drb is None
+    assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(dw), rdw) < TOL and rel_err(to_np(db), rdb) < TOL
+
+
 # --------------------------------------------------------------------------------------------------------- gelu
 
 def _gelu_scale(ref, dy=None):
