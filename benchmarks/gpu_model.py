@@ -383,10 +383,11 @@ def kernel_traffic(op):
         nb = 2 * BT * C * f4 + 2 * BT * 4
         return BT * C, nb, nb, "memory"
     if k == "layernorm_forward":
-        N, C = s[10], s[11]
-        res = not null[6]
+        N, C = s[11], s[12]
+        res = not (null[6] and null[7])                             # a residual, float32 or bf16 bits
+        r = f4 if not null[6] else 2
         out = 2 if null[0] else f4                                  # float32 out, or bf16 out_bf16
-        nb = N * C * (f4 * (1 + 2 * res) + out) + 2 * N * f4 + 2 * C * f4
+        nb = N * C * (f4 * (1 + res) + r * res + out) + 2 * N * f4 + 2 * C * f4
         return 8 * N * C, nb, nb, "memory"
     if k == "layernorm_backward":
         n_sums, N, C = s[10], s[11], s[12]

@@ -1,6 +1,7 @@
 // LayerNorm over the last dimension C of an (N, C) float32 matrix, with the residual add fused in.
 //
-//   forward:  h = x + residual (+ residual_bias[c])   (only when residual != NULL; h is written out: the new
+//   forward:  h = x + residual (+ residual_bias[c])   (only with a residual, float32 or bf16 bits (a bf16 matmul
+//                                                     wrote it); h is written out: the new
 //                                                     residual stream; residual_bias is the bias of the matmul
 //                                                     that made `residual`, added here instead of in its own pass)
 //             mean = sum(h)/C,  rstd = 1/sqrt(sum((h-mean)^2)/C + eps)
@@ -51,7 +52,8 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
                                              float* __restrict__ rstd,       // (N,)
                                              float* h_out,                   // (N, C) x + residual, or NULL
                                              const float* x,                 // (N, C)
-                                             const float* __restrict__ residual,  // (N, C) or NULL
+                                             const float* __restrict__ residual,  // (N, C) or NULL, or:
+                                             const bf16_t* __restrict__ residual_bf16,  // (N, C) bf16 bits or NULL
                                              const float* __restrict__ residual_bias,  // (C,) or NULL
                                              const float* __restrict__ w, const float* __restrict__ b,
                                              int N, int C, float eps) {
@@ -61,11 +63,12 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
     const float* xr = x + (long long)row * C;
     const float* src = xr;                       // where h lives after pass 1
     float s = 0.0f;
-    if (residual != nullptr) {
-        const float* rr = residual + (long long)row * C;
-        float* hr = h_out + (long long)row * C;
+    if (residual != nullptr || residual_bf16 != nullptr) {
+        long long o = (long long)row * C;
+        float* hr = h_out + o;
         for (int c = lane; c < C; c += 32) {
-            float v = xr[c] + (residual_bias ? rr[c] + residual_bias[c] : rr[c]);
+            float rv = residual_bf16 ? bf16_to_f32(residual_bf16[o + c]) : residual[o + c];
+            float v = xr[c] + (residual_bias ? rv + residual_bias[c] : rv);
             hr[c] = v; s += v;
         }
         src = hr;                                // this lane re-reads only what it wrote itself

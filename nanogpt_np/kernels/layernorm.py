@@ -15,7 +15,8 @@ residual_layernorm (references.residual_layernorm_forward/backward give the NumP
 
 With bf16 activations (registry.bf16_activations(): the matmuls read bf16) y is written as bf16 bits (uint16)
 for the next matmul; h, the saved statistics and the backward's float32 results stay float32 (the bf16 dresidual
-is an extra copy). The backward reads dy as float32 or as bf16 bits (uint16, from a bf16 matmul's bf16_dx).
+is an extra copy). The forward reads the residual, and the backward dy, as float32 or as bf16 bits (uint16, from a
+bf16 matmul's bf16_out / bf16_dx).
 """
 import numpy as np
 
@@ -32,11 +33,12 @@ def _forward(x, residual, residual_bias, w, b, eps):
     mean = cp.empty((N,), dtype=cp.float32)
     rstd = cp.empty((N,), dtype=cp.float32)
     h = cp.empty((N, C), dtype=cp.float32) if residual is not None else None
+    residual_is_bf16 = residual is not None and residual.dtype == cp.uint16     # bits a bf16 matmul wrote
     grid, block = rows_per_warp(N, 8)
     launch("layernorm", "layernorm_forward", grid, block,
            (NULL if bf16 else out, out if bf16 else NULL, mean, rstd, NULL if h is None else h, x,
-            NULL if residual is None else residual, NULL if residual_bias is None else residual_bias, w, b,
-            np.int32(N), np.int32(C), np.float32(eps)))
+            NULL if residual is None or residual_is_bf16 else residual, residual if residual_is_bf16 else NULL,
+            NULL if residual_bias is None else residual_bias, w, b, np.int32(N), np.int32(C), np.float32(eps)))
     return out, h, (x if h is None else h, w, mean, rstd)
 
 
@@ -96,7 +98,10 @@ def residual_layernorm_forward(x, residual, residual_bias, w, b, eps=1e-5):
     if residual is None:
         out, _, saved = _forward(x, None, None, w, b, eps)
         return (x, out), (saved, False)
-    out, h, saved = _forward(x, cp.ascontiguousarray(residual, dtype=cp.float32), residual_bias, w, b, eps)
+    residual = cp.ascontiguousarray(residual)          # float32, or bf16 bits (uint16) from a bf16 matmul
+    if residual.dtype != cp.uint16:
+        residual = residual.astype(cp.float32, copy=False)
+    out, h, saved = _forward(x, residual, residual_bias, w, b, eps)
     return (h, out), (saved, residual_bias is not None)
 
 

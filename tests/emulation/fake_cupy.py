@@ -488,13 +488,18 @@ def _store(out, out_bf16, n, values):
         _f32(_arr(out), n)[...] = np.asarray(values).reshape(-1)
 
 
-def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, x, residual, rbias, w, b, N, C, eps):
+def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, x, residual, residual_bf16, rbias, w, b,
+                       N, C, eps):
     N, C, eps = _int(N, np.int32), _int(C, np.int32), _flt(eps)
     assert grid[0] * block[0] // 32 >= N and block[0] % 32 == 0
     xv = _f32(_arr(x), N * C).reshape(N, C).astype(np.float64)
-    r = _arr(residual)
-    if r is not None:
-        rv = _f32(r, N * C).reshape(N, C)
+    r, r16 = _arr(residual), _arr(residual_bf16)
+    if r is not None or r16 is not None:
+        if r16 is not None:                         # bf16 bits
+            assert r is None and r16.dtype == np.uint16
+            rv = bf16_to_float32(r16.reshape(-1)[:N * C]).reshape(N, C)
+        else:
+            rv = _f32(r, N * C).reshape(N, C)
         if _arr(rbias) is not None:
             rv = rv + _f32(_arr(rbias), C)
         xv = xv + rv

@@ -43,6 +43,7 @@ _COST = {
     "test_layernorm": lambda p: p["N"] * p["C"],
     "test_residual_layernorm": lambda p: p["N"] * p["C"],
     "test_residual_layernorm_without_residual": lambda p: p["N"] * p["C"],
+    "test_residual_layernorm_bf16_residual": lambda p: p["N"] * p["C"],
     "test_gelu": lambda p: math.prod(p["shape"]),
     "test_bias_gelu": lambda p: p["N"] * p["C"],
     "test_cross_entropy": lambda p: p["N"] * p["V"],

@@ -165,6 +165,25 @@ def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb, into)
 
 
 @pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (4097, 768)])
+def test_residual_layernorm_bf16_residual(cp, poison, act_dtype, N, C):
+    """The residual as bf16 bits (a bf16 matmul's bf16_out): the same results as for those values in float32."""
+    x, r, rb, w, b, dh, dy = randn(N, C), round_to_bf16(randn(N, C)), randn(C), randn(C), randn(C), randn(N, C), \
+        randn(N, C)
+    fwd, bwd = registry.lookup("residual_layernorm")
+    poison()
+    (h, y), saved = fwd(cp.asarray(x), cp.asarray(float32_to_bf16(r)), *(cp.asarray(a) for a in (rb, w, b)), 1e-5)
+    (rh, ry), rsaved = references.residual_layernorm_forward(*f64(x, r, rb, w, b), 1e-5)
+    assert to_np(h).dtype == np.float32 and rel_err(to_np(h), rh) < TOL
+    check_act(y, ry, act_dtype)
+    poison()
+    dx, _, drb, dw, db = bwd((cp.asarray(dh), cp.asarray(dy)), saved)
+    rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)),
+                                                                    rsaved)
+    for got, want in ((dx, rdx), (drb, rdrb), (dw, rdw), (db, rdb)):
+        assert rel_err(to_np(got), want) < TOL
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (4097, 768)])
 def test_residual_layernorm_without_residual(cp, poison, act_dtype, N, C):
     """residual None (the first block's ln_1): h is x itself, y = layernorm(x); the backward adds dh."""
     x, w, b, dh, dy = randn(N, C), randn(C), randn(C), randn(N, C), randn(N, C)
