@@ -226,10 +226,10 @@ class _PhasedGPT(GPT):
         from nanogpt_np import tensor
         tr, start = trace_cupy._tracer, len(tensor._tape)
         tr.phase = ("fwd", i)
-        x = super()._block(i, x, *args, **kwargs)
+        out = super()._block(i, x, *args, **kwargs)     # (the new stream, the next layernorm of it)
         _tag_tape(start, ("bwd", i))
         tr.phase = ("fwd", None)
-        return x
+        return out
 
 
 def _tag_tape(start, phase):
