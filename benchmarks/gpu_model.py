@@ -226,10 +226,10 @@ class _PhasedGPT(GPT):
         from nanogpt_np import tensor
         tr, start = trace_cupy._tracer, len(tensor._tape)
         tr.phase = ("fwd", i)
-        x = super()._block(i, x, *args, **kwargs)
+        out = super()._block(i, x, *args, **kwargs)     # (the new stream, the next layernorm of it)
         _tag_tape(start, ("bwd", i))
         tr.phase = ("fwd", None)
-        return x
+        return out
 
 
 def _tag_tape(start, phase):
@@ -384,18 +384,23 @@ def kernel_traffic(op):
         nb = 2 * BT * C * f4 + 2 * BT * 4 + acc * BT * C * f4        # (at most BT distinct rows)
         return BT * C, nb, nb, "memory"
     if k == "layernorm_forward":
-        N, C = s[10], s[11]
-        res = not null[6]
+        N, C = s[11], s[12]
+        res = not (null[6] and null[7])                             # a residual, float32 or bf16 bits
+        r = f4 if not null[6] else 2
         out = 2 if null[0] else f4                                  # float32 out, or bf16 out_bf16
-        nb = N * C * (f4 * (1 + 2 * res) + out) + 2 * N * f4 + 2 * C * f4
+        nb = N * C * (f4 * (1 + res) + r * res + out) + 2 * N * f4 + 2 * C * f4
         return 8 * N * C, nb, nb, "memory"
     if k == "layernorm_backward":
-        N, C = s[9], s[10]
-        nb = N * C * f4 * (3 + (not null[8])) + 2 * N * f4 + 2 * grid[0] * C * f4
+        n_sums, N, C = s[10], s[11], s[12]
+        bf16_copy = not null[1]                                     # dh also written as bf16 bits
+        dy = 2 if null[3] else f4                                   # dy read as float32 or bf16 bits
+        nb = N * C * (f4 * (2 + (not null[9])) + dy + 2 * bf16_copy) + 2 * N * f4 + n_sums * grid[0] * C * f4
         return 10 * N * C, nb, nb, "memory"
     if k == "layernorm_param_reduce":
         nblocks, C = s[4], s[5]
-        return 2 * nblocks * C, 2 * nblocks * C * f4 + 2 * C * f4, 2 * nblocks * C * f4 + 2 * C * f4, "memory"
+        n_sums = 2 + (not null[2])                                  # dw, db (and the residual bias's sum)
+        nb = n_sums * nblocks * C * f4 + 2 * n_sums * C * f4        # partials read; each total added into its buffer
+        return n_sums * nblocks * C, nb, nb, "memory"
     if k in ("gelu_forward", "gelu_forward_f4"):
         n = s[4] * (4 if k.endswith("f4") else 1)
         nb = n * (f4 + (2 if null[0] else f4))                      # reads x, writes float32 or bf16
@@ -471,9 +476,6 @@ def kernel_traffic(op):
     if k == "bf16_column_sum_partial":
         N, C = s[2], s[3]
         return N * C, N * C * 2 + grid[1] * C * f4, N * C * 2 + grid[1] * C * f4, "memory"
-    if k == "residual_bias_add":
-        n = s[4]
-        return 2 * n, 3 * n * f4, 3 * n * f4, "memory"
     if k in ("f32_to_bf16", "bf16_to_f32"):
         n = s[2]
         return 0, 6 * n, 6 * n, "memory"
@@ -515,8 +517,9 @@ def summarize(trace: Trace, device="h100") -> Summary:
 
 
 def extrapolate(s1: Summary, s2: Summary, n_layer: int) -> Summary:
-    """An n_layer model from the 1- and 2-layer traces: the blocks' ops of the 2-layer trace (layer 0 once,
-    layer 1 n_layer - 1 times), and every other op (embedding, head, loss, flat-buffer ops such as AdamW) with
+    """An n_layer model from the 1- and 2-layer traces: the blocks' ops of the 2-layer trace (layer 0, a block
+    whose output feeds another block, n_layer - 1 times; layer 1, the last block, whose output feeds only ln_f
+    (model.py fuses each block's last residual add with the layernorm after it), once), and every other op (embedding, head, loss, flat-buffer ops such as AdamW) with
     its bytes, FLOPs and times extrapolated linearly, op by op: c1 + (n_layer - 1) * (c2 - c1)."""
     k = n_layer - 1
     rest1 = [(op, c) for op, c in s1.ops if op.phase[1] is None]
@@ -526,7 +529,7 @@ def extrapolate(s1: Summary, s2: Summary, n_layer: int) -> Summary:
     rows = {cat: Cost(cat) for cat in CATEGORIES}
     for op, c in s2.ops:
         if op.phase[1] is not None:
-            rows[c.category].add(c, 1 if op.phase[1] == 0 else k)
+            rows[c.category].add(c, k if op.phase[1] == 0 else 1)
     for (_, c1), (_, c2) in zip(rest1, rest2):
         c = Cost(c1.category)
         for f in Cost.ADDITIVE + ("t_compute", "t_memory", "t_extra"):

@@ -4,10 +4,10 @@
     (with targets, the loss comes from ln_f's output directly, a chunk of logits at a time: ops/lm_head_loss.py)
     Block (pre-LN):  x = x + c_proj(attention(c_attn(ln_1(x))))
                      x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))
-    (the first residual add and ln_2 are one op, residual_layernorm, and each linear layer's bias is added
-    inside the op that follows it: c_attn's in bias_attention, attn c_proj's in residual_layernorm, c_fc's in
-    bias_gelu, mlp c_proj's in residual_add: the same math, in fewer passes over memory where a fused GPU
-    kernel exists; see _block)
+    (each residual add and the layernorm after it are one op, residual_layernorm: the first add with ln_2, the
+    second with the next block's ln_1, or ln_f after the last block; each linear layer's bias is added inside
+    the op that follows it: c_attn's in bias_attention, both c_proj's in residual_layernorm, c_fc's in
+    bias_gelu: the same math, in fewer passes over memory where a fused GPU kernel exists; see _block)
 
 Parameter names and shapes are those of GPT-2's published checkpoints (without the "transformer." prefix), and
 linear weights are stored (in, out) like GPT-2's Conv1D, so weights move to and from GPT-2 files unrenamed.
@@ -254,11 +254,17 @@ class GPT:
             raise ValueError(f"sequence length {T} is longer than block_size {cfg.block_size}")
         x = ops.embedding(p["wte.weight"], p["wpe.weight"], idx, positions)  # (B, T, C)
         x = ops.dropout(x, cfg.dropout, self.dropout_rng, self.training)
+        # Every block ends with a residual add, and a layernorm follows it (the next block's ln_1, or ln_f): the
+        # two are one op, done by the block (one pass over the residual stream). The first ln_1 has no add before
+        # it: the same op with r=None passes x through (h is x), so that in the backward x's two gradients (from
+        # ln_1 and from the residual stream) are summed in the layernorm's own pass.
+        x, xn = ops.residual_layernorm(x, None, p["h.0.ln_1.weight"], self._bias("h.0.ln_1"), cfg.layer_norm_eps)
         for i in range(cfg.n_layer):
-            x = self._block(i, x, kv_cache, positions)
+            next_ln = f"h.{i + 1}.ln_1" if i + 1 < cfg.n_layer else "ln_f"
+            x, xn = self._block(i, x, xn, next_ln, kv_cache, positions)
         if kv_cache is not None:
             kv_cache.lengths += T
-        x = ops.layernorm(x, p["ln_f.weight"], self._bias("ln_f"), cfg.layer_norm_eps)   # (B, T, C)
+        x = xn                                                               # ln_f(x) (B, T, C)
         if targets is None:
             return ops.lm_head(x, p["wte.weight"]), None                   # logits (B, T, V)
         # the loss without the (B, T, V) logits: the output layer and cross-entropy, a chunk of rows at a time
@@ -269,16 +275,19 @@ class GPT:
     def _bias(self, prefix):
         return self.params.get(prefix + ".bias") if self.config.bias else _zeros_like_weight(self, prefix)
 
-    def _block(self, i, x, kv_cache=None, positions=None):
+    def _block(self, i, x, xn, next_ln, kv_cache=None, positions=None):
+        """Block i on the residual stream x (B, T, C), given xn = ln_1(x) (the op before made it). Returns the new
+        stream x + attn + mlp and next_ln of it (the layernorm named next_ln: the next block's ln_1, or ln_f)."""
         cfg, p, h = self.config, self.params, f"h.{i}."
         # Where the linear layers' biases are added (the same sums, each inside an op that reads the data anyway):
         #   attn.c_attn -> bias_attention (the GPU adds it while it reads q, k, v into heads)
-        #   attn.c_proj -> residual_layernorm (x + a + bias);  mlp.c_proj -> residual_add (x + m + bias)
+        #   attn.c_proj, mlp.c_proj -> residual_layernorm (x + r + bias, then the next layernorm)
         #   mlp.c_fc    -> bias_gelu (gelu(m + bias))
         # Active dropout sits between a c_proj and its residual add, so then the c_proj biases stay in linear;
         # with a KV cache (inference) attention_with_cache reads the biased qkv from linear.
-        fuse_proj = cfg.bias and not (self.training and cfg.dropout > 0)
-        a = ops.layernorm(x, p[h + "ln_1.weight"], self._bias(h + "ln_1"), cfg.layer_norm_eps)
+        dropout_on = self.training and cfg.dropout > 0
+        fuse_proj = cfg.bias and not dropout_on
+        a = xn
         if kv_cache is None and cfg.bias:
             a = ops.linear(a, p[h + "attn.c_attn.weight"])                                # (B, T, 3C)
             a = ops.bias_attention(a, p[h + "attn.c_attn.bias"], cfg.n_head)              # (B, T, C)
@@ -291,16 +300,18 @@ class GPT:
         proj_bias = p.get(h + "attn.c_proj.bias")
         a = ops.linear(a, p[h + "attn.c_proj.weight"], None if fuse_proj else proj_bias)
         a = ops.dropout(a, cfg.dropout, self.dropout_rng, self.training)
-        # x = x + a (+ c_proj's bias) and m = ln_2(x) in one op (one pass over memory on the GPU)
+        # x = x + a (+ c_proj's bias) and m = ln_2(x) in one op (one pass over memory on the GPU). Without dropout
+        # `a` comes straight from c_proj, which may then read its gradient as bf16 (bf16_dr, written in that pass).
         x, m = ops.residual_layernorm(x, a, p[h + "ln_2.weight"], self._bias(h + "ln_2"), cfg.layer_norm_eps,
-                                      r_bias=proj_bias if fuse_proj else None)
+                                      r_bias=proj_bias if fuse_proj else None, bf16_dr=not dropout_on)
         m = ops.linear(m, p[h + "mlp.c_fc.weight"])                                        # (B, T, 4C)
         m = ops.bias_gelu(m, p[h + "mlp.c_fc.bias"]) if cfg.bias else ops.gelu(m)          # gelu(m + bias)
-        if fuse_proj:
-            m = ops.linear(m, p[h + "mlp.c_proj.weight"])                                  # (B, T, C)
-            return ops.residual_add(x, m, p[h + "mlp.c_proj.bias"])                        # x + m + bias
-        m = ops.linear(m, p[h + "mlp.c_proj.weight"], p.get(h + "mlp.c_proj.bias"))
-        return ops.add(x, ops.dropout(m, cfg.dropout, self.dropout_rng, self.training))
+        proj_bias = p.get(h + "mlp.c_proj.bias")
+        m = ops.linear(m, p[h + "mlp.c_proj.weight"], None if fuse_proj else proj_bias)    # (B, T, C)
+        m = ops.dropout(m, cfg.dropout, self.dropout_rng, self.training)
+        # the same at the block's end: x = x + m (+ c_proj's bias) and next_ln(x), one op
+        return ops.residual_layernorm(x, m, p[next_ln + ".weight"], self._bias(next_ln), cfg.layer_norm_eps,
+                                      r_bias=proj_bias if fuse_proj else None, bf16_dr=not dropout_on)
 
     def loss_on(self, idx, targets) -> float:
         """The loss on one batch without recording anything for backward (evaluation)."""

@@ -164,6 +164,40 @@ def run_embedding_into(cp):
     return max(_rel(cp.asnumpy(into_wte), held_wte + rdwte), _rel(cp.asnumpy(into_wpe), held_wpe + rdwpe)) / 1e-5
 
 
+def run_residual_layernorm_backward(cp):
+    """residual_layernorm's backward as the model calls it with bf16 matmuls: dw, db and the residual bias's drb
+    added into buffers that already hold something, dresidual asked for as bf16 (bf16_dr), dy arriving as bf16
+    bits (a bf16 matmul's bf16_dx), and in the forward the residual as bf16 bits (bf16_out). Errors against the
+    float64 reference; the bf16 copy must be exactly the float32 dx rounded to nearest even."""
+    from nanogpt_np.kernels import references, registry
+    from nanogpt_np.kernels.bf16 import float32_to_bf16, round_to_bf16
+    rng = np.random.default_rng(9)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    N, C = 37, 100
+    x, r, rb, w, b, dh, dy = f32(N, C), f32(N, C), f32(C), f32(C), f32(C), f32(N, C), f32(N, C)
+    dy, r = round_to_bf16(dy), round_to_bf16(r)
+    held = [f32(C) for _ in range(3)]
+    old = registry._precision
+    registry._precision = "bfloat16"
+    try:
+        fwd, bwd = registry.lookup("residual_layernorm")
+        (h, _), saved = fwd(cp.asarray(x), cp.asarray(float32_to_bf16(r)), *(cp.asarray(a) for a in (rb, w, b)), 1e-5)
+        into = [cp.asarray(a) for a in held]
+        dx, dres, drb, dw, db = bwd((cp.asarray(dh), cp.asarray(float32_to_bf16(dy))), saved, dw_into=into[0],
+                                    db_into=into[1],
+                                    drb_into=into[2], bf16_dr=True)
+    finally:
+        registry._precision = old
+    (rh, _), rs = references.residual_layernorm_forward(*(a.astype(np.float64) for a in (x, r, rb, w, b)))
+    rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)), rs)
+    if (dw, db, drb) != (None, None, None) or dres.dtype != np.uint16:
+        return 10.0
+    dx = cp.asnumpy(dx)
+    errs = [_rel(dx, rdx), _rel(cp.asnumpy(h), rh)] + [_rel(cp.asnumpy(g) - h, ref) for g, h, ref in zip(into, held, (rdw, rdb, rdrb))]
+    exact = np.array_equal(float32_to_bf16(dx), cp.asnumpy(dres))
+    return max(errs) / 1e-5 if exact else 10.0
+
+
 # (name, source, text to replace, replacement, runner)
 MUTATIONS = [
     ("embedding backward: a run's sum written over the buffer instead of added", "encoder",
@@ -210,7 +244,7 @@ MUTATIONS = [
      "o = make_float2(__uint_as_float(ob << 16), __uint_as_float(ob & 0xffff0000u));",
      "o = make_float2(__uint_as_float(ob & 0xffff0000u), __uint_as_float(ob << 16));", run_bf16_outputs),
     ("layernorm: the residual bias left out", "layernorm",
-     "(residual_bias ? rr[c] + residual_bias[c] : rr[c])", "rr[c]", run_bf16_outputs),
+     "(residual_bias ? rv + residual_bias[c] : rv)", "rv", run_bf16_outputs),
     ("gelu f4: bf16 output words with their halves swapped", "gelu",
      "o[0] = f32_to_bf16_rne(y.x) | ((unsigned)f32_to_bf16_rne(y.y) << 16);",
      "o[0] = f32_to_bf16_rne(y.y) | ((unsigned)f32_to_bf16_rne(y.x) << 16);", run_bf16_outputs),
@@ -220,6 +254,24 @@ MUTATIONS = [
     ("bf16 column sum: the bits not shifted into the high half", "bf16",
      "s += __uint_as_float(((unsigned int)x[(long long)r * C + c]) << 16);",
      "s += __uint_as_float((unsigned int)x[(long long)r * C + c]);", run_bf16_outputs),
+    ("layernorm backward: the residual bias sum misses the incoming residual gradient", "layernorm",
+     "if (sdh) sdh[c] += v;", "if (sdh) sdh[c] += dres ? v - dres[o + c] : v;", run_residual_layernorm_backward),
+    ("layernorm backward: the bf16 copy of dh truncated instead of rounded", "layernorm",
+     "if (dh_bf16) dh_bf16[o + c] = f32_to_bf16_rne(v);", "if (dh_bf16) dh_bf16[o + c] = __float_as_uint(v) >> 16;",
+     run_residual_layernorm_backward),
+    ("layernorm param reduce: dw overwrites the gradient buffer instead of adding into it", "layernorm",
+     "dw[c] += partial_total(partial, 0, nblocks, C, c);", "dw[c] = partial_total(partial, 0, nblocks, C, c);",
+     run_residual_layernorm_backward),
+    ("layernorm backward: a bf16 dy read with its bits one place too low", "layernorm",
+     "return __uint_as_float(((unsigned int)b) << 16);", "return __uint_as_float(((unsigned int)b) << 15);",
+     run_residual_layernorm_backward),
+    ("layernorm forward: a bf16 residual read from the neighbouring channel", "layernorm",
+     "float rv = residual_bf16 ? bf16_to_f32(residual_bf16[o + c]) : residual[o + c];",
+     "float rv = residual_bf16 ? bf16_to_f32(residual_bf16[o + (c ^ 1)]) : residual[o + c];",
+     run_residual_layernorm_backward),
+    ("layernorm backward: the third partial row (drb) written over the second (db)", "layernorm",
+     "partial[((long long)s * gridDim.x + blockIdx.x) * C + c] = a;",
+     "partial[((long long)min(s, 1) * gridDim.x + blockIdx.x) * C + c] = a;", run_residual_layernorm_backward),
 ]
 
 
@@ -245,8 +297,8 @@ def _outcomes(monkeypatch, cp, runner, stop_when_caught=False):
     return out
 
 
-@pytest.mark.parametrize("runner", [run_embedding_into, run_flash, run_layernorm, run_cross_entropy_inplace, run_cross_entropy_bf16,
-                                    run_bf16_outputs])
+@pytest.mark.parametrize("runner", [run_embedding_into, run_flash, run_layernorm, run_cross_entropy_inplace,
+                                    run_cross_entropy_bf16, run_bf16_outputs, run_residual_layernorm_backward])
 def test_unmutated_kernels_pass_in_every_schedule(monkeypatch, cuda_cp, runner):
     for s, r in _outcomes(monkeypatch, cuda_cp, runner).items():
         assert not isinstance(r, str) and r < 1, f"schedule {s}: {r}"

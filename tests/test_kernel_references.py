@@ -127,9 +127,14 @@ def test_adamw_flat_reference_agrees_with_optim():
 @pytest.mark.parametrize("N", [1, 7, 8, 9, 100, 8191, 16384])
 @pytest.mark.parametrize("C", [1, 33, 768, 1600, 6144])
 @pytest.mark.parametrize("sms", [1, 108, 132])
-def test_layernorm_backward_config_covers_rows(N, C, sms):
-    nw, rpb, nblocks, smem = launch.layernorm_backward_config(N, C, sms)
-    assert 1 <= nw <= 8 and smem == 2 * nw * C * 4 <= launch.SMEM_DEFAULT
+@pytest.mark.parametrize("n_sums", [2, 3])
+def test_layernorm_backward_config_covers_rows(N, C, sms, n_sums):
+    if 4 * n_sums * C > launch.SMEM_DEFAULT:                # one warp's rows would not fit: refused
+        with pytest.raises(ValueError):
+            launch.layernorm_backward_config(N, C, sms, n_sums=n_sums)
+        return
+    nw, rpb, nblocks, smem = launch.layernorm_backward_config(N, C, sms, n_sums=n_sums)
+    assert 1 <= nw <= 8 and smem == n_sums * nw * C * 4 <= launch.SMEM_DEFAULT
     covered = np.zeros(N, int)
     for blk in range(nblocks):                      # what layernorm_backward's loops visit
         for warp in range(nw):

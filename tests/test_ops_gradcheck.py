@@ -52,14 +52,6 @@ def test_bias_attention_values(rng):
                                   ops.attention(Tensor(x + b), 2).data)
 
 
-def test_residual_add_with_bias(rng):
-    C = 5
-    check_op(ops.residual_add, [rng.standard_normal((2, 3, C)), rng.standard_normal((2, 3, C)), rng.standard_normal(C)],
-             rng)
-    x, r, b = rng.standard_normal((3, C)), rng.standard_normal((3, C)), rng.standard_normal(C)
-    np.testing.assert_array_equal(ops.residual_add(Tensor(x), Tensor(r), Tensor(b)).data, x + (r + b))
-
-
 def test_attention_is_causal(rng):
     """Changing a later token must not change earlier outputs."""
     qkv = rng.standard_normal((1, 6, 12))
@@ -236,6 +228,56 @@ def test_residual_layernorm_with_bias_both_outputs(rng):
     check_op(op, arrays, rng)
     w, b = Tensor(rng.standard_normal(C)), Tensor(rng.standard_normal(C))
     check_op(lambda x, r, rb: ops.residual_layernorm(x, r, w, b, r_bias=rb)[0], arrays[:3], rng)   # only h used
+
+
+@pytest.mark.parametrize("op_name", ["layernorm", "residual_layernorm"])
+def test_layernorms_add_into_gradient_buffers(rng, op_name):
+    """Parameters with gradient buffers (the model's flat_grads): the backward adds dw, db (and the residual
+    bias's drb) into them on top of what they held (*_into, docs/CONTRACTS.md), the same numbers the tape gets
+    without buffers, which check_op holds against finite differences. bf16_dr is a storage hint: no effect here."""
+    from nanogpt_np.tensor import backward
+    C = 7
+    x, r = rng.standard_normal((2, 3, C)), rng.standard_normal((2, 3, C))
+    params = [rng.standard_normal(C) for _ in range(3)]               # w, b, rb
+    if op_name == "layernorm":
+        params = params[:2]
+        op = lambda x, w, b: ops.layernorm(x, w, b)
+        arrays = [x] + params
+    else:
+        op = lambda x, r, w, b, rb: ops.add(*ops.residual_layernorm(x, r, w, b, r_bias=rb, bf16_dr=True))
+        arrays = [x, r] + params
+    check_op(op, arrays, rng)                                          # no buffers: returned and summed by the tape
+    R = rng.standard_normal(x.shape)
+    plain = [Tensor(a.copy(), requires_grad=True) for a in arrays]
+    backward(op(*plain), grad=R.copy())
+    held = [rng.standard_normal(C) for _ in params]
+    tensors = [Tensor(a.copy(), requires_grad=True) for a in arrays]
+    for t, h in zip(tensors[-len(params):], held):
+        t.use_grad_buffer(h.copy())
+    backward(op(*tensors), grad=R.copy())
+    for t, p_, h in zip(tensors[-len(params):], plain[-len(params):], held):
+        np.testing.assert_allclose(t.grad, h + p_.grad, rtol=1e-12, atol=1e-12)
+    for t, p_ in zip(tensors[:-len(params)], plain[:-len(params)]):
+        np.testing.assert_allclose(t.grad, p_.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_residual_layernorm_without_r_passes_x_through(rng):
+    """r=None (the first block's ln_1): h is x itself, y = layernorm(x); both outputs used, so x's gradient is
+    dh + layernorm's dx (summed by the op itself)."""
+    C = 6
+    M = Tensor(rng.standard_normal((C, C)))
+
+    def op(x, w, b):
+        h, y = ops.residual_layernorm(x, None, w, b)
+        return ops.add(ops.linear(h, M), y)
+
+    check_op(op, [rng.standard_normal((2, 3, C)), rng.standard_normal(C), rng.standard_normal(C)], rng)
+    x, w, b = (Tensor(rng.standard_normal(s)) for s in ((3, C), C, C))
+    h, y = ops.residual_layernorm(x, None, w, b)
+    assert np.shares_memory(h.data, x.data) and np.array_equal(h.data, x.data)      # x itself, not a copy
+    np.testing.assert_array_equal(y.data, ops.layernorm(x, w, b).data)
+    with pytest.raises(ValueError, match="r_bias without r"):
+        ops.residual_layernorm(x, None, w, b, r_bias=b)
 
 
 def test_residual_layernorm_values(rng):

@@ -25,21 +25,22 @@ def rows_per_warp(n_rows: int, warps_per_block: int = 8):
     return (max(1, ceil_div(n_rows, warps_per_block)),), (32 * warps_per_block,)
 
 
-def layernorm_backward_config(N: int, C: int, num_sms: int, blocks_per_sm: int = 4):
+def layernorm_backward_config(N: int, C: int, num_sms: int, blocks_per_sm: int = 4, n_sums: int = 2):
     """-> (warps per block, rows per block, number of blocks, dynamic shared bytes).
 
-    Each warp keeps two private rows of C floats (dw, db) in shared memory: 8*C bytes per warp, at most 48 KB,
-    so at most 8 warps and at least 1. The grid aims at blocks_per_sm blocks per SM; each block takes a
-    contiguous run of rows, the last one possibly shorter. Depends only on (N, C, num_sms): the same device
-    always sums in the same order.
+    Each warp keeps n_sums private rows of C floats in shared memory (dw, db, and with n_sums=3 the column sum
+    of dx): 4*n_sums*C bytes per warp, at most 48 KB, so at most 8 warps and at least 1. The grid aims at
+    blocks_per_sm blocks per SM; each block takes a contiguous run of rows, the last one possibly shorter.
+    Depends only on (N, C, num_sms, n_sums): the same device always sums in the same order.
     """
-    nw = max(1, min(8, SMEM_DEFAULT // (8 * C)))
-    if 8 * C * nw > SMEM_DEFAULT:
+    per_warp = 4 * n_sums * C
+    nw = max(1, min(8, SMEM_DEFAULT // per_warp))
+    if per_warp * nw > SMEM_DEFAULT:
         raise ValueError(f"layernorm backward: C={C} needs more than 48 KB of shared memory per warp")
     target = max(1, num_sms * blocks_per_sm)
     rows_per_block = max(nw, ceil_div(N, target))
     nblocks = ceil_div(N, rows_per_block)
-    return nw, rows_per_block, nblocks, 2 * nw * C * 4
+    return nw, rows_per_block, nblocks, per_warp * nw
 
 
 def column_chunks(N: int, C: int, num_sms: int, ry: int = 8, blocks_per_sm: int = 8):

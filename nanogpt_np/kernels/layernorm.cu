@@ -1,6 +1,7 @@
 // LayerNorm over the last dimension C of an (N, C) float32 matrix, with the residual add fused in.
 //
-//   forward:  h = x + residual (+ residual_bias[c])   (only when residual != NULL; h is written out: the new
+//   forward:  h = x + residual (+ residual_bias[c])   (only with a residual, float32 or bf16 bits (a bf16 matmul
+//                                                     wrote it); h is written out: the new
 //                                                     residual stream; residual_bias is the bias of the matmul
 //                                                     that made `residual`, added here instead of in its own pass)
 //             mean = sum(h)/C,  rstd = 1/sqrt(sum((h-mean)^2)/C + eps)
@@ -10,17 +11,23 @@
 //   backward: xhat = (h - mean) * rstd,  g = dout * w
 //             dh = rstd * (g - mean(g) - xhat * mean(g * xhat))   (+ dres: the gradient already flowing in the
 //                  residual stream is added here, so the model needs no separate add kernel)
-//             dw = sum_rows dout * xhat,  db = sum_rows dout
+//             dh is also written as bf16 bits when dh_bf16 is given (for the bf16 matmul that made `residual`:
+//                  its dy; no separate conversion pass)
+//             dw = sum_rows dout * xhat,  db = sum_rows dout,  and with n_sums == 3 also
+//             dresidual_bias = sum_rows dh (the residual bias is added to every row: its gradient is the column
+//                  sum of the residual gradient; summed here while dh is in registers, no second pass)
 //
 // Work split: one warp per row. A lane handles channels lane, lane+32, ... The three passes over a row
 // (sum, centered sum of squares, write) read the row from DRAM once; the second and third reads hit L1/L2
 // (a row is C*4 = 3 KB at C=768). Row reductions are warp shuffles (butterfly), no shared memory.
-// Memory traffic: forward reads x (+ residual), writes out (4 or 2 bytes) (+ h); backward reads dout, h
-// (+ dres), writes dh.
+// Memory traffic: forward reads x (+ residual), writes out (4 or 2 bytes) (+ h); backward reads dout (4 or 2
+// bytes: a bf16 matmul may write it as bf16), h (+ dres), writes dh (+ its 2-byte bf16 copy).
 //
-// Deterministic dw/db: a block owns a fixed range of rows. Each warp accumulates its rows into its own slice
-// of shared memory (no atomics: a lane only touches its own channels), the block then adds the warp slices in
-// warp order and writes one partial row per block; layernorm_param_reduce adds the partials in block order.
+// Deterministic column sums (dw, db, dresidual_bias): a block owns a fixed range of rows. Each warp
+// accumulates its rows into its own slice of shared memory (no atomics: a lane only touches its own channels),
+// the block then adds the warp slices in warp order and writes one partial row per block and sum;
+// layernorm_param_reduce adds the partials in block order and ADDS the result into dw, db (and
+// dresidual_bias): the model passes its flat gradient buffer's slices (docs/CONTRACTS.md, `*_into`).
 
 typedef unsigned short bf16_t;
 
@@ -31,6 +38,8 @@ __device__ __forceinline__ bf16_t f32_to_bf16_rne(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (bf16_t)(u >> 16);
 }
+
+__device__ __forceinline__ float bf16_to_f32(bf16_t b) { return __uint_as_float(((unsigned int)b) << 16); }
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -43,7 +52,8 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
                                              float* __restrict__ rstd,       // (N,)
                                              float* h_out,                   // (N, C) x + residual, or NULL
                                              const float* x,                 // (N, C)
-                                             const float* __restrict__ residual,  // (N, C) or NULL
+                                             const float* __restrict__ residual,  // (N, C) or NULL, or:
+                                             const bf16_t* __restrict__ residual_bf16,  // (N, C) bf16 bits or NULL
                                              const float* __restrict__ residual_bias,  // (C,) or NULL
                                              const float* __restrict__ w, const float* __restrict__ b,
                                              int N, int C, float eps) {
@@ -53,11 +63,12 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
     const float* xr = x + (long long)row * C;
     const float* src = xr;                       // where h lives after pass 1
     float s = 0.0f;
-    if (residual != nullptr) {
-        const float* rr = residual + (long long)row * C;
-        float* hr = h_out + (long long)row * C;
+    if (residual != nullptr || residual_bf16 != nullptr) {
+        long long o = (long long)row * C;
+        float* hr = h_out + o;
         for (int c = lane; c < C; c += 32) {
-            float v = xr[c] + (residual_bias ? rr[c] + residual_bias[c] : rr[c]);
+            float rv = residual_bf16 ? bf16_to_f32(residual_bf16[o + c]) : residual[o + c];
+            float v = xr[c] + (residual_bias ? rv + residual_bias[c] : rv);
             hr[c] = v; s += v;
         }
         src = hr;                                // this lane re-reads only what it wrote itself
@@ -76,73 +87,78 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
 }
 
-// blockDim.x = 32 * NW; dynamic shared memory = 2 * NW * C floats. Block k owns rows
+// blockDim.x = 32 * NW; dynamic shared memory = n_sums * NW * C floats. Block k owns rows
 // [k*rows_per_block, (k+1)*rows_per_block). dh may alias dres (in-place accumulation into the residual grad).
 extern "C" __global__ void layernorm_backward(float* dh,                         // (N, C) out
-                                              float* __restrict__ dw_partial,    // (gridDim.x, C) out
-                                              float* __restrict__ db_partial,    // (gridDim.x, C) out
-                                              const float* __restrict__ dout,    // (N, C)
+                                              bf16_t* __restrict__ dh_bf16,      // (N, C) out, or NULL
+                                              float* __restrict__ partial,       // (n_sums, gridDim.x, C) out
+                                              const float* __restrict__ dout,    // (N, C), or NULL and:
+                                              const bf16_t* __restrict__ dout_bf16,  // (N, C) bf16 bits, or NULL
                                               const float* __restrict__ h,       // (N, C) the LN input
                                               const float* __restrict__ mean, const float* __restrict__ rstd,
                                               const float* __restrict__ w,
                                               const float* dres,                 // (N, C) or NULL
+                                              int n_sums,                        // 2: dw, db;  3: and sum of dh
                                               int N, int C, int rows_per_block) {
     extern __shared__ float smem[];
     int NW = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     float* sdw = smem + warp * C;                // this warp's private accumulators
     float* sdb = smem + (NW + warp) * C;
-    for (int c = lane; c < C; c += 32) { sdw[c] = 0.0f; sdb[c] = 0.0f; }
+    float* sdh = n_sums == 3 ? smem + (2 * NW + warp) * C : nullptr;
+    for (int c = lane; c < C; c += 32) { sdw[c] = 0.0f; sdb[c] = 0.0f; if (sdh) sdh[c] = 0.0f; }
 
     int row_end = min(N, (blockIdx.x + 1) * rows_per_block);
     for (int row = blockIdx.x * rows_per_block + warp; row < row_end; row += NW) {
-        const float* dr = dout + (long long)row * C;
-        const float* hr = h + (long long)row * C;
+        long long o = (long long)row * C;
+        const float* hr = h + o;
         float m = mean[row], r = rstd[row];
         // pass 1: the two row sums the dx formula needs, and the dw/db contributions
         float sg = 0.0f, sgx = 0.0f;
         for (int c = lane; c < C; c += 32) {
-            float xhat = (hr[c] - m) * r, d = dr[c], g = d * w[c];
+            float d = dout_bf16 ? bf16_to_f32(dout_bf16[o + c]) : dout[o + c];
+            float xhat = (hr[c] - m) * r, g = d * w[c];
             sg += g; sgx += g * xhat;
             sdw[c] += d * xhat; sdb[c] += d;
         }
         sg = warp_sum(sg) / C; sgx = warp_sum(sgx) / C;
         // pass 2: dx (re-reads dout and h from cache), plus the incoming residual gradient
-        float* o = dh + (long long)row * C;
-        const float* rr = dres ? dres + (long long)row * C : nullptr;
         for (int c = lane; c < C; c += 32) {
-            float xhat = (hr[c] - m) * r, g = dr[c] * w[c];
+            float d = dout_bf16 ? bf16_to_f32(dout_bf16[o + c]) : dout[o + c];
+            float xhat = (hr[c] - m) * r, g = d * w[c];
             float v = r * (g - sg - xhat * sgx);
-            o[c] = rr ? v + rr[c] : v;           // same thread reads rr[c] then writes o[c]: aliasing is safe
+            if (dres) v += dres[o + c];          // same thread reads dres then writes dh: aliasing is safe
+            dh[o + c] = v;
+            if (dh_bf16) dh_bf16[o + c] = f32_to_bf16_rne(v);
+            if (sdh) sdh[c] += v;
         }
     }
     __syncthreads();
     // block sum of the warp slices, in warp order (deterministic)
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float aw = 0.0f, ab = 0.0f;
-        for (int k = 0; k < NW; k++) { aw += smem[k * C + c]; ab += smem[(NW + k) * C + c]; }
-        dw_partial[(long long)blockIdx.x * C + c] = aw;
-        db_partial[(long long)blockIdx.x * C + c] = ab;
+        for (int s = 0; s < n_sums; s++) {
+            float a = 0.0f;
+            for (int k = 0; k < NW; k++) a += smem[(s * NW + k) * C + c];
+            partial[((long long)s * gridDim.x + blockIdx.x) * C + c] = a;
+        }
     }
 }
 
-// One thread per channel: add the per-block partials in block order. Coalesced across c.
-extern "C" __global__ void layernorm_param_reduce(float* __restrict__ dw, float* __restrict__ db,
-                                                  const float* __restrict__ dw_partial,
-                                                  const float* __restrict__ db_partial, int nblocks, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    float aw = 0.0f, ab = 0.0f;
-    for (int k = 0; k < nblocks; k++) { aw += dw_partial[(long long)k * C + c]; ab += db_partial[(long long)k * C + c]; }
-    dw[c] = aw; db[c] = ab;
+// Sum s of the per-block partials for channel c, in block order.
+__device__ __forceinline__ float partial_total(const float* __restrict__ partial, int s, int nblocks, int C, int c) {
+    float a = 0.0f;
+    for (int k = 0; k < nblocks; k++) a += partial[((long long)s * nblocks + k) * C + c];
+    return a;
 }
 
-// The residual add that ends a block, with the bias of the matmul that made r: h = x + (r + bias[c]).
-// (The block's first residual add is fused into layernorm_forward above; after the MLP no layernorm follows
-// within the block, so this add runs on its own, but it still saves the bias its own pass.)
-// One thread per element; reads x and r, writes h. n = N*C, bias (C,).
-extern "C" __global__ void residual_bias_add(float* __restrict__ h, const float* __restrict__ x,
-                                             const float* __restrict__ r, const float* __restrict__ bias,
-                                             long long n, int C) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) h[i] = x[i] + (r[i] + bias[i % C]);
+// One thread per channel: add the per-block partials in block order, and ADD the totals into dw, db and,
+// when given (the partials then have a third row), dsum. Coalesced across c.
+extern "C" __global__ void layernorm_param_reduce(float* __restrict__ dw, float* __restrict__ db,
+                                                  float* __restrict__ dsum,          // (C,) or NULL
+                                                  const float* __restrict__ partial, // (2 or 3, nblocks, C)
+                                                  int nblocks, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    dw[c] += partial_total(partial, 0, nblocks, C, c);
+    db[c] += partial_total(partial, 1, nblocks, C, c);
+    if (dsum) dsum[c] += partial_total(partial, 2, nblocks, C, c);
 }

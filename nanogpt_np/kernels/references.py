@@ -8,23 +8,28 @@ from .. import backend
 
 def residual_layernorm_forward(x, residual, residual_bias, w, b, eps=1e-5):
     """h = x + residual + residual_bias (the new residual stream; the bias (C,) of the matmul that made
-    `residual`, or None), y = layernorm(h). -> ((h, y), saved)."""
+    `residual`, or None), y = layernorm(h); residual None: h is x. -> ((h, y), saved)."""
     from ..ops.layernorm import layernorm_forward
-    h = x + residual if residual_bias is None else x + (residual + residual_bias)
+    if residual is None:
+        h = x
+    else:
+        h = x + residual if residual_bias is None else x + (residual + residual_bias)
     y, saved = layernorm_forward(h, w, b, eps)
     return (h, y), (saved, residual_bias is not None)
 
 
-def residual_layernorm_backward(douts, saved):
+def residual_layernorm_backward(douts, saved, dw_into=None, db_into=None, drb_into=None, bf16_dr=False):
     """(dh or None, dy) -> (dx, dresidual, dresidual_bias, dw, db): both summands of h get dh + d layernorm(dy);
-    the bias, added to every row, gets that summed over the rows (None without a bias)."""
+    the bias, added to every row, gets that summed over the rows (None without a bias). dw, db, dresidual_bias
+    are added into the *_into buffers when given (then None); bf16_dr (a storage hint) is ignored here."""
     from ..ops.layernorm import layernorm_backward
+    from ..ops.linear import _add_into
     saved, has_bias = saved
     dh, dy = douts
-    dx, dw, db = layernorm_backward(dy, saved)
+    dx, dw, db = layernorm_backward(dy, saved, dw_into, db_into)
     if dh is not None:
         dx = dx + dh
-    return dx, dx, (dx.sum(axis=0) if has_bias else None), dw, db
+    return dx, dx, (_add_into(drb_into, dx.sum(axis=0)) if has_bias else None), dw, db
 
 
 def bias_gelu_forward(x, b):

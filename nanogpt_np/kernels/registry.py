@@ -7,7 +7,7 @@ Importing a wrapper module is cheap; its CUDA module is compiled on the first la
 cached for the process (and on disk by CuPy). Names:
 
   contract ops (ops/*.py):   embedding, layernorm, gelu, cross_entropy, attention, bias_attention,
-                             residual_add, linear, lm_head,
+                             linear, lm_head,
                              lm_head_cross_entropy (chunked output layer + loss; bf16 or float32 gemms by precision)
   fused extras:              residual_layernorm, bias_gelu (meaning: kernels/references.py)
   attention variants:        attention_matmul (cuBLAS + fused softmax), attention_flash (bf16 tensor cores),
@@ -30,7 +30,6 @@ _REFERENCE = {
     "embedding": ("nanogpt_np.ops.embedding", "embedding_forward", "embedding_backward"),
     "layernorm": ("nanogpt_np.ops.layernorm", "layernorm_forward", "layernorm_backward"),
     "residual_layernorm": ("nanogpt_np.kernels.references", "residual_layernorm_forward", "residual_layernorm_backward"),
-    "residual_add": ("nanogpt_np.ops.residual", "residual_add_forward", "residual_add_backward"),
     "gelu": ("nanogpt_np.ops.gelu", "gelu_forward", "gelu_backward"),
     "bias_gelu": ("nanogpt_np.kernels.references", "bias_gelu_forward", "bias_gelu_backward"),
     "cross_entropy": ("nanogpt_np.ops.cross_entropy", "cross_entropy_forward", "cross_entropy_backward"),
@@ -48,7 +47,6 @@ _TABLE = {
     "embedding": ("encoder", "embedding_forward", "embedding_backward"),
     "layernorm": ("layernorm", "layernorm_forward", "layernorm_backward"),
     "residual_layernorm": ("layernorm", "residual_layernorm_forward", "residual_layernorm_backward"),
-    "residual_add": ("layernorm", "residual_add_forward", "residual_add_backward"),
     "gelu": ("gelu", "gelu_forward", "gelu_backward"),
     "bias_gelu": ("gelu", "bias_gelu_forward", "bias_gelu_backward"),
     "cross_entropy": ("cross_entropy", "cross_entropy_forward", "cross_entropy_backward"),

@@ -9,9 +9,9 @@ from .linear import linear, lm_head
 from .layernorm import layernorm, residual_layernorm
 from .gelu import gelu, bias_gelu
 from .attention import attention, bias_attention
-from .residual import add, residual_add
+from .residual import add
 from .dropout import dropout
 from .cross_entropy import cross_entropy
 from .lm_head_loss import lm_head_cross_entropy
 
-__all__ = ["embedding", "linear", "lm_head", "layernorm", "residual_layernorm", "gelu", "bias_gelu", "attention", "bias_attention", "add", "residual_add", "dropout", "cross_entropy", "lm_head_cross_entropy"]
+__all__ = ["embedding", "linear", "lm_head", "layernorm", "residual_layernorm", "gelu", "bias_gelu", "attention", "bias_attention", "add", "dropout", "cross_entropy", "lm_head_cross_entropy"]

@@ -15,10 +15,15 @@ Residual + layernorm (one op with two outputs, so the GPU can do both in one pas
     y = layernorm(h)
     dh_total = dh + (layernorm backward of dy),  dx = dr = dh_total   (an add passes its gradient through)
     drb = dh_total summed over the rows            (rb[c] is added to every row n: d h[n, c] / d rb[c] = 1)
+The model uses it at every block boundary: the residual add that ends a branch and the layernorm after it.
+
+dw, db (and drb) are added straight into the parameters' gradient buffers when they have one (`*_into`, as in
+ops/linear.py), so the tape adds nothing for them.
 """
 from .. import backend
 from ..tensor import Tensor, record
 from .dispatch import implementation
+from .linear import _add_into
 from .reductions import mean_last, sum_rows
 
 
@@ -35,8 +40,9 @@ def layernorm_forward(x, w, b, eps=1e-5):
     return y, (xhat, w, rstd)
 
 
-def layernorm_backward(dy, saved):
-    """dy (N, C) -> dx (N, C), dw (C,), db (C,)."""
+def layernorm_backward(dy, saved, dw_into=None, db_into=None):
+    """dy (N, C) -> dx (N, C), dw (C,), db (C,). dw_into / db_into: buffers (the parameters' slices of the flat
+    gradient buffer) to add dw / db into; that gradient is then returned as None (docs/CONTRACTS.md)."""
     xhat, w, rstd = saved
     C = xhat.shape[-1]
     dy_xhat = dy * xhat                                     # (N, C)
@@ -49,7 +55,7 @@ def layernorm_backward(dy, saved):
     dx -= mean_g
     dx -= xhat * mean_g_xhat
     dx *= rstd
-    return dx, dw, db
+    return dx, _add_into(dw_into, dw), _add_into(db_into, db)
 
 
 def layernorm(x: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
@@ -58,51 +64,64 @@ def layernorm(x: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
     forward, backward = implementation("layernorm", x.data, layernorm_forward, layernorm_backward)
     y, saved = forward(x.data.reshape(-1, C), w.data, b.data, eps)
 
-    def backward_fn(dout):
-        dx, dw, db = backward(dout.reshape(-1, C), saved)
+    def backward_fn(dout):       # dw, db are added into w's and b's gradient buffers when they have one (then None)
+        dx, dw, db = backward(dout.reshape(-1, C), saved, dw_into=w.grad_buffer(), db_into=b.grad_buffer())
         return dx.reshape(x.shape), dw, db
 
     return record(Tensor(y.reshape(x.shape)), (x, w, b), backward_fn)
 
 
 def residual_layernorm_forward(x, r, rb, w, b, eps=1e-5):
-    """x, r (N, C), rb (C,) or None -> ((h = x + r + rb, y = layernorm(h)), saved)."""
-    h = x + (r if rb is None else r + rb)               # r + rb first: the order of linear's y += b, then x +
+    """x, r (N, C) (or r None: h is x), rb (C,) or None -> ((h = x + r + rb, y = layernorm(h)), saved)."""
+    h = x if r is None else x + (r if rb is None else r + rb)   # r + rb first: the order of linear's y += b
     y, saved = layernorm_forward(h, w, b, eps)
     return (h, y), (saved, rb is not None)
 
 
-def residual_layernorm_backward(douts, saved):
+def residual_layernorm_backward(douts, saved, dw_into=None, db_into=None, drb_into=None, bf16_dr=False):
     """(dh or None, dy) -> (dx, dr, drb or None, dw, db); dx and dr are the same array (safe: the tape never
-    writes into an intermediate gradient)."""
+    writes into an intermediate gradient). dw, db, drb are added into the *_into buffers when given (then None).
+    bf16_dr is a storage hint for GPU kernels (dr as bf16 for a bf16 matmul); the reference ignores it."""
     saved, has_rb = saved
     dh, dy = douts
-    dx, dw, db = layernorm_backward(dy, saved)
+    dx, dw, db = layernorm_backward(dy, saved, dw_into, db_into)
     if dh is not None:
         dx += dh
-    return dx, dx, (sum_rows(dx) if has_rb else None), dw, db
+    return dx, dx, (_add_into(drb_into, sum_rows(dx)) if has_rb else None), dw, db
 
 
-def residual_layernorm(x: Tensor, r: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5, r_bias: Tensor = None):
-    """(h, y) = (x + r + r_bias, layernorm(h)) for x, r (..., C): the residual add that ends an attention branch
-    (with the bias of its last matmul, r_bias (C,) or None) and the layernorm that starts the MLP branch, fused."""
-    if x.shape != r.shape:
+def residual_layernorm(x: Tensor, r: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5, r_bias: Tensor = None, *,
+                       bf16_dr=False):
+    """(h, y) = (x + r + r_bias, layernorm(h)) for x, r (..., C): the residual add that ends a branch (with the
+    bias of its last matmul, r_bias (C,) or None) and the layernorm that comes next (ln_2, the next block's ln_1,
+    or ln_f), fused. bf16_dr: r comes straight from a matmul that may read its gradient as bf16 (a hint for bf16
+    kernels, like linear's bf16_dx: r must then have no other consumer).
+    r=None: no branch to add, h is x (the same data) and y = layernorm(x); the stream passes through, so the
+    gradients of h and of y reach x summed in the backward's own pass (the first block's ln_1)."""
+    if r is None and r_bias is not None:
+        raise ValueError("residual_layernorm: r_bias without r")
+    if r is not None and x.shape != r.shape:
         raise ValueError(f"residual_layernorm needs equal shapes, got {x.shape} and {r.shape}")
     C = x.shape[-1]
     forward, backward = implementation("residual_layernorm", x.data, residual_layernorm_forward,
                                        residual_layernorm_backward)
-    (h, y), saved = forward(x.data.reshape(-1, C), r.data.reshape(-1, C), None if r_bias is None else r_bias.data,
-                            w.data, b.data, eps)
+    (h, y), saved = forward(x.data.reshape(-1, C), None if r is None else r.data.reshape(-1, C),
+                            None if r_bias is None else r_bias.data, w.data, b.data, eps)
     h, y = Tensor(h.reshape(x.shape)), Tensor(y.reshape(x.shape))
+
+    def in_input_order(dx, dr, drb, dw, db):    # one gradient per input: x, r, r_bias, w, b (those given)
+        return ((dx,) + (() if r is None else (dr,)) + (() if r_bias is None else (drb,)) + (dw, db))
 
     def backward_fn(douts):
         dh, dy = douts
         if dy is None:                          # only h led to the loss: a plain residual add
             drb = None if r_bias is None else sum_rows(dh.reshape(-1, C))
-            return (dh, dh) + ((drb,) if r_bias is not None else ()) + (None, None)
-        dx, dr, drb, dw, db = backward((None if dh is None else dh.reshape(-1, C), dy.reshape(-1, C)), saved)
-        return (dx.reshape(x.shape), dr.reshape(x.shape)) + ((drb,) if r_bias is not None else ()) + (dw, db)
+            return in_input_order(dh, dh, drb, None, None)
+        dx, dr, drb, dw, db = backward((None if dh is None else dh.reshape(-1, C), dy.reshape(-1, C)), saved,
+                                       dw_into=w.grad_buffer(), db_into=b.grad_buffer(),
+                                       drb_into=None if r_bias is None else r_bias.grad_buffer(), bf16_dr=bf16_dr)
+        return in_input_order(dx.reshape(x.shape), dr.reshape(x.shape), drb, dw, db)
 
-    inputs = (x, r, w, b) if r_bias is None else (x, r, r_bias, w, b)
+    inputs = in_input_order(x, r, r_bias, w, b)
     record((h, y), inputs, backward_fn)
     return h, y

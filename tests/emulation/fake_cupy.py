@@ -493,13 +493,18 @@ def _store(out, out_bf16, n, values):
         _f32(_arr(out), n)[...] = np.asarray(values).reshape(-1)
 
 
-def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, x, residual, rbias, w, b, N, C, eps):
+def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, x, residual, residual_bf16, rbias, w, b,
+                       N, C, eps):
     N, C, eps = _int(N, np.int32), _int(C, np.int32), _flt(eps)
     assert grid[0] * block[0] // 32 >= N and block[0] % 32 == 0
     xv = _f32(_arr(x), N * C).reshape(N, C).astype(np.float64)
-    r = _arr(residual)
-    if r is not None:
-        rv = _f32(r, N * C).reshape(N, C)
+    r, r16 = _arr(residual), _arr(residual_bf16)
+    if r is not None or r16 is not None:
+        if r16 is not None:                         # bf16 bits
+            assert r is None and r16.dtype == np.uint16
+            rv = bf16_to_float32(r16.reshape(-1)[:N * C]).reshape(N, C)
+        else:
+            rv = _f32(r, N * C).reshape(N, C)
         if _arr(rbias) is not None:
             rv = rv + _f32(_arr(rbias), C)
         xv = xv + rv
@@ -511,13 +516,19 @@ def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, x, r
     _f32(_arr(rstd), N)[...] = rs
 
 
-def _layernorm_backward(grid, block, smem, dh, dwp, dbp, dout, h, mean, rstd, w, dres, N, C, rpb):
-    N, C, rpb = _int(N, np.int32), _int(C, np.int32), _int(rpb, np.int32)
+def _layernorm_backward(grid, block, smem, dh, dh_bf16, partial, dout, dout_bf16, h, mean, rstd, w, dres, n_sums, N,
+                        C, rpb):
+    n_sums, N, C, rpb = _int(n_sums, np.int32), _int(N, np.int32), _int(C, np.int32), _int(rpb, np.int32)
     nw = block[0] // 32
-    assert block[0] % 32 == 0 and smem == 2 * nw * C * 4 <= 48 * 1024, "dynamic shared memory must be 2*NW*C floats"
+    assert n_sums in (2, 3) and block[0] % 32 == 0
+    assert smem == n_sums * nw * C * 4 <= 48 * 1024, "dynamic shared memory must be n_sums*NW*C floats"
     assert grid[0] * rpb >= N, "blocks do not cover the rows"
     hv = _f32(_arr(h), N * C).reshape(N, C).astype(np.float64)
-    dy = _f32(_arr(dout), N * C).reshape(N, C).astype(np.float64)
+    if _arr(dout_bf16) is not None:                 # dy as bf16 bits
+        assert _arr(dout) is None and _arr(dout_bf16).dtype == np.uint16
+        dy = bf16_to_float32(_arr(dout_bf16).reshape(-1)[:N * C]).reshape(N, C).astype(np.float64)
+    else:
+        dy = _f32(_arr(dout), N * C).reshape(N, C).astype(np.float64)
     xhat = (hv - _f32(_arr(mean), N)[:, None]) * _f32(_arr(rstd), N)[:, None]
     g = dy * _f32(_arr(w), C)
     dx = _f32(_arr(rstd), N)[:, None] * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
@@ -525,19 +536,25 @@ def _layernorm_backward(grid, block, smem, dh, dwp, dbp, dout, h, mean, rstd, w,
     if r is not None:
         dx = dx + _f32(r, N * C).reshape(N, C)
     _f32(_arr(dh), N * C).reshape(N, C)[...] = dx
-    pw, pb = _rows(_f32(_arr(dwp)), C), _rows(_f32(_arr(dbp)), C)
-    assert pw.shape[0] >= grid[0]
+    if _arr(dh_bf16) is not None:                   # the bf16 copy rounds the float32 value the kernel wrote
+        assert _arr(dh_bf16).dtype == np.uint16
+        _arr(dh_bf16).reshape(-1)[:N * C] = float32_to_bf16(_f32(_arr(dh), N * C).copy())
+    p = _f32(_arr(partial), n_sums * grid[0] * C).reshape(n_sums, grid[0], C)
     for k in range(grid[0]):
         rows = slice(k * rpb, min(N, (k + 1) * rpb))
-        pw[k] = (dy[rows] * xhat[rows]).sum(0)
-        pb[k] = dy[rows].sum(0)
+        p[0, k] = (dy[rows] * xhat[rows]).sum(0)
+        p[1, k] = dy[rows].sum(0)
+        if n_sums == 3:
+            p[2, k] = dx[rows].sum(0)
 
 
-def _param_reduce(grid, block, smem, dw, db, dwp, dbp, nblocks, C):
+def _param_reduce(grid, block, smem, dw, db, dsum, partial, nblocks, C):
     nblocks, C = _int(nblocks, np.int32), _int(C, np.int32)
     assert _threads(grid, block) >= C
-    _f32(_arr(dw), C)[...] = _f32(_arr(dwp), nblocks * C).reshape(nblocks, C).sum(0)
-    _f32(_arr(db), C)[...] = _f32(_arr(dbp), nblocks * C).reshape(nblocks, C).sum(0)
+    outs = [dw, db] + ([dsum] if _arr(dsum) is not None else [])
+    p = _f32(_arr(partial), len(outs) * nblocks * C).reshape(len(outs), nblocks, C)
+    for s, out in enumerate(outs):                  # the kernel ADDS into its outputs
+        _f32(_arr(out), C)[...] += p[s].sum(0)
 
 
 def _gelu(a):
@@ -796,13 +813,6 @@ def _bf16_column_sum_partial(grid, block, smem, partial, x, N, C, rpc):
         p[k] = xv[k * rpc:min(N, (k + 1) * rpc)].sum(0)
 
 
-def _residual_bias_add(grid, block, smem, h, x, r, bias, n, C):
-    n, C = _int(n, np.int64), _int(C, np.int32)
-    assert _threads(grid, block) >= n
-    rb = (_f32(_arr(r), n).reshape(-1, C) + _f32(_arr(bias), C)).reshape(-1)
-    _f32(_arr(h), n)[...] = _f32(_arr(x), n) + rb
-
-
 def _to_f32(grid, block, smem, out, inp, n):
     n = _int(n, np.int64)
     assert _threads(grid, block) >= n and _arr(inp).dtype == np.uint16
@@ -817,7 +827,6 @@ KERNELS = {
     ("layernorm", "layernorm_forward"): _layernorm_forward,
     ("layernorm", "layernorm_backward"): _layernorm_backward,
     ("layernorm", "layernorm_param_reduce"): _param_reduce,
-    ("layernorm", "residual_bias_add"): _residual_bias_add,
     ("gelu", "gelu_forward"): _gelu_forward(1),
     ("gelu", "gelu_forward_f4"): _gelu_forward(4),
     ("gelu", "gelu_backward"): _gelu_backward,

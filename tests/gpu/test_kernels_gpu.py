@@ -116,11 +116,28 @@ def test_layernorm(cp, poison, act_dtype, N, C):
     assert rel_err(to_np(dx), rdx) < TOL
     assert rel_err(to_np(dw), rdw) < TOL
     assert rel_err(to_np(db), rdb) < TOL
+    # the *_into contract: dw, db added into buffers that already hold something (docs/CONTRACTS.md)
+    held_w, held_b = randn(C), randn(C)
+    dw_into, db_into = cp.asarray(held_w), cp.asarray(held_b)
+    dx2, dw2, db2 = bwd(cp.asarray(dy), saved, dw_into=dw_into, db_into=db_into)
+    assert dw2 is None and db2 is None
+    assert (to_np(dx2) == to_np(dx)).all()
+    assert rel_err(to_np(dw_into), held_w + rdw) < TOL and rel_err(to_np(db_into), held_b + rdb) < TOL
+    # dy as bf16 bits (a bf16 matmul's bf16_dx): the same results as for that dy in float32
+    dy16 = round_to_bf16(dy)
+    poison()
+    dx3, dw3, db3 = bwd(cp.asarray(float32_to_bf16(dy16)), saved)
+    rdx, rdw, rdb = ln_ops.layernorm_backward(dy16.astype(np.float64), rsaved)
+    assert to_np(dx3).dtype == np.float32
+    assert rel_err(to_np(dx3), rdx) < TOL and rel_err(to_np(dw3), rdw) < TOL and rel_err(to_np(db3), rdb) < TOL
 
 
 @pytest.mark.parametrize("N,C", LN_SHAPES)
-@pytest.mark.parametrize("with_dh,with_rb", [(True, True), (False, False)])
-def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb):
+@pytest.mark.parametrize("with_dh,with_rb,into", [(True, True, True), (True, True, False), (False, False, False)])
+def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb, into):
+    """into: dw, db, drb are added into buffers that already hold something (the model's flat gradient buffer),
+    and dresidual is asked for in bf16 (bf16_dr, as the model asks for c_proj): bf16 bits when the matmuls run
+    in bf16, exactly dx rounded to nearest even; the float32 dx itself otherwise."""
     x, r, w, b = randn(N, C), randn(N, C), randn(C), randn(C)
     rb = randn(C) if with_rb else None                      # the bias of the matmul that made r
     fwd, bwd = registry.lookup("residual_layernorm")
@@ -132,30 +149,65 @@ def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb):
     assert to_np(h).dtype == np.float32 and rel_err(to_np(h), rh) < TOL    # the residual stream stays float32
     check_act(y, ry, act_dtype)
     dh, dy = (randn(N, C) if with_dh else None), randn(N, C)
+    held = [randn(C) for _ in range(3)] if into else [0.0] * 3
+    intos = dict(dw_into=cp.asarray(held[0]), db_into=cp.asarray(held[1]),
+                 drb_into=cp.asarray(held[2]) if with_rb else None, bf16_dr=True) if into else {}
     poison()
-    dx, dres, drb, dw, db = bwd((None if dh is None else cp.asarray(dh), cp.asarray(dy)), saved)
+    dx, dres, drb, dw, db = bwd((None if dh is None else cp.asarray(dh), cp.asarray(dy)), saved, **intos)
     rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward(
         (None if dh is None else dh.astype(np.float64), dy.astype(np.float64)), rsaved)
-    assert dx is dres
-    assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(dw), rdw) < TOL and rel_err(to_np(db), rdb) < TOL
-    assert (drb is None) == (rb is None)
+    assert to_np(dx).dtype == np.float32 and rel_err(to_np(dx), rdx) < TOL
+    if into:
+        assert dw is None and db is None and (drb is None)
+        dw, db, drb = intos["dw_into"], intos["db_into"], intos["drb_into"]
+    assert rel_err(to_np(dw) - held[0], rdw) < TOL and rel_err(to_np(db) - held[1], rdb) < TOL
     if rb is not None:
-        assert rel_err(to_np(drb), rdrb) < TOL
+        assert rel_err(to_np(drb) - held[2], rdrb) < TOL
+    else:
+        assert drb is None
+    if into and act_dtype == "bfloat16":                    # the bf16 copy: dx's own float32 values, rounded
+        assert dres is not dx and (to_np(dres) == float32_to_bf16(to_np(dx))).all()
+        check_act(dres, rdx, act_dtype)
+    else:
+        assert dres is dx
 
 
 @pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (4097, 768)])
-def test_residual_add(cp, poison, N, C):
-    res_ops = importlib.import_module("nanogpt_np.ops.residual")
-    x, r, bias = randn(N, C), randn(N, C), randn(C)
-    fwd, bwd = registry.lookup("residual_add")
+def test_residual_layernorm_bf16_residual(cp, poison, act_dtype, N, C):
+    """The residual as bf16 bits (a bf16 matmul's bf16_out): the same results as for those values in float32."""
+    x, r, rb, w, b, dh, dy = randn(N, C), round_to_bf16(randn(N, C)), randn(C), randn(C), randn(C), randn(N, C), \
+        randn(N, C)
+    fwd, bwd = registry.lookup("residual_layernorm")
     poison()
-    h, saved = fwd(cp.asarray(x), cp.asarray(r), cp.asarray(bias))
-    rh, rsaved = res_ops.residual_add_forward(*f64(x, r, bias))
-    assert rel_err(to_np(h), rh) < TOL
-    dout = randn(N, C)
-    dx, dr, db = bwd(cp.asarray(dout), saved)
-    rdx, _, rdb = res_ops.residual_add_backward(dout.astype(np.float64), rsaved)
-    assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(dr), rdx) < TOL and rel_err(to_np(db), rdb) < TOL
+    (h, y), saved = fwd(cp.asarray(x), cp.asarray(float32_to_bf16(r)), *(cp.asarray(a) for a in (rb, w, b)), 1e-5)
+    (rh, ry), rsaved = references.residual_layernorm_forward(*f64(x, r, rb, w, b), 1e-5)
+    assert to_np(h).dtype == np.float32 and rel_err(to_np(h), rh) < TOL
+    check_act(y, ry, act_dtype)
+    poison()
+    dx, _, drb, dw, db = bwd((cp.asarray(dh), cp.asarray(dy)), saved)
+    rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)),
+                                                                    rsaved)
+    for got, want in ((dx, rdx), (drb, rdrb), (dw, rdw), (db, rdb)):
+        assert rel_err(to_np(got), want) < TOL
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (4097, 768)])
+def test_residual_layernorm_without_residual(cp, poison, act_dtype, N, C):
+    """residual None (the first block's ln_1): h is x itself, y = layernorm(x); the backward adds dh."""
+    x, w, b, dh, dy = randn(N, C), randn(C), randn(C), randn(N, C), randn(N, C)
+    fwd, bwd = registry.lookup("residual_layernorm")
+    xd = cp.asarray(x)
+    poison()
+    (h, y), saved = fwd(xd, None, None, cp.asarray(w), cp.asarray(b), 1e-5)
+    (_, ry), rsaved = references.residual_layernorm_forward(f64(x)[0], None, None, *f64(w, b), 1e-5)
+    assert h is xd
+    check_act(y, ry, act_dtype)
+    poison()
+    dx, dres, drb, dw, db = bwd((cp.asarray(dh), cp.asarray(dy)), saved)
+    rdx, _, _, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)),
+                                                                 rsaved)
+    assert dres is dx and drb is None
+    assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(dw), rdw) < TOL and rel_err(to_np(db), rdb) < TOL
 
 
 # --------------------------------------------------------------------------------------------------------- gelu
