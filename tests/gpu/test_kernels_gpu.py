@@ -389,7 +389,11 @@ def test_adamw(cp, n, n_decay, clip):
     rns = references.adamw_flat_reference(P, g.astype(np.float64), M, V, **kw)
     assert abs(float(ns[0]) - rns[0]) / rns[0] < TOL
     assert abs(float(ns[1]) - rns[1]) < TOL
-    assert rel_err(to_np(gp), P) < TOL and rel_err(to_np(gm), M) < TOL and rel_err(to_np(gv), V) < TOL
+    assert rel_err(to_np(gp), P) < TOL and rel_err(to_np(gv), V) < TOL
+    # m = 0.9 m + 0.1 g (g clipped) may cancel to far below its terms (n = 1 drew m = 0.01, 0.1 g = -0.0098 once):
+    # float32 rounds each term, so the error is relative to the terms' size, not to the small result
+    terms = max(np.abs(0.9 * m).max(), np.abs(0.1 * g).max())
+    assert np.abs(to_np(gm) - M).max() / terms < TOL
     np.testing.assert_array_equal(to_np(bf), float32_to_bf16(to_np(gp)))
     np.testing.assert_array_equal(to_np(gg), g)                  # the gradient buffer is not modified
 
