@@ -294,12 +294,16 @@ class GPT:
         # x = x + a (+ c_proj's bias) and m = ln_2(x) in one op (one pass over memory on the GPU)
         x, m = ops.residual_layernorm(x, a, p[h + "ln_2.weight"], self._bias(h + "ln_2"), cfg.layer_norm_eps,
                                       r_bias=proj_bias if fuse_proj else None)
-        m = ops.linear(m, p[h + "mlp.c_fc.weight"])                                        # (B, T, 4C)
+        # bias_gelu reads bf16 (the unbiased gelu does not): in bf16 precision on the GPU c_fc then writes its
+        # (B, T, 4C) output and mlp.c_proj its input gradient as bf16, half the bytes of the MLP's largest arrays
+        # (hints: ignored in float32 and on the CPU)
+        mlp_bf16 = cfg.bias
+        m = ops.linear(m, p[h + "mlp.c_fc.weight"], bf16_out=mlp_bf16)                     # (B, T, 4C)
         m = ops.bias_gelu(m, p[h + "mlp.c_fc.bias"]) if cfg.bias else ops.gelu(m)          # gelu(m + bias)
         if fuse_proj:
-            m = ops.linear(m, p[h + "mlp.c_proj.weight"])                                  # (B, T, C)
+            m = ops.linear(m, p[h + "mlp.c_proj.weight"], bf16_dx=mlp_bf16)                # (B, T, C)
             return ops.residual_add(x, m, p[h + "mlp.c_proj.bias"])                        # x + m + bias
-        m = ops.linear(m, p[h + "mlp.c_proj.weight"], p.get(h + "mlp.c_proj.bias"))
+        m = ops.linear(m, p[h + "mlp.c_proj.weight"], p.get(h + "mlp.c_proj.bias"), bf16_dx=mlp_bf16)
         return ops.add(x, ops.dropout(m, cfg.dropout, self.dropout_rng, self.training))
 
     def loss_on(self, idx, targets) -> float:
