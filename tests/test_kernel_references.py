@@ -387,6 +387,17 @@ def test_fake_bias_gelu_bf16_inputs(fake_cp, monkeypatch, N, C):
     assert _rel(fake_cp.asnumpy(into), before + rdb) < 1e-5
 
 
+def test_fake_gelu_widens_a_bf16_input(fake_cp):
+    """The unbiased gelu kernel reads float32 only (its backward too): a bf16 x is widened first, never read as
+    integers."""
+    from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16
+    xb = float32_to_bf16(_f32(6, 5, s=2))
+    fwd, _ = registry.lookup("gelu")
+    y, _ = fwd(fake_cp.asarray(xb))
+    y_ref, _ = fwd(fake_cp.asarray(bf16_to_float32(xb)))
+    np.testing.assert_array_equal(fake_cp.asnumpy(y), fake_cp.asnumpy(y_ref))
+
+
 def test_bias_gelu_reference_widens_bf16_and_adds_into():
     """Without the kernel (CPU, or the kernel disabled) bias_gelu's reference reads bf16 bits exactly widened,
     and db_into gets db added (what it held is kept)."""
