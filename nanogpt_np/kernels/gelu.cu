@@ -18,8 +18,9 @@
 // exactly to float32 (the 16 bits become the high half) and compute in float32 as the float32 kernels do.
 // One body serves both input types: a template over the input pointer type, with load_in() overloaded for
 // const float* and const bf16_t* (the template parameter is the pointer type itself, not T*, so that the CPU
-// emulator's checked pointers, tests/emulation/cuda, fit it as well). Where bf16 rounding happens on this path: x once (c_fc's gemm), dout once
-// (c_proj's gemm), out / dx once when stored; a = x + bias, gelu, gelu' and the dbias sums stay float32.
+// emulator's checked pointers, tests/emulation/cuda, fit it as well). Where bf16 rounding happens on this
+// path: x once (c_fc's gemm), dout once (c_proj's gemm), out / dx once when stored; a = x + bias, gelu, gelu'
+// and the dbias sums stay float32.
 //
 // dbias: column_sum_finish writes the sum of the chunk partials, or adds it into out (add_into = 1: the bias
 // gradient's slice of the model's flat gradient buffer, docs/CONTRACTS.md), so no separate add pass is needed.

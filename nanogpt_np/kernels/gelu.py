@@ -2,10 +2,9 @@
 
 bias_gelu (references.bias_gelu_forward/backward give the NumPy meaning):
     forward(x (N, C), b (C,)) -> (gelu(x + b), saved)
-    backward(dout, saved) -> (dx, db)        db = dx summed over rows, fused into the same pass
-
-    backward(dout, saved, db_into=None) -> (dx, db)   given db_into (the bias's slice of the flat gradient
-                                             buffer), db is ADDED into it and returned as None (docs/CONTRACTS.md)
+    backward(dout, saved, db_into=None) -> (dx, db)   db = dx summed over rows, fused into the same pass;
+        given db_into (the bias's slice of the flat gradient buffer) db is ADDED into it and returned as None
+        (docs/CONTRACTS.md)
 
 With bf16 activations (registry.bf16_activations()) the forward output and bias_gelu's dx are written as bf16
 bits (uint16): each only feeds a bf16 matmul (c_proj; c_fc's backward, whose bias gradient db is summed here
@@ -36,10 +35,12 @@ def _fwd(x, b):
     if n % 4 == 0 and (b is None or C % 4 == 0) and aligned:   # float4 loads need 16-byte alignment
         C4 = C // 4 if b is not None else 1
         grid, block = elementwise(n // 4)
-        launch("gelu", "gelu_forward_bf16x4" if bf16_in else "gelu_forward_f4", grid, block, (*outs, x, NULL if b is None else b, np.int64(n // 4), np.int32(C4)))
+        launch("gelu", "gelu_forward_bf16x4" if bf16_in else "gelu_forward_f4", grid, block,
+               (*outs, x, NULL if b is None else b, np.int64(n // 4), np.int32(C4)))
     else:
         grid, block = elementwise(n)
-        launch("gelu", "gelu_forward_bf16x" if bf16_in else "gelu_forward", grid, block, (*outs, x, NULL if b is None else b, np.int64(n), np.int32(C)))
+        launch("gelu", "gelu_forward_bf16x" if bf16_in else "gelu_forward", grid, block,
+               (*outs, x, NULL if b is None else b, np.int64(n), np.int32(C)))
     return out, x
 
 
@@ -86,10 +87,12 @@ def bias_gelu_backward(dy, saved, db_into=None):
     grid, block, rows_per_chunk = column_chunks(N, C, num_sms())
     partial = cp.empty((grid[1], C), dtype=cp.float32)
     launch("gelu", kernel, grid, block,
-           ((NULL, dx) if bf16_out else (dx, NULL)) + (partial, dy, x, b, np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
+           ((NULL, dx) if bf16_out else (dx, NULL))
+           + (partial, dy, x, b, np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
     if db_into is not None:
         assert db_into.shape == (C,) and db_into.dtype == cp.float32 and db_into.flags.c_contiguous
     db = cp.empty((C,), dtype=cp.float32) if db_into is None else db_into
     g2, b2 = elementwise(C)
-    launch("gelu", "column_sum_finish", g2, b2, (db, partial, np.int32(grid[1]), np.int32(C), np.int32(db_into is not None)))
+    launch("gelu", "column_sum_finish", g2, b2,
+           (db, partial, np.int32(grid[1]), np.int32(C), np.int32(db_into is not None)))   # add_into: 1 or 0
     return dx, (db if db_into is None else None)

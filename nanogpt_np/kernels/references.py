@@ -50,7 +50,6 @@ def bias_gelu_backward(dy, saved, db_into=None):
     return dx, None
 
 
-
 def global_grad_norm(grads, max_norm=0.0):
     """[sqrt(sum g^2), clip scale] with scale = min(1, max_norm / (norm + 1e-6)), 1 when max_norm <= 0."""
     xp = backend.xp_of(grads)

@@ -61,7 +61,7 @@ def gelu(x: Tensor) -> Tensor:
 
 def widen_bf16(a):
     """bf16 bits (uint16, written by a GPU gemm in bf16 precision) -> float32, exactly; other arrays as they are."""
-    if a.dtype.kind != "u":
+    if a.dtype != "uint16":
         return a
     from ..kernels.bf16 import bf16_to_float32
     return bf16_to_float32(a)
