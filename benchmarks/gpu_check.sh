@@ -38,7 +38,8 @@ if [ "$DRY" = "1" ]; then
   G=tests/gpu/test_kernels_gpu.py
   TEST_ARGS=("$G::test_embedding[2-7-11-33-9]" "$G::test_layernorm[bfloat16-7-33]"
              "$G::test_residual_layernorm[bfloat16-True-True-True-7-33]"
-             "$G::test_gelu[bfloat16-shape1]" "$G::test_bias_gelu[bfloat16-5-7]" "$G::test_cross_entropy[True-5-11]"
+             "$G::test_gelu[bfloat16-shape1]" "$G::test_bias_gelu[bfloat16-5-7-db_into]"
+             "$G::test_bias_gelu_bf16_inputs[9-64-db_into]" "$G::test_cross_entropy[True-5-11]"
              "$G::test_cross_entropy_edge_cases" "$G::test_adamw[1.0-1000-999]" "$G::test_attention_matmul[2-17-48-3]"
              "$G::test_attention_flash[bfloat16-1-1-64-1]" "$G::test_attention_flash[float32-2-100-128-2]"
              "$G::test_bias_attention_flash[bfloat16-2-100-128-2]"

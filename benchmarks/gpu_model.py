@@ -401,20 +401,23 @@ def kernel_traffic(op):
         n_sums = 2 + (not null[2])                                  # dw, db (and the residual bias's sum)
         nb = n_sums * nblocks * C * f4 + 2 * n_sums * C * f4        # partials read; each total added into its buffer
         return n_sums * nblocks * C, nb, nb, "memory"
-    if k in ("gelu_forward", "gelu_forward_f4"):
-        n = s[4] * (4 if k.endswith("f4") else 1)
-        nb = n * (f4 + (2 if null[0] else f4))                      # reads x, writes float32 or bf16
+    if k in ("gelu_forward", "gelu_forward_f4", "gelu_forward_bf16x", "gelu_forward_bf16x4"):
+        n = s[4] * (4 if k.endswith("4") else 1)
+        x_bytes = 2 if "bf16x" in k else f4                          # x float32, or bf16 bits from c_fc's gemm
+        nb = n * (x_bytes + (2 if null[0] else f4))                 # reads x, writes float32 or bf16
         return 15 * n, nb, nb, "memory"
     if k == "gelu_backward":
         n = s[3]
         return 20 * n, 3 * n * f4, 3 * n * f4, "memory"
-    if k == "bias_gelu_backward":
+    if k in ("bias_gelu_backward", "bias_gelu_backward_bf16"):
         N, C = s[6], s[7]
-        nb = N * C * (2 * f4 + (2 if null[0] else f4)) + grid[1] * C * f4
+        in_bytes = 2 if k.endswith("bf16") else f4                  # dout and x: float32, or bf16 bits
+        nb = N * C * (2 * in_bytes + (2 if null[0] else f4)) + grid[1] * C * f4
         return 20 * N * C, nb, nb, "memory"
     if k == "column_sum_finish":
-        nchunks, C = s[2], s[3]
-        return nchunks * C, nchunks * C * f4 + C * f4, nchunks * C * f4 + C * f4, "memory"
+        nchunks, C, add_into = s[2], s[3], s[4]
+        nb = nchunks * C * f4 + C * f4 * (1 + add_into)              # add_into: reads the buffer, adds, writes
+        return nchunks * C, nb, nb, "memory"
     if k == "cross_entropy_fused":
         V, N = s[5], grid[0]
         grad = not null[1]

@@ -98,14 +98,30 @@ def _layernorm(z, kind):
     return lambda: k.residual_layernorm_backward((dh, dy), saved)
 
 
-def _gelu(z, backward):
+def _gelu(z, backward, bf16=False):
+    """bf16: as the model runs it in bf16 precision (x and dy as bf16 bits, y and dx bf16, db into a buffer)."""
+    import cupy
     from nanogpt_np.kernels import gelu as k
-    x4, b4 = _f32(z.N, 4 * z.C), _f32(4 * z.C)
+    from nanogpt_np.kernels import registry
+    x4, b4, d4 = _f32(z.N, 4 * z.C), _f32(4 * z.C), _f32(z.N, 4 * z.C)
+    db_into = None
+    if bf16:
+        x4, d4 = cupy.zeros(x4.shape, dtype=cupy.uint16), cupy.zeros(d4.shape, dtype=cupy.uint16)
+        db_into = _f32(4 * z.C)
+
+    def in_precision(fn):
+        def call():
+            old = registry.precision()
+            registry.set_precision("bfloat16" if bf16 else "float32")
+            try:
+                return fn()
+            finally:
+                registry.set_precision(old)
+        return call
     if not backward:
-        return lambda: k.bias_gelu_forward(x4, b4)
-    _, saved = k.bias_gelu_forward(x4, b4)
-    d4 = _f32(z.N, 4 * z.C)
-    return lambda: k.bias_gelu_backward(d4, saved)
+        return in_precision(lambda: k.bias_gelu_forward(x4, b4))
+    _, saved = in_precision(lambda: k.bias_gelu_forward(x4, b4))()
+    return in_precision(lambda: k.bias_gelu_backward(d4, saved, db_into=db_into))
 
 
 def _cross_entropy(z):
@@ -162,6 +178,8 @@ KERNEL_ROWS = [
     ("layernorm forward", "layernorm", lambda z: _layernorm(z, "fwd")),
     ("residual + layernorm forward", "layernorm", lambda z: _layernorm(z, "res")),
     ("layernorm backward", "layernorm", lambda z: _layernorm(z, "bwd")),
+    ("bias + GELU forward, bf16 in/out", "gelu", lambda z: _gelu(z, False, bf16=True)),    # before the
+    ("bias + GELU backward, bf16 in/out", "gelu", lambda z: _gelu(z, True, bf16=True)),    # float32 prefixes
     ("bias + GELU forward", "gelu", lambda z: _gelu(z, False)),
     ("bias + GELU backward", "gelu", lambda z: _gelu(z, True)),
     ("cross-entropy fwd+bwd", "cross-entropy", _cross_entropy),

@@ -199,7 +199,7 @@ def main(argv=None):
     # ---- bias + GELU (the MLP's 4C activations)
     x4, b4 = rand(N, 4 * C), rand(4 * C)
     tf = timed(lambda: k_gelu.bias_gelu_forward(x4, b4))
-    tr = timed(lambda: r_gelu.gelu_forward(x4 + b4))
+    tr = tr_fwd = timed(lambda: r_gelu.gelu_forward(x4 + b4))
     tt = None
     if torch:
         tx4, tb4 = torch.as_tensor(x4, device="cuda"), torch.as_tensor(b4, device="cuda")
@@ -215,7 +215,21 @@ def main(argv=None):
         return dx, dx.sum(axis=0)
     tr = timed(ref_gelu_bwd)
     row("bias + GELU backward (+ dbias)", tbk, 4 * 3 * N * 4 * C, tr, None)
-    del x4, d4, saved, rsaved
+    # bf16 precision as the model runs it: x from c_fc's gemm and dy from mlp.c_proj's as bf16 bits, y and dx
+    # written as bf16, db added into a gradient buffer
+    from nanogpt_np.kernels import registry
+    old_precision = registry.precision()
+    registry.set_precision("bfloat16")
+    try:
+        x4h, d4h, db_into = precision.to_bf16(x4), precision.to_bf16(d4), cp.zeros(4 * C, dtype=f32)
+        row("bias + GELU forward, bf16 in/out", timed(lambda: k_gelu.bias_gelu_forward(x4h, b4)),
+            2 * 2 * N * 4 * C, tr_fwd, None)
+        _, saved = k_gelu.bias_gelu_forward(x4h, b4)
+        row("bias + GELU backward, bf16 in/out (+ dbias into)",
+            timed(lambda: k_gelu.bias_gelu_backward(d4h, saved, db_into=db_into)), 2 * 3 * N * 4 * C, tr, None)
+    finally:
+        registry.set_precision(old_precision)
+    del x4, d4, saved, rsaved, x4h, d4h
 
     # ---- cross-entropy (forward + backward: one pass)
     logits = rand(N, V, scale=2.0)

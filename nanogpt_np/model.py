@@ -304,10 +304,15 @@ class GPT:
         # `a` comes straight from c_proj, which may then read its gradient as bf16 (bf16_dr, written in that pass).
         x, m = ops.residual_layernorm(x, a, p[h + "ln_2.weight"], self._bias(h + "ln_2"), cfg.layer_norm_eps,
                                       r_bias=proj_bias if fuse_proj else None, bf16_dr=not dropout_on)
-        m = ops.linear(m, p[h + "mlp.c_fc.weight"])                                        # (B, T, 4C)
+        # bias_gelu reads bf16 (the unbiased gelu does not): in bf16 precision on the GPU c_fc then writes its
+        # (B, T, 4C) output and mlp.c_proj its input gradient as bf16, half the bytes of the MLP's largest arrays
+        # (hints: ignored in float32 and on the CPU)
+        mlp_bf16 = cfg.bias
+        m = ops.linear(m, p[h + "mlp.c_fc.weight"], bf16_out=mlp_bf16)                     # (B, T, 4C)
         m = ops.bias_gelu(m, p[h + "mlp.c_fc.bias"]) if cfg.bias else ops.gelu(m)          # gelu(m + bias)
         proj_bias = p.get(h + "mlp.c_proj.bias")
-        m = ops.linear(m, p[h + "mlp.c_proj.weight"], None if fuse_proj else proj_bias)    # (B, T, C)
+        m = ops.linear(m, p[h + "mlp.c_proj.weight"], None if fuse_proj else proj_bias,
+                       bf16_dx=mlp_bf16)                                                   # (B, T, C)
         m = ops.dropout(m, cfg.dropout, self.dropout_rng, self.training)
         # the same at the block's end: x = x + m (+ c_proj's bias) and next_ln(x), one op
         return ops.residual_layernorm(x, m, p[next_ln + ".weight"], self._bias(next_ln), cfg.layer_norm_eps,

@@ -198,6 +198,36 @@ def run_residual_layernorm_backward(cp):
     return max(errs) / 1e-5 if exact else 10.0
 
 
+def run_bias_gelu_bf16_inputs(cp):
+    """bias_gelu in bf16 precision as the model runs it: x and dy arrive as bf16 bits (c_fc's and mlp.c_proj's
+    gemms), y and dx leave as bf16, db is added into a buffer that already holds something. C = 64 takes the
+    4-wide forward kernel, C = 7 the one-element one; both backward through bias_gelu_backward_bf16."""
+    from nanogpt_np.kernels import references, registry
+    from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16
+    rng = np.random.default_rng(9)
+    bf = lambda a: bf16_to_float32(cp.asnumpy(a))
+    old = registry._precision
+    registry._precision = "bfloat16"
+    errs = []
+    try:
+        for N, C in ((9, 64), (5, 7)):
+            xb = float32_to_bf16((rng.standard_normal((N, C)) * 2).astype(np.float32))
+            dyb = float32_to_bf16(rng.standard_normal((N, C)).astype(np.float32))
+            b, held = (rng.standard_normal(C).astype(np.float32) for _ in range(2))
+            fwd, bwd = registry.lookup("bias_gelu")
+            y, saved = fwd(cp.asarray(xb), cp.asarray(b))
+            into = cp.asarray(held)
+            dx, db = bwd(cp.asarray(dyb), saved, db_into=into)
+            assert db is None
+            ry, rs = references.bias_gelu_forward(bf16_to_float32(xb).astype(np.float64), b.astype(np.float64))
+            rdx, rdb = references.bias_gelu_backward(bf16_to_float32(dyb).astype(np.float64), rs)
+            errs += [_rel(bf(y), ry) / 2 ** -8, _rel(bf(dx), rdx) / 2 ** -8,
+                     _rel(cp.asnumpy(into), held + rdb) / 1e-5]
+    finally:
+        registry._precision = old
+    return max(errs)
+
+
 # (name, source, text to replace, replacement, runner)
 MUTATIONS = [
     ("embedding backward: a run's sum written over the buffer instead of added", "encoder",
@@ -272,6 +302,16 @@ MUTATIONS = [
     ("layernorm backward: the third partial row (drb) written over the second (db)", "layernorm",
      "partial[((long long)s * gridDim.x + blockIdx.x) * C + c] = a;",
      "partial[((long long)min(s, 1) * gridDim.x + blockIdx.x) * C + c] = a;", run_residual_layernorm_backward),
+    ("gelu: a bf16 input read as the low half of a float32 (not widened)", "gelu",
+     "return __uint_as_float((unsigned)x[i] << 16); }", "return __uint_as_float((unsigned)x[i]); }",
+     run_bias_gelu_bf16_inputs),
+    ("gelu bf16x4: the two bf16 of an input word taken in the wrong order", "gelu",
+     "return make_float4(__uint_as_float(w0 << 16), __uint_as_float(w0 & 0xffff0000u),",
+     "return make_float4(__uint_as_float(w0 & 0xffff0000u), __uint_as_float(w0 << 16),", run_bias_gelu_bf16_inputs),
+    ("bias_gelu backward: the bias left out of gelu'(x + b)", "gelu",
+     "gelu_grad(load_in(x, i) + bc)", "gelu_grad(load_in(x, i))", run_bias_gelu_bf16_inputs),
+    ("column_sum_finish: the gradient buffer overwritten instead of added into", "gelu",
+     "out[c] = add_into ? out[c] + t : t;", "out[c] = t;", run_bias_gelu_bf16_inputs),
 ]
 
 
@@ -298,7 +338,8 @@ def _outcomes(monkeypatch, cp, runner, stop_when_caught=False):
 
 
 @pytest.mark.parametrize("runner", [run_embedding_into, run_flash, run_layernorm, run_cross_entropy_inplace,
-                                    run_cross_entropy_bf16, run_bf16_outputs, run_residual_layernorm_backward])
+                                    run_cross_entropy_bf16, run_bf16_outputs, run_residual_layernorm_backward,
+                                    run_bias_gelu_bf16_inputs])
 def test_unmutated_kernels_pass_in_every_schedule(monkeypatch, cuda_cp, runner):
     for s, r in _outcomes(monkeypatch, cuda_cp, runner).items():
         assert not isinstance(r, str) and r < 1, f"schedule {s}: {r}"

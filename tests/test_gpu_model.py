@@ -54,7 +54,10 @@ def _per_call(attention, dtype):
     # residual_layernorm: the residual bias's gradient is summed in the layernorm backward's own pass
     return {"layernorm": ln, "residual_layernorm": ln,
             "linear": linear, "attention": att, "bias_attention": {"fwd": att["fwd"], "bwd": att["bwd"] + att_bias},
-            "bias_gelu": {"fwd": ["gelu_forward_f4"], "bwd": ["bias_gelu_backward", "column_sum_finish"]},
+            # in bf16 the GELU reads c_fc's bf16 output and mlp.c_proj's bf16 dx; db is added into its buffer
+            "bias_gelu": ({"fwd": ["gelu_forward_bf16x4"], "bwd": ["bias_gelu_backward_bf16", "column_sum_finish"]}
+                          if dtype == "bfloat16" else
+                          {"fwd": ["gelu_forward_f4"], "bwd": ["bias_gelu_backward", "column_sum_finish"]}),
             "add": {"fwd": [], "bwd": []}, "dropout": {"fwd": [], "bwd": []}}
 
 

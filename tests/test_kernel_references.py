@@ -367,6 +367,61 @@ def test_fake_bias_gelu(fake_cp, N, C):
     assert _rel(dx, rdx) < 1e-6 and _rel(db, rdb) < 1e-6
 
 
+@pytest.mark.parametrize("N,C", [(5, 7), (100, 64)])
+def test_fake_bias_gelu_bf16_inputs(fake_cp, monkeypatch, N, C):
+    """bf16 precision: x and dy arrive as bf16 bits (c_fc's and mlp.c_proj's gemms), y and dx leave as bf16, db
+    is added into the bias's gradient buffer. The kernels chosen are the bf16-input ones (4-wide when C % 4 == 0)."""
+    from nanogpt_np.kernels import compile as kc
+    from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16
+    monkeypatch.setattr(registry, "_precision", "bfloat16")
+    xb, b, dyb, before = float32_to_bf16(_f32(N, C, s=2)), _f32(C), float32_to_bf16(_f32(N, C)), _f32(C)
+    fwd, bwd = registry.lookup("bias_gelu")
+    launched = []
+    real_launch = kc.launch
+    monkeypatch.setattr("nanogpt_np.kernels.gelu.launch", lambda m, k, *a: launched.append(k) or real_launch(m, k, *a))
+    y, saved = fwd(fake_cp.asarray(xb), fake_cp.asarray(b))
+    into = fake_cp.asarray(before)
+    dx, db = bwd(fake_cp.asarray(dyb), saved, db_into=into)
+    assert launched == ["gelu_forward_bf16x4" if C % 4 == 0 else "gelu_forward_bf16x", "bias_gelu_backward_bf16",
+                        "column_sum_finish"]
+    ry, rs = references.bias_gelu_forward(bf16_to_float32(xb).astype(np.float64), b.astype(np.float64))
+    rdx, rdb = references.bias_gelu_backward(bf16_to_float32(dyb).astype(np.float64), rs)
+    assert y.dtype == np.uint16 and dx.dtype == np.uint16 and db is None
+    assert _rel(bf16_to_float32(fake_cp.asnumpy(y)), ry) < 2 ** -8
+    assert _rel(bf16_to_float32(fake_cp.asnumpy(dx)), rdx) < 2 ** -8
+    assert _rel(fake_cp.asnumpy(into), before + rdb) < 1e-5
+
+
+def test_fake_gelu_widens_a_bf16_input(fake_cp):
+    """The unbiased gelu kernel reads float32 only (its backward too): a bf16 x is widened first, never read as
+    integers."""
+    from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16
+    xb = float32_to_bf16(_f32(6, 5, s=2))
+    fwd, _ = registry.lookup("gelu")
+    y, _ = fwd(fake_cp.asarray(xb))
+    y_ref, _ = fwd(fake_cp.asarray(bf16_to_float32(xb)))
+    np.testing.assert_array_equal(fake_cp.asnumpy(y), fake_cp.asnumpy(y_ref))
+
+
+def test_bias_gelu_reference_widens_bf16_and_adds_into():
+    """Without the kernel (CPU, or the kernel disabled) bias_gelu's reference reads bf16 bits exactly widened,
+    and db_into gets db added (what it held is kept)."""
+    from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16
+    gelu_ops = importlib.import_module("nanogpt_np.ops.gelu")
+    x, b, dy = _f32(6, 5, s=2), _f32(5), _f32(6, 5)
+    xb, dyb = float32_to_bf16(x), float32_to_bf16(dy)
+    y, saved = gelu_ops.bias_gelu_forward(xb, b)
+    y_ref, saved_ref = gelu_ops.bias_gelu_forward(bf16_to_float32(xb), b)
+    np.testing.assert_array_equal(y, y_ref)
+    into = np.ones(5, np.float32)
+    dx, db = gelu_ops.bias_gelu_backward(dyb, saved, db_into=into)
+    dx_ref, db_ref = gelu_ops.bias_gelu_backward(bf16_to_float32(dyb), saved_ref)
+    assert db is None
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_array_equal(into, np.float32(1) + db_ref)
+    assert not np.allclose(gelu_ops.bias_gelu_forward(x, b)[0], y, rtol=1e-5)    # control: rounding x shows
+
+
 @pytest.mark.parametrize("inplace,dloss", [(False, "device"), (True, "device"), (False, 1.0), (True, 0.5)])
 def test_fake_cross_entropy(fake_cp, inplace, dloss):
     from nanogpt_np.kernels import cross_entropy as kce

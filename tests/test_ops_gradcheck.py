@@ -299,6 +299,29 @@ def test_bias_gelu(rng):
     check_op(ops.bias_gelu, [rng.standard_normal((2, 5, 7)) * 2, rng.standard_normal(7)], rng)
 
 
+def test_bias_gelu_bias_gradient_into_its_buffer(rng):
+    """The bias's gradient ADDED into its gradient buffer (db_into, as the model's flat_grads): float64 finite
+    differences of the loss give the buffer's increase; x's gradient is unchanged by the buffer."""
+    from gradcheck import numerical_grad, relative_error
+    from nanogpt_np.tensor import backward, clear_tape
+    x0, b0 = rng.standard_normal((2, 5, 7)) * 2, rng.standard_normal(7)
+    R, held = rng.standard_normal((2, 5, 7)), rng.standard_normal(7)
+    x, b = Tensor(x0, requires_grad=True), Tensor(b0, requires_grad=True)
+    buf = held.copy()
+    b.use_grad_buffer(buf)
+    backward(ops.bias_gelu(x, b), grad=R.copy())
+    assert b.grad is buf                                       # added in place, not replaced
+
+    def loss():
+        clear_tape()
+        return float((ops.bias_gelu(Tensor(x0), Tensor(b0)).data * R).sum())
+
+    _, num_b = numerical_grad(loss, b0)
+    _, num_x = numerical_grad(loss, x0)
+    assert relative_error(buf - held, num_b) < 1e-6
+    assert relative_error(x.grad.reshape(-1), num_x) < 1e-6
+
+
 def test_out_of_range_ids_are_errors():
     wte, wpe = Tensor(np.zeros((5, 3))), Tensor(np.zeros((4, 3)))
     with pytest.raises(ValueError, match="token ids"):

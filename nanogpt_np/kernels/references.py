@@ -33,17 +33,26 @@ def residual_layernorm_backward(douts, saved, dw_into=None, db_into=None, drb_in
 
 
 def bias_gelu_forward(x, b):
-    """gelu(x + b) for x (N, C), b (C,)."""
-    from ..ops.gelu import gelu_forward
-    y, saved = gelu_forward(x + b)
+    """gelu(x + b) for x (N, C), b (C,).
+    x may be bf16 bits (uint16): in bf16 precision the GPU's c_fc gemm rounds its float32 accumulator to bf16
+    once and writes those bits; they are widened here exactly. bf16 rounding on that path happens only there,
+    in the gemm that makes dy (mlp.c_proj's backward), and once when the kernel stores y / dx as bf16: the bias
+    add, gelu, gelu' and db are float32 on the GPU (this reference: the input's precision, float64 in tests)."""
+    from ..ops.gelu import gelu_forward, widen_bf16
+    y, saved = gelu_forward(widen_bf16(x) + b)
     return y, saved
 
 
-def bias_gelu_backward(dy, saved):
-    """-> (dx, db): dx = dy * gelu'(x + b), db = dx summed over rows."""
-    from ..ops.gelu import gelu_backward
-    (dx,) = gelu_backward(dy, saved)
-    return dx, dx.reshape(-1, dx.shape[-1]).sum(axis=0)
+def bias_gelu_backward(dy, saved, db_into=None):
+    """-> (dx, db): dx = dy * gelu'(x + b), db = dx (unrounded) summed over rows. dy may be bf16 bits (widened
+    exactly). Given db_into, db is added into it and returned as None (the *_into contract)."""
+    from ..ops.gelu import gelu_backward, widen_bf16
+    (dx,) = gelu_backward(widen_bf16(dy), saved)
+    db = dx.reshape(-1, dx.shape[-1]).sum(axis=0)
+    if db_into is None:
+        return dx, db
+    db_into += db
+    return dx, None
 
 
 def global_grad_norm(grads, max_norm=0.0):

@@ -4,7 +4,10 @@ Forward:   y = 0.5 * x * (1 + tanh(u)),   u = s * (x + a * x^3),   s = sqrt(2 / 
 Backward:  dy/dx = 0.5 * (1 + tanh(u)) + 0.5 * x * (1 - tanh(u)^2) * du/dx,   du/dx = s * (1 + 3 a x^2)
            (product rule on 0.5 * x * (1 + tanh(u)), and tanh' = 1 - tanh^2)
 Bias + GELU: y = gelu(x + b) for the MLP's first layer, whose bias add the GPU fuses into the GELU pass:
-           dx = dy * gelu'(x + b),  db = dx summed over the rows.
+           dx = dy * gelu'(x + b),  db = dx summed over the rows; db is added into the bias's gradient buffer
+           when it has one (db_into, docs/CONTRACTS.md), as the linear layers do with theirs.
+On the GPU in bf16 precision x and dy may arrive as bf16 bits (uint16; c_fc's and mlp.c_proj's gemms write
+them, model.py): the kernels read them directly; this reference widens them (exactly) first.
 """
 import math
 
@@ -56,15 +59,27 @@ def gelu(x: Tensor) -> Tensor:
     return record(Tensor(y), (x,), lambda dout: backward(dout, saved))
 
 
+def widen_bf16(a):
+    """bf16 bits (uint16, written by a GPU gemm in bf16 precision) -> float32, exactly; other arrays as they are."""
+    if a.dtype != "uint16":
+        return a
+    from ..kernels.bf16 import bf16_to_float32
+    return bf16_to_float32(a)
+
+
 def bias_gelu_forward(x, b):
     """x (N, C), b (C,) -> gelu(x + b)."""
-    return gelu_forward(x + b)
+    return gelu_forward(widen_bf16(x) + b)
 
 
-def bias_gelu_backward(dy, saved):
-    """dy (N, C) -> dx (N, C), db (C,)."""
-    (dx,) = gelu_backward(dy, saved)
-    return dx, sum_rows(dx)
+def bias_gelu_backward(dy, saved, db_into=None):
+    """dy (N, C) -> dx (N, C), db (C,) (None after adding it into db_into)."""
+    (dx,) = gelu_backward(widen_bf16(dy), saved)
+    db = sum_rows(dx)
+    if db_into is None:
+        return dx, db
+    db_into += db
+    return dx, None
 
 
 def bias_gelu(x: Tensor, b: Tensor) -> Tensor:
@@ -74,7 +89,7 @@ def bias_gelu(x: Tensor, b: Tensor) -> Tensor:
     y, saved = forward(x.data.reshape(-1, C), b.data)
 
     def backward_fn(dout):
-        dx, db = backward(dout.reshape(-1, C), saved)
-        return dx.reshape(x.shape), db
+        dx, db = backward(dout.reshape(-1, C), saved, db_into=b.grad_buffer())
+        return dx.reshape(x.shape), db                  # db None: already in the bias's gradient buffer
 
     return record(Tensor(y.reshape(x.shape)), (x, b), backward_fn)

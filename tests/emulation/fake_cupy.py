@@ -566,11 +566,20 @@ def _gelu_grad(a):
     return 0.5 * (1 + th) + 0.5 * a * (1 - th * th) * 0.7978845608028654 * (1 + 3 * 0.044715 * a * a)
 
 
-def _gelu_forward(vec):
+def _in(a, n, bf16):
+    """A kernel input of n elements: float32, or bf16 bits (uint16) widened exactly (the *_bf16x kernels)."""
+    if not bf16:
+        return _f32(a, n)
+    a = a.reshape(-1)
+    assert a.dtype == np.uint16 and a.size >= n, f"kernel expects {n} bf16 (uint16), got {a.dtype} x {a.size}"
+    return bf16_to_float32(a[:n])
+
+
+def _gelu_forward(vec, bf16_in=False):
     def k(grid, block, smem, out, out_bf16, x, bias, n, C):
         n, C = _int(n, np.int64) * vec, _int(C, np.int32) * vec
         assert _threads(grid, block) * vec >= n
-        a = _f32(_arr(x), n).astype(np.float64)
+        a = _in(_arr(x), n, bf16_in).astype(np.float64)
         b = _arr(bias)
         if b is not None:
             a = a + np.tile(_f32(b, C), n // C)
@@ -584,22 +593,26 @@ def _gelu_backward(grid, block, smem, dx, dout, x, n):
     _f32(_arr(dx), n)[...] = _f32(_arr(dout), n) * _gelu_grad(_f32(_arr(x), n).astype(np.float64))
 
 
-def _bias_gelu_backward(grid, block, smem, dx, dx_bf16, partial, dout, x, bias, N, C, rpc):
-    N, C, rpc = _int(N, np.int32), _int(C, np.int32), _int(rpc, np.int32)
-    assert block == (32, 8, 1) or block == (32, 8), block
-    assert grid[0] * 32 >= C and grid[1] * rpc >= N and grid[1] < 65536
-    a = _f32(_arr(x), N * C).reshape(N, C) + _f32(_arr(bias), C)
-    d = _f32(_arr(dout), N * C).reshape(N, C) * _gelu_grad(a.astype(np.float64))
-    _store(dx, dx_bf16, N * C, d)
-    p = _rows(_f32(_arr(partial)), C)
-    for k in range(grid[1]):
-        p[k] = d[k * rpc:min(N, (k + 1) * rpc)].sum(0)
+def _bias_gelu_backward(bf16_in=False):
+    def k(grid, block, smem, dx, dx_bf16, partial, dout, x, bias, N, C, rpc):
+        N, C, rpc = _int(N, np.int32), _int(C, np.int32), _int(rpc, np.int32)
+        assert block == (32, 8, 1) or block == (32, 8), block
+        assert grid[0] * 32 >= C and grid[1] * rpc >= N and grid[1] < 65536
+        a = _in(_arr(x), N * C, bf16_in).reshape(N, C) + _f32(_arr(bias), C)
+        d = _in(_arr(dout), N * C, bf16_in).reshape(N, C) * _gelu_grad(a.astype(np.float64))
+        _store(dx, dx_bf16, N * C, d)
+        p = _rows(_f32(_arr(partial)), C)
+        for c in range(grid[1]):
+            p[c] = d[c * rpc:min(N, (c + 1) * rpc)].sum(0)
+    return k
 
 
-def _column_sum_finish(grid, block, smem, out, partial, nchunks, C):
-    nchunks, C = _int(nchunks, np.int32), _int(C, np.int32)
+def _column_sum_finish(grid, block, smem, out, partial, nchunks, C, add_into):
+    nchunks, C, add_into = _int(nchunks, np.int32), _int(C, np.int32), _int(add_into, np.int32)
     assert _threads(grid, block) >= C
-    _f32(_arr(out), C)[...] = _f32(_arr(partial), nchunks * C).reshape(nchunks, C).sum(0)
+    t = _f32(_arr(partial), nchunks * C).reshape(nchunks, C).sum(0)
+    o = _f32(_arr(out), C)
+    o[...] = o + t if add_into else t
 
 
 def _cross_entropy(grid, block, smem, losses, dlogits, logits, targets, n_kept, V, ignore, bf16=False):
@@ -829,8 +842,11 @@ KERNELS = {
     ("layernorm", "layernorm_param_reduce"): _param_reduce,
     ("gelu", "gelu_forward"): _gelu_forward(1),
     ("gelu", "gelu_forward_f4"): _gelu_forward(4),
+    ("gelu", "gelu_forward_bf16x"): _gelu_forward(1, bf16_in=True),
+    ("gelu", "gelu_forward_bf16x4"): _gelu_forward(4, bf16_in=True),
     ("gelu", "gelu_backward"): _gelu_backward,
-    ("gelu", "bias_gelu_backward"): _bias_gelu_backward,
+    ("gelu", "bias_gelu_backward"): _bias_gelu_backward(),
+    ("gelu", "bias_gelu_backward_bf16"): _bias_gelu_backward(bf16_in=True),
     ("gelu", "column_sum_finish"): _column_sum_finish,
     ("cross_entropy", "cross_entropy_fused"): _cross_entropy,
     ("cross_entropy", "cross_entropy_fused_bf16"): _cross_entropy_bf16,

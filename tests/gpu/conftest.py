@@ -46,6 +46,7 @@ _COST = {
     "test_residual_layernorm_bf16_residual": lambda p: p["N"] * p["C"],
     "test_gelu": lambda p: math.prod(p["shape"]),
     "test_bias_gelu": lambda p: p["N"] * p["C"],
+    "test_bias_gelu_bf16_inputs": lambda p: p["N"] * p["C"],
     "test_cross_entropy": lambda p: p["N"] * p["V"],
     "test_adamw": lambda p: p["n"],
     "test_global_norm_deterministic": lambda p: 5_000_001,

@@ -235,20 +235,57 @@ def test_gelu(cp, poison, act_dtype, shape):
     assert rel_err(to_np(dx), rdx, scale=_gelu_scale(rdx, dy)) < TOL
 
 
+def _check_db(cp, db, db_into, before, rdb, scale):
+    """db returned (db_into None), or added into db_into, which held `before` (the *_into contract)."""
+    if db_into is None:
+        assert rel_err(to_np(db), rdb, scale=scale) < TOL
+        return
+    assert db is None, "a gradient added into its buffer must not be returned as well"
+    assert rel_err(to_np(db_into), before + rdb, scale=scale) < TOL
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["db", "db_into"])
 @pytest.mark.parametrize("N,C", [(1, 1), (5, 7), (17, 30), (1000, 3072), (8193, 3072)])
-def test_bias_gelu(cp, poison, act_dtype, N, C):
+def test_bias_gelu(cp, poison, act_dtype, N, C, into):
     x, b = randn(N, C, scale=2), randn(C)
     fwd, bwd = registry.lookup("bias_gelu")
     poison()
     y, saved = fwd(cp.asarray(x), cp.asarray(b))
     ry, rsaved = references.bias_gelu_forward(*f64(x, b))
     check_act(y, ry, act_dtype, scale=_gelu_scale(ry))
-    dy = randn(N, C)
+    dy, before = randn(N, C), randn(C)
+    db_into = cp.asarray(before) if into else None
     poison()
-    dx, db = bwd(cp.asarray(dy), saved)
+    dx, db = bwd(cp.asarray(dy), saved, db_into=db_into)
     rdx, rdb = references.bias_gelu_backward(dy.astype(np.float64), rsaved)
     check_act(dx, rdx, act_dtype, scale=_gelu_scale(rdx, dy))   # dx feeds c_fc's backward matmul
-    assert rel_err(to_np(db), rdb, scale=_gelu_scale(rdb, dy)) < TOL   # db: summed in float32, before rounding
+    _check_db(cp, db, db_into, before, rdb, _gelu_scale(rdb, dy))  # db: summed in float32, before rounding
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["db", "db_into"])
+@pytest.mark.parametrize("N,C", [(1, 1), (3, 5), (5, 7), (17, 30), (9, 64), (1000, 3072), (8193, 3072)])
+def test_bias_gelu_bf16_inputs(cp, poison, monkeypatch, N, C, into):
+    """bf16 precision as the model runs it: x arrives as bf16 bits (c_fc's gemm, bf16_out) and dy too
+    (mlp.c_proj's gemm, bf16_dx). The kernels read the bits (gelu_forward_bf16x[4], bias_gelu_backward_bf16):
+    the reference is the float64 GELU of the exactly widened inputs, y and dx rounded once (check_act), db
+    from the unrounded d. Odd C takes the one-element forward kernel, C % 4 == 0 the 4-wide one."""
+    monkeypatch.setattr(registry, "_precision", "bfloat16")
+    x_bits, b, dy_bits = float32_to_bf16(randn(N, C, scale=2)), randn(C), float32_to_bf16(randn(N, C))
+    xw, dyw = bf16_to_float32(x_bits), bf16_to_float32(dy_bits)
+    fwd, bwd = registry.lookup("bias_gelu")
+    poison()
+    y, saved = fwd(cp.asarray(x_bits), cp.asarray(b))
+    ry, rsaved = references.bias_gelu_forward(*f64(xw, b))
+    check_act(y, ry, "bfloat16", scale=_gelu_scale(ry))
+    before = randn(C)
+    db_into = cp.asarray(before) if into else None
+    poison()
+    dx, db = bwd(cp.asarray(dy_bits), saved, db_into=db_into)
+    rdx, rdb = references.bias_gelu_backward(dyw.astype(np.float64), rsaved)
+    check_act(dx, rdx, "bfloat16", scale=_gelu_scale(rdx, dyw))
+    _check_db(cp, db, db_into, before, rdb, _gelu_scale(rdb, dyw))
+    with pytest.raises(AssertionError):      # negative control: the same check sees a bias left out
+        check_act(y, references.bias_gelu_forward(*f64(xw, 0 * b))[0], "bfloat16", scale=_gelu_scale(ry))
 
 
 # -------------------------------------------------------------------------------------------------- cross-entropy
