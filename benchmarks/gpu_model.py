@@ -436,36 +436,41 @@ def kernel_traffic(op):
         half = BH * T * (T + 1) // 2 * f4
         reads = 1 if k.endswith("forward") else 2
         return 5 * half // f4, (reads + 1) * half, reads * half + BH * T * T * f4, "memory"   # writes full rows
-    if k == "qkv_to_heads_bf16":
-        B, T, Tp, NH = s[5:9]
-        nb = B * T * 3 * NH * 64 * f4 + 3 * B * NH * Tp * 64 * 2 + (0 if null[4] else 3 * NH * 64 * f4)
-        return 0, nb, nb, "memory"
+    if k == "qkv_to_bf16":                                          # float32 qkv (+ bias) -> bf16, same layout
+        n, C3 = 2 * s[3], s[4]
+        nb = n * (f4 + 2) + (0 if null[2] else C3 * f4)
+        return n, nb, nb, "memory"
     if k.startswith("flash_attention_") and k != "flash_attention_backward_prep":
-        T, Tp, NH = s[6:9] if k == "flash_attention_forward" else s[8:11]
+        fwd = k == "flash_attention_forward"
+        T, Tp, NH = s[5:8] if fwd else s[7:10]
         o4 = 2 if null[0] else f4                                   # out / dqkv written as float32 or bf16
         BH = grid[1]
         nt = Tp // 64
         tiles = nt * (nt + 1) // 2                                  # causal: key tiles at or below the diagonal
-        head = BH * Tp * 64 * 2                                     # one bf16 head-layout tensor
         C = NH * 64
         B = BH // NH
+        part = B * T * C * 2            # one of q, k, v: its third of the bf16 qkv (B, T, 3C), rows t < T only
+        # (read in place: 128-byte row pieces 3C * 2 bytes apart, whole 32-byte sectors, so no extra bytes)
+        bias = 0 if null[4 if fwd else 3] else 3 * C * f4           # the qkv bias, once (then from cache)
+        head = BH * Tp * 64 * 2                                     # dO: a bf16 head-layout tensor
         matmuls = {"flash_attention_forward": 2, "flash_attention_backward_dkdv": 4,
                    "flash_attention_backward_dq": 3}[k]
         flops = 2.0 * 64 * 64 * 64 * tiles * BH * matmuls
-        if k == "flash_attention_forward":
-            bmin = 3 * head + B * T * C * o4 + BH * Tp * f4
-            bw = head + B * T * C * o4 + BH * Tp * f4 + 2 * head * tiles / nt   # K, V tiles re-read per query tile
+        if fwd:
+            bmin = 3 * part + bias + B * T * C * o4 + BH * Tp * f4
+            bw = part + bias + B * T * C * o4 + BH * Tp * f4 + 2 * part * tiles / nt   # K, V re-read per query tile
         elif k == "flash_attention_backward_dkdv":
-            bmin = 4 * head + 2 * BH * Tp * f4 + 2 * B * T * C * o4
-            bw = 2 * head + 2 * B * T * C * o4 + (2 * head + 2 * BH * Tp * f4) * tiles / nt
+            bmin = 3 * part + head + bias + 2 * BH * Tp * f4 + 2 * B * T * C * o4
+            bw = 2 * part + bias + 2 * B * T * C * o4 + (part + head + 2 * BH * Tp * f4) * tiles / nt
         else:
-            bmin = 4 * head + 2 * BH * Tp * f4 + B * T * C * o4
-            bw = 2 * head + B * T * C * o4 + BH * Tp * f4 * 2 + 2 * head * tiles / nt
+            bmin = 3 * part + head + bias + 2 * BH * Tp * f4 + B * T * C * o4
+            bw = part + head + bias + B * T * C * o4 + BH * Tp * f4 * 2 + 2 * part * tiles / nt
         return flops, bmin, bw, "flash"
     if k == "flash_attention_backward_prep":
-        B, T, Tp, NH = s[5:9]
-        o4 = 2 if null[3] else f4                                   # O read as float32 or bf16
-        nb = B * T * NH * 64 * (f4 + o4) + B * NH * Tp * (64 * 2 + f4)
+        B, T, Tp, NH = s[6:10]
+        d4 = 2 if null[2] else f4                                   # dO read as float32 or bf16
+        o4 = 2 if null[4] else f4                                   # O read as float32 or bf16
+        nb = B * T * NH * 64 * (d4 + o4) + B * NH * Tp * (64 * 2 + f4)
         return 2 * B * T * NH * 64, nb, nb, "memory"
     if k == "bf16_column_sum_partial":
         N, C = s[2], s[3]

@@ -272,24 +272,27 @@ class GPT:
     def _block(self, i, x, kv_cache=None, positions=None):
         cfg, p, h = self.config, self.params, f"h.{i}."
         # Where the linear layers' biases are added (the same sums, each inside an op that reads the data anyway):
-        #   attn.c_attn -> bias_attention (the GPU adds it while it reads q, k, v into heads)
+        #   attn.c_attn -> bias_attention (the GPU adds it as it loads each tile of q, k, v)
         #   attn.c_proj -> residual_layernorm (x + a + bias);  mlp.c_proj -> residual_add (x + m + bias)
         #   mlp.c_fc    -> bias_gelu (gelu(m + bias))
         # Active dropout sits between a c_proj and its residual add, so then the c_proj biases stay in linear;
         # with a KV cache (inference) attention_with_cache reads the biased qkv from linear.
         fuse_proj = cfg.bias and not (self.training and cfg.dropout > 0)
         a = ops.layernorm(x, p[h + "ln_1.weight"], self._bias(h + "ln_1"), cfg.layer_norm_eps)
+        # bf16 matmuls (GPU): c_attn writes qkv as bf16, which flash attention reads in place, and c_proj
+        # writes the attention's output gradient as bf16, which its backward reads (bf16_out / bf16_dx)
+        qkv_bf16 = kv_cache is None
         if kv_cache is None and cfg.bias:
-            a = ops.linear(a, p[h + "attn.c_attn.weight"])                                # (B, T, 3C)
+            a = ops.linear(a, p[h + "attn.c_attn.weight"], bf16_out=True)                 # (B, T, 3C)
             a = ops.bias_attention(a, p[h + "attn.c_attn.bias"], cfg.n_head)              # (B, T, C)
         elif kv_cache is None:
-            a = ops.attention(ops.linear(a, p[h + "attn.c_attn.weight"]), cfg.n_head)
+            a = ops.attention(ops.linear(a, p[h + "attn.c_attn.weight"], bf16_out=True), cfg.n_head)
         else:
             a = ops.linear(a, p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"))
             a = Tensor(attention_with_cache(a.data, cfg.n_head, kv_cache.k[i], kv_cache.v[i], kv_cache.lengths,
                                             positions))
         proj_bias = p.get(h + "attn.c_proj.bias")
-        a = ops.linear(a, p[h + "attn.c_proj.weight"], None if fuse_proj else proj_bias)
+        a = ops.linear(a, p[h + "attn.c_proj.weight"], None if fuse_proj else proj_bias, bf16_dx=qkv_bf16)
         a = ops.dropout(a, cfg.dropout, self.dropout_rng, self.training)
         # x = x + a (+ c_proj's bias) and m = ln_2(x) in one op (one pass over memory on the GPU)
         x, m = ops.residual_layernorm(x, a, p[h + "ln_2.weight"], self._bias(h + "ln_2"), cfg.layer_norm_eps,

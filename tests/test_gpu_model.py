@@ -40,13 +40,15 @@ def _per_call(attention, dtype):
     # gradient as a one-row gemm; in bf16 the weight's bf16 copy is the model's, and x and dy are rounded only
     # when they arrive as float32 (_activation_casts below)
     linear = {"fwd": ["gemm"], "bwd": ["gemm", "gemm", "gemm?bias"]}
+    # flash: with bf16 matmuls c_attn writes qkv as bf16 and the kernels read it in place (the bias added per
+    # tile); a float32 qkv is first rounded to bf16 by qkv_to_bf16.
     # the matmul attention's products (kernels/softmax_attention.py -> batched_gemm.py): one strided batched gemm
     # per batch row b (q, k, v are read in place from qkv, where the batch rows are not one stride apart), two
     # products forward (S = Q K^T, Y = P V) and four backward (dP, dV, dQ, dK)
     B = TINY["batch_size"]
     att = ({"fwd": ["causal_softmax_forward"] + ["gemm"] * 2 * B,
             "bwd": ["causal_softmax_backward"] + ["gemm"] * 4 * B} if attention == "matmul" else
-           {"fwd": ["qkv_to_heads_bf16", "flash_attention_forward"],
+           {"fwd": (["qkv_to_bf16"] if dtype != "bfloat16" else []) + ["flash_attention_forward"],
             "bwd": ["flash_attention_backward_prep", "flash_attention_backward_dkdv", "flash_attention_backward_dq"]})
     # bias gradients: one-row gemms (ops/reductions.sum_rows, not CuPy's matmul: a CUDA graph can capture them),
     # of a bf16 dqkv's partial column sums with flash in bf16
