@@ -327,6 +327,8 @@ def op_cost(op, dev) -> Cost:
         flops, bmin, bw, engine = kernel_traffic(op)
         c.gpu_ops, c.flops, c.bytes_min, c.bytes_written = 1, flops, bmin, bw
         c.t_compute = flops / (dev["bf16"] * FLASH_EFF) if engine == "flash" else 0.0
+        if engine == "flash":           # the qkv bias added to every loaded q, k, v value, on the FP32/INT pipes
+            c.t_compute += flash_bias_instructions(op) / (dev["fp32"] / 2)        # (not overlapped: an upper bound)
         c.t_memory = bw / (dev["bw"] * MEM_EFF)
     else:     # CuPy elementwise / reduction / copy / cast / fill / memset / gather / scatter / sort: memory-bound
         nin, nout = _nb(op.inputs), _nb(op.outputs)
@@ -365,6 +367,25 @@ def _matmul_cost(op, dev, c):
         c.host_ops += 2 * sum(op.args["copies"])
         c.alloc += copies
         c.note = f"CuPy copies {copies / 1e6:.0f} MB of operands"
+
+
+BIAS_INSTR_PER_VALUE = 3    # unpack the bf16, add the float32 bias, half a cvt.rn.bf16x2 (+ the bias load)
+
+
+def flash_bias_instructions(op):
+    """Instructions the flash kernels spend adding the qkv bias (given one) to the q, k, v values they load:
+    every 64 x 64 tile or fragment loaded with the bias, counted per block as flash_attention.cu loads them."""
+    k, s, null, grid = op.name, op.args["scalars"], op.args["null"], op.args["grid"]
+    fwd = k == "flash_attention_forward"
+    if null[4 if fwd else 3]:
+        return 0
+    Tp = s[6] if fwd else s[8]
+    BH, nt = grid[1], Tp // 64
+    tiles = nt * (nt + 1) // 2
+    per_block, per_tile = {"flash_attention_forward": (1, 2),        # Q fragments; K, V^T tiles
+                           "flash_attention_backward_dkdv": (2, 2),  # K, V fragments; Q, Q^T tiles
+                           "flash_attention_backward_dq": (1, 3)}[k]  # Q fragments; K, K^T, V tiles
+    return BIAS_INSTR_PER_VALUE * 64 * 64 * BH * (per_block * nt + per_tile * tiles)
 
 
 def kernel_traffic(op):

@@ -207,6 +207,30 @@ def test_every_kernel_of_the_step_has_a_traffic_formula():
         gm.kernel_traffic(op)
 
 
+def test_flash_costs_qkv_read_in_place_and_the_bias_add():
+    """The flash kernels read q, k, v from the bf16 qkv (B, T, 3C), rows t < T only (not padded heads), plus the
+    qkv bias when one is passed; adding that bias costs ALU instructions, none without it."""
+    B, T, NH = 2, 100, 2
+    Tp, C, BH = 128, NH * 64, B * NH
+    fake = type("Op", (), {})
+
+    def fwd_op(with_bias):
+        op = fake()
+        # (out, out_bf16, L2, qkv, bias, T, Tp, NH, scale_log2): out written as bf16 (out NULL)
+        op.name = "flash_attention_forward"
+        op.args = {"scalars": [None] * 5 + [T, Tp, NH, 0.18], "grid": (Tp // 64, BH, 1),
+                   "null": [True, False, False, False, not with_bias, False, False, False, False]}
+        return op
+
+    flops, bmin, bw, engine = gm.kernel_traffic(fwd_op(True))
+    qkv_bytes, out_bytes, l2_bytes = 3 * B * T * C * 2, B * T * C * 2, BH * Tp * 4
+    assert engine == "flash" and bmin == qkv_bytes + 3 * C * 4 + out_bytes + l2_bytes
+    assert gm.kernel_traffic(fwd_op(False))[1] == bmin - 3 * C * 4
+    assert gm.flash_bias_instructions(fwd_op(False)) == 0
+    # Q fragments once per block, K and V^T tiles once per (block, key tile): 2 + 2 * 3 tile loads of 64 x 64
+    assert gm.flash_bias_instructions(fwd_op(True)) == gm.BIAS_INSTR_PER_VALUE * 64 * 64 * BH * (2 + 2 * 3)
+
+
 def test_compare_script_puts_measured_beside_predicted(tmp_path, capsys):
     """Per configuration (train_gpu.py JSON) and per category (kernels.py JSON: each row's call traced here)."""
     import json

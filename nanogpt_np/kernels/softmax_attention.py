@@ -2,6 +2,7 @@
 softmax_attention.cu. Same contract as ops/attention.py: forward(qkv, n_head) -> (out, saved),
 backward(dout, saved) -> (dqkv,). Stores the (B, NH, T, T) probability matrix, like the reference.
 bias_attention (attention(x + b), ops/attention.py) adds the bias with CuPy first; everything it returns is float32.
+A qkv or dout that a bf16 matmul wrote as bf16 bits (uint16) is converted to float32 first.
 
 Nothing is copied into a head-major layout: the matmuls read q, k, v straight out of the (B, T, 3C) qkv buffer
 and write the output (and dq, dk, dv) straight into their places in (B, T, C) / (B, T, 3C) arrays. _heads()

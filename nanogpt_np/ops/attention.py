@@ -18,8 +18,9 @@ Backward (from the bottom up):
 (Dropout on the attention weights is not applied: this GPT drops out after c_proj only.)
 
 Bias + attention: out = attention(x + b) for the qkv matmul's output x (B, T, 3C) and its bias b (3C,), so the
-GPU adds the bias while it reads qkv into heads instead of in a pass of its own:
+GPU adds the bias as its kernels load q, k, v instead of in a pass of its own:
     dx = dqkv (an add passes its gradient through),  db = dqkv summed over all (b, t) rows
+(on the GPU with bf16 matmuls, x and dout may arrive as bf16 bits, uint16: the reference converts them)
 """
 import math
 
