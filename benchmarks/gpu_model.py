@@ -473,7 +473,7 @@ def kernel_traffic(op):
         part = B * T * C * 2            # one of q, k, v: its third of the bf16 qkv (B, T, 3C), rows t < T only
         # (read in place: 128-byte row pieces 3C * 2 bytes apart, whole 32-byte sectors, so no extra bytes)
         bias = 0 if null[4 if fwd else 3] else 3 * C * f4           # the qkv bias, once (then from cache)
-        head = BH * Tp * 64 * 2                                     # dO: a bf16 head-layout tensor
+        head = part                                                 # dO: bf16 (B, T, C), read in place too
         matmuls = {"flash_attention_forward": 2, "flash_attention_backward_dkdv": 4,
                    "flash_attention_backward_dq": 3}[k]
         flops = 2.0 * 64 * 64 * 64 * tiles * BH * matmuls
@@ -489,9 +489,9 @@ def kernel_traffic(op):
         return flops, bmin, bw, "flash"
     if k == "flash_attention_backward_prep":
         B, T, Tp, NH = s[6:10]
-        d4 = 2 if null[2] else f4                                   # dO read as float32 or bf16
+        d4 = 2 if null[2] else f4 + 2                               # dO read as bf16, or float32 + its bf16 copy written
         o4 = 2 if null[4] else f4                                   # O read as float32 or bf16
-        nb = B * T * NH * 64 * (d4 + o4) + B * NH * Tp * (64 * 2 + f4)
+        nb = B * T * NH * 64 * (d4 + o4) + B * NH * Tp * f4         # + D
         return 2 * B * T * NH * 64, nb, nb, "memory"
     if k == "bf16_column_sum_partial":
         N, C = s[2], s[3]

@@ -8,8 +8,8 @@
 // Scores are kept in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - m) (exp2 is one instruction).
 //
 // Backward (recomputes P from Q, K and the saved L, so nothing of size T x T is stored either):
-//   D_i = sum_d dO_i,d * O_i,d, with dO rounded to bf16 (backward_prep, also turns dO into bf16 heads; dO may
-//   arrive as bf16 already, written so by the c_proj matmul's backward)
+//   D_i = sum_d dO_i,d * O_i,d, with dO rounded to bf16 (backward_prep; it also writes a float32 dO as bf16, while
+//   a dO that arrives as bf16, written so by the c_proj matmul's backward, is read in place)
 //   P = exp2(s2 - L),  dP = dO V^T,  dS = P * (dP - D) (gradient of the scaled scores)
 //   dV = P^T dO,  dK = scale * dS^T Q                  (kernel dkdv: a block per 64-key tile, loops over queries)
 //   dQ = scale * dS K                                  (kernel dq:   a block per 64-query tile, loops over keys)
@@ -25,7 +25,8 @@
 // head h of batch b is the 64 columns at h*64 (q), C + h*64 (k), 2C + h*64 (v) of the rows b*T .. b*T+T-1,
 // row stride 3C. The matmul's bias (3C,) float32 is added as each tile is loaded (bf16 + bias, rounded back to
 // bf16: the value the mma multiplies), or bias is NULL (already added). Rows t >= T of the last tile read as 0.
-// dO is bf16 in head layout (B*NH, Tp, 64), Tp = T rounded up to 64, rows t >= T zero (backward_prep makes it).
+// dO (the gradient of out) is bf16 in out's layout (B, T, C): head h at columns h*64, row stride C. Tp = T rounded
+// up to 64 is the row count of L2 and D (one value per query row, rows t >= T included).
 // out and dqkv are in the model's layout, (B, T, C) and (B, T, 3C): float32, or bf16 when the matmul that reads
 // them runs in bf16 (the kernels take a float32 and a bf16 pointer and write the one that is not NULL: store2).
 // Memory traffic (forward): Q, K, V read once per query tile that needs them (K/V tiles are reused by 4 warps),
@@ -78,7 +79,7 @@ __device__ __forceinline__ unsigned add_bias2(unsigned p, const float* b) {
     return pack_bf16x2(__uint_as_float(p << 16) + b[0], __uint_as_float(p & 0xffff0000u) + b[1]);
 }
 
-// A head of q, k or v (or of dO) as the kernels see it: `base` points at its row 0, column 0 in global memory,
+// A head of q, k, v or dO as the kernels see it: `base` points at its row 0, column 0 in global memory,
 // rows are `ld` elements apart, rows >= `rows` read as zero, and `bias` (its 64 values, or NULL) is added.
 struct HeadIn {
     const bf16_t* base;
@@ -99,13 +100,14 @@ __device__ __forceinline__ HeadIn qkv_head(const bf16_t* qkv, const float* bias,
     return r;
 }
 
-// head bh of a (B*NH, Tp, 64) bf16 tensor (dO)
-__device__ __forceinline__ HeadIn packed_head(const bf16_t* x, int bh, int Tp) {
+// head h of batch b in a (B, T, C) bf16 tensor (dO)
+__device__ __forceinline__ HeadIn out_head(const bf16_t* x, int b, int h, int T, int NH) {
+    int C = NH * HS;
     HeadIn r;
-    r.base = x + (long long)bh * Tp * HS;
+    r.base = x + (long long)b * T * C + h * HS;
     r.bias = nullptr;
-    r.ld = HS;
-    r.rows = Tp;
+    r.ld = C;
+    r.rows = T;
     return r;
 }
 
@@ -280,10 +282,11 @@ flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, 
 }
 
 // ---------------------------------------------------------------------------------------------------- backward
-// One warp per (bh, t) row: dO (B, T, C) -> bf16 heads (B*NH, Tp, 64), and D = sum_d bf16(dO) * O (float32).
-// dO arrives as float32 dout or as bf16 dout_bf16, O (the forward's output) as float32 out or bf16 out_bf16
-// (of each pair, the other pointer is NULL).
-extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO, float* __restrict__ D,
+// One warp per (bh, t) row (t < Tp): D = sum_d bf16(dO) * O (float32; 0 for t >= T). dO arrives as float32 dout
+// (then also written as bf16 into dO16, same layout (B, T, C), for the two kernels below) or as bf16 dout_bf16
+// (then dO16 is NULL: they read dout_bf16 itself); O (the forward's output) as float32 out or bf16 out_bf16 (of
+// each pair, the other pointer is NULL).
+extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO16, float* __restrict__ D,
                                                          const float* __restrict__ dout,
                                                          const bf16_t* __restrict__ dout_bf16,
                                                          const float* __restrict__ out,
@@ -309,19 +312,19 @@ extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO
         } else {
             float2 a = *(const float2*)(dout + off);
             p = pack_bf16x2(a.x, a.y);
+            *(unsigned*)(dO16 + off) = p;
         }
         // D from the bf16 dO that dP = dO V^T will use, so that D = rowsum(P * dP) holds for the values the
         // kernels multiply (with the float32 dO, dS = P (dP - D) would carry a bias of bf16 size)
         dot = __uint_as_float(p << 16) * o.x + __uint_as_float(p & 0xffff0000u) * o.y;
     }
-    ((unsigned*)dO)[row * (HS / 2) + lane] = p;
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
     if (lane == 0) D[row] = dot;
 }
 
 // dK and dV. grid (Tp/64, B*NH), block 128: block = one 64-key tile, warp = 16 keys; loops over the query
 // tiles at or after its keys (the causal ones). Works on transposed scores S^T (keys x queries).
-// q, k, v from qkv (+ bias) as in the forward; writes the k and v thirds of dqkv (B, T, 3C).
+// q, k, v from qkv (+ bias) as in the forward, dO (B, T, C) bf16; writes the k and v thirds of dqkv (B, T, 3C).
 extern "C" __global__ void __launch_bounds__(128)
 flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_bf16,
                               const bf16_t* __restrict__ qkv, const float* __restrict__ bias,
@@ -335,7 +338,7 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
     int kt = blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;   // low kt = most query tiles: launched first
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     HeadIn Q = qkv_head(qkv, bias, b, h, 0, T, NH), K = qkv_head(qkv, bias, b, h, 1, T, NH),
-           V = qkv_head(qkv, bias, b, h, 2, T, NH), dOh = packed_head(dO, bh, Tp);
+           V = qkv_head(qkv, bias, b, h, 2, T, NH), dOh = out_head(dO, b, h, T, NH);
     int k0 = kt * TILE + warp * 16;
 
     unsigned ka[4][4], va[4][4];                       // this warp's 16 keys of K and V as A fragments
@@ -426,7 +429,7 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
     int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     HeadIn Q = qkv_head(qkv, bias, b, h, 0, T, NH), K = qkv_head(qkv, bias, b, h, 1, T, NH),
-           V = qkv_head(qkv, bias, b, h, 2, T, NH), dOh = packed_head(dO, bh, Tp);
+           V = qkv_head(qkv, bias, b, h, 2, T, NH), dOh = out_head(dO, b, h, T, NH);
     int q0 = qt * TILE + warp * 16;
 
     unsigned qa[4][4], da[4][4];                       // Q and dO rows of this warp

@@ -2,9 +2,9 @@
 
 Same contract as ops/attention.py: forward(qkv, n_head) -> (out, saved), backward(dout, saved) -> (dqkv,).
 Inputs and outputs are in the model's layouts. The kernels read q, k, v in place from a bf16 qkv (B, T, 3C):
-the qkv matmul's own bf16 output (bf16 matmuls), or a bf16 copy made by qkv_to_bf16 from a float32 qkv. dO is
-made into a bf16 copy in (B*NH, Tp, 64) head layout with Tp = T rounded up to 64 (dout may arrive float32 or bf16). Matmuls run in bf16 with float32 accumulation, so
-results match the float32 reference to about 1e-2 relative, not 1e-5. Head size must be 64; other head sizes
+the qkv matmul's own bf16 output (bf16 matmuls), or a bf16 copy made by qkv_to_bf16 from a float32 qkv. dout
+(B, T, C) is read in place too when it arrives as bf16 (c_proj's bf16 dx), else rounded into a bf16 copy of
+the same layout by the backward's prep kernel. Matmuls run in bf16 with float32 accumulation, so results match the float32 reference to about 1e-2 relative, not 1e-5. Head size must be 64; other head sizes
 fall back to the cuBLAS form (softmax_attention), with one logged warning per model shape.
 
 bias_attention (ops/attention.py gives the NumPy meaning): attention(x + b) for the qkv matmul's output x and
@@ -124,12 +124,16 @@ def _backward(dout, saved, bf16):
     qkv16, kbias, out, L2, B, T, NH = saved
     Tp = L2.shape[1]
     C = NH * HEAD_SIZE
-    dout = cp.ascontiguousarray(dout) if dout.dtype == np.uint16 else cp.ascontiguousarray(dout, dtype=cp.float32)
-    dO = cp.empty((B * NH, Tp, HEAD_SIZE), dtype=cp.uint16)
+    if dout.dtype == np.uint16:               # bf16 already (c_proj's bf16 dx): the kernels read it in place
+        dO = cp.ascontiguousarray(dout)
+        dO16 = NULL
+    else:                                     # float32: prep writes the bf16 copy the kernels read
+        dout = cp.ascontiguousarray(dout, dtype=cp.float32)
+        dO = dO16 = cp.empty(dout.shape, dtype=cp.uint16)
     D = cp.empty((B * NH, Tp), dtype=cp.float32)
     grid, block = rows_per_warp(B * NH * Tp, 8)
     launch("flash_attention", "flash_attention_backward_prep", grid, block,
-           (dO, D, *_pair(dout), *_pair(out), np.int32(B), np.int32(T), np.int32(Tp), np.int32(NH)))
+           (dO16, D, *_pair(dout), *_pair(out), np.int32(B), np.int32(T), np.int32(Tp), np.int32(NH)))
     dqkv = cp.empty((B, T, 3 * C), dtype=cp.uint16 if bf16 else cp.float32)
     scale = 1.0 / math.sqrt(HEAD_SIZE)
     args = (*_pair(dqkv), qkv16, kbias, dO, L2, D, np.int32(T), np.int32(Tp), np.int32(NH),

@@ -722,15 +722,17 @@ def _flash_forward(grid, block, smem, out, out_bf16, L2, qkv, bias, T, Tp, NH, s
     _store(out, out_bf16, B * T * NH * 64, o.reshape(B, NH, Tp, 64)[:, :, :T].transpose(0, 2, 1, 3))
 
 
-def _flash_prep(grid, block, smem, dO, D, dout, dout_bf16, out, out_bf16, B, T, Tp, NH):
+def _flash_prep(grid, block, smem, dO16, D, dout, dout_bf16, out, out_bf16, B, T, Tp, NH):
     B, T, Tp, NH = (_int(a, np.int32) for a in (B, T, Tp, NH))
     assert grid[0] * block[0] // 32 >= B * NH * Tp
     C = NH * 64
     if _arr(dout_bf16) is not None:
-        assert _arr(dout) is None
+        assert _arr(dout) is None and _arr(dO16) is None          # read in place: no copy to write
         do = _bf(dout_bf16, (B * T * C,))
     else:
         do = _f32(_arr(dout), B * T * C).astype(np.float64)
+        assert _arr(dO16).dtype == np.uint16
+        _arr(dO16).reshape(-1)[:B * T * C] = float32_to_bf16(do.astype(np.float32))
     if _arr(out_bf16) is not None:
         assert _arr(out) is None
         o = _bf(out_bf16, (B * T * C,))
@@ -741,7 +743,6 @@ def _flash_prep(grid, block, smem, dO, D, dout, dout_bf16, out, out_bf16, B, T, 
     dh[:, :T] = do.reshape(B, T, NH, 64).transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
     oh[:, :T] = o.reshape(B, T, NH, 64).transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
     dh16 = float32_to_bf16(dh.astype(np.float32))
-    _arr(dO).reshape(-1)[:B * NH * Tp * 64] = dh16.ravel()
     _f32(_arr(D), B * NH * Tp)[...] = (bf16_to_float32(dh16) * oh).sum(-1).ravel()     # from the bf16 dO
 
 
@@ -751,7 +752,10 @@ def _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_l
     BH = grid[1]
     assert grid[0] == Tp // 64
     q, k, v = _qkv_heads(qkv, bias, BH, T, Tp, NH)
-    do = _bf(dO, (BH, Tp, 64))
+    B, C = BH // NH, NH * 64
+    assert _arr(dO).dtype == np.uint16
+    do = np.zeros((BH, Tp, 64))                                       # dO (B, T, C) bf16 -> heads, rows t >= T zero
+    do[:, :T] = _bf(dO, (B, T, NH, 64)).transpose(0, 2, 1, 3).reshape(BH, T, 64)
     L = _f32(_arr(L2), BH * Tp).reshape(BH, Tp, 1)
     Dv = _f32(_arr(D), BH * Tp).reshape(BH, Tp, 1)
     p = np.where(_causal_mask(Tp), np.exp2(q @ k.transpose(0, 2, 1) * sl2 - L), 0.0)

@@ -4,7 +4,7 @@ The CUDA kernels cannot run without a GPU, but their logic can: this module exec
 same indices, a warp at a time (the 32 lanes as a vector axis), over flat buffers with the same strides
 (LDS = 72 in shared memory; in global memory q, k, v are read in place from qkv (B, T, 3C), row stride 3C,
 head offsets part*C + h*64, rows t >= T as zero, the bias added to each loaded bf16 pair and rounded back;
-dO in head layout, row stride HS = 64). The one instruction it has to model is
+dO in out's layout (B, T, C), row stride C). The one instruction it has to model is
 mma.sync.m16n8k16: `mma` rebuilds the 16x16 A and 16x8 B matrices from the lanes' fragments using the PTX
 fragment layout, multiplies, and scatters D back, so a wrong row/column formula in the kernel shows up as a
 wrong result against the float64 attention reference (tests/test_kernel_references.py). bf16 rounding
@@ -192,21 +192,20 @@ def backward(dout, out, L2, state, B, T, NH):
     C = NH * HS
     scale = np.float32(1 / math.sqrt(HS))
     scale_log2 = np.float32(scale * LOG2E)
-    # prep
-    dO = np.zeros((B * NH, Tp, HS), np.float32)
+    # prep: dO rounded to bf16 in its own layout (B, T, C), which the kernels read in place
+    dO = round_to_bf16(np.asarray(dout, np.float32)).ravel()
     D = np.zeros((B * NH, Tp), np.float32)
-    dh = dout.reshape(B, T, NH, HS).transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
+    dh = dO.reshape(B, T, NH, HS).transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
     oh = out.reshape(B, T, NH, HS).transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
-    dO[:, :T] = round_to_bf16(dh)
-    D[:, :T] = (dO[:, :T] * oh).sum(-1)                       # from the bf16 dO, as the kernel does
-    dO, D = dO.ravel(), D.ravel()
+    D[:, :T] = (dh * oh).sum(-1)                              # from the bf16 dO, as the kernel does
+    D = D.ravel()
     dqkv = np.full((B * T * 3 * C,), np.nan, np.float32)
     ntiles = Tp // TILE
     # dK, dV
     Qs, Qt, dOs, dOt = (np.zeros(TILE * LDS, np.float32) for _ in range(4))
     for bh in range(B * NH):
         Q, K, V = (qkv_head(buf, bias, bh // NH, bh % NH, part, T, NH) for part in range(3))
-        dOh = head(dO, bh * Tp * HS, HS, Tp)
+        dOh = head(dO, (bh // NH) * T * C + (bh % NH) * HS, C, T)
         for kt in range(ntiles):
             warps = []
             for w in range(4):
@@ -257,7 +256,7 @@ def backward(dout, out, L2, state, B, T, NH):
     Ks, Kt, Vs = (np.zeros(TILE * LDS, np.float32) for _ in range(3))
     for bh in range(B * NH):
         Q, K, V = (qkv_head(buf, bias, bh // NH, bh % NH, part, T, NH) for part in range(3))
-        dOh = head(dO, bh * Tp * HS, HS, Tp)
+        dOh = head(dO, (bh // NH) * T * C + (bh % NH) * HS, C, T)
         for bx in range(ntiles):
             qt = ntiles - 1 - bx
             warps = []
