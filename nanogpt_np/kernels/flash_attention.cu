@@ -30,7 +30,9 @@
 // out and dqkv are in the model's layout, (B, T, C) and (B, T, 3C): float32, or bf16 when the matmul that reads
 // them runs in bf16 (the kernels take a float32 and a bf16 pointer and write the one that is not NULL: store2).
 // Memory traffic (forward): Q, K, V read once per query tile that needs them (K/V tiles are reused by 4 warps),
-// out written once. Shared memory: K tile + V^T tile = 18 KB (forward), 37 KB (dkdv), 28 KB (dq).
+// out written once. Reading q, k, v in place costs no extra bytes: a tile row is 128 contiguous bytes (whole
+// 32-byte sectors) and the 8 threads reading it are adjacent; the bias (64 floats per head) stays in cache.
+// The price is ALU work: the bias is added to every value each time its tile is loaded (K, V once per query tile). Shared memory: K tile + V^T tile = 18 KB (forward), 37 KB (dkdv), 28 KB (dq).
 
 #define HS 64          // head size (fixed: GPT-2 and most models here)
 #define TILE 64        // rows per tile (queries or keys)
