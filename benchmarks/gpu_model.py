@@ -474,6 +474,8 @@ def kernel_traffic(op):
         # (read in place: 128-byte row pieces 3C * 2 bytes apart, whole 32-byte sectors, so no extra bytes)
         bias = 0 if null[4 if fwd else 3] else 3 * C * f4           # the qkv bias, once (then from cache)
         head = part                                                 # dO: bf16 (B, T, C), read in place too
+        # the qkv bias gradient's partial column sums (B * Tp/64, 3C) float32: dkdv writes 2 of the 3 thirds
+        sums = 0 if fwd or null[12] else B * nt * C * f4 * (2 if k == "flash_attention_backward_dkdv" else 1)
         matmuls = {"flash_attention_forward": 2, "flash_attention_backward_dkdv": 4,
                    "flash_attention_backward_dq": 3}[k]
         flops = 2.0 * 64 * 64 * 64 * tiles * BH * matmuls
@@ -481,11 +483,11 @@ def kernel_traffic(op):
             bmin = 3 * part + bias + B * T * C * o4 + BH * Tp * f4
             bw = part + bias + B * T * C * o4 + BH * Tp * f4 + 2 * part * tiles / nt   # K, V re-read per query tile
         elif k == "flash_attention_backward_dkdv":
-            bmin = 3 * part + head + bias + 2 * BH * Tp * f4 + 2 * B * T * C * o4
-            bw = 2 * part + bias + 2 * B * T * C * o4 + (part + head + 2 * BH * Tp * f4) * tiles / nt
+            bmin = 3 * part + head + bias + 2 * BH * Tp * f4 + 2 * B * T * C * o4 + sums
+            bw = 2 * part + bias + 2 * B * T * C * o4 + sums + (part + head + 2 * BH * Tp * f4) * tiles / nt
         else:
-            bmin = 3 * part + head + bias + 2 * BH * Tp * f4 + B * T * C * o4
-            bw = part + head + bias + B * T * C * o4 + BH * Tp * f4 * 2 + 2 * part * tiles / nt
+            bmin = 3 * part + head + bias + 2 * BH * Tp * f4 + B * T * C * o4 + sums
+            bw = part + head + bias + B * T * C * o4 + sums + BH * Tp * f4 * 2 + 2 * part * tiles / nt
         return flops, bmin, bw, "flash"
     if k == "flash_attention_backward_prep":
         B, T, Tp, NH = s[6:10]

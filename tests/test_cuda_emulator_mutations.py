@@ -92,7 +92,7 @@ def run_cross_entropy_bf16(cp):
     return 0.0 if same else 10.0
 def run_bf16_outputs(cp):
     """With bf16 activations: bias_attention on flash from a float32 x (qkv bias added in qkv_to_bf16, bf16 out
-    and dqkv, db from the bf16 dqkv), residual_layernorm with a residual bias and bf16 y, bias_gelu with bf16 y and dx."""
+    and dqkv, db summed by the backward kernels from the bf16 dqkv), residual_layernorm with a residual bias and bf16 y, bias_gelu with bf16 y and dx."""
     from nanogpt_np.kernels import references, registry
     from nanogpt_np.kernels.bf16 import bf16_to_float32, round_to_bf16
     att = importlib.import_module("nanogpt_np.ops.attention")
@@ -129,6 +129,15 @@ def run_bf16_outputs(cp):
     finally:
         registry._precision = old
     return max(errs)
+
+
+def run_column_sum_bf16(cp):
+    """precision.column_sum_bf16 (bf16.cu's partial column sums + a gemm) against float64 sums."""
+    from nanogpt_np.kernels import precision
+    from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16
+    x = float32_to_bf16(np.random.default_rng(10).standard_normal((300, 70)).astype(np.float32))
+    got = cp.asnumpy(precision.column_sum_bf16(cp.asarray(x)))
+    return _rel(got, bf16_to_float32(x).astype(np.float64).sum(0)) / 1e-5
 
 
 def run_flash_bf16_in(cp):
@@ -212,6 +221,14 @@ MUTATIONS = [
      "r.base = x + (long long)b * T * C + h * HS;", "r.base = x + (long long)b * T * C;", run_flash_bf16_in),
     ("flash backward prep: the bf16 copy of a float32 dout not written", "flash_attention",
      "            *(unsigned*)(dO16 + off) = p;\n", "\n", run_flash),
+    ("flash db partial sums (dk, dv): the last warp's column sums left out", "flash_attention",
+     "((colsum[p][0][d] + colsum[p][1][d]) + colsum[p][2][d]) + colsum[p][3][d];",
+     "((colsum[p][0][d] + colsum[p][1][d]) + colsum[p][2][d]);", run_flash_bf16_in),
+    ("flash db partial sums: shuffled across t (columns) instead of g (rows)", "flash_attention",
+     "for (int off = 4; off < 32; off <<= 1) {", "for (int off = 1; off < 8; off <<= 1) {", run_flash_bf16_in),
+    ("flash db partial sums (dq): written to the k third", "flash_attention",
+     "db_partial[((long long)b * gridDim.x + qt) * 3 * C + h * HS + d] =",
+     "db_partial[((long long)b * gridDim.x + qt) * 3 * C + C + h * HS + d] =", run_flash_bf16_in),
     ("flash backward prep: bf16 dout read with its halves swapped", "flash_attention",
      "p = *(const unsigned*)(dout_bf16 + off);", "p = *(const unsigned*)(dout_bf16 + off); p = (p << 16) | (p >> 16);", run_flash_bf16_in),
     ("flash backward prep: bf16 O read with its halves swapped", "flash_attention",
@@ -227,7 +244,7 @@ MUTATIONS = [
      run_bf16_outputs),
     ("bf16 column sum: the bits not shifted into the high half", "bf16",
      "s += __uint_as_float(((unsigned int)x[(long long)r * C + c]) << 16);",
-     "s += __uint_as_float((unsigned int)x[(long long)r * C + c]);", run_bf16_outputs),
+     "s += __uint_as_float((unsigned int)x[(long long)r * C + c]);", run_column_sum_bf16),
 ]
 
 
@@ -254,7 +271,7 @@ def _outcomes(monkeypatch, cp, runner, stop_when_caught=False):
 
 
 @pytest.mark.parametrize("runner", [run_flash, run_layernorm, run_cross_entropy_inplace, run_cross_entropy_bf16,
-                                    run_bf16_outputs, run_flash_bf16_in])
+                                    run_bf16_outputs, run_flash_bf16_in, run_column_sum_bf16])
 def test_unmutated_kernels_pass_in_every_schedule(monkeypatch, cuda_cp, runner):
     for s, r in _outcomes(monkeypatch, cuda_cp, runner).items():
         assert not isinstance(r, str) and r < 1, f"schedule {s}: {r}"

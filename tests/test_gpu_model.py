@@ -50,9 +50,9 @@ def _per_call(attention, dtype):
             "bwd": ["causal_softmax_backward"] + ["gemm"] * 4 * B} if attention == "matmul" else
            {"fwd": (["qkv_to_bf16"] if dtype != "bfloat16" else []) + ["flash_attention_forward"],
             "bwd": ["flash_attention_backward_prep", "flash_attention_backward_dkdv", "flash_attention_backward_dq"]})
-    # bias gradients: one-row gemms (ops/reductions.sum_rows, not CuPy's matmul: a CUDA graph can capture them),
-    # of a bf16 dqkv's partial column sums with flash in bf16
-    att_bias = ["bf16_column_sum_partial", "gemm"] if (attention, dtype) == ("flash", "bfloat16") else ["gemm"]
+    # bias gradients: one-row gemms (ops/reductions.sum_rows, not CuPy's matmul: a CUDA graph can capture them);
+    # with flash in bf16 the gemm sums the partial column sums the flash backward kernels wrote
+    att_bias = ["gemm"]
     return {"layernorm": ln, "residual_layernorm": {"fwd": ln["fwd"], "bwd": ln["bwd"] + ["gemm?bias"]},
             "linear": linear, "attention": att, "bias_attention": {"fwd": att["fwd"], "bwd": att["bwd"] + att_bias},
             "bias_gelu": {"fwd": ["gelu_forward_f4"], "bwd": ["bias_gelu_backward", "column_sum_finish"]},

@@ -162,6 +162,42 @@ __device__ __forceinline__ void load_tile_t(bf16_t* dst, const HeadIn& x, int ro
     }
 }
 
+// a value as store2 writes it: rounded to bf16 when the output is bf16
+__device__ __forceinline__ float as_stored(const bf16_t* out_bf16, float v) {
+    return out_bf16 ? __uint_as_float(pack_bf16x2(v, 0.0f) << 16) : v;
+}
+
+// A warp's 16 x 64 result block (8 accumulator fragments times `mult`, rows row0 .. row0+15, rows >= T skipped)
+// written at out[base + row * ld + column] with store2. With sums, the warp also puts into colsum (shared, 64 floats)
+// the column sums of its rows, of the values as written: per lane over its rows g and g+8, then over the
+// 8 lanes of a column (shuffles across g), one 8-column fragment at a time. Fixed order: deterministic.
+__device__ __forceinline__ void store_block(float* out, bf16_t* out_bf16, const float (*acc)[4], float mult,
+                                            long long base, int ld, int row0, int T, int g, int t, float* colsum,
+                                            bool sums) {
+#pragma unroll
+    for (int jd = 0; jd < 8; jd++) {
+        float c0 = 0.0f, c1 = 0.0f;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int row = row0 + g + 8 * r;
+            if (row < T) {
+                float a = acc[jd][2 * r] * mult, b = acc[jd][2 * r + 1] * mult;
+                store2(out, out_bf16, base + (long long)row * ld + 2 * t + 8 * jd, a, b);
+                c0 += as_stored(out_bf16, a);
+                c1 += as_stored(out_bf16, b);
+            }
+        }
+        if (sums) {                                    // the same for the whole block: no divergent shuffle
+#pragma unroll
+            for (int off = 4; off < 32; off <<= 1) {
+                c0 += __shfl_xor_sync(0xffffffffu, c0, off);
+                c1 += __shfl_xor_sync(0xffffffffu, c1, off);
+            }
+            if (g == 0) { colsum[8 * jd + 2 * t] = c0; colsum[8 * jd + 2 * t + 1] = c1; }
+        }
+    }
+}
+
 __device__ __forceinline__ float quad_max(float v) {
     v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
     return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
@@ -327,16 +363,20 @@ extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO
 // dK and dV. grid (Tp/64, B*NH), block 128: block = one 64-key tile, warp = 16 keys; loops over the query
 // tiles at or after its keys (the causal ones). Works on transposed scores S^T (keys x queries).
 // q, k, v from qkv (+ bias) as in the forward, dO (B, T, C) bf16; writes the k and v thirds of dqkv (B, T, 3C).
+// db_partial (B * Tp/64, 3C) float32, or NULL: the block's column sums of the dk, dv it wrote go to row
+// b * Tp/64 + kt, columns C + h*64 and 2C + h*64 (the dq kernel fills the q third): the qkv bias gradient is then
+// one sum over the rows (a gemm), with no second pass over dqkv.
 extern "C" __global__ void __launch_bounds__(128)
 flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_bf16,
                               const bf16_t* __restrict__ qkv, const float* __restrict__ bias,
                               const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
-                              int T, int Tp, int NH, float scale_log2, float scale) {
+                              int T, int Tp, int NH, float scale_log2, float scale, float* __restrict__ db_partial) {
     __shared__ __align__(16) bf16_t Qs[TILE * LDS];    // [q][d]
     __shared__ __align__(16) bf16_t Qt[HS * LDS];      // [d][q]
     __shared__ __align__(16) bf16_t dOs[TILE * LDS];   // [q][d]
     __shared__ __align__(16) bf16_t dOt[HS * LDS];     // [d][q]
     __shared__ float Ls[TILE], Ds[TILE];
+    __shared__ float colsum[2][4][HS];                 // per part (k, v) and warp: column sums of dk, dv
     int kt = blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;   // low kt = most query tiles: launched first
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     HeadIn Q = qkv_head(qkv, bias, b, h, 0, T, NH), K = qkv_head(qkv, bias, b, h, 1, T, NH),
@@ -406,28 +446,29 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
         }
     }
     int C = NH * HS;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int row = k0 + g + 8 * r;
-        if (row >= T) continue;
-        long long dst = ((long long)b * T + row) * 3 * C + h * HS + 2 * t;
-#pragma unroll
-        for (int jd = 0; jd < 8; jd++) {
-            store2(dqkv, dqkv_bf16, dst + C + 8 * jd, dk[jd][2 * r] * scale, dk[jd][2 * r + 1] * scale);
-            store2(dqkv, dqkv_bf16, dst + 2 * C + 8 * jd, dv[jd][2 * r], dv[jd][2 * r + 1]);
-        }
+    long long base = (long long)b * T * 3 * C + h * HS;
+    store_block(dqkv, dqkv_bf16, dk, scale, base + C, 3 * C, k0, T, g, t, colsum[0][warp], db_partial != nullptr);
+    store_block(dqkv, dqkv_bf16, dv, 1.0f, base + 2 * C, 3 * C, k0, T, g, t, colsum[1][warp], db_partial != nullptr);
+    if (db_partial == nullptr) return;
+    __syncthreads();
+    for (int i = threadIdx.x; i < 2 * HS; i += blockDim.x) {      // the 4 warps' sums, in order
+        int p = i / HS, d = i % HS;
+        db_partial[((long long)b * gridDim.x + kt) * 3 * C + (p + 1) * C + h * HS + d] =
+            ((colsum[p][0][d] + colsum[p][1][d]) + colsum[p][2][d]) + colsum[p][3][d];
     }
 }
 
 // dQ. grid (Tp/64, B*NH), block 128: block = one 64-query tile, warp = 16 queries; loops over key tiles <= its own.
+// db_partial: as in dkdv, the q third (row b * Tp/64 + qt, columns h*64 ..).
 extern "C" __global__ void __launch_bounds__(128)
 flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_bf16,
                             const bf16_t* __restrict__ qkv, const float* __restrict__ bias,
                             const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
-                            int T, int Tp, int NH, float scale_log2, float scale) {
+                            int T, int Tp, int NH, float scale_log2, float scale, float* __restrict__ db_partial) {
     __shared__ __align__(16) bf16_t Ks[TILE * LDS];    // [key][d]
     __shared__ __align__(16) bf16_t Kt[HS * LDS];      // [d][key]
     __shared__ __align__(16) bf16_t Vs[TILE * LDS];    // [key][d]
+    __shared__ float colsum[4][HS];                    // per warp: column sums of dq
     int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     HeadIn Q = qkv_head(qkv, bias, b, h, 0, T, NH), K = qkv_head(qkv, bias, b, h, 1, T, NH),
@@ -491,12 +532,11 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
         }
     }
     int C = NH * HS;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int row = q0 + g + 8 * r;
-        if (row >= T) continue;
-        long long dst = ((long long)b * T + row) * 3 * C + h * HS + 2 * t;
-#pragma unroll
-        for (int jd = 0; jd < 8; jd++) store2(dqkv, dqkv_bf16, dst + 8 * jd, dq[jd][2 * r] * scale, dq[jd][2 * r + 1] * scale);
-    }
+    store_block(dqkv, dqkv_bf16, dq, scale, (long long)b * T * 3 * C + h * HS, 3 * C, q0, T, g, t,
+                colsum[warp], db_partial != nullptr);
+    if (db_partial == nullptr) return;
+    __syncthreads();
+    for (int d = threadIdx.x; d < HS; d += blockDim.x)             // the 4 warps' sums, in order; row b * nt + qt
+        db_partial[((long long)b * gridDim.x + qt) * 3 * C + h * HS + d] =
+            ((colsum[0][d] + colsum[1][d]) + colsum[2][d]) + colsum[3][d];
 }

@@ -13,7 +13,8 @@ qkv, in qkv_to_bf16), and the backward also makes db, the column sums of dqkv, a
 buffer when given one (db_into, docs/CONTRACTS.md).
 With bf16 activations (registry.bf16_activations(): the matmuls read bf16) out is written as bf16 bits for the
 c_proj matmul, and bias_attention's dqkv as bf16 for the qkv matmul's backward (db is then summed from the
-bf16 values, in float32). Plain attention's dqkv stays float32: a matmul before it may add its own bias.
+bf16 values, in float32: the backward kernels sum each 64-row tile's columns as they write them, and one gemm
+adds those partial sums into db). Plain attention's dqkv stays float32: a matmul before it may add its own bias.
 """
 import logging
 import math
@@ -110,16 +111,20 @@ def bias_attention_backward(dout, saved, db_into=None):
     if kind == "matmul":
         from . import softmax_attention
         return softmax_attention.bias_attention_backward(dout, saved, db_into=db_into)
-    out = saved[2]
-    dqkv = _backward(dout, saved, bf16=out.dtype == np.uint16)      # as the forward chose (bf16 activations)
-    rows = dqkv.reshape(-1, dqkv.shape[-1])
-    if dqkv.dtype == np.uint16:
-        return dqkv, precision.column_sum_bf16(rows, into=db_into)       # partial sums, then one gemm, beta = 1
+    import cupy as cp
+    _, _, out, L2, B, _, NH = saved
+    if out.dtype == np.uint16:                # bf16 activations (as the forward chose): dqkv written as bf16
+        # the backward kernels also sum the columns of the dqkv they write, per 64-row tile (the values as
+        # written, bf16): db = the sum of those (B * Tp/64, 3C) partial rows, one gemm into the buffer
+        partial = cp.empty((B * (L2.shape[1] // 64), 3 * NH * HEAD_SIZE), dtype=cp.float32)
+        dqkv = _backward(dout, saved, bf16=True, db_partial=partial)
+        return dqkv, precision.sum_rows(partial, into=db_into)
     from ..ops.reductions import add_into, sum_rows
-    return dqkv, add_into(db_into, sum_rows(rows))     # float32: the same sum and add as before the buffer
+    dqkv = _backward(dout, saved, bf16=False)
+    return dqkv, add_into(db_into, sum_rows(dqkv.reshape(-1, dqkv.shape[-1])))   # float32: sum, then add
 
 
-def _backward(dout, saved, bf16):
+def _backward(dout, saved, bf16, db_partial=None):
     import cupy as cp
     qkv16, kbias, out, L2, B, T, NH = saved
     Tp = L2.shape[1]
@@ -137,7 +142,7 @@ def _backward(dout, saved, bf16):
     dqkv = cp.empty((B, T, 3 * C), dtype=cp.uint16 if bf16 else cp.float32)
     scale = 1.0 / math.sqrt(HEAD_SIZE)
     args = (*_pair(dqkv), qkv16, kbias, dO, L2, D, np.int32(T), np.int32(Tp), np.int32(NH),
-            np.float32(scale * LOG2E), np.float32(scale))
+            np.float32(scale * LOG2E), np.float32(scale), NULL if db_partial is None else db_partial)
     launch("flash_attention", "flash_attention_backward_dkdv", (Tp // 64, B * NH), (128,), args)
     launch("flash_attention", "flash_attention_backward_dq", (Tp // 64, B * NH), (128,), args)
     return dqkv

@@ -746,7 +746,7 @@ def _flash_prep(grid, block, smem, dO16, D, dout, dout_bf16, out, out_bf16, B, T
     _f32(_arr(D), B * NH * Tp)[...] = (bf16_to_float32(dh16) * oh).sum(-1).ravel()     # from the bf16 dO
 
 
-def _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale):
+def _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale, db_partial):
     T, Tp, NH = _int(T, np.int32), _int(Tp, np.int32), _int(NH, np.int32)
     sl2, sc = _flt(scale_log2), _flt(scale)
     BH = grid[1]
@@ -770,21 +770,31 @@ def _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_l
         dst = _f32(_arr(dqkv), B * T * 3 * C).reshape(B, T, 3, NH, 64)
         convert = np.asarray
 
+    partial = None if _arr(db_partial) is None else _rows(_f32(_arr(db_partial)), 3 * C)
+    nt = Tp // 64
+
     def put(part, x):
         dst[:, :, part] = convert(x.reshape(B, NH, Tp, 64)[:, :, :T].transpose(0, 2, 1, 3).astype(np.float32))
+        if partial is not None:            # per (b, 64-row tile): column sums of the values as written
+            written = dst[:, :, part].astype(np.float32) if convert is np.asarray else bf16_to_float32(dst[:, :, part])
+            w = np.zeros((B, Tp, NH * 64))
+            w[:, :T] = written.reshape(B, T, NH * 64)
+            partial.reshape(B, nt, 3 * C)[:, :, part * C:(part + 1) * C] = w.reshape(B, nt, 64, C).sum(2)
     return p, ds, q, k, do, sc, put
 
 
-def _flash_dkdv(grid, block, smem, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale):
+def _flash_dkdv(grid, block, smem, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale, db_partial):
     assert block[0] == 128
-    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale)
+    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale,
+                                            db_partial)
     put(1, sc * ds.transpose(0, 2, 1) @ q)
     put(2, p.transpose(0, 2, 1) @ do)
 
 
-def _flash_dq(grid, block, smem, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale):
+def _flash_dq(grid, block, smem, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale, db_partial):
     assert block[0] == 128
-    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale)
+    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale,
+                                            db_partial)
     put(0, sc * ds @ k)
 
 
