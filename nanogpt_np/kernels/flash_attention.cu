@@ -14,6 +14,8 @@
 //   dV = P^T dO,  dK = scale * dS^T Q                  (kernel dkdv: a block per 64-key tile, loops over queries)
 //   dQ = scale * dS K                                  (kernel dq:   a block per 64-query tile, loops over keys)
 // Two kernels instead of atomics: every gradient element is written once, in a fixed order (deterministic).
+// Given db_partial, each block also writes the column sums of the gradient rows it wrote (one 64-row tile of
+// dq, or of dk and dv) to a row of its own: the qkv bias gradient is then the sum of those rows (one gemm).
 //
 // Tensor-core instruction: mma.sync.m16n8k16 (bf16 x bf16 -> f32): D(16x8) += A(16x16) * B(16x8).
 // Lane l holds (g = l/4, t = l%4):  A: rows g and g+8, columns 2t,2t+1 and 2t+8,2t+9 (4 registers of 2 bf16);
