@@ -270,9 +270,13 @@ def test_flash_attention_emulation_matches_reference(B, T, NH, with_bias):
     err = np.abs(out - ref).max() / np.abs(ref).max()
     assert err < 1e-2, err
     dout = r.standard_normal((B, T, C)).astype(np.float32)
-    dqkv = fe.backward(dout, out, L2, heads, B, T, NH)
+    dqkv, db_partial = fe.backward(dout, out, L2, heads, B, T, NH, with_db_partial=True)
     (rd,) = attention_backward(dout.astype(np.float64), saved)
-    assert np.isfinite(dqkv).all()
+    assert np.isfinite(dqkv).all() and np.isfinite(db_partial).all()       # every (tile, column) written once
+    # the per-tile column sums add up to the column sums of dqkv (the qkv bias gradient)
+    col = dqkv.reshape(-1, 3 * C).astype(np.float64).sum(0)
+    assert np.abs(db_partial.astype(np.float64).sum(0) - col).max() < 1e-5 * max(np.abs(col).max(), 1.0)
+    assert np.abs(col - rd.reshape(-1, 3 * C).sum(0)).max() < 2e-2 * np.abs(rd).max() * T
     for i, part in enumerate("qkv"):
         e = np.abs(dqkv[..., i * C:(i + 1) * C] - rd[..., i * C:(i + 1) * C]).max() / np.abs(rd[..., i * C:(i + 1) * C]).max()
         assert e < 2e-2, (part, e)

@@ -111,6 +111,30 @@ def load_tile_t(dst, x, row0):
             dst[(col + i) * LDS + row] = v[i]
 
 
+def warp_colsum(acc, mult, row0, T):
+    """store_block's column sums of a warp's 16 x 64 block (8 fragments of (32, 4)), rows >= T left out: per lane
+    over its rows g and g+8, then shuffles across g (lane ^ 4, ^ 8, ^ 16). -> (64,) float32."""
+    c = np.zeros((32, 8, 2), np.float32)
+    for jd in range(8):
+        for r in range(2):
+            valid = (row0 + G + 8 * r) < T
+            for e in range(2):
+                c[:, jd, e] += np.where(valid, acc[jd][:, 2 * r + e] * mult, np.float32(0))
+    for off in (4, 8, 16):
+        c = c + c[LANE ^ off]
+    out = np.zeros(64, np.float32)
+    for lane in range(4):                                   # g == 0: lanes 0..3 hold the sums
+        for jd in range(8):
+            for e in range(2):
+                out[8 * jd + 2 * TQ[lane] + e] = c[lane, jd, e]
+    return out
+
+
+def block_colsum(per_warp):
+    """The 4 warps' column sums added in order, as the kernels do."""
+    return ((per_warp[0] + per_warp[1]) + per_warp[2]) + per_warp[3]
+
+
 def forward(qkv, NH, bias=None):
     """Emulates flash_attention_forward on qkv (B, T, 3C) bf16 values (+ bias (3C,) float32, or None).
     -> out (B, T, C), L2 (B*NH, Tp), state for backward."""
@@ -186,10 +210,12 @@ def forward(qkv, NH, bias=None):
     return out.reshape(B, T, C), L2, (buf, bias, Tp)
 
 
-def backward(dout, out, L2, state, B, T, NH):
-    """Emulates flash_attention_backward_prep, _dkdv and _dq. -> dqkv (B, T, 3C)."""
+def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
+    """Emulates flash_attention_backward_prep, _dkdv and _dq. -> dqkv (B, T, 3C), and with with_db_partial
+    also the per-tile column sums (B * Tp/64, 3C) the kernels write for the qkv bias gradient (float32 dqkv)."""
     buf, bias, Tp = state
     C = NH * HS
+    db_partial = np.full((B * (Tp // TILE), 3 * C), np.nan, np.float32)
     scale = np.float32(1 / math.sqrt(HS))
     scale_log2 = np.float32(scale * LOG2E)
     # prep: dO rounded to bf16 in its own layout (B, T, C), which the kernels read in place
@@ -252,6 +278,9 @@ def backward(dout, out, L2, state, B, T, NH):
                             for e in range(2):
                                 dqkv[dst + C + 8 * jd + e] = st["dk"][jd][lane, 2 * r + e] * scale
                                 dqkv[dst + 2 * C + 8 * jd + e] = st["dv"][jd][lane, 2 * r + e]
+            for p, name, mult in ((1, "dk", scale), (2, "dv", np.float32(1))):
+                db_partial[b * ntiles + kt, p * C + h * HS: p * C + h * HS + HS] = \
+                    block_colsum([warp_colsum(st[name], mult, st["k0"], T) for st in warps])
     # dQ
     Ks, Kt, Vs = (np.zeros(TILE * LDS, np.float32) for _ in range(3))
     for bh in range(B * NH):
@@ -298,4 +327,8 @@ def backward(dout, out, L2, state, B, T, NH):
                         for jd in range(8):
                             for e in range(2):
                                 dqkv[dst + 8 * jd + e] = st["dq"][jd][lane, 2 * r + e] * scale
+            db_partial[b * ntiles + qt, h * HS: h * HS + HS] = \
+                block_colsum([warp_colsum(st["dq"], scale, st["q0"], T) for st in warps])
+    if with_db_partial:
+        return dqkv.reshape(B, T, 3 * C), db_partial
     return dqkv.reshape(B, T, 3 * C)

@@ -364,9 +364,9 @@ def test_attention_flash(cp, poison, act_dtype, B, T, C, NH):
 
 @pytest.mark.parametrize("B,T,C,NH", [(1, 1, 64, 1), (2, 100, 128, 2), (1, 130, 768, 12)])
 def test_bias_attention_flash(cp, poison, act_dtype, B, T, C, NH):
-    """attention(x + b) with the bias added while the heads are made; with bf16 activations out and dx are
-    bf16 bits and db is summed (float32) from those bits. x + b is exactly a bf16 value, so the reference sees
-    what the kernel's heads hold."""
+    """attention(x + b) for a float32 x: qkv_to_bf16 adds the bias while it rounds x + b to bf16; with bf16
+    activations out and dx are bf16 bits and db is summed (float32) from those bits (by the backward kernels,
+    per 64-row tile). x + b is exactly a bf16 value, so the reference sees what the kernels read."""
     b = round_to_bf16(randn(3 * C))
     x = (round_to_bf16(randn(B, T, 3 * C) + b) - b).astype(np.float32)     # x + b exact in float32 and bf16
     fwd, bwd = registry.lookup("bias_attention_flash")
