@@ -46,12 +46,12 @@ def supported(n_embd: int, n_head: int) -> bool:
 
 
 def attention_forward(qkv, n_head):
-    """qkv (B, T, 3C) float32 -> out (B, T, C) float32 (or bf16 bits, see above)."""
+    """qkv (B, T, 3C) float32 or bf16 bits -> out (B, T, C) float32 (or bf16 bits, see above)."""
     return _forward(qkv, None, n_head)
 
 
 def bias_attention_forward(x, b, n_head):
-    """attention(x + b): x (B, T, 3C) float32, b (3C,) -> out (B, T, C)."""
+    """attention(x + b): x (B, T, 3C) float32 or bf16 bits, b (3C,) float32 -> out (B, T, C)."""
     return _forward(x, b, n_head)
 
 
