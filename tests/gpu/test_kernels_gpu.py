@@ -393,7 +393,8 @@ def test_bias_attention_flash(cp, poison, act_dtype, B, T, C, NH):
         assert rel_err(to_np(dx).astype(np.uint32).view(np.float32), rdx) > 0.5
 
 
-@pytest.mark.parametrize("B,T,C,NH", [(1, 1, 64, 1), (2, 100, 128, 2), (1, 130, 256, 4), (1, 257, 768, 12)])
+@pytest.mark.parametrize("B,T,C,NH", [(1, 1, 64, 1), (2, 64, 128, 2), (2, 100, 128, 2), (1, 130, 256, 4),
+                                      (1, 257, 768, 12)])
 def test_bias_attention_flash_bf16_in(cp, poison, monkeypatch, B, T, C, NH):
     """bf16 matmuls: the qkv matmul writes x (B, T, 3C) as bf16 and the kernels read q, k, v from it in place
     (row stride 3C, head offsets h*64, C + h*64, 2C + h*64), adding the float32 bias as they load each tile and
