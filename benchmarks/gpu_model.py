@@ -327,6 +327,8 @@ def op_cost(op, dev) -> Cost:
         flops, bmin, bw, engine = kernel_traffic(op)
         c.gpu_ops, c.flops, c.bytes_min, c.bytes_written = 1, flops, bmin, bw
         c.t_compute = flops / (dev["bf16"] * FLASH_EFF) if engine == "flash" else 0.0
+        if engine == "flash":           # the qkv bias added to every loaded q, k, v value, on the FP32/INT pipes
+            c.t_compute += flash_bias_instructions(op) / (dev["fp32"] / 2)        # (not overlapped: an upper bound)
         c.t_memory = bw / (dev["bw"] * MEM_EFF)
     else:     # CuPy elementwise / reduction / copy / cast / fill / memset / gather / scatter / sort: memory-bound
         nin, nout = _nb(op.inputs), _nb(op.outputs)
@@ -365,6 +367,25 @@ def _matmul_cost(op, dev, c):
         c.host_ops += 2 * sum(op.args["copies"])
         c.alloc += copies
         c.note = f"CuPy copies {copies / 1e6:.0f} MB of operands"
+
+
+BIAS_INSTR_PER_VALUE = 3    # unpack the bf16, add the float32 bias, half a cvt.rn.bf16x2 (+ the bias load)
+
+
+def flash_bias_instructions(op):
+    """Instructions the flash kernels spend adding the qkv bias (given one) to the q, k, v values they load:
+    every 64 x 64 tile or fragment loaded with the bias, counted per block as flash_attention.cu loads them."""
+    k, s, null, grid = op.name, op.args["scalars"], op.args["null"], op.args["grid"]
+    fwd = k == "flash_attention_forward"
+    if null[4 if fwd else 3]:
+        return 0
+    Tp = s[6] if fwd else s[8]
+    BH, nt = grid[1], Tp // 64
+    tiles = nt * (nt + 1) // 2
+    per_block, per_tile = {"flash_attention_forward": (1, 2),        # Q fragments; K, V^T tiles
+                           "flash_attention_backward_dkdv": (2, 2),  # K, V fragments; Q, Q^T tiles
+                           "flash_attention_backward_dq": (1, 3)}[k]  # Q fragments; K, K^T, V tiles
+    return BIAS_INSTR_PER_VALUE * 64 * 64 * BH * (per_block * nt + per_tile * tiles)
 
 
 def kernel_traffic(op):
@@ -445,36 +466,43 @@ def kernel_traffic(op):
         half = BH * T * (T + 1) // 2 * f4
         reads = 1 if k.endswith("forward") else 2
         return 5 * half // f4, (reads + 1) * half, reads * half + BH * T * T * f4, "memory"   # writes full rows
-    if k == "qkv_to_heads_bf16":
-        B, T, Tp, NH = s[5:9]
-        nb = B * T * 3 * NH * 64 * f4 + 3 * B * NH * Tp * 64 * 2 + (0 if null[4] else 3 * NH * 64 * f4)
-        return 0, nb, nb, "memory"
+    if k == "qkv_to_bf16":                                          # float32 qkv (+ bias) -> bf16, same layout
+        n, C3 = 2 * s[3], s[4]
+        nb = n * (f4 + 2) + (0 if null[2] else C3 * f4)
+        return n, nb, nb, "memory"
     if k.startswith("flash_attention_") and k != "flash_attention_backward_prep":
-        T, Tp, NH = s[6:9] if k == "flash_attention_forward" else s[8:11]
+        fwd = k == "flash_attention_forward"
+        T, Tp, NH = s[5:8] if fwd else s[7:10]
         o4 = 2 if null[0] else f4                                   # out / dqkv written as float32 or bf16
         BH = grid[1]
         nt = Tp // 64
         tiles = nt * (nt + 1) // 2                                  # causal: key tiles at or below the diagonal
-        head = BH * Tp * 64 * 2                                     # one bf16 head-layout tensor
         C = NH * 64
         B = BH // NH
+        part = B * T * C * 2            # one of q, k, v: its third of the bf16 qkv (B, T, 3C), rows t < T only
+        # (read in place: 128-byte row pieces 3C * 2 bytes apart, whole 32-byte sectors, so no extra bytes)
+        bias = 0 if null[4 if fwd else 3] else 3 * C * f4           # the qkv bias, once (then from cache)
+        head = part                                                 # dO: bf16 (B, T, C), read in place too
+        # the qkv bias gradient's partial column sums (B * Tp/64, 3C) float32: dkdv writes 2 of the 3 thirds
+        sums = 0 if fwd or null[12] else B * nt * C * f4 * (2 if k == "flash_attention_backward_dkdv" else 1)
         matmuls = {"flash_attention_forward": 2, "flash_attention_backward_dkdv": 4,
                    "flash_attention_backward_dq": 3}[k]
         flops = 2.0 * 64 * 64 * 64 * tiles * BH * matmuls
-        if k == "flash_attention_forward":
-            bmin = 3 * head + B * T * C * o4 + BH * Tp * f4
-            bw = head + B * T * C * o4 + BH * Tp * f4 + 2 * head * tiles / nt   # K, V tiles re-read per query tile
+        if fwd:
+            bmin = 3 * part + bias + B * T * C * o4 + BH * Tp * f4
+            bw = part + bias + B * T * C * o4 + BH * Tp * f4 + 2 * part * tiles / nt   # K, V re-read per query tile
         elif k == "flash_attention_backward_dkdv":
-            bmin = 4 * head + 2 * BH * Tp * f4 + 2 * B * T * C * o4
-            bw = 2 * head + 2 * B * T * C * o4 + (2 * head + 2 * BH * Tp * f4) * tiles / nt
+            bmin = 3 * part + head + bias + 2 * BH * Tp * f4 + 2 * B * T * C * o4 + sums
+            bw = 2 * part + bias + 2 * B * T * C * o4 + sums + (part + head + 2 * BH * Tp * f4) * tiles / nt
         else:
-            bmin = 4 * head + 2 * BH * Tp * f4 + B * T * C * o4
-            bw = 2 * head + B * T * C * o4 + BH * Tp * f4 * 2 + 2 * head * tiles / nt
+            bmin = 3 * part + head + bias + 2 * BH * Tp * f4 + B * T * C * o4 + sums
+            bw = part + head + bias + B * T * C * o4 + sums + BH * Tp * f4 * 2 + 2 * part * tiles / nt
         return flops, bmin, bw, "flash"
     if k == "flash_attention_backward_prep":
-        B, T, Tp, NH = s[5:9]
-        o4 = 2 if null[3] else f4                                   # O read as float32 or bf16
-        nb = B * T * NH * 64 * (f4 + o4) + B * NH * Tp * (64 * 2 + f4)
+        B, T, Tp, NH = s[6:10]
+        d4 = 2 if null[2] else f4 + 2                               # dO read as bf16, or float32 + its bf16 copy written
+        o4 = 2 if null[4] else f4                                   # O read as float32 or bf16
+        nb = B * T * NH * 64 * (d4 + o4) + B * NH * Tp * f4         # + D
         return 2 * B * T * NH * 64, nb, nb, "memory"
     if k == "bf16_column_sum_partial":
         N, C = s[2], s[3]

@@ -280,7 +280,7 @@ class GPT:
         stream x + attn + mlp and next_ln of it (the layernorm named next_ln: the next block's ln_1, or ln_f)."""
         cfg, p, h = self.config, self.params, f"h.{i}."
         # Where the linear layers' biases are added (the same sums, each inside an op that reads the data anyway):
-        #   attn.c_attn -> bias_attention (the GPU adds it while it reads q, k, v into heads)
+        #   attn.c_attn -> bias_attention (the GPU adds it as it loads each tile of q, k, v)
         #   attn.c_proj, mlp.c_proj -> residual_layernorm (x + r + bias, then the next layernorm)
         #   mlp.c_fc    -> bias_gelu (gelu(m + bias))
         # Active dropout sits between a c_proj and its residual add, so then the c_proj biases stay in linear;
@@ -288,17 +288,20 @@ class GPT:
         dropout_on = self.training and cfg.dropout > 0
         fuse_proj = cfg.bias and not dropout_on
         a = xn
+        # bf16 matmuls (GPU): c_attn writes qkv as bf16, which flash attention reads in place, and c_proj
+        # writes the attention's output gradient as bf16, which its backward reads (bf16_out / bf16_dx)
+        qkv_bf16 = kv_cache is None
         if kv_cache is None and cfg.bias:
-            a = ops.linear(a, p[h + "attn.c_attn.weight"])                                # (B, T, 3C)
+            a = ops.linear(a, p[h + "attn.c_attn.weight"], bf16_out=True)                 # (B, T, 3C)
             a = ops.bias_attention(a, p[h + "attn.c_attn.bias"], cfg.n_head)              # (B, T, C)
         elif kv_cache is None:
-            a = ops.attention(ops.linear(a, p[h + "attn.c_attn.weight"]), cfg.n_head)
+            a = ops.attention(ops.linear(a, p[h + "attn.c_attn.weight"], bf16_out=True), cfg.n_head)
         else:
             a = ops.linear(a, p[h + "attn.c_attn.weight"], p.get(h + "attn.c_attn.bias"))
             a = Tensor(attention_with_cache(a.data, cfg.n_head, kv_cache.k[i], kv_cache.v[i], kv_cache.lengths,
                                             positions))
         proj_bias = p.get(h + "attn.c_proj.bias")
-        a = ops.linear(a, p[h + "attn.c_proj.weight"], None if fuse_proj else proj_bias)
+        a = ops.linear(a, p[h + "attn.c_proj.weight"], None if fuse_proj else proj_bias, bf16_dx=qkv_bf16)
         a = ops.dropout(a, cfg.dropout, self.dropout_rng, self.training)
         # x = x + a (+ c_proj's bias) and m = ln_2(x) in one op (one pass over memory on the GPU). Without dropout
         # `a` comes straight from c_proj, which may then read its gradient as bf16 (bf16_dr, written in that pass).

@@ -106,8 +106,8 @@ def run_cross_entropy_bf16(cp):
 
 
 def run_bf16_outputs(cp):
-    """With bf16 activations: bias_attention on flash (qkv bias in qkv_to_heads, bf16 out and dqkv, db from the
-    bf16 dqkv), residual_layernorm with a residual bias and bf16 y, bias_gelu with bf16 y and dx."""
+    """With bf16 activations: bias_attention on flash from a float32 x (qkv bias added in qkv_to_bf16, bf16 out
+    and dqkv, db summed by the backward kernels from the bf16 dqkv), residual_layernorm with a residual bias and bf16 y, bias_gelu with bf16 y and dx."""
     from nanogpt_np.kernels import references, registry
     from nanogpt_np.kernels.bf16 import bf16_to_float32, round_to_bf16
     att = importlib.import_module("nanogpt_np.ops.attention")
@@ -228,6 +228,44 @@ def run_bias_gelu_bf16_inputs(cp):
     return max(errs)
 
 
+def run_column_sum_bf16(cp):
+    """precision.column_sum_bf16 (bf16.cu's partial column sums + a gemm) against float64 sums."""
+    from nanogpt_np.kernels import precision
+    from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16
+    x = float32_to_bf16(np.random.default_rng(10).standard_normal((300, 70)).astype(np.float32))
+    got = cp.asnumpy(precision.column_sum_bf16(cp.asarray(x)))
+    return _rel(got, bf16_to_float32(x).astype(np.float64).sum(0)) / 1e-5
+
+
+def run_flash_bf16_in(cp):
+    """bias_attention on flash as the bf16 model runs it: x (B, T, 3C) bf16 read in place (row stride 3C, head
+    offsets), the float32 bias added per loaded tile and fragment, dout bf16, db added into a buffer."""
+    from nanogpt_np.kernels import registry
+    from nanogpt_np.kernels.bf16 import bf16_to_float32, float32_to_bf16, round_to_bf16
+    att = importlib.import_module("nanogpt_np.ops.attention")
+    rng = np.random.default_rng(9)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    old = registry._precision
+    registry._precision = "bfloat16"
+    try:
+        B, T, C, NH = 2, 70, 128, 2
+        x16, b, dout16, before = float32_to_bf16(f32(B, T, 3 * C)), f32(3 * C), float32_to_bf16(f32(B, T, C)), f32(3 * C)
+        fwd, bwd = registry.lookup("bias_attention_flash")
+        out, saved = fwd(cp.asarray(x16), cp.asarray(b), NH)
+        db = cp.asarray(before)
+        dx, _ = bwd(cp.asarray(dout16), saved, db_into=db)
+        xb = round_to_bf16(bf16_to_float32(x16) + b)
+        rout, rs = att.attention_forward(xb.astype(np.float64), NH)
+        (rdx,) = att.attention_backward(bf16_to_float32(dout16).astype(np.float64), rs)
+        got = bf16_to_float32(cp.asnumpy(dx))
+        errs = [_rel(bf16_to_float32(cp.asnumpy(out)), rout)]
+        errs += [_rel(got[..., i * C:(i + 1) * C], rdx[..., i * C:(i + 1) * C]) for i in range(3)]
+        errs.append(_rel(cp.asnumpy(db) - before, rdx.reshape(-1, 3 * C).sum(0)))
+    finally:
+        registry._precision = old
+    return max(errs) / 2e-2
+
+
 # (name, source, text to replace, replacement, runner)
 MUTATIONS = [
     ("embedding backward: a run's sum written over the buffer instead of added", "encoder",
@@ -238,13 +276,13 @@ MUTATIONS = [
      "        __syncthreads();                               // the previous tiles are no longer read\n", "",
      run_flash),
     ("flash: no barrier between loading a tile and reading it", "flash_attention",
-     "        load_tile_t(Vt, V + head + (long long)kt * TILE * HS);\n        __syncthreads();\n",
-     "        load_tile_t(Vt, V + head + (long long)kt * TILE * HS);\n", run_flash),
+     "        load_tile_t(Vt, V, kt * TILE);\n        __syncthreads();\n",
+     "        load_tile_t(Vt, V, kt * TILE);\n", run_flash),
     ("flash: mma A and B operands swapped", "flash_attention",
      "{%4,%5,%6,%7}, {%8,%9}", "{%8,%9,%6,%7}, {%4,%5}", run_flash),
     ("flash: rows g and g+8 of the A fragment swapped", "flash_attention",
-     "    a[0] = *(const unsigned*)(p + g * ld + 2 * t);\n    a[1] = *(const unsigned*)(p + (g + 8) * ld + 2 * t);\n",
-     "    a[0] = *(const unsigned*)(p + (g + 8) * ld + 2 * t);\n    a[1] = *(const unsigned*)(p + g * ld + 2 * t);\n",
+     "    a[0] = head_pair(x, row0 + g, col0 + 2 * t);\n    a[1] = head_pair(x, row0 + g + 8, col0 + 2 * t);\n",
+     "    a[0] = head_pair(x, row0 + g + 8, col0 + 2 * t);\n    a[1] = head_pair(x, row0 + g, col0 + 2 * t);\n",
      run_flash),
     ("flash: causal mask off by one (sees the next key)", "flash_attention",
      "s[j][e] = (key <= row) ?", "s[j][e] = (key <= row + 1) ?", run_flash),
@@ -267,9 +305,38 @@ MUTATIONS = [
     ("flash bf16 outputs: the two values of a pair packed in the wrong order", "flash_attention",
      "*(unsigned*)(out_bf16 + i) = pack_bf16x2(a, b);", "*(unsigned*)(out_bf16 + i) = pack_bf16x2(b, a);",
      run_bf16_outputs),
-    ("qkv_to_heads: v gets k's bias (k's own bias cannot be seen: softmax ignores a shift of a row)",
-     "flash_attention", "e.x += bs[2 * C]; e.y += bs[2 * C + 1];", "e.x += bs[C]; e.y += bs[C + 1];",
-     run_bf16_outputs),
+    ("qkv_to_bf16: every third gets q's bias (v's bias then wrong)",
+     "flash_attention", "int c = (int)((2 * i) % C3);", "int c = (int)((2 * i) % (C3 / 3));", run_bf16_outputs),
+    ("flash qkv in place: the head offset h*64 left out (every head reads head 0)", "flash_attention",
+     "r.base = qkv + (long long)b * T * 3 * C + part * C + h * HS;", "r.base = qkv + (long long)b * T * 3 * C + part * C;",
+     run_flash_bf16_in),
+    ("flash qkv in place: batch stride T*C instead of T*3C", "flash_attention",
+     "r.base = qkv + (long long)b * T * 3 * C + part * C + h * HS;", "r.base = qkv + (long long)b * T * C + part * C + h * HS;",
+     run_flash_bf16_in),
+    ("flash qkv in place: every part gets q's bias", "flash_attention",
+     "r.bias = bias ? bias + part * C + h * HS : nullptr;", "r.bias = bias ? bias + h * HS : nullptr;",
+     run_flash_bf16_in),
+    ("flash qkv in place: tiles (k, v; q in the backward) loaded without the bias", "flash_attention",
+     "    if (x.bias) {\n        const float* b = x.bias + col;", "    if (false) {\n        const float* b = x.bias + col;",
+     run_flash_bf16_in),
+    ("flash qkv in place: fragments (q in the forward, k and v in dkdv) loaded without the bias", "flash_attention",
+     "return x.bias ? add_bias2(p, x.bias + col) : p;", "return p;", run_flash_bf16_in),
+    ("flash qkv in place: rows past T not zeroed (reads the next batch or past the end)", "flash_attention",
+     "    if (row >= x.rows) {\n        v.x", "    if (row >= x.rows + TILE) {\n        v.x", run_flash_bf16_in),
+    ("flash dO in place: the head offset h*64 left out (every head reads head 0's dO)", "flash_attention",
+     "r.base = x + (long long)b * T * C + h * HS;", "r.base = x + (long long)b * T * C;", run_flash_bf16_in),
+    ("flash backward prep: the bf16 copy of a float32 dout not written", "flash_attention",
+     "            *(unsigned*)(dO16 + off) = p;\n", "\n", run_flash),
+    ("flash db partial sums (dk, dv): the last warp's column sums left out", "flash_attention",
+     "((colsum[p][0][d] + colsum[p][1][d]) + colsum[p][2][d]) + colsum[p][3][d];",
+     "((colsum[p][0][d] + colsum[p][1][d]) + colsum[p][2][d]);", run_flash_bf16_in),
+    ("flash db partial sums: shuffled across t (columns) instead of g (rows)", "flash_attention",
+     "for (int off = 4; off < 32; off <<= 1) {", "for (int off = 1; off < 8; off <<= 1) {", run_flash_bf16_in),
+    ("flash db partial sums (dq): written to the k third", "flash_attention",
+     "db_partial[((long long)b * gridDim.x + qt) * 3 * C + h * HS + d] =",
+     "db_partial[((long long)b * gridDim.x + qt) * 3 * C + C + h * HS + d] =", run_flash_bf16_in),
+    ("flash backward prep: bf16 dout read with its halves swapped", "flash_attention",
+     "p = *(const unsigned*)(dout_bf16 + off);", "p = *(const unsigned*)(dout_bf16 + off); p = (p << 16) | (p >> 16);", run_flash_bf16_in),
     ("flash backward prep: bf16 O read with its halves swapped", "flash_attention",
      "o = make_float2(__uint_as_float(ob << 16), __uint_as_float(ob & 0xffff0000u));",
      "o = make_float2(__uint_as_float(ob & 0xffff0000u), __uint_as_float(ob << 16));", run_bf16_outputs),
@@ -283,7 +350,7 @@ MUTATIONS = [
      run_bf16_outputs),
     ("bf16 column sum: the bits not shifted into the high half", "bf16",
      "s += __uint_as_float(((unsigned int)x[(long long)r * C + c]) << 16);",
-     "s += __uint_as_float((unsigned int)x[(long long)r * C + c]);", run_bf16_outputs),
+     "s += __uint_as_float((unsigned int)x[(long long)r * C + c]);", run_column_sum_bf16),
     ("layernorm backward: the residual bias sum misses the incoming residual gradient", "layernorm",
      "if (sdh) sdh[c] += v;", "if (sdh) sdh[c] += dres ? v - dres[o + c] : v;", run_residual_layernorm_backward),
     ("layernorm backward: the bf16 copy of dh truncated instead of rounded", "layernorm",
@@ -339,7 +406,7 @@ def _outcomes(monkeypatch, cp, runner, stop_when_caught=False):
 
 @pytest.mark.parametrize("runner", [run_embedding_into, run_flash, run_layernorm, run_cross_entropy_inplace,
                                     run_cross_entropy_bf16, run_bf16_outputs, run_residual_layernorm_backward,
-                                    run_bias_gelu_bf16_inputs])
+                                    run_bias_gelu_bf16_inputs, run_flash_bf16_in, run_column_sum_bf16])
 def test_unmutated_kernels_pass_in_every_schedule(monkeypatch, cuda_cp, runner):
     for s, r in _outcomes(monkeypatch, cuda_cp, runner).items():
         assert not isinstance(r, str) and r < 1, f"schedule {s}: {r}"

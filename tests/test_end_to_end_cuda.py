@@ -118,6 +118,7 @@ def _losses(log):
 def _assert_close(got, want, rtol):
     assert got.keys() == want.keys() and len(want) >= 4, (sorted(got), sorted(want))
     worst = max(abs(got[k] - want[k]) / abs(want[k]) for k in want)
+    print(f"worst relative loss difference {worst:.3g} (tolerance {rtol:g})")      # shown with pytest -s
     assert worst < rtol, {k: (got[k], want[k]) for k in want}
 
 

@@ -40,17 +40,19 @@ def _per_call(attention, dtype):
     # gradient as a one-row gemm; in bf16 the weight's bf16 copy is the model's, and x and dy are rounded only
     # when they arrive as float32 (_activation_casts below)
     linear = {"fwd": ["gemm"], "bwd": ["gemm", "gemm", "gemm?bias"]}
+    # flash: with bf16 matmuls c_attn writes qkv as bf16 and the kernels read it in place (the bias added per
+    # tile); a float32 qkv is first rounded to bf16 by qkv_to_bf16.
     # the matmul attention's products (kernels/softmax_attention.py -> batched_gemm.py): one strided batched gemm
     # per batch row b (q, k, v are read in place from qkv, where the batch rows are not one stride apart), two
     # products forward (S = Q K^T, Y = P V) and four backward (dP, dV, dQ, dK)
     B = TINY["batch_size"]
     att = ({"fwd": ["causal_softmax_forward"] + ["gemm"] * 2 * B,
             "bwd": ["causal_softmax_backward"] + ["gemm"] * 4 * B} if attention == "matmul" else
-           {"fwd": ["qkv_to_heads_bf16", "flash_attention_forward"],
+           {"fwd": (["qkv_to_bf16"] if dtype != "bfloat16" else []) + ["flash_attention_forward"],
             "bwd": ["flash_attention_backward_prep", "flash_attention_backward_dkdv", "flash_attention_backward_dq"]})
-    # bias gradients: one-row gemms (ops/reductions.sum_rows, not CuPy's matmul: a CUDA graph can capture them),
-    # of a bf16 dqkv's partial column sums with flash in bf16
-    att_bias = ["bf16_column_sum_partial", "gemm"] if (attention, dtype) == ("flash", "bfloat16") else ["gemm"]
+    # bias gradients: one-row gemms (ops/reductions.sum_rows, not CuPy's matmul: a CUDA graph can capture them);
+    # with flash in bf16 the gemm sums the partial column sums the flash backward kernels wrote
+    att_bias = ["gemm"]
     # residual_layernorm: the residual bias's gradient is summed in the layernorm backward's own pass
     return {"layernorm": ln, "residual_layernorm": ln,
             "linear": linear, "attention": att, "bias_attention": {"fwd": att["fwd"], "bwd": att["bwd"] + att_bias},
@@ -207,6 +209,30 @@ def test_every_kernel_of_the_step_has_a_traffic_formula():
     with pytest.raises(KeyError):
         op.name = "no_such_kernel"
         gm.kernel_traffic(op)
+
+
+def test_flash_costs_qkv_read_in_place_and_the_bias_add():
+    """The flash kernels read q, k, v from the bf16 qkv (B, T, 3C), rows t < T only (not padded heads), plus the
+    qkv bias when one is passed; adding that bias costs ALU instructions, none without it."""
+    B, T, NH = 2, 100, 2
+    Tp, C, BH = 128, NH * 64, B * NH
+    fake = type("Op", (), {})
+
+    def fwd_op(with_bias):
+        op = fake()
+        # (out, out_bf16, L2, qkv, bias, T, Tp, NH, scale_log2): out written as bf16 (out NULL)
+        op.name = "flash_attention_forward"
+        op.args = {"scalars": [None] * 5 + [T, Tp, NH, 0.18], "grid": (Tp // 64, BH, 1),
+                   "null": [True, False, False, False, not with_bias, False, False, False, False]}
+        return op
+
+    flops, bmin, bw, engine = gm.kernel_traffic(fwd_op(True))
+    qkv_bytes, out_bytes, l2_bytes = 3 * B * T * C * 2, B * T * C * 2, BH * Tp * 4
+    assert engine == "flash" and bmin == qkv_bytes + 3 * C * 4 + out_bytes + l2_bytes
+    assert gm.kernel_traffic(fwd_op(False))[1] == bmin - 3 * C * 4
+    assert gm.flash_bias_instructions(fwd_op(False)) == 0
+    # Q fragments once per block, K and V^T tiles once per (block, key tile): 2 + 2 * 3 tile loads of 64 x 64
+    assert gm.flash_bias_instructions(fwd_op(True)) == gm.BIAS_INSTR_PER_VALUE * 64 * 64 * BH * (2 + 2 * 3)
 
 
 def test_compare_script_puts_measured_beside_predicted(tmp_path, capsys):

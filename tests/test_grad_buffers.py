@@ -79,8 +79,8 @@ def test_linear_weight_gradients_go_into_the_buffer_not_through_the_tape(device,
     model.zero_grad()
     _, loss = model(backend.to_device(x), backend.to_device(y))
     backward(loss)
-    assert not any(n and (n.endswith("attn.weight") or n.endswith("proj.weight") or n.endswith("c_fc.weight"))
-                   for n in added), added
+    assert not any(n and (n.endswith("attn.weight") or n.endswith("proj.weight") or n.endswith("c_fc.weight")
+                          or n.endswith("c_attn.bias")) for n in added), added      # c_attn.bias: bias_attention
     # wte: the embedding adds its part directly (so does wpe); the chunked head + loss computes its part in the
     # forward, before d loss is known, so the tape adds that one scaled; a plain lm_head adds its part directly
     assert added.count("wte.weight") == 1 and added.count("wpe.weight") == 0
@@ -89,6 +89,20 @@ def test_linear_weight_gradients_go_into_the_buffer_not_through_the_tape(device,
     logits, _ = model(backend.to_device(x))
     backward(logits, grad=backend.xp_of(logits.data).ones_like(logits.data))
     assert added.count("wte.weight") == 0 and added.count("wpe.weight") == 0
+
+
+def test_flash_attention_bias_gradient_goes_into_the_buffer(device, monkeypatch):
+    """Head size 64, flash attention: bias_attention adds the c_attn bias gradient into its buffer (db_into; in
+    bf16 a gemm of the backward kernels' per-tile column sums, beta = 1), equal to the tape's branch."""
+    if device == "cpu":
+        pytest.skip("flash attention is a GPU kernel")
+    monkeypatch.setattr(registry, "_attention", "flash")
+    cfg = GPTConfig(vocab_size=37, block_size=16, n_layer=1, n_head=2, n_embd=128, dropout=0.0)
+    batches = _batches(2)
+    got = _gradients(GPT(cfg, seed=5), batches)
+    want = _gradients(GPT(cfg, seed=5), batches, use_buffers=False)
+    _compare(got, want)
+    assert np.abs(got["h.0.attn.c_attn.bias"]).max() > 0
 
 
 def test_negative_control_overwriting_instead_of_adding_is_caught(device, monkeypatch):

@@ -256,25 +256,32 @@ def test_gemm_args_row_major(M, K, N, ta, tb):
 
 # ------------------------------------------------------------------ flash attention, emulated lane by lane
 
-@pytest.mark.parametrize("B,T,NH", [(1, 70, 1), (1, 128, 2)])
-def test_flash_attention_emulation_matches_reference(B, T, NH):
+@pytest.mark.parametrize("B,T,NH,with_bias", [(1, 70, 1, False), (1, 128, 2, False), (2, 70, 2, True)])
+def test_flash_attention_emulation_matches_reference(B, T, NH, with_bias):
     """flash_attention.cu's index arithmetic, replayed in NumPy (tests/emulation/flash_emulator.py), against the
-    float64 attention op on the same bf16-rounded inputs."""
+    float64 attention op on the same bf16-rounded inputs (q, k, v read in place from qkv (B, T, 3C), the bias
+    added per loaded tile and rounded back to bf16)."""
     from emulation import flash_emulator as fe
     from nanogpt_np.kernels.bf16 import round_to_bf16
     from nanogpt_np.ops.attention import attention_backward, attention_forward
     C = 64 * NH
     r = np.random.default_rng(7)
     qkv = round_to_bf16(r.standard_normal((B, T, 3 * C)).astype(np.float32))
-    out, L2, heads = fe.forward(qkv, NH)
-    ref, saved = attention_forward(qkv.astype(np.float64), NH)
+    bias = r.standard_normal(3 * C).astype(np.float32) if with_bias else None
+    out, L2, heads = fe.forward(qkv, NH, bias)
+    x = qkv if bias is None else round_to_bf16(qkv + bias)       # the values the kernel multiplies
+    ref, saved = attention_forward(x.astype(np.float64), NH)
     assert np.isfinite(out).all() and np.isfinite(L2).all()
     err = np.abs(out - ref).max() / np.abs(ref).max()
     assert err < 1e-2, err
     dout = r.standard_normal((B, T, C)).astype(np.float32)
-    dqkv = fe.backward(dout, out, L2, heads, B, T, NH)
+    dqkv, db_partial = fe.backward(dout, out, L2, heads, B, T, NH, with_db_partial=True)
     (rd,) = attention_backward(dout.astype(np.float64), saved)
-    assert np.isfinite(dqkv).all()
+    assert np.isfinite(dqkv).all() and np.isfinite(db_partial).all()       # every (tile, column) written once
+    # the per-tile column sums add up to the column sums of dqkv (the qkv bias gradient)
+    col = dqkv.reshape(-1, 3 * C).astype(np.float64).sum(0)
+    assert np.abs(db_partial.astype(np.float64).sum(0) - col).max() < 1e-5 * max(np.abs(col).max(), 1.0)
+    assert np.abs(col - rd.reshape(-1, 3 * C).sum(0)).max() < 2e-2 * np.abs(rd).max() * T
     for i, part in enumerate("qkv"):
         e = np.abs(dqkv[..., i * C:(i + 1) * C] - rd[..., i * C:(i + 1) * C]).max() / np.abs(rd[..., i * C:(i + 1) * C]).max()
         assert e < 2e-2, (part, e)

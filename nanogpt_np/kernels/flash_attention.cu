@@ -8,11 +8,14 @@
 // Scores are kept in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - m) (exp2 is one instruction).
 //
 // Backward (recomputes P from Q, K and the saved L, so nothing of size T x T is stored either):
-//   D_i = sum_d dO_i,d * O_i,d, with dO rounded to bf16 (backward_prep, also turns dO into bf16 heads)
+//   D_i = sum_d dO_i,d * O_i,d, with dO rounded to bf16 (backward_prep; it also writes a float32 dO as bf16, while
+//   a dO that arrives as bf16, written so by the c_proj matmul's backward, is read in place)
 //   P = exp2(s2 - L),  dP = dO V^T,  dS = P * (dP - D) (gradient of the scaled scores)
 //   dV = P^T dO,  dK = scale * dS^T Q                  (kernel dkdv: a block per 64-key tile, loops over queries)
 //   dQ = scale * dS K                                  (kernel dq:   a block per 64-query tile, loops over keys)
 // Two kernels instead of atomics: every gradient element is written once, in a fixed order (deterministic).
+// Given db_partial, each block also writes the column sums of the gradient rows it wrote (one 64-row tile of
+// dq, or of dk and dv) to a row of its own: the qkv bias gradient is then the sum of those rows (one gemm).
 //
 // Tensor-core instruction: mma.sync.m16n8k16 (bf16 x bf16 -> f32): D(16x8) += A(16x16) * B(16x8).
 // Lane l holds (g = l/4, t = l%4):  A: rows g and g+8, columns 2t,2t+1 and 2t+8,2t+9 (4 registers of 2 bf16);
@@ -20,12 +23,18 @@
 // The C layout of one 16x16 product equals the A layout of the next (two 16x8 halves side by side), so P and dS
 // go from accumulator registers straight into the next mma without shared memory.
 //
-// Layouts: q, k, v, dO are bf16 (stored as unsigned short) of shape (B*NH, Tp, 64), Tp = T rounded up to 64,
-// rows t >= T zero. out and dqkv are in the model's layout, (B, T, C) and (B, T, 3C): float32, or bf16 when the
-// matmul that reads them runs in bf16 (the kernels take a float32 and a bf16 pointer and write the one that is
-// not NULL: store2 below). The bias of the qkv matmul is added when the heads are made (qkv_to_heads_bf16).
+// Layouts: q, k, v are read where the qkv matmul wrote them: one bf16 (unsigned short) tensor (B, T, 3C), C = NH*64;
+// head h of batch b is the 64 columns at h*64 (q), C + h*64 (k), 2C + h*64 (v) of the rows b*T .. b*T+T-1,
+// row stride 3C. The matmul's bias (3C,) float32 is added as each tile is loaded (bf16 + bias, rounded back to
+// bf16: the value the mma multiplies), or bias is NULL (already added). Rows t >= T of the last tile read as 0.
+// dO (the gradient of out) is bf16 in out's layout (B, T, C): head h at columns h*64, row stride C. Tp = T rounded
+// up to 64 is the row count of L2 and D (one value per query row, rows t >= T included).
+// out and dqkv are in the model's layout, (B, T, C) and (B, T, 3C): float32, or bf16 when the matmul that reads
+// them runs in bf16 (the kernels take a float32 and a bf16 pointer and write the one that is not NULL: store2).
 // Memory traffic (forward): Q, K, V read once per query tile that needs them (K/V tiles are reused by 4 warps),
-// out written once. Shared memory: K tile + V^T tile = 18 KB (forward), 37 KB (dkdv), 28 KB (dq).
+// out written once. Reading q, k, v in place costs no extra bytes: a tile row is 128 contiguous bytes (whole
+// 32-byte sectors) and the 8 threads reading it are adjacent; the bias (64 floats per head) stays in cache.
+// The price is ALU work: the bias is added to every value each time its tile is loaded (K, V once per query tile). Shared memory: K tile + V^T tile = 18 KB (forward), 37 KB (dkdv), 28 KB (dq).
 
 #define HS 64          // head size (fixed: GPT-2 and most models here)
 #define TILE 64        // rows per tile (queries or keys)
@@ -55,14 +64,6 @@ __device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// A fragment of the 16x16 block at `p` of a row-major bf16 matrix with row stride ld
-__device__ __forceinline__ void load_a(unsigned* a, const bf16_t* p, int ld, int g, int t) {
-    a[0] = *(const unsigned*)(p + g * ld + 2 * t);
-    a[1] = *(const unsigned*)(p + (g + 8) * ld + 2 * t);
-    a[2] = *(const unsigned*)(p + g * ld + 2 * t + 8);
-    a[3] = *(const unsigned*)(p + (g + 8) * ld + 2 * t + 8);
-}
-
 // B fragment (16 k x 8 n) read from its transpose Bt (8 n-rows x 16 k, row-major, stride ld) at `p`
 __device__ __forceinline__ void load_b(unsigned& b0, unsigned& b1, const bf16_t* p, int ld, int g, int t) {
     b0 = *(const unsigned*)(p + g * ld + 2 * t);
@@ -77,22 +78,125 @@ __device__ __forceinline__ void acc_to_a(unsigned* a, const float* lo, const flo
     a[3] = pack_bf16x2(hi[2], hi[3]);
 }
 
-// 64x64 bf16 tile (row stride 64 in global) -> shared, as is (row stride LDS). 16 bytes per thread per step.
-__device__ __forceinline__ void load_tile(bf16_t* dst, const bf16_t* src) {
+// bias added to a register of two bf16 (the pair at columns c, c+1), rounded back to bf16
+__device__ __forceinline__ unsigned add_bias2(unsigned p, const float* b) {
+    return pack_bf16x2(__uint_as_float(p << 16) + b[0], __uint_as_float(p & 0xffff0000u) + b[1]);
+}
+
+// A head of q, k, v or dO as the kernels see it: `base` points at its row 0, column 0 in global memory,
+// rows are `ld` elements apart, rows >= `rows` read as zero, and `bias` (its 64 values, or NULL) is added.
+struct HeadIn {
+    const bf16_t* base;
+    const float* bias;
+    long long ld;
+    int rows;
+};
+
+// head h of part (0 q, 1 k, 2 v) of batch b in qkv (B, T, 3C); bias (3C,) or NULL
+__device__ __forceinline__ HeadIn qkv_head(const bf16_t* qkv, const float* bias, int b, int h, int part,
+                                           int T, int NH) {
+    int C = NH * HS;
+    HeadIn r;
+    r.base = qkv + (long long)b * T * 3 * C + part * C + h * HS;
+    r.bias = bias ? bias + part * C + h * HS : nullptr;
+    r.ld = 3LL * C;
+    r.rows = T;
+    return r;
+}
+
+// head h of batch b in a (B, T, C) bf16 tensor (dO)
+__device__ __forceinline__ HeadIn out_head(const bf16_t* x, int b, int h, int T, int NH) {
+    int C = NH * HS;
+    HeadIn r;
+    r.base = x + (long long)b * T * C + h * HS;
+    r.bias = nullptr;
+    r.ld = C;
+    r.rows = T;
+    return r;
+}
+
+// two adjacent elements (row, col), (row, col+1) of a head, as one register of two bf16
+__device__ __forceinline__ unsigned head_pair(const HeadIn& x, int row, int col) {
+    if (row >= x.rows) return 0u;
+    unsigned p = *(const unsigned*)(x.base + row * x.ld + col);
+    return x.bias ? add_bias2(p, x.bias + col) : p;
+}
+
+// A fragment of the 16x16 block at (row0, col0) of a head
+__device__ __forceinline__ void load_a_head(unsigned* a, const HeadIn& x, int row0, int col0, int g, int t) {
+    a[0] = head_pair(x, row0 + g, col0 + 2 * t);
+    a[1] = head_pair(x, row0 + g + 8, col0 + 2 * t);
+    a[2] = head_pair(x, row0 + g, col0 + 2 * t + 8);
+    a[3] = head_pair(x, row0 + g + 8, col0 + 2 * t + 8);
+}
+
+// 8 elements (row, col .. col+7) of a head: one 16-byte load (col is a multiple of 8, rows 16-byte aligned)
+__device__ __forceinline__ uint4 head_8(const HeadIn& x, int row, int col) {
+    uint4 v;
+    if (row >= x.rows) {
+        v.x = v.y = v.z = v.w = 0u;
+        return v;
+    }
+    v = *(const uint4*)(x.base + row * x.ld + col);
+    if (x.bias) {
+        const float* b = x.bias + col;
+        v.x = add_bias2(v.x, b); v.y = add_bias2(v.y, b + 2); v.z = add_bias2(v.z, b + 4); v.w = add_bias2(v.w, b + 6);
+    }
+    return v;
+}
+
+// the 64x64 tile at rows row0.. of a head -> shared, as is (row stride LDS). 16 bytes per thread per step.
+__device__ __forceinline__ void load_tile(bf16_t* dst, const HeadIn& x, int row0) {
     for (int c = threadIdx.x; c < TILE * HS / 8; c += blockDim.x) {
         int row = c / 8, col = (c % 8) * 8;
-        *(uint4*)(dst + row * LDS + col) = *(const uint4*)(src + row * HS + col);
+        *(uint4*)(dst + row * LDS + col) = head_8(x, row0 + row, col);
     }
 }
 
-// the same tile, transposed into shared: dst[d][row] = src[row][d]
-__device__ __forceinline__ void load_tile_t(bf16_t* dst, const bf16_t* src) {
+// the same tile, transposed into shared: dst[d][row] = x[row0 + row][d]
+__device__ __forceinline__ void load_tile_t(bf16_t* dst, const HeadIn& x, int row0) {
     for (int c = threadIdx.x; c < TILE * HS / 8; c += blockDim.x) {
         int row = c / 8, col = (c % 8) * 8;
-        uint4 v = *(const uint4*)(src + row * HS + col);
+        uint4 v = head_8(x, row0 + row, col);
         const bf16_t* e = (const bf16_t*)&v;
 #pragma unroll
         for (int i = 0; i < 8; i++) dst[(col + i) * LDS + row] = e[i];
+    }
+}
+
+// a value as store2 writes it: rounded to bf16 when the output is bf16
+__device__ __forceinline__ float as_stored(const bf16_t* out_bf16, float v) {
+    return out_bf16 ? __uint_as_float(pack_bf16x2(v, 0.0f) << 16) : v;
+}
+
+// A warp's 16 x 64 result block (8 accumulator fragments times `mult`, rows row0 .. row0+15, rows >= T skipped)
+// written at out[base + row * ld + column] with store2. With sums, the warp also puts into colsum (shared, 64 floats)
+// the column sums of its rows, of the values as written: per lane over its rows g and g+8, then over the
+// 8 lanes of a column (shuffles across g), one 8-column fragment at a time. Fixed order: deterministic.
+__device__ __forceinline__ void store_block(float* out, bf16_t* out_bf16, const float (*acc)[4], float mult,
+                                            long long base, int ld, int row0, int T, int g, int t, float* colsum,
+                                            bool sums) {
+#pragma unroll
+    for (int jd = 0; jd < 8; jd++) {
+        float c0 = 0.0f, c1 = 0.0f;
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int row = row0 + g + 8 * r;
+            if (row < T) {
+                float a = acc[jd][2 * r] * mult, b = acc[jd][2 * r + 1] * mult;
+                store2(out, out_bf16, base + (long long)row * ld + 2 * t + 8 * jd, a, b);
+                c0 += as_stored(out_bf16, a);
+                c1 += as_stored(out_bf16, b);
+            }
+        }
+        if (sums) {                                    // the same for the whole block: no divergent shuffle
+#pragma unroll
+            for (int off = 4; off < 32; off <<= 1) {
+                c0 += __shfl_xor_sync(0xffffffffu, c0, off);
+                c1 += __shfl_xor_sync(0xffffffffu, c1, off);
+            }
+            if (g == 0) { colsum[8 * jd + 2 * t] = c0; colsum[8 * jd + 2 * t + 1] = c1; }
+        }
     }
 }
 
@@ -106,50 +210,42 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// ------------------------------------------------------------------------------------------ layout conversion
-// qkv (B, T, 3C) float32 (+ bias (3C,), or NULL) -> q, k, v (B*NH, Tp, 64) bf16, zero rows for t >= T.
-// One thread per pair of channels.
-extern "C" __global__ void qkv_to_heads_bf16(bf16_t* __restrict__ q, bf16_t* __restrict__ k, bf16_t* __restrict__ v,
-                                             const float* __restrict__ qkv, const float* __restrict__ bias,
-                                             int B, int T, int Tp, int NH) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;       // pair index in (B*NH, Tp, 32)
-    if (i >= (long long)B * NH * Tp * (HS / 2)) return;
-    int dp = (int)(i % (HS / 2));
-    long long r = i / (HS / 2);
-    int t = (int)(r % Tp);
-    int bh = (int)(r / Tp), b = bh / NH, h = bh % NH;
-    int C = NH * HS;
-    unsigned pq = 0, pk = 0, pv = 0;
-    if (t < T) {
-        const float* src = qkv + ((long long)b * T + t) * 3 * C + h * HS + 2 * dp;
-        float2 a = *(const float2*)src, c = *(const float2*)(src + C), e = *(const float2*)(src + 2 * C);
-        if (bias) {
-            const float* bs = bias + h * HS + 2 * dp;
-            a.x += bs[0]; a.y += bs[1]; c.x += bs[C]; c.y += bs[C + 1]; e.x += bs[2 * C]; e.y += bs[2 * C + 1];
-        }
-        pq = pack_bf16x2(a.x, a.y); pk = pack_bf16x2(c.x, c.y); pv = pack_bf16x2(e.x, e.y);
+// ------------------------------------------------------------------------------------------ float32 input
+// qkv (B, T, 3C) float32 (+ bias (3C,), or NULL) -> the same layout in bf16, for a qkv matmul that wrote float32
+// (float32 precision). One thread per pair of channels. With bf16 matmuls the matmul writes bf16 itself and
+// the kernels below add the bias, so this pass is skipped.
+extern "C" __global__ void qkv_to_bf16(bf16_t* __restrict__ out, const float* __restrict__ qkv,
+                                       const float* __restrict__ bias, long long n_pairs, int C3) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n_pairs) return;
+    float2 a = *(const float2*)(qkv + 2 * i);
+    if (bias) {
+        int c = (int)((2 * i) % C3);
+        a.x += bias[c]; a.y += bias[c + 1];
     }
-    ((unsigned*)q)[i] = pq; ((unsigned*)k)[i] = pk; ((unsigned*)v)[i] = pv;
+    ((unsigned*)out)[i] = pack_bf16x2(a.x, a.y);
 }
 
 // ----------------------------------------------------------------------------------------------------- forward
-// grid (Tp/64, B*NH), block 128. Writes out (B, T, C) (float32 out or bf16 out_bf16) and L2 (B*NH, Tp) = log2 of each row's softmax sum
-// (rows t >= T included: the backward reads them, and they are finite since key 0 is always visible).
+// grid (Tp/64, B*NH), block 128. Reads q, k, v from qkv (B, T, 3C) bf16 (+ bias, or NULL). Writes out (B, T, C)
+// (float32 out or bf16 out_bf16) and L2 (B*NH, Tp) = log2 of each row's softmax sum (rows t >= T included:
+// the backward reads them, and they are finite since key 0 is always visible).
 extern "C" __global__ void __launch_bounds__(128)
 flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, float* __restrict__ L2,
-                        const bf16_t* __restrict__ Q, const bf16_t* __restrict__ K, const bf16_t* __restrict__ V,
+                        const bf16_t* __restrict__ qkv, const float* __restrict__ bias,
                         int T, int Tp, int NH, float scale_log2) {
     __shared__ __align__(16) bf16_t Ks[TILE * LDS];    // K tile, [key][d]
     __shared__ __align__(16) bf16_t Vt[HS * LDS];      // V tile transposed, [d][key]
     int qt = gridDim.x - 1 - blockIdx.x;               // longest (most key tiles) blocks first
-    int bh = blockIdx.y;
+    int bh = blockIdx.y, b = bh / NH, h = bh % NH;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    long long head = (long long)bh * Tp * HS;
+    HeadIn Q = qkv_head(qkv, bias, b, h, 0, T, NH), K = qkv_head(qkv, bias, b, h, 1, T, NH),
+           V = qkv_head(qkv, bias, b, h, 2, T, NH);
     int q0 = qt * TILE + warp * 16;                    // this warp's first query row
 
     unsigned qa[4][4];                                 // the warp's 16x64 Q block as 4 A fragments
 #pragma unroll
-    for (int kc = 0; kc < 4; kc++) load_a(qa[kc], Q + head + (long long)q0 * HS + 16 * kc, HS, g, t);
+    for (int kc = 0; kc < 4; kc++) load_a_head(qa[kc], Q, q0, 16 * kc, g, t);
 
     float o[8][4];                                     // O accumulator 16x64: 8 tiles of 16x8
 #pragma unroll
@@ -158,8 +254,8 @@ flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, 
 
     for (int kt = 0; kt <= qt; kt++) {
         __syncthreads();                               // the previous tiles are no longer read
-        load_tile(Ks, K + head + (long long)kt * TILE * HS);
-        load_tile_t(Vt, V + head + (long long)kt * TILE * HS);
+        load_tile(Ks, K, kt * TILE);
+        load_tile_t(Vt, V, kt * TILE);
         __syncthreads();
 
         float s[8][4];                                 // S = Q K^T, 16 x 64 keys
@@ -211,7 +307,7 @@ flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, 
             }
         }
     }
-    int b = bh / NH, h = bh % NH, C = NH * HS;
+    int C = NH * HS;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         int row = q0 + g + 8 * r;
@@ -226,10 +322,14 @@ flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, 
 }
 
 // ---------------------------------------------------------------------------------------------------- backward
-// One warp per (bh, t) row: dO (B, T, C) float32 -> bf16 heads (B*NH, Tp, 64), and D = sum_d bf16(dO) * O (float32).
-// O is the forward's output: float32 out, or bf16 out_bf16 (the other pointer is NULL).
-extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO, float* __restrict__ D,
-                                                         const float* __restrict__ dout, const float* __restrict__ out,
+// One warp per (bh, t) row (t < Tp): D = sum_d bf16(dO) * O (float32; 0 for t >= T). dO arrives as float32 dout
+// (then also written as bf16 into dO16, same layout (B, T, C), for the two kernels below) or as bf16 dout_bf16
+// (then dO16 is NULL: they read dout_bf16 itself); O (the forward's output) as float32 out or bf16 out_bf16 (of
+// each pair, the other pointer is NULL).
+extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO16, float* __restrict__ D,
+                                                         const float* __restrict__ dout,
+                                                         const bf16_t* __restrict__ dout_bf16,
+                                                         const float* __restrict__ out,
                                                          const bf16_t* __restrict__ out_bf16,
                                                          int B, int T, int Tp, int NH) {
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -240,45 +340,56 @@ extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO
     unsigned p = 0;
     if (t < T) {
         long long off = ((long long)b * T + t) * C + h * HS + 2 * lane;
-        float2 a = *(const float2*)(dout + off), o;
+        float2 o;
         if (out_bf16) {
             unsigned ob = *(const unsigned*)(out_bf16 + off);
             o = make_float2(__uint_as_float(ob << 16), __uint_as_float(ob & 0xffff0000u));
         } else {
             o = *(const float2*)(out + off);
         }
-        p = pack_bf16x2(a.x, a.y);
+        if (dout_bf16) {
+            p = *(const unsigned*)(dout_bf16 + off);
+        } else {
+            float2 a = *(const float2*)(dout + off);
+            p = pack_bf16x2(a.x, a.y);
+            *(unsigned*)(dO16 + off) = p;
+        }
         // D from the bf16 dO that dP = dO V^T will use, so that D = rowsum(P * dP) holds for the values the
         // kernels multiply (with the float32 dO, dS = P (dP - D) would carry a bias of bf16 size)
         dot = __uint_as_float(p << 16) * o.x + __uint_as_float(p & 0xffff0000u) * o.y;
     }
-    ((unsigned*)dO)[row * (HS / 2) + lane] = p;
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
     if (lane == 0) D[row] = dot;
 }
 
 // dK and dV. grid (Tp/64, B*NH), block 128: block = one 64-key tile, warp = 16 keys; loops over the query
 // tiles at or after its keys (the causal ones). Works on transposed scores S^T (keys x queries).
+// q, k, v from qkv (+ bias) as in the forward, dO (B, T, C) bf16; writes the k and v thirds of dqkv (B, T, 3C).
+// db_partial (B * Tp/64, 3C) float32, or NULL: the block's column sums of the dk, dv it wrote go to row
+// b * Tp/64 + kt, columns C + h*64 and 2C + h*64 (the dq kernel fills the q third): the qkv bias gradient is then
+// one sum over the rows (a gemm), with no second pass over dqkv.
 extern "C" __global__ void __launch_bounds__(128)
 flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_bf16,
-                              const bf16_t* __restrict__ Q, const bf16_t* __restrict__ K, const bf16_t* __restrict__ V,
+                              const bf16_t* __restrict__ qkv, const float* __restrict__ bias,
                               const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
-                              int T, int Tp, int NH, float scale_log2, float scale) {
+                              int T, int Tp, int NH, float scale_log2, float scale, float* __restrict__ db_partial) {
     __shared__ __align__(16) bf16_t Qs[TILE * LDS];    // [q][d]
     __shared__ __align__(16) bf16_t Qt[HS * LDS];      // [d][q]
     __shared__ __align__(16) bf16_t dOs[TILE * LDS];   // [q][d]
     __shared__ __align__(16) bf16_t dOt[HS * LDS];     // [d][q]
     __shared__ float Ls[TILE], Ds[TILE];
-    int kt = blockIdx.x, bh = blockIdx.y;              // low kt = most query tiles: launched first
+    __shared__ float colsum[2][4][HS];                 // per part (k, v) and warp: column sums of dk, dv
+    int kt = blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;   // low kt = most query tiles: launched first
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    long long head = (long long)bh * Tp * HS;
+    HeadIn Q = qkv_head(qkv, bias, b, h, 0, T, NH), K = qkv_head(qkv, bias, b, h, 1, T, NH),
+           V = qkv_head(qkv, bias, b, h, 2, T, NH), dOh = out_head(dO, b, h, T, NH);
     int k0 = kt * TILE + warp * 16;
 
     unsigned ka[4][4], va[4][4];                       // this warp's 16 keys of K and V as A fragments
 #pragma unroll
     for (int kc = 0; kc < 4; kc++) {
-        load_a(ka[kc], K + head + (long long)k0 * HS + 16 * kc, HS, g, t);
-        load_a(va[kc], V + head + (long long)k0 * HS + 16 * kc, HS, g, t);
+        load_a_head(ka[kc], K, k0, 16 * kc, g, t);
+        load_a_head(va[kc], V, k0, 16 * kc, g, t);
     }
     float dk[8][4], dv[8][4];
 #pragma unroll
@@ -288,9 +399,8 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
 
     for (int qt = kt; qt < Tp / TILE; qt++) {
         __syncthreads();
-        long long qoff = head + (long long)qt * TILE * HS;
-        load_tile(Qs, Q + qoff); load_tile_t(Qt, Q + qoff);
-        load_tile(dOs, dO + qoff); load_tile_t(dOt, dO + qoff);
+        load_tile(Qs, Q, qt * TILE); load_tile_t(Qt, Q, qt * TILE);
+        load_tile(dOs, dOh, qt * TILE); load_tile_t(dOt, dOh, qt * TILE);
         for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
             Ls[i] = L2[(long long)bh * Tp + qt * TILE + i];
             Ds[i] = D[(long long)bh * Tp + qt * TILE + i];
@@ -337,39 +447,41 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
             }
         }
     }
-    int b = bh / NH, h = bh % NH, C = NH * HS;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int row = k0 + g + 8 * r;
-        if (row >= T) continue;
-        long long dst = ((long long)b * T + row) * 3 * C + h * HS + 2 * t;
-#pragma unroll
-        for (int jd = 0; jd < 8; jd++) {
-            store2(dqkv, dqkv_bf16, dst + C + 8 * jd, dk[jd][2 * r] * scale, dk[jd][2 * r + 1] * scale);
-            store2(dqkv, dqkv_bf16, dst + 2 * C + 8 * jd, dv[jd][2 * r], dv[jd][2 * r + 1]);
-        }
+    int C = NH * HS;
+    long long base = (long long)b * T * 3 * C + h * HS;
+    store_block(dqkv, dqkv_bf16, dk, scale, base + C, 3 * C, k0, T, g, t, colsum[0][warp], db_partial != nullptr);
+    store_block(dqkv, dqkv_bf16, dv, 1.0f, base + 2 * C, 3 * C, k0, T, g, t, colsum[1][warp], db_partial != nullptr);
+    if (db_partial == nullptr) return;
+    __syncthreads();
+    for (int i = threadIdx.x; i < 2 * HS; i += blockDim.x) {      // the 4 warps' sums, in order
+        int p = i / HS, d = i % HS;
+        db_partial[((long long)b * gridDim.x + kt) * 3 * C + (p + 1) * C + h * HS + d] =
+            ((colsum[p][0][d] + colsum[p][1][d]) + colsum[p][2][d]) + colsum[p][3][d];
     }
 }
 
 // dQ. grid (Tp/64, B*NH), block 128: block = one 64-query tile, warp = 16 queries; loops over key tiles <= its own.
+// db_partial: as in dkdv, the q third (row b * Tp/64 + qt, columns h*64 ..).
 extern "C" __global__ void __launch_bounds__(128)
 flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_bf16,
-                            const bf16_t* __restrict__ Q, const bf16_t* __restrict__ K, const bf16_t* __restrict__ V,
+                            const bf16_t* __restrict__ qkv, const float* __restrict__ bias,
                             const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
-                            int T, int Tp, int NH, float scale_log2, float scale) {
+                            int T, int Tp, int NH, float scale_log2, float scale, float* __restrict__ db_partial) {
     __shared__ __align__(16) bf16_t Ks[TILE * LDS];    // [key][d]
     __shared__ __align__(16) bf16_t Kt[HS * LDS];      // [d][key]
     __shared__ __align__(16) bf16_t Vs[TILE * LDS];    // [key][d]
-    int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
+    __shared__ float colsum[4][HS];                    // per warp: column sums of dq
+    int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    long long head = (long long)bh * Tp * HS;
+    HeadIn Q = qkv_head(qkv, bias, b, h, 0, T, NH), K = qkv_head(qkv, bias, b, h, 1, T, NH),
+           V = qkv_head(qkv, bias, b, h, 2, T, NH), dOh = out_head(dO, b, h, T, NH);
     int q0 = qt * TILE + warp * 16;
 
     unsigned qa[4][4], da[4][4];                       // Q and dO rows of this warp
 #pragma unroll
     for (int kc = 0; kc < 4; kc++) {
-        load_a(qa[kc], Q + head + (long long)q0 * HS + 16 * kc, HS, g, t);
-        load_a(da[kc], dO + head + (long long)q0 * HS + 16 * kc, HS, g, t);
+        load_a_head(qa[kc], Q, q0, 16 * kc, g, t);
+        load_a_head(da[kc], dOh, q0, 16 * kc, g, t);
     }
     float Lr[2], Dr[2];
 #pragma unroll
@@ -383,8 +495,7 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
 
     for (int kt = 0; kt <= qt; kt++) {
         __syncthreads();
-        long long koff = head + (long long)kt * TILE * HS;
-        load_tile(Ks, K + koff); load_tile_t(Kt, K + koff); load_tile(Vs, V + koff);
+        load_tile(Ks, K, kt * TILE); load_tile_t(Kt, K, kt * TILE); load_tile(Vs, V, kt * TILE);
         __syncthreads();
 
         float s[8][4], dp[8][4];                        // S and dP: 16 queries x 64 keys
@@ -422,13 +533,12 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
             }
         }
     }
-    int b = bh / NH, h = bh % NH, C = NH * HS;
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int row = q0 + g + 8 * r;
-        if (row >= T) continue;
-        long long dst = ((long long)b * T + row) * 3 * C + h * HS + 2 * t;
-#pragma unroll
-        for (int jd = 0; jd < 8; jd++) store2(dqkv, dqkv_bf16, dst + 8 * jd, dq[jd][2 * r] * scale, dq[jd][2 * r + 1] * scale);
-    }
+    int C = NH * HS;
+    store_block(dqkv, dqkv_bf16, dq, scale, (long long)b * T * 3 * C + h * HS, 3 * C, q0, T, g, t,
+                colsum[warp], db_partial != nullptr);
+    if (db_partial == nullptr) return;
+    __syncthreads();
+    for (int d = threadIdx.x; d < HS; d += blockDim.x)             // the 4 warps' sums, in order; row b * nt + qt
+        db_partial[((long long)b * gridDim.x + qt) * 3 * C + h * HS + d] =
+            ((colsum[0][d] + colsum[1][d]) + colsum[2][d]) + colsum[3][d];
 }

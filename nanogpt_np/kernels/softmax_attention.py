@@ -2,6 +2,7 @@
 softmax_attention.cu. Same contract as ops/attention.py: forward(qkv, n_head) -> (out, saved),
 backward(dout, saved) -> (dqkv,). Stores the (B, NH, T, T) probability matrix, like the reference.
 bias_attention (attention(x + b), ops/attention.py) adds the bias with CuPy first; everything it returns is float32.
+A qkv or dout that a bf16 matmul wrote as bf16 bits (uint16) is converted to float32 first.
 
 Nothing is copied into a head-major layout: the matmuls read q, k, v straight out of the (B, T, 3C) qkv buffer
 and write the output (and dq, dk, dv) straight into their places in (B, T, C) / (B, T, 3C) arrays. _heads()
@@ -14,6 +15,7 @@ import math
 
 import numpy as np
 
+from . import precision
 from .batched_gemm import batched_gemm
 from .compile import launch
 from .launch import rows_per_warp
@@ -26,10 +28,15 @@ def _heads(x, NH, C, part=0):
     return x[..., part * C:(part + 1) * C].reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)    # (B, NH, T, HS)
 
 
+def _float32(a):
+    """A float32 array as it is; bf16 bits (uint16: a bf16 matmul's output or input gradient) converted."""
+    return precision.to_float32(a) if a.dtype == np.uint16 else a
+
+
 def attention_forward(qkv, n_head):
-    """qkv (B, T, 3C) float32 -> out (B, T, C)."""
+    """qkv (B, T, 3C) float32 (or bf16 bits, converted) -> out (B, T, C)."""
     import cupy as cp
-    qkv = cp.ascontiguousarray(qkv)
+    qkv = cp.ascontiguousarray(_float32(qkv))
     B, T, C3 = qkv.shape
     C = C3 // 3
     NH, HS = n_head, C // n_head
@@ -55,7 +62,7 @@ def attention_backward(dout, saved):
     B, T, C3 = qkv.shape
     C = C3 // 3
     q, k, v = (_heads(qkv, NH, C, i) for i in range(3))                         # (B, NH, T, HS) views of qkv
-    dy = _heads(cp.ascontiguousarray(dout), NH, C)                              # (B, NH, T, HS) view of dout
+    dy = _heads(cp.ascontiguousarray(_float32(dout)), NH, C)                              # (B, NH, T, HS) view of dout
     dqkv = cp.empty((B, T, 3 * C), dtype=cp.float32)
     dq, dk, dv = (_heads(dqkv, NH, C, i) for i in range(3))                     # where the results go
     datt = cp.empty((B, NH, T, T), dtype=cp.float32)
@@ -71,11 +78,11 @@ def attention_backward(dout, saved):
 
 def bias_attention_forward(x, b, n_head):
     """attention(x + b): x (B, T, 3C), b (3C,) -> out (B, T, C)."""
-    return attention_forward(x + b, n_head)
+    return attention_forward(_float32(x) + b, n_head)
 
 
-def bias_attention_backward(dout, saved):
-    """dout (B, T, C) -> (dx (B, T, 3C), db (3C,) = dx summed over all rows)."""
-    from ..ops.reductions import sum_rows
+def bias_attention_backward(dout, saved, db_into=None):
+    """dout (B, T, C) -> (dx (B, T, 3C), db (3C,) = dx summed over all rows; None after adding it into db_into)."""
+    from ..ops.reductions import add_into, sum_rows
     (dqkv,) = attention_backward(dout, saved)
-    return dqkv, sum_rows(dqkv.reshape(-1, dqkv.shape[-1]))
+    return dqkv, add_into(db_into, sum_rows(dqkv.reshape(-1, dqkv.shape[-1])))

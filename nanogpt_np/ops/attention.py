@@ -18,17 +18,19 @@ Backward (from the bottom up):
 (Dropout on the attention weights is not applied: this GPT drops out after c_proj only.)
 
 Bias + attention: out = attention(x + b) for the qkv matmul's output x (B, T, 3C) and its bias b (3C,), so the
-GPU adds the bias while it reads qkv into heads instead of in a pass of its own:
+GPU adds the bias as its kernels load q, k, v instead of in a pass of its own:
     dx = dqkv (an add passes its gradient through),  db = dqkv summed over all (b, t) rows
+(on the GPU with bf16 matmuls, x and dout may arrive as bf16 bits, uint16: the reference converts them)
 """
 import math
 
 import numpy as np
 
 from .. import backend
+from ..kernels.bf16 import bf16_to_float32
 from ..tensor import Tensor, record
 from .dispatch import implementation
-from .reductions import sum_last, sum_rows
+from .reductions import add_into, sum_last, sum_rows
 
 
 def split_heads(x, n_head):
@@ -65,8 +67,15 @@ def causal_softmax(scores):
     return scores
 
 
+def _float32(a):
+    """bf16 bits (uint16, as a GPU matmul in bf16 may write its output or input gradient) -> float32 values;
+    any other array as it is. Lets the reference stand in for a kernel that reads bf16."""
+    return bf16_to_float32(a) if a.dtype == np.uint16 else a
+
+
 def attention_forward(qkv, n_head):
     """qkv (B, T, 3C) -> out (B, T, C)."""
+    qkv = _float32(qkv)
     C = qkv.shape[-1] // 3
     q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))
     q = q * (1.0 / math.sqrt(C // n_head))                         # scale q (T x HS) rather than s (T x T)
@@ -79,6 +88,7 @@ def attention_forward(qkv, n_head):
 def attention_backward(dout, saved):
     """dout (B, T, C) -> dqkv (B, T, 3C). q in `saved` is already scaled by 1/sqrt(HS)."""
     q, k, v, att = saved
+    dout = _float32(dout)
     xp = backend.xp_of(dout)
     B, NH, T, HS = q.shape
     dy = split_heads(dout, NH)                                     # (B, NH, T, HS)
@@ -107,13 +117,14 @@ def attention(qkv: Tensor, n_head: int) -> Tensor:
 
 def bias_attention_forward(x, b, n_head):
     """x (B, T, 3C), b (3C,) -> attention(x + b) (B, T, C)."""
-    return attention_forward(x + b, n_head)
+    return attention_forward(_float32(x) + b, n_head)
 
 
-def bias_attention_backward(dout, saved):
-    """dout (B, T, C) -> dx (B, T, 3C), db (3C,)."""
+def bias_attention_backward(dout, saved, db_into=None):
+    """dout (B, T, C) -> dx (B, T, 3C), db (3C,); given db_into (the bias's gradient buffer), db is added
+    into it and returned as None (docs/CONTRACTS.md, `*_into`)."""
     (dqkv,) = attention_backward(dout, saved)
-    return dqkv, sum_rows(dqkv.reshape(-1, dqkv.shape[-1]))
+    return dqkv, add_into(db_into, sum_rows(dqkv.reshape(-1, dqkv.shape[-1])))
 
 
 def bias_attention(x: Tensor, b: Tensor, n_head: int) -> Tensor:
@@ -122,7 +133,7 @@ def bias_attention(x: Tensor, b: Tensor, n_head: int) -> Tensor:
         raise ValueError(f"qkv width {x.shape[-1]} is not 3 * n_head * head_size for n_head={n_head}")
     forward, backward = implementation("bias_attention", x.data, bias_attention_forward, bias_attention_backward)
     out, saved = forward(x.data, b.data, n_head)
-    return record(Tensor(out), (x, b), lambda dout: backward(dout, saved))
+    return record(Tensor(out), (x, b), lambda dout: backward(dout, saved, db_into=b.grad_buffer()))
 
 
 def attention_with_cache(qkv, n_head, k_cache, v_cache, lengths, positions=None):

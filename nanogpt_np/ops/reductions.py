@@ -31,6 +31,14 @@ def sum_rows(x):
     return ones(x.shape[0], x) @ x
 
 
+def add_into(buffer, g):
+    """g, or None after adding g into buffer (a gradient buffer, docs/CONTRACTS.md `*_into`): buffer += g."""
+    if buffer is None:
+        return g
+    buffer += g
+    return None
+
+
 def sum_last(x, keepdims=True):
     """(..., C) -> (..., 1): the sum over the last axis."""
     s = x @ ones(x.shape[-1], x)

@@ -723,27 +723,36 @@ def _heads_in(qkv, B, T, Tp, NH, part):
     return x
 
 
-def _qkv_to_heads(grid, block, smem, q, k, v, qkv, bias, B, T, Tp, NH):
-    B, T, Tp, NH = (_int(a, np.int32) for a in (B, T, Tp, NH))
-    assert _threads(grid, block) >= B * NH * Tp * 32 and Tp % 64 == 0 and Tp >= T
-    src = _f32(_arr(qkv), B * T * 3 * NH * 64)
+def _qkv_to_bf16(grid, block, smem, out, qkv, bias, n_pairs, C3):
+    n_pairs, C3 = _int(n_pairs, np.int64), _int(C3, np.int32)
+    assert _threads(grid, block) >= n_pairs and _arr(out).dtype == np.uint16
+    src = _f32(_arr(qkv), 2 * n_pairs)
     if _arr(bias) is not None:
-        src = (src.reshape(B * T, 3 * NH * 64) + _f32(_arr(bias), 3 * NH * 64)).reshape(-1)
-    for part, dst in enumerate((q, k, v)):
-        d = _arr(dst)
-        assert d.dtype == np.uint16 and d.size >= B * NH * Tp * 64
-        d.reshape(-1)[:B * NH * Tp * 64] = float32_to_bf16(_heads_in(src, B, T, Tp, NH, part).astype(np.float32)).ravel()
+        src = (src.reshape(-1, C3) + _f32(_arr(bias), C3)).reshape(-1)
+    _arr(out).reshape(-1)[:2 * n_pairs] = float32_to_bf16(src.astype(np.float32))
+
+
+def _qkv_heads(qkv, bias, BH, T, Tp, NH):
+    """q, k, v (BH, Tp, 64) float64 as the flash kernels load them from a bf16 qkv (B, T, 3C): bias added to the
+    bf16 value and rounded back to bf16, rows t >= T zero."""
+    C = NH * 64
+    B = BH // NH
+    assert _arr(qkv).dtype == np.uint16
+    x = bf16_to_float32(_arr(qkv).reshape(-1)[:B * T * 3 * C]).reshape(B * T, 3 * C)
+    if _arr(bias) is not None:
+        x = bf16_to_float32(float32_to_bf16((x + _f32(_arr(bias), 3 * C)).astype(np.float32)))
+    return tuple(_heads_in(x.astype(np.float64), B, T, Tp, NH, part) for part in range(3))
 
 
 def _bf(a, shape):
     return bf16_to_float32(_arr(a).reshape(-1)[:math.prod(shape)]).reshape(shape).astype(np.float64)
 
 
-def _flash_forward(grid, block, smem, out, out_bf16, L2, Q, K, V, T, Tp, NH, scale_log2):
+def _flash_forward(grid, block, smem, out, out_bf16, L2, qkv, bias, T, Tp, NH, scale_log2):
     T, Tp, NH, sl2 = _int(T, np.int32), _int(Tp, np.int32), _int(NH, np.int32), _flt(scale_log2)
     BH = grid[1]
     assert grid[0] == Tp // 64 and block[0] == 128
-    q, k, v = (_bf(a, (BH, Tp, 64)) for a in (Q, K, V))
+    q, k, v = _qkv_heads(qkv, bias, BH, T, Tp, NH)
     s2 = np.where(_causal_mask(Tp), q @ k.transpose(0, 2, 1) * sl2, -np.inf)
     m = s2.max(-1, keepdims=True)
     l = np.exp2(s2 - m).sum(-1, keepdims=True)
@@ -753,11 +762,17 @@ def _flash_forward(grid, block, smem, out, out_bf16, L2, Q, K, V, T, Tp, NH, sca
     _store(out, out_bf16, B * T * NH * 64, o.reshape(B, NH, Tp, 64)[:, :, :T].transpose(0, 2, 1, 3))
 
 
-def _flash_prep(grid, block, smem, dO, D, dout, out, out_bf16, B, T, Tp, NH):
+def _flash_prep(grid, block, smem, dO16, D, dout, dout_bf16, out, out_bf16, B, T, Tp, NH):
     B, T, Tp, NH = (_int(a, np.int32) for a in (B, T, Tp, NH))
     assert grid[0] * block[0] // 32 >= B * NH * Tp
     C = NH * 64
-    do = _f32(_arr(dout), B * T * C).astype(np.float64)
+    if _arr(dout_bf16) is not None:
+        assert _arr(dout) is None and _arr(dO16) is None          # read in place: no copy to write
+        do = _bf(dout_bf16, (B * T * C,))
+    else:
+        do = _f32(_arr(dout), B * T * C).astype(np.float64)
+        assert _arr(dO16).dtype == np.uint16
+        _arr(dO16).reshape(-1)[:B * T * C] = float32_to_bf16(do.astype(np.float32))
     if _arr(out_bf16) is not None:
         assert _arr(out) is None
         o = _bf(out_bf16, (B * T * C,))
@@ -768,16 +783,19 @@ def _flash_prep(grid, block, smem, dO, D, dout, out, out_bf16, B, T, Tp, NH):
     dh[:, :T] = do.reshape(B, T, NH, 64).transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
     oh[:, :T] = o.reshape(B, T, NH, 64).transpose(0, 2, 1, 3).reshape(B * NH, T, 64)
     dh16 = float32_to_bf16(dh.astype(np.float32))
-    _arr(dO).reshape(-1)[:B * NH * Tp * 64] = dh16.ravel()
     _f32(_arr(D), B * NH * Tp)[...] = (bf16_to_float32(dh16) * oh).sum(-1).ravel()     # from the bf16 dO
 
 
-def _flash_grads(grid, dqkv, dqkv_bf16, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
+def _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale, db_partial):
     T, Tp, NH = _int(T, np.int32), _int(Tp, np.int32), _int(NH, np.int32)
     sl2, sc = _flt(scale_log2), _flt(scale)
     BH = grid[1]
     assert grid[0] == Tp // 64
-    q, k, v, do = (_bf(a, (BH, Tp, 64)) for a in (Q, K, V, dO))
+    q, k, v = _qkv_heads(qkv, bias, BH, T, Tp, NH)
+    B, C = BH // NH, NH * 64
+    assert _arr(dO).dtype == np.uint16
+    do = np.zeros((BH, Tp, 64))                                       # dO (B, T, C) bf16 -> heads, rows t >= T zero
+    do[:, :T] = _bf(dO, (B, T, NH, 64)).transpose(0, 2, 1, 3).reshape(BH, T, 64)
     L = _f32(_arr(L2), BH * Tp).reshape(BH, Tp, 1)
     Dv = _f32(_arr(D), BH * Tp).reshape(BH, Tp, 1)
     p = np.where(_causal_mask(Tp), np.exp2(q @ k.transpose(0, 2, 1) * sl2 - L), 0.0)
@@ -792,21 +810,31 @@ def _flash_grads(grid, dqkv, dqkv_bf16, Q, K, V, dO, L2, D, T, Tp, NH, scale_log
         dst = _f32(_arr(dqkv), B * T * 3 * C).reshape(B, T, 3, NH, 64)
         convert = np.asarray
 
+    partial = None if _arr(db_partial) is None else _rows(_f32(_arr(db_partial)), 3 * C)
+    nt = Tp // 64
+
     def put(part, x):
         dst[:, :, part] = convert(x.reshape(B, NH, Tp, 64)[:, :, :T].transpose(0, 2, 1, 3).astype(np.float32))
+        if partial is not None:            # per (b, 64-row tile): column sums of the values as written
+            written = dst[:, :, part].astype(np.float32) if convert is np.asarray else bf16_to_float32(dst[:, :, part])
+            w = np.zeros((B, Tp, NH * 64))
+            w[:, :T] = written.reshape(B, T, NH * 64)
+            partial.reshape(B, nt, 3 * C)[:, :, part * C:(part + 1) * C] = w.reshape(B, nt, 64, C).sum(2)
     return p, ds, q, k, do, sc, put
 
 
-def _flash_dkdv(grid, block, smem, dqkv, dqkv_bf16, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
+def _flash_dkdv(grid, block, smem, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale, db_partial):
     assert block[0] == 128
-    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale)
+    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale,
+                                            db_partial)
     put(1, sc * ds.transpose(0, 2, 1) @ q)
     put(2, p.transpose(0, 2, 1) @ do)
 
 
-def _flash_dq(grid, block, smem, dqkv, dqkv_bf16, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale):
+def _flash_dq(grid, block, smem, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale, db_partial):
     assert block[0] == 128
-    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, Q, K, V, dO, L2, D, T, Tp, NH, scale_log2, scale)
+    p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale,
+                                            db_partial)
     put(0, sc * ds @ k)
 
 
@@ -856,7 +884,7 @@ KERNELS = {
     ("adamw", "adamw_update"): _adamw_update,
     ("softmax_attention", "causal_softmax_forward"): _softmax_forward,
     ("softmax_attention", "causal_softmax_backward"): _softmax_backward,
-    ("flash_attention", "qkv_to_heads_bf16"): _qkv_to_heads,
+    ("flash_attention", "qkv_to_bf16"): _qkv_to_bf16,
     ("flash_attention", "flash_attention_forward"): _flash_forward,
     ("flash_attention", "flash_attention_backward_prep"): _flash_prep,
     ("flash_attention", "flash_attention_backward_dkdv"): _flash_dkdv,

@@ -2,7 +2,9 @@
 
 The CUDA kernels cannot run without a GPU, but their logic can: this module executes the same steps with the
 same indices, a warp at a time (the 32 lanes as a vector axis), over flat buffers with the same strides
-(LDS = 72 in shared memory, HS = 64 in global memory). The one instruction it has to model is
+(LDS = 72 in shared memory; in global memory q, k, v are read in place from qkv (B, T, 3C), row stride 3C,
+head offsets part*C + h*64, rows t >= T as zero, the bias added to each loaded bf16 pair and rounded back;
+dO in out's layout (B, T, C), row stride C). The one instruction it has to model is
 mma.sync.m16n8k16: `mma` rebuilds the 16x16 A and 16x8 B matrices from the lanes' fragments using the PTX
 fragment layout, multiplies, and scatters D back, so a wrong row/column formula in the kernel shows up as a
 wrong result against the float64 attention reference (tests/test_kernel_references.py). bf16 rounding
@@ -31,10 +33,34 @@ def load_pair(buf, idx):
     return np.stack([buf[idx], buf[idx + 1]], axis=-1).astype(np.float32)
 
 
-def load_a(buf, off, ld):
-    """A fragment (32 lanes, 4 registers, 2 halves) of the 16x16 block at flat offset `off`, row stride ld."""
-    return np.stack([load_pair(buf, off + G * ld + 2 * TQ), load_pair(buf, off + (G + 8) * ld + 2 * TQ),
-                     load_pair(buf, off + G * ld + 2 * TQ + 8), load_pair(buf, off + (G + 8) * ld + 2 * TQ + 8)], axis=1)
+def head(buf, base, ld, rows, bias=None):
+    """A head as the kernels' HeadIn: row 0 at flat offset `base`, row stride ld, rows >= `rows` read as 0,
+    `bias` (its 64 values, or None) added to each loaded value and rounded back to bf16."""
+    return dict(buf=buf, base=base, ld=ld, rows=rows, bias=bias)
+
+
+def qkv_head(qkv, bias, b, h, part, T, NH):
+    C = NH * HS
+    return head(qkv, b * T * 3 * C + part * C + h * HS, 3 * C, T,
+                None if bias is None else bias[part * C + h * HS: part * C + h * HS + HS])
+
+
+def head_values(x, row, col, n):
+    """n adjacent elements (row, col ..) of head x per lane (row, col: int or lane vectors) -> (..., n) float32."""
+    row, col = np.asarray(row), np.asarray(col)
+    valid = row < x["rows"]
+    idx = x["base"] + np.where(valid, row, 0) * x["ld"] + col
+    v = np.stack([x["buf"][idx + i] for i in range(n)], axis=-1).astype(np.float32)
+    if x["bias"] is not None:
+        v = round_to_bf16(v + np.stack([x["bias"][col + i] for i in range(n)], axis=-1).astype(np.float32))
+    return np.where(valid[..., None], v, np.float32(0))
+
+
+def load_a_head(x, row0, col0):
+    """A fragment of the 16x16 block at (row0, col0) of head x (the kernel's load_a_head)."""
+    return np.stack([head_values(x, row0 + G, col0 + 2 * TQ, 2), head_values(x, row0 + G + 8, col0 + 2 * TQ, 2),
+                     head_values(x, row0 + G, col0 + 2 * TQ + 8, 2),
+                     head_values(x, row0 + G + 8, col0 + 2 * TQ + 8, 2)], axis=1)
 
 
 def load_b(buf, off, ld):
@@ -71,36 +97,52 @@ def quad(v, op):
     return op(v, v[LANE ^ 2])
 
 
-def load_tile(dst, src, src_off):
+def load_tile(dst, x, row0):
     for c in range(TILE * HS // 8):
         row, col = c // 8, (c % 8) * 8
-        dst[row * LDS + col: row * LDS + col + 8] = src[src_off + row * HS + col: src_off + row * HS + col + 8]
+        dst[row * LDS + col: row * LDS + col + 8] = head_values(x, row0 + row, col, 8)
 
 
-def load_tile_t(dst, src, src_off):
+def load_tile_t(dst, x, row0):
     for c in range(TILE * HS // 8):
         row, col = c // 8, (c % 8) * 8
+        v = head_values(x, row0 + row, col, 8)
         for i in range(8):
-            dst[(col + i) * LDS + row] = src[src_off + row * HS + col + i]
+            dst[(col + i) * LDS + row] = v[i]
 
 
-def qkv_to_heads(qkv, NH):
-    B, T, C3 = qkv.shape
-    Tp = -(-T // TILE) * TILE
-    out = []
-    for part in range(3):
-        x = np.zeros((B * NH, Tp, HS), np.float32)
-        x[:, :T] = round_to_bf16(qkv[..., part * C3 // 3:(part + 1) * C3 // 3]).reshape(B, T, NH, HS) \
-            .transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
-        out.append(x.ravel())
-    return out, Tp
+def warp_colsum(acc, mult, row0, T):
+    """store_block's column sums of a warp's 16 x 64 block (8 fragments of (32, 4)), rows >= T left out: per lane
+    over its rows g and g+8, then shuffles across g (lane ^ 4, ^ 8, ^ 16). -> (64,) float32."""
+    c = np.zeros((32, 8, 2), np.float32)
+    for jd in range(8):
+        for r in range(2):
+            valid = (row0 + G + 8 * r) < T
+            for e in range(2):
+                c[:, jd, e] += np.where(valid, acc[jd][:, 2 * r + e] * mult, np.float32(0))
+    for off in (4, 8, 16):
+        c = c + c[LANE ^ off]
+    out = np.zeros(64, np.float32)
+    for lane in range(4):                                   # g == 0: lanes 0..3 hold the sums
+        for jd in range(8):
+            for e in range(2):
+                out[8 * jd + 2 * TQ[lane] + e] = c[lane, jd, e]
+    return out
 
 
-def forward(qkv, NH):
-    """Emulates qkv_to_heads_bf16 + flash_attention_forward. -> out (B, T, C), L2 (B*NH, Tp), heads."""
+def block_colsum(per_warp):
+    """The 4 warps' column sums added in order, as the kernels do."""
+    return ((per_warp[0] + per_warp[1]) + per_warp[2]) + per_warp[3]
+
+
+def forward(qkv, NH, bias=None):
+    """Emulates flash_attention_forward on qkv (B, T, 3C) bf16 values (+ bias (3C,) float32, or None).
+    -> out (B, T, C), L2 (B*NH, Tp), state for backward."""
     B, T, C3 = qkv.shape
     C = C3 // 3
-    (Q, K, V), Tp = qkv_to_heads(qkv, NH)
+    Tp = -(-T // TILE) * TILE
+    buf = round_to_bf16(np.asarray(qkv, np.float32)).ravel()
+    bias = None if bias is None else np.asarray(bias, np.float32)
     out = np.full((B * T * C,), np.nan, np.float32)
     L2 = np.full((B * NH * Tp,), np.nan, np.float32)
     scale_log2 = np.float32(1 / math.sqrt(HS) * LOG2E)
@@ -109,16 +151,16 @@ def forward(qkv, NH):
     for bh in range(B * NH):
         for bx in range(ntiles):
             qt = ntiles - 1 - bx
-            head = bh * Tp * HS
+            Q, K, V = (qkv_head(buf, bias, bh // NH, bh % NH, part, T, NH) for part in range(3))
             warps = [dict(q0=qt * TILE + w * 16) for w in range(4)]
             for st in warps:
-                st["qa"] = [load_a(Q, head + st["q0"] * HS + 16 * kc, HS) for kc in range(4)]
+                st["qa"] = [load_a_head(Q, st["q0"], 16 * kc) for kc in range(4)]
                 st["o"] = [np.zeros((32, 4), np.float32) for _ in range(8)]
                 st["m"] = [np.full(32, -np.inf, np.float32) for _ in range(2)]
                 st["l"] = [np.zeros(32, np.float32) for _ in range(2)]
             for kt in range(qt + 1):
-                load_tile(Ks, K, head + kt * TILE * HS)
-                load_tile_t(Vt, V, head + kt * TILE * HS)
+                load_tile(Ks, K, kt * TILE)
+                load_tile_t(Vt, V, kt * TILE)
                 for st in warps:
                     q0, o, m, l = st["q0"], st["o"], st["m"], st["l"]
                     s = []
@@ -165,41 +207,42 @@ def forward(qkv, NH):
                                 out[dst + 8 * jd + 1] = st["o"][jd][lane, 2 * r + 1] * inv[lane]
                         if TQ[lane] == 0:
                             L2[bh * Tp + row[lane]] = st["m"][r][lane] + np.log2(st["l"][r][lane])
-    return out.reshape(B, T, C), L2, (Q, K, V, Tp)
+    return out.reshape(B, T, C), L2, (buf, bias, Tp)
 
 
-def backward(dout, out, L2, heads, B, T, NH):
-    """Emulates flash_attention_backward_prep, _dkdv and _dq. -> dqkv (B, T, 3C)."""
-    Q, K, V, Tp = heads
+def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
+    """Emulates flash_attention_backward_prep, _dkdv and _dq. -> dqkv (B, T, 3C), and with with_db_partial
+    also the per-tile column sums (B * Tp/64, 3C) the kernels write for the qkv bias gradient (float32 dqkv)."""
+    buf, bias, Tp = state
     C = NH * HS
+    db_partial = np.full((B * (Tp // TILE), 3 * C), np.nan, np.float32)
     scale = np.float32(1 / math.sqrt(HS))
     scale_log2 = np.float32(scale * LOG2E)
-    # prep
-    dO = np.zeros((B * NH, Tp, HS), np.float32)
+    # prep: dO rounded to bf16 in its own layout (B, T, C), which the kernels read in place
+    dO = round_to_bf16(np.asarray(dout, np.float32)).ravel()
     D = np.zeros((B * NH, Tp), np.float32)
-    dh = dout.reshape(B, T, NH, HS).transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
+    dh = dO.reshape(B, T, NH, HS).transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
     oh = out.reshape(B, T, NH, HS).transpose(0, 2, 1, 3).reshape(B * NH, T, HS)
-    dO[:, :T] = round_to_bf16(dh)
-    D[:, :T] = (dO[:, :T] * oh).sum(-1)                       # from the bf16 dO, as the kernel does
-    dO, D = dO.ravel(), D.ravel()
+    D[:, :T] = (dh * oh).sum(-1)                              # from the bf16 dO, as the kernel does
+    D = D.ravel()
     dqkv = np.full((B * T * 3 * C,), np.nan, np.float32)
     ntiles = Tp // TILE
     # dK, dV
     Qs, Qt, dOs, dOt = (np.zeros(TILE * LDS, np.float32) for _ in range(4))
     for bh in range(B * NH):
-        head = bh * Tp * HS
+        Q, K, V = (qkv_head(buf, bias, bh // NH, bh % NH, part, T, NH) for part in range(3))
+        dOh = head(dO, (bh // NH) * T * C + (bh % NH) * HS, C, T)
         for kt in range(ntiles):
             warps = []
             for w in range(4):
                 k0 = kt * TILE + w * 16
-                warps.append(dict(k0=k0, ka=[load_a(K, head + k0 * HS + 16 * kc, HS) for kc in range(4)],
-                                  va=[load_a(V, head + k0 * HS + 16 * kc, HS) for kc in range(4)],
+                warps.append(dict(k0=k0, ka=[load_a_head(K, k0, 16 * kc) for kc in range(4)],
+                                  va=[load_a_head(V, k0, 16 * kc) for kc in range(4)],
                                   dk=[np.zeros((32, 4), np.float32) for _ in range(8)],
                                   dv=[np.zeros((32, 4), np.float32) for _ in range(8)]))
             for qt in range(kt, ntiles):
-                qoff = head + qt * TILE * HS
-                load_tile(Qs, Q, qoff); load_tile_t(Qt, Q, qoff)
-                load_tile(dOs, dO, qoff); load_tile_t(dOt, dO, qoff)
+                load_tile(Qs, Q, qt * TILE); load_tile_t(Qt, Q, qt * TILE)
+                load_tile(dOs, dOh, qt * TILE); load_tile_t(dOt, dOh, qt * TILE)
                 Ls = L2[bh * Tp + qt * TILE: bh * Tp + qt * TILE + TILE]
                 Ds = D[bh * Tp + qt * TILE: bh * Tp + qt * TILE + TILE]
                 for st in warps:
@@ -235,23 +278,26 @@ def backward(dout, out, L2, heads, B, T, NH):
                             for e in range(2):
                                 dqkv[dst + C + 8 * jd + e] = st["dk"][jd][lane, 2 * r + e] * scale
                                 dqkv[dst + 2 * C + 8 * jd + e] = st["dv"][jd][lane, 2 * r + e]
+            for p, name, mult in ((1, "dk", scale), (2, "dv", np.float32(1))):
+                db_partial[b * ntiles + kt, p * C + h * HS: p * C + h * HS + HS] = \
+                    block_colsum([warp_colsum(st[name], mult, st["k0"], T) for st in warps])
     # dQ
     Ks, Kt, Vs = (np.zeros(TILE * LDS, np.float32) for _ in range(3))
     for bh in range(B * NH):
-        head = bh * Tp * HS
+        Q, K, V = (qkv_head(buf, bias, bh // NH, bh % NH, part, T, NH) for part in range(3))
+        dOh = head(dO, (bh // NH) * T * C + (bh % NH) * HS, C, T)
         for bx in range(ntiles):
             qt = ntiles - 1 - bx
             warps = []
             for w in range(4):
                 q0 = qt * TILE + w * 16
-                warps.append(dict(q0=q0, qa=[load_a(Q, head + q0 * HS + 16 * kc, HS) for kc in range(4)],
-                                  da=[load_a(dO, head + q0 * HS + 16 * kc, HS) for kc in range(4)],
+                warps.append(dict(q0=q0, qa=[load_a_head(Q, q0, 16 * kc) for kc in range(4)],
+                                  da=[load_a_head(dOh, q0, 16 * kc) for kc in range(4)],
                                   Lr=[L2[bh * Tp + q0 + G + 8 * r] for r in range(2)],
                                   Dr=[D[bh * Tp + q0 + G + 8 * r] for r in range(2)],
                                   dq=[np.zeros((32, 4), np.float32) for _ in range(8)]))
             for kt in range(qt + 1):
-                koff = head + kt * TILE * HS
-                load_tile(Ks, K, koff); load_tile_t(Kt, K, koff); load_tile(Vs, V, koff)
+                load_tile(Ks, K, kt * TILE); load_tile_t(Kt, K, kt * TILE); load_tile(Vs, V, kt * TILE)
                 for st in warps:
                     s, dp = [], []
                     for j in range(8):
@@ -281,4 +327,8 @@ def backward(dout, out, L2, heads, B, T, NH):
                         for jd in range(8):
                             for e in range(2):
                                 dqkv[dst + 8 * jd + e] = st["dq"][jd][lane, 2 * r + e] * scale
+            db_partial[b * ntiles + qt, h * HS: h * HS + HS] = \
+                block_colsum([warp_colsum(st["dq"], scale, st["q0"], T) for st in warps])
+    if with_db_partial:
+        return dqkv.reshape(B, T, 3 * C), db_partial
     return dqkv.reshape(B, T, 3 * C)

@@ -53,6 +53,7 @@ _COST = {
     "test_attention_matmul": lambda p: p["B"] * p["T"] * p["T"] * p["NH"],
     "test_attention_flash": lambda p: p["B"] * p["C"] // 64 * math.ceil(p["T"] / 64) ** 2 * 4000,
     "test_bias_attention_flash": lambda p: p["B"] * p["C"] // 64 * math.ceil(p["T"] / 64) ** 2 * 4000,
+    "test_bias_attention_flash_bf16_in": lambda p: p["B"] * p["C"] // 64 * math.ceil(p["T"] / 64) ** 2 * 4000,
     "test_bf16_device_conversions_match_numpy": lambda p: 1_000_003,
     "test_matmul_bf16": lambda p: p["M"] * p["K"] + p["K"] * p["N"],
     "test_linear": lambda p: p["N"] * p["Cin"] + p["Cin"] * p["Cout"] + p["N"] * p["Cout"],

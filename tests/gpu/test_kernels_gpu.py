@@ -502,9 +502,9 @@ def test_attention_flash(cp, poison, act_dtype, B, T, C, NH):
 
 @pytest.mark.parametrize("B,T,C,NH", [(1, 1, 64, 1), (2, 100, 128, 2), (1, 130, 768, 12)])
 def test_bias_attention_flash(cp, poison, act_dtype, B, T, C, NH):
-    """attention(x + b) with the bias added while the heads are made; with bf16 activations out and dx are
-    bf16 bits and db is summed (float32) from those bits. x + b is exactly a bf16 value, so the reference sees
-    what the kernel's heads hold."""
+    """attention(x + b) for a float32 x: qkv_to_bf16 adds the bias while it rounds x + b to bf16; with bf16
+    activations out and dx are bf16 bits and db is summed (float32) from those bits (by the backward kernels,
+    per 64-row tile). x + b is exactly a bf16 value, so the reference sees what the kernels read."""
     b = round_to_bf16(randn(3 * C))
     x = (round_to_bf16(randn(B, T, 3 * C) + b) - b).astype(np.float32)     # x + b exact in float32 and bf16
     fwd, bwd = registry.lookup("bias_attention_flash")
@@ -529,6 +529,46 @@ def test_bias_attention_flash(cp, poison, act_dtype, B, T, C, NH):
     assert rel_err(to_np(db), got.reshape(-1, 3 * C).astype(np.float64).sum(0), scale=overall) < 1e-5
     if act_dtype == "bfloat16":                                 # negative control: bf16 bits misread
         assert rel_err(to_np(dx).astype(np.uint32).view(np.float32), rdx) > 0.5
+
+
+@pytest.mark.parametrize("B,T,C,NH", [(1, 1, 64, 1), (2, 64, 128, 2), (2, 100, 128, 2), (1, 130, 256, 4),
+                                      (1, 257, 768, 12)])
+def test_bias_attention_flash_bf16_in(cp, poison, monkeypatch, B, T, C, NH):
+    """bf16 matmuls: the qkv matmul writes x (B, T, 3C) as bf16 and the kernels read q, k, v from it in place
+    (row stride 3C, head offsets h*64, C + h*64, 2C + h*64), adding the float32 bias as they load each tile and
+    rounding back to bf16; dout arrives as bf16 (c_proj's bf16 dx). The reference gets those same bf16 values
+    of x + b. db is added into a gradient buffer that already holds something (db_into, beta = 1)."""
+    monkeypatch.setattr(registry, "_precision", "bfloat16")
+    x16 = float32_to_bf16(randn(B, T, 3 * C))
+    b = randn(3 * C, scale=0.5)                                 # not a bf16 value: the kernel must round x + b
+    xb = round_to_bf16(bf16_to_float32(x16) + b)                # what the kernels multiply
+    fwd, bwd = registry.lookup("bias_attention_flash")
+    poison()
+    out, saved = fwd(cp.asarray(x16), cp.asarray(b), NH)
+    assert saved[1][0] == "flash" and to_np(out).dtype == np.uint16
+    rout, rsaved = attention_ops.attention_forward(xb.astype(np.float64), NH)
+    assert rel_err(bf16_to_float32(to_np(out)), rout) < 2e-2
+    # negative controls: the bias left out, or only x rounded, are far from this (the bias is not a shift
+    # that softmax ignores for v, and q + bias_q changes every score)
+    nob, _ = attention_ops.attention_forward(bf16_to_float32(x16).astype(np.float64), NH)
+    assert rel_err(nob, rout) > 5e-2
+    dout16 = float32_to_bf16(randn(B, T, C))
+    before = randn(3 * C)
+    db_buf = cp.asarray(before)
+    poison()
+    dx, db = bwd(cp.asarray(dout16), saved, db_into=db_buf)
+    assert db is None and to_np(dx).dtype == np.uint16
+    (rdx,) = attention_ops.attention_backward(bf16_to_float32(dout16).astype(np.float64), rsaved)
+    got = bf16_to_float32(to_np(dx))
+    overall = np.abs(rdx).max()
+    for i, part in enumerate("qkv"):
+        r = rdx[..., i * C:(i + 1) * C]
+        e = rel_err(got[..., i * C:(i + 1) * C], r, scale=np.abs(r).max() or overall)
+        assert e < 2e-2, f"d{part}: relative error {e}"
+    # the buffer gained the column sums of the dx the kernels wrote (and kept what it held)
+    colsum = got.reshape(-1, 3 * C).astype(np.float64).sum(0)
+    assert rel_err(to_np(db_buf) - before, colsum, scale=max(np.abs(colsum).max(), 1.0)) < 1e-5
+    assert rel_err(to_np(db_buf) - before, rdx.reshape(-1, 3 * C).sum(0), scale=overall * T) < 2e-2
 
 
 def test_bias_attention_matmul(cp, poison):
@@ -565,6 +605,20 @@ def test_bf16_device_conversions_match_numpy(cp):
     np.testing.assert_array_equal(to_np(h), float32_to_bf16(x))
     back = precision.to_float32(h)
     np.testing.assert_array_equal(to_np(back).view(np.uint32), bf16_to_float32(float32_to_bf16(x)).view(np.uint32))
+
+
+@pytest.mark.parametrize("N,C", [(1, 1), (37, 100), (1000, 2304)])
+def test_column_sum_bf16(cp, poison, N, C):
+    """precision.column_sum_bf16: column sums (float32) of a bf16 matrix, returned or added into a buffer."""
+    from nanogpt_np.kernels import precision
+    x = float32_to_bf16(randn(N, C))
+    ref = bf16_to_float32(x).astype(np.float64).sum(0)
+    poison()
+    assert rel_err(to_np(precision.column_sum_bf16(cp.asarray(x))), ref) < TOL
+    before = randn(C)
+    buf = cp.asarray(before)
+    assert precision.column_sum_bf16(cp.asarray(x), into=buf) is None
+    assert rel_err(to_np(buf), before + ref) < TOL
 
 
 _CVT_PROBE = r"""
