@@ -301,7 +301,9 @@ class GPT:
             a = Tensor(attention_with_cache(a.data, cfg.n_head, kv_cache.k[i], kv_cache.v[i], kv_cache.lengths,
                                             positions))
         proj_bias = p.get(h + "attn.c_proj.bias")
-        a = ops.linear(a, p[h + "attn.c_proj.weight"], None if fuse_proj else proj_bias, bf16_dx=qkv_bf16)
+        # with its bias fused downstream, c_proj may write bf16 too: residual_layernorm reads a bf16 residual
+        a = ops.linear(a, p[h + "attn.c_proj.weight"], None if fuse_proj else proj_bias, bf16_dx=qkv_bf16,
+                       bf16_out=fuse_proj)
         a = ops.dropout(a, cfg.dropout, self.dropout_rng, self.training)
         # x = x + a (+ c_proj's bias) and m = ln_2(x) in one op (one pass over memory on the GPU). Without dropout
         # `a` comes straight from c_proj, which may then read its gradient as bf16 (bf16_dr, written in that pass).
@@ -315,7 +317,7 @@ class GPT:
         m = ops.bias_gelu(m, p[h + "mlp.c_fc.bias"]) if cfg.bias else ops.gelu(m)          # gelu(m + bias)
         proj_bias = p.get(h + "mlp.c_proj.bias")
         m = ops.linear(m, p[h + "mlp.c_proj.weight"], None if fuse_proj else proj_bias,
-                       bf16_dx=mlp_bf16)                                                   # (B, T, C)
+                       bf16_dx=mlp_bf16, bf16_out=fuse_proj)                               # (B, T, C)
         m = ops.dropout(m, cfg.dropout, self.dropout_rng, self.training)
         # the same at the block's end: x = x + m (+ c_proj's bias) and next_ln(x), one op
         return ops.residual_layernorm(x, m, p[next_ln + ".weight"], self._bias(next_ln), cfg.layer_norm_eps,
