@@ -381,11 +381,20 @@ def flash_bias_instructions(op):
         return 0
     Tp = s[6] if fwd else s[8]
     BH, nt = grid[1], Tp // 64
-    tiles = nt * (nt + 1) // 2
     per_block, per_tile = {"flash_attention_forward": (1, 2),        # Q fragments; K, V^T tiles
                            "flash_attention_backward_dkdv": (2, 2),  # K, V fragments; Q, Q^T tiles
                            "flash_attention_backward_dq": (1, 3)}[k]  # Q fragments; K, K^T, V tiles
-    return BIAS_INSTR_PER_VALUE * 64 * 64 * BH * (per_block * nt + per_tile * tiles)
+    # fragments: each row once (nt 64-row tiles' worth); tiles: as many as the blocks load
+    return BIAS_INSTR_PER_VALUE * 64 * 64 * BH * (per_block * nt + per_tile * flash_tile_loads(k, Tp, grid))
+
+
+def flash_tile_loads(k, Tp, grid):
+    """64-row tiles one (batch, head) of a flash kernel loads into shared memory: a block of r = Tp / grid[0]
+    rows (128 for the forward and dq, 64 for dkdv) loads the causal tiles of its last row (or, dkdv, of its
+    first key), each once for all its warps; so 128-row blocks load each tile half as often as 64-row ones."""
+    nt, nb = Tp // 64, grid[0]
+    per = nt // nb                                                  # 64-row tiles per block
+    return sum((i + 1) * per for i in range(nb))                    # block i: tiles 0 .. (i+1)*per - 1
 
 
 def kernel_traffic(op):
@@ -476,7 +485,8 @@ def kernel_traffic(op):
         o4 = 2 if null[0] else f4                                   # out / dqkv written as float32 or bf16
         BH = grid[1]
         nt = Tp // 64
-        tiles = nt * (nt + 1) // 2                                  # causal: key tiles at or below the diagonal
+        tiles = nt * (nt + 1) // 2                                  # causal: 64x64 products at or below the diagonal
+        loads = flash_tile_loads(k, Tp, grid)                       # tiles loaded (re-read) per (batch, head)
         C = NH * 64
         B = BH // NH
         part = B * T * C * 2            # one of q, k, v: its third of the bf16 qkv (B, T, 3C), rows t < T only
@@ -490,13 +500,13 @@ def kernel_traffic(op):
         flops = 2.0 * 64 * 64 * 64 * tiles * BH * matmuls
         if fwd:
             bmin = 3 * part + bias + B * T * C * o4 + BH * Tp * f4
-            bw = part + bias + B * T * C * o4 + BH * Tp * f4 + 2 * part * tiles / nt   # K, V re-read per query tile
+            bw = part + bias + B * T * C * o4 + BH * Tp * f4 + 2 * part * loads / nt   # K, V re-read per query block
         elif k == "flash_attention_backward_dkdv":
             bmin = 3 * part + head + bias + 2 * BH * Tp * f4 + 2 * B * T * C * o4 + sums
-            bw = 2 * part + bias + 2 * B * T * C * o4 + sums + (part + head + 2 * BH * Tp * f4) * tiles / nt
+            bw = 2 * part + bias + 2 * B * T * C * o4 + sums + (part + head + 2 * BH * Tp * f4) * loads / nt
         else:
             bmin = 3 * part + head + bias + 2 * BH * Tp * f4 + B * T * C * o4 + sums
-            bw = part + head + bias + B * T * C * o4 + sums + BH * Tp * f4 * 2 + 2 * part * tiles / nt
+            bw = part + head + bias + B * T * C * o4 + sums + BH * Tp * f4 * 2 + 2 * part * loads / nt
         return flops, bmin, bw, "flash"
     if k == "flash_attention_backward_prep":
         B, T, Tp, NH = s[6:10]

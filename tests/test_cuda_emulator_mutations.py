@@ -278,6 +278,17 @@ MUTATIONS = [
     ("flash: no barrier between loading a tile and reading it", "flash_attention",
      "        load_tile_t(Vt, V, kt * TILE);\n        __syncthreads();\n",
      "        load_tile_t(Vt, V, kt * TILE);\n", run_flash),
+    ("flash forward: the skip test uses the block's first row (warps 4-7 skip their diagonal key tile too)",
+     "flash_attention", "        load_tile_t(Vt, V, kt * TILE);\n        __syncthreads();\n        if (kt * TILE > q0 + 15)",
+     "        load_tile_t(Vt, V, kt * TILE);\n        __syncthreads();\n        if (kt * TILE > qb * QBLOCK + 15)",
+     run_flash),
+    ("flash forward: warps 0-3 skip the last key tile before its loads and barriers (unbalanced __syncthreads)",
+     "flash_attention",
+     "        __syncthreads();                               // the previous tiles are no longer read\n"
+     "        load_tile(Ks, K, kt * TILE);",
+     "        if (kt * TILE > q0 + 15) continue;\n"
+     "        __syncthreads();                               // the previous tiles are no longer read\n"
+     "        load_tile(Ks, K, kt * TILE);", run_flash),
     ("flash: mma A and B operands swapped", "flash_attention",
      "{%4,%5,%6,%7}, {%8,%9}", "{%8,%9,%6,%7}, {%4,%5}", run_flash),
     ("flash: rows g and g+8 of the A fragment swapped", "flash_attention",

@@ -1,8 +1,9 @@
 // Causal flash attention (forward and backward) on bf16 tensor cores, head size 64. sm_80 or newer.
 //
-// Never materialises the T x T score matrix. Per (batch*head, 64-row tile) a block of 4 warps streams 64-row
+// Never materialises the T x T score matrix. Per (batch*head, 128 query rows) a block of 8 warps streams 64-row
 // tiles of K and V through shared memory; each warp owns 16 query rows and keeps its scores, probabilities
-// and output accumulator in registers (the mma fragments), FlashAttention-2 style:
+// and output accumulator in registers (the mma fragments), FlashAttention-2 style. A tile in shared memory
+// serves all 128 rows of the block: K and V are re-read from global memory once per 128 query rows, not per 64.
 //   S = Q K^T (tensor cores, bf16 in, f32 accumulate)  ->  online softmax per row (running max m, sum l)
 //   O = O * exp(m_old - m_new) + P V                   ->  at the end O / l, and L = m + log2(l) is saved.
 // Scores are kept in base 2: s2 = (q.k) * scale * log2(e), p = exp2(s2 - m) (exp2 is one instruction).
@@ -28,16 +29,19 @@
 // row stride 3C. The matmul's bias (3C,) float32 is added as each tile is loaded (bf16 + bias, rounded back to
 // bf16: the value the mma multiplies), or bias is NULL (already added). Rows t >= T of the last tile read as 0.
 // dO (the gradient of out) is bf16 in out's layout (B, T, C): head h at columns h*64, row stride C. Tp = T rounded
-// up to 64 is the row count of L2 and D (one value per query row, rows t >= T included).
+// up to 128 (the query block) is the row count of L2 and D (one value per query row, rows t >= T included).
 // out and dqkv are in the model's layout, (B, T, C) and (B, T, 3C): float32, or bf16 when the matmul that reads
 // them runs in bf16 (the kernels take a float32 and a bf16 pointer and write the one that is not NULL: store2).
-// Memory traffic (forward): Q, K, V read once per query tile that needs them (K/V tiles are reused by 4 warps),
+// Memory traffic (forward): Q read once, K and V once per 128-row query block that needs them (each K/V tile is
+// reused by the block's 8 warps),
 // out written once. Reading q, k, v in place costs no extra bytes: a tile row is 128 contiguous bytes (whole
 // 32-byte sectors) and the 8 threads reading it are adjacent; the bias (64 floats per head) stays in cache.
 // The price is ALU work: the bias is added to every value each time its tile is loaded (K, V once per query tile). Shared memory: K tile + V^T tile = 18 KB (forward), 37 KB (dkdv), 28 KB (dq).
 
 #define HS 64          // head size (fixed: GPT-2 and most models here)
-#define TILE 64        // rows per tile (queries or keys)
+#define TILE 64        // rows per tile (queries or keys) staged in shared memory
+#define QBLOCK 128     // query rows per block of the forward and dq kernels: 8 warps of 16 rows
+#define QWARPS (QBLOCK / 16)
 #define LDS 72         // shared row stride in bf16: 64 + 8 padding, so the 8 rows a mma reads hit 32 banks
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -227,21 +231,25 @@ extern "C" __global__ void qkv_to_bf16(bf16_t* __restrict__ out, const float* __
 }
 
 // ----------------------------------------------------------------------------------------------------- forward
-// grid (Tp/64, B*NH), block 128. Reads q, k, v from qkv (B, T, 3C) bf16 (+ bias, or NULL). Writes out (B, T, C)
-// (float32 out or bf16 out_bf16) and L2 (B*NH, Tp) = log2 of each row's softmax sum (rows t >= T included:
-// the backward reads them, and they are finite since key 0 is always visible).
-extern "C" __global__ void __launch_bounds__(128)
+// grid (Tp/128, B*NH), block 256: block = one 128-row query block, warp w = its 16 rows at 16w. Reads q, k, v
+// from qkv (B, T, 3C) bf16 (+ bias, or NULL). Writes out (B, T, C) (float32 out or bf16 out_bf16) and
+// L2 (B*NH, Tp) = log2 of each row's softmax sum (rows t >= T included: the backward reads them, and they are
+// finite since key 0 is always visible).
+// The block streams the 64-key tiles 0 .. 2*qb+1 (the causal ones of its last row). The last tile lies wholly
+// after the rows of warps 0-3 (rows 128qb .. 128qb+63): they skip it (the test is per warp, so uniform within
+// it), but still reach every barrier, since the skip comes after the loop's two __syncthreads.
+extern "C" __global__ void __launch_bounds__(256)
 flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, float* __restrict__ L2,
                         const bf16_t* __restrict__ qkv, const float* __restrict__ bias,
                         int T, int Tp, int NH, float scale_log2) {
     __shared__ __align__(16) bf16_t Ks[TILE * LDS];    // K tile, [key][d]
     __shared__ __align__(16) bf16_t Vt[HS * LDS];      // V tile transposed, [d][key]
-    int qt = gridDim.x - 1 - blockIdx.x;               // longest (most key tiles) blocks first
+    int qb = gridDim.x - 1 - blockIdx.x;               // longest (most key tiles) blocks first
     int bh = blockIdx.y, b = bh / NH, h = bh % NH;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     HeadIn Q = qkv_head(qkv, bias, b, h, 0, T, NH), K = qkv_head(qkv, bias, b, h, 1, T, NH),
            V = qkv_head(qkv, bias, b, h, 2, T, NH);
-    int q0 = qt * TILE + warp * 16;                    // this warp's first query row
+    int q0 = qb * QBLOCK + warp * 16;                  // this warp's first query row
 
     unsigned qa[4][4];                                 // the warp's 16x64 Q block as 4 A fragments
 #pragma unroll
@@ -252,11 +260,13 @@ flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, 
     for (int j = 0; j < 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};   // rows g and g+8
 
-    for (int kt = 0; kt <= qt; kt++) {
+    int n_kt = (qb + 1) * (QBLOCK / TILE);             // key tiles up to the block's last row
+    for (int kt = 0; kt < n_kt; kt++) {
         __syncthreads();                               // the previous tiles are no longer read
         load_tile(Ks, K, kt * TILE);
         load_tile_t(Vt, V, kt * TILE);
         __syncthreads();
+        if (kt * TILE > q0 + 15) continue;             // every key after every row of this warp: nothing to add
 
         float s[8][4];                                 // S = Q K^T, 16 x 64 keys
 #pragma unroll

@@ -24,7 +24,7 @@ import numpy as np
 from . import precision, registry
 from .compile import launch
 from .launch import NULL
-from .launch import elementwise, flash_padded_T, rows_per_warp
+from .launch import FLASH_QUERY_BLOCK, elementwise, flash_padded_T, rows_per_warp
 
 HEAD_SIZE = 64
 LOG2E = 1.4426950408889634
@@ -85,7 +85,8 @@ def _forward(qkv, bias, n_head):
     out = cp.empty((B, T, C), dtype=cp.uint16 if bf16 else cp.float32)
     L2 = cp.empty((B * NH, Tp), dtype=cp.float32)
     scale = 1.0 / math.sqrt(HEAD_SIZE)
-    launch("flash_attention", "flash_attention_forward", (Tp // 64, B * NH), (128,),
+    # a block per 128 query rows (8 warps of 16 rows): each K, V tile it loads serves 128 rows
+    launch("flash_attention", "flash_attention_forward", (Tp // FLASH_QUERY_BLOCK, B * NH), (32 * FLASH_QUERY_BLOCK // 16,),
            (*_pair(out), L2, qkv16, kbias, np.int32(T), np.int32(Tp), np.int32(NH), np.float32(scale * LOG2E)))
     return out, ("flash", (qkv16, kbias, out, L2, B, T, NH))
 

@@ -62,9 +62,13 @@ def adamw_bias_corrections(beta1: float, beta2: float, step: int):
 NORM_BLOCKS = 1024                  # fixed grid of the sum-of-squares pass: the sum order never changes
 
 
-def flash_padded_T(T: int, tile: int = 64) -> int:
-    """Sequence length rounded up to the flash-attention tile (the bf16 head copies are zero-padded)."""
-    return ceil_div(T, tile) * tile
+FLASH_QUERY_BLOCK = 128            # query rows per block of flash_attention.cu's forward and dq kernels (8 warps)
+
+
+def flash_padded_T(T: int, block: int = FLASH_QUERY_BLOCK) -> int:
+    """Sequence length rounded up to the flash-attention query block: the row count of its L2 and D (rows past T
+    read as zero). A multiple of 128, so also of the 64-row tiles the kernels stage in shared memory."""
+    return ceil_div(T, block) * block
 
 
 def attention_flops(B: int, T: int, C: int, causal: bool = True) -> float:

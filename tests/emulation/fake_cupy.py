@@ -751,7 +751,7 @@ def _bf(a, shape):
 def _flash_forward(grid, block, smem, out, out_bf16, L2, qkv, bias, T, Tp, NH, scale_log2):
     T, Tp, NH, sl2 = _int(T, np.int32), _int(Tp, np.int32), _int(NH, np.int32), _flt(scale_log2)
     BH = grid[1]
-    assert grid[0] == Tp // 64 and block[0] == 128
+    assert Tp % 128 == 0 and grid[0] == Tp // 128 and block[0] == 256     # 128 query rows per block, 8 warps
     q, k, v = _qkv_heads(qkv, bias, BH, T, Tp, NH)
     s2 = np.where(_causal_mask(Tp), q @ k.transpose(0, 2, 1) * sl2, -np.inf)
     m = s2.max(-1, keepdims=True)

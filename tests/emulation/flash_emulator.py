@@ -19,6 +19,7 @@ import numpy as np
 from nanogpt_np.kernels.bf16 import round_to_bf16
 
 HS, TILE, LDS = 64, 64, 72
+QBLOCK, QWARPS = 128, 8       # query rows and warps per block of the forward (and dq) kernel
 LOG2E = 1.4426950408889634
 LANE = np.arange(32)
 G, TQ = LANE // 4, LANE % 4
@@ -140,29 +141,31 @@ def forward(qkv, NH, bias=None):
     -> out (B, T, C), L2 (B*NH, Tp), state for backward."""
     B, T, C3 = qkv.shape
     C = C3 // 3
-    Tp = -(-T // TILE) * TILE
+    Tp = -(-T // QBLOCK) * QBLOCK
     buf = round_to_bf16(np.asarray(qkv, np.float32)).ravel()
     bias = None if bias is None else np.asarray(bias, np.float32)
     out = np.full((B * T * C,), np.nan, np.float32)
     L2 = np.full((B * NH * Tp,), np.nan, np.float32)
     scale_log2 = np.float32(1 / math.sqrt(HS) * LOG2E)
     Ks, Vt = np.zeros(TILE * LDS, np.float32), np.zeros(HS * LDS, np.float32)
-    ntiles = Tp // TILE
+    nblocks = Tp // QBLOCK
     for bh in range(B * NH):
-        for bx in range(ntiles):
-            qt = ntiles - 1 - bx
+        for bx in range(nblocks):
+            qb = nblocks - 1 - bx
             Q, K, V = (qkv_head(buf, bias, bh // NH, bh % NH, part, T, NH) for part in range(3))
-            warps = [dict(q0=qt * TILE + w * 16) for w in range(4)]
+            warps = [dict(q0=qb * QBLOCK + w * 16) for w in range(QWARPS)]
             for st in warps:
                 st["qa"] = [load_a_head(Q, st["q0"], 16 * kc) for kc in range(4)]
                 st["o"] = [np.zeros((32, 4), np.float32) for _ in range(8)]
                 st["m"] = [np.full(32, -np.inf, np.float32) for _ in range(2)]
                 st["l"] = [np.zeros(32, np.float32) for _ in range(2)]
-            for kt in range(qt + 1):
+            for kt in range((qb + 1) * (QBLOCK // TILE)):
                 load_tile(Ks, K, kt * TILE)
                 load_tile_t(Vt, V, kt * TILE)
                 for st in warps:
                     q0, o, m, l = st["q0"], st["o"], st["m"], st["l"]
+                    if kt * TILE > q0 + 15:                 # the tile's keys all after the warp's rows: skipped
+                        continue
                     s = []
                     for j in range(8):
                         acc = np.zeros((32, 4), np.float32)

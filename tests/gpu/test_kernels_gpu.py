@@ -464,7 +464,9 @@ def test_attention_matmul(cp, poison, B, T, C, NH):
     assert rel_err(to_np(dqkv), rdqkv) < TOL
 
 
-FLASH_SHAPES = [(1, 1, 64, 1), (2, 100, 128, 2), (1, 64, 64, 1), (1, 257, 768, 12), (2, 1024, 768, 12)]
+# T around the 64-row tiles and the 128-row query blocks (a block spans two key tiles on its diagonal)
+FLASH_SHAPES = [(1, 1, 64, 1), (2, 100, 128, 2), (1, 63, 128, 2), (1, 64, 64, 1), (1, 65, 192, 3), (1, 127, 128, 2),
+                (1, 128, 64, 1), (2, 129, 128, 2), (1, 130, 192, 3), (1, 257, 768, 12), (2, 1024, 768, 12)]
 
 
 def _as_f32(a, act_dtype):
