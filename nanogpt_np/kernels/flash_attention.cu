@@ -13,7 +13,7 @@
 //   a dO that arrives as bf16, written so by the c_proj matmul's backward, is read in place)
 //   P = exp2(s2 - L),  dP = dO V^T,  dS = P * (dP - D) (gradient of the scaled scores)
 //   dV = P^T dO,  dK = scale * dS^T Q                  (kernel dkdv: a block per 64-key tile, loops over queries)
-//   dQ = scale * dS K                                  (kernel dq:   a block per 64-query tile, loops over keys)
+//   dQ = scale * dS K                                  (kernel dq:   a block per 128 queries, loops over keys)
 // Two kernels instead of atomics: every gradient element is written once, in a fixed order (deterministic).
 // Given db_partial, each block also writes the column sums of the gradient rows it wrote (one 64-row tile of
 // dq, or of dk and dv) to a row of its own: the qkv bias gradient is then the sum of those rows (one gemm).
@@ -470,9 +470,11 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
     }
 }
 
-// dQ. grid (Tp/64, B*NH), block 128: block = one 64-query tile, warp = 16 queries; loops over key tiles <= its own.
-// db_partial: as in dkdv, the q third (row b * Tp/64 + qt, columns h*64 ..).
-extern "C" __global__ void __launch_bounds__(128)
+// dQ. grid (Tp/128, B*NH), block 256: block = 128 query rows, warp = 16 of them; loops over the key tiles up to
+// its last row, warps 0-3 skipping the last one (wholly after their rows), as in the forward.
+// db_partial: as in dkdv, the q third, per 64-row tile: the block's rows 0-63 (warps 0-3) to row b * Tp/64 + 2qb,
+// rows 64-127 (warps 4-7) to row b * Tp/64 + 2qb + 1 (columns h*64 ..).
+extern "C" __global__ void __launch_bounds__(256)
 flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_bf16,
                             const bf16_t* __restrict__ qkv, const float* __restrict__ bias,
                             const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
@@ -480,12 +482,12 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
     __shared__ __align__(16) bf16_t Ks[TILE * LDS];    // [key][d]
     __shared__ __align__(16) bf16_t Kt[HS * LDS];      // [d][key]
     __shared__ __align__(16) bf16_t Vs[TILE * LDS];    // [key][d]
-    __shared__ float colsum[4][HS];                    // per warp: column sums of dq
-    int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+    __shared__ float colsum[QWARPS][HS];               // per warp: column sums of dq
+    int qb = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     HeadIn Q = qkv_head(qkv, bias, b, h, 0, T, NH), K = qkv_head(qkv, bias, b, h, 1, T, NH),
            V = qkv_head(qkv, bias, b, h, 2, T, NH), dOh = out_head(dO, b, h, T, NH);
-    int q0 = qt * TILE + warp * 16;
+    int q0 = qb * QBLOCK + warp * 16;
 
     unsigned qa[4][4], da[4][4];                       // Q and dO rows of this warp
 #pragma unroll
@@ -503,10 +505,12 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
 #pragma unroll
     for (int j = 0; j < 8; j++) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
 
-    for (int kt = 0; kt <= qt; kt++) {
+    int n_kt = (qb + 1) * (QBLOCK / TILE);             // key tiles up to the block's last row
+    for (int kt = 0; kt < n_kt; kt++) {
         __syncthreads();
         load_tile(Ks, K, kt * TILE); load_tile_t(Kt, K, kt * TILE); load_tile(Vs, V, kt * TILE);
         __syncthreads();
+        if (kt * TILE > q0 + 15) continue;             // keys all after this warp's rows (warp-uniform)
 
         float s[8][4], dp[8][4];                        // S and dP: 16 queries x 64 keys
 #pragma unroll
@@ -548,7 +552,9 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
                 colsum[warp], db_partial != nullptr);
     if (db_partial == nullptr) return;
     __syncthreads();
-    for (int d = threadIdx.x; d < HS; d += blockDim.x)             // the 4 warps' sums, in order; row b * nt + qt
-        db_partial[((long long)b * gridDim.x + qt) * 3 * C + h * HS + d] =
-            ((colsum[0][d] + colsum[1][d]) + colsum[2][d]) + colsum[3][d];
+    for (int i = threadIdx.x; i < 2 * HS; i += blockDim.x) {      // per 64-row tile (half) its 4 warps, in order
+        int half = i / HS, d = i % HS, w = 4 * half;
+        db_partial[((long long)b * 2 * gridDim.x + 2 * qb + half) * 3 * C + h * HS + d] =
+            ((colsum[w][d] + colsum[w + 1][d]) + colsum[w + 2][d]) + colsum[w + 3][d];
+    }
 }

@@ -145,5 +145,6 @@ def _backward(dout, saved, bf16, db_partial=None):
     args = (*_pair(dqkv), qkv16, kbias, dO, L2, D, np.int32(T), np.int32(Tp), np.int32(NH),
             np.float32(scale * LOG2E), np.float32(scale), NULL if db_partial is None else db_partial)
     launch("flash_attention", "flash_attention_backward_dkdv", (Tp // 64, B * NH), (128,), args)
-    launch("flash_attention", "flash_attention_backward_dq", (Tp // 64, B * NH), (128,), args)
+    launch("flash_attention", "flash_attention_backward_dq", (Tp // FLASH_QUERY_BLOCK, B * NH),
+           (32 * FLASH_QUERY_BLOCK // 16,), args)     # as the forward: 128 query rows per block, 8 warps
     return dqkv

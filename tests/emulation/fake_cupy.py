@@ -790,7 +790,7 @@ def _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_l
     T, Tp, NH = _int(T, np.int32), _int(Tp, np.int32), _int(NH, np.int32)
     sl2, sc = _flt(scale_log2), _flt(scale)
     BH = grid[1]
-    assert grid[0] == Tp // 64
+    assert Tp % 128 == 0
     q, k, v = _qkv_heads(qkv, bias, BH, T, Tp, NH)
     B, C = BH // NH, NH * 64
     assert _arr(dO).dtype == np.uint16
@@ -824,7 +824,7 @@ def _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_l
 
 
 def _flash_dkdv(grid, block, smem, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale, db_partial):
-    assert block[0] == 128
+    assert block[0] == 128 and grid[0] == _int(Tp, np.int32) // 64         # a block per 64 keys, 4 warps
     p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale,
                                             db_partial)
     put(1, sc * ds.transpose(0, 2, 1) @ q)
@@ -832,7 +832,7 @@ def _flash_dkdv(grid, block, smem, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp,
 
 
 def _flash_dq(grid, block, smem, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale, db_partial):
-    assert block[0] == 128
+    assert block[0] == 256 and grid[0] == _int(Tp, np.int32) // 128        # a block per 128 queries, 8 warps
     p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale,
                                             db_partial)
     put(0, sc * ds @ k)

@@ -284,24 +284,27 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
             for p, name, mult in ((1, "dk", scale), (2, "dv", np.float32(1))):
                 db_partial[b * ntiles + kt, p * C + h * HS: p * C + h * HS + HS] = \
                     block_colsum([warp_colsum(st[name], mult, st["k0"], T) for st in warps])
-    # dQ
+    # dQ: blocks of 128 query rows, as the forward
+    nblocks = Tp // QBLOCK
     Ks, Kt, Vs = (np.zeros(TILE * LDS, np.float32) for _ in range(3))
     for bh in range(B * NH):
         Q, K, V = (qkv_head(buf, bias, bh // NH, bh % NH, part, T, NH) for part in range(3))
         dOh = head(dO, (bh // NH) * T * C + (bh % NH) * HS, C, T)
-        for bx in range(ntiles):
-            qt = ntiles - 1 - bx
+        for bx in range(nblocks):
+            qb = nblocks - 1 - bx
             warps = []
-            for w in range(4):
-                q0 = qt * TILE + w * 16
+            for w in range(QWARPS):
+                q0 = qb * QBLOCK + w * 16
                 warps.append(dict(q0=q0, qa=[load_a_head(Q, q0, 16 * kc) for kc in range(4)],
                                   da=[load_a_head(dOh, q0, 16 * kc) for kc in range(4)],
                                   Lr=[L2[bh * Tp + q0 + G + 8 * r] for r in range(2)],
                                   Dr=[D[bh * Tp + q0 + G + 8 * r] for r in range(2)],
                                   dq=[np.zeros((32, 4), np.float32) for _ in range(8)]))
-            for kt in range(qt + 1):
+            for kt in range((qb + 1) * (QBLOCK // TILE)):
                 load_tile(Ks, K, kt * TILE); load_tile_t(Kt, K, kt * TILE); load_tile(Vs, V, kt * TILE)
                 for st in warps:
+                    if kt * TILE > st["q0"] + 15:             # the tile's keys all after the warp's rows: skipped
+                        continue
                     s, dp = [], []
                     for j in range(8):
                         a1, a2 = np.zeros((32, 4), np.float32), np.zeros((32, 4), np.float32)
@@ -330,8 +333,9 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
                         for jd in range(8):
                             for e in range(2):
                                 dqkv[dst + 8 * jd + e] = st["dq"][jd][lane, 2 * r + e] * scale
-            db_partial[b * ntiles + qt, h * HS: h * HS + HS] = \
-                block_colsum([warp_colsum(st["dq"], scale, st["q0"], T) for st in warps])
+            for half in range(2):                           # one row per 64-row tile: its 4 warps' sums
+                db_partial[b * ntiles + 2 * qb + half, h * HS: h * HS + HS] = \
+                    block_colsum([warp_colsum(st["dq"], scale, st["q0"], T) for st in warps[4 * half: 4 * half + 4]])
     if with_db_partial:
         return dqkv.reshape(B, T, 3 * C), db_partial
     return dqkv.reshape(B, T, 3 * C)
