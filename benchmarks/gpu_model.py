@@ -389,9 +389,10 @@ def flash_bias_instructions(op):
 
 
 def flash_tile_loads(k, Tp, grid):
-    """64-row tiles one (batch, head) of a flash kernel loads into shared memory: a block of r = Tp / grid[0]
-    rows (128 for the forward and dq, 64 for dkdv) loads the causal tiles of its last row (or, dkdv, of its
-    first key), each once for all its warps; so 128-row blocks load each tile half as often as 64-row ones."""
+    """64-row tiles one (batch, head) of a flash kernel loads into shared memory: a block of Tp / grid[0] rows
+    (128: queries in the forward and dq, keys in dkdv) loads the causal tiles of its last query row (dkdv: the
+    query tiles at or after its first key; the same count, mirrored), each once for all its warps; so 128-row
+    blocks load each tile half as often as 64-row ones."""
     nt, nb = Tp // 64, grid[0]
     per = nt // nb                                                  # 64-row tiles per block
     return sum((i + 1) * per for i in range(nb))                    # block i: tiles 0 .. (i+1)*per - 1

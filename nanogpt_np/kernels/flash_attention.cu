@@ -12,7 +12,7 @@
 //   D_i = sum_d dO_i,d * O_i,d, with dO rounded to bf16 (backward_prep; it also writes a float32 dO as bf16, while
 //   a dO that arrives as bf16, written so by the c_proj matmul's backward, is read in place)
 //   P = exp2(s2 - L),  dP = dO V^T,  dS = P * (dP - D) (gradient of the scaled scores)
-//   dV = P^T dO,  dK = scale * dS^T Q                  (kernel dkdv: a block per 64-key tile, loops over queries)
+//   dV = P^T dO,  dK = scale * dS^T Q                  (kernel dkdv: a block per 128 keys, loops over queries)
 //   dQ = scale * dS K                                  (kernel dq:   a block per 128 queries, loops over keys)
 // Two kernels instead of atomics: every gradient element is written once, in a fixed order (deterministic).
 // Given db_partial, each block also writes the column sums of the gradient rows it wrote (one 64-row tile of
@@ -372,13 +372,15 @@ extern "C" __global__ void flash_attention_backward_prep(bf16_t* __restrict__ dO
     if (lane == 0) D[row] = dot;
 }
 
-// dK and dV. grid (Tp/64, B*NH), block 128: block = one 64-key tile, warp = 16 keys; loops over the query
-// tiles at or after its keys (the causal ones). Works on transposed scores S^T (keys x queries).
-// q, k, v from qkv (+ bias) as in the forward, dO (B, T, C) bf16; writes the k and v thirds of dqkv (B, T, 3C).
-// db_partial (B * Tp/64, 3C) float32, or NULL: the block's column sums of the dk, dv it wrote go to row
-// b * Tp/64 + kt, columns C + h*64 and 2C + h*64 (the dq kernel fills the q third): the qkv bias gradient is then
-// one sum over the rows (a gemm), with no second pass over dqkv.
-extern "C" __global__ void __launch_bounds__(128)
+// dK and dV. grid (Tp/128, B*NH), block 256: block = 128 keys, warp = 16 of them; loops over the 64-query tiles
+// at or after its first key (the causal ones). On the first, 2kb, every query comes before the keys of warps
+// 4-7 (keys 128kb+64 ..): they skip it (warp-uniform, after the barriers). Works on transposed scores S^T
+// (keys x queries). q, k, v from qkv (+ bias) as in the forward, dO (B, T, C) bf16; writes the k and v thirds
+// of dqkv (B, T, 3C).
+// db_partial (B * Tp/64, 3C) float32, or NULL: per 64-key tile, the column sums of the dk, dv its 4 warps wrote,
+// to row b * Tp/64 + 2kb (warps 0-3) or + 2kb + 1 (warps 4-7), columns C + h*64 and 2C + h*64 (the dq kernel
+// fills the q third): the qkv bias gradient is then one sum over the rows (a gemm), with no second pass over dqkv.
+extern "C" __global__ void __launch_bounds__(256)
 flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_bf16,
                               const bf16_t* __restrict__ qkv, const float* __restrict__ bias,
                               const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
@@ -388,12 +390,12 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
     __shared__ __align__(16) bf16_t dOs[TILE * LDS];   // [q][d]
     __shared__ __align__(16) bf16_t dOt[HS * LDS];     // [d][q]
     __shared__ float Ls[TILE], Ds[TILE];
-    __shared__ float colsum[2][4][HS];                 // per part (k, v) and warp: column sums of dk, dv
-    int kt = blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;   // low kt = most query tiles: launched first
+    __shared__ float colsum[2][QWARPS][HS];            // per part (k, v) and warp: column sums of dk, dv
+    int kb = blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;   // low kb = most query tiles: launched first
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     HeadIn Q = qkv_head(qkv, bias, b, h, 0, T, NH), K = qkv_head(qkv, bias, b, h, 1, T, NH),
            V = qkv_head(qkv, bias, b, h, 2, T, NH), dOh = out_head(dO, b, h, T, NH);
-    int k0 = kt * TILE + warp * 16;
+    int k0 = kb * QBLOCK + warp * 16;
 
     unsigned ka[4][4], va[4][4];                       // this warp's 16 keys of K and V as A fragments
 #pragma unroll
@@ -407,7 +409,7 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[j][e] = dv[j][e] = 0.0f;
 
-    for (int qt = kt; qt < Tp / TILE; qt++) {
+    for (int qt = kb * (QBLOCK / TILE); qt < Tp / TILE; qt++) {
         __syncthreads();
         load_tile(Qs, Q, qt * TILE); load_tile_t(Qt, Q, qt * TILE);
         load_tile(dOs, dOh, qt * TILE); load_tile_t(dOt, dOh, qt * TILE);
@@ -416,6 +418,7 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
             Ds[i] = D[(long long)bh * Tp + qt * TILE + i];
         }
         __syncthreads();
+        if (k0 > qt * TILE + TILE - 1) continue;       // every query before this warp's keys (warp-uniform)
 
         float s[8][4], dp[8][4];                        // S^T and dP^T: 16 keys x 64 queries
 #pragma unroll
@@ -463,10 +466,10 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
     store_block(dqkv, dqkv_bf16, dv, 1.0f, base + 2 * C, 3 * C, k0, T, g, t, colsum[1][warp], db_partial != nullptr);
     if (db_partial == nullptr) return;
     __syncthreads();
-    for (int i = threadIdx.x; i < 2 * HS; i += blockDim.x) {      // the 4 warps' sums, in order
-        int p = i / HS, d = i % HS;
-        db_partial[((long long)b * gridDim.x + kt) * 3 * C + (p + 1) * C + h * HS + d] =
-            ((colsum[p][0][d] + colsum[p][1][d]) + colsum[p][2][d]) + colsum[p][3][d];
+    for (int i = threadIdx.x; i < 4 * HS; i += blockDim.x) {      // per part and 64-key tile: its 4 warps, in order
+        int p = i / (2 * HS), half = i / HS % 2, d = i % HS, w = 4 * half;
+        db_partial[((long long)b * 2 * gridDim.x + 2 * kb + half) * 3 * C + (p + 1) * C + h * HS + d] =
+            ((colsum[p][w][d] + colsum[p][w + 1][d]) + colsum[p][w + 2][d]) + colsum[p][w + 3][d];
     }
 }
 

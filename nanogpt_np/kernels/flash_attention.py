@@ -13,7 +13,8 @@ qkv, in qkv_to_bf16), and the backward also makes db, the column sums of dqkv, a
 buffer when given one (db_into, docs/CONTRACTS.md).
 With bf16 activations (registry.bf16_activations(): the matmuls read bf16) out is written as bf16 bits for the
 c_proj matmul, and bias_attention's dqkv as bf16 for the qkv matmul's backward (db is then summed from the
-bf16 values, in float32: the backward kernels sum each 64-row tile's columns as they write them, and one gemm
+bf16 values, in float32: the backward kernels sum each 64-row tile's columns as they write them (a block of
+128 rows writes two partial rows), and one gemm
 adds those partial sums into db). Plain attention's dqkv stays float32: a matmul before it may add its own bias.
 """
 import logging
@@ -144,7 +145,8 @@ def _backward(dout, saved, bf16, db_partial=None):
     scale = 1.0 / math.sqrt(HEAD_SIZE)
     args = (*_pair(dqkv), qkv16, kbias, dO, L2, D, np.int32(T), np.int32(Tp), np.int32(NH),
             np.float32(scale * LOG2E), np.float32(scale), NULL if db_partial is None else db_partial)
-    launch("flash_attention", "flash_attention_backward_dkdv", (Tp // 64, B * NH), (128,), args)
-    launch("flash_attention", "flash_attention_backward_dq", (Tp // FLASH_QUERY_BLOCK, B * NH),
-           (32 * FLASH_QUERY_BLOCK // 16,), args)     # as the forward: 128 query rows per block, 8 warps
+    # as the forward, 8 warps of 16 rows per block: dkdv's block owns 128 keys, dq's 128 query rows
+    grid, block = (Tp // FLASH_QUERY_BLOCK, B * NH), (32 * FLASH_QUERY_BLOCK // 16,)
+    launch("flash_attention", "flash_attention_backward_dkdv", grid, block, args)
+    launch("flash_attention", "flash_attention_backward_dq", grid, block, args)
     return dqkv

@@ -824,7 +824,7 @@ def _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_l
 
 
 def _flash_dkdv(grid, block, smem, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale, db_partial):
-    assert block[0] == 128 and grid[0] == _int(Tp, np.int32) // 64         # a block per 64 keys, 4 warps
+    assert block[0] == 256 and grid[0] == _int(Tp, np.int32) // 128        # a block per 128 keys, 8 warps
     p, ds, q, k, do, sc, put = _flash_grads(grid, dqkv, dqkv_bf16, qkv, bias, dO, L2, D, T, Tp, NH, scale_log2, scale,
                                             db_partial)
     put(1, sc * ds.transpose(0, 2, 1) @ q)

@@ -235,20 +235,22 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
     for bh in range(B * NH):
         Q, K, V = (qkv_head(buf, bias, bh // NH, bh % NH, part, T, NH) for part in range(3))
         dOh = head(dO, (bh // NH) * T * C + (bh % NH) * HS, C, T)
-        for kt in range(ntiles):
+        for kb in range(Tp // QBLOCK):                   # a block of 128 keys, 8 warps of 16
             warps = []
-            for w in range(4):
-                k0 = kt * TILE + w * 16
+            for w in range(QWARPS):
+                k0 = kb * QBLOCK + w * 16
                 warps.append(dict(k0=k0, ka=[load_a_head(K, k0, 16 * kc) for kc in range(4)],
                                   va=[load_a_head(V, k0, 16 * kc) for kc in range(4)],
                                   dk=[np.zeros((32, 4), np.float32) for _ in range(8)],
                                   dv=[np.zeros((32, 4), np.float32) for _ in range(8)]))
-            for qt in range(kt, ntiles):
+            for qt in range(kb * (QBLOCK // TILE), ntiles):
                 load_tile(Qs, Q, qt * TILE); load_tile_t(Qt, Q, qt * TILE)
                 load_tile(dOs, dOh, qt * TILE); load_tile_t(dOt, dOh, qt * TILE)
                 Ls = L2[bh * Tp + qt * TILE: bh * Tp + qt * TILE + TILE]
                 Ds = D[bh * Tp + qt * TILE: bh * Tp + qt * TILE + TILE]
                 for st in warps:
+                    if st["k0"] > qt * TILE + TILE - 1:       # every query before the warp's keys: skipped
+                        continue
                     s, dp = [], []
                     for j in range(8):
                         a1, a2 = np.zeros((32, 4), np.float32), np.zeros((32, 4), np.float32)
@@ -282,8 +284,9 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
                                 dqkv[dst + C + 8 * jd + e] = st["dk"][jd][lane, 2 * r + e] * scale
                                 dqkv[dst + 2 * C + 8 * jd + e] = st["dv"][jd][lane, 2 * r + e]
             for p, name, mult in ((1, "dk", scale), (2, "dv", np.float32(1))):
-                db_partial[b * ntiles + kt, p * C + h * HS: p * C + h * HS + HS] = \
-                    block_colsum([warp_colsum(st[name], mult, st["k0"], T) for st in warps])
+                for half in range(2):                       # one row per 64-key tile: its 4 warps' sums
+                    db_partial[b * ntiles + 2 * kb + half, p * C + h * HS: p * C + h * HS + HS] = block_colsum(
+                        [warp_colsum(st[name], mult, st["k0"], T) for st in warps[4 * half: 4 * half + 4]])
     # dQ: blocks of 128 query rows, as the forward
     nblocks = Tp // QBLOCK
     Ks, Kt, Vs = (np.zeros(TILE * LDS, np.float32) for _ in range(3))
