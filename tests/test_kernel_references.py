@@ -256,7 +256,8 @@ def test_gemm_args_row_major(M, K, N, ta, tb):
 
 # ------------------------------------------------------------------ flash attention, emulated lane by lane
 
-@pytest.mark.parametrize("B,T,NH,with_bias", [(1, 70, 1, False), (1, 128, 2, False), (2, 70, 2, True)])
+# T = 200: two 128-row blocks, the second partial (its last 64-row tile has 8 rows)
+@pytest.mark.parametrize("B,T,NH,with_bias", [(1, 70, 1, False), (1, 128, 2, False), (2, 70, 2, True), (1, 200, 1, True)])
 def test_flash_attention_emulation_matches_reference(B, T, NH, with_bias):
     """flash_attention.cu's index arithmetic, replayed in NumPy (tests/emulation/flash_emulator.py), against the
     float64 attention op on the same bf16-rounded inputs (q, k, v read in place from qkv (B, T, 3C), the bias

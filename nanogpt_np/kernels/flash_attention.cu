@@ -15,8 +15,16 @@
 //   dV = P^T dO,  dK = scale * dS^T Q                  (kernel dkdv: a block per 128 keys, loops over queries)
 //   dQ = scale * dS K                                  (kernel dq:   a block per 128 queries, loops over keys)
 // Two kernels instead of atomics: every gradient element is written once, in a fixed order (deterministic).
-// Given db_partial, each block also writes the column sums of the gradient rows it wrote (one 64-row tile of
-// dq, or of dk and dv) to a row of its own: the qkv bias gradient is then the sum of those rows (one gemm).
+// Both use 128-row blocks of 8 warps too (dkdv: 128 keys, streaming 64-query tiles of Q and dO; dq: 128 queries,
+// streaming 64-key tiles of K and V), so each streamed tile is read once per 128 rows.
+// Given db_partial, each block also writes the column sums of the gradient rows it wrote, per 64-row tile (4
+// warps; dq, or dk and dv), to a row of its own (two per block): the qkv bias gradient is then the sum of those
+// rows (one gemm).
+//
+// Causal skipping: a 128-row block spans two 64-row tiles on its diagonal. A warp whose 16 rows lie wholly before
+// (forward, dq: all keys after its queries) or after (dkdv: all queries before its keys) a streamed tile skips
+// it; the test depends on the warp only, so it is uniform within a warp, and it comes after the loop's two
+// __syncthreads, so every thread still reaches every barrier (and loads its share of every tile).
 //
 // Tensor-core instruction: mma.sync.m16n8k16 (bf16 x bf16 -> f32): D(16x8) += A(16x16) * B(16x8).
 // Lane l holds (g = l/4, t = l%4):  A: rows g and g+8, columns 2t,2t+1 and 2t+8,2t+9 (4 registers of 2 bf16);
@@ -33,14 +41,16 @@
 // out and dqkv are in the model's layout, (B, T, C) and (B, T, 3C): float32, or bf16 when the matmul that reads
 // them runs in bf16 (the kernels take a float32 and a bf16 pointer and write the one that is not NULL: store2).
 // Memory traffic (forward): Q read once, K and V once per 128-row query block that needs them (each K/V tile is
-// reused by the block's 8 warps),
-// out written once. Reading q, k, v in place costs no extra bytes: a tile row is 128 contiguous bytes (whole
-// 32-byte sectors) and the 8 threads reading it are adjacent; the bias (64 floats per head) stays in cache.
-// The price is ALU work: the bias is added to every value each time its tile is loaded (K, V once per query tile). Shared memory: K tile + V^T tile = 18 KB (forward), 37 KB (dkdv), 28 KB (dq).
+// reused by the block's 8 warps), out written once. Reading q, k, v in place costs no extra bytes: a tile row
+// is 128 contiguous bytes (whole 32-byte sectors) and the 8 threads reading it are adjacent; the bias (64 floats
+// per head) stays in cache. The price is ALU work: the bias is added to every value each time its tile is
+// loaded (K, V once per query block). Shared memory (static, 64-row tiles with padded rows): K tile + V^T tile
+// = 18 KB (forward); Q, Q^T, dO, dO^T tiles + L, D + column sums = 40.5 KB (dkdv); K, K^T, V tiles + column sums
+// = 29 KB (dq). Blocks of 256 threads: registers (ptxas) decide how many fit on an SM.
 
 #define HS 64          // head size (fixed: GPT-2 and most models here)
 #define TILE 64        // rows per tile (queries or keys) staged in shared memory
-#define QBLOCK 128     // query rows per block of the forward and dq kernels: 8 warps of 16 rows
+#define QBLOCK 128     // rows per block (queries: forward, dq; keys: dkdv): 8 warps of 16 rows
 #define QWARPS (QBLOCK / 16)
 #define LDS 72         // shared row stride in bf16: 64 + 8 padding, so the 8 rows a mma reads hit 32 banks
 #define NEG_INF __int_as_float(0xff800000)

@@ -132,7 +132,7 @@ def warp_colsum(acc, mult, row0, T):
 
 
 def block_colsum(per_warp):
-    """The 4 warps' column sums added in order, as the kernels do."""
+    """The column sums of one 64-row tile's 4 warps added in order, as the kernels do."""
     return ((per_warp[0] + per_warp[1]) + per_warp[2]) + per_warp[3]
 
 
