@@ -32,9 +32,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from . import cublaslt_ctypes as lt
+from . import precision
 from .precision import _host_scalars, gemm_args
 
-WORKSPACE_BYTES = 32 << 20
+WORKSPACE_BYTES = precision.WORKSPACE_BYTES
 _local = threading.local()            # per thread: {device id: the cuBLASLt handle, workspace, plans}
 
 
@@ -51,8 +52,12 @@ def _state():
         states = _local.states = {}
     s = states.get(device)
     if s is None:
-        s = states[device] = SimpleNamespace(handle=lt.create(), plans={},
-                                             workspace=cp.empty((WORKSPACE_BYTES,), dtype=cp.uint8))
+        # the workspace: the cuBLAS handle's own (precision.py), when it has one. Both libraries run their
+        # matmuls on the current stream, one after the other, so they can share it (32 MiB less memory)
+        workspace = precision.cublas_handle().workspace
+        if workspace is None:
+            workspace = cp.empty((WORKSPACE_BYTES,), dtype=cp.uint8)
+        s = states[device] = SimpleNamespace(handle=lt.create(), plans={}, workspace=workspace)
     return s
 
 
