@@ -71,8 +71,7 @@ def test_the_descriptions_the_project_builds_are_accepted(real_lt, monkeypatch):
     monkeypatch.setattr(lt, "algo_get_heuristic", heuristic)
     s = type("State", (), {"handle": None, "plans": {}})()
     for i, (epilogue, opa, opb, m, n, k, lda, ldb, ldd) in enumerate(_descriptions()):
-        bias, aux = 0x7f0000001000 + 256 * i, 0x7f0000100000
-        plan = cublaslt._plan(s, i, epilogue, opa, opb, m, n, k, lda, ldb, ldd, bias, aux, 256, 16, 256)
+        plan = cublaslt._plan(s, i, epilogue, opa, opb, m, n, k, lda, ldb, ldd)
         assert plan is None and len(calls) == i + 1            # refused only because the fake heuristic said so
     # the attributes set per call as well
     desc = lt.matmul_desc_create(lt.CUBLAS_COMPUTE_32F, lt.CUDA_R_32F)

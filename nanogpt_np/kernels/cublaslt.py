@@ -20,11 +20,11 @@ matrix D, so D's rows are our columns (the M features): the bias is a length-M v
 gradient sums D over its columns (our rows), and the aux matrix has D's shape with leading dimension M (the
 header: divisible by 8 and >= D's rows, so M % 8 == 0 is required here).
 
-Descriptors, layouts and the heuristic's algo are made once per (epilogue, shape, pointer alignments) and kept
-(`plans`): a call then sets the two pointer attributes (bias, aux) and calls cublasLtMatmul, three host calls.
-The pointers' alignments are part of the key: the preference tells the heuristic how aligned A, B and D are (its
-default assumes 256 bytes), and it reads the bias and aux pointers' values for theirs. Pointers less than
-16-byte aligned are left to the separate kernels.
+Descriptors, layouts and the heuristic's algo are made once per (epilogue, shape) and kept (`plans`): a call
+then sets the two pointer attributes (bias, aux) and calls cublasLtMatmul, three host calls. So that one algo
+serves every call, it is chosen for pointers only 16-byte aligned: the preference says so for A, B, C and D
+(cuBLASLt's default assumes 256 bytes), and the bias and aux pointers, whose values the heuristic reads only for
+their alignment, are set to 16 while it chooses. Calls with a pointer less aligned use the separate kernels.
 """
 import threading
 from types import SimpleNamespace
@@ -61,28 +61,26 @@ def _state():
     return s
 
 
-def _alignment(ptr):
-    """The largest power of two up to 256 that divides ptr."""
-    return min(256, ptr & -ptr) if ptr else 256
+ALIGNMENT = 16       # bytes every pointer must be aligned to (8 bf16 values; else the separate kernels run)
 
 
-def _plan(s, key, epilogue, opa, opb, m, n, k, lda, ldb, ldd, bias_ptr, aux_ptr, align_a, align_b, align_d):
+def _plan(s, key, epilogue, opa, opb, m, n, k, lda, ldb, ldd):
     """The descriptor, layouts and algo for one description (None when the heuristic finds no kernel)."""
     if key in s.plans:
         return s.plans[key]
     pref = lt.preference_create()
     lt.preference_set(pref, lt.PREF_MAX_WORKSPACE_BYTES, WORKSPACE_BYTES)
-    for attribute, alignment in ((lt.PREF_MIN_ALIGNMENT_A_BYTES, align_a), (lt.PREF_MIN_ALIGNMENT_B_BYTES, align_b),
-                                 (lt.PREF_MIN_ALIGNMENT_C_BYTES, align_d), (lt.PREF_MIN_ALIGNMENT_D_BYTES, align_d)):
-        lt.preference_set(pref, attribute, alignment)
+    for attribute in (lt.PREF_MIN_ALIGNMENT_A_BYTES, lt.PREF_MIN_ALIGNMENT_B_BYTES, lt.PREF_MIN_ALIGNMENT_C_BYTES,
+                      lt.PREF_MIN_ALIGNMENT_D_BYTES):
+        lt.preference_set(pref, attribute, ALIGNMENT)
     desc = lt.matmul_desc_create(lt.CUBLAS_COMPUTE_32F, lt.CUDA_R_32F)
     lt.matmul_desc_set(desc, lt.DESC_TRANSA, opa)
     lt.matmul_desc_set(desc, lt.DESC_TRANSB, opb)
     lt.matmul_desc_set(desc, lt.DESC_EPILOGUE, epilogue)
     if epilogue in (lt.EPILOGUE_GELU_AUX_BIAS, lt.EPILOGUE_DGELU_BGRAD):
         lt.matmul_desc_set(desc, lt.DESC_BIAS_DATA_TYPE, lt.CUDA_R_32F)
-        lt.matmul_desc_set(desc, lt.DESC_BIAS_POINTER, bias_ptr)
-    lt.matmul_desc_set(desc, lt.DESC_EPILOGUE_AUX_POINTER, aux_ptr)
+        lt.matmul_desc_set(desc, lt.DESC_BIAS_POINTER, ALIGNMENT)     # the heuristic reads only these pointers'
+    lt.matmul_desc_set(desc, lt.DESC_EPILOGUE_AUX_POINTER, ALIGNMENT)    # alignment: the least a call may have
     lt.matmul_desc_set(desc, lt.DESC_EPILOGUE_AUX_LD, ldd)
     lt.matmul_desc_set(desc, lt.DESC_EPILOGUE_AUX_DATA_TYPE, lt.CUDA_R_16BF)
     # stored (column-major) shapes: A is (m, k), or (k, m) when transposed; B is (k, n), or (n, k)
@@ -106,15 +104,15 @@ def _matmul(x, w, trans_w, out, epilogue, bias, aux):
     import cupy as cp
     N, K = x.shape
     M = w.shape[0] if trans_w else w.shape[1]
-    aligns = [_alignment(int(p)) for p in (w.data.ptr, x.data.ptr, out.data.ptr)]   # cuBLAS's A, B, D
-    if not available() or M % 8 or min(aligns) < 16:
+    bias_ptr = int(bias.data.ptr) if bias is not None else 0
+    pointers = (int(w.data.ptr), int(x.data.ptr), int(out.data.ptr), int(aux.data.ptr), bias_ptr)
+    if not available() or M % 8 or any(p % ALIGNMENT for p in pointers):
         return False
     # cuBLAS's A is our w, its B our x (precision.gemm_args: C^T = op(w)^T x^T)
     opa, opb, m, n, k, lda, ldb, ldd = gemm_args(N, K, M, trans_b=trans_w)
-    bias_ptr = bias.data.ptr if bias is not None else 0
     s = _state()
-    key = (epilogue, opa, m, n, k, *aligns, _alignment(int(bias_ptr)), _alignment(int(aux.data.ptr)))
-    plan = _plan(s, key, epilogue, opa, opb, m, n, k, lda, ldb, ldd, bias_ptr, aux.data.ptr, *aligns)
+    key = (epilogue, opa, m, n, k)
+    plan = _plan(s, key, epilogue, opa, opb, m, n, k, lda, ldb, ldd)
     if plan is None:
         return False
     if bias is not None:
