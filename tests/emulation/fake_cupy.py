@@ -1093,6 +1093,14 @@ def _lt_pref_set(pref, attribute, value):
     _lt_get(pref, "pref")[attribute] = int(value)
 
 
+def lt_snapshot(desc):
+    """A copy of a matmul descriptor as it is now: what a CUDA graph keeps of a cublasLtMatmul call captured with
+    it (the kernel's parameters, pointers included, are fixed at capture; later attribute changes do not reach
+    the graph)."""
+    obj = _lt_get(desc, "desc")
+    return _lt_new("desc", attrs=dict(obj["attrs"]), compute=obj["compute"])
+
+
 def lt_describe(desc, a, b, d):
     """(m, n, k, the descriptor's attributes, the A, B, D layouts) of a matmul description."""
     from nanogpt_np.kernels import cublaslt_ctypes as lt

@@ -710,6 +710,8 @@ class Tracer:
                         bias=bias_type if epilogue & lt.EPILOGUE_BIAS or epilogue & 16 else None,
                         aux=14 if epilogue & 128 else None)
             ab = (ctypes.c_float(ctypes.c_float.from_address(alpha).value), ctypes.c_float(bv))
+            if self.capture is not None:        # a graph keeps the call as captured: the descriptor's pointers too
+                desc = fake_cupy.lt_snapshot(desc)
             self._do(lambda: self._lt_emulation(handle, desc, ctypes.addressof(ab[0]), A, a, B, b,
                                                 ctypes.addressof(ab[1]), C, c, D, d, algo, workspace, nbytes, stream))
 
