@@ -13,7 +13,8 @@ matmuls' epilogues, so it costs no pass over the (N, H) arrays of its own:
 Otherwise (float32 precision, no cuBLASLt, a shape it refuses): the separate ops' kernels exactly as before
 (linear, bias_gelu or gelu, linear, each through the registry with the model's former bf16 hints), so the float32
 path is bit for bit what it was. If the forward used the epilogue but the backward's matmul is refused (its
-own description), the backward widens to float32 and uses the unbiased gelu_backward kernel instead.
+own description): DGELU without the bias gradient, which is then summed from the bf16 dpre (column_sum_bf16);
+if that is refused too, the backward widens to float32 and uses the unbiased gelu_backward kernel.
 """
 from . import cublaslt, precision, registry
 from .gelu import gelu_backward
@@ -61,6 +62,8 @@ def mlp_backward(dy, saved, dw_fc_into=None, db_fc_into=None, dw_proj_into=None,
     got = cublaslt.dgelu_gemm(dym, wp, pre, has_fc_bias)
     if got is not None:
         dpre, db = got                                                       # (N, H) bf16, (H,) float32
+    elif has_fc_bias and (got := cublaslt.dgelu_gemm(dym, wp, pre, False)) is not None:
+        dpre, db = got[0], precision.column_sum_bf16(got[0])                 # DGELU without the bias gradient
     else:                                                                    # refused: float32, unbiased GELU
         dh = precision.gemm(dym, wp, trans_b=True)                           # (N, H) float32
         (dpre,) = gelu_backward(dh, (precision.to_float32(pre),))

@@ -197,12 +197,16 @@ def test_without_epilogues_the_op_is_the_separate_ops(cp, monkeypatch, lt_calls,
         assert np.array_equal(to_np(a), to_np(b))
 
 
-def test_a_refused_backward_falls_back(cp, bf16, lt_calls, monkeypatch):
-    """The forward on cuBLASLt, its backward matmul refused (a description of its own): the float32 fallback
-    (dh, gelu_backward on the widened aux, sum_rows) gives the same gradients to bf16 accuracy."""
+@pytest.mark.parametrize("refused", ["bias gradient", "all"])
+def test_a_refused_backward_falls_back(cp, bf16, lt_calls, monkeypatch, refused):
+    """The forward on cuBLASLt, its backward matmul refused (a description of its own): without the bias
+    gradient (DGELU, then db summed from the bf16 dpre), or entirely (float32: dh, gelu_backward on the widened
+    aux, sum_rows). The same gradients to bf16 accuracy."""
     x, w_fc, b_fc, w_proj, dy = _params(20, 16, 32, True)
     _, saved, want, _, _ = _run(cp, x, w_fc, b_fc, w_proj, dy, False)
-    monkeypatch.setattr(cublaslt, "dgelu_gemm", lambda *a: None)
+    real = cublaslt.dgelu_gemm
+    monkeypatch.setattr(cublaslt, "dgelu_gemm", lambda dy, w, pre, with_bias_grad:
+                        None if (with_bias_grad or refused == "all") else real(dy, w, pre, with_bias_grad))
     fwd, bwd = registry.lookup("mlp")
     y, saved = fwd(*[cp.asarray(a) for a in (x, w_fc, b_fc, w_proj)])
     got = bwd(cp.asarray(dy), saved)
