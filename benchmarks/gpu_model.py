@@ -654,6 +654,9 @@ def report(summary: Summary, cfg: StepConfig, device, how) -> str:
     return "\n".join(lines)
 
 
+EPILOGUE_NAMES = {164: "GELU_AUX_BIAS", 160: "GELU_AUX", 208: "DGELU_BGRAD", 192: "DGELU"}   # cublasLt.h values
+
+
 def op_lines(summary: Summary):
     out = [f"{'#':>5} {'phase':<12}{'category':<20}{'kind':<12}{'name':<32}{'GPU us':>9}{'host us':>9}  shapes"]
     for i, (op, c) in enumerate(summary.ops):
@@ -665,6 +668,7 @@ def op_lines(summary: Summary):
         elif op.kind == "gemm":
             a = op.args
             shapes = f"m={a['m']} n={a['n']} k={a['k']} beta={a['beta']:g}" + (f" batch={a['batch']}" if "batch" in a else "")
+            shapes += f" epilogue={EPILOGUE_NAMES.get(a['epilogue'], a['epilogue'])}" if a.get("epilogue") else ""
         if op.outputs and op.kind not in ("kernel", "gemm"):
             shapes += " -> " + " ".join(f"{s}{np.dtype(d).name}" for s, d, _ in op.outputs[:1])
         out.append(f"{i:>5} {phase:<12}{c.category:<20}{op.kind:<12}{op.name[:31]:<32}{c.gpu_s * 1e6:>9.1f}"
