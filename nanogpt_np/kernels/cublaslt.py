@@ -104,9 +104,9 @@ def _matmul(x, w, trans_w, out, epilogue, bias, aux):
     import cupy as cp
     N, K = x.shape
     M = w.shape[0] if trans_w else w.shape[1]
-    bias_ptr = int(bias.data.ptr) if bias is not None else 0
-    pointers = (int(w.data.ptr), int(x.data.ptr), int(out.data.ptr), int(aux.data.ptr), bias_ptr)
-    if not available() or M % 8 or any(p % ALIGNMENT for p in pointers):
+    bias_ptr = bias.data.ptr if bias is not None else 0
+    pointers = (w.data.ptr, x.data.ptr, out.data.ptr, aux.data.ptr, bias_ptr)
+    if not available() or M % 8 or any(int(p) % ALIGNMENT for p in pointers):
         return False
     # cuBLAS's A is our w, its B our x (precision.gemm_args: C^T = op(w)^T x^T)
     opa, opb, m, n, k, lda, ldb, ldd = gemm_args(N, K, M, trans_b=trans_w)

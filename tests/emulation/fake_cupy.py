@@ -1068,6 +1068,9 @@ def _lt_desc_create(compute_type, scale_type):
 def _lt_desc_set(desc, attribute, value):
     from nanogpt_np.kernels import cublaslt_ctypes as lt
     assert attribute in lt.DESC_ATTRIBUTE_TYPES, f"attribute {attribute}"
+    if isinstance(value, _DevicePointer):          # a device pointer: kept with the array it points into
+        _lt_get(desc, "desc")["attrs"][attribute] = value
+        return
     _lt_get(desc, "desc")["attrs"][attribute] = lt.DESC_ATTRIBUTE_TYPES[attribute](value).value or 0
 
 
