@@ -29,8 +29,6 @@ their alignment, are set to 16 while it chooses. Calls with a pointer less align
 import threading
 from types import SimpleNamespace
 
-import numpy as np
-
 from . import cublaslt_ctypes as lt
 from . import precision
 from .precision import _host_scalars, gemm_args
@@ -102,6 +100,7 @@ def _matmul(x, w, trans_w, out, epilogue, bias, aux):
     """out (N, M) = epilogue(x @ op(w)) for bf16 x, w, out; bias: float32 (M,) read or written, or None; aux: the
     bf16 (N, M) GELU input, written (forward) or read (backward). False when cuBLASLt cannot do it."""
     import cupy as cp
+    x, w = cp.ascontiguousarray(x), cp.ascontiguousarray(w)
     N, K = x.shape
     M = w.shape[0] if trans_w else w.shape[1]
     bias_ptr = bias.data.ptr if bias is not None else 0
@@ -129,12 +128,12 @@ def gelu_gemm(x, w, b):
     """x (N, K) bf16, w (K, M) bf16, b (M,) float32 or None -> (h, pre), both (N, M) bf16: pre = x @ w + b and
     h = gelu(pre). None when cuBLASLt cannot do it here."""
     import cupy as cp
+    if b is not None and (b.dtype != cp.float32 or not b.flags.c_contiguous):
+        return None
     N, M = x.shape[0], w.shape[1]
     h = cp.empty((N, M), dtype=cp.uint16)
     pre = cp.empty((N, M), dtype=cp.uint16)
     epilogue = lt.EPILOGUE_GELU_AUX_BIAS if b is not None else lt.EPILOGUE_GELU_AUX
-    if b is not None and (b.dtype != cp.float32 or not b.flags.c_contiguous):
-        return None
     return (h, pre) if _matmul(x, w, False, h, epilogue, b, pre) else None
 
 

@@ -18,7 +18,7 @@ if that is refused too, the backward widens to float32 and uses the unbiased gel
 """
 from . import cublaslt, precision, registry
 from .gelu import gelu_backward
-from .linear import _bias_grad, _matmul_operands
+from .linear import _bias_grad, _matmul_operands, linear_forward
 
 
 def _pair(name):
@@ -45,17 +45,15 @@ def mlp_forward(x, w_fc, b_fc, w_proj, b_proj=None, w_fc_bf16=None, w_proj_bf16=
         got = cublaslt.gelu_gemm(xm, wf, b_fc)
         if got is not None:
             h, pre = got                                                     # gelu(pre), pre: (N, H) bf16
-            linear_fwd, _ = _pair("linear")
-            y, proj_saved = linear_fwd(h, w_proj, b_proj, w_bf16=w_proj_bf16, bf16_out=bf16_out)
-            return y, ("epilogue", xm, wf, pre, proj_saved, b_fc is not None)
+            y, (_, wp, _) = linear_forward(h, w_proj, b_proj, w_bf16=w_proj_bf16, bf16_out=bf16_out)
+            return y, ("epilogue", xm, wf, pre, h, wp, b_fc is not None, b_proj is not None)
     return _separate_forward(x, w_fc, b_fc, w_proj, b_proj, w_fc_bf16, w_proj_bf16, bf16_out)
 
 
 def mlp_backward(dy, saved, dw_fc_into=None, db_fc_into=None, dw_proj_into=None, db_proj_into=None):
     if saved[0] == "separate":
         return _separate_backward(dy, saved, dw_fc_into, db_fc_into, dw_proj_into, db_proj_into)
-    _, xm, wf, pre, proj_saved, has_fc_bias = saved
-    (_, (h, wp, has_proj_bias)) = proj_saved          # the registry's guard tags the saved state (True, ...)
+    _, xm, wf, pre, h, wp, has_fc_bias, has_proj_bias = saved
     dym = precision.as_bf16(dy)                                              # (N, C) bf16
     dw_proj = _weight_grad(h, dym, dw_proj_into)                            # h.T @ dy
     db_proj = _bias_grad(dy, db_proj_into) if has_proj_bias else None

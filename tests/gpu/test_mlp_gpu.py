@@ -105,7 +105,7 @@ def test_mlp_bf16_epilogues(cp, poison, bf16, lt_calls, N, C, H, fc_bias, into):
     poison()
     y, saved, (dx, dw_fc, db_fc, dw_proj, db_proj), bufs, before = _run(cp, x, w_fc, b_fc, w_proj, dy, into)
     assert len(lt_calls) == 2                                 # c_fc forward, mlp.c_proj's dx: both on cuBLASLt
-    kind, xm, wf, pre, (_, (h, wp, _)), has_bias = saved[1]   # (the registry's guard tags the saved state)
+    kind, xm, wf, pre, h, wp, has_bias, _ = saved[1]          # (the registry's guard tags the saved state)
     assert kind == "epilogue" and has_bias == fc_bias
     # forward: the aux is the float32 pre-activation rounded once, h the GELU of the float32 value rounded once
     pre_ref = x.astype(np.float64) @ w_fc + (0 if b_fc is None else b_fc)
