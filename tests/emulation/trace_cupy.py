@@ -74,6 +74,9 @@ FAMILIES = {
     ("nanogpt_np.kernels.precision", "cublas_handle"): None,
     "nanogpt_np.kernels.linear": "matmul",
     "nanogpt_np.ops.linear": "matmul",
+    "nanogpt_np.kernels.cublaslt": "matmul",                # the MLP's matmuls with GELU epilogues
+    "nanogpt_np.kernels.mlp": "matmul",                     # (its GELU kernels, float32: kernels.gelu's frames)
+    "nanogpt_np.ops.mlp": "matmul",
     "nanogpt_np.kernels.softmax_attention": "attention",
     "nanogpt_np.kernels.flash_attention": "attention",
     "nanogpt_np.ops.attention": "attention",
