@@ -95,3 +95,25 @@ def test_a_wrong_attribute_size_is_refused(real_lt):
 def _set_raw(desc, attribute, value):
     lt._check(lt.load().cublasLtMatmulDescSetAttribute(desc, attribute, ctypes.byref(value), ctypes.sizeof(value)),
               "cublasLtMatmulDescSetAttribute")
+
+
+def test_the_fake_binding_takes_the_same_arguments():
+    """tests/emulation/fake_cupy.py replaces each function above with an emulation: same parameters, so the code
+    that runs on the fake calls the real binding the same way."""
+    import inspect
+    import types
+    from emulation import fake_cupy
+    from nanogpt_np.kernels import cublaslt_ctypes
+
+    real = {name: getattr(cublaslt_ctypes, name) for name in dir(cublaslt_ctypes)
+            if isinstance(getattr(cublaslt_ctypes, name), types.FunctionType) and not name.startswith("_")}
+    patched = {}
+
+    class Recorder:
+        def setattr(self, module, name, value):
+            assert module is cublaslt_ctypes
+            patched[name] = value
+    fake_cupy._lt_binding(Recorder())
+    assert set(patched) == set(real)                          # every function faked
+    for name, fn in patched.items():
+        assert len(inspect.signature(fn).parameters) == len(inspect.signature(real[name]).parameters), name
