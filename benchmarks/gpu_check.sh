@@ -47,13 +47,15 @@ if [ "$DRY" = "1" ]; then
              "$G::test_matmul_bf16[False-True-7-33-5]" "$G::test_registry_falls_back_for_float64"
              "$G::test_gemm[1.0-1.0-tf32-True-True]" "$G::test_gemm[1.0-1.0-bf16_out-False-True]"
              "$G::test_linear[bfloat16-True-5-7-3-True]" "$G::test_lm_head[bfloat16-True]"
-             "tests/gpu/test_train_step_gpu.py::test_training_step_matches_cpu[flash-bfloat16-0.05]")
+             "tests/gpu/test_train_step_gpu.py::test_training_step_matches_cpu[flash-bfloat16-0.05]"
+             "tests/gpu/test_mlp_gpu.py::test_the_epilogue_gelu_is_the_tanh_form"
+             "tests/gpu/test_mlp_gpu.py::test_dgelu_epilogue_output_and_negative_controls")
   KERNEL_ARGS=(--small --iters 1 --warmup 1 --no-torch)
   TRAIN_ARGS=(--small --quick --steps 1 --batch 2 --no-torch --graph)
 else
   RUN=("$PY")
   TESTS_S=${GPU_CHECK_TESTS_S:-125}; KERNELS_S=${GPU_CHECK_KERNELS_S:-55}; TRAIN_S=${GPU_CHECK_TRAIN_S:-70}
-  TEST_ARGS=(tests/gpu tests/test_kernels_compile.py)
+  TEST_ARGS=(tests/gpu tests/test_kernels_compile.py tests/test_cublaslt_ctypes.py)
   KERNEL_ARGS=(--B 8 --iters 5 --warmup 2)
   TRAIN_ARGS=(--quick --graph)
 fi

@@ -62,6 +62,10 @@ SOURCES = ("H100 SXM / H200: NVIDIA datasheets (dense = sparse / 2), as tabulate
            "A100: NVIDIA A100 datasheet via glennklockwood.com/garden/processors/A100")
 
 MATMUL_EFF = 0.70        # cuBLAS matmuls: fraction of the precision's dense peak
+GELU_EPILOGUE_FLOPS = 20   # a cuBLASLt GELU / dGELU epilogue, per output element (tanh and a few mul-adds), on the
+                           # FP32 pipes at MATMUL_EFF, overlapped with the products (op_cost); not counted in the
+                           # op's FLOPs, which stay the tensor-core products'
+
 FLASH_EFF = 0.25         # our flash-attention kernels (mma.sync m16n8k16, no ldmatrix, no async copies):
                          # fraction of the bf16 peak (assumed: FlashAttention-2 itself reaches ~35-50% on H100)
 MEM_EFF = 0.80           # memory-bound kernels: fraction of the datasheet bandwidth
@@ -319,10 +323,19 @@ def op_cost(op, dev) -> Cost:
         flops = 2.0 * a["m"] * a["n"] * a["k"] * batch
         nb = a["m"] * a["k"] * size[a["Atype"]] + a["k"] * a["n"] * size[a["Btype"]] + a["m"] * a["n"] * size[a["Ctype"]]
         nb += a["m"] * a["n"] * size[a["Ctype"]] if a["beta"] != 0 else 0
+        epilogue_flops = 0.0
+        if a.get("epilogue") is not None:          # cublasLtMatmul: the GELU epilogue's extra traffic and math
+            nb += a["m"] * a["n"] * size[a["aux"]] if a.get("aux") is not None else 0   # aux written or read
+            nb += a["m"] * size[a["bias"]] if a.get("bias") is not None else 0          # bias read or written
+            epilogue_flops = GELU_EPILOGUE_FLOPS * a["m"] * a["n"] * batch
         nb *= batch
         peak = dev["bf16"] if a["Atype"] == 14 else dev["tf32"] if a.get("compute") == 77 else dev["fp32"]
         c.gpu_ops, c.flops, c.bytes_min, c.bytes_written = 1, flops, nb, nb
         c.t_compute, c.t_memory = flops / (peak * MATMUL_EFF), nb / (dev["bw"] * MEM_EFF)
+        # the epilogue's math runs on the FP32 pipes while the tensor cores multiply the next tile (Hopper's
+        # ping-pong kernels): overlapped, so the longer of the two (not overlapped would be their sum: +0.24 ms on
+        # GPT-2 124M, B=8, T=1024)
+        c.t_compute = max(c.t_compute, epilogue_flops / (dev["fp32"] * MATMUL_EFF))
     elif op.kind == "kernel":
         flops, bmin, bw, engine = kernel_traffic(op)
         c.gpu_ops, c.flops, c.bytes_min, c.bytes_written = 1, flops, bmin, bw
@@ -652,6 +665,9 @@ def report(summary: Summary, cfg: StepConfig, device, how) -> str:
     return "\n".join(lines)
 
 
+EPILOGUE_NAMES = {164: "GELU_AUX_BIAS", 160: "GELU_AUX", 208: "DGELU_BGRAD", 192: "DGELU"}   # cublasLt.h values
+
+
 def op_lines(summary: Summary):
     out = [f"{'#':>5} {'phase':<12}{'category':<20}{'kind':<12}{'name':<32}{'GPU us':>9}{'host us':>9}  shapes"]
     for i, (op, c) in enumerate(summary.ops):
@@ -663,6 +679,7 @@ def op_lines(summary: Summary):
         elif op.kind == "gemm":
             a = op.args
             shapes = f"m={a['m']} n={a['n']} k={a['k']} beta={a['beta']:g}" + (f" batch={a['batch']}" if "batch" in a else "")
+            shapes += f" epilogue={EPILOGUE_NAMES.get(a['epilogue'], a['epilogue'])}" if a.get("epilogue") else ""
         if op.outputs and op.kind not in ("kernel", "gemm"):
             shapes += " -> " + " ".join(f"{s}{np.dtype(d).name}" for s, d, _ in op.outputs[:1])
         out.append(f"{i:>5} {phase:<12}{c.category:<20}{op.kind:<12}{op.name[:31]:<32}{c.gpu_s * 1e6:>9.1f}"

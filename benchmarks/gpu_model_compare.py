@@ -172,7 +172,28 @@ def _attention(z, flash, tf32):
     return call
 
 
+def _mlp(z):
+    """The MLP forward + backward in bf16 as the model runs it (kernels/mlp.py: cuBLASLt epilogues)."""
+    import cupy
+    from nanogpt_np.kernels import mlp, registry
+    x, w_fc, b_fc, w_proj = cupy.zeros((z.N, z.C), dtype=cupy.uint16), _f32(z.C, 4 * z.C), _f32(4 * z.C), _f32(4 * z.C, z.C)
+    w_fc_h, w_proj_h = cupy.zeros(w_fc.shape, dtype=cupy.uint16), cupy.zeros(w_proj.shape, dtype=cupy.uint16)
+    dy = cupy.zeros((z.N, z.C), dtype=cupy.uint16)
+    bufs = dict(dw_fc_into=_f32(z.C, 4 * z.C), db_fc_into=_f32(4 * z.C), dw_proj_into=_f32(4 * z.C, z.C))
+
+    def call():
+        old = registry.precision()
+        registry.set_precision("bfloat16")
+        try:
+            _, saved = mlp.mlp_forward(x, w_fc, b_fc, w_proj, None, w_fc_h, w_proj_h, bf16_out=True)
+            return mlp.mlp_backward(dy, saved, **bufs)
+        finally:
+            registry.set_precision(old)
+    return call
+
+
 KERNEL_ROWS = [
+    ("MLP fwd + bwd, bf16", "matmul", _mlp),
     ("encoder forward", "embedding", lambda z: _encoder(z, False)),
     ("encoder backward", "embedding", lambda z: _encoder(z, True)),
     ("layernorm forward", "layernorm", lambda z: _layernorm(z, "fwd")),

@@ -227,6 +227,26 @@ def main(argv=None):
         _, saved = k_gelu.bias_gelu_forward(x4h, b4)
         row("bias + GELU backward, bf16 in/out (+ dbias into)",
             timed(lambda: k_gelu.bias_gelu_backward(d4h, saved, db_into=db_into)), 2 * 3 * N * 4 * C, tr, None)
+        # the whole MLP (c_fc, GELU, mlp.c_proj; forward + backward, gradients into buffers) as the model runs it
+        # in bf16: the GELU on cuBLASLt epilogues (kernels/mlp.py), against the separate kernels ("unfused")
+        from nanogpt_np.kernels import mlp as k_mlp
+        xm, w_fc, b_fc, w_proj = precision.to_bf16(rand(N, C)), rand(C, 4 * C), rand(4 * C), rand(4 * C, C)
+        w_fc_h, w_proj_h, dy_h = precision.to_bf16(w_fc), precision.to_bf16(w_proj), precision.to_bf16(rand(N, C))
+        bufs = dict(dw_fc_into=cp.zeros_like(w_fc), db_fc_into=cp.zeros_like(b_fc), dw_proj_into=cp.zeros_like(w_proj))
+
+        def mlp_step():
+            y, saved = k_mlp.mlp_forward(xm, w_fc, b_fc, w_proj, None, w_fc_h, w_proj_h, bf16_out=True)
+            return k_mlp.mlp_backward(dy_h, saved, **bufs)
+        t_lt = timed(mlp_step)
+        registry.disable("mlp_epilogue")
+        try:
+            t_sep = timed(mlp_step)
+        finally:
+            registry.enable("mlp_epilogue")
+        from nanogpt_np.kernels import cublaslt
+        row("MLP fwd + bwd, bf16 (GELU on cuBLASLt epilogues)", t_lt, None, t_sep, None,
+            note="" if cublaslt.available() else "no cuBLASLt: both are the separate kernels")
+        del xm, w_fc, b_fc, w_proj, w_fc_h, w_proj_h, dy_h, bufs
     finally:
         registry.set_precision(old_precision)
     del x4, d4, saved, rsaved, x4h, d4h

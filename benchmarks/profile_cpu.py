@@ -39,7 +39,7 @@ def _install_timers():
         f, b = original(name, array, forward, backward)
         return _timed(name + " forward", f), _timed(name + " backward", b)
 
-    for family in ("embedding", "linear", "layernorm", "gelu", "attention", "cross_entropy", "lm_head_loss"):
+    for family in ("embedding", "linear", "layernorm", "gelu", "mlp", "attention", "cross_entropy", "lm_head_loss"):
         sys.modules[f"nanogpt_np.ops.{family}"].implementation = implementation
     optim.adamw_update = _timed("adamw", optim.adamw_update)
     optim.clip_grad_norm = _timed("clip_grad_norm", optim.clip_grad_norm)

@@ -6,8 +6,9 @@
                      x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))
     (each residual add and the layernorm after it are one op, residual_layernorm: the first add with ln_2, the
     second with the next block's ln_1, or ln_f after the last block; each linear layer's bias is added inside
-    the op that follows it: c_attn's in bias_attention, both c_proj's in residual_layernorm, c_fc's in
-    bias_gelu: the same math, in fewer passes over memory where a fused GPU kernel exists; see _block)
+    the op that follows it: c_attn's in bias_attention, both c_proj's in residual_layernorm, c_fc's in the mlp
+    op (on the GPU in bf16 with the GELU, on c_fc's matmul epilogue): the same math, in fewer passes over memory
+    where a fused GPU kernel exists; see _block)
 
 Parameter names and shapes are those of GPT-2's published checkpoints (without the "transformer." prefix), and
 linear weights are stored (in, out) like GPT-2's Conv1D, so weights move to and from GPT-2 files unrenamed.
@@ -282,7 +283,7 @@ class GPT:
         # Where the linear layers' biases are added (the same sums, each inside an op that reads the data anyway):
         #   attn.c_attn -> bias_attention (the GPU adds it as it loads each tile of q, k, v)
         #   attn.c_proj, mlp.c_proj -> residual_layernorm (x + r + bias, then the next layernorm)
-        #   mlp.c_fc    -> bias_gelu (gelu(m + bias))
+        #   mlp.c_fc    -> mlp (gelu(m @ W + bias), one op with mlp.c_proj)
         # Active dropout sits between a c_proj and its residual add, so then the c_proj biases stay in linear;
         # with a KV cache (inference) attention_with_cache reads the biased qkv from linear.
         dropout_on = self.training and cfg.dropout > 0
@@ -309,15 +310,11 @@ class GPT:
         # `a` comes straight from c_proj, which may then read its gradient as bf16 (bf16_dr, written in that pass).
         x, m = ops.residual_layernorm(x, a, p[h + "ln_2.weight"], self._bias(h + "ln_2"), cfg.layer_norm_eps,
                                       r_bias=proj_bias if fuse_proj else None, bf16_dr=not dropout_on)
-        # bias_gelu reads bf16 (the unbiased gelu does not): in bf16 precision on the GPU c_fc then writes its
-        # (B, T, 4C) output and mlp.c_proj its input gradient as bf16, half the bytes of the MLP's largest arrays
-        # (hints: ignored in float32 and on the CPU)
-        mlp_bf16 = cfg.bias
-        m = ops.linear(m, p[h + "mlp.c_fc.weight"], bf16_out=mlp_bf16)                     # (B, T, 4C)
-        m = ops.bias_gelu(m, p[h + "mlp.c_fc.bias"]) if cfg.bias else ops.gelu(m)          # gelu(m + bias)
+        # the MLP, gelu(m @ W_fc + b_fc) @ W_proj, is one op (ops/mlp.py): in bf16 precision on the GPU the GELU
+        # and c_fc's bias ride on the two matmuls' epilogues (cuBLASLt), so the GELU costs no pass of its own
         proj_bias = p.get(h + "mlp.c_proj.bias")
-        m = ops.linear(m, p[h + "mlp.c_proj.weight"], None if fuse_proj else proj_bias,
-                       bf16_dx=mlp_bf16, bf16_out=fuse_proj)                               # (B, T, C)
+        m = ops.mlp(m, p[h + "mlp.c_fc.weight"], p.get(h + "mlp.c_fc.bias"), p[h + "mlp.c_proj.weight"],
+                    None if fuse_proj else proj_bias, bf16_out=fuse_proj)                  # (B, T, C)
         m = ops.dropout(m, cfg.dropout, self.dropout_rng, self.training)
         # the same at the block's end: x = x + m (+ c_proj's bias) and next_ln(x), one op
         return ops.residual_layernorm(x, m, p[next_ln + ".weight"], self._bias(next_ln), cfg.layer_norm_eps,

@@ -60,6 +60,13 @@ def _per_call(attention, dtype):
             "bias_gelu": ({"fwd": ["gelu_forward_bf16x4"], "bwd": ["bias_gelu_backward_bf16", "column_sum_finish"]}
                           if dtype == "bfloat16" else
                           {"fwd": ["gelu_forward_f4"], "bwd": ["bias_gelu_backward", "column_sum_finish"]}),
+            # the MLP (kernels/mlp.py). bf16: c_fc's cuBLASLt matmul with the GELU epilogue and mlp.c_proj's gemm;
+            # backward dW_proj, the cuBLASLt dx matmul with the dGELU + bias-gradient epilogue, dW_fc and dx (the
+            # bias gradient is added into its buffer by a CuPy add, not counted here). float32: the separate
+            # kernels, c_fc, bias_gelu, mlp.c_proj, as before
+            "mlp": ({"fwd": ["gemm", "gemm"], "bwd": ["gemm"] * 4} if dtype == "bfloat16" else
+                    {"fwd": ["gemm", "gelu_forward_f4", "gemm"],
+                     "bwd": ["gemm", "gemm", "bias_gelu_backward", "column_sum_finish", "gemm", "gemm"]}),
             "add": {"fwd": [], "bwd": []}, "dropout": {"fwd": [], "bwd": []}}
 
 
@@ -105,7 +112,7 @@ def test_launches_per_layer_follow_the_model_structure(attention, dtype):
     trace = gm.trace_step(cfg, shape_only=True, steps=2)
     table = _per_call(attention, dtype)
     calls = _calls_per_block()
-    assert Counter(n for n, _ in calls) == Counter(residual_layernorm=2, linear=4, bias_attention=1, bias_gelu=1,
+    assert Counter(n for n, _ in calls) == Counter(residual_layernorm=2, linear=2, bias_attention=1, mlp=1,
                                                    dropout=2)
     assert not any(has_bias for n, has_bias in calls if n == "linear")      # every bias is added in a fused op
     for layer in range(cfg.n_layer):
@@ -254,7 +261,8 @@ def test_compare_script_puts_measured_beside_predicted(tmp_path, capsys):
     (row,) = d["configurations"]
     assert row["device"] == "H100 SXM" and row["ratio_step"] == pytest.approx(10.0 / row["predicted_step_ms"])
     assert len(d["kernels"]) == len(labels) and all(r["predicted_ms"] > 0 for r in d["kernels"])
-    assert set(d["category_ratio"]) == {"embedding", "layernorm", "gelu", "cross-entropy", "adamw", "attention"}
+    assert set(d["category_ratio"]) == {"embedding", "layernorm", "gelu", "cross-entropy", "adamw", "attention",
+                                        "matmul"}          # the MLP row (cuBLAS + cuBLASLt) calibrates the matmuls
     for r in d["kernels"]:                          # every row's ratio is its measured / its prediction
         assert r["ratio"] == pytest.approx(0.1 / r["predicted_ms"])
     assert set(row["calibrated_category_ms"]) == set(gm.CATEGORIES)
@@ -371,11 +379,22 @@ def test_gemms_make_no_other_cublas_host_calls(attention, dtype, monkeypatch):
     cfg = gm.StepConfig(**TINY, attention=attention, dtype=dtype)
     trace = gm.trace_step(cfg, shape_only=True, steps=2)
     assert sum(o.kind == "gemm" for o in trace.ops) >= 4 * cfg.n_layer * 3
-    assert [o.name for o in trace.ops if o.kind == "host"] == []
+    # cuBLASLt's matmuls (kernels/cublaslt.py) set their bias and aux pointers on their cached descriptor: two
+    # host calls each, nothing else
+    lt_calls = sum(o.name == "cublasLtMatmul" for o in trace.ops)
+    assert lt_calls == (2 * cfg.n_layer if dtype == "bfloat16" else 0)      # c_fc forward, mlp.c_proj dx
+    assert [o.name for o in trace.ops if o.kind == "host"] == ["cublasLtMatmulDescSetAttribute"] * 2 * lt_calls
     monkeypatch.setattr(precision, "_local", threading.local())          # no handle yet: the step makes one
     first = gm.trace_step(cfg, shape_only=True, steps=1)
-    assert [o.name for o in first.ops if o.kind == "host"] == ["cublasCreate", "cublasSetPointerMode",
-                                                               "cublasSetStream", "cublasSetWorkspace"]
+    names = [o.name for o in first.ops if o.kind == "host"]
+    assert [n for n in names if not n.startswith("cublasLt")] == ["cublasCreate", "cublasSetPointerMode",
+                                                                  "cublasSetStream", "cublasSetWorkspace"]
+    # cuBLASLt (a fresh fake has no state either): one handle, one heuristic per description (c_fc forward,
+    # mlp.c_proj dx: the layers share them), the rest are descriptor attributes
+    lt_names = [n for n in names if n.startswith("cublasLt")]
+    if dtype == "bfloat16":
+        assert lt_names.count("cublasLtCreate") == 1 and lt_names.count("cublasLtMatmulAlgoGetHeuristic") == 2
+    assert set(lt_names) <= {"cublasLtCreate", "cublasLtMatmulAlgoGetHeuristic", "cublasLtMatmulDescSetAttribute"}
 
 
 def test_a_strided_batched_gemm_costs_its_batch():

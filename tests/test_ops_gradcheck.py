@@ -322,6 +322,57 @@ def test_bias_gelu_bias_gradient_into_its_buffer(rng):
     assert relative_error(x.grad.reshape(-1), num_x) < 1e-6
 
 
+def _mlp_arrays(rng, C=5, H=12, N=(2, 3)):
+    return (rng.standard_normal((*N, C)), rng.standard_normal((C, H)) * 0.5, rng.standard_normal(H),
+            rng.standard_normal((H, C)) * 0.5, rng.standard_normal(C))
+
+
+def test_mlp(rng):
+    x, w_fc, b_fc, w_proj, b_proj = _mlp_arrays(rng)
+    check_op(lambda x, w_fc, b_fc, w_proj: ops.mlp(x, w_fc, b_fc, w_proj), [x * 2, w_fc, b_fc, w_proj], rng)
+
+
+def test_mlp_without_fc_bias_and_with_proj_bias(rng):
+    x, w_fc, _, w_proj, b_proj = _mlp_arrays(rng)
+    check_op(lambda x, w_fc, w_proj, b_proj: ops.mlp(x, w_fc, None, w_proj, b_proj), [x, w_fc, w_proj, b_proj], rng)
+    check_op(lambda x, w_fc, w_proj: ops.mlp(x, w_fc, None, w_proj), [x, w_fc, w_proj], rng)
+
+
+def test_mlp_gradcheck_catches_a_wrong_gelu_derivative(rng, monkeypatch):
+    """Negative control: the gradcheck above fails when mlp's backward uses a wrong GELU derivative."""
+    mlp_mod = importlib.import_module("nanogpt_np.ops.mlp")
+    monkeypatch.setattr(mlp_mod, "bias_gelu_backward", lambda dy, saved, db_into=None: (dy, dy.sum(axis=0)))
+    x, w_fc, b_fc, w_proj, _ = _mlp_arrays(rng)
+    with pytest.raises(AssertionError, match="gradient mismatch"):
+        check_op(lambda x, w_fc, b_fc, w_proj: ops.mlp(x, w_fc, b_fc, w_proj), [x * 2, w_fc, b_fc, w_proj], rng)
+
+
+@pytest.mark.parametrize("fc_bias,proj_bias", [(True, False), (False, True), (True, True)])
+def test_mlp_is_bit_for_bit_the_separate_ops(rng, fc_bias, proj_bias):
+    """On the CPU the op composes the separate ops' references: float32 outputs and every gradient (added into
+    gradient buffers, as in the model) are exactly those of linear, bias_gelu (or gelu), linear."""
+    from nanogpt_np.tensor import backward
+    x0, w_fc0, b_fc0, w_proj0, b_proj0 = [a.astype(np.float32) for a in _mlp_arrays(rng, C=8, H=32)]
+    R = rng.standard_normal(x0.shape).astype(np.float32)
+
+    def run(fn):
+        ts = [Tensor(a.copy(), requires_grad=True) for a in (x0, w_fc0, b_fc0, w_proj0, b_proj0)]
+        for t in ts[1:]:
+            t.use_grad_buffer(np.zeros_like(t.data))
+        x, w_fc, b_fc, w_proj, b_proj = ts
+        y = fn(x, w_fc, b_fc if fc_bias else None, w_proj, b_proj if proj_bias else None)
+        backward(y, grad=R.copy())
+        return [y.data] + [t.grad for t in ts]
+
+    def separate(x, w_fc, b_fc, w_proj, b_proj):
+        m = ops.linear(x, w_fc)
+        m = ops.bias_gelu(m, b_fc) if b_fc is not None else ops.gelu(m)
+        return ops.linear(m, w_proj, b_proj)
+
+    for a, b in zip(run(ops.mlp), run(separate)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
 def test_out_of_range_ids_are_errors():
     wte, wpe = Tensor(np.zeros((5, 3))), Tensor(np.zeros((4, 3)))
     with pytest.raises(ValueError, match="token ids"):

@@ -10,6 +10,8 @@ cached for the process (and on disk by CuPy). Names:
                              linear, lm_head,
                              lm_head_cross_entropy (chunked output layer + loss; bf16 or float32 gemms by precision)
   fused extras:              residual_layernorm, bias_gelu (meaning: kernels/references.py)
+  mlp:                       c_fc + GELU + mlp.c_proj (ops/mlp.py); in bf16 the GELU rides on cuBLASLt epilogues
+                             (kernels/mlp.py; disable("mlp_epilogue") keeps the separate kernels)
   attention variants:        attention_matmul (cuBLAS + fused softmax), attention_flash (bf16 tensor cores),
                              and bias_attention_matmul / bias_attention_flash (the qkv bias added inside)
   optimizer:                 adamw -> (adamw_step, global_grad_norm), not a forward/backward pair
@@ -41,6 +43,7 @@ _REFERENCE = {
     "bias_attention_flash": ("nanogpt_np.ops.attention", "bias_attention_forward", "bias_attention_backward"),
     "linear": ("nanogpt_np.ops.linear", "linear_forward", "linear_backward"),
     "lm_head": ("nanogpt_np.ops.linear", "lm_head_forward", "lm_head_backward"),
+    "mlp": ("nanogpt_np.ops.mlp", "mlp_forward", "mlp_backward"),
 }
 
 _TABLE = {
@@ -58,6 +61,7 @@ _TABLE = {
     "adamw": ("adamw", "adamw_step", "global_grad_norm"),
     "linear": ("linear", "linear_forward", "linear_backward"),
     "lm_head": ("linear", "lm_head_forward", "lm_head_backward"),
+    "mlp": ("mlp", "mlp_forward", "mlp_backward"),
 }
 
 # The default until a GPU benchmark says otherwise: the matmul form is exact float32 (TF32 if enabled);
@@ -147,6 +151,12 @@ def disable(name: str) -> None:
 
 def enable(name: str) -> None:
     _disabled.discard(name)
+
+
+def is_disabled(name: str) -> bool:
+    """Whether disable(name) switched it off (also for switches that are not ops: "mlp_epilogue", the cuBLASLt
+    GELU epilogues of kernels/mlp.py)."""
+    return name in _disabled
 
 
 def resolve(name: str):

@@ -16,6 +16,7 @@ buffers through MPI, and `devices_used` records which GPU each rank selected.
 import contextlib
 import ctypes
 import functools
+import itertools
 import math
 import sys
 import threading
@@ -1029,6 +1030,196 @@ def _gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, A, Atype, l
                  ldb, beta, at(C, i, strideC), Ctype, ldc, computeType, algo)
 
 
+# ------------------------------------------------------------------------------------------------- cuBLASLt
+# kernels/cublaslt_ctypes.py on fake-device buffers. Descriptors, layouts and preferences are host objects (here:
+# dicts); the heuristic accepts what the cuBLASLt docs allow for the calls the project makes and refuses the rest
+# (no algo: the project falls back); cublasLtMatmul emulates the documented arithmetic: products accumulated in
+# float32, the epilogue applied to the float32 result (+ float32 bias), and only what is stored rounded (bf16:
+# round to nearest even). The GELU is the tanh form (kernels/cublaslt.py says why).
+_lt_objects = {}                # id -> {"kind": "desc" | "layout" | "pref" | "handle", ...}
+_lt_ids = itertools.count(0x7001)
+
+
+def _lt_new(kind, **fields):
+    key = next(_lt_ids)
+    _lt_objects[key] = dict(kind=kind, **fields)
+    return key
+
+
+def _lt_get(key, kind):
+    obj = _lt_objects.get(key)
+    assert obj is not None and obj["kind"] == kind, f"not a live cuBLASLt {kind}: {key}"
+    return obj
+
+
+def _lt_create():
+    return _lt_new("handle")
+
+
+def _lt_desc_create(compute_type, scale_type):
+    from nanogpt_np.kernels import cublaslt_ctypes as lt
+    assert compute_type in CUBLAS_COMPUTE and scale_type == lt.CUDA_R_32F, (compute_type, scale_type)
+    return _lt_new("desc", attrs={lt.DESC_TRANSA: 0, lt.DESC_TRANSB: 0, lt.DESC_EPILOGUE: lt.EPILOGUE_DEFAULT,
+                                  lt.DESC_BIAS_POINTER: 0, lt.DESC_EPILOGUE_AUX_POINTER: 0,
+                                  lt.DESC_EPILOGUE_AUX_LD: 0, lt.DESC_EPILOGUE_AUX_DATA_TYPE: -1,
+                                  lt.DESC_BIAS_DATA_TYPE: -1}, compute=compute_type)
+
+
+def _lt_desc_set(desc, attribute, value):
+    from nanogpt_np.kernels import cublaslt_ctypes as lt
+    assert attribute in lt.DESC_ATTRIBUTE_TYPES, f"attribute {attribute}"
+    if isinstance(value, _DevicePointer):          # a device pointer: kept with the array it points into
+        _lt_get(desc, "desc")["attrs"][attribute] = value
+        return
+    _lt_get(desc, "desc")["attrs"][attribute] = lt.DESC_ATTRIBUTE_TYPES[attribute](value).value or 0
+
+
+def _lt_destroy(kind):
+    def destroy(key):
+        _lt_get(key, kind)
+        del _lt_objects[key]
+    return destroy
+
+
+def _lt_layout_create(dtype, rows, cols, ld):
+    assert dtype in (0, 14) and rows >= 1 and cols >= 1 and ld >= rows, (dtype, rows, cols, ld)
+    return _lt_new("layout", dtype=dtype, rows=rows, cols=cols, ld=ld)
+
+
+def _lt_pref_create():
+    return _lt_new("pref")
+
+
+def _lt_pref_set(pref, attribute, value):
+    from nanogpt_np.kernels import cublaslt_ctypes as lt
+    assert attribute in lt.PREF_ATTRIBUTE_TYPES, f"preference attribute {attribute}"
+    _lt_get(pref, "pref")[attribute] = int(value)
+
+
+def lt_snapshot(desc):
+    """A copy of a matmul descriptor as it is now: what a CUDA graph keeps of a cublasLtMatmul call captured with
+    it (the kernel's parameters, pointers included, are fixed at capture; later attribute changes do not reach
+    the graph)."""
+    obj = _lt_get(desc, "desc")
+    return _lt_new("desc", attrs=dict(obj["attrs"]), compute=obj["compute"])
+
+
+def lt_describe(desc, a, b, d):
+    """(m, n, k, the descriptor's attributes, the A, B, D layouts) of a matmul description."""
+    from nanogpt_np.kernels import cublaslt_ctypes as lt
+    attrs = _lt_get(desc, "desc")["attrs"]
+    A, B, D = _lt_get(a, "layout"), _lt_get(b, "layout"), _lt_get(d, "layout")
+    k = A["cols"] if attrs[lt.DESC_TRANSA] == lt.CUBLAS_OP_N else A["rows"]
+    return D["rows"], D["cols"], k, attrs, A, B, D
+
+
+def _lt_heuristic(handle, desc, a, b, c, d, pref):
+    """An algo when the description is one cuBLASLt supports (as far as the project uses it), else None."""
+    from nanogpt_np.kernels import cublaslt_ctypes as lt
+    _lt_get(handle, "handle")
+    _lt_get(pref, "pref")
+    assert c == d, "the project passes C = D"
+    return _lt_algo() if _lt_supported(desc, a, b, d) else None
+
+
+def _lt_algo():
+    from nanogpt_np.kernels import cublaslt_ctypes as lt
+    result = lt.HeuristicResult()
+    result.algo[0] = 1
+    return result
+
+
+def _lt_supported(desc, a, b, d):
+    from nanogpt_np.kernels import cublaslt_ctypes as lt
+    m, n, k, attrs, A, B, D = lt_describe(desc, a, b, d)
+    ta, tb = attrs[lt.DESC_TRANSA], attrs[lt.DESC_TRANSB]
+    if (A["rows"], A["cols"]) != ((m, k) if ta == 0 else (k, m)) or (B["rows"], B["cols"]) != ((k, n) if tb == 0 else (n, k)):
+        return False                                                    # shapes do not fit
+    if not A["dtype"] == B["dtype"] == D["dtype"] == lt.CUDA_R_16BF:
+        return False
+    epilogue = attrs[lt.DESC_EPILOGUE]
+    if epilogue not in (lt.EPILOGUE_GELU_AUX_BIAS, lt.EPILOGUE_GELU_AUX, lt.EPILOGUE_DGELU_BGRAD, lt.EPILOGUE_DGELU):
+        return False
+    aux_ld = attrs[lt.DESC_EPILOGUE_AUX_LD]
+    if aux_ld % 8 or aux_ld < m or attrs[lt.DESC_EPILOGUE_AUX_DATA_TYPE] not in (-1, lt.CUDA_R_16BF):
+        return False                                                    # the header's rule for the GELU aux
+    if attrs[lt.DESC_BIAS_DATA_TYPE] not in (-1, lt.CUDA_R_16BF, lt.CUDA_R_32F):
+        return None
+    return True
+
+
+def _lt_read(ptr, layout):
+    """The stored column-major (rows, cols) matrix of a layout, as float64."""
+    buf = _memory_at(ptr)
+    rows, cols, ld = layout["rows"], layout["cols"], layout["ld"]
+    assert buf.dtype == (np.uint16 if layout["dtype"] == 14 else np.float32), (buf.dtype, layout)
+    assert buf.size >= ld * (cols - 1) + rows, "matrix runs past its allocation"
+    idx = np.arange(cols)[None, :] * ld + np.arange(rows)[:, None]
+    vals = buf[idx]
+    return (bf16_to_float32(vals) if layout["dtype"] == 14 else vals).astype(np.float64)
+
+
+def _lt_write(ptr, layout, values):
+    buf = _memory_at(ptr)
+    rows, cols, ld = layout["rows"], layout["cols"], layout["ld"]
+    assert values.shape == (rows, cols) and buf.size >= ld * (cols - 1) + rows
+    idx = np.arange(cols)[None, :] * ld + np.arange(rows)[:, None]
+    buf[idx] = float32_to_bf16(values) if layout["dtype"] == 14 else values
+
+
+_GELU_S, _GELU_A = np.float32(math.sqrt(2.0 / math.pi)), np.float32(0.044715)
+
+
+def gelu_tanh_f32(z):
+    """The tanh GELU in float32 arithmetic, and its derivative."""
+    z = np.asarray(z, dtype=np.float32)
+    t = np.tanh(_GELU_S * (z + _GELU_A * z * z * z))
+    dt = (np.float32(1) - t * t) * _GELU_S * (np.float32(1) + np.float32(3) * _GELU_A * z * z)
+    return np.float32(0.5) * z * (np.float32(1) + t), np.float32(0.5) * (np.float32(1) + t) + np.float32(0.5) * z * dt
+
+
+def _lt_matmul(handle, desc, alpha, A, a, B, b, beta, C, c, D, d, algo, workspace, workspace_bytes, stream):
+    from nanogpt_np.kernels import cublaslt_ctypes as lt
+    _lt_get(handle, "handle")
+    assert algo is not None and algo.algo[0] == 1, "an algo from the heuristic"
+    assert _memory_at(workspace).nbytes >= workspace_bytes, "workspace outside a live allocation"
+    m, n, k, attrs, la, lb, ld_ = lt_describe(desc, a, b, d)
+    assert _lt_supported(desc, a, b, d) and C == D
+    a_, b_ = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
+    assert b_ == 0 and C == D, "the project's epilogue matmuls overwrite D"
+    opa = _lt_read(A, la) if attrs[lt.DESC_TRANSA] == 0 else _lt_read(A, la).T
+    opb = _lt_read(B, lb) if attrs[lt.DESC_TRANSB] == 0 else _lt_read(B, lb).T
+    acc = (a_ * (opa @ opb)).astype(np.float32)                         # (m, n), float32 accumulator
+    epilogue = attrs[lt.DESC_EPILOGUE]
+    aux_layout = dict(dtype=14, rows=m, cols=n, ld=attrs[lt.DESC_EPILOGUE_AUX_LD])
+    bias_ptr = attrs[lt.DESC_BIAS_POINTER]
+    bias_type = attrs[lt.DESC_BIAS_DATA_TYPE] if attrs[lt.DESC_BIAS_DATA_TYPE] != -1 else ld_["dtype"]
+    bias_layout = dict(dtype=bias_type, rows=m, cols=1, ld=m)
+    if epilogue in (lt.EPILOGUE_GELU_AUX_BIAS, lt.EPILOGUE_GELU_AUX):
+        if epilogue == lt.EPILOGUE_GELU_AUX_BIAS:
+            acc = acc + _lt_read(bias_ptr, bias_layout).astype(np.float32)      # bias along D's rows
+        _lt_write(attrs[lt.DESC_EPILOGUE_AUX_POINTER], aux_layout, acc)         # the GELU input, rounded
+        out = gelu_tanh_f32(acc)[0]
+    else:                                                               # DGELU(_BGRAD)
+        pre = _lt_read(attrs[lt.DESC_EPILOGUE_AUX_POINTER], aux_layout).astype(np.float32)
+        out = acc * gelu_tanh_f32(pre)[1]
+        if epilogue == lt.EPILOGUE_DGELU_BGRAD:                         # sums over D's columns, from float32
+            _lt_write(bias_ptr, bias_layout, out.astype(np.float64).sum(axis=1, keepdims=True).astype(np.float32))
+    _lt_write(D, ld_, out)
+
+
+def _lt_binding(monkeypatch):
+    """Point nanogpt_np/kernels/cublaslt_ctypes at the fake cuBLASLt above."""
+    from nanogpt_np.kernels import cublaslt_ctypes as lt
+    for name, fn in (("load", lambda: lt), ("create", _lt_create), ("matmul_desc_create", _lt_desc_create),
+                     ("matmul_desc_set", _lt_desc_set), ("matmul_desc_destroy", _lt_destroy("desc")),
+                     ("matrix_layout_create", _lt_layout_create), ("matrix_layout_destroy", _lt_destroy("layout")),
+                     ("preference_create", _lt_pref_create), ("preference_set", _lt_pref_set),
+                     ("preference_destroy", _lt_destroy("pref")), ("algo_get_heuristic", _lt_heuristic),
+                     ("matmul", _lt_matmul)):
+        monkeypatch.setattr(lt, name, fn)
+
+
 # cupy._core._routines_linalg as CuPy 14 has it: the constants are CuPy's own (not cuBLAS's), and the compute
 # type is kept per dtype: set_compute_type(dtype, compute_type), two positional arguments.
 LINALG_CONSTANTS = dict(COMPUTE_TYPE_TBD=0, COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_PEDANTIC=2, COMPUTE_TYPE_FP16=3,
@@ -1092,6 +1283,9 @@ def install(monkeypatch, kernels="numpy", sms=None):
     monkeypatch.setattr(precision, "_local", threading.local())     # cuBLAS handles belong to the fake that made them
     monkeypatch.setattr(precision, "_ones", {})                     # so do cached device arrays
     _ctypes_binding(monkeypatch)
+    _lt_binding(monkeypatch)
+    from nanogpt_np.kernels import cublaslt
+    monkeypatch.setattr(cublaslt, "_local", threading.local())       # cuBLASLt state belongs to the fake too
     from nanogpt_np.ops import reductions
     monkeypatch.setattr(reductions, "_ones_cache", {})  # cached device arrays belong to the fake they were made on
     core = types.ModuleType("cupy._core")

@@ -9,7 +9,9 @@ What is recorded (one `Op` each), only for calls made by the project's code (wha
 emulation is not recorded):
   kernel   a launch of one of our CUDA kernels (compile.launch), with its grid, block and scalar arguments
   gemm     a cuBLAS gemmEx call (precision.gemm), with m, n, k, the operand types, beta and compute type; or a
-           gemmStridedBatchedEx call (kernels/batched_gemm.py), the same plus batch (the number of products)
+           gemmStridedBatchedEx call (kernels/batched_gemm.py), the same plus batch (the number of products); or a
+           cublasLtMatmul call (kernels/cublaslt.py), the same plus its epilogue and the types of the bias
+           vector and aux matrix it reads or writes
   matmul   cupy.matmul / `@` (cuBLAS through CuPy), with the operands' shapes and whether CuPy must copy them
   elementwise, reduction, copy, cast, gather, scatter, fill, memset
            a CuPy elementwise or reduction kernel: a ufunc, a method such as astype/copy/fill, x[...] = y,
@@ -72,6 +74,9 @@ FAMILIES = {
     ("nanogpt_np.kernels.precision", "cublas_handle"): None,
     "nanogpt_np.kernels.linear": "matmul",
     "nanogpt_np.ops.linear": "matmul",
+    "nanogpt_np.kernels.cublaslt": "matmul",                # the MLP's matmuls with GELU epilogues
+    "nanogpt_np.kernels.mlp": "matmul",                     # (its GELU kernels, float32: kernels.gelu's frames)
+    "nanogpt_np.ops.mlp": "matmul",
     "nanogpt_np.kernels.softmax_attention": "attention",
     "nanogpt_np.kernels.flash_attention": "attention",
     "nanogpt_np.ops.attention": "attention",
@@ -341,6 +346,12 @@ class Tracer:
         for name, call in (("set_pointer_mode", "cublasSetPointerMode"), ("set_stream", "cublasSetStream"),
                            ("set_workspace", "cublasSetWorkspace")):
             p.setattr(cublas_ctypes, name, lambda *a, fn=binding[name], call=call: self._host_call(call, fn(*a)))
+        from nanogpt_np.kernels import cublaslt_ctypes as lt            # cuBLASLt (faked by fake_cupy)
+        self._lt_emulation = lt.matmul
+        p.setattr(lt, "matmul", self._lt_matmul)
+        for name, call in (("matmul_desc_set", "cublasLtMatmulDescSetAttribute"), ("create", "cublasLtCreate"),
+                           ("algo_get_heuristic", "cublasLtMatmulAlgoGetHeuristic")):
+            p.setattr(lt, name, lambda *a, fn=getattr(lt, name), call=call: self._host_call(call, fn(*a)))
         p.setattr(fc.cuda.runtime, "streamIsCapturing", lambda stream: self.capture is not None)
         linalg = sys.modules["cupy._core._routines_linalg"]
         self._fake_set_compute_type = linalg.set_compute_type
@@ -684,6 +695,28 @@ class Tracer:
                                                   B, Btype, ldb, ctypes.addressof(ab[1]), C, Ctype, ldc, compute,
                                                   algo))
 
+
+    def _lt_matmul(self, handle, desc, alpha, A, a, B, b, beta, C, c, D, d, algo, workspace, nbytes, stream):
+        """cublasLtMatmul: recorded as a gemm with its epilogue (and the bias / aux vectors it reads or writes)."""
+        import ctypes
+        from nanogpt_np.kernels import cublaslt_ctypes as lt
+        args = (handle, desc, alpha, A, a, B, b, beta, C, c, D, d, algo, workspace, nbytes, stream)
+        if self.depth:
+            return self._lt_emulation(*args)
+        with self.hook():
+            m, n, k, attrs, la, lb, ld_ = fake_cupy.lt_describe(desc, a, b, d)
+            bv = ctypes.c_float.from_address(beta).value
+            epilogue = attrs[lt.DESC_EPILOGUE]
+            bias_type = attrs[lt.DESC_BIAS_DATA_TYPE] if attrs[lt.DESC_BIAS_DATA_TYPE] != -1 else ld_["dtype"]
+            self.record("gemm", "cublasLtMatmul", m=m, n=n, k=k, Atype=la["dtype"], Btype=lb["dtype"],
+                        Ctype=ld_["dtype"], beta=bv, compute=68, epilogue=epilogue,
+                        bias=bias_type if epilogue & lt.EPILOGUE_BIAS or epilogue & 16 else None,
+                        aux=14 if epilogue & 128 else None)
+            ab = (ctypes.c_float(ctypes.c_float.from_address(alpha).value), ctypes.c_float(bv))
+            if self.capture is not None:        # a graph keeps the call as captured: the descriptor's pointers too
+                desc = fake_cupy.lt_snapshot(desc)
+            self._do(lambda: self._lt_emulation(handle, desc, ctypes.addressof(ab[0]), A, a, B, b,
+                                                ctypes.addressof(ab[1]), C, c, D, d, algo, workspace, nbytes, stream))
 
     def _gemm_batched(self, handle, opa, opb, m, n, k, alpha, A, Atype, lda, sA, B, Btype, ldb, sB, beta, C, Ctype,
                       ldc, sC, count, compute, algo):
