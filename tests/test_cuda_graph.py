@@ -224,6 +224,11 @@ def test_cublas_ctypes_binding_tries_the_sonames_in_order_and_checks_statuses(mo
         if name != "libcublas.so.12":
             raise OSError(name)
         return lib
+    # load() first imports CuPy's cublas module (which loads the library); with real CuPy installed that import
+    # would itself call the stand-in CDLL below (for libdl) when it is the first import in the process
+    real_import = cublas_ctypes.importlib.import_module
+    monkeypatch.setattr(cublas_ctypes.importlib, "import_module",
+                        lambda name, *a: None if name.startswith("cupy") else real_import(name, *a))
     monkeypatch.setattr(ctypes, "CDLL", cdll)
     monkeypatch.setattr(cublas_ctypes, "_lib", None)
     assert cublas_ctypes.load() is lib and tried == ["libcublas.so.13", "libcublas.so.12"]
