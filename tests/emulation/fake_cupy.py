@@ -155,6 +155,9 @@ def argsort(a, axis=-1):
 def __getattr__(name):
     obj = getattr(np, name)
     if isinstance(obj, (np.ufunc, type)) or not callable(obj):
+        # dtypes, ufuncs, constants: plain module attributes in CuPy, so kept as ours after the first look-up
+        # (a module __getattr__ call per `cp.float32` would count as the project's host time in gpu_model)
+        globals()[name] = obj
         return obj
 
     def call(*args, **kwargs):
