@@ -104,9 +104,9 @@ def _matmul(x, w, trans_w, out, epilogue, bias, aux):
     x, w = cp.ascontiguousarray(x), cp.ascontiguousarray(w)
     N, K = x.shape
     M = w.shape[0] if trans_w else w.shape[1]
+    w_ptr, x_ptr, out_ptr, aux_ptr = w.data.ptr, x.data.ptr, out.data.ptr, aux.data.ptr     # device addresses
     bias_ptr = bias.data.ptr if bias is not None else 0
-    pointers = (w.data.ptr, x.data.ptr, out.data.ptr, aux.data.ptr, bias_ptr)
-    if not available() or M % 8 or any(int(p) % ALIGNMENT for p in pointers):
+    if not available() or M % 8 or any(int(p) % ALIGNMENT for p in (w_ptr, x_ptr, out_ptr, aux_ptr, bias_ptr)):
         return False
     # cuBLAS's A is our w, its B our x (precision.gemm_args: C^T = op(w)^T x^T)
     opa, opb, m, n, k, lda, ldb, ldd = gemm_args(N, K, M, trans_b=trans_w)
@@ -117,11 +117,10 @@ def _matmul(x, w, trans_w, out, epilogue, bias, aux):
         return False
     if bias is not None:
         lt.matmul_desc_set(plan.desc, lt.DESC_BIAS_POINTER, bias_ptr)
-    lt.matmul_desc_set(plan.desc, lt.DESC_EPILOGUE_AUX_POINTER, aux.data.ptr)
+    lt.matmul_desc_set(plan.desc, lt.DESC_EPILOGUE_AUX_POINTER, aux_ptr)
     p_alpha, p_beta = _host_scalars(1.0, 0.0)
-    lt.matmul(s.handle, plan.desc, p_alpha, w.data.ptr, plan.a, x.data.ptr, plan.b, p_beta, out.data.ptr, plan.d,
-              out.data.ptr, plan.d, plan.algo, s.workspace.data.ptr, WORKSPACE_BYTES,
-              cp.cuda.get_current_stream().ptr)
+    lt.matmul(s.handle, plan.desc, p_alpha, w_ptr, plan.a, x_ptr, plan.b, p_beta, out_ptr, plan.d,
+              out_ptr, plan.d, plan.algo, s.workspace.data.ptr, WORKSPACE_BYTES, cp.cuda.get_current_stream().ptr)
     return True
 
 
