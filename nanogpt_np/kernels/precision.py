@@ -125,13 +125,13 @@ def cublas_handle():
     CuPy's wrapper, noted once. One handle per thread, like CuPy's own, because a cuBLAS handle must not be used
     by two threads at once (a server thread may sample while another trains)."""
     import cupy as cp
-    from . import cublas_ctypes
     device = cp.cuda.runtime.getDevice()
     handles = getattr(_local, "handles", None)
     if handles is None:
         handles = _local.handles = {}
     h = handles.get(device)
     if h is None:
+        from . import cublas_ctypes
         blas = cublas_ctypes if cublas_ctypes.load() is not None else None
         if blas is None:
             from cupy_backends.cuda.libs import cublas as blas_wrapper
