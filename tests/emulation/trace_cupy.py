@@ -315,6 +315,9 @@ class Tracer:
         self._resumed = None
         self._py = 0.0
         self.capture = None        # while a stream captures: [the replay closures, the arrays allocated]
+        # shape-only mappings made while recording, unmapped at stop(): munmap is the fake's cost (CuPy's pool
+        # keeps freed memory), and an array freed in project code would otherwise count it as the project's time
+        self._unmap_at_stop = []
 
     # ----- install / uninstall
     def __enter__(self):
@@ -383,6 +386,7 @@ class Tracer:
 
     def stop(self):
         self.recording = False
+        self._unmap_at_stop.clear()
 
     def hook(self):
         return _Hook(self)
@@ -453,7 +457,10 @@ class Tracer:
         else:
             nbytes = math.prod(shape) * dtype.itemsize
             if nbytes >= _MMAP_FROM:
-                base = np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
+                mapping = mmap.mmap(-1, nbytes)
+                if self.recording:
+                    self._unmap_at_stop.append(mapping)
+                base = np.frombuffer(mapping, dtype=dtype).reshape(shape)
             else:
                 base = np.zeros(shape, dtype)
             a = fake_cupy._wrap(base)
