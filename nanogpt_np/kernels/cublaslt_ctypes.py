@@ -24,7 +24,7 @@ the separate kernels, kernels/mlp.py).
     layout = matrix_layout_create(dtype, rows, cols, ld) cublasLtMatrixLayoutCreate (column-major)
     pref = preference_create(); preference_set(pref, attribute, value)   (workspace size, pointer alignments)
     algo = algo_get_heuristic(handle, desc, a, b, c, d, pref)   cublasLtMatmulAlgoGetHeuristic: the best
-                                                         algo (a 64-byte buffer), or None when none fits
+                                                         algo (a HeuristicResult), or None when none fits
     matmul(handle, desc, alpha, A, a, B, b, beta, C, c, D, d, algo, workspace, nbytes, stream)   cublasLtMatmul
     matmul_desc_destroy / matrix_layout_destroy / preference_destroy
 Every function raises RuntimeError with the cuBLAS status when the call does not return CUBLAS_STATUS_SUCCESS.
@@ -75,11 +75,8 @@ PREF_ATTRIBUTE_TYPES = {PREF_MAX_WORKSPACE_BYTES: ctypes.c_uint64, PREF_MIN_ALIG
                         PREF_MIN_ALIGNMENT_B_BYTES: ctypes.c_uint32, PREF_MIN_ALIGNMENT_C_BYTES: ctypes.c_uint32,
                         PREF_MIN_ALIGNMENT_D_BYTES: ctypes.c_uint32}
 
-ALGO_BYTES = 64                    # cublasLtMatmulAlgo_t: uint64_t data[8]
-
-
 class HeuristicResult(ctypes.Structure):
-    """cublasLtMatmulHeuristicResult_t."""
+    """cublasLtMatmulHeuristicResult_t; its algo is a cublasLtMatmulAlgo_t, 64 opaque bytes (uint64_t data[8])."""
     _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspaceSize", ctypes.c_size_t), ("state", ctypes.c_int),
                 ("wavesCount", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
 
