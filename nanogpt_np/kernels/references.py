@@ -23,13 +23,13 @@ def residual_layernorm_backward(douts, saved, dw_into=None, db_into=None, drb_in
     the bias, added to every row, gets that summed over the rows (None without a bias). dw, db, dresidual_bias
     are added into the *_into buffers when given (then None); bf16_dr (a storage hint) is ignored here."""
     from ..ops.layernorm import layernorm_backward
-    from ..ops.linear import _add_into
+    from ..ops.reductions import add_into
     saved, has_bias = saved
     dh, dy = douts
     dx, dw, db = layernorm_backward(dy, saved, dw_into, db_into)
     if dh is not None:
         dx = dx + dh
-    return dx, dx, (_add_into(drb_into, dx.sum(axis=0)) if has_bias else None), dw, db
+    return dx, dx, (add_into(drb_into, dx.sum(axis=0)) if has_bias else None), dw, db
 
 
 def bias_gelu_forward(x, b):

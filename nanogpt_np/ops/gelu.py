@@ -14,7 +14,7 @@ import math
 from .. import backend
 from ..tensor import Tensor, record
 from .dispatch import implementation
-from .reductions import sum_rows
+from .reductions import add_into, sum_rows
 
 _S = math.sqrt(2.0 / math.pi)
 _A = 0.044715
@@ -75,11 +75,7 @@ def bias_gelu_forward(x, b):
 def bias_gelu_backward(dy, saved, db_into=None):
     """dy (N, C) -> dx (N, C), db (C,) (None after adding it into db_into)."""
     (dx,) = gelu_backward(widen_bf16(dy), saved)
-    db = sum_rows(dx)
-    if db_into is None:
-        return dx, db
-    db_into += db
-    return dx, None
+    return dx, add_into(db_into, sum_rows(dx))
 
 
 def bias_gelu(x: Tensor, b: Tensor) -> Tensor:
