@@ -38,7 +38,8 @@ def bias_gelu_forward(x, b):
     once and writes those bits; they are widened here exactly. bf16 rounding on that path happens only there,
     in the gemm that makes dy (mlp.c_proj's backward), and once when the kernel stores y / dx as bf16: the bias
     add, gelu, gelu' and db are float32 on the GPU (this reference: the input's precision, float64 in tests)."""
-    from ..ops.gelu import gelu_forward, widen_bf16
+    from ..ops.gelu import gelu_forward
+    from .bf16 import widen_bf16
     y, saved = gelu_forward(widen_bf16(x) + b)
     return y, saved
 
@@ -46,7 +47,8 @@ def bias_gelu_forward(x, b):
 def bias_gelu_backward(dy, saved, db_into=None):
     """-> (dx, db): dx = dy * gelu'(x + b), db = dx (unrounded) summed over rows. dy may be bf16 bits (widened
     exactly). Given db_into, db is added into it and returned as None (the *_into contract)."""
-    from ..ops.gelu import gelu_backward, widen_bf16
+    from ..ops.gelu import gelu_backward
+    from .bf16 import widen_bf16
     (dx,) = gelu_backward(widen_bf16(dy), saved)
     db = dx.reshape(-1, dx.shape[-1]).sum(axis=0)
     if db_into is None:

@@ -12,6 +12,7 @@ them, model.py): the kernels read them directly; this reference widens them (exa
 import math
 
 from .. import backend
+from ..kernels.bf16 import widen_bf16
 from ..tensor import Tensor, record
 from .dispatch import implementation
 from .reductions import add_into, sum_rows
@@ -57,14 +58,6 @@ def gelu(x: Tensor) -> Tensor:
     forward, backward = implementation("gelu", x.data, gelu_forward, gelu_backward)
     y, saved = forward(x.data)
     return record(Tensor(y), (x,), lambda dout: backward(dout, saved))
-
-
-def widen_bf16(a):
-    """bf16 bits (uint16, written by a GPU gemm in bf16 precision) -> float32, exactly; other arrays as they are."""
-    if a.dtype != "uint16":
-        return a
-    from ..kernels.bf16 import bf16_to_float32
-    return bf16_to_float32(a)
 
 
 def bias_gelu_forward(x, b):
