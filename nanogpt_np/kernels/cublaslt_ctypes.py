@@ -30,8 +30,9 @@ the separate kernels, kernels/mlp.py).
 Every function raises RuntimeError with the cuBLAS status when the call does not return CUBLAS_STATUS_SUCCESS.
 """
 import ctypes
-import importlib
 import os
+
+from . import cublas_ctypes
 
 SONAMES = ("libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11")
 
@@ -104,22 +105,8 @@ def load():
     """The cuBLASLt library as a ctypes object with the functions above declared, or None when none loads."""
     global _lib
     if _lib is None:
-        _lib = False
-        try:            # CuPy loads its cuBLAS (and the wheel's folder) when its cublas module is imported
-            importlib.import_module("cupy_backends.cuda.libs.cublas")
-        except ImportError:
-            pass
         explicit = os.environ.get("NANOGPT_CUBLASLT_LIB")
-        for name in ((explicit,) if explicit else ()) + SONAMES:
-            try:
-                lib = ctypes.CDLL(name)
-            except OSError:
-                continue
-            for fn, argtypes in _SIGNATURES.items():
-                getattr(lib, fn).argtypes = argtypes
-                getattr(lib, fn).restype = _I
-            _lib = lib
-            break
+        _lib = cublas_ctypes.load_first(((explicit,) if explicit else ()) + SONAMES, _SIGNATURES) or False
     return _lib or None
 
 
