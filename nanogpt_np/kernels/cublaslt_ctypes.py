@@ -57,14 +57,16 @@ DESC_ATTRIBUTE_TYPES = {DESC_TRANSA: ctypes.c_int32, DESC_TRANSB: ctypes.c_int32
                         DESC_EPILOGUE_AUX_LD: ctypes.c_int64, DESC_EPILOGUE_AUX_DATA_TYPE: ctypes.c_int32,
                         DESC_BIAS_DATA_TYPE: ctypes.c_int32}
 
-# cublasLtEpilogue_t (cublasLt.h)
+# cublasLtEpilogue_t (cublasLt.h): the values are built from bits, two of which cublasLt.h does not name:
+EPILOGUE_BGRAD_BIT = 16            # the epilogue writes a bias gradient (column sums of D)
+EPILOGUE_AUX_BIT = 128             # the epilogue writes (forward) or reads (backward) the aux matrix
 EPILOGUE_DEFAULT = 1
 EPILOGUE_BIAS = 4
 EPILOGUE_GELU = 32
-EPILOGUE_GELU_AUX = EPILOGUE_GELU | 128            # 160
+EPILOGUE_GELU_AUX = EPILOGUE_GELU | EPILOGUE_AUX_BIT            # 160
 EPILOGUE_GELU_AUX_BIAS = EPILOGUE_GELU_AUX | EPILOGUE_BIAS      # 164
-EPILOGUE_DGELU = 64 | 128                          # 192
-EPILOGUE_DGELU_BGRAD = EPILOGUE_DGELU | 16         # 208
+EPILOGUE_DGELU = 64 | EPILOGUE_AUX_BIT                          # 192
+EPILOGUE_DGELU_BGRAD = EPILOGUE_DGELU | EPILOGUE_BGRAD_BIT      # 208
 
 # cublasLtMatmulPreferenceAttributes_t
 PREF_MAX_WORKSPACE_BYTES = 1       # uint64_t
