@@ -20,7 +20,7 @@ What is compared, and how closely:
   micro-batches), so its relative error is of order u * rms(logit) / (loss * sqrt(N)), ~1e-4 at this size, and
   the weights of later steps differ by as much again. Measured: up to 1.25e-4 (bf16, two micro-batches; the
   MLP on cuBLASLt's epilogues rounds its pre-activation to bf16 too), 5.6e-5 (flash, float32); with 4x the
-  targets per step (B=4, T=32) 4e-5, as 1/sqrt(N) says. 2e-4 is that noise floor with a factor 1.6 of room
+  targets per step (B=4, T=32) 4e-5, as 1/sqrt(N) says. 2e-4 is that noise floor (~1e-4) with a factor 2 of room
   (pytest -s prints each run's worst); the float32 runs (1.2e-7 here) show that the rest of the path adds
   nothing. A gross kernel bug still stands out: flash's causal mask off by one (each query sees the next key)
   moves the loss by 4.8e-3. Small numeric slips hide under 2e-4 and are for the float32 runs (GELU's 0.5 as
