@@ -118,32 +118,3 @@ def test_the_fake_binding_takes_the_same_arguments():
     for name, fn in patched.items():
         assert len(inspect.signature(fn).parameters) == len(inspect.signature(real[name]).parameters), name
 
-
-def test_load_tries_the_explicit_path_then_the_sonames(monkeypatch):
-    """NANOGPT_CUBLASLT_LIB first, then libcublasLt.so.13, .12, .11; the first that loads is kept (its functions
-    declared), and None when none loads."""
-    from nanogpt_np.kernels import cublas_ctypes
-    tried = []
-
-    class Lib:                        # any attribute is a function ctypes lets us declare
-        def __getattr__(self, name):
-            return type("Fn", (), {})()
-    lib = Lib()
-
-    def cdll(name):
-        tried.append(name)
-        if name != "libcublasLt.so.12":
-            raise OSError(name)
-        return lib
-    # load() first imports CuPy's cublas module, which with real CuPy would call the stand-in CDLL for libdl
-    real_import = cublas_ctypes.importlib.import_module
-    monkeypatch.setattr(cublas_ctypes.importlib, "import_module",
-                        lambda name, *a: None if name.startswith("cupy") else real_import(name, *a))
-    monkeypatch.setattr(ctypes, "CDLL", cdll)
-    monkeypatch.setenv("NANOGPT_CUBLASLT_LIB", "/somewhere/libcublasLt.so")
-    monkeypatch.setattr(lt, "_lib", None)
-    assert lt.load() is lib and tried == ["/somewhere/libcublasLt.so", "libcublasLt.so.13", "libcublasLt.so.12"]
-    assert lt.load() is lib and len(tried) == 3                    # kept: not looked up again
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
-    monkeypatch.setattr(lt, "_lib", None)
-    assert lt.load() is None and not cublaslt.available()
