@@ -42,6 +42,7 @@ for _p in (REPO, os.path.join(REPO, "tests")):         # the package, and the fa
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from nanogpt_np.kernels import cublaslt_ctypes as lt      # noqa: E402
 from nanogpt_np.model import GPT                         # noqa: E402
 
 # ------------------------------------------------------------------------------------------ assumptions
@@ -665,7 +666,7 @@ def report(summary: Summary, cfg: StepConfig, device, how) -> str:
     return "\n".join(lines)
 
 
-EPILOGUE_NAMES = {164: "GELU_AUX_BIAS", 160: "GELU_AUX", 208: "DGELU_BGRAD", 192: "DGELU"}   # cublasLt.h values
+EPILOGUE_NAMES = {getattr(lt, "EPILOGUE_" + name): name for name in ("GELU_AUX_BIAS", "GELU_AUX", "DGELU_BGRAD", "DGELU")}
 
 
 def op_lines(summary: Summary):

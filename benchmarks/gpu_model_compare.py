@@ -98,30 +98,34 @@ def _layernorm(z, kind):
     return lambda: k.residual_layernorm_backward((dh, dy), saved)
 
 
+def _in_precision(precision, fn):
+    """A call of fn with registry.precision() set to `precision` ("float32" or "bfloat16"), restored after."""
+    from nanogpt_np.kernels import registry
+
+    def call():
+        old = registry.precision()
+        registry.set_precision(precision)
+        try:
+            return fn()
+        finally:
+            registry.set_precision(old)
+    return call
+
+
 def _gelu(z, backward, bf16=False):
     """bf16: as the model runs it in bf16 precision (x and dy as bf16 bits, y and dx bf16, db into a buffer)."""
     import cupy
     from nanogpt_np.kernels import gelu as k
-    from nanogpt_np.kernels import registry
     x4, b4, d4 = _f32(z.N, 4 * z.C), _f32(4 * z.C), _f32(z.N, 4 * z.C)
     db_into = None
     if bf16:
         x4, d4 = cupy.zeros(x4.shape, dtype=cupy.uint16), cupy.zeros(d4.shape, dtype=cupy.uint16)
         db_into = _f32(4 * z.C)
-
-    def in_precision(fn):
-        def call():
-            old = registry.precision()
-            registry.set_precision("bfloat16" if bf16 else "float32")
-            try:
-                return fn()
-            finally:
-                registry.set_precision(old)
-        return call
+    precision = "bfloat16" if bf16 else "float32"
     if not backward:
-        return in_precision(lambda: k.bias_gelu_forward(x4, b4))
-    _, saved = in_precision(lambda: k.bias_gelu_forward(x4, b4))()
-    return in_precision(lambda: k.bias_gelu_backward(d4, saved, db_into=db_into))
+        return _in_precision(precision, lambda: k.bias_gelu_forward(x4, b4))
+    _, saved = _in_precision(precision, lambda: k.bias_gelu_forward(x4, b4))()
+    return _in_precision(precision, lambda: k.bias_gelu_backward(d4, saved, db_into=db_into))
 
 
 def _cross_entropy(z):
@@ -175,21 +179,16 @@ def _attention(z, flash, tf32):
 def _mlp(z):
     """The MLP forward + backward in bf16 as the model runs it (kernels/mlp.py: cuBLASLt epilogues)."""
     import cupy
-    from nanogpt_np.kernels import mlp, registry
+    from nanogpt_np.kernels import mlp
     x, w_fc, b_fc, w_proj = cupy.zeros((z.N, z.C), dtype=cupy.uint16), _f32(z.C, 4 * z.C), _f32(4 * z.C), _f32(4 * z.C, z.C)
     w_fc_h, w_proj_h = cupy.zeros(w_fc.shape, dtype=cupy.uint16), cupy.zeros(w_proj.shape, dtype=cupy.uint16)
     dy = cupy.zeros((z.N, z.C), dtype=cupy.uint16)
     bufs = dict(dw_fc_into=_f32(z.C, 4 * z.C), db_fc_into=_f32(4 * z.C), dw_proj_into=_f32(4 * z.C, z.C))
 
-    def call():
-        old = registry.precision()
-        registry.set_precision("bfloat16")
-        try:
-            _, saved = mlp.mlp_forward(x, w_fc, b_fc, w_proj, None, w_fc_h, w_proj_h, bf16_out=True)
-            return mlp.mlp_backward(dy, saved, **bufs)
-        finally:
-            registry.set_precision(old)
-    return call
+    def step():
+        _, saved = mlp.mlp_forward(x, w_fc, b_fc, w_proj, None, w_fc_h, w_proj_h, bf16_out=True)
+        return mlp.mlp_backward(dy, saved, **bufs)
+    return _in_precision("bfloat16", step)
 
 
 KERNEL_ROWS = [

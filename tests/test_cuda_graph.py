@@ -200,6 +200,26 @@ def test_a_refused_capture_falls_back_to_eager_steps(tmp_path, monkeypatch, eage
     np.testing.assert_array_equal(w, eager_w)
 
 
+def _stand_in_cdll(monkeypatch, loads, lib):
+    """ctypes.CDLL replaced: the library named `loads` is `lib`, every other name fails to load. Returns the list
+    of names tried. (load_first imports CuPy's cublas module first; with real CuPy installed that import would
+    itself call the stand-in CDLL, for libdl, when it is the first import in the process: it is skipped.)"""
+    import ctypes
+    from nanogpt_np.kernels import cublas_ctypes
+    tried = []
+
+    def cdll(name):
+        tried.append(name)
+        if name != loads:
+            raise OSError(name)
+        return lib
+    real_import = cublas_ctypes.importlib.import_module
+    monkeypatch.setattr(cublas_ctypes.importlib, "import_module",
+                        lambda name, *a: None if name.startswith("cupy") else real_import(name, *a))
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    return tried
+
+
 def test_cublas_ctypes_binding_tries_the_sonames_in_order_and_checks_statuses(monkeypatch):
     """kernels/cublas_ctypes.py on a stand-in library: the first soname that loads is used, every function gets
     its declared argument types, the arguments arrive in CuPy's gemmEx order, and a failing status raises."""
@@ -217,19 +237,8 @@ def test_cublas_ctypes_binding_tries_the_sonames_in_order_and_checks_statuses(mo
                 return 13 if name == "cublasSetStream_v2" else 0          # 13: CUBLAS_STATUS_EXECUTION_FAILED
             self.__dict__[name] = fn
             return fn
-    lib, tried = Lib(), []
-
-    def cdll(name):
-        tried.append(name)
-        if name != "libcublas.so.12":
-            raise OSError(name)
-        return lib
-    # load() first imports CuPy's cublas module (which loads the library); with real CuPy installed that import
-    # would itself call the stand-in CDLL below (for libdl) when it is the first import in the process
-    real_import = cublas_ctypes.importlib.import_module
-    monkeypatch.setattr(cublas_ctypes.importlib, "import_module",
-                        lambda name, *a: None if name.startswith("cupy") else real_import(name, *a))
-    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    lib = Lib()
+    tried = _stand_in_cdll(monkeypatch, "libcublas.so.12", lib)
     monkeypatch.setattr(cublas_ctypes, "_lib", None)
     assert cublas_ctypes.load() is lib and tried == ["libcublas.so.13", "libcublas.so.12"]
     assert len(lib.cublasGemmEx.argtypes) == len(inspect.signature(cublas_ctypes.gemm_ex).parameters) == 19
@@ -240,3 +249,27 @@ def test_cublas_ctypes_binding_tries_the_sonames_in_order_and_checks_statuses(mo
     monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
     monkeypatch.setattr(cublas_ctypes, "_lib", None)
     assert cublas_ctypes.load() is None
+
+
+def test_cublaslt_ctypes_loads_the_explicit_path_then_the_sonames(monkeypatch):
+    """NANOGPT_CUBLASLT_LIB first, then libcublasLt.so.13, .12, .11; the first that loads is kept (its functions
+    declared), and None when none loads (the MLP then uses the separate kernels)."""
+    import ctypes
+    from nanogpt_np.kernels import cublaslt, cublaslt_ctypes
+
+    class Lib:                        # any attribute is a function whose argtypes / restype can be set
+        def __getattr__(self, name):
+            fn = type("Fn", (), {})()
+            self.__dict__[name] = fn
+            return fn
+    lib = Lib()
+    tried = _stand_in_cdll(monkeypatch, "libcublasLt.so.12", lib)
+    monkeypatch.setenv("NANOGPT_CUBLASLT_LIB", "/somewhere/libcublasLt.so")
+    monkeypatch.setattr(cublaslt_ctypes, "_lib", None)
+    assert cublaslt_ctypes.load() is lib
+    assert tried == ["/somewhere/libcublasLt.so", "libcublasLt.so.13", "libcublasLt.so.12"]
+    assert lib.cublasLtMatmul.argtypes == cublaslt_ctypes._SIGNATURES["cublasLtMatmul"]
+    assert cublaslt_ctypes.load() is lib and len(tried) == 3                 # kept: not looked up again
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    monkeypatch.setattr(cublaslt_ctypes, "_lib", None)
+    assert cublaslt_ctypes.load() is None and not cublaslt.available()

@@ -108,14 +108,14 @@ def test_flash_attention_bias_gradient_goes_into_the_buffer(device, monkeypatch)
 def test_negative_control_overwriting_instead_of_adding_is_caught(device, monkeypatch):
     """If the backward wrote its gradient into the buffer instead of adding to it (beta = 0), the wte and the
     second micro-batch would lose what was there: the comparison above must fail."""
-    lin = __import__("nanogpt_np.ops.linear", fromlist=["_add_into"])
+    lin = __import__("nanogpt_np.ops.linear", fromlist=["add_into"])
 
     def overwrite(buffer, g):
         if buffer is None:
             return g
         buffer[...] = g
         return None
-    monkeypatch.setattr(lin, "_add_into", overwrite)
+    monkeypatch.setattr(lin, "add_into", overwrite)
     if device != "cpu":
         from nanogpt_np.kernels import precision
         gemm = precision.gemm

@@ -381,3 +381,15 @@ def test_out_of_range_ids_are_errors():
         ops.embedding(wte, wpe, np.array([[0, 5]]))
     with pytest.raises(ValueError, match="targets"):
         ops.cross_entropy(Tensor(np.zeros((2, 5))), np.array([1, -2]))
+
+
+@pytest.mark.parametrize("bad", ["w_fc rows", "w_proj rows", "b_fc", "b_proj"])
+def test_mlp_refuses_shapes_that_do_not_chain(rng, bad):
+    """A weight or bias of the wrong size is a clear ValueError, not a broadcast (a (1,) bias would silently be
+    added to every column) or, on the GPU, a cuBLASLt matmul reading past the end of an array."""
+    x, w_fc, b_fc, w_proj, b_proj = _mlp_arrays(rng)
+    wrong = {"w_fc rows": dict(w_fc=w_fc[:-1]), "w_proj rows": dict(w_proj=w_proj[:-1]),
+             "b_fc": dict(b_fc=b_fc[:1]), "b_proj": dict(b_proj=b_proj[:1])}[bad]
+    args = {**dict(x=x, w_fc=w_fc, b_fc=b_fc, w_proj=w_proj, b_proj=b_proj), **wrong}
+    with pytest.raises(ValueError, match="mlp: "):
+        ops.mlp(*(Tensor(args[k]) for k in ("x", "w_fc", "b_fc", "w_proj", "b_proj")))

@@ -20,10 +20,11 @@ extern "C" __global__ void bf16_to_f32(float* __restrict__ out, const unsigned s
     if (i < n) out[i] = __uint_as_float(((unsigned int)in[i]) << 16);
 }
 
-// Column sums of a bf16 (N, C) matrix, in float32: the bias gradient when the gradient was written in bf16
-// for its matmul (flash attention's dqkv). Block (32, 8), grid (ceil(C/32), nchunks): thread (tx, ty) sums
-// column 32*blockIdx.x + tx over rows ty, ty+8, ... of its row chunk; the 8 partial sums are added in ty order
-// in shared memory and written to partial[chunk, c] (the caller adds the chunks: a deterministic order).
+// Column sums of a bf16 (N, C) matrix, in float32: a bias gradient from a gradient written in bf16 for its
+// matmul (kernels/mlp.py: c_fc's bias from the bf16 dpre when cuBLASLt refuses the DGELU_BGRAD epilogue).
+// Block (32, 8), grid (ceil(C/32), nchunks): thread (tx, ty) sums column 32*blockIdx.x + tx over rows ty, ty+8,
+// ... of its row chunk; the 8 partial sums are added in ty order in shared memory and written to
+// partial[chunk, c] (the caller adds the chunks: a deterministic order).
 #define RY 8
 extern "C" __global__ void bf16_column_sum_partial(float* __restrict__ partial, const unsigned short* __restrict__ x,
                                                    int N, int C, int rows_per_chunk) {

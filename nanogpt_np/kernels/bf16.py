@@ -45,6 +45,12 @@ def bf16_to_float32(h):
     return (h.astype(xp.uint32) << 16).view(xp.float32)
 
 
+def widen_bf16(a):
+    """bf16 bits (uint16, as a GPU matmul in bf16 precision writes its output or input gradient) -> float32
+    values, exactly; any other array as it is. Lets a NumPy reference stand in for a kernel that reads bf16."""
+    return bf16_to_float32(a) if a.dtype == np.uint16 else a
+
+
 def round_to_bf16(x):
     """float32 -> float32 holding the nearest bf16 value (what a bf16 round trip gives)."""
     return bf16_to_float32(float32_to_bf16(x))

@@ -44,22 +44,27 @@ def load():
     """The cuBLAS library as a ctypes object with the functions above declared, or None when none loads."""
     global _lib
     if _lib is None:
-        _lib = False
-        try:            # CuPy loads its libcublas (also from a wheel's own folder) when its cublas module is
-            importlib.import_module("cupy_backends.cuda.libs.cublas")   # imported; the soname then finds it
-        except ImportError:
-            pass
-        for name in SONAMES:
-            try:
-                lib = ctypes.CDLL(name)
-            except OSError:
-                continue
-            for fn, argtypes in _SIGNATURES.items():
-                getattr(lib, fn).argtypes = argtypes
-                getattr(lib, fn).restype = _I
-            _lib = lib
-            break
+        _lib = load_first(SONAMES, _SIGNATURES) or False
     return _lib or None
+
+
+def load_first(names, signatures):
+    """The first library in `names` that ctypes loads, with `signatures` ({function: argument types}) declared,
+    each returning a status int; None when none loads. (Also cublaslt_ctypes.py's loader.)"""
+    try:            # CuPy loads its libcublas (also from a wheel's own folder) when its cublas module is
+        importlib.import_module("cupy_backends.cuda.libs.cublas")   # imported; the soname then finds it
+    except ImportError:
+        pass
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        for fn, argtypes in signatures.items():
+            getattr(lib, fn).argtypes = argtypes
+            getattr(lib, fn).restype = _I
+        return lib
+    return None
 
 
 def _check(status, what):

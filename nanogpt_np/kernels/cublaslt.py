@@ -10,11 +10,12 @@ Arithmetic (cuBLASLt docs, cublasLtEpilogue_t): the products accumulate in float
 float32 accumulator (plus the float32 bias), and only what is stored is rounded to bf16: h, the aux `pre`, dpre.
 The bias gradient is summed from the float32 dpre before its rounding, and written as float32
 (BIAS_DATA_TYPE = CUDA_R_32F; the default would be D's type, bf16. Should a GPU's cuBLASLt refuse it, the
-heuristic finds no algo and kernels/mlp.py sums the bias gradient from the bf16 dpre instead). Which GELU: the tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the
-one GPT-2 and ops/gelu.py use. cublasLt.h only says "GELU"; PyTorch, whose torch._addmm_activation(use_gelu=True)
-runs on this epilogue on CUDA, says it is the tanh form (pytorch/pytorch pull request 104061, 2023: "cuBLASLt-based
-fused GELU epilogue in the GPU back-end of the `_addmm_activation` operator uses tanh approximation", which made
-its other GPU paths match). tests/gpu/test_mlp_gpu.py checks it on the GPU (tanh form against erf form).
+heuristic finds no algo and kernels/mlp.py sums the bias gradient from the bf16 dpre instead).
+Which GELU: the tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the one GPT-2 and ops/gelu.py use.
+cublasLt.h only says "GELU"; PyTorch, whose torch._addmm_activation(use_gelu=True) runs on this epilogue on CUDA,
+says it is the tanh form (pytorch/pytorch pull request 104061, 2023: "cuBLASLt-based fused GELU epilogue in the
+GPU back-end of the `_addmm_activation` operator uses tanh approximation", which made its other GPU paths match).
+tests/gpu/test_mlp_gpu.py checks it on the GPU (tanh form against erf form).
 
 Row-major products in cuBLAS's column-major terms (precision.gemm_args): our (N, M) result is cuBLAS's (M, N)
 matrix D, so D's rows are our columns (the M features): the bias is a length-M vector along D's rows, the bias

@@ -24,14 +24,15 @@ the separate kernels, kernels/mlp.py).
     layout = matrix_layout_create(dtype, rows, cols, ld) cublasLtMatrixLayoutCreate (column-major)
     pref = preference_create(); preference_set(pref, attribute, value)   (workspace size, pointer alignments)
     algo = algo_get_heuristic(handle, desc, a, b, c, d, pref)   cublasLtMatmulAlgoGetHeuristic: the best
-                                                         algo (a 64-byte buffer), or None when none fits
+                                                         algo (a HeuristicResult), or None when none fits
     matmul(handle, desc, alpha, A, a, B, b, beta, C, c, D, d, algo, workspace, nbytes, stream)   cublasLtMatmul
     matmul_desc_destroy / matrix_layout_destroy / preference_destroy
 Every function raises RuntimeError with the cuBLAS status when the call does not return CUBLAS_STATUS_SUCCESS.
 """
 import ctypes
-import importlib
 import os
+
+from . import cublas_ctypes
 
 SONAMES = ("libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so.11")
 
@@ -56,14 +57,16 @@ DESC_ATTRIBUTE_TYPES = {DESC_TRANSA: ctypes.c_int32, DESC_TRANSB: ctypes.c_int32
                         DESC_EPILOGUE_AUX_LD: ctypes.c_int64, DESC_EPILOGUE_AUX_DATA_TYPE: ctypes.c_int32,
                         DESC_BIAS_DATA_TYPE: ctypes.c_int32}
 
-# cublasLtEpilogue_t (cublasLt.h)
+# cublasLtEpilogue_t (cublasLt.h): the values are built from bits, two of which cublasLt.h does not name:
+EPILOGUE_BGRAD_BIT = 16            # the epilogue writes a bias gradient (column sums of D)
+EPILOGUE_AUX_BIT = 128             # the epilogue writes (forward) or reads (backward) the aux matrix
 EPILOGUE_DEFAULT = 1
 EPILOGUE_BIAS = 4
 EPILOGUE_GELU = 32
-EPILOGUE_GELU_AUX = EPILOGUE_GELU | 128            # 160
+EPILOGUE_GELU_AUX = EPILOGUE_GELU | EPILOGUE_AUX_BIT            # 160
 EPILOGUE_GELU_AUX_BIAS = EPILOGUE_GELU_AUX | EPILOGUE_BIAS      # 164
-EPILOGUE_DGELU = 64 | 128                          # 192
-EPILOGUE_DGELU_BGRAD = EPILOGUE_DGELU | 16         # 208
+EPILOGUE_DGELU = 64 | EPILOGUE_AUX_BIT                          # 192
+EPILOGUE_DGELU_BGRAD = EPILOGUE_DGELU | EPILOGUE_BGRAD_BIT      # 208
 
 # cublasLtMatmulPreferenceAttributes_t
 PREF_MAX_WORKSPACE_BYTES = 1       # uint64_t
@@ -75,11 +78,8 @@ PREF_ATTRIBUTE_TYPES = {PREF_MAX_WORKSPACE_BYTES: ctypes.c_uint64, PREF_MIN_ALIG
                         PREF_MIN_ALIGNMENT_B_BYTES: ctypes.c_uint32, PREF_MIN_ALIGNMENT_C_BYTES: ctypes.c_uint32,
                         PREF_MIN_ALIGNMENT_D_BYTES: ctypes.c_uint32}
 
-ALGO_BYTES = 64                    # cublasLtMatmulAlgo_t: uint64_t data[8]
-
-
 class HeuristicResult(ctypes.Structure):
-    """cublasLtMatmulHeuristicResult_t."""
+    """cublasLtMatmulHeuristicResult_t; its algo is a cublasLtMatmulAlgo_t, 64 opaque bytes (uint64_t data[8])."""
     _fields_ = [("algo", ctypes.c_uint64 * 8), ("workspaceSize", ctypes.c_size_t), ("state", ctypes.c_int),
                 ("wavesCount", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
 
@@ -107,22 +107,8 @@ def load():
     """The cuBLASLt library as a ctypes object with the functions above declared, or None when none loads."""
     global _lib
     if _lib is None:
-        _lib = False
-        try:            # CuPy loads its cuBLAS (and the wheel's folder) when its cublas module is imported
-            importlib.import_module("cupy_backends.cuda.libs.cublas")
-        except ImportError:
-            pass
         explicit = os.environ.get("NANOGPT_CUBLASLT_LIB")
-        for name in ((explicit,) if explicit else ()) + SONAMES:
-            try:
-                lib = ctypes.CDLL(name)
-            except OSError:
-                continue
-            for fn, argtypes in _SIGNATURES.items():
-                getattr(lib, fn).argtypes = argtypes
-                getattr(lib, fn).restype = _I
-            _lib = lib
-            break
+        _lib = cublas_ctypes.load_first(((explicit,) if explicit else ()) + SONAMES, _SIGNATURES) or False
     return _lib or None
 
 

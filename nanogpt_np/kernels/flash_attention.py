@@ -4,8 +4,9 @@ Same contract as ops/attention.py: forward(qkv, n_head) -> (out, saved), backwar
 Inputs and outputs are in the model's layouts. The kernels read q, k, v in place from a bf16 qkv (B, T, 3C):
 the qkv matmul's own bf16 output (bf16 matmuls), or a bf16 copy made by qkv_to_bf16 from a float32 qkv. dout
 (B, T, C) is read in place too when it arrives as bf16 (c_proj's bf16 dx), else rounded into a bf16 copy of
-the same layout by the backward's prep kernel. Matmuls run in bf16 with float32 accumulation, so results match the float32 reference to about 1e-2 relative, not 1e-5. Head size must be 64; other head sizes
-fall back to the cuBLAS form (softmax_attention), with one logged warning per model shape.
+the same layout by the backward's prep kernel. Matmuls run in bf16 with float32 accumulation, so results match
+the float32 reference to about 1e-2 relative, not 1e-5. Head size must be 64; other head sizes fall back to the
+cuBLAS form (softmax_attention), with one logged warning per model shape.
 
 bias_attention (ops/attention.py gives the NumPy meaning): attention(x + b) for the qkv matmul's output x and
 its bias b (3C,): the kernels add the bias as they load each tile of q, k, v (no pass of its own; for a float32
@@ -14,8 +15,8 @@ buffer when given one (db_into, docs/CONTRACTS.md).
 With bf16 activations (registry.bf16_activations(): the matmuls read bf16) out is written as bf16 bits for the
 c_proj matmul, and bias_attention's dqkv as bf16 for the qkv matmul's backward (db is then summed from the
 bf16 values, in float32: the backward kernels sum each 64-row tile's columns as they write them (a block of
-128 rows writes two partial rows), and one gemm
-adds those partial sums into db). Plain attention's dqkv stays float32: a matmul before it may add its own bias.
+128 rows writes two partial rows), and one gemm adds those partial sums into db). Plain attention's dqkv stays
+float32: a matmul before it may add its own bias.
 """
 import logging
 import math

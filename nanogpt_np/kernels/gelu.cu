@@ -1,4 +1,6 @@
 // GELU (GPT-2's tanh form) with an optional bias add fused in front of it.
+// (In bf16 precision the model's MLP normally runs its GELU on cuBLASLt's matmul epilogues instead,
+// kernels/mlp.py; these kernels serve float32 precision and the MLP when cuBLASLt is absent or refuses.)
 //
 //   forward:  a = x + bias[c]   (bias may be NULL),   out = 0.5 * a * (1 + tanh(u)),  u = s*(a + k*a^3)
 //             s = sqrt(2/pi), k = 0.044715

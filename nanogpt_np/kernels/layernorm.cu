@@ -1,9 +1,9 @@
 // LayerNorm over the last dimension C of an (N, C) float32 matrix, with the residual add fused in.
 //
-//   forward:  h = x + residual (+ residual_bias[c])   (only with a residual, float32 or bf16 bits (a bf16 matmul
-//                                                     wrote it); h is written out: the new
-//                                                     residual stream; residual_bias is the bias of the matmul
-//                                                     that made `residual`, added here instead of in its own pass)
+//   forward:  h = x + residual (+ residual_bias[c])   (only with a residual; h is written out: the new residual
+//                                                     stream. The residual is float32, or bf16 bits when a bf16
+//                                                     matmul wrote it; residual_bias is the bias of that matmul,
+//                                                     added here instead of in its own pass)
 //             mean = sum(h)/C,  rstd = 1/sqrt(sum((h-mean)^2)/C + eps)
 //             out = (h - mean) * rstd * w + b            mean, rstd (N,) are saved for the backward
 //             out is float32, or bf16 bits when out_bf16 is given instead (the next matmul reads bf16: no

@@ -20,9 +20,9 @@ precision.gemm, on TF32 tensor cores when precision.set_tf32 is on (the trainer'
 the bf16 path is ops/lm_head_loss.py's reference with round_logits=bf16.round_to_bf16 (the logits rounded once),
 plus the gradient rounded once to bf16 before the two gemms that read it.
 
-dx and dwte (unless added into the buffer) are new arrays per call (the memory pool hands the same blocks back every step). A module-level
-(V, C) buffer would save nothing on the GPU and would be unsafe: a Tensor without a gradient buffer keeps the
-returned dwte itself, which the next call would overwrite.
+dx and dwte (unless added into the buffer) are new arrays per call (the memory pool hands the same blocks back
+every step). A module-level (V, C) buffer would save nothing on the GPU and would be unsafe: a Tensor without a
+gradient buffer keeps the returned dwte itself, which the next call would overwrite.
 Same edge cases as kernels/cross_entropy.py: every target masked or one out of range -> NaN loss (no sync).
 """
 import numpy as np
@@ -30,6 +30,7 @@ import numpy as np
 from . import precision
 from .compile import device_array, launch
 from .launch import NULL, elementwise
+
 
 def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad=None, chunk_rows=None,
                                   wte_bf16=None, dwte_into=None):

@@ -40,6 +40,7 @@ def _use_epilogues():
 
 
 def mlp_forward(x, w_fc, b_fc, w_proj, b_proj=None, w_fc_bf16=None, w_proj_bf16=None, bf16_out=False):
+    """x (N, C) -> (y (N, C'), saved): saved starts with "epilogue" or "separate", the path the backward takes."""
     if _use_epilogues():
         xm, wf = _matmul_operands(x, w_fc, w_fc_bf16)                        # bf16 (N, C), (C, H)
         got = cublaslt.gelu_gemm(xm, wf, b_fc)
@@ -51,6 +52,7 @@ def mlp_forward(x, w_fc, b_fc, w_proj, b_proj=None, w_fc_bf16=None, w_proj_bf16=
 
 
 def mlp_backward(dy, saved, dw_fc_into=None, db_fc_into=None, dw_proj_into=None, db_proj_into=None):
+    """dy (N, C') -> dx (N, C), dw_fc, db_fc, dw_proj, db_proj (None when added into its buffer, or no bias)."""
     if saved[0] == "separate":
         return _separate_backward(dy, saved, dw_fc_into, db_fc_into, dw_proj_into, db_proj_into)
     _, xm, wf, pre, h, wp, has_fc_bias, has_proj_bias = saved

@@ -65,10 +65,9 @@ def to_float32(h, out=None):
     return out
 
 
-def column_sum_bf16(x, into=None):
+def column_sum_bf16(x):
     """(N, C) bf16 bits -> (C,) float32 column sums (a bias gradient from a gradient written in bf16).
-    bf16.cu sums row chunks in parallel; the (nchunks, C) partials are added by a matrix-vector product.
-    With `into` (C,), the sums are added into it (that product with beta = 1) and None is returned."""
+    bf16.cu sums row chunks in parallel; the (nchunks, C) partials are added by a matrix-vector product."""
     import cupy as cp
     from .compile import num_sms
     from .launch import column_chunks
@@ -77,7 +76,7 @@ def column_sum_bf16(x, into=None):
     partial = cp.empty((grid[1], C), dtype=cp.float32)
     launch("bf16", "bf16_column_sum_partial", grid, block,
            (partial, cp.ascontiguousarray(x), np.int32(N), np.int32(C), np.int32(rows_per_chunk)))
-    return sum_rows(partial, into=into)
+    return sum_rows(partial)
 
 
 _ones = {}               # n -> a cached (1, n) float32 row of ones on the GPU (do not write into it)

@@ -23,13 +23,13 @@ def residual_layernorm_backward(douts, saved, dw_into=None, db_into=None, drb_in
     the bias, added to every row, gets that summed over the rows (None without a bias). dw, db, dresidual_bias
     are added into the *_into buffers when given (then None); bf16_dr (a storage hint) is ignored here."""
     from ..ops.layernorm import layernorm_backward
-    from ..ops.linear import _add_into
+    from ..ops.reductions import add_into
     saved, has_bias = saved
     dh, dy = douts
     dx, dw, db = layernorm_backward(dy, saved, dw_into, db_into)
     if dh is not None:
         dx = dx + dh
-    return dx, dx, (_add_into(drb_into, dx.sum(axis=0)) if has_bias else None), dw, db
+    return dx, dx, (add_into(drb_into, dx.sum(axis=0)) if has_bias else None), dw, db
 
 
 def bias_gelu_forward(x, b):
@@ -38,7 +38,8 @@ def bias_gelu_forward(x, b):
     once and writes those bits; they are widened here exactly. bf16 rounding on that path happens only there,
     in the gemm that makes dy (mlp.c_proj's backward), and once when the kernel stores y / dx as bf16: the bias
     add, gelu, gelu' and db are float32 on the GPU (this reference: the input's precision, float64 in tests)."""
-    from ..ops.gelu import gelu_forward, widen_bf16
+    from ..ops.gelu import gelu_forward
+    from .bf16 import widen_bf16
     y, saved = gelu_forward(widen_bf16(x) + b)
     return y, saved
 
@@ -46,7 +47,8 @@ def bias_gelu_forward(x, b):
 def bias_gelu_backward(dy, saved, db_into=None):
     """-> (dx, db): dx = dy * gelu'(x + b), db = dx (unrounded) summed over rows. dy may be bf16 bits (widened
     exactly). Given db_into, db is added into it and returned as None (the *_into contract)."""
-    from ..ops.gelu import gelu_backward, widen_bf16
+    from ..ops.gelu import gelu_backward
+    from .bf16 import widen_bf16
     (dx,) = gelu_backward(widen_bf16(dy), saved)
     db = dx.reshape(-1, dx.shape[-1]).sum(axis=0)
     if db_into is None:

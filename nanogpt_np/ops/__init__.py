@@ -15,4 +15,5 @@ from .dropout import dropout
 from .cross_entropy import cross_entropy
 from .lm_head_loss import lm_head_cross_entropy
 
-__all__ = ["embedding", "linear", "lm_head", "layernorm", "residual_layernorm", "gelu", "bias_gelu", "mlp", "attention", "bias_attention", "add", "dropout", "cross_entropy", "lm_head_cross_entropy"]
+__all__ = ["embedding", "linear", "lm_head", "layernorm", "residual_layernorm", "gelu", "bias_gelu", "mlp",
+           "attention", "bias_attention", "add", "dropout", "cross_entropy", "lm_head_cross_entropy"]

@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..kernels.bf16 import bf16_to_float32
+from ..kernels.bf16 import widen_bf16
 from ..tensor import Tensor, record
 from .dispatch import implementation
 from .reductions import add_into, sum_last, sum_rows
@@ -67,15 +67,9 @@ def causal_softmax(scores):
     return scores
 
 
-def _float32(a):
-    """bf16 bits (uint16, as a GPU matmul in bf16 may write its output or input gradient) -> float32 values;
-    any other array as it is. Lets the reference stand in for a kernel that reads bf16."""
-    return bf16_to_float32(a) if a.dtype == np.uint16 else a
-
-
 def attention_forward(qkv, n_head):
     """qkv (B, T, 3C) -> out (B, T, C)."""
-    qkv = _float32(qkv)
+    qkv = widen_bf16(qkv)
     C = qkv.shape[-1] // 3
     q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))
     q = q * (1.0 / math.sqrt(C // n_head))                         # scale q (T x HS) rather than s (T x T)
@@ -88,7 +82,7 @@ def attention_forward(qkv, n_head):
 def attention_backward(dout, saved):
     """dout (B, T, C) -> dqkv (B, T, 3C). q in `saved` is already scaled by 1/sqrt(HS)."""
     q, k, v, att = saved
-    dout = _float32(dout)
+    dout = widen_bf16(dout)
     xp = backend.xp_of(dout)
     B, NH, T, HS = q.shape
     dy = split_heads(dout, NH)                                     # (B, NH, T, HS)
@@ -117,7 +111,7 @@ def attention(qkv: Tensor, n_head: int) -> Tensor:
 
 def bias_attention_forward(x, b, n_head):
     """x (B, T, 3C), b (3C,) -> attention(x + b) (B, T, C)."""
-    return attention_forward(_float32(x) + b, n_head)
+    return attention_forward(widen_bf16(x) + b, n_head)
 
 
 def bias_attention_backward(dout, saved, db_into=None):

@@ -12,9 +12,10 @@ them, model.py): the kernels read them directly; this reference widens them (exa
 import math
 
 from .. import backend
+from ..kernels.bf16 import widen_bf16
 from ..tensor import Tensor, record
 from .dispatch import implementation
-from .reductions import sum_rows
+from .reductions import add_into, sum_rows
 
 _S = math.sqrt(2.0 / math.pi)
 _A = 0.044715
@@ -59,14 +60,6 @@ def gelu(x: Tensor) -> Tensor:
     return record(Tensor(y), (x,), lambda dout: backward(dout, saved))
 
 
-def widen_bf16(a):
-    """bf16 bits (uint16, written by a GPU gemm in bf16 precision) -> float32, exactly; other arrays as they are."""
-    if a.dtype != "uint16":
-        return a
-    from ..kernels.bf16 import bf16_to_float32
-    return bf16_to_float32(a)
-
-
 def bias_gelu_forward(x, b):
     """x (N, C), b (C,) -> gelu(x + b)."""
     return gelu_forward(widen_bf16(x) + b)
@@ -75,11 +68,7 @@ def bias_gelu_forward(x, b):
 def bias_gelu_backward(dy, saved, db_into=None):
     """dy (N, C) -> dx (N, C), db (C,) (None after adding it into db_into)."""
     (dx,) = gelu_backward(widen_bf16(dy), saved)
-    db = sum_rows(dx)
-    if db_into is None:
-        return dx, db
-    db_into += db
-    return dx, None
+    return dx, add_into(db_into, sum_rows(dx))
 
 
 def bias_gelu(x: Tensor, b: Tensor) -> Tensor:

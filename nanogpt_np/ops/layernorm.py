@@ -23,8 +23,7 @@ ops/linear.py), so the tape adds nothing for them.
 from .. import backend
 from ..tensor import Tensor, record
 from .dispatch import implementation
-from .linear import _add_into
-from .reductions import mean_last, sum_rows
+from .reductions import add_into, mean_last, sum_rows
 
 
 def layernorm_forward(x, w, b, eps=1e-5):
@@ -55,7 +54,7 @@ def layernorm_backward(dy, saved, dw_into=None, db_into=None):
     dx -= mean_g
     dx -= xhat * mean_g_xhat
     dx *= rstd
-    return dx, _add_into(dw_into, dw), _add_into(db_into, db)
+    return dx, add_into(dw_into, dw), add_into(db_into, db)
 
 
 def layernorm(x: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
@@ -87,7 +86,7 @@ def residual_layernorm_backward(douts, saved, dw_into=None, db_into=None, drb_in
     dx, dw, db = layernorm_backward(dy, saved, dw_into, db_into)
     if dh is not None:
         dx += dh
-    return dx, dx, (_add_into(drb_into, sum_rows(dx)) if has_rb else None), dw, db
+    return dx, dx, (add_into(drb_into, sum_rows(dx)) if has_rb else None), dw, db
 
 
 def residual_layernorm(x: Tensor, r: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5, r_bias: Tensor = None, *,

@@ -21,7 +21,7 @@ op that reads bf16 (kernels/linear.py); they are hints about storage, not math, 
 """
 from ..tensor import Tensor, record
 from .dispatch import implementation
-from .reductions import sum_rows
+from .reductions import add_into, sum_rows
 
 
 def linear_forward(x, w, b, w_bf16=None, bf16_out=False):
@@ -37,17 +37,9 @@ def linear_backward(dy, saved, dw_into=None, db_into=None, bf16_dx=False):
     dw_into / db_into: buffers to add dw / db into; the gradient is then returned as None."""
     x, w, has_bias = saved
     dx = dy @ w.T
-    dw = _add_into(dw_into, x.T @ dy)
-    db = _add_into(db_into, sum_rows(dy)) if has_bias else None
+    dw = add_into(dw_into, x.T @ dy)
+    db = add_into(db_into, sum_rows(dy)) if has_bias else None
     return dx, dw, db
-
-
-def _add_into(buffer, g):
-    """g, or None after adding g into buffer (NumPy's matmul cannot accumulate: it is a second pass here)."""
-    if buffer is None:
-        return g
-    buffer += g
-    return None
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor = None, *, bf16_out=False, bf16_dx=False) -> Tensor:
@@ -76,7 +68,7 @@ def lm_head_forward(x, wte, wte_bf16=None):
 def lm_head_backward(dlogits, saved, dwte_into=None):
     """dlogits (N, V) -> dx (N, C), dwte (V, C) (None after adding it into dwte_into)."""
     x, wte = saved
-    return dlogits @ wte, _add_into(dwte_into, dlogits.T @ x)
+    return dlogits @ wte, add_into(dwte_into, dlogits.T @ x)
 
 
 def lm_head(x: Tensor, wte: Tensor) -> Tensor:

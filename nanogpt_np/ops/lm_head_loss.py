@@ -14,7 +14,8 @@ chunk's dlogits, used for its rows of dx and added into dwte, and dropped before
 
 So the forward computes the gradients too (when one is wanted), and saves dx and dwte instead of activations;
 the backward only multiplies them by the incoming d loss (a scalar: both are linear in it). Under no_grad()
-(evaluation), or when neither input needs a gradient, only the loss is computed.
+(evaluation), or when neither input needs a gradient, only the loss is computed. (On the GPU, when the trainer
+has declared d loss = 1, dwte is added straight into wte's gradient buffer in the forward: kernels/lm_head_loss.py.)
 """
 from .. import backend
 from ..tensor import Tensor, grad_enabled, record
@@ -24,8 +25,8 @@ from .dispatch import implementation
 # bf16 keeps them, and then their gradient in their place, as bf16: 206 MB), against 1.65 GB of logits (+ their
 # gradient) for the whole (8*1024, V) batch. Each chunk re-reads wte and reads and writes the (V, C) float32 dwte
 # once (~0.4 GB), so smaller chunks cost traffic: benchmarks/gpu_model.py (bf16 + flash, B=8, T=1024) predicts
-# 1024 rows: 48.8 GB per step, 8.03 GB peak, 21.60 ms; 2048: 47.0 GB, 8.03 GB, 21.32 ms; 4096: 46.1 GB, 8.24 GB,
-# 21.32 ms.
+# 1024 rows: 34.1 GB written per step, 5.97 GB peak, 17.15 ms; 2048: 32.2 GB, 6.07 GB, 16.83 ms; 4096: 31.3 GB,
+# 6.27 GB, 16.83 ms.
 CHUNK_ROWS = 2048
 
 
@@ -104,7 +105,7 @@ def lm_head_cross_entropy(x: Tensor, wte: Tensor, targets, ignore_index: int = -
                           wte_bf16=wte.data_bf16, dwte_into=wte.grad_buffer() if with_grad else None)
 
     def backward_fn(dloss):
-        dx, dwte = backward(dloss, saved)                 # dwte None: the kernel added it into wte's buffer
+        dx, dwte = backward(dloss, saved)     # dwte None: the GPU kernel added it into wte's buffer in the forward
         return dx.reshape(x.shape), dwte
 
     return record(Tensor(loss), (x, wte), backward_fn)

@@ -53,6 +53,12 @@ def mlp(x: Tensor, w_fc: Tensor, b_fc: Tensor, w_proj: Tensor, b_proj: Tensor = 
     """gelu(x @ w_fc + b_fc) @ w_proj (+ b_proj) for x (..., C); b_fc and b_proj may be None.
     bf16_out: the next op reads y as bf16 (a hint for bf16 kernels; refused with b_proj, as in linear)."""
     lead, C = x.shape[:-1], x.shape[-1]
+    H = w_fc.shape[-1]
+    if (w_fc.shape[0] != C or w_proj.shape[0] != H or (b_fc is not None and b_fc.shape != (H,))
+            or (b_proj is not None and b_proj.shape != (w_proj.shape[-1],))):
+        raise ValueError(f"mlp: shapes do not chain: x (..., {C}), w_fc {w_fc.shape}, b_fc "
+                         f"{None if b_fc is None else b_fc.shape}, w_proj {w_proj.shape}, b_proj "
+                         f"{None if b_proj is None else b_proj.shape} (want (C, H), (H,), (H, C'), (C',))")
     forward, backward = implementation("mlp", x.data, mlp_forward, mlp_backward)
     y, saved = forward(x.data.reshape(-1, C), w_fc.data, None if b_fc is None else b_fc.data, w_proj.data,
                        None if b_proj is None else b_proj.data, w_fc_bf16=w_fc.data_bf16,

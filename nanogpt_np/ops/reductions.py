@@ -32,7 +32,8 @@ def sum_rows(x):
 
 
 def add_into(buffer, g):
-    """g, or None after adding g into buffer (a gradient buffer, docs/CONTRACTS.md `*_into`): buffer += g."""
+    """g, or None after adding g into buffer (a gradient buffer, docs/CONTRACTS.md `*_into`): buffer += g.
+    (NumPy's matmul cannot accumulate into its output, so on the CPU the add is a second pass.)"""
     if buffer is None:
         return g
     buffer += g

@@ -1194,7 +1194,7 @@ def _lt_matmul(handle, desc, alpha, A, a, B, b, beta, C, c, D, d, algo, workspac
     opb = _lt_read(B, lb) if attrs[lt.DESC_TRANSB] == 0 else _lt_read(B, lb).T
     acc = (a_ * (opa @ opb)).astype(np.float32)                         # (m, n), float32 accumulator
     epilogue = attrs[lt.DESC_EPILOGUE]
-    aux_layout = dict(dtype=14, rows=m, cols=n, ld=attrs[lt.DESC_EPILOGUE_AUX_LD])
+    aux_layout = dict(dtype=lt.CUDA_R_16BF, rows=m, cols=n, ld=attrs[lt.DESC_EPILOGUE_AUX_LD])
     bias_ptr = attrs[lt.DESC_BIAS_POINTER]
     bias_type = attrs[lt.DESC_BIAS_DATA_TYPE] if attrs[lt.DESC_BIAS_DATA_TYPE] != -1 else ld_["dtype"]
     bias_layout = dict(dtype=bias_type, rows=m, cols=1, ld=m)

@@ -719,9 +719,9 @@ class Tracer:
             epilogue = attrs[lt.DESC_EPILOGUE]
             bias_type = attrs[lt.DESC_BIAS_DATA_TYPE] if attrs[lt.DESC_BIAS_DATA_TYPE] != -1 else ld_["dtype"]
             self.record("gemm", "cublasLtMatmul", m=m, n=n, k=k, Atype=la["dtype"], Btype=lb["dtype"],
-                        Ctype=ld_["dtype"], beta=bv, compute=68, epilogue=epilogue,
-                        bias=bias_type if epilogue & lt.EPILOGUE_BIAS or epilogue & 16 else None,
-                        aux=14 if epilogue & 128 else None)
+                        Ctype=ld_["dtype"], beta=bv, compute=lt.CUBLAS_COMPUTE_32F, epilogue=epilogue,
+                        bias=bias_type if epilogue & (lt.EPILOGUE_BIAS | lt.EPILOGUE_BGRAD_BIT) else None,
+                        aux=lt.CUDA_R_16BF if epilogue & lt.EPILOGUE_AUX_BIT else None)
             ab = (ctypes.c_float(ctypes.c_float.from_address(alpha).value), ctypes.c_float(bv))
             if self.capture is not None:        # a graph keeps the call as captured: the descriptor's pointers too
                 desc = fake_cupy.lt_snapshot(desc)

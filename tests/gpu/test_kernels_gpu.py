@@ -611,16 +611,12 @@ def test_bf16_device_conversions_match_numpy(cp):
 
 @pytest.mark.parametrize("N,C", [(1, 1), (37, 100), (1000, 2304)])
 def test_column_sum_bf16(cp, poison, N, C):
-    """precision.column_sum_bf16: column sums (float32) of a bf16 matrix, returned or added into a buffer."""
+    """precision.column_sum_bf16: column sums (float32) of a bf16 matrix (kernels/mlp.py's fallback bias gradient)."""
     from nanogpt_np.kernels import precision
     x = float32_to_bf16(randn(N, C))
     ref = bf16_to_float32(x).astype(np.float64).sum(0)
     poison()
     assert rel_err(to_np(precision.column_sum_bf16(cp.asarray(x))), ref) < TOL
-    before = randn(C)
-    buf = cp.asarray(before)
-    assert precision.column_sum_bf16(cp.asarray(x), into=buf) is None
-    assert rel_err(to_np(buf), before + ref) < TOL
 
 
 _CVT_PROBE = r"""
