@@ -45,20 +45,17 @@ def available():
 
 def _state():
     """The cuBLASLt handle of the current device and thread, its workspace and its cache of plans."""
+    return precision.per_device(_local, _new_state)
+
+
+def _new_state():
     import cupy as cp
-    device = cp.cuda.runtime.getDevice()
-    states = getattr(_local, "states", None)
-    if states is None:
-        states = _local.states = {}
-    s = states.get(device)
-    if s is None:
-        # the workspace: the cuBLAS handle's own (precision.py), when it has one. Both libraries run their
-        # matmuls on the current stream, one after the other, so they can share it (32 MiB less memory)
-        workspace = precision.cublas_handle().workspace
-        if workspace is None:
-            workspace = cp.empty((WORKSPACE_BYTES,), dtype=cp.uint8)
-        s = states[device] = SimpleNamespace(handle=lt.create(), plans={}, workspace=workspace)
-    return s
+    # the workspace: the cuBLAS handle's own (precision.py), when it has one. Both libraries run their
+    # matmuls on the current stream, one after the other, so they can share it (32 MiB less memory)
+    workspace = precision.cublas_handle().workspace
+    if workspace is None:
+        workspace = cp.empty((WORKSPACE_BYTES,), dtype=cp.uint8)
+    return SimpleNamespace(handle=lt.create(), plans={}, workspace=workspace)
 
 
 ALIGNMENT = 16       # bytes every pointer must be aligned to (8 bf16 values; else the separate kernels run)

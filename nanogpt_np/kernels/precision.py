@@ -113,6 +113,19 @@ WORKSPACE_BYTES = 32 << 20           # the handle's cuBLAS workspace (cuBLAS's o
 _wrapper_noted = []                  # the one-time note that gemm uses CuPy's wrapper (no cuBLAS library loaded)
 
 
+def per_device(local, make):
+    """This thread's value for the current CUDA device in `local` (a threading.local), made by make() on first
+    use. Library handles are per device, and one must not be used by two threads at once."""
+    import cupy as cp
+    device = cp.cuda.runtime.getDevice()
+    values = getattr(local, "per_device", None)
+    if values is None:
+        values = local.per_device = {}
+    if device not in values:
+        values[device] = make()
+    return values[device]
+
+
 def cublas_handle():
     """The project's own cuBLAS handle for the current device and thread, created on first use: a namespace
     with .ptr (the cublasHandle_t), .blas (kernels/cublas_ctypes, or None: CuPy's wrapper), .stream (the
@@ -123,30 +136,27 @@ def cublas_handle():
     wrapper refuses every call during a capture: cublas_ctypes' docstring); if no cuBLAS library loads, through
     CuPy's wrapper, noted once. One handle per thread, like CuPy's own, because a cuBLAS handle must not be used
     by two threads at once (a server thread may sample while another trains)."""
+    return per_device(_local, _new_cublas_handle)
+
+
+def _new_cublas_handle():
     import cupy as cp
-    device = cp.cuda.runtime.getDevice()
-    handles = getattr(_local, "handles", None)
-    if handles is None:
-        handles = _local.handles = {}
-    h = handles.get(device)
-    if h is None:
-        from . import cublas_ctypes
-        blas = cublas_ctypes if cublas_ctypes.load() is not None else None
-        if blas is None:
-            from cupy_backends.cuda.libs import cublas as blas_wrapper
-            if not _wrapper_noted:
-                _wrapper_noted.append(True)
-                print(f"note: none of {', '.join(cublas_ctypes.SONAMES)} loads; matmuls use CuPy's cuBLAS "
-                      "wrapper, which refuses CUDA-graph capture")
-            ptr = blas_wrapper.create()
-            blas_wrapper.setPointerMode(ptr, CUBLAS_POINTER_MODE_HOST)
-            workspace = None
-        else:
-            ptr = blas.create()
-            blas.set_pointer_mode(ptr, CUBLAS_POINTER_MODE_HOST)
-            workspace = cp.empty((WORKSPACE_BYTES,), dtype=cp.uint8)    # from CuPy's pool, alive with the handle
-        h = handles[device] = SimpleNamespace(ptr=ptr, blas=blas, stream=None, workspace=workspace)
-    return h
+    from . import cublas_ctypes
+    blas = cublas_ctypes if cublas_ctypes.load() is not None else None
+    if blas is None:
+        from cupy_backends.cuda.libs import cublas as blas_wrapper
+        if not _wrapper_noted:
+            _wrapper_noted.append(True)
+            print(f"note: none of {', '.join(cublas_ctypes.SONAMES)} loads; matmuls use CuPy's cuBLAS "
+                  "wrapper, which refuses CUDA-graph capture")
+        ptr = blas_wrapper.create()
+        blas_wrapper.setPointerMode(ptr, CUBLAS_POINTER_MODE_HOST)
+        workspace = None
+    else:
+        ptr = blas.create()
+        blas.set_pointer_mode(ptr, CUBLAS_POINTER_MODE_HOST)
+        workspace = cp.empty((WORKSPACE_BYTES,), dtype=cp.uint8)    # from CuPy's pool, alive with the handle
+    return SimpleNamespace(ptr=ptr, blas=blas, stream=None, workspace=workspace)
 
 
 def bind_stream(h=None):
