@@ -44,6 +44,15 @@ def _bias_grad(dy, db_into):
     return precision.sum_rows(dy, into=db_into)             # ones(1, N) @ dy, one exact-float32 gemm
 
 
+def _weight_grad(a, d, into):
+    """a.T @ d (a (N, Cin), d (N, Cout) -> (Cin, Cout)), or None after adding it into `into` (a gradient buffer)
+    with the same gemm (beta = 1): nothing is left for the tape to add."""
+    if into is None:
+        return precision.gemm(a, d, trans_a=True)
+    precision.gemm(a, d, trans_a=True, out=into, beta=1.0)
+    return None
+
+
 def _result_dtype(bf16_wanted):
     """uint16 (bf16 bits) when a bf16 result was asked for and the matmuls run in bf16, else float32."""
     return np.uint16 if (bf16_wanted and registry.precision() == "bfloat16") else np.float32
@@ -63,11 +72,7 @@ def linear_backward(dy, saved, dw_into=None, db_into=None, bf16_dx=False):
     xm, wm, has_bias = saved
     dym = _like_operands(dy, wm)
     dx = precision.gemm(dym, wm, trans_b=True, out_dtype=_result_dtype(bf16_dx))    # (N, Cout) @ (Cout, Cin)
-    if dw_into is None:
-        dw = precision.gemm(xm, dym, trans_a=True)           # (Cin, N) @ (N, Cout)
-    else:
-        precision.gemm(xm, dym, trans_a=True, out=dw_into, beta=1.0)    # dw_into += x.T @ dy, in place
-        dw = None                                            # already in the buffer: nothing for the tape to add
+    dw = _weight_grad(xm, dym, dw_into)                     # (Cin, N) @ (N, Cout), or added into dw_into
     db = _bias_grad(dy, db_into) if has_bias else None     # float32 dy, also with bf16 matmuls
     return dx, dw, db
 
@@ -81,9 +86,5 @@ def lm_head_backward(dlogits, saved, dwte_into=None):
     xm, wm = saved
     dm = _like_operands(dlogits, wm)
     dx = precision.gemm(dm, wm)                              # (N, V) @ (V, C)
-    if dwte_into is None:
-        dwte = precision.gemm(dm, xm, trans_a=True)          # (V, N) @ (N, C)
-    else:
-        precision.gemm(dm, xm, trans_a=True, out=dwte_into, beta=1.0)   # dwte_into += dlogits.T @ x, in place
-        dwte = None
+    dwte = _weight_grad(dm, xm, dwte_into)                   # (V, N) @ (N, C), or added into dwte_into
     return dx, dwte

@@ -18,7 +18,8 @@ if that is refused too, the backward widens to float32 and uses the unbiased gel
 """
 from . import cublaslt, precision, registry
 from .gelu import gelu_backward
-from .linear import _bias_grad, _matmul_operands, linear_forward
+from ..ops.reductions import add_into
+from .linear import _bias_grad, _matmul_operands, _weight_grad, linear_forward
 
 
 def _pair(name):
@@ -69,23 +70,10 @@ def mlp_backward(dy, saved, dw_fc_into=None, db_fc_into=None, dw_proj_into=None,
         (dpre,) = gelu_backward(dh, (precision.to_float32(pre),))
         db = precision.sum_rows(dpre) if has_fc_bias else None
         dpre = precision.as_bf16(dpre)
-    db_fc = None
-    if has_fc_bias:
-        if db_fc_into is None:
-            db_fc = db
-        else:
-            db_fc_into += db                                                 # added into the gradient buffer
+    db_fc = add_into(db_fc_into, db) if has_fc_bias else None               # into the gradient buffer, if any
     dw_fc = _weight_grad(xm, dpre, dw_fc_into)                              # x.T @ dpre
     dx = precision.gemm(dpre, wf, trans_b=True)                              # (N, H) @ (H, C), float32
     return dx, dw_fc, db_fc, dw_proj, db_proj
-
-
-def _weight_grad(a, d, into):
-    """a.T @ d, added into `into` when given (then None)."""
-    if into is None:
-        return precision.gemm(a, d, trans_a=True)
-    precision.gemm(a, d, trans_a=True, out=into, beta=1.0)
-    return None
 
 
 def _separate_forward(x, w_fc, b_fc, w_proj, b_proj, w_fc_bf16, w_proj_bf16, bf16_out):
