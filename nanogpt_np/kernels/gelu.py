@@ -46,10 +46,8 @@ def _fwd(x, b):
 
 def gelu_forward(x):
     """x (any shape) -> y (same shape). The unbiased backward reads float32: a bf16 x is widened here."""
-    if x.dtype == np.uint16:
-        from .precision import to_float32
-        x = to_float32(x)
-    out, x = _fwd(x, None)
+    from .precision import as_float32
+    out, x = _fwd(as_float32(x), None)
     return out, (x,)
 
 
@@ -81,7 +79,7 @@ def bias_gelu_backward(dy, saved, db_into=None):
     if x.dtype == cp.uint16:
         dy, kernel = cp.ascontiguousarray(precision.as_bf16(dy)), "bias_gelu_backward_bf16"
     else:
-        dy = precision.to_float32(dy) if dy.dtype == cp.uint16 else cp.ascontiguousarray(dy, dtype=cp.float32)
+        dy = cp.ascontiguousarray(precision.as_float32(dy), dtype=cp.float32)
         kernel = "bias_gelu_backward"
     dx = cp.empty(x.shape, dtype=cp.uint16 if bf16_out else cp.float32)
     grid, block, rows_per_chunk = column_chunks(N, C, num_sms())

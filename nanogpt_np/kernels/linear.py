@@ -29,7 +29,7 @@ def _matmul_operands(x, w, w_bf16):
     """(x, w) as the gemm reads them in the current precision."""
     if registry.precision() == "bfloat16":
         return precision.as_bf16(x), (w_bf16 if w_bf16 is not None else precision.to_bf16(w))
-    return (precision.to_float32(x) if x.dtype == np.uint16 else x), w
+    return precision.as_float32(x), w
 
 
 def _like_operands(d, operand):
@@ -39,8 +39,7 @@ def _like_operands(d, operand):
 
 def _bias_grad(dy, db_into):
     """db = sum over the rows of dy (N, Cout) = ones(1, N) @ dy, added into db_into when given (then None)."""
-    if dy.dtype == np.uint16:                                # a gradient a kernel wrote as bf16: sum it in float32
-        dy = precision.to_float32(dy)
+    dy = precision.as_float32(dy)                            # a gradient a kernel wrote as bf16: sum it in float32
     return precision.sum_rows(dy, into=db_into)             # ones(1, N) @ dy, one exact-float32 gemm
 
 

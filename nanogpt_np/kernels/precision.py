@@ -55,6 +55,13 @@ def as_bf16(x):
     return x if x.dtype == cp.uint16 else to_bf16(x)
 
 
+def as_float32(x):
+    """The twin of as_bf16: bf16 bits (a uint16 array, a bf16 matmul's output or input gradient) widened to float32
+    by to_float32 (exact); any other array is returned as it is."""
+    import cupy as cp
+    return to_float32(x) if x.dtype == cp.uint16 else x
+
+
 def to_float32(h, out=None):
     """uint16 cupy array of bf16 bits -> float32 cupy array (exact)."""
     import cupy as cp

@@ -28,15 +28,10 @@ def _heads(x, NH, C, part=0):
     return x[..., part * C:(part + 1) * C].reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)    # (B, NH, T, HS)
 
 
-def _float32(a):
-    """A float32 array as it is; bf16 bits (uint16: a bf16 matmul's output or input gradient) converted."""
-    return precision.to_float32(a) if a.dtype == np.uint16 else a
-
-
 def attention_forward(qkv, n_head):
     """qkv (B, T, 3C) float32 (or bf16 bits, converted) -> out (B, T, C)."""
     import cupy as cp
-    qkv = cp.ascontiguousarray(_float32(qkv))
+    qkv = cp.ascontiguousarray(precision.as_float32(qkv))
     B, T, C3 = qkv.shape
     C = C3 // 3
     NH, HS = n_head, C // n_head
@@ -62,7 +57,7 @@ def attention_backward(dout, saved):
     B, T, C3 = qkv.shape
     C = C3 // 3
     q, k, v = (_heads(qkv, NH, C, i) for i in range(3))                         # (B, NH, T, HS) views of qkv
-    dy = _heads(cp.ascontiguousarray(_float32(dout)), NH, C)                              # (B, NH, T, HS) view of dout
+    dy = _heads(cp.ascontiguousarray(precision.as_float32(dout)), NH, C)                              # (B, NH, T, HS) view of dout
     dqkv = cp.empty((B, T, 3 * C), dtype=cp.float32)
     dq, dk, dv = (_heads(dqkv, NH, C, i) for i in range(3))                     # where the results go
     datt = cp.empty((B, NH, T, T), dtype=cp.float32)
@@ -78,7 +73,7 @@ def attention_backward(dout, saved):
 
 def bias_attention_forward(x, b, n_head):
     """attention(x + b): x (B, T, 3C), b (3C,) -> out (B, T, C)."""
-    return attention_forward(_float32(x) + b, n_head)
+    return attention_forward(precision.as_float32(x) + b, n_head)
 
 
 def bias_attention_backward(dout, saved, db_into=None):
