@@ -167,6 +167,7 @@ def test_elementwise_and_misc():
     assert launch.rows_per_warp(17, 8) == ((3,), (256,))
     assert launch.ceil_div(0, 5) == 0 and launch.ceil_div(10, 5) == 2
     assert launch.flash_padded_T(1) == 128 and launch.flash_padded_T(1024) == 1024 and launch.flash_padded_T(129) == 256
+    assert launch.flash_launch(1024, 96) == ((8, 96), (256,)) and launch.flash_launch(128, 1) == ((1, 1), (256,))
     bc1, bc2 = launch.adamw_bias_corrections(0.9, 0.95, 2)
     assert math.isclose(bc1, 0.19) and math.isclose(bc2, 1 - 0.95 ** 2)
     with pytest.raises(ValueError):

@@ -26,7 +26,7 @@ import numpy as np
 from . import precision, registry
 from .compile import launch
 from .launch import NULL
-from .launch import FLASH_QUERY_BLOCK, elementwise, flash_padded_T, rows_per_warp
+from .launch import elementwise, flash_launch, flash_padded_T, rows_per_warp
 
 HEAD_SIZE = 64
 LOG2E = 1.4426950408889634
@@ -88,7 +88,8 @@ def _forward(qkv, bias, n_head):
     L2 = cp.empty((B * NH, Tp), dtype=cp.float32)
     scale = 1.0 / math.sqrt(HEAD_SIZE)
     # a block per 128 query rows (8 warps of 16 rows): each K, V tile it loads serves 128 rows
-    launch("flash_attention", "flash_attention_forward", (Tp // FLASH_QUERY_BLOCK, B * NH), (32 * FLASH_QUERY_BLOCK // 16,),
+    grid, block = flash_launch(Tp, B * NH)
+    launch("flash_attention", "flash_attention_forward", grid, block,
            (*_pair(out), L2, qkv16, kbias, np.int32(T), np.int32(Tp), np.int32(NH), np.float32(scale * LOG2E)))
     return out, ("flash", (qkv16, kbias, out, L2, B, T, NH))
 
@@ -147,7 +148,7 @@ def _backward(dout, saved, bf16, db_partial=None):
     args = (*_pair(dqkv), qkv16, kbias, dO, L2, D, np.int32(T), np.int32(Tp), np.int32(NH),
             np.float32(scale * LOG2E), np.float32(scale), NULL if db_partial is None else db_partial)
     # as the forward, 8 warps of 16 rows per block: dkdv's block owns 128 keys, dq's 128 query rows
-    grid, block = (Tp // FLASH_QUERY_BLOCK, B * NH), (32 * FLASH_QUERY_BLOCK // 16,)
+    grid, block = flash_launch(Tp, B * NH)
     launch("flash_attention", "flash_attention_backward_dkdv", grid, block, args)
     launch("flash_attention", "flash_attention_backward_dq", grid, block, args)
     return dqkv

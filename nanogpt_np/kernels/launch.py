@@ -62,13 +62,20 @@ def adamw_bias_corrections(beta1: float, beta2: float, step: int):
 NORM_BLOCKS = 1024                  # fixed grid of the sum-of-squares pass: the sum order never changes
 
 
-FLASH_QUERY_BLOCK = 128            # query rows per block of flash_attention.cu's forward and dq kernels (8 warps)
+FLASH_QUERY_BLOCK = 128            # rows per block of flash_attention.cu's kernels (8 warps of 16): query rows of
+                                   # the forward and dq, key rows of dkdv
 
 
 def flash_padded_T(T: int, block: int = FLASH_QUERY_BLOCK) -> int:
     """Sequence length rounded up to the flash-attention query block: the row count of its L2 and D (rows past T
     read as zero). A multiple of 128, so also of the 64-row tiles the kernels stage in shared memory."""
     return ceil_div(T, block) * block
+
+
+def flash_launch(Tp: int, batch_heads: int):
+    """(grid, block) of the three flash-attention kernels: a block per 128 rows of one (batch, head), a warp per
+    16 of its rows. Tp: flash_padded_T(T)."""
+    return (Tp // FLASH_QUERY_BLOCK, batch_heads), (32 * FLASH_QUERY_BLOCK // 16,)
 
 
 def attention_flops(B: int, T: int, C: int, causal: bool = True) -> float:
