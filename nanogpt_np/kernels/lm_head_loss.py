@@ -1,6 +1,6 @@
 """GPU output layer + cross-entropy, chunked (the `lm_head_cross_entropy` op contract, ops/lm_head_loss.py).
 
-Per chunk of rows (ops/lm_head_loss.CHUNK_ROWS, 2048 by default):
+Per chunk of rows (ops/lm_head_loss.CHUNK_ROWS, 4096 by default):
     logits_c  = x_c @ wte.T           cuBLAS gemm -> one (rows, V) buffer, reused by every chunk: float32, or in
                                       bf16 precision bf16 (the float32 accumulator rounded once by cuBLAS)
     loss_c, dlogits_c                 cross_entropy.cu in one pass: the row losses (float32 math, also on bf16

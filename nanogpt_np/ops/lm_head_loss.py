@@ -21,13 +21,13 @@ from .. import backend
 from ..tensor import Tensor, grad_enabled, record
 from .dispatch import implementation
 
-# Rows per chunk. At GPT-2 sizes a chunk of float32 logits is 2048 * 50257 * 4 bytes = 412 MB (the GPU path in
-# bf16 keeps them, and then their gradient in their place, as bf16: 206 MB), against 1.65 GB of logits (+ their
+# Rows per chunk. At GPT-2 sizes a chunk of float32 logits is 4096 * 50257 * 4 bytes = 823 MB (the GPU path in
+# bf16 keeps them, and then their gradient in their place, as bf16: 412 MB), against 1.65 GB of logits (+ their
 # gradient) for the whole (8*1024, V) batch. Each chunk re-reads wte and reads and writes the (V, C) float32 dwte
-# once (~0.4 GB), so smaller chunks cost traffic: benchmarks/gpu_model.py (bf16 + flash, B=8, T=1024) predicts
-# 1024 rows: 34.1 GB written per step, 5.97 GB peak, 17.15 ms; 2048: 32.2 GB, 6.07 GB, 16.83 ms; 4096: 31.3 GB,
-# 6.27 GB, 16.83 ms.
-CHUNK_ROWS = 2048
+# once (~0.4 GB), so smaller chunks cost traffic, larger ones memory: benchmarks/gpu_model.py (bf16 + flash, B=8,
+# T=1024) predicts 2048 rows: 32.2 GB written per step, 6.07 GB peak; 4096: 31.3 GB, 6.27 GB; 8192 (no chunking
+# at this batch): 30.9 GB, 6.68 GB; the same 16.83 ms each (the matmuls' FLOPs do not change).
+CHUNK_ROWS = 4096
 
 
 def chunks(n_rows, chunk_rows):
