@@ -15,7 +15,7 @@ Ops are coarse (a whole layernorm, a whole attention), so a step records about t
 import threading
 from contextlib import contextmanager
 
-from . import backend
+from . import backend, grad_buffers
 
 _tape = []              # [(out, inputs, backward_fn)], in the order the ops ran
 _state = threading.local()   # per thread: grad_enabled, switched off by no_grad() for evaluation and sampling
@@ -33,6 +33,8 @@ class Tensor:
     tape then adds nothing for that input. Same sum, one pass less, no temporary array. It must not do so for a
     tensor without a buffer (grad_buffer() is None): its gradient is returned as usual. The incoming gradient
     already carries any loss scale (backward(loss, grad=...)), so both ways add exactly the same thing.
+    On the GPU a matrix's buffer may be "fresh" at the start of a step (not zeroed): its first writer overwrites
+    it, a writer that can only add zeroes it first (grad_buffers.py; accumulate_grad does the same).
 
     `data_bf16`: a bf16 copy of `data` (uint16 bits) that the tensor's owner keeps current, or None. model.py
     keeps one for every parameter while matmuls run in bf16 on the GPU; the linear ops hand it to their kernel.
@@ -73,7 +75,10 @@ class Tensor:
         if getattr(g, "dtype", None) == "uint16" and (self._grad_is_buffer or self.grad is not None):
             raise TypeError(f"a bf16 gradient cannot be added to another gradient of {self!r}")
         if self._grad_is_buffer:
-            self.grad += g
+            if grad_buffers.should_overwrite(self.grad):      # the step's first write of a fresh buffer (GPU)
+                self.grad[...] = g
+            else:
+                self.grad += g
         elif self.grad is None:
             self.grad = g
         else:
