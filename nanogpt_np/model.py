@@ -21,7 +21,7 @@ matrices) come first in the buffer: `flat_params[:n_decay]`.
 A step's gradients: zero_grad(), then forward and backward over the micro-batches (each op adds its gradients
 into the parameters' parts of flat_grads), then finish_gradients() before anything reads flat_grads as a whole
 (the optimizer and the trainer call it). On the CPU zero_grad zeroes the whole buffer. On the GPU it zeroes only
-the 1-D parameters' part and marks the matrices' gradients "fresh" instead (grad_buffers.py): the first op to
+the 1-D parameters' part and marks the matrices' gradients "fresh" instead (tensor.fresh_grads): the first op to
 write one in the step overwrites it (a gemm with beta = 0), so 0.5 GB (GPT-2 small) is neither memset nor read
 back as zeros; finish_gradients() zeroes any matrix nobody wrote.
 
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backend, grad_buffers, ops
+from . import backend, ops
 from .ops.attention import attention_with_cache
-from .tensor import Tensor, no_grad
+from .tensor import Tensor, fresh_grads, no_grad
 
 
 @dataclass
@@ -192,20 +192,20 @@ class GPT:
     def zero_grad(self) -> None:
         """Start a step's gradients. On the CPU: zero the flat gradient buffer. On the GPU: zero only the 1-D
         parameters' part, flat_grads[n_decay:] (one cudaMemsetAsync over its bytes: all-zero bytes are 0.0f), and
-        mark the matrices' buffers fresh (grad_buffers.py: their first writer overwrites them, a gemm with
+        mark the matrices' buffers fresh (tensor.fresh_grads: their first writer overwrites them, a gemm with
         beta = 0), so the big part of the buffer is neither memset nor read back as zeros. Host work only, and
         the same calls every step."""
         if backend.is_gpu_array(self.flat_grads):
             rest = self.flat_grads[self.n_decay:]
             rest.data.memset_async(0, rest.nbytes)
-            grad_buffers.mark_fresh(self._matrix_grads)
+            fresh_grads.mark(self._matrix_grads)
         else:
             self.flat_grads[...] = 0
 
     def finish_gradients(self) -> None:
         """Call before reading flat_grads as a whole (all-reduce, clipping, AdamW): zero any matrix gradient that
         nothing wrote this step (still fresh). After a full backward every matrix has been written: no GPU work."""
-        grad_buffers.finish(self._matrix_grads)
+        fresh_grads.finish(self._matrix_grads)
 
     def state_dict(self) -> dict:
         """GPT-2 name -> host numpy array (a copy)."""

@@ -346,9 +346,9 @@ def test_reshape_copy_detection(monkeypatch, old_numpy):
 def test_one_host_transfer_per_step_and_zero_grad_is_one_memset():
     """The host side of a GPU step (issue 15): the micro-batches' losses come back in one transfer per step
     (not one sync per micro-batch), the gradient buffer's 1-D parameters' part is zeroed by one memset (the
-    matrices' gradients are overwritten by their first gemm: nanogpt_np/grad_buffers.py, so never memset, not
-    even by finish_gradients after a full backward), and AdamW's per-step scalars go to the device in one small
-    copy (ndarray.set)."""
+    matrices' gradients are overwritten by their first gemm: FreshGradBuffers in nanogpt_np/tensor.py, so never
+    memset, not even by finish_gradients after a full backward), and AdamW's per-step scalars go to the device
+    in one small copy (ndarray.set)."""
     from nanogpt_np.model import GPTConfig, parameter_shapes
     cfg = gm.StepConfig(**TINY, grad_accum_steps=3)
     trace = gm.trace_step(cfg, shape_only=True, steps=2)
@@ -368,10 +368,10 @@ def test_one_host_transfer_per_step_and_zero_grad_is_one_memset():
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_weight_gradient_gemms_overwrite_on_the_first_write_and_are_costed_without_reading_c(accum):
-    """The matrices' gradients are not memset (nanogpt_np/grad_buffers.py): the first gemm into each writes over
-    it (beta = 0), which the model costs without reading C; the gemms of the later micro-steps add (beta = 1) and
-    read it. In TINY the head's gemm is one chunk (beta = 0; with accum > 1 the tape adds its dwte, d loss not
-    being 1), so every other beta = 1 gemm is a bias sum (one row)."""
+    """The matrices' gradients are not memset (FreshGradBuffers in nanogpt_np/tensor.py): the first gemm into each
+    writes over it (beta = 0), which the model costs without reading C; the gemms of the later micro-steps add
+    (beta = 1) and read it. In TINY the head's gemm is one chunk (beta = 0; with accum > 1 the tape adds its
+    dwte, d loss not being 1), so every other beta = 1 gemm is a bias sum (one row)."""
     n_block_gemms = 4 * TINY["n_layer"]                       # c_attn, c_proj, c_fc, mlp.c_proj
     trace = gm.trace_step(gm.StepConfig(**TINY, grad_accum_steps=accum), shape_only=True, steps=2)
     gemms = [op for op in trace.ops if op.kind == "gemm" and min(op.args["m"], op.args["n"]) > 1]

@@ -256,10 +256,10 @@ def test_a_bf16_gradient_is_never_summed_as_integers():
 
 # ------------------------------------------------------- fresh buffers: the step's first write overwrites (GPU)
 # On the GPU, zero_grad() zeroes only the 1-D parameters' part of flat_grads and marks the matrices' gradient
-# buffers fresh (nanogpt_np/grad_buffers.py): their first writer overwrites them (a gemm with beta = 0), a writer
-# that can only add zeroes a fresh buffer first, and finish_gradients() zeroes what nobody wrote. The gradient
-# buffer is poisoned with NaN before each step, so a missed overwrite (an add to stale bytes) or a missed zero
-# shows; the result must equal, bit for bit, that of the old way (the whole buffer memset, every write an add).
+# buffers fresh (FreshGradBuffers, nanogpt_np/tensor.py): their first writer overwrites them (a gemm, beta = 0),
+# a writer that can only add zeroes a fresh buffer first, and finish_gradients() zeroes what nobody wrote. The
+# gradient buffer is poisoned with NaN before each step, so a missed overwrite (an add to stale bytes) or a missed
+# zero shows; the result must equal, bit for bit, that of the old way (the whole buffer memset, every write adds).
 
 def _old_zero_grad(model):
     """zero_grad as it was: the whole flat buffer memset on the GPU, nothing fresh, every writer adds."""
@@ -304,7 +304,7 @@ def test_fresh_buffers_give_the_gradients_of_zeroed_ones_bit_for_bit(device, mon
     """float32 and bf16, one and two micro-batches, the head's gradient added in the forward (unit d loss, the
     trainer's loss_is_root) or in the backward, matmul and flash attention: identical gradients, and after a
     full backward nothing is left fresh (finish_gradients has no work)."""
-    from nanogpt_np import grad_buffers
+    from nanogpt_np.tensor import fresh_grads
     if device == "cpu" and attention == "flash":
         pytest.skip("flash attention is a GPU kernel")
     monkeypatch.setattr(registry, "_attention", attention)
@@ -317,18 +317,18 @@ def test_fresh_buffers_give_the_gradients_of_zeroed_ones_bit_for_bit(device, mon
     _assert_identical(got, want)
     again = _step_gradients(model, batches, unit_dloss=unit_dloss, poison=False)   # a second step: the buffer
     _assert_identical(again, want)                                                 # holds the first one's
-    assert not any(grad_buffers.is_fresh(b) for b in model._matrix_grads)
+    assert not any(fresh_grads.is_fresh(b) for b in model._matrix_grads)
 
 
 def test_zero_grad_marks_the_matrices_fresh_on_the_gpu_only(device, monkeypatch):
     """GPU: one memset of the 1-D parameters' part, the matrices (flat_grads[:n_decay]) fresh, no GPU work for
     them; then a step's writers clear every flag. CPU: the whole buffer zeroed, nothing fresh."""
-    from nanogpt_np import grad_buffers
+    from nanogpt_np.tensor import fresh_grads
     model = GPT(CFG, seed=4)
     model.flat_grads[...] = np.nan
     model.zero_grad()
     flat = backend.to_numpy(model.flat_grads)
-    fresh = [grad_buffers.is_fresh(t.grad) for t in model.params.values()]
+    fresh = [fresh_grads.is_fresh(t.grad) for t in model.params.values()]
     if device == "cpu":
         assert not any(fresh) and not flat.any()
         return
@@ -336,19 +336,19 @@ def test_zero_grad_marks_the_matrices_fresh_on_the_gpu_only(device, monkeypatch)
     assert np.isnan(flat[:model.n_decay]).all() and not flat[model.n_decay:].any()
     assert sum(math.prod(t.shape) for t in model.params.values() if t.grad.ndim == 2) == model.n_decay
     model.finish_gradients()                     # nobody wrote them: zeroed now (a memset per matrix)
-    assert not backend.to_numpy(model.flat_grads).any() and not any(map(grad_buffers.is_fresh, model._matrix_grads))
+    assert not backend.to_numpy(model.flat_grads).any() and not any(map(fresh_grads.is_fresh, model._matrix_grads))
 
 
 def test_the_first_write_overwrites_and_an_adder_zeroes_first(device):
-    from nanogpt_np import grad_buffers
+    from nanogpt_np.tensor import fresh_grads
     xp = backend.xp()
     a, b = xp.full((3, 4), np.nan, dtype=np.float32), xp.full((5,), np.nan, dtype=np.float32)
-    grad_buffers.mark_fresh([a, b])
-    assert grad_buffers.is_fresh(a) and grad_buffers.should_overwrite(a) and not grad_buffers.is_fresh(a)
-    assert not grad_buffers.should_overwrite(a)                     # once per step
-    assert grad_buffers.ready_to_add(b) is b and not backend.to_numpy(b).any() and not grad_buffers.is_fresh(b)
+    fresh_grads.mark([a, b])
+    assert fresh_grads.is_fresh(a) and fresh_grads.should_overwrite(a) and not fresh_grads.is_fresh(a)
+    assert not fresh_grads.should_overwrite(a)                     # once per step
+    assert fresh_grads.ready_to_add(b) is b and not backend.to_numpy(b).any() and not fresh_grads.is_fresh(b)
     b += 1.0
-    grad_buffers.ready_to_add(b)                                    # no longer fresh: kept
+    fresh_grads.ready_to_add(b)                                    # no longer fresh: kept
     assert (backend.to_numpy(b) == 1.0).all()
     assert np.isnan(backend.to_numpy(a)).all()                      # the overwriting writer's job, not the flags'
 
@@ -356,7 +356,7 @@ def test_the_first_write_overwrites_and_an_adder_zeroes_first(device):
 def test_finish_gradients_zeroes_a_matrix_nobody_wrote(device):
     """A step whose loss does not reach a matrix (here: only a plain lm_head's logits, so no block's weights)
     leaves its buffer fresh; finish_gradients zeroes it, and without it the stale bytes would be read."""
-    from nanogpt_np import grad_buffers
+    from nanogpt_np.tensor import fresh_grads
     model = GPT(CFG, seed=4)
     model.flat_grads[...] = np.nan
     model.zero_grad()
@@ -370,14 +370,14 @@ def test_finish_gradients_zeroes_a_matrix_nobody_wrote(device):
     written = backend.to_numpy(model.params["h.1.mlp.c_fc.weight"].grad)
     assert (written == 3.0).all()                                   # overwritten (beta = 0 on the GPU): 0 + 3
     if device != "cpu":
-        assert grad_buffers.is_fresh(h.grad) and np.isnan(backend.to_numpy(h.grad)).all()
+        assert fresh_grads.is_fresh(h.grad) and np.isnan(backend.to_numpy(h.grad)).all()
     model.finish_gradients()
     flat = backend.to_numpy(model.flat_grads)
     assert np.isfinite(flat).all() and not backend.to_numpy(h.grad).any()
-    assert not any(map(grad_buffers.is_fresh, model._matrix_grads))
+    assert not any(map(fresh_grads.is_fresh, model._matrix_grads))
 
 
-def _embedding_only_gradients(model, grad_buffers_of_encoder=None):
+def _embedding_only_gradients(model):
     """wte's and wpe's gradients from a backward through the embedding alone (out summed with weights 1):
     the wte scatter-add is then the first writer of its fresh buffer (in the model the output head is)."""
     from nanogpt_np import ops
@@ -405,17 +405,17 @@ def test_negative_control_a_writer_that_ignores_the_flag_is_caught(device, monke
     """A weight-gradient gemm that adds (beta = 1) into a fresh buffer, the wpe kernel adding instead of writing,
     or the wte scatter-add not zeroing a fresh buffer first: the poisoned bytes show (NaN) or the gradient is lost,
     and the comparisons above fail."""
-    from nanogpt_np import grad_buffers
+    from nanogpt_np.tensor import fresh_grads
     from nanogpt_np.kernels import encoder, linear
     if device == "cpu":
         pytest.skip("nothing is fresh on the CPU")
 
-    class IgnoresTheFlag:                      # asks grad_buffers (clearing the flag), then adds regardless
-        should_overwrite = staticmethod(lambda buffer: grad_buffers.should_overwrite(buffer) and False)
-        ready_to_add = staticmethod(lambda buffer: (grad_buffers.should_overwrite(buffer), buffer)[1])
+    class IgnoresTheFlag:                      # asks fresh_grads (clearing the flag), then adds regardless
+        should_overwrite = staticmethod(lambda buffer: fresh_grads.should_overwrite(buffer) and False)
+        ready_to_add = staticmethod(lambda buffer: (fresh_grads.should_overwrite(buffer), buffer)[1])
     if writer == "wte":
-        monkeypatch.setattr(encoder, "grad_buffers", type("OnlyWpeAsked", (IgnoresTheFlag,), {
-            "should_overwrite": staticmethod(grad_buffers.should_overwrite)}))
+        monkeypatch.setattr(encoder, "fresh_grads", type("OnlyWpeAsked", (IgnoresTheFlag,), {
+            "should_overwrite": staticmethod(fresh_grads.should_overwrite)}))
         dwte, dwpe, _, _ = _embedding_only_gradients(GPT(CFG, seed=4))
         assert np.isnan(dwte).any() and np.isfinite(dwpe).all()
         with pytest.raises(AssertionError):
@@ -423,7 +423,7 @@ def test_negative_control_a_writer_that_ignores_the_flag_is_caught(device, monke
         return
     batches = _batches(6)
     want = _step_gradients(GPT(CFG, seed=4), batches, old=True)
-    monkeypatch.setattr(linear if writer == "gemm" else encoder, "grad_buffers", IgnoresTheFlag)
+    monkeypatch.setattr(linear if writer == "gemm" else encoder, "fresh_grads", IgnoresTheFlag)
     model = GPT(CFG, seed=4)
     got = _step_gradients(model, batches)
     offset, size = model._offsets["h.0.attn.c_attn.weight" if writer == "gemm" else "wpe.weight"]
