@@ -118,8 +118,9 @@ class GraphedStep:
 
     def _body(self, run, scalars):
         """What the graph holds: zero the gradients, forward and backward over the k micro-batches, AdamW with
-        the scalars read from the device. zero_grad's host-side flags (tensor.fresh_grads) are set and cleared by
-        the capture exactly as by an eager step, so the graph holds the same beta = 0 first writes. Returns ((k,) losses, [norm, scale])."""
+        the scalars read from the device. Returns ((k,) losses, [norm, scale]). zero_grad's host-side flags
+        (tensor.fresh_grads) are set and cleared by the capture exactly as by an eager step, so the graph holds the
+        same beta = 0 first writes of the matrices' gradients (tests/test_cuda_graph.py)."""
         cp = backend.xp_of(self.x)
         cfg, model, opt = run.cfg, run.model, run.optimizer
         k = cfg.grad_accum_steps

@@ -11,8 +11,7 @@ part): the backward then adds its sums into them (`dwte_into`, `dwpe_into`, see 
 them, instead of a fresh (V, C) array of mostly zeros that the tape would add in a second pass.
 """
 from .. import backend
-from ..tensor import fresh_grads
-from ..tensor import Tensor, record
+from ..tensor import Tensor, fresh_grads, record
 from .dispatch import implementation
 
 
