@@ -90,7 +90,8 @@ def train(cfg: TrainConfig, echo=print) -> dict:
 
 def train_step(run: Run, lr: float):
     """One optimizer step: zero the flat gradient buffer (model.zero_grad), forward and backward over
-    grad_accum_steps micro-batches, finish the gradients, clip the global gradient norm, AdamW. Returns (mean loss, gradient norm before clipping)."""
+    grad_accum_steps micro-batches, finish the gradients, clip the global gradient norm, AdamW.
+    Returns (mean loss, gradient norm before clipping)."""
     cfg, model = run.cfg, run.model
     if run.graphed_step is not None:            # --cuda_graph: the same arithmetic, as one graph replay
         loss, grad_norm = run.graphed_step(run, lr)
