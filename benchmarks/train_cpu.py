@@ -69,6 +69,7 @@ def run_numpy(vocab, data, steps, warmup, zero=False):
         t0 = time.perf_counter()
         model.zero_grad()
         loss = accumulate_gradients(model, [(x[rows], y[rows])], world)    # forward + backward of this rank's rows
+        model.finish_gradients()
         if not zero:
             world.allreduce_sum_(model.flat_grads)  # with ranks: the one gradient allreduce of the step
         opt.step(grad_clip=1.0)                      # clips by the global norm, then AdamW

@@ -68,6 +68,7 @@ def fused_adamw(model, opt, **hyper):
     """The fused AdamW kernel on the model's flat buffers, as optim.AdamW.step calls it: the bf16 copy of the
     weights (bf16 matmuls) is updated in the same pass, and the model is told its weights changed."""
     from nanogpt_np.kernels import adamw as k_adamw
+    model.finish_gradients()
     k_adamw.adamw_step(model.flat_params, model.flat_grads, opt.m, opt.v, n_decay=model.n_decay,
                        params_bf16=model.flat_params_bf16, **hyper)
     model.params_written(bf16_copy_refreshed=model.flat_params_bf16 is not None)
@@ -276,6 +277,7 @@ def try_cuda_graph(B, T, log, attention="flash", dtype="bfloat16", tf32=True, st
             model.zero_grad()
             _, loss = model(x, y)
             backward(loss)
+            model.finish_gradients()
             k_adamw.adamw_step(model.flat_params, model.flat_grads, opt.m, opt.v, scalars=scalars,
                                params_bf16=model.flat_params_bf16, **hp)     # the bf16 weights' copy too
             model.params_written(bf16_copy_refreshed=model.flat_params_bf16 is not None)

@@ -89,6 +89,7 @@ def finetune_here(init_dir, train_path, out_dir, iters, lr, batch_size, seed=133
         x, y = loader.next_batch()
         _, loss = model.forward(x, y)
         backward(loss)
+        model.finish_gradients()
         clip_grad_norm(model.flat_grads, 1.0)
         opt.step(lr_at(step - 1, lr=lr, min_lr=lr / 10, warmup_iters=20, decay_iters=iters))
         if step % eval_every == 0 or step == iters:

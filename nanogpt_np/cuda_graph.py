@@ -118,7 +118,9 @@ class GraphedStep:
 
     def _body(self, run, scalars):
         """What the graph holds: zero the gradients, forward and backward over the k micro-batches, AdamW with
-        the scalars read from the device. Returns ((k,) losses, [norm, scale])."""
+        the scalars read from the device. Returns ((k,) losses, [norm, scale]). zero_grad's host-side flags
+        (tensor.fresh_grads) are set and cleared by the capture exactly as by an eager step, so the graph holds the
+        same beta = 0 first writes of the matrices' gradients (tests/test_cuda_graph.py)."""
         cp = backend.xp_of(self.x)
         cfg, model, opt = run.cfg, run.model, run.optimizer
         k = cfg.grad_accum_steps
@@ -129,6 +131,7 @@ class GraphedStep:
             _, loss = model(self.x[i], self.y[i])             # (B, T) views of the fixed buffers
             backward(loss, grad=cp.full((), n / (n * k), loss.dtype))
             losses.append(loss.data)
+        model.finish_gradients()         # (nothing fresh after a full backward: no GPU work, as in the eager step)
         norm = self.fused(model.flat_params, model.flat_grads, opt.m, opt.v, n_decay=model.n_decay,
                           beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps, weight_decay=opt.weight_decay,
                           grad_clip=cfg.grad_clip, scratch=opt.scratch, scalars=scalars,

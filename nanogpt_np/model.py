@@ -15,8 +15,15 @@ linear weights are stored (in, out) like GPT-2's Conv1D, so weights move to and 
 
 All parameters live as views into one flat buffer (`flat_params`), and all their gradients into another
 (`flat_grads`). The optimizer then updates everything with a handful of whole-buffer operations (one fused
-kernel on the GPU), and zeroing or clipping gradients is one operation too. Parameters that get weight decay
-(the 2-D matrices) come first in the buffer: `flat_params[:n_decay]`.
+kernel on the GPU), and clipping gradients is one operation too. Parameters that get weight decay (the 2-D
+matrices) come first in the buffer: `flat_params[:n_decay]`.
+
+A step's gradients: zero_grad(), then forward and backward over the micro-batches (each op adds its gradients
+into the parameters' parts of flat_grads), then finish_gradients() before anything reads flat_grads as a whole
+(the optimizer and the trainer call it). On the CPU zero_grad zeroes the whole buffer. On the GPU it zeroes only
+the 1-D parameters' part and marks the matrices' gradients "fresh" instead (tensor.fresh_grads): the first op to
+write one in the step overwrites it (a gemm with beta = 0), so 0.5 GB (GPT-2 small) is neither memset nor read
+back as zeros; finish_gradients() zeroes any matrix nobody wrote.
 
 With bf16 matmuls on the GPU (--dtype=bfloat16) the linear layers read a bf16 copy of the weights,
 `flat_params_bf16` (one uint16 buffer like flat_params; each parameter's `data_bf16` is a view into it). It can
@@ -32,7 +39,7 @@ import numpy as np
 
 from . import backend, ops
 from .ops.attention import attention_with_cache
-from .tensor import Tensor, no_grad
+from .tensor import Tensor, fresh_grads, no_grad
 
 
 @dataclass
@@ -143,6 +150,8 @@ class GPT:
             self._offsets[name] = (offset, size)
             offset += size
         self.params = {name: self.params[name] for name in shapes}     # GPT-2 order for iteration and files
+        # the matrices' gradient buffers (flat_grads[:n_decay]): on the GPU, overwritten by their step's first writer
+        self._matrix_grads = [self.params[name].grad for name in ordered if len(shapes[name]) >= 2]
         self.flat_params_bf16 = None     # the bf16 copy of flat_params, made by the first forward that needs it
         self._bf16_current = False
         rng = np.random.default_rng(seed)
@@ -181,12 +190,22 @@ class GPT:
             self._bf16_current = True
 
     def zero_grad(self) -> None:
-        """Zero the flat gradient buffer. On the GPU, one cudaMemsetAsync over its bytes (all-zero bytes are
-        0.0f): no kernel, no host work per element, and the same call every step."""
+        """Start a step's gradients. On the CPU: zero the flat gradient buffer. On the GPU: zero only the 1-D
+        parameters' part, flat_grads[n_decay:] (one cudaMemsetAsync over its bytes: all-zero bytes are 0.0f), and
+        mark the matrices' buffers fresh (tensor.fresh_grads: their first writer overwrites them, a gemm with
+        beta = 0), so the big part of the buffer is neither memset nor read back as zeros. Host work only, and
+        the same calls every step."""
         if backend.is_gpu_array(self.flat_grads):
-            self.flat_grads.data.memset_async(0, self.flat_grads.nbytes)
+            rest = self.flat_grads[self.n_decay:]
+            rest.data.memset_async(0, rest.nbytes)
+            fresh_grads.mark(self._matrix_grads)
         else:
             self.flat_grads[...] = 0
+
+    def finish_gradients(self) -> None:
+        """Call before reading flat_grads as a whole (all-reduce, clipping, AdamW): zero any matrix gradient that
+        nothing wrote this step (still fresh). After a full backward every matrix has been written: no GPU work."""
+        fresh_grads.finish(self._matrix_grads)
 
     def state_dict(self) -> dict:
         """GPT-2 name -> host numpy array (a copy)."""

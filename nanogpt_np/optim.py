@@ -60,6 +60,7 @@ class AdamW:
         on the CPU; on the GPU a device array, computed by the fused kernel without a host round trip
         (float() it only when logging, before the next step: the next step overwrites it)."""
         self.step_count += 1
+        self.model.finish_gradients()            # (GPU) a matrix nobody wrote this step: zeroed, tensor.fresh_grads
         args = dict(lr=self.lr if lr is None else lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                     weight_decay=self.weight_decay, step=self.step_count, n_decay=self.model.n_decay,
                     scratch=self.scratch)

@@ -33,6 +33,8 @@ class Tensor:
     tape then adds nothing for that input. Same sum, one pass less, no temporary array. It must not do so for a
     tensor without a buffer (grad_buffer() is None): its gradient is returned as usual. The incoming gradient
     already carries any loss scale (backward(loss, grad=...)), so both ways add exactly the same thing.
+    On the GPU a matrix's buffer may be "fresh" at the start of a step (not zeroed): its first writer overwrites
+    it, a writer that can only add zeroes it first (tensor.fresh_grads; accumulate_grad does the same).
 
     `data_bf16`: a bf16 copy of `data` (uint16 bits) that the tensor's owner keeps current, or None. model.py
     keeps one for every parameter while matmuls run in bf16 on the GPU; the linear ops hand it to their kernel.
@@ -73,7 +75,10 @@ class Tensor:
         if getattr(g, "dtype", None) == "uint16" and (self._grad_is_buffer or self.grad is not None):
             raise TypeError(f"a bf16 gradient cannot be added to another gradient of {self!r}")
         if self._grad_is_buffer:
-            self.grad += g
+            if fresh_grads.should_overwrite(self.grad):      # the step's first write of a fresh buffer (GPU)
+                self.grad[...] = g
+            else:
+                self.grad += g
         elif self.grad is None:
             self.grad = g
         else:
@@ -86,6 +91,76 @@ class Tensor:
     def __repr__(self):
         name = f" {self.name!r}" if self.name else ""
         return f"Tensor{name}(shape={tuple(self.shape)}, dtype={self.dtype}, requires_grad={self.requires_grad})"
+
+
+class FreshGradBuffers:
+    """Fresh gradient buffers: the first write of a step overwrites a parameter's gradient instead of adding to
+    zeros (GPU only). The process has one, `fresh_grads`.
+
+    A step's gradients are sums (over the ops that use a parameter, over the micro-batches), so the flat gradient
+    buffer is zeroed at the start of the step and every writer adds into it. On the GPU that costs twice for the
+    big matrices: the memset writes all of them (0.5 GB for GPT-2 small), and each weight-gradient gemm then
+    reads the zeros back (beta = 1). A gemm can just as well write its product over the buffer (beta = 0): the same
+    numbers (0 + x = x), no memset, no read.
+
+    So on the GPU, model.zero_grad() zeroes only the small 1-D parameters' part of the buffer and marks the
+    matrices' buffers FRESH: they hold nothing of this step yet (their bytes are left over from the last step).
+    A host-side set, no GPU work. Every writer of a buffer that may be fresh asks first:
+
+        a writer that writes all of it (a gemm, the wpe column sums, the tape)   should_overwrite(buffer)
+            True once, for the step's first write: write over it (beta = 0, or a copy instead of +=); then the
+            buffer is no longer fresh
+        a writer that can only add, or writes part of it (the wte scatter-add)   ready_to_add(buffer)
+            zeroes a fresh buffer first (a memset of that buffer alone), so it never adds to stale bytes
+        anything reading the whole flat buffer (the all-reduce, clipping, AdamW)   model.finish_gradients()
+            zeroes whatever nobody wrote this step (nothing, after a full backward: no GPU work)
+
+    Correctness never depends on the order of the ops: whoever comes first overwrites or zeroes, the others add.
+    Gradient accumulation needs nothing more (micro-step 0 overwrites, the later ones find the flag cleared and
+    add), nor does the tied wte (the output layer writes it, the embedding's scatter-add adds to it), nor a CUDA
+    graph: its capture runs the same host code as an eager step, so it records the same beta = 0 gemms and
+    memsets, and every replay repeats them.
+
+    The flags are keyed by the buffer itself (the Tensor's `.grad` view, the same object every step, which the
+    ops hand to their backward as `*_into`). On the CPU nothing is ever marked: zero_grad zeroes the whole buffer
+    and every question above answers "add", so the NumPy references keep their meaning exactly.
+    """
+
+    def __init__(self):
+        self._fresh = {}        # id(buffer) -> buffer: the gradient buffers that hold nothing of this step yet
+
+    def mark(self, buffers) -> None:
+        """Declare these gradient buffers empty for the step now starting (their contents are stale)."""
+        for buffer in buffers:
+            self._fresh[id(buffer)] = buffer
+
+    def is_fresh(self, buffer) -> bool:
+        return id(buffer) in self._fresh
+
+    def should_overwrite(self, buffer) -> bool:
+        """Ask right before writing ALL of `buffer`: True if this is the step's first write (it was fresh: write
+        over it, a gemm with beta = 0), False if it already holds this step's gradient (add to it, beta = 1)."""
+        return self._fresh.pop(id(buffer), None) is not None
+
+    def ready_to_add(self, buffer):
+        """For a writer that can only add into `buffer` (or writes only part of it): zero it first if it is
+        fresh. Returns the buffer, which now holds this step's gradient so far (zero or more)."""
+        if self.should_overwrite(buffer):
+            if backend.is_gpu_array(buffer):
+                assert buffer.flags.c_contiguous                  # one range of bytes (a parameter's slice)
+                buffer.data.memset_async(0, buffer.nbytes)      # all-zero bytes are 0.0f
+            else:
+                buffer[...] = 0
+        return buffer
+
+    def finish(self, buffers) -> None:
+        """Zero those of `buffers` still fresh (nobody wrote them this step), so the gradients can be read."""
+        for buffer in buffers:
+            if self.is_fresh(buffer):
+                self.ready_to_add(buffer)
+
+
+fresh_grads = FreshGradBuffers()
 
 
 def grad_enabled() -> bool:

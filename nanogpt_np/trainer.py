@@ -89,8 +89,9 @@ def train(cfg: TrainConfig, echo=print) -> dict:
 
 
 def train_step(run: Run, lr: float):
-    """One optimizer step: zero the flat gradient buffer, forward and backward over grad_accum_steps
-    micro-batches, clip the global gradient norm, AdamW. Returns (mean loss, gradient norm before clipping)."""
+    """One optimizer step: zero the flat gradient buffer (model.zero_grad), forward and backward over
+    grad_accum_steps micro-batches, finish the gradients, clip the global gradient norm, AdamW.
+    Returns (mean loss, gradient norm before clipping)."""
     cfg, model = run.cfg, run.model
     if run.graphed_step is not None:            # --cuda_graph: the same arithmetic, as one graph replay
         loss, grad_norm = run.graphed_step(run, lr)
@@ -102,6 +103,7 @@ def train_step(run: Run, lr: float):
         model.zero_grad()
         batches = [run.loader.next_batch() for _ in range(cfg.grad_accum_steps)]
         loss = accumulate_gradients(model, batches, run.world)
+        model.finish_gradients()                       # flat_grads complete (a GPU matrix nobody wrote: zeroed)
         run.world.allreduce_sum_(model.flat_grads)     # the step's one gradient reduction: every rank gets the sum
         grad_norm = run.optimizer.step(lr, cfg.grad_clip)                 # clips, then updates
     if not math.isfinite(loss):

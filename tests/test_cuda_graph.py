@@ -109,6 +109,27 @@ def test_a_replay_that_does_not_recompute_or_freezes_the_scalars_is_caught(tmp_p
     assert _numbers(frozen_log) != _numbers(eager_log)
 
 
+def test_negative_control_a_capture_that_saw_no_fresh_gradient_buffer_is_caught(tmp_path, monkeypatch, eager_run):
+    """The graph holds zero_grad's choice (nanogpt_np/tensor.py, FreshGradBuffers): the 1-D part of the gradient buffer
+    memset, the matrices' gradients overwritten by their first gemm (beta = 0). The capture runs the eager step's
+    host code, so it makes the same choice, and the replays above equal the eager steps although the matrices'
+    buffers still hold the previous step's gradients at every replay. A capture that saw no fresh buffer (beta = 1
+    captured, the matrices never zeroed) would add onto those: caught."""
+    from nanogpt_np import cuda_graph
+    from nanogpt_np.tensor import fresh_grads
+    capture = cuda_graph.GraphedStep._capture
+
+    def capture_without_fresh_flags(self, run, scalars):
+        with monkeypatch.context() as m:
+            m.setattr(fresh_grads, "mark", lambda buffers: None)
+            return capture(self, run, scalars)
+    monkeypatch.setattr(cuda_graph.GraphedStep, "_capture", capture_without_fresh_flags)
+    stale_log, _ = _train(tmp_path / "stale", "--cuda_graph=true")
+    eager_log, _ = eager_run
+    assert _numbers(stale_log)[:1] == _numbers(eager_log)[:1]          # step 1 is eager: still right
+    assert _numbers(stale_log) != _numbers(eager_log)
+
+
 def test_capture_refuses_host_transfers_as_cupy_does():
     """Inside a capture the fake refuses .item() and host->device copies, as CuPy does (cupy/cuda/memory.pyx),
     so a step that syncs or uploads inside would fail here too."""

@@ -4,6 +4,7 @@ What is checked: the shape-only trace is the trace the arithmetic gives; each la
 model's structure implies; the 1-and-2-layer extrapolation equals a full 12-layer trace; the matmul FLOPs are
 6 * (matmul parameters) * tokens; the printed table has every category.
 """
+import math
 import os
 import sys
 from collections import Counter
@@ -344,8 +345,11 @@ def test_reshape_copy_detection(monkeypatch, old_numpy):
 
 def test_one_host_transfer_per_step_and_zero_grad_is_one_memset():
     """The host side of a GPU step (issue 15): the micro-batches' losses come back in one transfer per step
-    (not one sync per micro-batch), the gradient buffer is zeroed by one memset, and AdamW's per-step scalars
-    go to the device in one small copy (ndarray.set)."""
+    (not one sync per micro-batch), the gradient buffer's 1-D parameters' part is zeroed by one memset (the
+    matrices' gradients are overwritten by their first gemm: FreshGradBuffers in nanogpt_np/tensor.py, so never
+    memset, not even by finish_gradients after a full backward), and AdamW's per-step scalars go to the device
+    in one small copy (ndarray.set)."""
+    from nanogpt_np.model import GPTConfig, parameter_shapes
     cfg = gm.StepConfig(**TINY, grad_accum_steps=3)
     trace = gm.trace_step(cfg, shape_only=True, steps=2)
     d2h = [op for op in trace.ops if op.kind == "d2h"]
@@ -354,9 +358,35 @@ def test_one_host_transfer_per_step_and_zero_grad_is_one_memset():
     memsets = [op for op in trace.ops if op.name == "memset_async"]
     assert len(memsets) == 1 and memsets[0].phase == ("step", None)
     (shape, dtype, nbytes), = memsets[0].outputs
-    assert len(shape) == 1 and shape[0] >= trace.params and np.dtype(dtype) == np.float32
+    shapes = parameter_shapes(GPTConfig(**{k: v for k, v in TINY.items() if k != "batch_size"}))
+    assert len(shape) == 1 and np.dtype(dtype) == np.float32
+    assert shape[0] == sum(math.prod(s) for s in shapes.values() if len(s) == 1) == trace.params - sum(
+        math.prod(s) for s in shapes.values() if len(s) == 2)
     assert [op.name for op in trace.ops if op.kind == "h2d" and op.name == "ndarray.set"] == ["ndarray.set"]
     assert not [op for op in trace.ops if op.kind == "fill" and op.outputs == memsets[0].outputs]
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_weight_gradient_gemms_overwrite_on_the_first_write_and_are_costed_without_reading_c(accum):
+    """The matrices' gradients are not memset (FreshGradBuffers in nanogpt_np/tensor.py): the first gemm into each
+    writes over it (beta = 0), which the model costs without reading C; the gemms of the later micro-steps add
+    (beta = 1) and read it. In TINY the head's gemm is one chunk (beta = 0; with accum > 1 the tape adds its
+    dwte, d loss not being 1), so every other beta = 1 gemm is a bias sum (one row)."""
+    n_block_gemms = 4 * TINY["n_layer"]                       # c_attn, c_proj, c_fc, mlp.c_proj
+    trace = gm.trace_step(gm.StepConfig(**TINY, grad_accum_steps=accum), shape_only=True, steps=2)
+    gemms = [op for op in trace.ops if op.kind == "gemm" and min(op.args["m"], op.args["n"]) > 1]
+    weight = {m * n for m, n in [(128, 384), (128, 128), (128, 512), (512, 128)]}
+    adds = [op for op in gemms if op.args["beta"] != 0]
+    assert len(adds) == (accum - 1) * n_block_gemms, [(op.args["m"], op.args["n"]) for op in adds]
+    assert all(op.args["m"] * op.args["n"] in weight for op in adds)
+    first = [op for op in gemms if op.args["beta"] == 0 and op.phase[0] == "bwd" and op.args["k"] == 128
+             and op.args["m"] * op.args["n"] in weight]
+    assert len(first) >= n_block_gemms
+    for op in first[:1] + adds[:1]:
+        a, c = op.args, gm.op_cost(op, gm.DEVICES["h100"])
+        size = {14: 2, 0: 4}
+        ab = a["m"] * a["k"] * size[a["Atype"]] + a["k"] * a["n"] * size[a["Btype"]]
+        assert c.bytes_written == ab + a["m"] * a["n"] * size[a["Ctype"]] * (2 if a["beta"] else 1)
 
 
 def test_cuda_graph_mode_predicts_the_host_work_outside_the_graph():

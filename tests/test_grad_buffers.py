@@ -8,6 +8,8 @@
 2. model.flat_params_bf16: after anything writes the weights (load_params, the optimizer, fused or not), the
    next forward equals that of a fresh model holding the same weights.
 """
+import math
+
 import numpy as np
 import pytest
 
@@ -250,3 +252,181 @@ def test_a_bf16_gradient_is_never_summed_as_integers():
     p.use_grad_buffer(np.zeros(3, np.float32))
     with pytest.raises(TypeError, match="bf16 gradient"):
         p.accumulate_grad(bits)
+
+
+# ------------------------------------------------------- fresh buffers: the step's first write overwrites (GPU)
+# On the GPU, zero_grad() zeroes only the 1-D parameters' part of flat_grads and marks the matrices' gradient
+# buffers fresh (FreshGradBuffers, nanogpt_np/tensor.py): their first writer overwrites them (a gemm, beta = 0),
+# a writer that can only add zeroes a fresh buffer first, and finish_gradients() zeroes what nobody wrote. The
+# gradient buffer is poisoned with NaN before each step, so a missed overwrite (an add to stale bytes) or a missed
+# zero shows; the result must equal, bit for bit, that of the old way (the whole buffer memset, every write adds).
+
+def _old_zero_grad(model):
+    """zero_grad as it was: the whole flat buffer memset on the GPU, nothing fresh, every writer adds."""
+    if backend.is_gpu_array(model.flat_grads):
+        model.flat_grads.data.memset_async(0, model.flat_grads.nbytes)
+    else:
+        model.flat_grads[...] = 0
+
+
+def _step_gradients(model, batches, *, old=False, unit_dloss=False, poison=True):
+    """flat_grads (a host copy) after one step's zero_grad, forward and backward over the micro-batches (each
+    weighted by its share of the targets, as the trainer does; with unit_dloss each seeded with 1, the sum of the
+    losses, as under the trainer's loss_is_root) and finish_gradients. poison: NaN in the buffer first."""
+    from nanogpt_np.kernels import cross_entropy
+    if poison:
+        model.flat_grads[...] = np.nan
+    _old_zero_grad(model) if old else model.zero_grad()
+    counts = [int((y != -1).sum()) for _, y in batches]
+    previous = cross_entropy.assume_unit_dloss()
+    cross_entropy.set_assume_unit_dloss(unit_dloss)
+    try:
+        for (x, y), n in zip(batches, counts):
+            _, loss = model(backend.to_device(x), backend.to_device(y))
+            backward(loss, grad=None if unit_dloss else backend.xp_of(loss.data).full((), n / sum(counts),
+                                                                                      loss.dtype))
+    finally:
+        cross_entropy.set_assume_unit_dloss(previous)
+    model.finish_gradients()
+    return backend.to_numpy(model.flat_grads).copy()
+
+
+def _assert_identical(got, want):
+    assert np.isfinite(want).all() and np.abs(want).max() > 0
+    assert np.isfinite(got).all(), f"{int(np.isnan(got).sum())} NaN: a stale (poisoned) value was read"
+    np.testing.assert_array_equal(got, want)         # equal values (0.0 == -0.0: beta = 0 may keep a -0.0)
+
+
+@pytest.mark.parametrize("attention", ["matmul", "flash"])
+@pytest.mark.parametrize("accum,unit_dloss", [(1, False), (2, False), (1, True), (2, True)])
+def test_fresh_buffers_give_the_gradients_of_zeroed_ones_bit_for_bit(device, monkeypatch, accum, unit_dloss,
+                                                                     attention):
+    """float32 and bf16, one and two micro-batches, the head's gradient added in the forward (unit d loss, the
+    trainer's loss_is_root) or in the backward, matmul and flash attention: identical gradients, and after a
+    full backward nothing is left fresh (finish_gradients has no work)."""
+    from nanogpt_np.tensor import fresh_grads
+    if device == "cpu" and attention == "flash":
+        pytest.skip("flash attention is a GPU kernel")
+    monkeypatch.setattr(registry, "_attention", attention)
+    cfg = CFG if attention == "matmul" else GPTConfig(vocab_size=37, block_size=16, n_layer=2, n_head=2,
+                                                      n_embd=128, dropout=0.0)
+    batches = _batches(6)[:accum]
+    want = _step_gradients(GPT(cfg, seed=4), batches, old=True, unit_dloss=unit_dloss)
+    model = GPT(cfg, seed=4)
+    got = _step_gradients(model, batches, unit_dloss=unit_dloss)
+    _assert_identical(got, want)
+    again = _step_gradients(model, batches, unit_dloss=unit_dloss, poison=False)   # a second step: the buffer
+    _assert_identical(again, want)                                                 # holds the first one's
+    assert not any(fresh_grads.is_fresh(b) for b in model._matrix_grads)
+
+
+def test_zero_grad_marks_the_matrices_fresh_on_the_gpu_only(device, monkeypatch):
+    """GPU: one memset of the 1-D parameters' part, the matrices (flat_grads[:n_decay]) fresh, no GPU work for
+    them; then a step's writers clear every flag. CPU: the whole buffer zeroed, nothing fresh."""
+    from nanogpt_np.tensor import fresh_grads
+    model = GPT(CFG, seed=4)
+    model.flat_grads[...] = np.nan
+    model.zero_grad()
+    flat = backend.to_numpy(model.flat_grads)
+    fresh = [fresh_grads.is_fresh(t.grad) for t in model.params.values()]
+    if device == "cpu":
+        assert not any(fresh) and not flat.any()
+        return
+    assert fresh == [t.grad.ndim == 2 for t in model.params.values()]
+    assert np.isnan(flat[:model.n_decay]).all() and not flat[model.n_decay:].any()
+    assert sum(math.prod(t.shape) for t in model.params.values() if t.grad.ndim == 2) == model.n_decay
+    model.finish_gradients()                     # nobody wrote them: zeroed now (a memset per matrix)
+    assert not backend.to_numpy(model.flat_grads).any() and not any(map(fresh_grads.is_fresh, model._matrix_grads))
+
+
+def test_the_first_write_overwrites_and_an_adder_zeroes_first(device):
+    from nanogpt_np.tensor import fresh_grads
+    xp = backend.xp()
+    a, b = xp.full((3, 4), np.nan, dtype=np.float32), xp.full((5,), np.nan, dtype=np.float32)
+    fresh_grads.mark([a, b])
+    assert fresh_grads.is_fresh(a) and fresh_grads.should_overwrite(a) and not fresh_grads.is_fresh(a)
+    assert not fresh_grads.should_overwrite(a)                     # once per step
+    assert fresh_grads.ready_to_add(b) is b and not backend.to_numpy(b).any() and not fresh_grads.is_fresh(b)
+    b += 1.0
+    fresh_grads.ready_to_add(b)                                    # no longer fresh: kept
+    assert (backend.to_numpy(b) == 1.0).all()
+    assert np.isnan(backend.to_numpy(a)).all()                      # the overwriting writer's job, not the flags'
+
+
+def test_finish_gradients_zeroes_a_matrix_nobody_wrote(device):
+    """A step whose loss does not reach a matrix (here: only a plain lm_head's logits, so no block's weights)
+    leaves its buffer fresh; finish_gradients zeroes it, and without it the stale bytes would be read."""
+    from nanogpt_np.tensor import fresh_grads
+    model = GPT(CFG, seed=4)
+    model.flat_grads[...] = np.nan
+    model.zero_grad()
+    x, _ = _batches(1)[0]
+    h = model.params["h.0.mlp.c_fc.weight"]
+    xp = backend.xp()
+    from nanogpt_np import ops
+    from nanogpt_np.tensor import Tensor
+    out = ops.linear(Tensor(xp.ones((3, CFG.n_embd), dtype=np.float32)), model.params["h.1.mlp.c_fc.weight"])
+    backward(out, grad=xp.ones(out.shape, dtype=np.float32))
+    written = backend.to_numpy(model.params["h.1.mlp.c_fc.weight"].grad)
+    assert (written == 3.0).all()                                   # overwritten (beta = 0 on the GPU): 0 + 3
+    if device != "cpu":
+        assert fresh_grads.is_fresh(h.grad) and np.isnan(backend.to_numpy(h.grad)).all()
+    model.finish_gradients()
+    flat = backend.to_numpy(model.flat_grads)
+    assert np.isfinite(flat).all() and not backend.to_numpy(h.grad).any()
+    assert not any(map(fresh_grads.is_fresh, model._matrix_grads))
+
+
+def _embedding_only_gradients(model):
+    """wte's and wpe's gradients from a backward through the embedding alone (out summed with weights 1):
+    the wte scatter-add is then the first writer of its fresh buffer (in the model the output head is)."""
+    from nanogpt_np import ops
+    x, _ = _batches(7)[0]
+    model.flat_grads[...] = np.nan
+    model.zero_grad()
+    out = ops.embedding(model.params["wte.weight"], model.params["wpe.weight"], backend.to_device(x))
+    backward(out, grad=backend.xp_of(out.data).ones(out.shape, dtype=out.dtype))
+    model.finish_gradients()
+    counts = np.bincount(x.reshape(-1), minlength=CFG.vocab_size).astype(np.float32)     # rows never used: 0
+    return (backend.to_numpy(model.params["wte.weight"].grad), backend.to_numpy(model.params["wpe.weight"].grad),
+            counts, x.shape)
+
+
+def test_the_wte_scatter_add_zeroes_a_fresh_buffer_first(device):
+    dwte, dwpe, counts, (B, T) = _embedding_only_gradients(GPT(CFG, seed=4))
+    np.testing.assert_array_equal(dwte, np.repeat(counts[:, None], CFG.n_embd, axis=1))
+    want_wpe = np.zeros((CFG.block_size, CFG.n_embd), np.float32)
+    want_wpe[:T] = B
+    np.testing.assert_array_equal(dwpe, want_wpe)
+
+
+@pytest.mark.parametrize("writer", ["gemm", "wpe", "wte"])
+def test_negative_control_a_writer_that_ignores_the_flag_is_caught(device, monkeypatch, writer):
+    """A weight-gradient gemm that adds (beta = 1) into a fresh buffer, the wpe kernel adding instead of writing,
+    or the wte scatter-add not zeroing a fresh buffer first: the poisoned bytes show (NaN) or the gradient is lost,
+    and the comparisons above fail."""
+    from nanogpt_np.tensor import fresh_grads
+    from nanogpt_np.kernels import encoder, linear
+    if device == "cpu":
+        pytest.skip("nothing is fresh on the CPU")
+
+    class IgnoresTheFlag:                      # asks fresh_grads (clearing the flag), then adds regardless
+        should_overwrite = staticmethod(lambda buffer: fresh_grads.should_overwrite(buffer) and False)
+        ready_to_add = staticmethod(lambda buffer: (fresh_grads.should_overwrite(buffer), buffer)[1])
+    if writer == "wte":
+        monkeypatch.setattr(encoder, "fresh_grads", type("OnlyWpeAsked", (IgnoresTheFlag,), {
+            "should_overwrite": staticmethod(fresh_grads.should_overwrite)}))
+        dwte, dwpe, _, _ = _embedding_only_gradients(GPT(CFG, seed=4))
+        assert np.isnan(dwte).any() and np.isfinite(dwpe).all()
+        with pytest.raises(AssertionError):
+            test_the_wte_scatter_add_zeroes_a_fresh_buffer_first(device)
+        return
+    batches = _batches(6)
+    want = _step_gradients(GPT(CFG, seed=4), batches, old=True)
+    monkeypatch.setattr(linear if writer == "gemm" else encoder, "fresh_grads", IgnoresTheFlag)
+    model = GPT(CFG, seed=4)
+    got = _step_gradients(model, batches)
+    offset, size = model._offsets["h.0.attn.c_attn.weight" if writer == "gemm" else "wpe.weight"]
+    assert np.isnan(got[offset:offset + size]).any()                 # added to the poison
+    with pytest.raises(AssertionError):
+        _assert_identical(got, want)

@@ -573,6 +573,7 @@ def test_fake_training_step_matches_cpu(fake_cp, monkeypatch, attention, dtype):
         model.zero_grad()
         _, loss = model(backend.to_device(x), backend.to_device(y))
         backward(loss)
+        model.finish_gradients()
         g = backend.to_numpy(model.flat_grads).copy()
         clip_grad_norm(model.flat_grads, 1.0)
         opt.step()

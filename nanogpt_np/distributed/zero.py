@@ -44,6 +44,7 @@ class ZeroAdamW:
         Returns the gradient norm before clipping (the same on every rank)."""
         MPI, comm = self.MPI, self.world.comm
         mpi_type = MPI.DOUBLE if self.m.dtype == np.float64 else MPI.FLOAT
+        self.model.finish_gradients()
         comm.Reduce_scatter(self.model.flat_grads, self.grads, recvcounts=self.counts, op=MPI.SUM)
         (sum_sq,) = self.world.sum_values(float(self.grads @ self.grads))
         norm = math.sqrt(sum_sq)

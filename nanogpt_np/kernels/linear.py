@@ -6,8 +6,9 @@ Registered as "linear" and "lm_head" for both precisions; same contracts as ops/
     lm_head: forward(x (N, C), wte (V, C), wte_bf16=None) -> logits (N, V)
              backward(dlogits, saved, dwte_into=None) -> dx, dwte
 Weight gradients: given `dw_into` (the parameter's slice of the flat gradient buffer), the gemm adds x.T @ dy
-into it with beta = 1 and the backward returns None for dw, so nothing else touches the buffer. Bias gradients
-likewise, as ones(N) @ dy (a gemm with one row, exact float32).
+into it with beta = 1 (or, as the step's first write of that buffer, writes over it with beta = 0: the model
+does not zero the matrices' gradients, tensor.fresh_grads) and the backward returns None for dw, so nothing else
+touches the buffer. Bias gradients likewise, as ones(N) @ dy (a gemm with one row, exact float32).
 
 float32 (registry.precision() == "float32"): the gemms read the float32 arrays, TF32 or exact (set_tf32).
 bfloat16: the gemms read bf16 copies and accumulate in float32. The weight's copy is `w_bf16`, a view into the
@@ -23,6 +24,7 @@ goes to a kernel that reads bf16 (c_attn -> flash attention, c_fc -> GELU): half
 import numpy as np
 
 from . import precision, registry
+from ..tensor import fresh_grads
 
 
 def _matmul_operands(x, w, w_bf16):
@@ -45,10 +47,12 @@ def _bias_grad(dy, db_into):
 
 def _weight_grad(a, d, into):
     """a.T @ d (a (N, Cin), d (N, Cout) -> (Cin, Cout)), or None after adding it into `into` (a gradient buffer)
-    with the same gemm (beta = 1): nothing is left for the tape to add."""
+    with the same gemm: nothing is left for the tape to add. The step's first write of the buffer overwrites it
+    (beta = 0: the buffer was never zeroed, tensor.fresh_grads), a later one adds (beta = 1)."""
     if into is None:
         return precision.gemm(a, d, trans_a=True)
-    precision.gemm(a, d, trans_a=True, out=into, beta=1.0)
+    beta = 0.0 if fresh_grads.should_overwrite(into) else 1.0
+    precision.gemm(a, d, trans_a=True, out=into, beta=beta)
     return None
 
 

@@ -10,7 +10,9 @@ Per chunk of rows (ops/lm_head_loss.CHUNK_ROWS, 4096 by default):
     dwte     += dlogits_c.T @ x_c     gemm with beta = 1 into one (V, C) float32 array (beta = 0 for the first
                                       chunk, so it needs no zeroing): no per-chunk (V, C) partial is ever made;
                                       when the trainer has declared d loss = 1 (the loss is the root) that
-                                      array is wte's gradient buffer itself (dwte_into, beta = 1 throughout)
+                                      array is wte's gradient buffer itself (dwte_into; beta = 0 for the first
+                                      chunk only when it is the step's first write of the buffer, when the
+                                      buffer is fresh: tensor.fresh_grads)
 The loss is summed on the device (no host sync): mean = sum of the row losses / n_kept (counted on the device).
 
 Precision follows registry.precision(): "bfloat16" multiplies bf16 copies of x and wte (made once per call, not
@@ -28,6 +30,7 @@ Same edge cases as kernels/cross_entropy.py: every target masked or one out of r
 import numpy as np
 
 from . import precision
+from ..tensor import fresh_grads
 from .compile import device_array, launch
 from .launch import NULL, elementwise
 
@@ -39,7 +42,8 @@ def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad
     wte_bf16: the model's bf16 copy of wte (bf16 precision), used instead of rounding wte here.
     dwte_into: wte's gradient buffer. When the trainer has declared d loss = 1 (cross_entropy.assume_unit_dloss:
     the loss is the root and a backward follows), dwte is already the final gradient, so the chunks add it
-    straight into the buffer (beta = 1 from the first chunk) and saved holds None for it: no (V, C) array and no
+    straight into the buffer (beta = 1 from the first chunk, or beta = 0 for it when the buffer is fresh,
+    tensor.fresh_grads) and saved holds None for it: no (V, C) array and no
     add pass in the backward. Otherwise it is ignored (a d loss still to come must scale dwte first)."""
     import cupy as cp
     from ..ops.lm_head_loss import CHUNK_ROWS, chunks
@@ -81,7 +85,10 @@ def lm_head_cross_entropy_forward(x, wte, targets, ignore_index=-1, *, with_grad
                 np.int64(ignore_index)))
         if with_grad:
             gemm(d, wm, out=dx[r0:r1])                                # (n, V) @ (V, C)
-            gemm(d, xm[r0:r1], trans_a=True, out=dwte, beta=1.0 if (i > 0 or into) else 0.0)   # (V, n) @ (n, C)
+            # the first chunk writes dwte (beta = 0), the others add; into the buffer, the first chunk writes
+            # only as the step's first write of it (tensor.fresh_grads), else it adds to what the buffer holds
+            first = i == 0 and (not into or fresh_grads.should_overwrite(dwte))
+            gemm(d, xm[r0:r1], trans_a=True, out=dwte, beta=0.0 if first else 1.0)           # (V, n) @ (n, C)
     loss = losses.sum() / n_kept
     return loss, (dx, None if into else dwte)
 

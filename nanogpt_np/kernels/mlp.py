@@ -5,7 +5,8 @@ matmuls' epilogues, so it costs no pass over the (N, H) arrays of its own:
     forward   c_fc:       one cuBLASLt matmul, epilogue GELU_AUX_BIAS: h = gelu(x W_fc + b_fc) and the aux
                           pre = x W_fc + b_fc, both bf16 (h for mlp.c_proj, pre for the backward)
               mlp.c_proj: y = h W_proj, a gemm as in kernels/linear.py (bf16_out, b_proj as there)
-    backward  mlp.c_proj: dW_proj += h.T dy (gemm, beta = 1), db_proj as in linear
+    backward  mlp.c_proj: dW_proj += h.T dy (gemm, beta = 1; beta = 0 as the step's first write), db_proj as in
+                          linear
               its dx:     one cuBLASLt matmul, epilogue DGELU_BGRAD: dpre = (dy W_proj.T) * gelu'(pre), bf16,
                           and db_fc = dpre summed over the rows (float32, a small temporary added into b_fc's
                           gradient buffer: the *_into contract, docs/CONTRACTS.md)

@@ -11,7 +11,7 @@ part): the backward then adds its sums into them (`dwte_into`, `dwpe_into`, see 
 them, instead of a fresh (V, C) array of mostly zeros that the tape would add in a second pass.
 """
 from .. import backend
-from ..tensor import Tensor, record
+from ..tensor import Tensor, fresh_grads, record
 from .dispatch import implementation
 
 
@@ -27,9 +27,10 @@ def embedding_backward(dout, saved, dwte_into=None, dwpe_into=None):
     idx, wte_shape, wpe_shape = saved
     xp = backend.xp_of(dout)
     B, T, C = dout.shape
-    dwte = xp.zeros(wte_shape, dtype=dout.dtype) if dwte_into is None else dwte_into
+    # both add into part of their buffer: one still fresh on the GPU is zeroed first (tensor.fresh_grads)
+    dwte = xp.zeros(wte_shape, dtype=dout.dtype) if dwte_into is None else fresh_grads.ready_to_add(dwte_into)
     xp.add.at(dwte, idx.reshape(-1), dout.reshape(B * T, C))   # repeated ids add up, unlike dwte[idx] += ...
-    dwpe = xp.zeros(wpe_shape, dtype=dout.dtype) if dwpe_into is None else dwpe_into
+    dwpe = xp.zeros(wpe_shape, dtype=dout.dtype) if dwpe_into is None else fresh_grads.ready_to_add(dwpe_into)
     dwpe[:T] += dout.sum(axis=0)
     return (None if dwte_into is not None else dwte), (None if dwpe_into is not None else dwpe)
 

@@ -13,8 +13,9 @@ Tied head: logits = x @ wte.T reuses the (V, C) token embedding as the output la
 
 Weight gradients go straight into the parameters' gradient buffers: when a weight (or bias) has one
 (Tensor.grad_buffer(), the model's flat_grads), the backward is handed it as `dw_into` and adds its gradient
-there (`dw_into += x.T @ dy`; on the GPU one gemm with beta = 1, no temporary), and returns None for that input,
-so the tape has nothing left to add. Without a buffer (a plain Tensor) the gradient is returned as usual.
+there (`dw_into += x.T @ dy`; on the GPU one gemm with beta = 1, no temporary, or with beta = 0 as the step's
+first write of a matrix's fresh buffer: tensor.fresh_grads), and returns None for that input, so the tape has
+nothing left to add. Without a buffer (a plain Tensor) the gradient is returned as usual.
 `w_bf16` is a bf16 copy of w for kernels that multiply in bf16 (model.py keeps one); the reference ignores it.
 `bf16_out` / `bf16_dx` let a GPU kernel that multiplies in bf16 write y / dx as bf16 (uint16 bits), for a next
 op that reads bf16 (kernels/linear.py); they are hints about storage, not math, and the reference ignores them.

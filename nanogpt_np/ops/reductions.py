@@ -8,6 +8,7 @@ several times faster than NumPy's general-purpose reduction, and the ops sum ove
 (bias gradients, layernorm statistics, softmax denominators). The ones vectors are cached per size.
 """
 from .. import backend
+from ..tensor import fresh_grads
 
 _ones_cache = {}
 
@@ -32,11 +33,15 @@ def sum_rows(x):
 
 
 def add_into(buffer, g):
-    """g, or None after adding g into buffer (a gradient buffer, docs/CONTRACTS.md `*_into`): buffer += g.
+    """g, or None after adding g into buffer (a gradient buffer, docs/CONTRACTS.md `*_into`): buffer += g, or
+    buffer[...] = g as the step's first write of a fresh buffer (GPU: tensor.fresh_grads; 0 + g is g).
     (NumPy's matmul cannot accumulate into its output, so on the CPU the add is a second pass.)"""
     if buffer is None:
         return g
-    buffer += g
+    if fresh_grads.should_overwrite(buffer):
+        buffer[...] = g
+    else:
+        buffer += g
     return None
 
 

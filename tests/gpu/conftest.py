@@ -57,6 +57,7 @@ _COST = {
     "test_bf16_device_conversions_match_numpy": lambda p: 1_000_003,
     "test_matmul_bf16": lambda p: p["M"] * p["K"] + p["K"] * p["N"],
     "test_linear": lambda p: p["N"] * p["Cin"] + p["Cin"] * p["Cout"] + p["N"] * p["Cout"],
+    "test_weight_grad_into_a_fresh_buffer_equals_adding_into_zeros": lambda p: p["N"] * p["Cin"] * p["Cout"] // 8,
 }
 
 def pytest_collection_modifyitems(config, items):

@@ -94,6 +94,14 @@ def test_embedding(cp, poison, B, T, V, C, Tmax):
     assert rel_err(to_np(into_wte), held_wte + rdwte) < TOL
     assert rel_err(to_np(into_wpe), held_wpe + rdwpe) < TOL
     assert (to_np(into_wpe)[T:] == held_wpe[T:]).all()
+    # into FRESH gradient buffers (a step's first write, nanogpt_np/tensor.py FreshGradBuffers; NaN = stale bytes):
+    # wpe's kernel writes every row (zeros past T), wte's buffer is zeroed before the scatter-add: the sums alone
+    from nanogpt_np.tensor import fresh_grads
+    fresh_wte, fresh_wpe = cp.full((V, C), np.nan, dtype=cp.float32), cp.full((Tmax, C), np.nan, dtype=cp.float32)
+    fresh_grads.mark([fresh_wte, fresh_wpe])
+    assert bwd(cp.asarray(dout), saved, dwte_into=fresh_wte, dwpe_into=fresh_wpe) == (None, None)
+    assert not fresh_grads.is_fresh(fresh_wte) and not fresh_grads.is_fresh(fresh_wpe)
+    assert (to_np(fresh_wte) == to_np(dwte)).all() and (to_np(fresh_wpe) == to_np(dwpe)).all()
 
 
 # ---------------------------------------------------------------------------------------------------- layernorm
@@ -703,6 +711,39 @@ def test_gemm(cp, poison, ta, tb, kind, alpha, beta):
         assert rel_err(got, want) < 1e-5 and rel_err(got, exact) > 1e-5
     # (on a GPU, cuBLAS may round or truncate to TF32, or pick a non-tensor-core kernel for so small a product)
 
+
+
+@pytest.mark.parametrize("N,Cin,Cout", [(1, 1, 1), (37, 70, 29), (130, 768, 2304), (8192, 768, 3072)])
+@pytest.mark.parametrize("kind", ["tf32", "bf16"])
+def test_weight_grad_into_a_fresh_buffer_equals_adding_into_zeros(cp, poison, N, Cin, Cout, kind):
+    """A weight gradient's gemm into a fresh (NaN: stale bytes) buffer writes over it with beta = 0
+    (kernels/linear.py _weight_grad, FreshGradBuffers in nanogpt_np/tensor.py); it must give the very bits that
+    beta = 1 into a zeroed buffer gives (the model's gradients bit for bit as before, float32 included), and
+    a second write adds. On a GPU this also checks that cuBLAS picks no different sum order for beta = 0."""
+    from nanogpt_np.kernels import linear, precision
+    from nanogpt_np.tensor import fresh_grads
+    a, d = randn(N, Cin), randn(N, Cout)
+    if kind == "bf16":
+        A, D = precision.to_bf16(cp.asarray(a)), precision.to_bf16(cp.asarray(d))
+    else:
+        A, D = cp.asarray(a), cp.asarray(d)
+    precision.set_tf32(kind == "tf32")
+    try:
+        poison()
+        zeroed = cp.zeros((Cin, Cout), dtype=cp.float32)
+        assert linear._weight_grad(A, D, zeroed) is None                      # not fresh: beta = 1
+        fresh = cp.full((Cin, Cout), np.nan, dtype=cp.float32)
+        fresh_grads.mark([fresh])
+        assert linear._weight_grad(A, D, fresh) is None and not fresh_grads.is_fresh(fresh)   # beta = 0
+        got, want = to_np(fresh), to_np(zeroed)
+        assert np.isfinite(got).all()
+        np.testing.assert_array_equal(got, want)
+        reads = (a, d) if kind == "tf32" else (round_to_bf16(a), round_to_bf16(d))
+        assert rel_err(got, f64(reads[0])[0].T @ f64(reads[1])[0]) < (5e-3 if kind == "tf32" else 1e-5)
+        linear._weight_grad(A, D, fresh)                                        # the second write adds
+        np.testing.assert_array_equal(to_np(fresh), (want + want).astype(np.float32))
+    finally:
+        precision.set_tf32(False)
 
 
 # ------------------------------------------------------------------------------------- strided batched gemm

@@ -20,6 +20,7 @@ def _step(model_cls, cfg, params, x, y, device, attention="matmul", dtype="float
     model.zero_grad()
     _, loss = model(backend.to_device(x), backend.to_device(y))
     backward(loss)
+    model.finish_gradients()
     grads = backend.to_numpy(model.flat_grads).copy()
     norm = clip_grad_norm(model.flat_grads, 1.0)
     opt.step()
