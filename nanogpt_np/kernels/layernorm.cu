@@ -46,12 +46,19 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;   // every lane holds the total
 }
 
+// A row of the residual stream (or of a layernorm input), float32 or bf16 bits: exactly one pointer is given.
+__device__ __forceinline__ float load_row(const float* f, const bf16_t* b, long long i) {
+    return b ? bf16_to_f32(b[i]) : f[i];
+}
+
 extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // (N, C) float32, or NULL and:
                                              bf16_t* __restrict__ out_bf16,  // (N, C) bf16 bits, or NULL
                                              float* __restrict__ mean,       // (N,)
                                              float* __restrict__ rstd,       // (N,)
-                                             float* h_out,                   // (N, C) x + residual, or NULL
-                                             const float* x,                 // (N, C)
+                                             float* h_out,                   // (N, C) x + residual, or NULL, or:
+                                             bf16_t* h_out_bf16,             // (N, C) x + residual as bf16 bits
+                                             const float* x,                 // (N, C), or NULL and:
+                                             const bf16_t* x_bf16,           // (N, C) bf16 bits
                                              const float* __restrict__ residual,  // (N, C) or NULL, or:
                                              const bf16_t* __restrict__ residual_bf16,  // (N, C) bf16 bits or NULL
                                              const float* __restrict__ residual_bias,  // (C,) or NULL
@@ -60,28 +67,34 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
     int lane = threadIdx.x % 32;
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= N) return;                        // whole warp leaves together
-    const float* xr = x + (long long)row * C;
-    const float* src = xr;                       // where h lives after pass 1
+    long long o = (long long)row * C;
+    const float* src = x ? x + o : nullptr;      // where the layernorm's input (h) lives after pass 1:
+    const bf16_t* src_bf16 = x_bf16 ? x_bf16 + o : nullptr;     // float32 or bf16 bits
     float s = 0.0f;
     if (residual != nullptr || residual_bf16 != nullptr) {
-        long long o = (long long)row * C;
-        float* hr = h_out + o;
         for (int c = lane; c < C; c += 32) {
             float rv = residual_bf16 ? bf16_to_f32(residual_bf16[o + c]) : residual[o + c];
-            float v = xr[c] + (residual_bias ? rv + residual_bias[c] : rv);
-            hr[c] = v; s += v;
+            float v = load_row(x, x_bf16, o + c) + (residual_bias ? rv + residual_bias[c] : rv);
+            if (h_out_bf16) {                    // the stream stored in bf16: rounded once, and the layernorm
+                bf16_t hb = f32_to_bf16_rne(v);  // normalises the ROUNDED value (what the backward re-reads)
+                h_out_bf16[o + c] = hb;
+                v = bf16_to_f32(hb);
+            } else {
+                h_out[o + c] = v;
+            }
+            s += v;
         }
-        src = hr;                                // this lane re-reads only what it wrote itself
+        src = h_out_bf16 ? nullptr : h_out + o;  // this lane re-reads only what it wrote itself
+        src_bf16 = h_out_bf16 ? h_out_bf16 + o : nullptr;
     } else {
-        for (int c = lane; c < C; c += 32) s += xr[c];
+        for (int c = lane; c < C; c += 32) s += load_row(src, src_bf16, c);
     }
     float m = warp_sum(s) / C;
     float ss = 0.0f;
-    for (int c = lane; c < C; c += 32) { float d = src[c] - m; ss += d * d; }
+    for (int c = lane; c < C; c += 32) { float d = load_row(src, src_bf16, c) - m; ss += d * d; }
     float r = rsqrtf(warp_sum(ss) / C + eps);
-    long long o = (long long)row * C;
     for (int c = lane; c < C; c += 32) {
-        float y = (src[c] - m) * r * w[c] + b[c];
+        float y = (load_row(src, src_bf16, c) - m) * r * w[c] + b[c];
         if (out_bf16) out_bf16[o + c] = f32_to_bf16_rne(y); else out[o + c] = y;
     }
     if (lane == 0) { mean[row] = m; rstd[row] = r; }
@@ -89,15 +102,19 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
 
 // blockDim.x = 32 * NW; dynamic shared memory = n_sums * NW * C floats. Block k owns rows
 // [k*rows_per_block, (k+1)*rows_per_block). dh may alias dres (in-place accumulation into the residual grad).
-extern "C" __global__ void layernorm_backward(float* dh,                         // (N, C) out
+// At least one of dh, dh_bf16 is given; both when the two inputs of the add want different dtypes (a float32 x
+// and a bf16 matmul's residual, or a bf16 x and a float32 residual from dropout).
+extern "C" __global__ void layernorm_backward(float* dh,                         // (N, C) out, or NULL
                                               bf16_t* __restrict__ dh_bf16,      // (N, C) out, or NULL
                                               float* __restrict__ partial,       // (n_sums, gridDim.x, C) out
                                               const float* __restrict__ dout,    // (N, C), or NULL and:
                                               const bf16_t* __restrict__ dout_bf16,  // (N, C) bf16 bits, or NULL
-                                              const float* __restrict__ h,       // (N, C) the LN input
+                                              const float* __restrict__ h,       // (N, C) the LN input, or NULL:
+                                              const bf16_t* __restrict__ h_bf16, // (N, C) the LN input, bf16 bits
                                               const float* __restrict__ mean, const float* __restrict__ rstd,
                                               const float* __restrict__ w,
-                                              const float* dres,                 // (N, C) or NULL
+                                              const float* dres,                 // (N, C) or NULL, or:
+                                              const bf16_t* __restrict__ dres_bf16,  // (N, C) bf16 bits or NULL
                                               int n_sums,                        // 2: dw, db;  3: and sum of dh
                                               int N, int C, int rows_per_block) {
     extern __shared__ float smem[];
@@ -110,26 +127,27 @@ extern "C" __global__ void layernorm_backward(float* dh,                        
     int row_end = min(N, (blockIdx.x + 1) * rows_per_block);
     for (int row = blockIdx.x * rows_per_block + warp; row < row_end; row += NW) {
         long long o = (long long)row * C;
-        const float* hr = h + o;
         float m = mean[row], r = rstd[row];
         // pass 1: the two row sums the dx formula needs, and the dw/db contributions
         float sg = 0.0f, sgx = 0.0f;
         for (int c = lane; c < C; c += 32) {
             float d = dout_bf16 ? bf16_to_f32(dout_bf16[o + c]) : dout[o + c];
-            float xhat = (hr[c] - m) * r, g = d * w[c];
+            float xhat = (load_row(h, h_bf16, o + c) - m) * r, g = d * w[c];
             sg += g; sgx += g * xhat;
             sdw[c] += d * xhat; sdb[c] += d;
         }
         sg = warp_sum(sg) / C; sgx = warp_sum(sgx) / C;
-        // pass 2: dx (re-reads dout and h from cache), plus the incoming residual gradient
+        // pass 2: dx (re-reads dout and h from cache), plus the incoming residual gradient; float32 math, then
+        // one rounding when dh is stored as bf16
         for (int c = lane; c < C; c += 32) {
             float d = dout_bf16 ? bf16_to_f32(dout_bf16[o + c]) : dout[o + c];
-            float xhat = (hr[c] - m) * r, g = d * w[c];
+            float xhat = (load_row(h, h_bf16, o + c) - m) * r, g = d * w[c];
             float v = r * (g - sg - xhat * sgx);
             if (dres) v += dres[o + c];          // same thread reads dres then writes dh: aliasing is safe
-            dh[o + c] = v;
+            else if (dres_bf16) v += bf16_to_f32(dres_bf16[o + c]);
+            if (dh) dh[o + c] = v;
             if (dh_bf16) dh_bf16[o + c] = f32_to_bf16_rne(v);
-            if (sdh) sdh[c] += v;
+            if (sdh) sdh[c] += v;                // the residual bias's gradient: the unrounded float32 sum
         }
     }
     __syncthreads();
