@@ -56,7 +56,7 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
                                              float* __restrict__ mean,       // (N,)
                                              float* __restrict__ rstd,       // (N,)
                                              float* h_out,                   // (N, C) x + residual, or NULL, or:
-                                             bf16_t* h_out_bf16,             // (N, C) x + residual as bf16 bits
+                                             bf16_t* h_out_bf16,             // (N, C) the same (or x) in bf16
                                              const float* x,                 // (N, C), or NULL and:
                                              const bf16_t* x_bf16,           // (N, C) bf16 bits
                                              const float* __restrict__ residual,  // (N, C) or NULL, or:
@@ -71,10 +71,14 @@ extern "C" __global__ void layernorm_forward(float* __restrict__ out,        // 
     const float* src = x ? x + o : nullptr;      // where the layernorm's input (h) lives after pass 1:
     const bf16_t* src_bf16 = x_bf16 ? x_bf16 + o : nullptr;     // float32 or bf16 bits
     float s = 0.0f;
-    if (residual != nullptr || residual_bf16 != nullptr) {
+    bool add = residual != nullptr || residual_bf16 != nullptr;
+    if (add || h_out_bf16) {                     // h written out: x + residual, or x alone stored as bf16
         for (int c = lane; c < C; c += 32) {
-            float rv = residual_bf16 ? bf16_to_f32(residual_bf16[o + c]) : residual[o + c];
-            float v = load_row(x, x_bf16, o + c) + (residual_bias ? rv + residual_bias[c] : rv);
+            float v = load_row(x, x_bf16, o + c);
+            if (add) {
+                float rv = residual_bf16 ? bf16_to_f32(residual_bf16[o + c]) : residual[o + c];
+                v += residual_bias ? rv + residual_bias[c] : rv;
+            }
             if (h_out_bf16) {                    // the stream stored in bf16: rounded once, and the layernorm
                 bf16_t hb = f32_to_bf16_rne(v);  // normalises the ROUNDED value (what the backward re-reads)
                 h_out_bf16[o + c] = hb;

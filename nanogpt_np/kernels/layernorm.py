@@ -39,16 +39,19 @@ def _f32_bf16(a):
     return (a, NULL) if a.dtype != np.uint16 else (NULL, a)
 
 
-def _forward(x, residual, residual_bias, w, b, eps):
+def _forward(x, residual, residual_bias, w, b, eps, h_bf16=False):
     """x (float32 or bf16 bits), residual (float32, bf16 bits or None) -> (y, h or None, saved). With a residual
-    and bf16 activations h is stored as bf16 bits (rounded once) and the layernorm normalises that rounded h."""
+    and bf16 activations h is stored as bf16 bits (rounded once) and the layernorm normalises that rounded h;
+    h_bf16 without a residual: h is x rounded to bf16 (and normalised as such)."""
     import cupy as cp
     N, C = x.shape
     bf16 = registry.bf16_activations()
     out = cp.empty((N, C), dtype=cp.uint16 if bf16 else cp.float32)
     mean = cp.empty((N,), dtype=cp.float32)
     rstd = cp.empty((N,), dtype=cp.float32)
-    h = cp.empty((N, C), dtype=cp.uint16 if bf16 else cp.float32) if residual is not None else None
+    h = None
+    if residual is not None or h_bf16:
+        h = cp.empty((N, C), dtype=cp.uint16 if bf16 or h_bf16 else cp.float32)
     grid, block = rows_per_warp(N, 8)
     launch("layernorm", "layernorm_forward", grid, block,
            (*_f32_bf16(out), mean, rstd, *_f32_bf16(h), *_f32_bf16(x), *_f32_bf16(residual),
@@ -106,11 +109,14 @@ def layernorm_backward(dy, saved, dw_into=None, db_into=None):
 def residual_layernorm_forward(x, residual, residual_bias, w, b, eps=1e-5):
     """x, residual (N, C), residual_bias (C,) or None -> ((h = x + residual + bias, y = layernorm(h)), saved),
     one pass. x and residual may be float32 or bf16 bits; with bf16 activations h is bf16 bits (rounded once,
-    and y is the layernorm of that rounded h), else float32. residual None: h is x (not copied), y = layernorm(x)."""
+    and y is the layernorm of that rounded h), else float32. residual None: h is x (not copied), y = layernorm(x);
+    with bf16 activations and a float32 x (the embedding's output), h is x rounded to bf16 and y its layernorm."""
+    import cupy as cp
     x = _bits_or_float32(x)                            # float32, or bf16 bits: the previous block's h
-    if residual is None:
-        out, _, saved = _forward(x, None, None, w, b, eps)
-        return (x, out), (saved, False, x.dtype, False)
+    if residual is None:                               # the stream starts here: in bf16 precision stored as bf16
+        out, h, saved = _forward(x, None, None, w, b, eps,
+                                 h_bf16=registry.bf16_activations() and x.dtype != cp.uint16)
+        return (x if h is None else h, out), (saved, False, x.dtype, False)
     residual = _bits_or_float32(residual)              # float32, or bf16 bits from a bf16 matmul
     out, h, saved = _forward(x, residual, residual_bias, w, b, eps)
     return (h, out), (saved, residual_bias is not None, x.dtype, True)

@@ -12,7 +12,7 @@ def residual_layernorm_forward(x, residual, residual_bias, w, b, eps=1e-5, *, ro
     x and residual may be bf16 bits (uint16), widened exactly. round_h: None (h at the inputs' precision), or a
     function applied once to h before the layernorm reads it: the GPU in bf16 precision stores the residual stream
     as bf16 and normalises that rounded h, which is round_h=bf16.round_to_bf16 (a reference-only keyword, for
-    tests; applied to a residual-free h too, which the GPU passes through unrounded)."""
+    tests; residual None too: there the GPU stores a float32 x as bf16, the stream's start)."""
     from ..ops.layernorm import layernorm_forward
     from .bf16 import widen_bf16
     x = widen_bf16(x)
@@ -21,8 +21,8 @@ def residual_layernorm_forward(x, residual, residual_bias, w, b, eps=1e-5, *, ro
     else:
         residual = widen_bf16(residual)
         h = x + residual if residual_bias is None else x + (residual + residual_bias)
-        if round_h is not None:
-            h = round_h(h).astype(h.dtype)                  # e.g. to bf16 values, kept at x's dtype
+    if round_h is not None:
+        h = round_h(h).astype(h.dtype)                      # e.g. to bf16 values, kept at x's dtype
     y, saved = layernorm_forward(h, w, b, eps)
     return (h, y), (saved, residual_bias is not None)
 

@@ -511,11 +511,12 @@ def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, h_ou
     assert grid[0] * block[0] // 32 >= N and block[0] % 32 == 0
     xv = _f32_or_bf16(x, x_bf16, N * C).reshape(N, C).astype(np.float64)
     r, r16 = _arr(residual), _arr(residual_bf16)
-    if r is not None or r16 is not None:
-        rv = _f32_or_bf16(residual, residual_bf16, N * C).reshape(N, C)
-        if _arr(rbias) is not None:
-            rv = rv + _f32(_arr(rbias), C)
-        xv = xv + rv
+    if r is not None or r16 is not None or _arr(h_out_bf16) is not None:    # h written out
+        if r is not None or r16 is not None:
+            rv = _f32_or_bf16(residual, residual_bf16, N * C).reshape(N, C)
+            if _arr(rbias) is not None:
+                rv = rv + _f32(_arr(rbias), C)
+            xv = xv + rv
         if _arr(h_out_bf16) is not None:           # h stored as bf16; the layernorm normalises the rounded h
             assert _arr(h_out) is None and _arr(h_out_bf16).dtype == np.uint16
             hb = float32_to_bf16(xv.astype(np.float32).reshape(-1))

@@ -287,20 +287,30 @@ def test_residual_layernorm_bf16_stream(cp, poison, N, C, r_from, monkeypatch):
 
 @pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (4097, 768)])
 def test_residual_layernorm_without_residual(cp, poison, act_dtype, N, C):
-    """residual None (the first block's ln_1): h is x itself, y = layernorm(x); the backward adds dh."""
+    """residual None (the first block's ln_1): h is x itself, y = layernorm(x); the backward adds dh. With bf16
+    activations the stream starts here: h is the float32 x rounded to bf16 (y its layernorm), dh arrives as bf16
+    bits, and dx stays float32 (x's dtype: the embedding's output). A bf16 x is passed through as it is."""
+    bf16 = act_dtype == "bfloat16"
     x, w, b, dh, dy = randn(N, C), randn(C), randn(C), randn(N, C), randn(N, C)
+    dh = round_to_bf16(dh) if bf16 else dh
     fwd, bwd = registry.lookup("residual_layernorm")
     xd = cp.asarray(x)
     poison()
     (h, y), saved = fwd(xd, None, None, cp.asarray(w), cp.asarray(b), 1e-5)
-    (_, ry), rsaved = references.residual_layernorm_forward(f64(x)[0], None, None, *f64(w, b), 1e-5)
-    assert h is xd
+    (rh, ry), rsaved = references.residual_layernorm_forward(f64(x)[0], None, None, *f64(w, b), 1e-5,
+                                                             round_h=round_to_bf16 if bf16 else None)
+    if bf16:
+        assert to_np(h).dtype == np.uint16 and (to_np(h) == float32_to_bf16(x)).all()
+        xb = cp.asarray(float32_to_bf16(x))                 # already bf16: passed through, not copied
+        assert fwd(xb, None, None, cp.asarray(w), cp.asarray(b), 1e-5)[0][0] is xb
+    else:
+        assert h is xd
     check_act(y, ry, act_dtype)
     poison()
-    dx, dres, drb, dw, db = bwd((cp.asarray(dh), cp.asarray(dy)), saved)
+    dx, dres, drb, dw, db = bwd((cp.asarray(float32_to_bf16(dh) if bf16 else dh), cp.asarray(dy)), saved)
     rdx, _, _, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)),
                                                                  rsaved)
-    assert dres is dx and drb is None
+    assert dres is dx and drb is None and to_np(dx).dtype == np.float32
     assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(dw), rdw) < TOL and rel_err(to_np(db), rdb) < TOL
 
 
