@@ -1,4 +1,4 @@
-// LayerNorm over the last dimension C of an (N, C) float32 matrix, with the residual add fused in.
+// LayerNorm over the last dimension C of an (N, C) matrix, with the residual add fused in.
 //
 //   forward:  h = x + residual (+ residual_bias[c])   (only with a residual; h is written out: the new residual
 //                                                     stream. The residual is float32, or bf16 bits when a bf16
@@ -8,20 +8,28 @@
 //             out = (h - mean) * rstd * w + b            mean, rstd (N,) are saved for the backward
 //             out is float32, or bf16 bits when out_bf16 is given instead (the next matmul reads bf16: no
 //             separate conversion pass)
+//   The residual stream in bf16 (the matmuls in bf16): h is stored as bf16 bits (h_out_bf16), and x, the previous
+//   block's h, is read as bf16 bits (x_bf16). The sum is float32; it is rounded ONCE (to nearest even) when it is
+//   stored, and the layernorm normalises that rounded h, so the backward, which re-reads the stored h, sees
+//   exactly the forward's input. Without a residual, h_out_bf16 stores x itself rounded (the stream's start).
 //   backward: xhat = (h - mean) * rstd,  g = dout * w
 //             dh = rstd * (g - mean(g) - xhat * mean(g * xhat))   (+ dres: the gradient already flowing in the
 //                  residual stream is added here, so the model needs no separate add kernel)
-//             dh is also written as bf16 bits when dh_bf16 is given (for the bf16 matmul that made `residual`:
-//                  its dy; no separate conversion pass)
+//             float32 math; dh is stored as float32 (dh), as bf16 bits rounded once (dh_bf16), or both when the
+//                  two inputs of the add want different dtypes. With the stream in bf16 the one bf16 dh is the
+//                  stream's gradient AND the dy of the bf16 matmul that made `residual` (no copy).
+//                  h and dres (the stream's incoming gradient) may be bf16 bits.
 //             dw = sum_rows dout * xhat,  db = sum_rows dout,  and with n_sums == 3 also
 //             dresidual_bias = sum_rows dh (the residual bias is added to every row: its gradient is the column
-//                  sum of the residual gradient; summed here while dh is in registers, no second pass)
+//                  sum of the residual gradient; summed here while dh is in registers, unrounded, no second pass)
 //
 // Work split: one warp per row. A lane handles channels lane, lane+32, ... The three passes over a row
 // (sum, centered sum of squares, write) read the row from DRAM once; the second and third reads hit L1/L2
 // (a row is C*4 = 3 KB at C=768). Row reductions are warp shuffles (butterfly), no shared memory.
-// Memory traffic: forward reads x (+ residual), writes out (4 or 2 bytes) (+ h); backward reads dout (4 or 2
-// bytes: a bf16 matmul may write it as bf16), h (+ dres), writes dh (+ its 2-byte bf16 copy).
+// Memory traffic (bytes per element; 4 for float32, 2 for bf16): forward reads x (+ residual), writes out
+// (+ h); backward reads dout, h (+ dres), writes dh (and/or its bf16 form). With the stream in bf16 a block
+// boundary moves 2 + 2 + 2 + 2 bytes forward (x, residual, h, y) and 2 + 2 + 2 + 2 backward (dout, h, dres, dh),
+// against 4 + 2 + 4 + 2 and 2 + 4 + 4 + 4 + 2 with a float32 stream and a bf16 copy of dh.
 //
 // Deterministic column sums (dw, db, dresidual_bias): a block owns a fixed range of rows. Each warp
 // accumulates its rows into its own slice of shared memory (no atomics: a lane only touches its own channels),

@@ -6,17 +6,27 @@ residual_layernorm (references.residual_layernorm_forward/backward give the NumP
         y = layernorm(h)
     backward((dh, dy), saved, dw_into=None, db_into=None, drb_into=None, bf16_dr=False)
             -> (dx, dresidual, dresidual_bias, dw, db)
-        dx = dresidual = dh + layernorm_backward(dy) (the same array twice; dh may be None),
-        dresidual_bias = dx summed over rows (None without a bias), in the same pass (per-block partial sums)
+        dx = dresidual = dh + layernorm_backward(dy) (dh may be None),
+        dresidual_bias = that summed over rows (None without a bias), in the same pass (per-block partial sums)
         dw, db, dresidual_bias are ADDED into the *_into buffers when given (the model's flat gradient buffer,
         docs/CONTRACTS.md) and then returned as None
-        bf16_dr (a hint, like linear's bf16_dx): when the matmuls run in bf16, dresidual is a bf16 copy of dx
-        (uint16 bits, written in the same pass) for the c_proj gemm that made the residual and reads it as dy
+        bf16_dr (a hint, like linear's bf16_dx): when the matmuls run in bf16, dresidual is bf16 bits for the
+        c_proj gemm that made the residual and reads it as dy
 
-With bf16 activations (registry.bf16_activations(): the matmuls read bf16) y is written as bf16 bits (uint16)
-for the next matmul; h, the saved statistics and the backward's float32 results stay float32 (the bf16 dresidual
-is an extra copy). The forward reads the residual, and the backward dy, as float32 or as bf16 bits (uint16, from a
-bf16 matmul's bf16_out / bf16_dx).
+The residual stream in bf16. With bf16 activations (registry.bf16_activations(): the matmuls read bf16) y is
+written as bf16 bits (uint16) for the next matmul, and so is the residual stream h: one rounding per block
+boundary. The kernel adds x + residual + bias in float32, rounds the sum once to bf16, stores it, and normalises
+the ROUNDED h (the backward recomputes xhat from the stored h, so both see the same input). The first ln_1
+(residual None) stores the embedding's float32 output as bf16 the same way: from there on every block reads and
+writes a bf16 stream. Why: the stream is read and written at every block boundary, forward and backward; in bf16
+that is half the bytes (~1.8 GB less per GPT-2 step, benchmarks/gpu_model.py), as llm.c does.
+The backward follows: dh_total = dh + layernorm_backward(dy) is float32 math, stored once. A gradient's dtype
+follows the input it belongs to: a bf16 x (the stream) gets bf16 dx, a float32 x (the embedding's output) float32
+dx; dresidual is bf16 with bf16_dr, else float32 (dropout's float32 output). When x and the residual want the
+same dtype, dx and dresidual are one array (in bf16: the stream's gradient and c_proj's dy, no copy); otherwise
+the kernel writes both in its one pass. The saved statistics and the bias and weight gradients stay float32.
+The forward reads x and the residual, and the backward dy, h and the incoming dh, as float32 or as bf16 bits.
+In float32 precision everything is float32, as before.
 """
 import numpy as np
 

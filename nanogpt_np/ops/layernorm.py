@@ -16,6 +16,8 @@ Residual + layernorm (one op with two outputs, so the GPU can do both in one pas
     dh_total = dh + (layernorm backward of dy),  dx = dr = dh_total   (an add passes its gradient through)
     drb = dh_total summed over the rows            (rb[c] is added to every row n: d h[n, c] / d rb[c] = 1)
 The model uses it at every block boundary: the residual add that ends a branch and the layernorm after it.
+On the GPU with bf16 matmuls, h and dx are stored as bf16 (one rounding each, float32 math; kernels/layernorm.py):
+the residual stream is then bf16 from the first ln_1 on. Here (NumPy, CPU) everything stays at x's precision.
 
 dw, db (and drb) are added straight into the parameters' gradient buffers when they have one (`*_into`, as in
 ops/linear.py), so the tape adds nothing for them.
