@@ -99,7 +99,7 @@ def _backward(dout, saved, dres, dw_into=None, db_into=None, column_sum=False, d
            (outs[0], outs[1], outs[2] if fused_sum else NULL, partial, np.int32(nblocks), np.int32(C)))
     sums = [None if into is not None else out for into, out in zip(intos, outs)]
     if column_sum and not fused_sum:
-        sums.append(precision.sum_rows(dh if dh is not None else dh_bf16, into=dsum_into))
+        sums.append(precision.sum_rows(dh, into=dsum_into))
     return dh, dh_bf16, sums
 
 
@@ -146,6 +146,8 @@ def residual_layernorm_backward(douts, saved, dw_into=None, db_into=None, drb_in
     x_bf16 = x_dtype == cp.uint16
     r_bf16 = has_residual and bf16_dr and registry.bf16_activations()
     dx, dx_bf16, sums = _backward(dy, saved, dh_in, dw_into, db_into, column_sum=has_bias, dsum_into=drb_into,
-                                  float32_dh=not x_bf16 or not r_bf16, bf16_dh=x_bf16 or r_bf16)
+                                  float32_dh=not x_bf16 or (has_residual and not r_bf16),
+                                  bf16_dh=x_bf16 or r_bf16)
     dw, db, drb = sums if has_bias else sums + [None]
-    return (dx_bf16 if x_bf16 else dx), (dx_bf16 if r_bf16 else dx), drb, dw, db
+    dx, dr = (dx_bf16 if x_bf16 else dx), (dx_bf16 if r_bf16 else dx)
+    return dx, (dr if has_residual else dx), drb, dw, db        # without a residual dresidual is just dx

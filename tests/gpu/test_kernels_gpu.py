@@ -299,10 +299,15 @@ def test_residual_layernorm_without_residual(cp, poison, act_dtype, N, C):
     (h, y), saved = fwd(xd, None, None, cp.asarray(w), cp.asarray(b), 1e-5)
     (rh, ry), rsaved = references.residual_layernorm_forward(f64(x)[0], None, None, *f64(w, b), 1e-5,
                                                              round_h=round_to_bf16 if bf16 else None)
+    rdx_of = lambda saved: references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)),
+                                                                  saved)[0]
     if bf16:
         assert to_np(h).dtype == np.uint16 and (to_np(h) == float32_to_bf16(x)).all()
-        xb = cp.asarray(float32_to_bf16(x))                 # already bf16: passed through, not copied
-        assert fwd(xb, None, None, cp.asarray(w), cp.asarray(b), 1e-5)[0][0] is xb
+        xb = cp.asarray(float32_to_bf16(x))                 # already bf16: passed through, not copied, and
+        (hb, _), saved_b = fwd(xb, None, None, cp.asarray(w), cp.asarray(b), 1e-5)     # its dx is bf16 bits
+        assert hb is xb
+        dxb, dresb, _, _, _ = bwd((cp.asarray(float32_to_bf16(dh)), cp.asarray(dy)), saved_b)
+        assert dresb is dxb and bf16_mismatch(dxb, rdx_of(rsaved)) <= (ROUNDED_ONCE if N * C > 1 else 0)
     else:
         assert h is xd
     check_act(y, ry, act_dtype)
