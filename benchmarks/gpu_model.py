@@ -429,17 +429,18 @@ def kernel_traffic(op):
         nb = 2 * BT * C * f4 + 2 * BT * 4 + acc * BT * C * f4        # (at most BT distinct rows)
         return BT * C, nb, nb, "memory"
     if k == "layernorm_forward":
-        N, C = s[11], s[12]
-        res = not (null[6] and null[7])                             # a residual, float32 or bf16 bits
-        r = f4 if not null[6] else 2
-        out = 2 if null[0] else f4                                  # float32 out, or bf16 out_bf16
-        nb = N * C * (f4 * (1 + res) + r * res + out) + 2 * N * f4 + 2 * C * f4
+        N, C = s[13], s[14]
+        nbytes = lambda f32, bf16: f4 if not null[f32] else 2 if not null[bf16] else 0   # a float32 or bf16 pair
+        res = nbytes(8, 9)                                          # the residual, float32 or bf16 bits (or none)
+        h = nbytes(4, 5)                                            # h written (float32, or bf16 in bf16 precision)
+        nb = N * C * (nbytes(6, 7) + res + h + nbytes(0, 1)) + 2 * N * f4 + 2 * C * f4    # x read, y written
         return 8 * N * C, nb, nb, "memory"
     if k == "layernorm_backward":
-        n_sums, N, C = s[10], s[11], s[12]
-        bf16_copy = not null[1]                                     # dh also written as bf16 bits
-        dy = 2 if null[3] else f4                                   # dy read as float32 or bf16 bits
-        nb = N * C * (f4 * (2 + (not null[9])) + dy + 2 * bf16_copy) + 2 * N * f4 + n_sums * grid[0] * C * f4
+        n_sums, N, C = s[12], s[13], s[14]
+        nbytes = lambda f32, bf16: f4 if not null[f32] else 2 if not null[bf16] else 0
+        dh_out = (0 if null[0] else f4) + (0 if null[1] else 2)    # dh written as float32, bf16, or both
+        nb = N * C * (nbytes(3, 4) + nbytes(5, 6) + nbytes(10, 11) + dh_out) + 2 * N * f4 \
+            + n_sums * grid[0] * C * f4                             # dy, h, dres read; partial rows written
         return 10 * N * C, nb, nb, "memory"
     if k == "layernorm_param_reduce":
         nblocks, C = s[4], s[5]

@@ -278,6 +278,10 @@ class GPT:
         # two are one op, done by the block (one pass over the residual stream). The first ln_1 has no add before
         # it: the same op with r=None passes x through (h is x), so that in the backward x's two gradients (from
         # ln_1 and from the residual stream) are summed in the layernorm's own pass.
+        # With bf16 matmuls on the GPU the residual stream x is bf16 from here on (h is x rounded once to bf16),
+        # and so is its gradient: each block boundary rounds the stream once, which halves the bytes of the most
+        # often moved array of the step (kernels/layernorm.py). x, and its gradient, has one consumer each: the
+        # next residual_layernorm (the tape refuses to add two bf16 gradients).
         x, xn = ops.residual_layernorm(x, None, p["h.0.ln_1.weight"], self._bias("h.0.ln_1"), cfg.layer_norm_eps)
         for i in range(cfg.n_layer):
             next_ln = f"h.{i + 1}.ln_1" if i + 1 < cfg.n_layer else "ln_f"
@@ -326,7 +330,9 @@ class GPT:
                        bf16_out=fuse_proj)
         a = ops.dropout(a, cfg.dropout, self.dropout_rng, self.training)
         # x = x + a (+ c_proj's bias) and m = ln_2(x) in one op (one pass over memory on the GPU). Without dropout
-        # `a` comes straight from c_proj, which may then read its gradient as bf16 (bf16_dr, written in that pass).
+        # `a` comes straight from c_proj, which may then read its gradient as bf16 (bf16_dr): in bf16 that is the
+        # very array that carries the stream's gradient back (both bf16, no copy). With dropout, a's gradient is
+        # float32 (dropout's output is float32) and the backward writes it beside the bf16 one, in the same pass.
         x, m = ops.residual_layernorm(x, a, p[h + "ln_2.weight"], self._bias(h + "ln_2"), cfg.layer_norm_eps,
                                       r_bias=proj_bias if fuse_proj else None, bf16_dr=not dropout_on)
         # the MLP, gelu(m @ W_fc + b_fc) @ W_proj, is one op (ops/mlp.py): in bf16 precision on the GPU the GELU

@@ -18,8 +18,10 @@ What is compared, and how closely:
   8 significant bits (unit roundoff u = 2^-8 = 3.9e-3), so every logit is perturbed by ~u of its size, in
   effect independently per target. The loss is a mean over the N targets of a step (32 here, 64 with two
   micro-batches), so its relative error is of order u * rms(logit) / (loss * sqrt(N)), ~1e-4 at this size, and
-  the weights of later steps differ by as much again. Measured: up to 1.25e-4 (bf16, two micro-batches; the
-  MLP on cuBLASLt's epilogues rounds its pre-activation to bf16 too), 5.6e-5 (flash, float32); with 4x the
+  the weights of later steps differ by as much again. Measured: up to 1.30e-4 (bf16, two micro-batches; the
+  MLP on cuBLASLt's epilogues rounds its pre-activation to bf16 too, and the residual stream and its gradient
+  are bf16, rounded once per block boundary; with seeds 1, 2, 3: 4.2e-5, 1.1e-4, 8.4e-5, against 5.5e-5, 6.0e-5,
+  8.5e-5 (and 1.25e-4 at this seed) with a float32 stream), 5.6e-5 (flash, float32); with 4x the
   targets per step (B=4, T=32) 4e-5, as 1/sqrt(N) says. 2e-4 is that noise floor (~1e-4) with a factor 2 of room
   (pytest -s prints each run's worst); the float32 runs (1.2e-7 here) show that the rest of the path adds
   nothing. A gross kernel bug still stands out: flash's causal mask off by one (each query sees the next key)

@@ -6,30 +6,47 @@ independent meaning to be tested against. They run on numpy and on cupy arrays a
 from .. import backend
 
 
-def residual_layernorm_forward(x, residual, residual_bias, w, b, eps=1e-5):
+def residual_layernorm_forward(x, residual, residual_bias, w, b, eps=1e-5, *, round_h=None):
     """h = x + residual + residual_bias (the new residual stream; the bias (C,) of the matmul that made
-    `residual`, or None), y = layernorm(h); residual None: h is x. -> ((h, y), saved)."""
+    `residual`, or None), y = layernorm(h); residual None: h is x. -> ((h, y), saved).
+    x and residual may be bf16 bits (uint16), widened exactly. round_h: None (h at the inputs' precision), or a
+    function applied once to h before the layernorm reads it: the GPU in bf16 precision stores the residual stream
+    as bf16 and normalises that rounded h, which is round_h=bf16.round_to_bf16 (a reference-only keyword, for
+    tests; residual None too: there the GPU stores a float32 x as bf16, the stream's start)."""
     from ..ops.layernorm import layernorm_forward
+    from .bf16 import widen_bf16
+    x = widen_bf16(x)
     if residual is None:
         h = x
     else:
+        residual = widen_bf16(residual)
         h = x + residual if residual_bias is None else x + (residual + residual_bias)
+    if round_h is not None:
+        h = round_h(h).astype(h.dtype)                      # e.g. to bf16 values, kept at x's dtype
     y, saved = layernorm_forward(h, w, b, eps)
     return (h, y), (saved, residual_bias is not None)
 
 
-def residual_layernorm_backward(douts, saved, dw_into=None, db_into=None, drb_into=None, bf16_dr=False):
+def residual_layernorm_backward(douts, saved, dw_into=None, db_into=None, drb_into=None, bf16_dr=False, *,
+                                round_dx=None):
     """(dh or None, dy) -> (dx, dresidual, dresidual_bias, dw, db): both summands of h get dh + d layernorm(dy);
     the bias, added to every row, gets that summed over the rows (None without a bias). dw, db, dresidual_bias
-    are added into the *_into buffers when given (then None); bf16_dr (a storage hint) is ignored here."""
+    are added into the *_into buffers when given (then None); bf16_dr (a storage hint) is ignored here. dh and dy
+    may be bf16 bits (widened exactly). round_dx: None, or a function applied once to the stored dx = dresidual
+    (the GPU's bf16 residual-stream gradient: round_dx=bf16.round_to_bf16, reference-only); the bias gradient is
+    the sum of the unrounded values, as on the GPU."""
     from ..ops.layernorm import layernorm_backward
     from ..ops.reductions import add_into
+    from .bf16 import widen_bf16
     saved, has_bias = saved
     dh, dy = douts
-    dx, dw, db = layernorm_backward(dy, saved, dw_into, db_into)
+    dx, dw, db = layernorm_backward(widen_bf16(dy), saved, dw_into, db_into)
     if dh is not None:
-        dx = dx + dh
-    return dx, dx, (add_into(drb_into, dx.sum(axis=0)) if has_bias else None), dw, db
+        dx = dx + widen_bf16(dh)
+    drb = add_into(drb_into, dx.sum(axis=0)) if has_bias else None
+    if round_dx is not None:
+        dx = round_dx(dx).astype(dx.dtype)
+    return dx, dx, drb, dw, db
 
 
 def bias_gelu_forward(x, b):

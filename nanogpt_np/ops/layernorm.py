@@ -16,11 +16,14 @@ Residual + layernorm (one op with two outputs, so the GPU can do both in one pas
     dh_total = dh + (layernorm backward of dy),  dx = dr = dh_total   (an add passes its gradient through)
     drb = dh_total summed over the rows            (rb[c] is added to every row n: d h[n, c] / d rb[c] = 1)
 The model uses it at every block boundary: the residual add that ends a branch and the layernorm after it.
+On the GPU with bf16 matmuls, h and dx are stored as bf16 (one rounding each, float32 math; kernels/layernorm.py):
+the residual stream is then bf16 from the first ln_1 on. Here (NumPy, CPU) everything stays at x's precision.
 
 dw, db (and drb) are added straight into the parameters' gradient buffers when they have one (`*_into`, as in
 ops/linear.py), so the tape adds nothing for them.
 """
 from .. import backend
+from ..kernels.bf16 import widen_bf16
 from ..tensor import Tensor, record
 from .dispatch import implementation
 from .reductions import add_into, mean_last, sum_rows
@@ -114,8 +117,9 @@ def residual_layernorm(x: Tensor, r: Tensor, w: Tensor, b: Tensor, eps: float = 
     def backward_fn(douts):
         dh, dy = douts
         if dy is None:                          # only h led to the loss: a plain residual add
-            drb = None if r_bias is None else sum_rows(dh.reshape(-1, C))
-            return in_input_order(dh, dh, drb, None, None)
+            dh_f32 = widen_bf16(dh)             # (a bf16 h's gradient may be bf16 bits: x takes it as it is)
+            drb = None if r_bias is None else sum_rows(dh_f32.reshape(-1, C))
+            return in_input_order(dh if dh.dtype == x.data.dtype else dh_f32, dh_f32, drb, None, None)
         dx, dr, drb, dw, db = backward((None if dh is None else dh.reshape(-1, C), dy.reshape(-1, C)), saved,
                                        dw_into=w.grad_buffer(), db_into=b.grad_buffer(),
                                        drb_into=None if r_bias is None else r_bias.grad_buffer(), bf16_dr=bf16_dr)

@@ -497,22 +497,33 @@ def _store(out, out_bf16, n, values):
         _f32(_arr(out), n)[...] = np.asarray(values).reshape(-1)
 
 
-def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, x, residual, residual_bf16, rbias, w, b,
-                       N, C, eps):
+def _f32_or_bf16(f, b, n):
+    """A float32 kernel input or, when that pointer is NULL, bf16 bits (uint16) widened exactly: n values."""
+    if _arr(b) is not None:
+        assert _arr(f) is None and _arr(b).dtype == np.uint16
+        return bf16_to_float32(_arr(b).reshape(-1)[:n])
+    return _f32(_arr(f), n)
+
+
+def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, h_out_bf16, x, x_bf16, residual,
+                       residual_bf16, rbias, w, b, N, C, eps):
     N, C, eps = _int(N, np.int32), _int(C, np.int32), _flt(eps)
     assert grid[0] * block[0] // 32 >= N and block[0] % 32 == 0
-    xv = _f32(_arr(x), N * C).reshape(N, C).astype(np.float64)
+    xv = _f32_or_bf16(x, x_bf16, N * C).reshape(N, C).astype(np.float64)
     r, r16 = _arr(residual), _arr(residual_bf16)
-    if r is not None or r16 is not None:
-        if r16 is not None:                         # bf16 bits
-            assert r is None and r16.dtype == np.uint16
-            rv = bf16_to_float32(r16.reshape(-1)[:N * C]).reshape(N, C)
+    if r is not None or r16 is not None or _arr(h_out_bf16) is not None:    # h written out
+        if r is not None or r16 is not None:
+            rv = _f32_or_bf16(residual, residual_bf16, N * C).reshape(N, C)
+            if _arr(rbias) is not None:
+                rv = rv + _f32(_arr(rbias), C)
+            xv = xv + rv
+        if _arr(h_out_bf16) is not None:           # h stored as bf16; the layernorm normalises the rounded h
+            assert _arr(h_out) is None and _arr(h_out_bf16).dtype == np.uint16
+            hb = float32_to_bf16(xv.astype(np.float32).reshape(-1))
+            _arr(h_out_bf16).reshape(-1)[:N * C] = hb
+            xv = bf16_to_float32(hb).reshape(N, C).astype(np.float64)
         else:
-            rv = _f32(r, N * C).reshape(N, C)
-        if _arr(rbias) is not None:
-            rv = rv + _f32(_arr(rbias), C)
-        xv = xv + rv
-        _f32(_arr(h_out), N * C).reshape(N, C)[...] = xv
+            _f32(_arr(h_out), N * C).reshape(N, C)[...] = xv
     m = xv.mean(1)
     rs = 1 / np.sqrt(((xv - m[:, None]) ** 2).mean(1) + eps)
     _store(out, out_bf16, N * C, (xv - m[:, None]) * rs[:, None] * _f32(_arr(w), C) + _f32(_arr(b), C))
@@ -520,29 +531,27 @@ def _layernorm_forward(grid, block, smem, out, out_bf16, mean, rstd, h_out, x, r
     _f32(_arr(rstd), N)[...] = rs
 
 
-def _layernorm_backward(grid, block, smem, dh, dh_bf16, partial, dout, dout_bf16, h, mean, rstd, w, dres, n_sums, N,
-                        C, rpb):
+def _layernorm_backward(grid, block, smem, dh, dh_bf16, partial, dout, dout_bf16, h, h_bf16, mean, rstd, w, dres,
+                        dres_bf16, n_sums, N, C, rpb):
     n_sums, N, C, rpb = _int(n_sums, np.int32), _int(N, np.int32), _int(C, np.int32), _int(rpb, np.int32)
     nw = block[0] // 32
     assert n_sums in (2, 3) and block[0] % 32 == 0
     assert smem == n_sums * nw * C * 4 <= 48 * 1024, "dynamic shared memory must be n_sums*NW*C floats"
     assert grid[0] * rpb >= N, "blocks do not cover the rows"
-    hv = _f32(_arr(h), N * C).reshape(N, C).astype(np.float64)
-    if _arr(dout_bf16) is not None:                 # dy as bf16 bits
-        assert _arr(dout) is None and _arr(dout_bf16).dtype == np.uint16
-        dy = bf16_to_float32(_arr(dout_bf16).reshape(-1)[:N * C]).reshape(N, C).astype(np.float64)
-    else:
-        dy = _f32(_arr(dout), N * C).reshape(N, C).astype(np.float64)
+    assert _arr(dh) is not None or _arr(dh_bf16) is not None, "no output"
+    hv = _f32_or_bf16(h, h_bf16, N * C).reshape(N, C).astype(np.float64)
+    dy = _f32_or_bf16(dout, dout_bf16, N * C).reshape(N, C).astype(np.float64)
     xhat = (hv - _f32(_arr(mean), N)[:, None]) * _f32(_arr(rstd), N)[:, None]
     g = dy * _f32(_arr(w), C)
     dx = _f32(_arr(rstd), N)[:, None] * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
-    r = _arr(dres)
-    if r is not None:
-        dx = dx + _f32(r, N * C).reshape(N, C)
-    _f32(_arr(dh), N * C).reshape(N, C)[...] = dx
-    if _arr(dh_bf16) is not None:                   # the bf16 copy rounds the float32 value the kernel wrote
+    if _arr(dres) is not None or _arr(dres_bf16) is not None:
+        dx = dx + _f32_or_bf16(dres, dres_bf16, N * C).reshape(N, C)
+    dx32 = dx.astype(np.float32)
+    if _arr(dh) is not None:
+        _f32(_arr(dh), N * C).reshape(N, C)[...] = dx32
+    if _arr(dh_bf16) is not None:                   # bf16: the float32 value rounded once
         assert _arr(dh_bf16).dtype == np.uint16
-        _arr(dh_bf16).reshape(-1)[:N * C] = float32_to_bf16(_f32(_arr(dh), N * C).copy())
+        _arr(dh_bf16).reshape(-1)[:N * C] = float32_to_bf16(dx32.reshape(-1))
     p = _f32(_arr(partial), n_sums * grid[0] * C).reshape(n_sums, grid[0], C)
     for k in range(grid[0]):
         rows = slice(k * rpb, min(N, (k + 1) * rpb))

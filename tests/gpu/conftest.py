@@ -44,6 +44,7 @@ _COST = {
     "test_residual_layernorm": lambda p: p["N"] * p["C"],
     "test_residual_layernorm_without_residual": lambda p: p["N"] * p["C"],
     "test_residual_layernorm_bf16_residual": lambda p: p["N"] * p["C"],
+    "test_residual_layernorm_bf16_stream": lambda p: p["N"] * p["C"],
     "test_gelu": lambda p: math.prod(p["shape"]),
     "test_bias_gelu": lambda p: p["N"] * p["C"],
     "test_bias_gelu_bf16_inputs": lambda p: p["N"] * p["C"],

@@ -140,31 +140,67 @@ def test_layernorm(cp, poison, act_dtype, N, C):
     assert rel_err(to_np(dx3), rdx) < TOL and rel_err(to_np(dw3), rdw) < TOL and rel_err(to_np(db3), rdb) < TOL
 
 
+def on_grid(*shape):
+    """Random values on a grid (multiples of 2^-10, |v| < 8: at most 13 significant bits): sums of three of them
+    are exact in float32, so the GPU's float32 x + r + rb equals the float64 reference's, and rounding either to
+    bf16 gives the same bits. Every such value is also exactly a bf16 value below 2^-2 in size, and a bf16 value
+    rounded from it above (round_to_bf16 keeps the grid), so the same inputs serve as bf16 bits."""
+    return np.clip(np.round(rng.standard_normal(shape) * 1024) / 1024, -7.9, 7.9).astype(np.float32)
+
+
+def bf16_mismatch(got, ref, within_a_step=True):
+    """Fraction of the bf16 bits `got` that are not `ref` (float64) rounded to nearest even; with within_a_step
+    every element must be within one bf16 step of that rounding (plus TOL of the largest |ref|, for the kernel's
+    own float32 rounding where terms cancel). A value stored after ONE rounding of the kernel's float32 result
+    differs from the rounded float64 reference only where the two straddle a rounding midpoint (a fraction of
+    ~1e-3 or less); a second rounding, or a rounding of the wrong value, moves a large fraction."""
+    got = to_np(got)
+    assert got.dtype == np.uint16, got.dtype
+    want = float32_to_bf16(ref.astype(np.float32))
+    val, wval = bf16_to_float32(got).astype(np.float64), bf16_to_float32(want).astype(np.float64)
+    assert np.isfinite(val).all(), "NaN/inf in the kernel output (an element was not written?)"
+    step = np.maximum(np.abs(wval), np.abs(ref)) * 2.0 ** -7 + TOL * np.abs(ref).max()  # a bf16 step (or more)
+    assert not within_a_step or (np.abs(val - wval) <= step).all(), "more than one bf16 step off the reference"
+    return float(np.mean(got != want))
+
+
+ROUNDED_ONCE = 2e-3     # bf16_mismatch of an output rounded once from float32 math (measured: <= 6e-5)
+
+
 @pytest.mark.parametrize("N,C", LN_SHAPES)
 @pytest.mark.parametrize("with_dh,with_rb,into", [(True, True, True), (True, True, False), (False, False, False)])
 def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb, into):
-    """into: dw, db, drb are added into buffers that already hold something (the model's flat gradient buffer),
-    and dresidual is asked for in bf16 (bf16_dr, as the model asks for c_proj): bf16 bits when the matmuls run
-    in bf16, exactly dx rounded to nearest even; the float32 dx itself otherwise."""
-    x, r, w, b = randn(N, C), randn(N, C), randn(C), randn(C)
-    rb = randn(C) if with_rb else None                      # the bias of the matmul that made r
+    """x float32 (the first block's stream: the embedding's output), r float32. into: dw, db, drb are added into
+    buffers that already hold something (the model's flat gradient buffer), and dresidual is asked for in bf16
+    (bf16_dr, as the model asks for c_proj): bf16 bits when the matmuls run in bf16, exactly dx rounded to nearest
+    even; the float32 dx itself otherwise. With bf16 activations h is stored as bf16 bits, rounded once (exact
+    bits here: inputs on_grid), y normalises that rounded h, and dh arrives as bf16 bits (the next block's dx)."""
+    bf16 = act_dtype == "bfloat16"
+    x, r, w, b = on_grid(N, C), on_grid(N, C), randn(C), randn(C)
+    rb = on_grid(C) if with_rb else None                    # the bias of the matmul that made r
     fwd, bwd = registry.lookup("residual_layernorm")
     poison()
     (h, y), saved = fwd(cp.asarray(x), cp.asarray(r), None if rb is None else cp.asarray(rb), cp.asarray(w),
                         cp.asarray(b), 1e-5)
     (rh, ry), rsaved = references.residual_layernorm_forward(*f64(x, r), None if rb is None else f64(rb)[0],
-                                                             *f64(w, b), 1e-5)
-    assert to_np(h).dtype == np.float32 and rel_err(to_np(h), rh) < TOL    # the residual stream stays float32
+                                                             *f64(w, b), 1e-5, round_h=round_to_bf16 if bf16 else None)
+    if bf16:                                                # the stream in bf16: x + r + rb rounded once
+        assert to_np(h).dtype == np.uint16 and (to_np(h) == float32_to_bf16(rh)).all()
+    else:
+        assert to_np(h).dtype == np.float32 and rel_err(to_np(h), rh) < TOL
     check_act(y, ry, act_dtype)
-    dh, dy = (randn(N, C) if with_dh else None), randn(N, C)
+    dh, dy = (on_grid(N, C) if with_dh else None), randn(N, C)
+    if bf16 and dh is not None:
+        dh = round_to_bf16(dh)                              # the gradient of a bf16 h is bf16 bits
     held = [randn(C) for _ in range(3)] if into else [0.0] * 3
     intos = dict(dw_into=cp.asarray(held[0]), db_into=cp.asarray(held[1]),
                  drb_into=cp.asarray(held[2]) if with_rb else None, bf16_dr=True) if into else {}
     poison()
-    dx, dres, drb, dw, db = bwd((None if dh is None else cp.asarray(dh), cp.asarray(dy)), saved, **intos)
+    dh_in = None if dh is None else cp.asarray(float32_to_bf16(dh) if bf16 else dh)
+    dx, dres, drb, dw, db = bwd((dh_in, cp.asarray(dy)), saved, **intos)
     rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward(
         (None if dh is None else dh.astype(np.float64), dy.astype(np.float64)), rsaved)
-    assert to_np(dx).dtype == np.float32 and rel_err(to_np(dx), rdx) < TOL
+    assert to_np(dx).dtype == np.float32 and rel_err(to_np(dx), rdx) < TOL    # x float32: dx float32
     if into:
         assert dw is None and db is None and (drb is None)
         dw, db, drb = intos["dw_into"], intos["db_into"], intos["drb_into"]
@@ -173,7 +209,7 @@ def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb, into)
         assert rel_err(to_np(drb) - held[2], rdrb) < TOL
     else:
         assert drb is None
-    if into and act_dtype == "bfloat16":                    # the bf16 copy: dx's own float32 values, rounded
+    if into and bf16:                                       # the bf16 copy: dx's own float32 values, rounded
         assert dres is not dx and (to_np(dres) == float32_to_bf16(to_np(dx))).all()
         check_act(dres, rdx, act_dtype)
     else:
@@ -182,39 +218,112 @@ def test_residual_layernorm(cp, poison, act_dtype, N, C, with_dh, with_rb, into)
 
 @pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (4097, 768)])
 def test_residual_layernorm_bf16_residual(cp, poison, act_dtype, N, C):
-    """The residual as bf16 bits (a bf16 matmul's bf16_out): the same results as for those values in float32."""
-    x, r, rb, w, b, dh, dy = randn(N, C), round_to_bf16(randn(N, C)), randn(C), randn(C), randn(C), randn(N, C), \
-        randn(N, C)
+    """The residual as bf16 bits (a bf16 matmul's bf16_out) and x float32 (the first block's ln_2): the same
+    results as for those values in float32; in bf16 precision h is rounded once to bf16 and dh arrives as bf16."""
+    bf16 = act_dtype == "bfloat16"
+    x, r, rb, w, b, dh, dy = on_grid(N, C), round_to_bf16(on_grid(N, C)), on_grid(C), randn(C), randn(C), \
+        randn(N, C), randn(N, C)
+    dh = round_to_bf16(dh) if bf16 else dh
     fwd, bwd = registry.lookup("residual_layernorm")
     poison()
     (h, y), saved = fwd(cp.asarray(x), cp.asarray(float32_to_bf16(r)), *(cp.asarray(a) for a in (rb, w, b)), 1e-5)
-    (rh, ry), rsaved = references.residual_layernorm_forward(*f64(x, r, rb, w, b), 1e-5)
-    assert to_np(h).dtype == np.float32 and rel_err(to_np(h), rh) < TOL
+    (rh, ry), rsaved = references.residual_layernorm_forward(*f64(x, r, rb, w, b), 1e-5,
+                                                             round_h=round_to_bf16 if bf16 else None)
+    if bf16:
+        assert to_np(h).dtype == np.uint16 and (to_np(h) == float32_to_bf16(rh)).all()
+    else:
+        assert to_np(h).dtype == np.float32 and rel_err(to_np(h), rh) < TOL
     check_act(y, ry, act_dtype)
     poison()
-    dx, _, drb, dw, db = bwd((cp.asarray(dh), cp.asarray(dy)), saved)
+    dx, _, drb, dw, db = bwd((cp.asarray(float32_to_bf16(dh) if bf16 else dh), cp.asarray(dy)), saved)
     rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)),
                                                                     rsaved)
+    assert to_np(dx).dtype == np.float32                    # x float32: dx float32
     for got, want in ((dx, rdx), (drb, rdrb), (dw, rdw), (db, rdb)):
         assert rel_err(to_np(got), want) < TOL
 
 
+@pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (64, 768), (300, 768)])
+@pytest.mark.parametrize("r_from", ["matmul", "dropout"])
+def test_residual_layernorm_bf16_stream(cp, poison, N, C, r_from, monkeypatch):
+    """The residual stream in bf16 (registry.bf16_activations()), as every block boundary but the first has it:
+    x is the previous block's h (bf16 bits), r a bf16 matmul's output (bf16_dr: its gradient goes back as bf16),
+    or with dropout a float32 r whose gradient stays float32. h = x + r + rb is rounded ONCE to bf16 (exact bits:
+    inputs on_grid) and y is the layernorm of the rounded h; the backward's dx = dh + d layernorm(dy), float32
+    math, is stored ONCE as bf16 (dx's dtype follows x) and is then also dr (no copy) when r wants bf16.
+    Negative controls: the references without the rounding of h, or rounding dx twice, are told apart
+    (measured: ~20% of the bits differ, against <= 6e-5 for the kernel and the right reference)."""
+    monkeypatch.setattr(registry, "_precision", "bfloat16")
+    bf16_r = r_from == "matmul"
+    x, r, rb, w, b = on_grid(N, C), on_grid(N, C), on_grid(C), randn(C), randn(C)
+    x = round_to_bf16(x)                                    # still on the grid (on_grid's docstring)
+    if bf16_r:
+        r = round_to_bf16(r)
+    fwd, bwd = registry.lookup("residual_layernorm")
+    poison()
+    (h, y), saved = fwd(cp.asarray(float32_to_bf16(x)), cp.asarray(float32_to_bf16(r) if bf16_r else r),
+                        cp.asarray(rb), cp.asarray(w), cp.asarray(b), 1e-5)
+    (rh, ry), rsaved = references.residual_layernorm_forward(*f64(x, r, rb, w, b), 1e-5, round_h=round_to_bf16)
+    assert to_np(h).dtype == np.uint16
+    assert (to_np(h) == float32_to_bf16(rh)).all()          # x + r + rb rounded once (to nearest even)
+    mismatch_y = bf16_mismatch(y, ry)
+    assert mismatch_y <= ROUNDED_ONCE, mismatch_y
+    dh, dy = round_to_bf16(randn(N, C)), round_to_bf16(randn(N, C))
+    held = [randn(C) for _ in range(3)]
+    into = [cp.asarray(a) for a in held]
+    poison()
+    dx, dres, drb, dw, db = bwd((cp.asarray(float32_to_bf16(dh)), cp.asarray(float32_to_bf16(dy))), saved,
+                                dw_into=into[0], db_into=into[1], drb_into=into[2], bf16_dr=bf16_r)
+    assert (drb, dw, db) == (None, None, None)
+    rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward((f64(dh)[0], f64(dy)[0]), rsaved)
+    for got, held_, want in zip(into, held, (rdw, rdb, rdrb)):
+        assert rel_err(to_np(got) - held_, want) < TOL      # drb: the column sum of the unrounded dx
+    mismatch_dx = bf16_mismatch(dx, rdx)                    # x bf16: dx is bf16 bits, rounded once
+    assert mismatch_dx <= ROUNDED_ONCE, mismatch_dx
+    if bf16_r:
+        assert dres is dx                                   # one bf16 array: the stream's gradient and c_proj's dy
+    else:                                                   # dropout's float32 r: a float32 dr in the same pass
+        assert to_np(dres).dtype == np.float32 and rel_err(to_np(dres), rdx) < TOL
+        assert (float32_to_bf16(to_np(dres)) == to_np(dx)).all()
+    if N * C >= 1000:                                       # negative controls (enough elements to tell)
+        (_, ry_unrounded), _ = references.residual_layernorm_forward(*f64(x, r, rb, w, b), 1e-5)
+        assert bf16_mismatch(y, ry_unrounded, within_a_step=False) > 10 * ROUNDED_ONCE   # y of the unrounded h
+        ln_part = rdx - f64(dh)[0]                          # the layernorm's part rounded before the add
+        twice = round_to_bf16(f64(dh)[0] + round_to_bf16(ln_part)).astype(np.float64)
+        assert np.mean(float32_to_bf16(twice) != to_np(dx)) > 10 * ROUNDED_ONCE
+
+
 @pytest.mark.parametrize("N,C", [(1, 1), (7, 33), (4097, 768)])
 def test_residual_layernorm_without_residual(cp, poison, act_dtype, N, C):
-    """residual None (the first block's ln_1): h is x itself, y = layernorm(x); the backward adds dh."""
+    """residual None (the first block's ln_1): h is x itself, y = layernorm(x); the backward adds dh. With bf16
+    activations the stream starts here: h is the float32 x rounded to bf16 (y its layernorm), dh arrives as bf16
+    bits, and dx stays float32 (x's dtype: the embedding's output). A bf16 x is passed through as it is."""
+    bf16 = act_dtype == "bfloat16"
     x, w, b, dh, dy = randn(N, C), randn(C), randn(C), randn(N, C), randn(N, C)
+    dh = round_to_bf16(dh) if bf16 else dh
     fwd, bwd = registry.lookup("residual_layernorm")
     xd = cp.asarray(x)
     poison()
     (h, y), saved = fwd(xd, None, None, cp.asarray(w), cp.asarray(b), 1e-5)
-    (_, ry), rsaved = references.residual_layernorm_forward(f64(x)[0], None, None, *f64(w, b), 1e-5)
-    assert h is xd
+    (rh, ry), rsaved = references.residual_layernorm_forward(f64(x)[0], None, None, *f64(w, b), 1e-5,
+                                                             round_h=round_to_bf16 if bf16 else None)
+    rdx_of = lambda saved: references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)),
+                                                                  saved)[0]
+    if bf16:
+        assert to_np(h).dtype == np.uint16 and (to_np(h) == float32_to_bf16(x)).all()
+        xb = cp.asarray(float32_to_bf16(x))                 # already bf16: passed through, not copied, and
+        (hb, _), saved_b = fwd(xb, None, None, cp.asarray(w), cp.asarray(b), 1e-5)     # its dx is bf16 bits
+        assert hb is xb
+        dxb, dresb, _, _, _ = bwd((cp.asarray(float32_to_bf16(dh)), cp.asarray(dy)), saved_b)
+        assert dresb is dxb and bf16_mismatch(dxb, rdx_of(rsaved)) <= (ROUNDED_ONCE if N * C > 1 else 0)
+    else:
+        assert h is xd
     check_act(y, ry, act_dtype)
     poison()
-    dx, dres, drb, dw, db = bwd((cp.asarray(dh), cp.asarray(dy)), saved)
+    dx, dres, drb, dw, db = bwd((cp.asarray(float32_to_bf16(dh) if bf16 else dh), cp.asarray(dy)), saved)
     rdx, _, _, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)),
                                                                  rsaved)
-    assert dres is dx and drb is None
+    assert dres is dx and drb is None and to_np(dx).dtype == np.float32
     assert rel_err(to_np(dx), rdx) < TOL and rel_err(to_np(dw), rdw) < TOL and rel_err(to_np(db), rdb) < TOL
 
 
