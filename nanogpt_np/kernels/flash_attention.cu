@@ -31,6 +31,7 @@
 // B: column g, rows 2t,2t+1 and 2t+8,2t+9 (2 registers); C/D: rows g, g+8, columns 2t, 2t+1 (4 floats).
 // The C layout of one 16x16 product equals the A layout of the next (two 16x8 halves side by side), so P and dS
 // go from accumulator registers straight into the next mma without shared memory.
+// B fragments come from the tiles in shared memory by ldmatrix (four 8x8 matrices per instruction, see below).
 //
 // Layouts: q, k, v are read where the qkv matmul wrote them: one bf16 (unsigned short) tensor (B, T, 3C), C = NH*64;
 // head h of batch b is the 64 columns at h*64 (q), C + h*64 (k), 2C + h*64 (v) of the rows b*T .. b*T+T-1,
@@ -44,15 +45,16 @@
 // reused by the block's 8 warps), out written once. Reading q, k, v in place costs no extra bytes: a tile row
 // is 128 contiguous bytes (whole 32-byte sectors) and the 8 threads reading it are adjacent; the bias (64 floats
 // per head) stays in cache. The price is ALU work: the bias is added to every value each time its tile is
-// loaded (K, V once per query block). Shared memory (static, 64-row tiles with padded rows): K tile + V^T tile
-// = 18 KB (forward); Q, Q^T, dO, dO^T tiles + L, D + column sums = 40.5 KB (dkdv); K, K^T, V tiles + column sums
-// = 29 KB (dq). Blocks of 256 threads: registers (ptxas) decide how many fit on an SM.
+// loaded (K, V once per query block). Shared memory (static, 64-row tiles with padded rows): K and V tiles
+// = 18 KB (forward); Q, dO tiles + L, D + column sums = 22.5 KB (dkdv); K, V tiles + column sums = 20 KB (dq).
+// Each tile is stored once, as it is in memory ([row][d]): where an mma needs it transposed, ldmatrix .trans
+// transposes it on the way to the registers. Blocks of 256 threads: registers (ptxas) decide how many fit on an SM.
 
 #define HS 64          // head size (fixed: GPT-2 and most models here)
 #define TILE 64        // rows per tile (queries or keys) staged in shared memory
 #define QBLOCK 128     // rows per block (queries: forward, dq; keys: dkdv): 8 warps of 16 rows
 #define QWARPS (QBLOCK / 16)
-#define LDS 72         // shared row stride in bf16: 64 + 8 padding, so the 8 rows a mma reads hit 32 banks
+#define LDS 72         // shared row stride in bf16: 64 + 8 padding, so the 8 rows an ldmatrix reads hit 32 banks
 #define NEG_INF __int_as_float(0xff800000)
 
 typedef unsigned short bf16_t;
@@ -78,10 +80,46 @@ __device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// B fragment (16 k x 8 n) read from its transpose Bt (8 n-rows x 16 k, row-major, stride ld) at `p`
-__device__ __forceinline__ void load_b(unsigned& b0, unsigned& b1, const bf16_t* p, int ld, int g, int t) {
-    b0 = *(const unsigned*)(p + g * ld + 2 * t);
-    b1 = *(const unsigned*)(p + g * ld + 2 * t + 8);
+// ------------------------------------------------------------- shared memory -> mma B fragments: ldmatrix
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 (PTX ISA, "Warp-level matrix load instruction: ldmatrix"): the warp
+// loads four 8x8 matrices of bf16 from shared memory in one instruction. Lane 8i + r gives the address of row r
+// of matrix i (16 contiguous bytes, 16-byte aligned); register i of lane l (g = l/4, t = l%4) receives row g,
+// elements 2t (low half) and 2t+1 of matrix i: the pairs an mma fragment holds. With .trans each matrix is
+// transposed on the way: register i receives (row 2t, column g) and (row 2t+1, column g). So one ldmatrix
+// replaces four 32-bit shared loads per lane, and .trans replaces a transposed copy of a tile in shared memory.
+// Bank conflicts: the hardware reads one matrix (8 rows of 16 bytes) at a time; rows are LDS = 72 bf16 = 144
+// bytes = 36 banks apart, so row r covers banks 4r .. 4r+3 (mod 32) and the 8 rows hit the 32 banks once each
+// (rows of 64 bf16, unpadded, would all start at bank 0: an 8-way conflict).
+
+// the address of p in the shared state space, which ldmatrix and cp.async take (a 32-bit offset)
+__device__ __forceinline__ unsigned shared_address(const bf16_t* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const bf16_t* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const bf16_t* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(row)));
+}
+
+// Both loaders below give the mma B fragments (16 k x 8 n) of one 16-wide k chunk k0 .. k0+15 for two 8-wide n
+// blocks: b[0], b[1] for columns n0 .. n0+7 and b[2], b[3] for n0+8 .. n0+15 (b0 holds k rows 2t, 2t+1 of
+// column g, b1 rows 2t+8, 2t+9).
+// From a tile that holds B transposed, [n][k] (K, Q, dO, V tiles as the second operand of Q K^T, K Q^T, V dO^T,
+// dO V^T); p = the tile at (n0, k0). Matrix i: rows n0 + 8(i/2), columns k0 + 8(i%2): its row g, elements 2t,
+// 2t+1 are B's column n0 + g (+8), k rows 2t, 2t+1 (+8).
+__device__ __forceinline__ void load_b_x4(unsigned* b, const bf16_t* p, int lane) {
+    ldmatrix_x4(b, p + (lane % 8 + 8 * (lane / 16)) * LDS + 8 * (lane / 8 % 2));
+}
+
+// From a tile that holds B itself, [k][n] (V, K, dO, Q tiles as the second operand of P V, dS K, P^T dO,
+// dS^T Q); p = the tile at (k0, n0). Matrix i: rows k0 + 8(i%2), columns n0 + 8(i/2), transposed by .trans.
+__device__ __forceinline__ void load_b_x4_trans(unsigned* b, const bf16_t* p, int lane) {
+    ldmatrix_x4_trans(b, p + (lane % 8 + 8 * (lane / 8 % 2)) * LDS + 8 * (lane / 16));
 }
 
 // A fragments for k-chunk kk from two 16x8 accumulator tiles (columns 16kk..16kk+15)
@@ -167,17 +205,6 @@ __device__ __forceinline__ void load_tile(bf16_t* dst, const HeadIn& x, int row0
     }
 }
 
-// the same tile, transposed into shared: dst[d][row] = x[row0 + row][d]
-__device__ __forceinline__ void load_tile_t(bf16_t* dst, const HeadIn& x, int row0) {
-    for (int c = threadIdx.x; c < TILE * HS / 8; c += blockDim.x) {
-        int row = c / 8, col = (c % 8) * 8;
-        uint4 v = head_8(x, row0 + row, col);
-        const bf16_t* e = (const bf16_t*)&v;
-#pragma unroll
-        for (int i = 0; i < 8; i++) dst[(col + i) * LDS + row] = e[i];
-    }
-}
-
 // a value as store2 writes it: rounded to bf16 when the output is bf16
 __device__ __forceinline__ float as_stored(const bf16_t* out_bf16, float v) {
     return out_bf16 ? __uint_as_float(pack_bf16x2(v, 0.0f) << 16) : v;
@@ -248,12 +275,12 @@ extern "C" __global__ void qkv_to_bf16(bf16_t* __restrict__ out, const float* __
 // The block streams the 64-key tiles 0 .. 2*qb+1 (the causal ones of its last row). The last tile lies wholly
 // after the rows of warps 0-3 (rows 128qb .. 128qb+63): they skip it (the test is per warp, so uniform within
 // it), but still reach every barrier, since the skip comes after the loop's two __syncthreads.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
 flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, float* __restrict__ L2,
                         const bf16_t* __restrict__ qkv, const float* __restrict__ bias,
                         int T, int Tp, int NH, float scale_log2) {
     __shared__ __align__(16) bf16_t Ks[TILE * LDS];    // K tile, [key][d]
-    __shared__ __align__(16) bf16_t Vt[HS * LDS];      // V tile transposed, [d][key]
+    __shared__ __align__(16) bf16_t Vs[TILE * LDS];    // V tile, [key][d] (read transposed by ldmatrix .trans)
     int qb = gridDim.x - 1 - blockIdx.x;               // longest (most key tiles) blocks first
     int bh = blockIdx.y, b = bh / NH, h = bh % NH;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -274,21 +301,22 @@ flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, 
     for (int kt = 0; kt < n_kt; kt++) {
         __syncthreads();                               // the previous tiles are no longer read
         load_tile(Ks, K, kt * TILE);
-        load_tile_t(Vt, V, kt * TILE);
+        load_tile(Vs, V, kt * TILE);
         __syncthreads();
         if (kt * TILE > q0 + 15) continue;             // every key after every row of this warp: nothing to add
 
         float s[8][4];                                 // S = Q K^T, 16 x 64 keys
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
 #pragma unroll
-            for (int kc = 0; kc < 4; kc++) {
-                unsigned b0, b1;
-                load_b(b0, b1, Ks + 8 * j * LDS + 16 * kc, LDS, g, t);
-                mma_bf16(s[j], qa[kc], b0, b1);
+        for (int kc = 0; kc < 4; kc++)
+#pragma unroll
+            for (int j = 0; j < 8; j += 2) {
+                unsigned kf[4];                        // keys 8j .. 8j+15, d 16kc .. 16kc+15
+                load_b_x4(kf, Ks + 8 * j * LDS + 16 * kc, lane);
+                mma_bf16(s[j], qa[kc], kf[0], kf[1]);
+                mma_bf16(s[j + 1], qa[kc], kf[2], kf[3]);
             }
-        }
         // scale into base 2, causal mask, running max over the row (4 lanes share a row)
         float mx[2] = {m[0], m[1]};
 #pragma unroll
@@ -314,16 +342,17 @@ flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, 
         for (int r = 0; r < 2; r++) l[r] = l[r] * alpha[r] + quad_sum(rs[r]);
 #pragma unroll
         for (int j = 0; j < 8; j++) { o[j][0] *= alpha[0]; o[j][1] *= alpha[0]; o[j][2] *= alpha[1]; o[j][3] *= alpha[1]; }
-        // O += P V: P (16 x 64 keys) straight from the S registers, V^T tile from shared
+        // O += P V: P (16 x 64 keys) straight from the S registers, V from shared (ldmatrix .trans)
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             unsigned pa[4];
             acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
-            for (int jd = 0; jd < 8; jd++) {
-                unsigned b0, b1;
-                load_b(b0, b1, Vt + 8 * jd * LDS + 16 * kk, LDS, g, t);
-                mma_bf16(o[jd], pa, b0, b1);
+            for (int jd = 0; jd < 8; jd += 2) {
+                unsigned vb[4];                        // keys 16kk .. 16kk+15, d 8jd .. 8jd+15
+                load_b_x4_trans(vb, Vs + 16 * kk * LDS + 8 * jd, lane);
+                mma_bf16(o[jd], pa, vb[0], vb[1]);
+                mma_bf16(o[jd + 1], pa, vb[2], vb[3]);
             }
         }
     }
@@ -396,9 +425,7 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
                               const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
                               int T, int Tp, int NH, float scale_log2, float scale, float* __restrict__ db_partial) {
     __shared__ __align__(16) bf16_t Qs[TILE * LDS];    // [q][d]
-    __shared__ __align__(16) bf16_t Qt[HS * LDS];      // [d][q]
     __shared__ __align__(16) bf16_t dOs[TILE * LDS];   // [q][d]
-    __shared__ __align__(16) bf16_t dOt[HS * LDS];     // [d][q]
     __shared__ float Ls[TILE], Ds[TILE];
     __shared__ float colsum[2][QWARPS][HS];            // per part (k, v) and warp: column sums of dk, dv
     int kb = blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;   // low kb = most query tiles: launched first
@@ -421,8 +448,8 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
 
     for (int qt = kb * (QBLOCK / TILE); qt < Tp / TILE; qt++) {
         __syncthreads();
-        load_tile(Qs, Q, qt * TILE); load_tile_t(Qt, Q, qt * TILE);
-        load_tile(dOs, dOh, qt * TILE); load_tile_t(dOt, dOh, qt * TILE);
+        load_tile(Qs, Q, qt * TILE);
+        load_tile(dOs, dOh, qt * TILE);
         for (int i = threadIdx.x; i < TILE; i += blockDim.x) {
             Ls[i] = L2[(long long)bh * Tp + qt * TILE + i];
             Ds[i] = D[(long long)bh * Tp + qt * TILE + i];
@@ -432,18 +459,21 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
 
         float s[8][4], dp[8][4];                        // S^T and dP^T: 16 keys x 64 queries
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
+        for (int j = 0; j < 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.0f;
 #pragma unroll
-            for (int kc = 0; kc < 4; kc++) {
-                unsigned b0, b1;
-                load_b(b0, b1, Qs + 8 * j * LDS + 16 * kc, LDS, g, t);
-                mma_bf16(s[j], ka[kc], b0, b1);        // S^T = K Q^T
-                load_b(b0, b1, dOs + 8 * j * LDS + 16 * kc, LDS, g, t);
-                mma_bf16(dp[j], va[kc], b0, b1);       // dP^T = V dO^T
+        for (int kc = 0; kc < 4; kc++)
+#pragma unroll
+            for (int j = 0; j < 8; j += 2) {
+                unsigned qf[4], of[4];                 // queries 8j .. 8j+15, d 16kc .. 16kc+15
+                load_b_x4(qf, Qs + 8 * j * LDS + 16 * kc, lane);
+                mma_bf16(s[j], ka[kc], qf[0], qf[1]);  // S^T = K Q^T
+                mma_bf16(s[j + 1], ka[kc], qf[2], qf[3]);
+                load_b_x4(of, dOs + 8 * j * LDS + 16 * kc, lane);
+                mma_bf16(dp[j], va[kc], of[0], of[1]); // dP^T = V dO^T
+                mma_bf16(dp[j + 1], va[kc], of[2], of[3]);
             }
-        }
         // P^T = exp2(s2 - L) where query >= key, else 0;  dS^T = P^T (dP^T - D)
 #pragma unroll
         for (int j = 0; j < 8; j++)
@@ -454,19 +484,21 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
                 s[j][e] = p;
                 dp[j][e] = p * (dp[j][e] - Ds[qi]);
             }
-        // dV += P^T dO  and  dK += dS^T Q   (k = queries; B operands from the transposed tiles)
+        // dV += P^T dO  and  dK += dS^T Q   (k = queries; B operands: the dO and Q tiles read with .trans)
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             unsigned pa[4], sa[4];
             acc_to_a(pa, s[2 * kk], s[2 * kk + 1]);
             acc_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
-            for (int jd = 0; jd < 8; jd++) {
-                unsigned b0, b1;
-                load_b(b0, b1, dOt + 8 * jd * LDS + 16 * kk, LDS, g, t);
-                mma_bf16(dv[jd], pa, b0, b1);
-                load_b(b0, b1, Qt + 8 * jd * LDS + 16 * kk, LDS, g, t);
-                mma_bf16(dk[jd], sa, b0, b1);
+            for (int jd = 0; jd < 8; jd += 2) {
+                unsigned of[4], qf[4];                 // queries 16kk .. 16kk+15, d 8jd .. 8jd+15
+                load_b_x4_trans(of, dOs + 16 * kk * LDS + 8 * jd, lane);
+                mma_bf16(dv[jd], pa, of[0], of[1]);
+                mma_bf16(dv[jd + 1], pa, of[2], of[3]);
+                load_b_x4_trans(qf, Qs + 16 * kk * LDS + 8 * jd, lane);
+                mma_bf16(dk[jd], sa, qf[0], qf[1]);
+                mma_bf16(dk[jd + 1], sa, qf[2], qf[3]);
             }
         }
     }
@@ -493,7 +525,6 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
                             const bf16_t* __restrict__ dO, const float* __restrict__ L2, const float* __restrict__ D,
                             int T, int Tp, int NH, float scale_log2, float scale, float* __restrict__ db_partial) {
     __shared__ __align__(16) bf16_t Ks[TILE * LDS];    // [key][d]
-    __shared__ __align__(16) bf16_t Kt[HS * LDS];      // [d][key]
     __shared__ __align__(16) bf16_t Vs[TILE * LDS];    // [key][d]
     __shared__ float colsum[QWARPS][HS];               // per warp: column sums of dq
     int qb = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
@@ -521,24 +552,27 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
     int n_kt = (qb + 1) * (QBLOCK / TILE);             // key tiles up to the block's last row
     for (int kt = 0; kt < n_kt; kt++) {
         __syncthreads();
-        load_tile(Ks, K, kt * TILE); load_tile_t(Kt, K, kt * TILE); load_tile(Vs, V, kt * TILE);
+        load_tile(Ks, K, kt * TILE); load_tile(Vs, V, kt * TILE);
         __syncthreads();
         if (kt * TILE > q0 + 15) continue;             // keys all after this warp's rows (warp-uniform)
 
         float s[8][4], dp[8][4];                        // S and dP: 16 queries x 64 keys
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
+        for (int j = 0; j < 8; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) s[j][e] = dp[j][e] = 0.0f;
 #pragma unroll
-            for (int kc = 0; kc < 4; kc++) {
-                unsigned b0, b1;
-                load_b(b0, b1, Ks + 8 * j * LDS + 16 * kc, LDS, g, t);
-                mma_bf16(s[j], qa[kc], b0, b1);        // S = Q K^T
-                load_b(b0, b1, Vs + 8 * j * LDS + 16 * kc, LDS, g, t);
-                mma_bf16(dp[j], da[kc], b0, b1);       // dP = dO V^T
+        for (int kc = 0; kc < 4; kc++)
+#pragma unroll
+            for (int j = 0; j < 8; j += 2) {
+                unsigned kf[4], vf[4];                 // keys 8j .. 8j+15, d 16kc .. 16kc+15
+                load_b_x4(kf, Ks + 8 * j * LDS + 16 * kc, lane);
+                mma_bf16(s[j], qa[kc], kf[0], kf[1]);  // S = Q K^T
+                mma_bf16(s[j + 1], qa[kc], kf[2], kf[3]);
+                load_b_x4(vf, Vs + 8 * j * LDS + 16 * kc, lane);
+                mma_bf16(dp[j], da[kc], vf[0], vf[1]); // dP = dO V^T
+                mma_bf16(dp[j + 1], da[kc], vf[2], vf[3]);
             }
-        }
 #pragma unroll
         for (int j = 0; j < 8; j++)
 #pragma unroll
@@ -547,16 +581,17 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
                 float p = (key <= row) ? exp2f(s[j][e] * scale_log2 - Lr[e >> 1]) : 0.0f;
                 dp[j][e] = p * (dp[j][e] - Dr[e >> 1]);   // dS
             }
-        // dQ += dS K   (k = keys; B operand from K^T in shared)
+        // dQ += dS K   (k = keys; B operand: the K tile read with .trans)
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) {
             unsigned sa[4];
             acc_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
-            for (int jd = 0; jd < 8; jd++) {
-                unsigned b0, b1;
-                load_b(b0, b1, Kt + 8 * jd * LDS + 16 * kk, LDS, g, t);
-                mma_bf16(dq[jd], sa, b0, b1);
+            for (int jd = 0; jd < 8; jd += 2) {
+                unsigned kf[4];                        // keys 16kk .. 16kk+15, d 8jd .. 8jd+15
+                load_b_x4_trans(kf, Ks + 16 * kk * LDS + 8 * jd, lane);
+                mma_bf16(dq[jd], sa, kf[0], kf[1]);
+                mma_bf16(dq[jd + 1], sa, kf[2], kf[3]);
             }
         }
     }
