@@ -173,12 +173,13 @@ extern "C" __global__ void ldsm_global(unsigned* out, const unsigned short* src)
 }
 // cp.async: thread t copies src[8t .. 8t+7] (src_size bytes of it, the rest zeros) into a[8t ..] (group 0) and
 // src[8(n+t) ..] into b[8t ..] (group 1), then records what shared memory holds at each step, n = blockDim.x:
-// seen[0]: a before any wait, seen[1]: a after wait_group 1, seen[2]: b after wait_group 1,
+// seen[0]: a (first set to 7 by the thread) before any wait, seen[1]: a after wait_group 1, seen[2]: b after wait_group 1,
 // seen[3]: b after wait_all, seen[4]: the next thread's a after a barrier (mode 1: with no barrier).
 // mode 2: the thread exits with its group 1 copy never waited for.
 extern "C" __global__ void cpasync(unsigned short* seen, const unsigned short* src, int src_size, int mode) {
     __shared__ __align__(16) unsigned short a[8 * 64], b[8 * 64];
     int t = threadIdx.x, n = blockDim.x;
+    for (int i = 0; i < 8; i++) a[8 * t + i] = 7;       // the old contents: undefined from the issue on
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                  :: "r"((unsigned)__cvta_generic_to_shared(a + 8 * t)), "l"(src + 8 * t), "r"(src_size) : "memory");
     asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -541,7 +542,7 @@ def test_cp_async_lands_at_the_wait_that_covers_its_group(ptx, schedule):
     a = src[:8 * n].reshape(n, 8).copy()
     a[:, 5:] = 0                                         # src_size 10 bytes: 5 elements read, 3 zeros
     b = src[8 * n:].reshape(n, 8)
-    assert (seen[0] == 0xFFFF).all()                     # nothing waited for: shared memory still holds its poison
+    assert (seen[0] == 0xFFFF).all()                     # nothing waited for: undefined (NaN) until the wait
     np.testing.assert_array_equal(seen[1], a)            # wait_group 1: the older group (a) has landed ...
     assert (seen[2] == 0xFFFF).all()                     # ... the newest (b) may still be in flight
     np.testing.assert_array_equal(seen[3], b)            # wait_all

@@ -71,19 +71,23 @@ inline void ldmatrix_sync_aligned_m8n8_x4_trans_shared_b16(int line, unsigned& d
     ldmatrix_x4(line, d0, d1, d2, d3, addr, 1);
 }
 
-// cp.async.cg.shared.global [dst], [src], 16, src_size   (PTX ISA, "Data Movement and Conversion Instructions:
-// cp.async"). An asynchronous copy of 16 bytes from global to shared memory (.cg allows only 16): the first
-// src_size bytes are read from src, the rest of the 16 are zeros. Modelled as late as the ISA allows: the
-// source is read (and checked) now, but nothing is written to shared memory until this thread's
-// cp.async.wait_group / wait_all covers the copy's group, so a read before that sees the old (at first NaN)
-// bytes. The destination must be 16-byte aligned inside one __shared__ array, the source 16-byte aligned
-// inside its allocation.
+// cp.async.cg.shared.global [dst], [src], 16{, src_size}   (PTX ISA, "Data Movement and Conversion
+// Instructions: cp.async"). An asynchronous copy of 16 bytes from global to shared memory (.cg allows only 16):
+// the first src_size bytes are read from src, the rest of the 16 are zeros. Between the issue and the wait the
+// destination's bytes are undefined (the copy may land at any moment), so the model makes them NaN (0xFF bytes)
+// at the issue and writes the data only when this thread's cp.async.wait_group / wait_all covers the copy's
+// group: a read before the wait (a missing or too lenient wait, or another thread reading without a barrier
+// after the wait) sees NaN, and so does a thread still reading the old contents of a buffer that another
+// thread has already started to refill (a missing barrier before the issue). The source is read (and checked)
+// at the issue. The destination must be 16-byte aligned inside one __shared__ array, the source 16-byte
+// aligned inside its allocation.
 template <class T>
 void cp_async_cg_shared_global(int line, uint64_t dst, ptr<T> src, int src_size) {
     Fiber* f = M().cur;
     if (src_size < 0 || src_size > 16) fault("cp.async at line %d: src-size %d is not in 0..16", line, src_size);
     AsyncCopy c;
     c.dst = shared_at(dst, 16, 16, "cp.async destination", line);
+    memset(c.dst, 0xFF, 16);
     c.group = -1;
     memset(c.bytes, 0, 16);
     const char* s = (const char*)src.p;
@@ -97,6 +101,10 @@ void cp_async_cg_shared_global(int line, uint64_t dst, ptr<T> src, int src_size)
         memcpy(c.bytes, s, src_size);
     }
     f->async.push_back(c);
+}
+template <class T>
+void cp_async_cg_shared_global(int line, uint64_t dst, ptr<T> src) {
+    cp_async_cg_shared_global(line, dst, src, 16);
 }
 
 // cp.async.commit_group: this thread's copies issued since its last commit become one group (possibly empty).
