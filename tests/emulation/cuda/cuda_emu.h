@@ -8,7 +8,7 @@
 //     block run on one OS thread; the scheduler picks one, runs it until it must wait, then picks another.
 //     Blocks run one after another.
 //   * __syncthreads() pauses the fiber until every thread of the block has arrived (a barrier). Warp
-//     collectives (__shfl_*_sync, mma.sync) pause it until every lane named in the mask has arrived, then
+//     collectives (__shfl_*_sync, mma.sync, ldmatrix) pause it until every lane named in the mask has arrived, then
 //     exchange the values and resume them all. Every barrier and collective is a switch point, so the order in
 //     which threads run between them is the scheduler's choice: in order, reversed, shuffled, warps skewed.
 //     A kernel that is only correct in one order (a missing barrier) gives different results in another.
