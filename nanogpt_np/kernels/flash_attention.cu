@@ -374,8 +374,8 @@ flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, 
         add_tile_bias(Vs[cur], V, kt * TILE);
         __syncthreads();                               // forward: every thread's copies of tile kt have landed
         if (kt * TILE > q0 + 15) continue;             // every key after every row of this warp: nothing to add
-        const bf16_t* Kt = Ks[cur];
-        const bf16_t* Vt = Vs[cur];
+        const bf16_t* Kcur = Ks[cur];                  // tile kt's buffers
+        const bf16_t* Vcur = Vs[cur];
 
         float s[8][4];                                 // S = Q K^T, 16 x 64 keys
 #pragma unroll
@@ -385,7 +385,7 @@ flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, 
 #pragma unroll
             for (int j = 0; j < 8; j += 2) {
                 unsigned kf[4];                        // keys 8j .. 8j+15, d 16kc .. 16kc+15
-                load_b_x4(kf, Kt + 8 * j * LDS + 16 * kc, lane);
+                load_b_x4(kf, Kcur + 8 * j * LDS + 16 * kc, lane);
                 mma_bf16(s[j], qa[kc], kf[0], kf[1]);
                 mma_bf16(s[j + 1], qa[kc], kf[2], kf[3]);
             }
@@ -422,7 +422,7 @@ flash_attention_forward(float* __restrict__ out, bf16_t* __restrict__ out_bf16, 
 #pragma unroll
             for (int jd = 0; jd < 8; jd += 2) {
                 unsigned vb[4];                        // keys 16kk .. 16kk+15, d 8jd .. 8jd+15
-                load_b_x4_trans(vb, Vt + 16 * kk * LDS + 8 * jd, lane);
+                load_b_x4_trans(vb, Vcur + 16 * kk * LDS + 8 * jd, lane);
                 mma_bf16(o[jd], pa, vb[0], vb[1]);
                 mma_bf16(o[jd + 1], pa, vb[2], vb[3]);
             }
@@ -538,10 +538,10 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
         add_tile_bias(Qs[cur], Q, qt * TILE);          // (dO has no bias)
         __syncthreads();                               // dkdv: every thread's copies of query tile qt have landed
         if (k0 > qt * TILE + TILE - 1) continue;       // every query before this warp's keys (warp-uniform)
-        const bf16_t* Qt = Qs[cur];
-        const bf16_t* dOt = dOs[cur];
-        const float* Lt = Ls[cur];
-        const float* Dt = Ds[cur];
+        const bf16_t* Qcur = Qs[cur];                  // query tile qt's buffers
+        const bf16_t* dOcur = dOs[cur];
+        const float* Lcur = Ls[cur];
+        const float* Dcur = Ds[cur];
 
         float s[8][4], dp[8][4];                        // S^T and dP^T: 16 keys x 64 queries
 #pragma unroll
@@ -553,10 +553,10 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
 #pragma unroll
             for (int j = 0; j < 8; j += 2) {
                 unsigned qf[4], of[4];                 // queries 8j .. 8j+15, d 16kc .. 16kc+15
-                load_b_x4(qf, Qt + 8 * j * LDS + 16 * kc, lane);
+                load_b_x4(qf, Qcur + 8 * j * LDS + 16 * kc, lane);
                 mma_bf16(s[j], ka[kc], qf[0], qf[1]);  // S^T = K Q^T
                 mma_bf16(s[j + 1], ka[kc], qf[2], qf[3]);
-                load_b_x4(of, dOt + 8 * j * LDS + 16 * kc, lane);
+                load_b_x4(of, dOcur + 8 * j * LDS + 16 * kc, lane);
                 mma_bf16(dp[j], va[kc], of[0], of[1]); // dP^T = V dO^T
                 mma_bf16(dp[j + 1], va[kc], of[2], of[3]);
             }
@@ -566,9 +566,9 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int key = k0 + g + (e >= 2 ? 8 : 0), qi = 8 * j + 2 * t + (e & 1);
-                float p = (qt * TILE + qi >= key) ? exp2f(s[j][e] * scale_log2 - Lt[qi]) : 0.0f;
+                float p = (qt * TILE + qi >= key) ? exp2f(s[j][e] * scale_log2 - Lcur[qi]) : 0.0f;
                 s[j][e] = p;
-                dp[j][e] = p * (dp[j][e] - Dt[qi]);
+                dp[j][e] = p * (dp[j][e] - Dcur[qi]);
             }
         // dV += P^T dO  and  dK += dS^T Q   (k = queries; B operands: the dO and Q tiles read with .trans)
 #pragma unroll
@@ -579,10 +579,10 @@ flash_attention_backward_dkdv(float* __restrict__ dqkv, bf16_t* __restrict__ dqk
 #pragma unroll
             for (int jd = 0; jd < 8; jd += 2) {
                 unsigned of[4], qf[4];                 // queries 16kk .. 16kk+15, d 8jd .. 8jd+15
-                load_b_x4_trans(of, dOt + 16 * kk * LDS + 8 * jd, lane);
+                load_b_x4_trans(of, dOcur + 16 * kk * LDS + 8 * jd, lane);
                 mma_bf16(dv[jd], pa, of[0], of[1]);
                 mma_bf16(dv[jd + 1], pa, of[2], of[3]);
-                load_b_x4_trans(qf, Qt + 16 * kk * LDS + 8 * jd, lane);
+                load_b_x4_trans(qf, Qcur + 16 * kk * LDS + 8 * jd, lane);
                 mma_bf16(dk[jd], sa, qf[0], qf[1]);
                 mma_bf16(dk[jd + 1], sa, qf[2], qf[3]);
             }
@@ -652,8 +652,8 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
         add_tile_bias(Vs[cur], V, kt * TILE);
         __syncthreads();                               // dq: every thread's copies of key tile kt have landed
         if (kt * TILE > q0 + 15) continue;             // keys all after this warp's rows (warp-uniform)
-        const bf16_t* Kt = Ks[cur];
-        const bf16_t* Vt = Vs[cur];
+        const bf16_t* Kcur = Ks[cur];                  // tile kt's buffers
+        const bf16_t* Vcur = Vs[cur];
 
         float s[8][4], dp[8][4];                        // S and dP: 16 queries x 64 keys
 #pragma unroll
@@ -665,10 +665,10 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
 #pragma unroll
             for (int j = 0; j < 8; j += 2) {
                 unsigned kf[4], vf[4];                 // keys 8j .. 8j+15, d 16kc .. 16kc+15
-                load_b_x4(kf, Kt + 8 * j * LDS + 16 * kc, lane);
+                load_b_x4(kf, Kcur + 8 * j * LDS + 16 * kc, lane);
                 mma_bf16(s[j], qa[kc], kf[0], kf[1]);  // S = Q K^T
                 mma_bf16(s[j + 1], qa[kc], kf[2], kf[3]);
-                load_b_x4(vf, Vt + 8 * j * LDS + 16 * kc, lane);
+                load_b_x4(vf, Vcur + 8 * j * LDS + 16 * kc, lane);
                 mma_bf16(dp[j], da[kc], vf[0], vf[1]); // dP = dO V^T
                 mma_bf16(dp[j + 1], da[kc], vf[2], vf[3]);
             }
@@ -688,7 +688,7 @@ flash_attention_backward_dq(float* __restrict__ dqkv, bf16_t* __restrict__ dqkv_
 #pragma unroll
             for (int jd = 0; jd < 8; jd += 2) {
                 unsigned kf[4];                        // keys 16kk .. 16kk+15, d 8jd .. 8jd+15
-                load_b_x4_trans(kf, Kt + 16 * kk * LDS + 8 * jd, lane);
+                load_b_x4_trans(kf, Kcur + 16 * kk * LDS + 8 * jd, lane);
                 mma_bf16(dq[jd], sa, kf[0], kf[1]);
                 mma_bf16(dq[jd + 1], sa, kf[2], kf[3]);
             }
