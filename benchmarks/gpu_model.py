@@ -67,8 +67,9 @@ GELU_EPILOGUE_FLOPS = 20   # a cuBLASLt GELU / dGELU epilogue, per output elemen
                            # FP32 pipes at MATMUL_EFF, overlapped with the products (op_cost); not counted in the
                            # op's FLOPs, which stay the tensor-core products'
 
-FLASH_EFF = 0.25         # our flash-attention kernels (mma.sync m16n8k16, no ldmatrix, no async copies):
-                         # fraction of the bf16 peak (assumed: FlashAttention-2 itself reaches ~35-50% on H100)
+FLASH_EFF = 0.25         # our flash-attention kernels (mma.sync m16n8k16 with ldmatrix and cp.async double
+                         # buffering, not measured on a GPU yet): fraction of the bf16 peak (assumed, kept as it
+                         # was before those: FlashAttention-2 itself reaches ~35-50% on H100)
 MEM_EFF = 0.80           # memory-bound kernels: fraction of the datasheet bandwidth
 LAUNCH_FLOOR_S = 3e-6    # no kernel takes less (launch + ramp-up + tail)
 PCIE_BPS = 25e9          # host <-> device copies (pageable memory)
@@ -384,22 +385,26 @@ def _matmul_cost(op, dev, c):
 
 
 BIAS_INSTR_PER_VALUE = 3    # unpack the bf16, add the float32 bias, half a cvt.rn.bf16x2 (+ the bias load)
+BIAS_TILE_EXTRA_PER_VALUE = 0.25   # tiles only: cp.async lands the raw bf16 in shared memory, so the bias is added
+                                   # there: one 16-byte shared load and store more per 8 values
 
 
 def flash_bias_instructions(op):
     """Instructions the flash kernels spend adding the qkv bias (given one) to the q, k, v values they load:
-    every 64 x 64 tile or fragment loaded with the bias, counted per block as flash_attention.cu loads them."""
+    every 64 x 64 tile or fragment loaded with the bias, counted per block as flash_attention.cu loads them
+    (a tile once, in its [row][d] layout: ldmatrix .trans reads it transposed, so there are no transposed copies)."""
     k, s, null, grid = op.name, op.args["scalars"], op.args["null"], op.args["grid"]
     fwd = k == "flash_attention_forward"
     if null[4 if fwd else 3]:
         return 0
     Tp = s[6] if fwd else s[8]
     BH, nt = grid[1], Tp // 64
-    per_block, per_tile = {"flash_attention_forward": (1, 2),        # Q fragments; K, V^T tiles
-                           "flash_attention_backward_dkdv": (2, 2),  # K, V fragments; Q, Q^T tiles
-                           "flash_attention_backward_dq": (1, 3)}[k]  # Q fragments; K, K^T, V tiles
+    per_block, per_tile = {"flash_attention_forward": (1, 2),        # Q fragments; K, V tiles
+                           "flash_attention_backward_dkdv": (2, 1),  # K, V fragments; Q tiles (dO has no bias)
+                           "flash_attention_backward_dq": (1, 2)}[k]  # Q fragments; K, V tiles
     # fragments: each row once (nt 64-row tiles' worth); tiles: as many as the blocks load
-    return BIAS_INSTR_PER_VALUE * 64 * 64 * BH * (per_block * nt + per_tile * flash_tile_loads(k, Tp, grid))
+    return 64 * 64 * BH * (BIAS_INSTR_PER_VALUE * per_block * nt + (BIAS_INSTR_PER_VALUE + BIAS_TILE_EXTRA_PER_VALUE)
+                           * per_tile * flash_tile_loads(k, Tp, grid))
 
 
 def flash_tile_loads(k, Tp, grid):

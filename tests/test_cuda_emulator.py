@@ -148,6 +148,55 @@ extern "C" __global__ void mma(unsigned* d, const unsigned* regs) {
                  : "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]), "r"(r[4]), "r"(r[5]));
     for (int e = 0; e < 4; e++) d[threadIdx.x * 4 + e] = __float_as_uint(c[e]);
 }
+// one warp: src (n bf16) is copied into a shared tile; lane l gives the row address tile + offs[l] (in elements,
+// so that a test can misalign it) to ldmatrix .x4 (trans = 0) or .x4.trans (trans = 1); out[4l + i] = register i
+extern "C" __global__ void ldsm(unsigned* out, const unsigned short* src, const int* offs, int n, int trans) {
+    __shared__ __align__(16) unsigned short tile[16 * 72];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) tile[i] = src[i];
+    __syncthreads();
+    unsigned a = (unsigned)__cvta_generic_to_shared(tile + offs[threadIdx.x]);
+    unsigned r0, r1, r2, r3;
+    if (trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+    out[4 * threadIdx.x] = r0; out[4 * threadIdx.x + 1] = r1; out[4 * threadIdx.x + 2] = r2; out[4 * threadIdx.x + 3] = r3;
+}
+// a global pointer where ldmatrix wants a shared one
+extern "C" __global__ void ldsm_global(unsigned* out, const unsigned short* src) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(src), r0, r1, r2, r3;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+    out[threadIdx.x] = r0 + r1 + r2 + r3;
+}
+// cp.async: thread t copies src[8t .. 8t+7] (src_size bytes of it, the rest zeros) into a[8t ..] (group 0) and
+// src[8(n+t) ..] into b[8t ..] (group 1), then records what shared memory holds at each step, n = blockDim.x:
+// seen[0]: a (first set to 7 by the thread) before any wait, seen[1]: a after wait_group 1, seen[2]: b after wait_group 1,
+// seen[3]: b after wait_all, seen[4]: the next thread's a after a barrier (mode 1: with no barrier).
+// mode 2: the thread exits with its group 1 copy never waited for.
+extern "C" __global__ void cpasync(unsigned short* seen, const unsigned short* src, int src_size, int mode) {
+    __shared__ __align__(16) unsigned short a[8 * 64], b[8 * 64];
+    int t = threadIdx.x, n = blockDim.x;
+    for (int i = 0; i < 8; i++) a[8 * t + i] = 7;       // the old contents: undefined from the issue on
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(a + 8 * t)), "l"(src + 8 * t), "r"(src_size) : "memory");
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(b + 8 * t)), "l"(src + 8 * (n + t)), "r"(16) : "memory");
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    unsigned short* out = seen + 8 * t;
+    for (int i = 0; i < 8; i++) out[i] = a[8 * t + i];
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(1) : "memory");
+    for (int i = 0; i < 8; i++) out[8 * n + i] = a[8 * t + i];
+    for (int i = 0; i < 8; i++) out[16 * n + i] = b[8 * t + i];
+    if (mode == 2) return;
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    for (int i = 0; i < 8; i++) out[24 * n + i] = b[8 * t + i];
+    if (mode == 0) __syncthreads();
+    for (int i = 0; i < 8; i++) out[32 * n + i] = a[8 * ((t + 1) % n) + i];
+}
 """
 
 
@@ -415,6 +464,109 @@ def test_mma_m16n8k16_fragment_layout(ptx):
 def test_mma_needs_the_whole_warp(ptx):
     with pytest.raises(emu.EmulatorError, match="mask .* names lane|deadlock|exit"):
         ptx.launch("mma", (1,), (16,), (np.zeros(64, np.uint32), np.zeros(320, np.uint32)))
+
+
+def _ldmatrix_statement(tile, offs, trans):
+    """The PTX ISA's ldmatrix .x4 layout, restated in NumPy: matrix i's row r is the 8 elements at lane 8i + r's
+    address; lane l (g = l // 4, t = l % 4) gets in register i the pair (row g, columns 2t, 2t+1) of matrix i,
+    or with .trans the pair (rows 2t, 2t+1, column g); the first element in the low 16 bits."""
+    mats = np.stack([np.stack([tile[o:o + 8] for o in offs[8 * i:8 * i + 8]]) for i in range(4)])   # (4, 8, 8)
+    want = np.zeros((32, 4), np.uint32)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for i in range(4):
+            lo, hi = (mats[i, 2 * t, g], mats[i, 2 * t + 1, g]) if trans else (mats[i, g, 2 * t], mats[i, g, 2 * t + 1])
+            want[lane, i] = np.uint32(lo) | (np.uint32(hi) << np.uint32(16))
+    return want
+
+
+@pytest.mark.parametrize("trans", [0, 1])
+def test_ldmatrix_x4_fragment_layout(ptx, trans):
+    """Every lane gives the address of one row anywhere in the tile (16-byte aligned, rows shuffled, one row
+    repeated); each register of each lane must match the NumPy statement of the layout, and not the other
+    variant's (a negative control: the two statements differ on these values)."""
+    rng = np.random.default_rng(11 + trans)
+    tile = rng.integers(0, 2 ** 16, 16 * 72, dtype=np.uint16)
+    offs = (rng.permutation(16 * 72 // 8)[:32] * 8).astype(np.int32)
+    offs[5] = offs[20]                                   # two lanes may name the same row
+    out = np.zeros(32 * 4, np.uint32)
+    ptx.launch("ldsm", (1,), (32,), (out, tile, offs, np.int32(tile.size), np.int32(trans)))
+    got = out.reshape(32, 4)
+    np.testing.assert_array_equal(got, _ldmatrix_statement(tile, offs, trans))
+    assert (got != _ldmatrix_statement(tile, offs, 1 - trans)).any()
+
+
+def test_ldmatrix_rows_of_a_padded_tile_are_an_mma_b_fragment(ptx):
+    """ldmatrix .x4 at rows n0 + lane % 8, columns 8 * (lane // 8) of a row-major Bt (stride 72, as the flash
+    kernels' tiles) gives each lane the mma B fragments b0, b1 of two 16-wide k chunks: Bt[g][2t..], Bt[g][2t+8..]."""
+    rng = np.random.default_rng(2)
+    tile = rng.integers(0, 2 ** 16, 16 * 72, dtype=np.uint16)
+    Bt = tile.reshape(16, 72)
+    offs = np.array([(lane % 8) * 72 + 8 * (lane // 8) for lane in range(32)], np.int32)
+    out = np.zeros(32 * 4, np.uint32)
+    ptx.launch("ldsm", (1,), (32,), (out, tile, offs, np.int32(tile.size), np.int32(0)))
+    got = out.reshape(32, 4)
+    pair = lambda a, b: np.uint32(a) | (np.uint32(b) << np.uint32(16))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for kc in range(2):
+            assert got[lane, 2 * kc] == pair(Bt[g, 16 * kc + 2 * t], Bt[g, 16 * kc + 2 * t + 1])
+            assert got[lane, 2 * kc + 1] == pair(Bt[g, 16 * kc + 2 * t + 8], Bt[g, 16 * kc + 2 * t + 9])
+
+
+@pytest.mark.parametrize("bad,match", [(4, "not 16-byte aligned"), (16 * 72 - 4, "not 16-byte aligned"),
+                                       (16 * 72 - 8 + 16, "run past its end|in no __shared__")])
+def test_ldmatrix_row_addresses_checked(ptx, bad, match):
+    tile = np.zeros(16 * 72, np.uint16)
+    offs = np.arange(32, dtype=np.int32) * 8
+    offs[9] = bad
+    with pytest.raises(emu.EmulatorError, match=match):
+        ptx.launch("ldsm", (1,), (32,), (np.zeros(128, np.uint32), tile, offs, np.int32(tile.size), np.int32(0)))
+
+
+def test_ldmatrix_needs_the_whole_warp_and_shared_memory(ptx):
+    tile = np.zeros(16 * 72, np.uint16)
+    with pytest.raises(emu.EmulatorError, match="mask .* names lane|deadlock|exit"):
+        ptx.launch("ldsm", (1,), (16,), (np.zeros(128, np.uint32), tile, np.arange(32, dtype=np.int32) * 8,
+                                         np.int32(tile.size), np.int32(0)))
+    with pytest.raises(emu.EmulatorError, match="not in shared memory"):
+        ptx.launch("ldsm_global", (1,), (32,), (np.zeros(32, np.uint32), tile))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_cp_async_lands_at_the_wait_that_covers_its_group(ptx, schedule):
+    n = 64
+    src = np.random.default_rng(4).integers(0, 2 ** 15, 16 * n, dtype=np.uint16)
+    seen = np.zeros((5, n, 8), np.uint16)
+    ptx.launch("cpasync", (1,), (n,), (seen, src, np.int32(10), np.int32(0)), schedule=schedule)
+    a = src[:8 * n].reshape(n, 8).copy()
+    a[:, 5:] = 0                                         # src_size 10 bytes: 5 elements read, 3 zeros
+    b = src[8 * n:].reshape(n, 8)
+    assert (seen[0] == 0xFFFF).all()                     # nothing waited for: undefined (NaN) until the wait
+    np.testing.assert_array_equal(seen[1], a)            # wait_group 1: the older group (a) has landed ...
+    assert (seen[2] == 0xFFFF).all()                     # ... the newest (b) may still be in flight
+    np.testing.assert_array_equal(seen[3], b)            # wait_all
+    np.testing.assert_array_equal(seen[4], np.roll(a, -1, axis=0))   # another thread's copy, after a barrier
+
+
+def test_cp_async_copy_of_another_thread_needs_a_barrier(ptx):
+    n = 64
+    src = np.random.default_rng(4).integers(0, 2 ** 15, 16 * n, dtype=np.uint16)
+    seen = np.zeros((5, n, 8), np.uint16)
+    ptx.launch("cpasync", (1,), (n,), (seen, src, np.int32(16), np.int32(1)), schedule="inorder")
+    assert (seen[4][:-1] == 0xFFFF).all()               # thread t ran before t+1 issued its copy: poison
+
+
+def test_cp_async_never_waited_for_is_an_error(ptx):
+    with pytest.raises(emu.EmulatorError, match="never waited for"):
+        ptx.launch("cpasync", (1,), (32,), (np.zeros(5 * 32 * 8, np.uint16), np.zeros(16 * 32, np.uint16),
+                                            np.int32(16), np.int32(2)))
+
+
+def test_cp_async_checks_its_addresses(ptx):
+    with pytest.raises(emu.EmulatorError, match="source bytes|out-of-bounds"):
+        ptx.launch("cpasync", (1,), (32,), (np.zeros(5 * 32 * 8, np.uint16), np.zeros(16 * 32 - 8, np.uint16),
+                                            np.int32(16), np.int32(0)))
 
 
 def test_unknown_ptx_instruction_does_not_compile():

@@ -4,11 +4,13 @@ The CUDA kernels cannot run without a GPU, but their logic can: this module exec
 same indices, a warp at a time (the 32 lanes as a vector axis), over flat buffers with the same strides
 (LDS = 72 in shared memory; in global memory q, k, v are read in place from qkv (B, T, 3C), row stride 3C,
 head offsets part*C + h*64, rows t >= T as zero, the bias added to each loaded bf16 pair and rounded back;
-dO in out's layout (B, T, C), row stride C). The one instruction it has to model is
-mma.sync.m16n8k16: `mma` rebuilds the 16x16 A and 16x8 B matrices from the lanes' fragments using the PTX
-fragment layout, multiplies, and scatters D back, so a wrong row/column formula in the kernel shows up as a
-wrong result against the float64 attention reference (tests/test_kernel_references.py). bf16 rounding
-(cvt.rn.bf16x2) is modelled with kernels/bf16.py.
+dO in out's layout (B, T, C), row stride C). The instructions it has to model are mma.sync.m16n8k16: `mma`
+rebuilds the 16x16 A and 16x8 B matrices from the lanes' fragments using the PTX fragment layout, multiplies,
+and scatters D back, and ldmatrix.x4 (.trans): `ldmatrix_x4` reads the four 8x8 matrices at the lanes' row
+addresses and hands each lane its pairs, so a wrong row/column formula in the kernel shows up as a wrong result
+against the float64 attention reference (tests/test_kernel_references.py). bf16 rounding (cvt.rn.bf16x2) is
+modelled with kernels/bf16.py. The kernels' cp.async double buffering is a matter of timing, not of values: here
+each tile is loaded (bias added) right before the warps use it.
 
 Slow (pure Python over blocks and warps): use tiny shapes.
 """
@@ -28,10 +30,6 @@ G, TQ = LANE // 4, LANE % 4
 def pack(lo, hi):
     """cvt.rn.bf16x2.f32 per lane: two float vectors -> (32, 2) bf16 values (as float32)."""
     return np.stack([round_to_bf16(np.asarray(lo, np.float32)), round_to_bf16(np.asarray(hi, np.float32))], axis=-1)
-
-
-def load_pair(buf, idx):
-    return np.stack([buf[idx], buf[idx + 1]], axis=-1).astype(np.float32)
 
 
 def head(buf, base, ld, rows, bias=None):
@@ -64,9 +62,30 @@ def load_a_head(x, row0, col0):
                      head_values(x, row0 + G + 8, col0 + 2 * TQ + 8, 2)], axis=1)
 
 
-def load_b(buf, off, ld):
-    """B fragment (32, 2, 2) read from the transposed block Bt (8 n-rows x 16 k) at `off`, stride ld."""
-    return np.stack([load_pair(buf, off + G * ld + 2 * TQ), load_pair(buf, off + G * ld + 2 * TQ + 8)], axis=1)
+def ldmatrix_x4(buf, addr, trans):
+    """ldmatrix.sync.aligned.m8n8.x4{.trans}: lane 8i + r gives in addr (32,) the flat offset of row r of matrix
+    i (8 elements); lane l gets in register i row l//4, elements 2(l%4), 2(l%4)+1 of matrix i, or with .trans
+    (rows 2(l%4), 2(l%4)+1, column l//4). -> (32, 4, 2)."""
+    assert (addr % 8 == 0).all()                        # 16-byte aligned rows
+    mats = np.stack([np.stack([buf[addr[8 * i + r]: addr[8 * i + r] + 8] for r in range(8)]) for i in range(4)])
+    if trans:
+        mats = mats.transpose(0, 2, 1)
+    return np.stack([np.stack([mats[i, G, 2 * TQ], mats[i, G, 2 * TQ + 1]], axis=-1) for i in range(4)],
+                    axis=1).astype(np.float32)
+
+
+def load_b_x4(buf, off):
+    """The kernel's load_b_x4: B fragments (32, 2, 2) of columns n0 .. n0+7 and n0+8 .. n0+15, k0 .. k0+15, from
+    a [n][k] tile at `off` = (n0, k0): matrix i at rows n0 + 8(i//2), columns k0 + 8(i%2)."""
+    r = ldmatrix_x4(buf, off + (LANE % 8 + 8 * (LANE // 16)) * LDS + 8 * (LANE // 8 % 2), False)
+    return r[:, 0:2], r[:, 2:4]
+
+
+def load_b_x4_trans(buf, off):
+    """The kernel's load_b_x4_trans: the same fragments from a [k][n] tile at `off` = (k0, n0): matrix i at rows
+    k0 + 8(i%2), columns n0 + 8(i//2), transposed."""
+    r = ldmatrix_x4(buf, off + (LANE % 8 + 8 * (LANE // 8 % 2)) * LDS + 8 * (LANE // 16), True)
+    return r[:, 0:2], r[:, 2:4]
 
 
 def mma(c, a, b):
@@ -104,14 +123,6 @@ def load_tile(dst, x, row0):
         dst[row * LDS + col: row * LDS + col + 8] = head_values(x, row0 + row, col, 8)
 
 
-def load_tile_t(dst, x, row0):
-    for c in range(TILE * HS // 8):
-        row, col = c // 8, (c % 8) * 8
-        v = head_values(x, row0 + row, col, 8)
-        for i in range(8):
-            dst[(col + i) * LDS + row] = v[i]
-
-
 def warp_colsum(acc, mult, row0, T):
     """store_block's column sums of a warp's 16 x 64 block (8 fragments of (32, 4)), rows >= T left out: per lane
     over its rows g and g+8, then shuffles across g (lane ^ 4, ^ 8, ^ 16). -> (64,) float32."""
@@ -147,7 +158,7 @@ def forward(qkv, NH, bias=None):
     out = np.full((B * T * C,), np.nan, np.float32)
     L2 = np.full((B * NH * Tp,), np.nan, np.float32)
     scale_log2 = np.float32(1 / math.sqrt(HS) * LOG2E)
-    Ks, Vt = np.zeros(TILE * LDS, np.float32), np.zeros(HS * LDS, np.float32)
+    Ks, Vs = np.zeros(TILE * LDS, np.float32), np.zeros(TILE * LDS, np.float32)
     nblocks = Tp // QBLOCK
     for bh in range(B * NH):
         for bx in range(nblocks):
@@ -161,17 +172,17 @@ def forward(qkv, NH, bias=None):
                 st["l"] = [np.zeros(32, np.float32) for _ in range(2)]
             for kt in range((qb + 1) * (QBLOCK // TILE)):
                 load_tile(Ks, K, kt * TILE)
-                load_tile_t(Vt, V, kt * TILE)
+                load_tile(Vs, V, kt * TILE)
                 for st in warps:
                     q0, o, m, l = st["q0"], st["o"], st["m"], st["l"]
                     if kt * TILE > q0 + 15:                 # the tile's keys all after the warp's rows: skipped
                         continue
-                    s = []
-                    for j in range(8):
-                        acc = np.zeros((32, 4), np.float32)
-                        for kc in range(4):
-                            mma(acc, st["qa"][kc], load_b(Ks, 8 * j * LDS + 16 * kc, LDS))
-                        s.append(acc)
+                    s = [np.zeros((32, 4), np.float32) for _ in range(8)]
+                    for kc in range(4):
+                        for j in range(0, 8, 2):
+                            f0, f1 = load_b_x4(Ks, 8 * j * LDS + 16 * kc)
+                            mma(s[j], st["qa"][kc], f0)
+                            mma(s[j + 1], st["qa"][kc], f1)
                     mx = [m[0].copy(), m[1].copy()]
                     for j in range(8):
                         for e in range(4):
@@ -195,8 +206,10 @@ def forward(qkv, NH, bias=None):
                         o[j][:, 0] *= alpha[0]; o[j][:, 1] *= alpha[0]; o[j][:, 2] *= alpha[1]; o[j][:, 3] *= alpha[1]
                     for kk in range(4):
                         pa = acc_to_a(s[2 * kk], s[2 * kk + 1])
-                        for jd in range(8):
-                            mma(o[jd], pa, load_b(Vt, 8 * jd * LDS + 16 * kk, LDS))
+                        for jd in range(0, 8, 2):
+                            f0, f1 = load_b_x4_trans(Vs, 16 * kk * LDS + 8 * jd)
+                            mma(o[jd], pa, f0)
+                            mma(o[jd + 1], pa, f1)
             b, h = bh // NH, bh % NH
             for st in warps:
                 for r in range(2):
@@ -231,7 +244,7 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
     dqkv = np.full((B * T * 3 * C,), np.nan, np.float32)
     ntiles = Tp // TILE
     # dK, dV
-    Qs, Qt, dOs, dOt = (np.zeros(TILE * LDS, np.float32) for _ in range(4))
+    Qs, dOs = (np.zeros(TILE * LDS, np.float32) for _ in range(2))
     for bh in range(B * NH):
         Q, K, V = (qkv_head(buf, bias, bh // NH, bh % NH, part, T, NH) for part in range(3))
         dOh = head(dO, (bh // NH) * T * C + (bh % NH) * HS, C, T)
@@ -244,20 +257,21 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
                                   dk=[np.zeros((32, 4), np.float32) for _ in range(8)],
                                   dv=[np.zeros((32, 4), np.float32) for _ in range(8)]))
             for qt in range(kb * (QBLOCK // TILE), ntiles):
-                load_tile(Qs, Q, qt * TILE); load_tile_t(Qt, Q, qt * TILE)
-                load_tile(dOs, dOh, qt * TILE); load_tile_t(dOt, dOh, qt * TILE)
+                load_tile(Qs, Q, qt * TILE)
+                load_tile(dOs, dOh, qt * TILE)
                 Ls = L2[bh * Tp + qt * TILE: bh * Tp + qt * TILE + TILE]
                 Ds = D[bh * Tp + qt * TILE: bh * Tp + qt * TILE + TILE]
                 for st in warps:
                     if st["k0"] > qt * TILE + TILE - 1:       # every query before the warp's keys: skipped
                         continue
-                    s, dp = [], []
-                    for j in range(8):
-                        a1, a2 = np.zeros((32, 4), np.float32), np.zeros((32, 4), np.float32)
-                        for kc in range(4):
-                            mma(a1, st["ka"][kc], load_b(Qs, 8 * j * LDS + 16 * kc, LDS))
-                            mma(a2, st["va"][kc], load_b(dOs, 8 * j * LDS + 16 * kc, LDS))
-                        s.append(a1); dp.append(a2)
+                    s = [np.zeros((32, 4), np.float32) for _ in range(8)]
+                    dp = [np.zeros((32, 4), np.float32) for _ in range(8)]
+                    for kc in range(4):
+                        for j in range(0, 8, 2):
+                            f0, f1 = load_b_x4(Qs, 8 * j * LDS + 16 * kc)
+                            mma(s[j], st["ka"][kc], f0); mma(s[j + 1], st["ka"][kc], f1)
+                            f0, f1 = load_b_x4(dOs, 8 * j * LDS + 16 * kc)
+                            mma(dp[j], st["va"][kc], f0); mma(dp[j + 1], st["va"][kc], f1)
                     for j in range(8):
                         for e in range(4):
                             key = st["k0"] + G + (8 if e >= 2 else 0)
@@ -268,9 +282,11 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
                     for kk in range(4):
                         pa = acc_to_a(s[2 * kk], s[2 * kk + 1])
                         sa = acc_to_a(dp[2 * kk], dp[2 * kk + 1])
-                        for jd in range(8):
-                            mma(st["dv"][jd], pa, load_b(dOt, 8 * jd * LDS + 16 * kk, LDS))
-                            mma(st["dk"][jd], sa, load_b(Qt, 8 * jd * LDS + 16 * kk, LDS))
+                        for jd in range(0, 8, 2):
+                            f0, f1 = load_b_x4_trans(dOs, 16 * kk * LDS + 8 * jd)
+                            mma(st["dv"][jd], pa, f0); mma(st["dv"][jd + 1], pa, f1)
+                            f0, f1 = load_b_x4_trans(Qs, 16 * kk * LDS + 8 * jd)
+                            mma(st["dk"][jd], sa, f0); mma(st["dk"][jd + 1], sa, f1)
             b, h = bh // NH, bh % NH
             for st in warps:
                 for r in range(2):
@@ -289,7 +305,7 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
                         [warp_colsum(st[name], mult, st["k0"], T) for st in warps[4 * half: 4 * half + 4]])
     # dQ: blocks of 128 query rows, as the forward
     nblocks = Tp // QBLOCK
-    Ks, Kt, Vs = (np.zeros(TILE * LDS, np.float32) for _ in range(3))
+    Ks, Vs = (np.zeros(TILE * LDS, np.float32) for _ in range(2))
     for bh in range(B * NH):
         Q, K, V = (qkv_head(buf, bias, bh // NH, bh % NH, part, T, NH) for part in range(3))
         dOh = head(dO, (bh // NH) * T * C + (bh % NH) * HS, C, T)
@@ -304,17 +320,18 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
                                   Dr=[D[bh * Tp + q0 + G + 8 * r] for r in range(2)],
                                   dq=[np.zeros((32, 4), np.float32) for _ in range(8)]))
             for kt in range((qb + 1) * (QBLOCK // TILE)):
-                load_tile(Ks, K, kt * TILE); load_tile_t(Kt, K, kt * TILE); load_tile(Vs, V, kt * TILE)
+                load_tile(Ks, K, kt * TILE); load_tile(Vs, V, kt * TILE)
                 for st in warps:
                     if kt * TILE > st["q0"] + 15:             # the tile's keys all after the warp's rows: skipped
                         continue
-                    s, dp = [], []
-                    for j in range(8):
-                        a1, a2 = np.zeros((32, 4), np.float32), np.zeros((32, 4), np.float32)
-                        for kc in range(4):
-                            mma(a1, st["qa"][kc], load_b(Ks, 8 * j * LDS + 16 * kc, LDS))
-                            mma(a2, st["da"][kc], load_b(Vs, 8 * j * LDS + 16 * kc, LDS))
-                        s.append(a1); dp.append(a2)
+                    s = [np.zeros((32, 4), np.float32) for _ in range(8)]
+                    dp = [np.zeros((32, 4), np.float32) for _ in range(8)]
+                    for kc in range(4):
+                        for j in range(0, 8, 2):
+                            f0, f1 = load_b_x4(Ks, 8 * j * LDS + 16 * kc)
+                            mma(s[j], st["qa"][kc], f0); mma(s[j + 1], st["qa"][kc], f1)
+                            f0, f1 = load_b_x4(Vs, 8 * j * LDS + 16 * kc)
+                            mma(dp[j], st["da"][kc], f0); mma(dp[j + 1], st["da"][kc], f1)
                     for j in range(8):
                         for e in range(4):
                             row = st["q0"] + G + (8 if e >= 2 else 0)
@@ -323,8 +340,9 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
                             dp[j][:, e] = p * (dp[j][:, e] - st["Dr"][e >> 1])
                     for kk in range(4):
                         sa = acc_to_a(dp[2 * kk], dp[2 * kk + 1])
-                        for jd in range(8):
-                            mma(st["dq"][jd], sa, load_b(Kt, 8 * jd * LDS + 16 * kk, LDS))
+                        for jd in range(0, 8, 2):
+                            f0, f1 = load_b_x4_trans(Ks, 16 * kk * LDS + 8 * jd)
+                            mma(st["dq"][jd], sa, f0); mma(st["dq"][jd + 1], sa, f1)
             b, h = bh // NH, bh % NH
             for st in warps:
                 for r in range(2):

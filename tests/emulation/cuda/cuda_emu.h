@@ -8,7 +8,7 @@
 //     block run on one OS thread; the scheduler picks one, runs it until it must wait, then picks another.
 //     Blocks run one after another.
 //   * __syncthreads() pauses the fiber until every thread of the block has arrived (a barrier). Warp
-//     collectives (__shfl_*_sync, mma.sync) pause it until every lane named in the mask has arrived, then
+//     collectives (__shfl_*_sync, mma.sync, ldmatrix) pause it until every lane named in the mask has arrived, then
 //     exchange the values and resume them all. Every barrier and collective is a switch point, so the order in
 //     which threads run between them is the scheduler's choice: in order, reversed, shuffled, warps skewed.
 //     A kernel that is only correct in one order (a missing barrier) gives different results in another.
@@ -141,10 +141,18 @@ inline void context_init(Context& c, char* stack, size_t size, void (*entry)()) 
 #endif
 
 enum State { READY, AT_BARRIER, AT_WARP, DONE };
-enum Collective { SHFL_XOR, SHFL_IDX, SHFL_DOWN, SHFL_UP, MMA_M16N8K16_BF16, SYNCWARP, BALLOT };
+enum Collective { SHFL_XOR, SHFL_IDX, SHFL_DOWN, SHFL_UP, MMA_M16N8K16_BF16, SYNCWARP, BALLOT, LDMATRIX };
 static const char* const COLLECTIVE_NAMES[] = {"__shfl_xor_sync", "__shfl_sync", "__shfl_down_sync",
                                                "__shfl_up_sync", "mma.sync.m16n8k16", "__syncwarp",
-                                               "__ballot_sync/__any_sync/__all_sync"};
+                                               "__ballot_sync/__any_sync/__all_sync", "ldmatrix.sync.m8n8"};
+
+// One cp.async copy in flight (ptx_models.h): the 16 bytes read from global memory when it was issued, and the
+// shared address where they land when this thread's cp.async.wait_group / wait_all covers its group.
+struct AsyncCopy {
+    char* dst;
+    unsigned char bytes[16];
+    int group;               // -1 until cp.async.commit_group puts it into this thread's next group
+};
 
 struct Fiber {               // one CUDA thread
     Context ctx;
@@ -158,6 +166,8 @@ struct Fiber {               // one CUDA thread
     int param;               // shuffle offset / source lane
     uint32_t in[10];
     uint32_t out[4];
+    std::vector<AsyncCopy> async;   // this thread's cp.async copies not yet landed
+    int async_groups;               // groups this thread has committed so far
 };
 
 // One launch's state. A single OS thread runs a launch (the Python driver holds a lock), so plain globals.
@@ -183,6 +193,7 @@ struct Machine {
     size_t arena_used = 0, static_smem = 0;
     std::vector<void*> shared_slots;       // address of each __shared__ declaration in this block
     std::vector<const char*> shared_names; // and its name, for messages
+    std::vector<size_t> shared_sizes;      // and its size in bytes (for addresses in the shared state space)
     char signal_stack[64 * 1024];          // where the crash handler runs (the fiber's stack may be full)
 };
 
@@ -294,6 +305,7 @@ inline void syncthreads(int line) {
 
 // ------------------------------------------------------------------------------- warp collectives
 inline void mma_m16n8k16_bf16(Fiber* lanes[32]);   // in ptx_models.h
+inline void ldmatrix_m8n8(Fiber* lanes[32], int param, int line);
 
 // This lane arrives at a warp collective; returns when all lanes of `mask` have arrived and exchanged.
 inline void warp_collective(int kind, unsigned mask, int param, int line) {
@@ -322,12 +334,18 @@ inline void warp_collective(int kind, unsigned mask, int param, int line) {
             fault("lanes of one warp meet at different collectives: lane %d at %s (line %d, mask %#x), lane %d at "
                   "%s (line %d, mask %#x)", l, COLLECTIVE_NAMES[o.kind], o.line, o.mask, f->lane,
                   COLLECTIVE_NAMES[kind], line, mask);
+        if (kind == LDMATRIX && o.param != param)
+            fault("lanes of one warp meet at ldmatrix with different qualifiers (lane %d: %#x, lane %d: %#x)", l,
+                  o.param, f->lane, param);
         lanes[l] = &o;
     }
     if (all) {                               // the last lane to arrive performs the exchange for everyone
         if (kind == MMA_M16N8K16_BF16) {
             if (mask != 0xffffffffu) fault("mma.sync needs all 32 lanes, mask %#x", mask);
             mma_m16n8k16_bf16(lanes);
+        } else if (kind == LDMATRIX) {
+            if (mask != 0xffffffffu) fault("ldmatrix.sync needs all 32 lanes, mask %#x", mask);
+            ldmatrix_m8n8(lanes, param, line);
         } else if (kind == SYNCWARP) {
             // nothing to exchange: arriving together is the point
         } else if (kind == BALLOT) {             // bit l of the result: lane l's predicate
@@ -508,10 +526,12 @@ sarr<A>& shared_var(int id, const char* name) {
     if ((int)m.shared_slots.size() <= id) {
         m.shared_slots.resize(id + 1, nullptr);
         m.shared_names.resize(id + 1, nullptr);
+        m.shared_sizes.resize(id + 1, 0);
     }
     if (!m.shared_slots[id]) {
         m.shared_slots[id] = shared_alloc(sizeof(A));
         m.shared_names[id] = name;
+        m.shared_sizes[id] = sizeof(A);
     }
     return *reinterpret_cast<sarr<A>*>(m.shared_slots[id]);
 }
@@ -545,6 +565,32 @@ ptr<T> dynamic_shared() {
     return ptr<T>((T*)base, base, base + m.L->dynamic_smem, -1);
 }
 
+// `__cvta_generic_to_shared(p)` (a generic pointer -> its address in the shared state space, what ldmatrix and
+// cp.async take) gives p's offset in the block's arena; shared_at turns such an address back into memory,
+// checking that `bytes` bytes from it lie inside one __shared__ array (or the dynamic shared memory) and that it
+// is aligned to `align`.
+inline char* shared_at(uint64_t addr, size_t bytes, size_t align, const char* what, int line) {
+    Machine& m = M();
+    if (addr % align)
+        fault("%s at line %d: shared address %#llx is not %zu-byte aligned", what, line, (unsigned long long)addr,
+              align);
+    if (addr + bytes > sizeof m.arena)
+        fault("%s at line %d: address %#llx is not in shared memory", what, line, (unsigned long long)addr);
+    char* p = m.arena + addr;
+    for (size_t i = 0; i < m.shared_slots.size(); i++) {
+        char* slot = (char*)m.shared_slots[i];
+        if (slot && p >= slot && p < slot + m.shared_sizes[i]) {
+            if (p + bytes > slot + m.shared_sizes[i])
+                fault("%s at line %d: %zu bytes at byte offset %lld of __shared__ %s run past its end (%zu bytes)",
+                      what, line, bytes, (long long)(p - slot), m.shared_names[i], m.shared_sizes[i]);
+            return p;
+        }
+    }
+    char* dyn = m.arena + sizeof m.arena - ((m.L->dynamic_smem + 15) & ~uint64_t(15));
+    if (p >= dyn && p + bytes <= dyn + m.L->dynamic_smem) return p;
+    fault("%s at line %d: shared address %#llx is in no __shared__ array", what, line, (unsigned long long)addr);
+}
+
 // ------------------------------------------------------------------------------------- the launch
 inline void fiber_main() {
     Machine& m = M();
@@ -553,6 +599,9 @@ inline void fiber_main() {
     try {
         m.body();
         if (m.L->trace) trace("exit", 0);
+        if (!f->async.empty())
+            fault("thread exits with %zu cp.async copies it never waited for (cp.async.wait_group / wait_all)",
+                  f->async.size());
         f->state = DONE;
         m.done++;
         if (m.at_barrier > 0)                 // others wait at a barrier this thread will never reach
@@ -619,6 +668,8 @@ inline void run_block() {
         f.warp = i / 32;
         f.lane = i % 32;
         f.line = -1;
+        f.async.clear();
+        f.async_groups = 0;
         // the lowest page of each stack is a guard page
         context_init(f.ctx, m.stacks + i * m.stack_bytes + 4096, m.stack_bytes - 4096, fiber_entry);
         make_ready(f);
@@ -826,6 +877,14 @@ inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 template <class T> T __ldg(emu::ptr<T> p) { return *p; }
+template <class T> size_t __cvta_generic_to_shared(emu::ptr<T> p) {
+    emu::Machine& m = emu::M();
+    const char* c = (const char*)p.p;
+    if (c < m.arena || c >= m.arena + sizeof m.arena)
+        emu::fault("__cvta_generic_to_shared: the pointer is not in shared memory (%s)",
+                   emu::region_name(p.region, p.lo).c_str());
+    return (size_t)(c - m.arena);
+}
 template <class T> T __ldg(emu::ptr<const T> p) { return *p; }
 // CUDA's integer min/max: mixed int/unsigned arguments compare as unsigned, as in C
 template <class A, class B, class = std::enable_if_t<std::is_integral<A>::value && std::is_integral<B>::value>>

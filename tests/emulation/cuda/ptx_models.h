@@ -1,4 +1,6 @@
-// ptx_models.h - C++ models of the inline PTX instructions the kernels use, written from the PTX ISA manual.
+// ptx_models.h - C++ models of the inline PTX instructions the kernels use, written from the PTX ISA manual:
+// cvt.rn.bf16x2.f32, mma.sync (m16n8k16 bf16), ldmatrix (m8n8 x4, .trans), cp.async (.cg, 16 bytes) with
+// cp.async.commit_group, cp.async.wait_group and cp.async.wait_all.
 //
 // rewrite.py turns `asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));` into
 // `emu::ptx::cvt_rn_bf16x2_f32(__LINE__, r, hi, lo);`: the operands in the order the instruction names them
@@ -49,7 +51,117 @@ inline void mma_sync_aligned_m16n8k16_row_col_f32_bf16_bf16_f32(int line, float&
     d0 = d[0]; d1 = d[1]; d2 = d[2]; d3 = d[3];
 }
 
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 {d0..d3}, [addr]   (PTX ISA, "Warp-level matrix load
+// instruction: ldmatrix"). A warp-wide load of four 8x8 matrices of 16-bit elements from shared memory: lane
+// 8i + r gives the shared address of row r of matrix i (16 contiguous bytes, 16-byte aligned); register i of
+// every lane receives its piece of matrix i (the exchange, ldmatrix_m8n8 below). `param` = matrix count | .trans << 8.
+inline void ldmatrix_x4(int line, unsigned& d0, unsigned& d1, unsigned& d2, unsigned& d3, uint64_t addr, int trans) {
+    Fiber* f = M().cur;
+    f->in[0] = (uint32_t)addr;
+    f->in[1] = (uint32_t)(addr >> 32);
+    warp_collective(LDMATRIX, 0xffffffffu, 4 | trans << 8, line);
+    d0 = f->out[0]; d1 = f->out[1]; d2 = f->out[2]; d3 = f->out[3];
+}
+inline void ldmatrix_sync_aligned_m8n8_x4_shared_b16(int line, unsigned& d0, unsigned& d1, unsigned& d2,
+                                                     unsigned& d3, uint64_t addr) {
+    ldmatrix_x4(line, d0, d1, d2, d3, addr, 0);
+}
+inline void ldmatrix_sync_aligned_m8n8_x4_trans_shared_b16(int line, unsigned& d0, unsigned& d1, unsigned& d2,
+                                                           unsigned& d3, uint64_t addr) {
+    ldmatrix_x4(line, d0, d1, d2, d3, addr, 1);
+}
+
+// cp.async.cg.shared.global [dst], [src], 16{, src_size}   (PTX ISA, "Data Movement and Conversion
+// Instructions: cp.async"). An asynchronous copy of 16 bytes from global to shared memory (.cg allows only 16):
+// the first src_size bytes are read from src, the rest of the 16 are zeros. Between the issue and the wait the
+// destination's bytes are undefined (the copy may land at any moment), so the model makes them NaN (0xFF bytes)
+// at the issue and writes the data only when this thread's cp.async.wait_group / wait_all covers the copy's
+// group: a read before the wait (a missing or too lenient wait, or another thread reading without a barrier
+// after the wait) sees NaN, and so does a thread still reading the old contents of a buffer that another
+// thread has already started to refill (a missing barrier before the issue). The source is read (and checked)
+// at the issue. The destination must be 16-byte aligned inside one __shared__ array, the source 16-byte
+// aligned inside its allocation.
+template <class T>
+void cp_async_cg_shared_global(int line, uint64_t dst, ptr<T> src, int src_size) {
+    Fiber* f = M().cur;
+    if (src_size < 0 || src_size > 16) fault("cp.async at line %d: src-size %d is not in 0..16", line, src_size);
+    AsyncCopy c;
+    c.dst = shared_at(dst, 16, 16, "cp.async destination", line);
+    memset(c.dst, 0xFF, 16);
+    c.group = -1;
+    memset(c.bytes, 0, 16);
+    const char* s = (const char*)src.p;
+    if ((uintptr_t)s % 16) fault("cp.async at line %d: source %s not 16-byte aligned", line,
+                                 region_name(src.region, src.lo).c_str());
+    if (src_size > 0) {
+        if (src.hi == nullptr || s < src.lo || s + src_size > src.hi)
+            fault("cp.async at line %d: %d source bytes at byte offset %lld of %s, which has %lld bytes", line,
+                  src_size, (long long)(s - src.lo), region_name(src.region, src.lo).c_str(),
+                  (long long)(src.hi - src.lo));
+        memcpy(c.bytes, s, src_size);
+    }
+    f->async.push_back(c);
+}
+template <class T>
+void cp_async_cg_shared_global(int line, uint64_t dst, ptr<T> src) {
+    cp_async_cg_shared_global(line, dst, src, 16);
+}
+
+// cp.async.commit_group: this thread's copies issued since its last commit become one group (possibly empty).
+inline void cp_async_commit_group(int) {
+    Fiber* f = M().cur;
+    for (AsyncCopy& c : f->async)
+        if (c.group < 0) c.group = f->async_groups;
+    f->async_groups++;
+}
+
+// cp.async.wait_group n: waits until at most the n most recent committed groups of this thread are pending:
+// every copy of an older group lands now. Copies not yet committed are not waited for. Only this thread's
+// copies: other threads see them after a barrier.
+inline void cp_async_wait_group(int line, int n) {
+    Fiber* f = M().cur;
+    if (n < 0) fault("cp.async.wait_group at line %d: negative count %d", line, n);
+    std::vector<AsyncCopy> left;
+    for (AsyncCopy& c : f->async) {
+        if (c.group >= 0 && c.group < f->async_groups - n) memcpy(c.dst, c.bytes, 16);
+        else left.push_back(c);
+    }
+    f->async.swap(left);
+}
+
+// cp.async.wait_all: commit_group, then wait_group 0.
+inline void cp_async_wait_all(int line) {
+    cp_async_commit_group(line);
+    cp_async_wait_group(line, 0);
+}
+
 }  // namespace ptx
+
+// ldmatrix's exchange, once all 32 lanes have arrived (PTX ISA, ldmatrix, "matrix fragment for ldmatrix"):
+// matrix i is read from the 8 row addresses of lanes 8i .. 8i+7. Without .trans, lane l (g = l/4, t = l%4)
+// gets row g, elements 2t (low half) and 2t+1 (high half) of matrix i in register i; with .trans the matrix is
+// transposed on the way: register i gets elements (row 2t, column g) (low) and (row 2t+1, column g) (high).
+inline void ldmatrix_m8n8(Fiber* lanes[32], int param, int line) {
+    int num = param & 0xff;
+    bool trans = (param >> 8) & 1;
+    uint16_t mat[4][8][8];
+    for (int i = 0; i < num; i++)
+        for (int r = 0; r < 8; r++) {
+            const Fiber* src = lanes[8 * i + r];
+            uint64_t addr = (uint64_t)src->in[0] | (uint64_t)src->in[1] << 32;
+            char what[64];
+            snprintf(what, sizeof what, "ldmatrix row address of lane %d", 8 * i + r);
+            memcpy(mat[i][r], shared_at(addr, 16, 16, what, line), 16);
+        }
+    for (int l = 0; l < 32; l++) {
+        int g = l / 4, t = l % 4;
+        for (int i = 0; i < num; i++) {
+            uint16_t lo = trans ? mat[i][2 * t][g] : mat[i][g][2 * t];
+            uint16_t hi = trans ? mat[i][2 * t + 1][g] : mat[i][g][2 * t + 1];
+            lanes[l]->out[i] = (uint32_t)lo | (uint32_t)hi << 16;
+        }
+    }
+}
 
 // The exchange itself, done once all 32 lanes have arrived. Fragment layout (PTX ISA, "Matrix Fragments for
 // mma.m16n8k16 with floating point type"), with group g = lane / 4 and t = lane % 4:

@@ -110,13 +110,13 @@ def _rewrite_asm(src):
         for section in parts[1:3]:
             for op in _split_top(section):
                 operands.append(op[op.index("(") + 1:op.rindex(")")].strip())
-        opcode = template.split()[0]
+        opcode = template.split()[0].rstrip(";")          # "cp.async.commit_group;" has no operands
         refs = [int(r) for r in re.findall(r"%(\d+)", template)]
         fn = re.sub(r"[^\w]", "_", opcode)
-        args = ", ".join(operands[r] for r in refs)
+        args = "".join(", " + operands[r] for r in refs)      # none: cp.async.commit_group;
         lines = body.count("\n")
         out.append(src[pos:m.start()])
-        out.append(f"emu::ptx::{fn}(__LINE__, {args})" + "\n" * lines)
+        out.append(f"emu::ptx::{fn}(__LINE__{args})" + "\n" * lines)
         pos = close + 1
     out.append(src[pos:])
     return "".join(out)
