@@ -170,6 +170,29 @@ def _on_grid(rng, *shape):
     return np.clip(np.round(rng.standard_normal(shape) * 1024) / 1024, -7.9, 7.9).astype(np.float32)
 
 
+def _residual_layernorm_bf16(cp, x_device, x, r, rb, w, b, dh, dy, held):
+    """residual_layernorm forward and backward in bf16 precision as the model runs it (r, dh, dy as bf16 bits,
+    bf16_dr; dw, db, drb added into copies of `held`), and its float64 reference with h rounded to bf16.
+    x_device: x as the kernel gets it (float32, or bf16 bits). Returns ((h, y), (dx, dres, drb, dw, db), into,
+    ((rh, ry), (rdx, rdrb, rdw, rdb)))."""
+    from nanogpt_np.kernels import references, registry
+    from nanogpt_np.kernels.bf16 import float32_to_bf16, round_to_bf16
+    old = registry._precision
+    registry._precision = "bfloat16"
+    try:
+        fwd, bwd = registry.lookup("residual_layernorm")
+        hy, saved = fwd(x_device, cp.asarray(float32_to_bf16(r)), *(cp.asarray(a) for a in (rb, w, b)), 1e-5)
+        into = [cp.asarray(a) for a in held]
+        grads = bwd((cp.asarray(float32_to_bf16(dh)), cp.asarray(float32_to_bf16(dy))), saved,
+                    dw_into=into[0], db_into=into[1], drb_into=into[2], bf16_dr=True)
+    finally:
+        registry._precision = old
+    rhy, rs = references.residual_layernorm_forward(*(a.astype(np.float64) for a in (x, r, rb, w, b)),
+                                                    round_h=round_to_bf16)
+    rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)), rs)
+    return hy, grads, into, (rhy, (rdx, rdrb, rdw, rdb))
+
+
 def run_residual_layernorm_backward(cp):
     """residual_layernorm's backward as the model calls it with bf16 matmuls at the first block's ln_2 (x float32,
     so dx float32): dw, db and the residual bias's drb added into buffers that already hold something, dresidual
@@ -177,7 +200,6 @@ def run_residual_layernorm_backward(cp):
     bf16_dx), and in the forward the residual as bf16 bits (bf16_out), h stored as bf16 (exact-grid inputs: bit
     for bit). Errors against the float64 reference; the bf16 copy must be exactly the float32 dx rounded to
     nearest even."""
-    from nanogpt_np.kernels import references, registry
     from nanogpt_np.kernels.bf16 import float32_to_bf16, round_to_bf16
     rng = np.random.default_rng(9)
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
@@ -186,19 +208,8 @@ def run_residual_layernorm_backward(cp):
         f32(N, C)
     dh, dy, r = round_to_bf16(dh), round_to_bf16(dy), round_to_bf16(r)
     held = [f32(C) for _ in range(3)]
-    old = registry._precision
-    registry._precision = "bfloat16"
-    try:
-        fwd, bwd = registry.lookup("residual_layernorm")
-        (h, _), saved = fwd(cp.asarray(x), cp.asarray(float32_to_bf16(r)), *(cp.asarray(a) for a in (rb, w, b)), 1e-5)
-        into = [cp.asarray(a) for a in held]
-        dx, dres, drb, dw, db = bwd((cp.asarray(float32_to_bf16(dh)), cp.asarray(float32_to_bf16(dy))), saved,
-                                    dw_into=into[0], db_into=into[1], drb_into=into[2], bf16_dr=True)
-    finally:
-        registry._precision = old
-    (rh, _), rs = references.residual_layernorm_forward(*(a.astype(np.float64) for a in (x, r, rb, w, b)),
-                                                        round_h=round_to_bf16)
-    rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)), rs)
+    (h, _), (dx, dres, drb, dw, db), into, ((rh, _), (rdx, rdrb, rdw, rdb)) = _residual_layernorm_bf16(
+        cp, cp.asarray(x), x, r, rb, w, b, dh, dy, held)
     if (dw, db, drb) != (None, None, None) or dres.dtype != np.uint16 or dx.dtype != np.float32:
         return 10.0
     if not np.array_equal(cp.asnumpy(h), float32_to_bf16(rh)):
@@ -215,7 +226,6 @@ def run_residual_stream_bf16(cp):
     their float64 references (y from the ROUNDED h) rounded once: at most 0.2% of the bits may differ (where the
     float32 math and the reference straddle a rounding midpoint; a second rounding moves ~20%); dw, db, drb to
     1e-5."""
-    from nanogpt_np.kernels import references, registry
     from nanogpt_np.kernels.bf16 import float32_to_bf16, round_to_bf16
     rng = np.random.default_rng(10)
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)
@@ -224,20 +234,8 @@ def run_residual_stream_bf16(cp):
         f32(C), f32(C)
     dh, dy = round_to_bf16(f32(N, C)), round_to_bf16(f32(N, C))
     held = [f32(C) for _ in range(3)]
-    old = registry._precision
-    registry._precision = "bfloat16"
-    try:
-        fwd, bwd = registry.lookup("residual_layernorm")
-        (h, y), saved = fwd(cp.asarray(float32_to_bf16(x)), cp.asarray(float32_to_bf16(r)), cp.asarray(rb),
-                            cp.asarray(w), cp.asarray(b), 1e-5)
-        into = [cp.asarray(a) for a in held]
-        dx, dres, drb, dw, db = bwd((cp.asarray(float32_to_bf16(dh)), cp.asarray(float32_to_bf16(dy))), saved,
-                                    dw_into=into[0], db_into=into[1], drb_into=into[2], bf16_dr=True)
-    finally:
-        registry._precision = old
-    (rh, ry), rs = references.residual_layernorm_forward(*(a.astype(np.float64) for a in (x, r, rb, w, b)),
-                                                         round_h=round_to_bf16)
-    rdx, _, rdrb, rdw, rdb = references.residual_layernorm_backward((dh.astype(np.float64), dy.astype(np.float64)), rs)
+    (h, y), (dx, dres, drb, dw, db), into, ((rh, ry), (rdx, rdrb, rdw, rdb)) = _residual_layernorm_bf16(
+        cp, cp.asarray(float32_to_bf16(x)), x, r, rb, w, b, dh, dy, held)
     if (dw, db, drb) != (None, None, None) or dres is not dx or dx.dtype != np.uint16:
         return 10.0
     if not np.array_equal(cp.asnumpy(h), float32_to_bf16(rh)):
