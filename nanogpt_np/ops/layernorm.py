@@ -123,7 +123,12 @@ def residual_layernorm(x: Tensor, r: Tensor, w: Tensor, b: Tensor, eps: float = 
         dx, dr, drb, dw, db = backward((None if dh is None else dh.reshape(-1, C), dy.reshape(-1, C)), saved,
                                        dw_into=w.grad_buffer(), db_into=b.grad_buffer(),
                                        drb_into=None if r_bias is None else r_bias.grad_buffer(), bf16_dr=bf16_dr)
-        return in_input_order(dx.reshape(x.shape), dr.reshape(x.shape), drb, dw, db)
+        dx_full = dx.reshape(x.shape)
+        if r is None:                           # no residual input: no dr to pass on
+            dr_full = None
+        else:                                   # dr is often dx itself (same dtype): then one view serves both
+            dr_full = dx_full if dr is dx else dr.reshape(x.shape)
+        return in_input_order(dx_full, dr_full, drb, dw, db)
 
     inputs = in_input_order(x, r, r_bias, w, b)
     record((h, y), inputs, backward_fn)
