@@ -210,7 +210,7 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, *, alpha=1.0, beta=0.0, o
         raise ValueError(f"gemm: inner sizes differ: {a.shape} x {b.shape}")
     if in_type is None or b.dtype != a.dtype:
         raise TypeError(f"gemm: operands must both be float32 or both bf16 (uint16), got {a.dtype} and {b.dtype}")
-    if not a.flags.c_contiguous:                      # cuBLAS reads dense rows (a transpose goes as trans_a)
+    if not a.flags.c_contiguous:      # cuBLAS reads dense rows (a transpose goes as trans_a); no CuPy call else
         a = cp.ascontiguousarray(a)
     if not b.flags.c_contiguous:
         b = cp.ascontiguousarray(b)
