@@ -99,8 +99,7 @@ def _matmul(x, w, trans_w, out, epilogue, bias, aux):
     """out (N, M) = epilogue(x @ op(w)) for bf16 x, w, out; bias: float32 (M,) read or written, or None; aux: the
     bf16 (N, M) GELU input, written (forward) or read (backward). False when cuBLASLt cannot do it."""
     import cupy as cp
-    x = x if x.flags.c_contiguous else cp.ascontiguousarray(x)      # (no CuPy call when already contiguous)
-    w = w if w.flags.c_contiguous else cp.ascontiguousarray(w)
+    x, w = precision.dense(x), precision.dense(w)
     N, K = x.shape
     M = w.shape[0] if trans_w else w.shape[1]
     w_ptr, x_ptr, out_ptr, aux_ptr = w.data.ptr, x.data.ptr, out.data.ptr, aux.data.ptr     # device addresses

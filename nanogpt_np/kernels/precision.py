@@ -62,6 +62,13 @@ def as_float32(x):
     return to_float32(x) if x.dtype == cp.uint16 else x
 
 
+def dense(a):
+    """a with C-contiguous rows, as cuBLAS and our kernels read it: a itself when it already is (the usual case:
+    no CuPy call, which would cost the host ~1 us), else a contiguous copy."""
+    import cupy as cp
+    return a if a.flags.c_contiguous else cp.ascontiguousarray(a)
+
+
 def to_float32(h, out=None):
     """uint16 cupy array of bf16 bits -> float32 cupy array (exact)."""
     import cupy as cp
@@ -210,10 +217,7 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, *, alpha=1.0, beta=0.0, o
         raise ValueError(f"gemm: inner sizes differ: {a.shape} x {b.shape}")
     if in_type is None or b.dtype != a.dtype:
         raise TypeError(f"gemm: operands must both be float32 or both bf16 (uint16), got {a.dtype} and {b.dtype}")
-    if not a.flags.c_contiguous:      # cuBLAS reads dense rows (a transpose goes as trans_a); no CuPy call else
-        a = cp.ascontiguousarray(a)
-    if not b.flags.c_contiguous:
-        b = cp.ascontiguousarray(b)
+    a, b = dense(a), dense(b)         # cuBLAS reads dense rows (a transpose goes as trans_a)
     if out is None:
         if beta != 0:
             raise ValueError("gemm: beta != 0 adds into C, so C must be given (out=...)")
