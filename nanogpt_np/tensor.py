@@ -75,10 +75,7 @@ class Tensor:
         if getattr(g, "dtype", None) == "uint16" and (self._grad_is_buffer or self.grad is not None):
             raise TypeError(f"a bf16 gradient cannot be added to another gradient of {self!r}")
         if self._grad_is_buffer:
-            if fresh_grads.should_overwrite(self.grad):      # the step's first write of a fresh buffer (GPU)
-                self.grad[...] = g
-            else:
-                self.grad += g
+            fresh_grads.add(self.grad, g)
         elif self.grad is None:
             self.grad = g
         else:
@@ -107,9 +104,10 @@ class FreshGradBuffers:
     matrices' buffers FRESH: they hold nothing of this step yet (their bytes are left over from the last step).
     A host-side set, no GPU work. Every writer of a buffer that may be fresh asks first:
 
-        a writer that writes all of it (a gemm, the wpe column sums, the tape)   should_overwrite(buffer)
-            True once, for the step's first write: write over it (beta = 0, or a copy instead of +=); then the
-            buffer is no longer fresh
+        a writer that writes all of it (a gemm, the wpe column sums)   should_overwrite(buffer)
+            True once, for the step's first write: write over it (beta = 0); then the buffer is no longer fresh
+        an array added into all of it (the tape, ops.reductions.add_into)   add(buffer, g)
+            buffer += g, or a copy instead of += as the first write
         a writer that can only add, or writes part of it (the wte scatter-add)   ready_to_add(buffer)
             zeroes a fresh buffer first (a memset of that buffer alone), so it never adds to stale bytes
         anything reading the whole flat buffer (the all-reduce, clipping, AdamW)   model.finish_gradients()
@@ -141,6 +139,14 @@ class FreshGradBuffers:
         """Ask right before writing ALL of `buffer`: True if this is the step's first write (it was fresh: write
         over it, a gemm with beta = 0), False if it already holds this step's gradient (add to it, beta = 1)."""
         return self._fresh.pop(id(buffer), None) is not None
+
+    def add(self, buffer, g) -> None:
+        """buffer += g, done as buffer[...] = g when this is the step's first write of a fresh buffer (0 + g is g:
+        the stale bytes are never read). The tape and ops.reductions.add_into add this way."""
+        if self.should_overwrite(buffer):
+            buffer[...] = g
+        else:
+            buffer += g
 
     def ready_to_add(self, buffer):
         """For a writer that can only add into `buffer` (or writes only part of it): zero it first if it is

@@ -38,10 +38,7 @@ def add_into(buffer, g):
     (NumPy's matmul cannot accumulate into its output, so on the CPU the add is a second pass.)"""
     if buffer is None:
         return g
-    if fresh_grads.should_overwrite(buffer):
-        buffer[...] = g
-    else:
-        buffer += g
+    fresh_grads.add(buffer, g)
     return None
 
 
