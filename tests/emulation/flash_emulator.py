@@ -107,6 +107,27 @@ def mma(c, a, b):
     c[:, 3] += D[G + 8, 2 * TQ + 1]
 
 
+def tile_products(a, tile):
+    """(8 x (32, 4)) accumulators of A (16 x 64: the fragments a[kc], 16 columns each) @ tile^T: one mma per 8
+    tile rows (keys in the forward and dq, queries in dkdv) and 16 columns, B fragments by ldmatrix.x4 two n-blocks at a time."""
+    acc = [np.zeros((32, 4), np.float32) for _ in range(8)]
+    for kc in range(4):
+        for j in range(0, 8, 2):
+            f0, f1 = load_b_x4(tile, 8 * j * LDS + 16 * kc)
+            mma(acc[j], a[kc], f0)
+            mma(acc[j + 1], a[kc], f1)
+    return acc
+
+
+def add_tile_product(acc, pa, tile, kk):
+    """acc (8 x (32, 4)) += P (16 x 16: the fragment pa, k chunk kk) @ tile rows 16 kk .. 16 kk + 15 (all 64
+    columns), B fragments by ldmatrix.x4.trans from the [k][n] tile."""
+    for jd in range(0, 8, 2):
+        f0, f1 = load_b_x4_trans(tile, 16 * kk * LDS + 8 * jd)
+        mma(acc[jd], pa, f0)
+        mma(acc[jd + 1], pa, f1)
+
+
 def acc_to_a(lo, hi):
     return np.stack([pack(lo[:, 0], lo[:, 1]), pack(lo[:, 2], lo[:, 3]),
                      pack(hi[:, 0], hi[:, 1]), pack(hi[:, 2], hi[:, 3])], axis=1)
@@ -177,12 +198,7 @@ def forward(qkv, NH, bias=None):
                     q0, o, m, l = st["q0"], st["o"], st["m"], st["l"]
                     if kt * TILE > q0 + 15:                 # the tile's keys all after the warp's rows: skipped
                         continue
-                    s = [np.zeros((32, 4), np.float32) for _ in range(8)]
-                    for kc in range(4):
-                        for j in range(0, 8, 2):
-                            f0, f1 = load_b_x4(Ks, 8 * j * LDS + 16 * kc)
-                            mma(s[j], st["qa"][kc], f0)
-                            mma(s[j + 1], st["qa"][kc], f1)
+                    s = tile_products(st["qa"], Ks)                  # S = Q K^T
                     mx = [m[0].copy(), m[1].copy()]
                     for j in range(8):
                         for e in range(4):
@@ -206,10 +222,7 @@ def forward(qkv, NH, bias=None):
                         o[j][:, 0] *= alpha[0]; o[j][:, 1] *= alpha[0]; o[j][:, 2] *= alpha[1]; o[j][:, 3] *= alpha[1]
                     for kk in range(4):
                         pa = acc_to_a(s[2 * kk], s[2 * kk + 1])
-                        for jd in range(0, 8, 2):
-                            f0, f1 = load_b_x4_trans(Vs, 16 * kk * LDS + 8 * jd)
-                            mma(o[jd], pa, f0)
-                            mma(o[jd + 1], pa, f1)
+                        add_tile_product(o, pa, Vs, kk)               # O += P V
             b, h = bh // NH, bh % NH
             for st in warps:
                 for r in range(2):
@@ -264,14 +277,8 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
                 for st in warps:
                     if st["k0"] > qt * TILE + TILE - 1:       # every query before the warp's keys: skipped
                         continue
-                    s = [np.zeros((32, 4), np.float32) for _ in range(8)]
-                    dp = [np.zeros((32, 4), np.float32) for _ in range(8)]
-                    for kc in range(4):
-                        for j in range(0, 8, 2):
-                            f0, f1 = load_b_x4(Qs, 8 * j * LDS + 16 * kc)
-                            mma(s[j], st["ka"][kc], f0); mma(s[j + 1], st["ka"][kc], f1)
-                            f0, f1 = load_b_x4(dOs, 8 * j * LDS + 16 * kc)
-                            mma(dp[j], st["va"][kc], f0); mma(dp[j + 1], st["va"][kc], f1)
+                    s = tile_products(st["ka"], Qs)                  # S^T = K Q^T
+                    dp = tile_products(st["va"], dOs)                # dP^T = V dO^T
                     for j in range(8):
                         for e in range(4):
                             key = st["k0"] + G + (8 if e >= 2 else 0)
@@ -282,11 +289,8 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
                     for kk in range(4):
                         pa = acc_to_a(s[2 * kk], s[2 * kk + 1])
                         sa = acc_to_a(dp[2 * kk], dp[2 * kk + 1])
-                        for jd in range(0, 8, 2):
-                            f0, f1 = load_b_x4_trans(dOs, 16 * kk * LDS + 8 * jd)
-                            mma(st["dv"][jd], pa, f0); mma(st["dv"][jd + 1], pa, f1)
-                            f0, f1 = load_b_x4_trans(Qs, 16 * kk * LDS + 8 * jd)
-                            mma(st["dk"][jd], sa, f0); mma(st["dk"][jd + 1], sa, f1)
+                        add_tile_product(st["dv"], pa, dOs, kk)       # dV += P^T dO
+                        add_tile_product(st["dk"], sa, Qs, kk)        # dK += dS^T Q
             b, h = bh // NH, bh % NH
             for st in warps:
                 for r in range(2):
@@ -324,14 +328,8 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
                 for st in warps:
                     if kt * TILE > st["q0"] + 15:             # the tile's keys all after the warp's rows: skipped
                         continue
-                    s = [np.zeros((32, 4), np.float32) for _ in range(8)]
-                    dp = [np.zeros((32, 4), np.float32) for _ in range(8)]
-                    for kc in range(4):
-                        for j in range(0, 8, 2):
-                            f0, f1 = load_b_x4(Ks, 8 * j * LDS + 16 * kc)
-                            mma(s[j], st["qa"][kc], f0); mma(s[j + 1], st["qa"][kc], f1)
-                            f0, f1 = load_b_x4(Vs, 8 * j * LDS + 16 * kc)
-                            mma(dp[j], st["da"][kc], f0); mma(dp[j + 1], st["da"][kc], f1)
+                    s = tile_products(st["qa"], Ks)                  # S = Q K^T
+                    dp = tile_products(st["da"], Vs)                 # dP = dO V^T
                     for j in range(8):
                         for e in range(4):
                             row = st["q0"] + G + (8 if e >= 2 else 0)
@@ -340,9 +338,7 @@ def backward(dout, out, L2, state, B, T, NH, with_db_partial=False):
                             dp[j][:, e] = p * (dp[j][:, e] - st["Dr"][e >> 1])
                     for kk in range(4):
                         sa = acc_to_a(dp[2 * kk], dp[2 * kk + 1])
-                        for jd in range(0, 8, 2):
-                            f0, f1 = load_b_x4_trans(Ks, 16 * kk * LDS + 8 * jd)
-                            mma(st["dq"][jd], sa, f0); mma(st["dq"][jd + 1], sa, f1)
+                        add_tile_product(st["dq"], sa, Ks, kk)        # dQ += dS K
             b, h = bh // NH, bh % NH
             for st in warps:
                 for r in range(2):
