@@ -109,7 +109,8 @@ def mma(c, a, b):
 
 def tile_products(a, tile):
     """(8 x (32, 4)) accumulators of A (16 x 64: the fragments a[kc], 16 columns each) @ tile^T: one mma per 8
-    tile rows (keys in the forward and dq, queries in dkdv) and 16 columns, B fragments by ldmatrix.x4 two n-blocks at a time."""
+    tile rows (keys in the forward and dq, queries in dkdv) and 16 columns, B fragments by ldmatrix.x4 two
+    n-blocks at a time."""
     acc = [np.zeros((32, 4), np.float32) for _ in range(8)]
     for kc in range(4):
         for j in range(0, 8, 2):
